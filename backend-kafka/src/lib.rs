@@ -1,0 +1,1 @@
+//! kafka backend for `cqrs` (work in progress).

@@ -1,0 +1,1 @@
+//! redis backend for `cqrs` (work in progress).

@@ -1,0 +1,245 @@
+//! The traits a backend implements: [`Publisher`], [`Subscriber`], [`Consumer`] and [`Acknowledge`].
+//!
+//! A backend is a broker client with consumer groups. The in-memory broker ([`crate::memory`]),
+//! Redis Streams and Kafka implement these traits and nothing else; buses and processors are written
+//! against them. [`crate::conformance`] checks that a backend behaves as the rest of the crate expects.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::message::Message;
+
+/// Sends messages to topics.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Appends `messages` to `topic`, in order, in as few round trips as the backend can.
+    ///
+    /// Returns once the broker has accepted every message.
+    async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()>;
+}
+
+/// Opens consumers that read topics as members of a consumer group.
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Joins `subscription.group` (creating it, and the topics, when missing) as
+    /// `subscription.consumer`.
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>>;
+}
+
+/// A publisher and a subscriber in one value; every backend is one.
+pub trait Backend: Publisher + Subscriber {}
+
+impl<T: Publisher + Subscriber> Backend for T {}
+
+/// One member of a consumer group.
+#[async_trait]
+pub trait Consumer: Send + 'static {
+    /// Waits until at least one delivery is available and returns up to `max` of them.
+    ///
+    /// Each message of a topic is delivered to one member of the group; a delivery stays pending,
+    /// owned by this consumer, until it is acked. Dropping the returned future before it completes
+    /// loses nothing: what was taken stays pending and is redelivered.
+    async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>>;
+
+    /// Leaves the group cleanly; pending deliveries stay pending.
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Settles deliveries with the broker. Backends implement it once per consumer.
+#[async_trait]
+pub trait Acknowledge: Send + Sync + 'static {
+    /// Marks every delivery in `deliveries` as handled, in as few round trips as possible.
+    async fn ack(&self, deliveries: &[Delivery]) -> Result<()>;
+
+    /// Leaves `delivery` pending and has it delivered again no sooner than `redeliver_after`,
+    /// with its attempt count raised.
+    async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> Result<()>;
+}
+
+/// A message handed to one consumer of a group, not yet acked.
+pub struct Delivery {
+    topic: Arc<str>,
+    message: Arc<Message>,
+    attempt: u32,
+    broker_id: String,
+    acker: Arc<dyn Acknowledge>,
+}
+
+impl Delivery {
+    /// Made by backends: `broker_id` is the backend's own id of the entry (a stream entry id, a
+    /// `partition:offset`), `attempt` counts deliveries starting at 1.
+    pub fn new(
+        topic: Arc<str>,
+        message: Message,
+        attempt: u32,
+        broker_id: String,
+        acker: Arc<dyn Acknowledge>,
+    ) -> Self {
+        Delivery {
+            topic,
+            message: Arc::new(message),
+            attempt,
+            broker_id,
+            acker,
+        }
+    }
+
+    /// The topic the message was read from.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The topic, shared.
+    pub fn topic_arc(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message, shared.
+    pub fn message_arc(&self) -> &Arc<Message> {
+        &self.message
+    }
+
+    /// How many times this message has been delivered to the group, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The backend's id of this entry.
+    pub fn broker_id(&self) -> &str {
+        &self.broker_id
+    }
+
+    /// Marks the message as handled. On failure the delivery is handed back with the error.
+    pub async fn ack(self) -> std::result::Result<(), (crate::Error, Self)> {
+        let acker = self.acker.clone();
+        match acker.ack(std::slice::from_ref(&self)).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e, self)),
+        }
+    }
+
+    /// Leaves the message pending for redelivery after `redeliver_after`. On failure the delivery
+    /// is handed back with the error.
+    pub async fn nack(
+        self,
+        redeliver_after: Duration,
+    ) -> std::result::Result<(), (crate::Error, Self)> {
+        let acker = self.acker.clone();
+        match acker.nack(&self, redeliver_after).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e, self)),
+        }
+    }
+
+    /// Acks many deliveries, one call per consumer they came from. On failure the deliveries of
+    /// the failed call and of the calls not made are handed back.
+    pub async fn ack_all(
+        mut deliveries: Vec<Delivery>,
+    ) -> std::result::Result<(), (crate::Error, Vec<Delivery>)> {
+        while !deliveries.is_empty() {
+            let acker = deliveries[0].acker.clone();
+            let split = deliveries
+                .iter()
+                .position(|d| !Arc::ptr_eq(&d.acker, &acker))
+                .unwrap_or(deliveries.len());
+            let rest = deliveries.split_off(split);
+            if let Err(e) = acker.ack(&deliveries).await {
+                deliveries.extend(rest);
+                return Err((e, deliveries));
+            }
+            deliveries = rest;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("topic", &self.topic)
+            .field("broker_id", &self.broker_id)
+            .field("attempt", &self.attempt)
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// Every message still held (Kafka `earliest`, Redis `0`). The default.
+    #[default]
+    Beginning,
+    /// Only messages published after the group was created (Kafka `latest`, Redis `$`).
+    Latest,
+}
+
+/// What a consumer joins: a group, on some topics, under a consumer name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Subscription {
+    /// The consumer group.
+    pub group: String,
+    /// This member's name, unique within the group. Reusing a name after a restart resumes that
+    /// member's pending deliveries.
+    pub consumer: String,
+    /// The topics read.
+    pub topics: Vec<String>,
+    /// Where the group starts when it is created; ignored when it exists.
+    pub start: StartFrom,
+    /// Take over pending deliveries other members have held this long without acking (members
+    /// that died). `None` never claims.
+    pub claim_idle: Option<Duration>,
+}
+
+impl Subscription {
+    /// A subscription of `group` to `topics` under a fresh, unique consumer name.
+    pub fn new<T: Into<String>>(
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> Self {
+        Subscription {
+            group: group.into(),
+            consumer: unique_consumer_name(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            start: StartFrom::Beginning,
+            claim_idle: Some(Duration::from_secs(30)),
+        }
+    }
+
+    /// Sets the consumer name.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = name.into();
+        self
+    }
+
+    /// Sets where a new group starts.
+    pub fn start(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Sets the idle time after which other members' pending deliveries are claimed.
+    pub fn claim_idle(mut self, idle: Option<Duration>) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+}
+
+/// A consumer name unique to this process and call: `c-<pid>-<random>`.
+pub fn unique_consumer_name() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("c-{}-{}", std::process::id(), &id[id.len() - 10..])
+}

@@ -1,0 +1,278 @@
+//! [`EventBus`] publishes typed events; [`CommandBus`] sends typed commands.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::backend::Publisher;
+use crate::codec::{Codec, DefaultCodec};
+use crate::error::{Error, Result};
+use crate::event::{Command, Descriptor, Event};
+use crate::message::{Message, Metadata};
+
+/// Maps event and command names to topics.
+///
+/// A pinned topic (`#[event(topic = "...")]`) is used as it is; otherwise the name goes through the
+/// generator, which by default returns the name unchanged (Watermill's `GenerateTopic`). Give the
+/// same generator to buses and processors.
+#[derive(Clone)]
+pub struct TopicNamer(Arc<dyn Fn(&str) -> String + Send + Sync>);
+
+impl TopicNamer {
+    /// A namer that applies `generate` to names without a pinned topic.
+    pub fn new(generate: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        TopicNamer(Arc::new(generate))
+    }
+
+    /// The topic of an event or command with this name and pinned topic.
+    pub fn topic(&self, name: &str, pinned: Option<&str>) -> String {
+        match pinned {
+            Some(topic) => topic.to_owned(),
+            None => (self.0)(name),
+        }
+    }
+
+    pub(crate) fn topic_of(&self, d: &Descriptor) -> String {
+        self.topic(d.name, d.topic)
+    }
+}
+
+impl Default for TopicNamer {
+    fn default() -> Self {
+        TopicNamer::new(str::to_owned)
+    }
+}
+
+impl fmt::Debug for TopicNamer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TopicNamer(..)")
+    }
+}
+
+/// What both buses share: a publisher, a codec and a topic namer.
+struct Outbox<C> {
+    publisher: Arc<dyn Publisher>,
+    codec: Arc<C>,
+    topics: TopicNamer,
+}
+
+impl<C> Clone for Outbox<C> {
+    fn clone(&self) -> Self {
+        Outbox {
+            publisher: self.publisher.clone(),
+            codec: self.codec.clone(),
+            topics: self.topics.clone(),
+        }
+    }
+}
+
+impl<C> Outbox<C> {
+    fn encode<T>(
+        &self,
+        d: &Descriptor,
+        value: &T,
+        key: Option<String>,
+        mut metadata: Metadata,
+    ) -> Result<Message>
+    where
+        C: Codec<T>,
+    {
+        let payload = self.codec.encode(value).map_err(|source| Error::Encode {
+            name: d.name.to_owned(),
+            codec: self.codec.content_type().to_owned(),
+            source,
+        })?;
+        if metadata.created_at == 0 {
+            metadata.created_at = crate::message::now_millis();
+        }
+        metadata.content_type = self.codec.content_type().to_owned();
+        Ok(Message::new(d.name, payload)
+            .with_version(d.version)
+            .with_key(key)
+            .with_metadata(metadata))
+    }
+
+    async fn send(&self, d: &Descriptor, messages: &[Message]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.publisher
+            .publish(&self.topics.topic_of(d), messages)
+            .await
+    }
+}
+
+/// Publishes typed events.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
+/// # use cqrs_core::{Event, EventBus, memory::MemoryBroker};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct SeatReserved { seat: u32 }
+/// impl Event for SeatReserved { const NAME: &'static str = "SeatReserved"; }
+///
+/// let broker = MemoryBroker::new();
+/// let bus = EventBus::new(broker.clone());
+/// bus.publish(&SeatReserved { seat: 7 }).await?;
+/// bus.publish_all(&[SeatReserved { seat: 8 }, SeatReserved { seat: 9 }]).await?;
+/// assert_eq!(broker.messages("SeatReserved").len(), 3);
+/// # Ok(()) }
+/// ```
+pub struct EventBus<C = DefaultCodec> {
+    outbox: Outbox<C>,
+}
+
+impl<C> Clone for EventBus<C> {
+    fn clone(&self) -> Self {
+        EventBus {
+            outbox: self.outbox.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for EventBus<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus").finish_non_exhaustive()
+    }
+}
+
+impl EventBus {
+    /// A bus publishing through `publisher` with the default codec.
+    pub fn new(publisher: impl Publisher) -> Self {
+        EventBus::with_codec(publisher, DefaultCodec::default())
+    }
+}
+
+impl<C> EventBus<C> {
+    /// A bus publishing through `publisher` with `codec`.
+    pub fn with_codec(publisher: impl Publisher, codec: C) -> Self {
+        EventBus {
+            outbox: Outbox {
+                publisher: Arc::new(publisher),
+                codec: Arc::new(codec),
+                topics: TopicNamer::default(),
+            },
+        }
+    }
+
+    /// Replaces how topics are named.
+    pub fn topics(mut self, namer: TopicNamer) -> Self {
+        self.outbox.topics = namer;
+        self
+    }
+
+    /// The topic events of type `E` go to.
+    pub fn topic_of<E: Event>(&self) -> String {
+        self.outbox.topics.topic_of(&Descriptor::event::<E>())
+    }
+
+    /// Publishes one event with fresh metadata.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<()>
+    where
+        C: Codec<E>,
+    {
+        self.publish_with(event, Metadata::now()).await
+    }
+
+    /// Publishes one event with the given metadata (correlation id, headers, ...).
+    pub async fn publish_with<E: Event>(&self, event: &E, metadata: Metadata) -> Result<()>
+    where
+        C: Codec<E>,
+    {
+        let d = Descriptor::event::<E>();
+        let message = self.outbox.encode(&d, event, event.key(), metadata)?;
+        self.outbox.send(&d, std::slice::from_ref(&message)).await
+    }
+
+    /// Publishes many events of one type in one broker round trip where the backend can. Nothing
+    /// is sent if any event fails to encode.
+    pub async fn publish_all<'a, E: Event>(
+        &self,
+        events: impl IntoIterator<Item = &'a E>,
+    ) -> Result<()>
+    where
+        C: Codec<E>,
+    {
+        let d = Descriptor::event::<E>();
+        let messages = events
+            .into_iter()
+            .map(|e| self.outbox.encode(&d, e, e.key(), Metadata::now()))
+            .collect::<Result<Vec<_>>>()?;
+        self.outbox.send(&d, &messages).await
+    }
+}
+
+/// Sends typed commands to the one handler of each command type.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
+/// # use cqrs_core::{Command, CommandBus, memory::MemoryBroker};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct BookRoom { room: u32 }
+/// impl Command for BookRoom { const NAME: &'static str = "BookRoom"; }
+///
+/// let broker = MemoryBroker::new();
+/// CommandBus::new(broker.clone()).send(&BookRoom { room: 7 }).await?;
+/// assert_eq!(broker.messages("BookRoom").len(), 1);
+/// # Ok(()) }
+/// ```
+pub struct CommandBus<C = DefaultCodec> {
+    outbox: Outbox<C>,
+}
+
+impl<C> Clone for CommandBus<C> {
+    fn clone(&self) -> Self {
+        CommandBus {
+            outbox: self.outbox.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for CommandBus<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandBus").finish_non_exhaustive()
+    }
+}
+
+impl CommandBus {
+    /// A bus sending through `publisher` with the default codec.
+    pub fn new(publisher: impl Publisher) -> Self {
+        CommandBus::with_codec(publisher, DefaultCodec::default())
+    }
+}
+
+impl<C> CommandBus<C> {
+    /// A bus sending through `publisher` with `codec`.
+    pub fn with_codec(publisher: impl Publisher, codec: C) -> Self {
+        CommandBus {
+            outbox: Outbox {
+                publisher: Arc::new(publisher),
+                codec: Arc::new(codec),
+                topics: TopicNamer::default(),
+            },
+        }
+    }
+
+    /// Replaces how topics are named.
+    pub fn topics(mut self, namer: TopicNamer) -> Self {
+        self.outbox.topics = namer;
+        self
+    }
+
+    /// Sends one command.
+    pub async fn send<T: Command>(&self, command: &T) -> Result<()>
+    where
+        C: Codec<T>,
+    {
+        self.send_with(command, Metadata::now()).await
+    }
+
+    /// Sends one command with the given metadata.
+    pub async fn send_with<T: Command>(&self, command: &T, metadata: Metadata) -> Result<()>
+    where
+        C: Codec<T>,
+    {
+        let d = Descriptor::command::<T>();
+        let message = self.outbox.encode(&d, command, command.key(), metadata)?;
+        self.outbox.send(&d, std::slice::from_ref(&message)).await
+    }
+}

@@ -1,0 +1,195 @@
+//! Handlers: plain `async fn`s or closures that take an event (and optionally its [`Context`]).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use futures_util::future::BoxFuture;
+
+use crate::codec::Codec;
+use crate::error::{BoxError, Error};
+use crate::message::{Message, Metadata};
+
+/// What a handler knows about the message it is handling.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub(crate) message: Arc<Message>,
+    pub(crate) topic: Arc<str>,
+    pub(crate) group: Arc<str>,
+    pub(crate) handler: Arc<str>,
+    pub(crate) attempt: u32,
+}
+
+impl Context {
+    /// The whole message: id, name, version, key, payload, metadata.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message id.
+    pub fn message_id(&self) -> &str {
+        &self.message.id
+    }
+
+    /// The metadata: correlation and causation ids, creation time, headers.
+    pub fn metadata(&self) -> &Metadata {
+        &self.message.metadata
+    }
+
+    /// Metadata for messages this handler publishes in reaction: same correlation id, causation
+    /// id set to this message.
+    pub fn caused_metadata(&self) -> Metadata {
+        Metadata::caused_by(&self.message)
+    }
+
+    /// The topic the message came from.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group handling it.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        &self.handler
+    }
+
+    /// How many times the group has been handed this message, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// Marks a handler error as permanent: the message goes to the dead-letter topic at once, without
+/// retries.
+///
+/// ```
+/// # use cqrs_core::{permanent, BoxError};
+/// fn check(seats: u32) -> Result<(), BoxError> {
+///     if seats == 0 {
+///         return Err(permanent("a booking needs at least one seat"));
+///     }
+///     Ok(())
+/// }
+/// assert!(check(0).is_err());
+/// ```
+pub fn permanent(error: impl Into<BoxError>) -> BoxError {
+    Box::new(Permanent(error.into()))
+}
+
+/// A handler error that retrying cannot fix; see [`permanent`].
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Permanent(pub BoxError);
+
+/// Whether retrying cannot help: a [`Permanent`] error or a payload that did not decode.
+pub(crate) fn is_permanent(error: &BoxError) -> bool {
+    error.is::<Permanent>() || matches!(error.downcast_ref::<Error>(), Some(Error::Decode { .. }))
+}
+
+/// An async function or closure that handles values of `T`.
+///
+/// Implemented for `Fn(T) -> impl Future<Output = Result<(), E>>` and
+/// `Fn(T, Context) -> impl Future<Output = Result<(), E>>` where `E: Into<BoxError>` (any error
+/// type, `String`, `&str`, `anyhow::Error`). `Args` only tells the two shapes apart.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a handler for `{T}`",
+    note = "a handler is an `async fn(T) -> Result<(), E>` or `async fn(T, Context) -> Result<(), E>` (or a closure returning such a future) that is `Clone + Send + Sync + 'static`, where `E: Into<BoxError>`"
+)]
+pub trait Handler<T, Args>: Clone + Send + Sync + 'static {
+    /// Handles one value.
+    fn call(&self, value: T, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>>;
+}
+
+impl<F, Fut, T, E> Handler<T, (T,)> for F
+where
+    F: Fn(T) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    fn call(&self, value: T, _ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
+        let fut = self(value);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+impl<F, Fut, T, E> Handler<T, (T, Context)> for F
+where
+    F: Fn(T, Context) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    fn call(&self, value: T, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
+        let fut = self(value, ctx);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+/// A type-erased handler pipeline: decoding, the handler and its middleware.
+pub type BoxHandlerService = tower::util::BoxCloneSyncService<Context, (), BoxError>;
+
+/// A handler with its codec, as a tower [`Service`](tower::Service) over [`Context`].
+pub(crate) struct HandlerService<H, T, Args, C> {
+    handler: H,
+    codec: Arc<C>,
+    _marker: PhantomData<fn() -> (T, Args)>,
+}
+
+impl<H: Clone, T, Args, C> Clone for HandlerService<H, T, Args, C> {
+    fn clone(&self) -> Self {
+        HandlerService {
+            handler: self.handler.clone(),
+            codec: self.codec.clone(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<H, T, Args, C> HandlerService<H, T, Args, C>
+where
+    H: Handler<T, Args>,
+    T: Send + 'static,
+    Args: 'static,
+    C: Codec<T>,
+{
+    pub(crate) fn boxed(handler: H, codec: Arc<C>) -> BoxHandlerService {
+        BoxHandlerService::new(HandlerService {
+            handler,
+            codec,
+            _marker: PhantomData,
+        })
+    }
+}
+
+impl<H, T, Args, C> tower::Service<Context> for HandlerService<H, T, Args, C>
+where
+    H: Handler<T, Args>,
+    T: Send + 'static,
+    C: Codec<T>,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, ctx: Context) -> Self::Future {
+        match self.codec.decode(&ctx.message.payload) {
+            Ok(value) => self.handler.call(value, ctx),
+            Err(source) => {
+                let error = Error::Decode {
+                    name: ctx.message.name.clone(),
+                    codec: self.codec.content_type().to_owned(),
+                    source,
+                };
+                Box::pin(async move { Err(Box::new(error) as BoxError) })
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The message envelope every backend carries.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One message on the wire: an encoded event or command with its metadata.
+///
+/// `docs/wire-format.md` says how each backend lays these fields out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Message {
+    /// Unique, time-ordered id (a UUIDv7 in its hyphenated form).
+    pub id: String,
+    /// The event or command name, e.g. `tickets.BookingConfirmed`.
+    pub name: String,
+    /// The schema version of the payload.
+    pub version: u32,
+    /// The partition / ordering key, if any.
+    pub key: Option<String>,
+    /// The encoded payload.
+    pub payload: Vec<u8>,
+    /// Correlation, causation, time, content type and user headers.
+    pub metadata: Metadata,
+}
+
+impl Message {
+    /// A new message with a fresh id and `created_at` set to now.
+    pub fn new(name: impl Into<String>, payload: Vec<u8>) -> Self {
+        Message {
+            id: new_message_id(),
+            name: name.into(),
+            version: 1,
+            key: None,
+            payload,
+            metadata: Metadata::now(),
+        }
+    }
+
+    /// Sets the schema version.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn with_key(mut self, key: Option<String>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// Metadata carried beside the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Metadata {
+    /// Ties together every message caused by one request.
+    pub correlation_id: Option<String>,
+    /// The id of the message that caused this one.
+    pub causation_id: Option<String>,
+    /// Milliseconds since the Unix epoch when the message was created.
+    pub created_at: u64,
+    /// The payload's content type, e.g. `application/json`.
+    pub content_type: String,
+    /// User headers.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Empty metadata stamped with the current time.
+    pub fn now() -> Self {
+        Metadata {
+            created_at: now_millis(),
+            ..Metadata::default()
+        }
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Adds a user header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Metadata for a message caused by `cause`: same correlation id (or the cause's id when it had
+    /// none), causation id set to the cause's id.
+    pub fn caused_by(cause: &Message) -> Self {
+        Metadata {
+            correlation_id: Some(
+                cause
+                    .metadata
+                    .correlation_id
+                    .clone()
+                    .unwrap_or_else(|| cause.id.clone()),
+            ),
+            causation_id: Some(cause.id.clone()),
+            ..Metadata::now()
+        }
+    }
+}
+
+/// A fresh unique, time-ordered message id.
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

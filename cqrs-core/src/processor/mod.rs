@@ -1,0 +1,550 @@
+//! Processors run handlers as members of consumer groups.
+//!
+//! - [`EventProcessor`]: each handler is its own consumer group, named from the service and the
+//!   handler name (`svc-tickets.notify-on-booking` by default), so every handler sees every event
+//!   once and several instances of one service share the work.
+//! - [`EventGroupProcessor`]: several handlers (of event types on one topic) in one group,
+//!   dispatched by event name.
+//! - [`CommandProcessor`]: one handler per command type.
+//!
+//! Each handler has [`HandlerOptions`]: delivery semantics, concurrency, retries and dead letters,
+//! middleware. Processors stop gracefully when their cancellation token is cancelled.
+
+mod engine;
+mod options;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::Layer;
+
+pub use engine::dead_letter_headers;
+pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
+
+use crate::backend::{unique_consumer_name, Backend, Publisher, Subscriber};
+use crate::bus::TopicNamer;
+use crate::codec::{Codec, DefaultCodec};
+use crate::error::{Error, Result};
+use crate::event::{validate_topic, Command, Descriptor, Event};
+use crate::handler::{BoxHandlerService, Handler, HandlerService};
+use crate::middleware::CatchPanicLayer;
+use engine::{GroupSpec, Route};
+
+/// Names consumer groups from the service name and the handler name.
+///
+/// The default is `"{service}.{handler}"`, e.g. `svc-tickets.notify-on-booking`.
+#[derive(Clone)]
+pub struct GroupNamer(Arc<NameFn>);
+
+type NameFn = dyn Fn(&str, &str) -> String + Send + Sync;
+
+impl GroupNamer {
+    /// A namer from a function of (service, handler).
+    pub fn new(name: impl Fn(&str, &str) -> String + Send + Sync + 'static) -> Self {
+        GroupNamer(Arc::new(name))
+    }
+
+    /// The group of `handler` in `service`.
+    pub fn group(&self, service: &str, handler: &str) -> String {
+        (self.0)(service, handler)
+    }
+}
+
+impl Default for GroupNamer {
+    fn default() -> Self {
+        GroupNamer::new(|service, handler| format!("{service}.{handler}"))
+    }
+}
+
+impl fmt::Debug for GroupNamer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GroupNamer(..)")
+    }
+}
+
+type SubscriberConstructor = Arc<dyn Fn(&str) -> Arc<dyn Subscriber> + Send + Sync>;
+
+/// What the three processors share.
+struct Core<C> {
+    service: String,
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+    codec: Arc<C>,
+    topics: TopicNamer,
+    groups: GroupNamer,
+    subscriber_constructor: Option<SubscriberConstructor>,
+    defaults: HandlerOptions,
+    consumer_name: String,
+}
+
+impl<C> Core<C> {
+    fn new(backend: impl Backend, service: String, codec: C) -> Self {
+        let backend = Arc::new(backend);
+        Core {
+            service,
+            publisher: backend.clone(),
+            subscriber: backend,
+            codec: Arc::new(codec),
+            topics: TopicNamer::default(),
+            groups: GroupNamer::default(),
+            subscriber_constructor: None,
+            defaults: HandlerOptions::default(),
+            consumer_name: unique_consumer_name(),
+        }
+    }
+
+    /// Builds the spec of one group from its handlers.
+    fn spec(
+        &self,
+        handler_name: &str,
+        topics: Vec<String>,
+        handlers: Vec<(String, Arc<str>, BoxHandlerService)>,
+        options: HandlerOptions,
+    ) -> Result<GroupSpec> {
+        let group = self.groups.group(&self.service, handler_name);
+        if group.is_empty() {
+            return Err(Error::Config(format!(
+                "the group name of handler `{handler_name}` is empty"
+            )));
+        }
+        for topic in &topics {
+            validate_topic(topic).map_err(Error::Config)?;
+        }
+        if let Some(dlq) = &options.dead_letter_topic {
+            validate_topic(dlq).map_err(Error::Config)?;
+        }
+        let routes = handlers
+            .into_iter()
+            .map(|(event, handler, service)| {
+                let service = options.layers.iter().fold(service, |s, layer| layer(s));
+                let service = BoxHandlerService::new(CatchPanicLayer.layer(service));
+                (event, Route { handler, service })
+            })
+            .collect();
+        let (publisher, subscriber) = match &options.backend {
+            Some((p, s)) => (p.clone(), s.clone()),
+            None => match &self.subscriber_constructor {
+                Some(make) => (self.publisher.clone(), make(handler_name)),
+                None => (self.publisher.clone(), self.subscriber.clone()),
+            },
+        };
+        let consumer_name = options
+            .consumer_name
+            .clone()
+            .unwrap_or_else(|| self.consumer_name.clone());
+        Ok(GroupSpec {
+            group: Arc::from(group),
+            topics,
+            routes,
+            options,
+            publisher,
+            subscriber,
+            consumer_name,
+        })
+    }
+}
+
+fn check_handler_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(Error::Config("a handler name cannot be empty".into()));
+    }
+    Ok(())
+}
+
+/// Subscribes every group, then runs each in its own task.
+async fn start(specs: Vec<GroupSpec>, token: CancellationToken) -> Result<RunningProcessor> {
+    let token = token.child_token();
+    let mut tasks = JoinSet::new();
+    for spec in specs {
+        let consumer = match spec.subscriber.subscribe(&spec.subscription()).await {
+            Ok(c) => c,
+            Err(e) => {
+                token.cancel();
+                while tasks.join_next().await.is_some() {}
+                return Err(e);
+            }
+        };
+        tracing::debug!(group = %spec.group, topics = ?spec.topics, consumer = %spec.consumer_name, "subscribed");
+        tasks.spawn(engine::run_group(Arc::new(spec), consumer, token.clone()));
+    }
+    Ok(RunningProcessor { tasks, token })
+}
+
+/// A started processor: its groups are subscribed and running.
+#[derive(Debug)]
+pub struct RunningProcessor {
+    tasks: JoinSet<Result<()>>,
+    token: CancellationToken,
+}
+
+impl RunningProcessor {
+    /// The token that stops this processor (a child of the one it was started with).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Waits until every group has stopped. If one fails, the others are stopped too and the
+    /// first error is returned.
+    pub async fn wait(mut self) -> Result<()> {
+        let mut first = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let result = match joined {
+                Ok(r) => r,
+                Err(e) => Err(Error::fatal("a consumer group task panicked", e)),
+            };
+            if let Err(e) = result {
+                self.token.cancel();
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Stops fetching, lets running handlers finish (within each handler's shutdown timeout),
+    /// settles what finished and returns.
+    pub async fn shutdown(self) -> Result<()> {
+        self.token.cancel();
+        self.wait().await
+    }
+}
+
+/// Shared builder methods of the processors.
+macro_rules! processor_config {
+    () => {
+        /// Replaces how topics are named; use the same namer as the bus.
+        pub fn topics(mut self, namer: TopicNamer) -> Self {
+            self.core.topics = namer;
+            self
+        }
+
+        /// Replaces how consumer groups are named from (service, handler).
+        pub fn group_names(mut self, namer: GroupNamer) -> Self {
+            self.core.groups = namer;
+            self
+        }
+
+        /// Builds the subscriber of each handler from its name (Watermill's
+        /// `SubscriberConstructor`), instead of using the processor's backend.
+        pub fn subscriber_constructor(
+            mut self,
+            make: impl Fn(&str) -> Arc<dyn Subscriber> + Send + Sync + 'static,
+        ) -> Self {
+            self.core.subscriber_constructor = Some(Arc::new(make));
+            self
+        }
+
+        /// The options every handler registered from now on starts with.
+        pub fn defaults(&mut self) -> &mut HandlerOptions {
+            &mut self.core.defaults
+        }
+
+        /// The service name groups are named from.
+        pub fn service(&self) -> &str {
+            &self.core.service
+        }
+
+        /// Subscribes, then runs until `token` is cancelled; see [`RunningProcessor::wait`].
+        pub async fn run(self, token: CancellationToken) -> Result<()> {
+            self.start(token).await?.wait().await
+        }
+    };
+}
+
+struct EventRegistration {
+    name: String,
+    event: &'static str,
+    topic: String,
+    service: BoxHandlerService,
+    options: HandlerOptions,
+}
+
+/// Runs event handlers, each in its own consumer group.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
+/// use cqrs_core::{memory::MemoryBroker, BoxError, Event, EventBus, EventProcessor};
+/// use tokio_util::sync::CancellationToken;
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct BookingConfirmed { seats: u32 }
+/// impl Event for BookingConfirmed { const NAME: &'static str = "BookingConfirmed"; }
+///
+/// let broker = MemoryBroker::new();
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// let mut processor = EventProcessor::new(broker.clone(), "svc-tickets");
+/// processor.handle("notify-on-booking", move |e: BookingConfirmed| {
+///     let tx = tx.clone();
+///     async move { tx.send(e.seats).map_err(|_| "receiver gone") }
+/// })?;
+/// let running = processor.start(CancellationToken::new()).await?;
+///
+/// EventBus::new(broker.clone()).publish(&BookingConfirmed { seats: 2 }).await?;
+/// assert_eq!(rx.recv().await, Some(2));
+/// running.shutdown().await?;
+/// assert!(broker.pending("BookingConfirmed", "svc-tickets.notify-on-booking").is_empty());
+/// # Ok(()) }
+/// ```
+pub struct EventProcessor<C = DefaultCodec> {
+    core: Core<C>,
+    handlers: Vec<EventRegistration>,
+}
+
+impl<C> fmt::Debug for EventProcessor<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventProcessor")
+            .field("service", &self.core.service)
+            .field(
+                "handlers",
+                &self.handlers.iter().map(|h| &h.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventProcessor {
+    /// A processor for `service` on `backend` with the default codec.
+    pub fn new(backend: impl Backend, service: impl Into<String>) -> Self {
+        EventProcessor::with_codec(backend, service, DefaultCodec::default())
+    }
+}
+
+impl<C> EventProcessor<C> {
+    /// A processor for `service` on `backend` with `codec`.
+    pub fn with_codec(backend: impl Backend, service: impl Into<String>, codec: C) -> Self {
+        EventProcessor {
+            core: Core::new(backend, service.into(), codec),
+            handlers: Vec::new(),
+        }
+    }
+
+    processor_config!();
+
+    /// Registers `handler` for events of type `E` under `name`, in its own consumer group.
+    ///
+    /// Returns its options to adjust; a second handler with the same name is an error.
+    pub fn handle<E, H, Args>(&mut self, name: &str, handler: H) -> Result<&mut HandlerOptions>
+    where
+        E: Event,
+        H: Handler<E, Args>,
+        Args: 'static,
+        C: Codec<E>,
+    {
+        check_handler_name(name)?;
+        if self.handlers.iter().any(|h| h.name == name) {
+            return Err(Error::DuplicateHandler(name.to_owned()));
+        }
+        let d = Descriptor::event::<E>();
+        self.handlers.push(EventRegistration {
+            name: name.to_owned(),
+            event: d.name,
+            topic: self.core.topics.topic_of(&d),
+            service: HandlerService::boxed(handler, self.core.codec.clone()),
+            options: self.core.defaults.clone(),
+        });
+        let last = self.handlers.len() - 1;
+        Ok(&mut self.handlers[last].options)
+    }
+
+    /// Subscribes every handler's group (so errors show here), then runs them until `token` is
+    /// cancelled.
+    pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
+        let specs = self
+            .handlers
+            .into_iter()
+            .map(|h| {
+                self.core.spec(
+                    &h.name,
+                    vec![h.topic],
+                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
+                    h.options,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        start(specs, token).await
+    }
+}
+
+/// Runs several event handlers in one consumer group, dispatching by event name.
+///
+/// Messages whose event name has no handler follow [`HandlerOptions::on_unknown`].
+pub struct EventGroupProcessor<C = DefaultCodec> {
+    core: Core<C>,
+    group: String,
+    topics: Vec<String>,
+    handlers: Vec<(String, Arc<str>, BoxHandlerService)>,
+    options: HandlerOptions,
+}
+
+impl<C> fmt::Debug for EventGroupProcessor<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventGroupProcessor")
+            .field("service", &self.core.service)
+            .field("group", &self.group)
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventGroupProcessor {
+    /// A group named from (`service`, `group`) on `backend` with the default codec.
+    pub fn new(
+        backend: impl Backend,
+        service: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Self {
+        EventGroupProcessor::with_codec(backend, service, group, DefaultCodec::default())
+    }
+}
+
+impl<C> EventGroupProcessor<C> {
+    /// A group named from (`service`, `group`) on `backend` with `codec`.
+    pub fn with_codec(
+        backend: impl Backend,
+        service: impl Into<String>,
+        group: impl Into<String>,
+        codec: C,
+    ) -> Self {
+        EventGroupProcessor {
+            core: Core::new(backend, service.into(), codec),
+            group: group.into(),
+            topics: Vec::new(),
+            handlers: Vec::new(),
+            options: HandlerOptions::default(),
+        }
+    }
+
+    processor_config!();
+
+    /// The group's options.
+    pub fn options(&mut self) -> &mut HandlerOptions {
+        &mut self.options
+    }
+
+    /// Adds `handler` for events of type `E` to the group. Names must be unique, and one event
+    /// type has one handler in a group.
+    pub fn handle<E, H, Args>(&mut self, name: &str, handler: H) -> Result<&mut Self>
+    where
+        E: Event,
+        H: Handler<E, Args>,
+        Args: 'static,
+        C: Codec<E>,
+    {
+        check_handler_name(name)?;
+        if self.handlers.iter().any(|(_, n, _)| &**n == name) {
+            return Err(Error::DuplicateHandler(name.to_owned()));
+        }
+        let d = Descriptor::event::<E>();
+        if let Some((_, other, _)) = self.handlers.iter().find(|(e, _, _)| e == d.name) {
+            return Err(Error::Config(format!(
+                "event `{}` already has handler `{other}` in group `{}`",
+                d.name, self.group
+            )));
+        }
+        let topic = self.core.topics.topic_of(&d);
+        if !self.topics.contains(&topic) {
+            self.topics.push(topic);
+        }
+        self.handlers.push((
+            d.name.to_owned(),
+            Arc::from(name),
+            HandlerService::boxed(handler, self.core.codec.clone()),
+        ));
+        Ok(self)
+    }
+
+    /// Subscribes the group, then runs it until `token` is cancelled.
+    pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
+        if self.handlers.is_empty() {
+            return Err(Error::Config(format!(
+                "group `{}` has no handler",
+                self.group
+            )));
+        }
+        let spec = self
+            .core
+            .spec(&self.group, self.topics, self.handlers, self.options)?;
+        start(vec![spec], token).await
+    }
+}
+
+/// Runs command handlers: exactly one per command type, each in its own consumer group named from
+/// the service and the command name.
+pub struct CommandProcessor<C = DefaultCodec> {
+    core: Core<C>,
+    handlers: Vec<EventRegistration>,
+    names: HashSet<&'static str>,
+}
+
+impl<C> fmt::Debug for CommandProcessor<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandProcessor")
+            .field("service", &self.core.service)
+            .field("commands", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CommandProcessor {
+    /// A processor for `service` on `backend` with the default codec.
+    pub fn new(backend: impl Backend, service: impl Into<String>) -> Self {
+        CommandProcessor::with_codec(backend, service, DefaultCodec::default())
+    }
+}
+
+impl<C> CommandProcessor<C> {
+    /// A processor for `service` on `backend` with `codec`.
+    pub fn with_codec(backend: impl Backend, service: impl Into<String>, codec: C) -> Self {
+        CommandProcessor {
+            core: Core::new(backend, service.into(), codec),
+            handlers: Vec::new(),
+            names: HashSet::new(),
+        }
+    }
+
+    processor_config!();
+
+    /// Registers the handler of command `T`; a second one for the same command is an error.
+    pub fn handle<T, H, Args>(&mut self, handler: H) -> Result<&mut HandlerOptions>
+    where
+        T: Command,
+        H: Handler<T, Args>,
+        Args: 'static,
+        C: Codec<T>,
+    {
+        let d = Descriptor::command::<T>();
+        if !self.names.insert(d.name) {
+            return Err(Error::DuplicateHandler(d.name.to_owned()));
+        }
+        self.handlers.push(EventRegistration {
+            name: d.name.to_owned(),
+            event: d.name,
+            topic: self.core.topics.topic_of(&d),
+            service: HandlerService::boxed(handler, self.core.codec.clone()),
+            options: self.core.defaults.clone(),
+        });
+        let last = self.handlers.len() - 1;
+        Ok(&mut self.handlers[last].options)
+    }
+
+    /// Subscribes every command's group, then runs them until `token` is cancelled.
+    pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
+        let specs = self
+            .handlers
+            .into_iter()
+            .map(|h| {
+                self.core.spec(
+                    &h.name,
+                    vec![h.topic],
+                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
+                    h.options,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        start(specs, token).await
+    }
+}

@@ -1,0 +1,257 @@
+//! Per-handler options: delivery semantics, concurrency, retries, dead letters, middleware.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::{Layer, Service};
+
+use crate::backend::{Backend, Publisher, StartFrom, Subscriber};
+use crate::error::BoxError;
+use crate::handler::{BoxHandlerService, Context};
+
+/// When a message is acked relative to running its handler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryMode {
+    /// Ack after the handler succeeded; a failure is retried, then dead-lettered. The default.
+    #[default]
+    AtLeastOnce,
+    /// Ack before the handler runs; a failure is not retried, only dead-lettered and logged.
+    AtMostOnce,
+}
+
+/// What a processor does with a message whose event name has no handler in its group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnknownEvent {
+    /// Ack it and move on (several event types share the topic). The default.
+    #[default]
+    Ack,
+    /// Publish it to the dead-letter topic, then ack it.
+    DeadLetter,
+}
+
+/// Retries with exponential backoff, then the dead-letter topic.
+///
+/// A failed message is nacked and redelivered by the broker after `initial * multiplier^(n-1)`
+/// (at most `max_delay`), where `n` is the broker's delivery count, so retries survive restarts.
+/// When the delivery count reaches `max_attempts` it is published to the dead-letter topic and
+/// acked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct RetryPolicy {
+    /// Deliveries before the message is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// Delay before the second delivery.
+    pub initial: Duration,
+    /// Growth of the delay per attempt.
+    pub multiplier: f64,
+    /// Longest delay.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// `max_attempts` deliveries with the default backoff.
+    pub fn attempts(max_attempts: u32) -> Self {
+        RetryPolicy {
+            max_attempts: max_attempts.max(1),
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// Sets the backoff: first delay and growth factor.
+    pub fn backoff(mut self, initial: Duration, multiplier: f64) -> Self {
+        self.initial = initial;
+        self.multiplier = multiplier.max(1.0);
+        self
+    }
+
+    /// Sets the longest delay.
+    pub fn max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay;
+        self
+    }
+
+    /// The delay before redelivering a message that failed on delivery `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        self.initial.mul_f64(factor).min(self.max_delay)
+    }
+}
+
+pub(crate) type LayerFn = Arc<dyn Fn(BoxHandlerService) -> BoxHandlerService + Send + Sync>;
+
+/// Options of one handler (of one consumer group).
+///
+/// Processors return it from `handle`, so options chain after registration:
+/// `processor.handle("audit", audit)?.at_most_once().concurrency(8);`.
+#[derive(Clone)]
+pub struct HandlerOptions {
+    pub(crate) delivery: DeliveryMode,
+    pub(crate) concurrency: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) start: StartFrom,
+    pub(crate) claim_idle: Option<Duration>,
+    pub(crate) dead_letter_topic: Option<String>,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) consumer_name: Option<String>,
+    pub(crate) on_unknown: UnknownEvent,
+    pub(crate) layers: Vec<LayerFn>,
+    pub(crate) backend: Option<(Arc<dyn Publisher>, Arc<dyn Subscriber>)>,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        HandlerOptions {
+            delivery: DeliveryMode::AtLeastOnce,
+            concurrency: 1,
+            batch_size: 100,
+            retry: RetryPolicy::default(),
+            start: StartFrom::Beginning,
+            claim_idle: Some(Duration::from_secs(30)),
+            dead_letter_topic: None,
+            shutdown_timeout: Duration::from_secs(30),
+            consumer_name: None,
+            on_unknown: UnknownEvent::Ack,
+            layers: Vec::new(),
+            backend: None,
+        }
+    }
+}
+
+impl fmt::Debug for HandlerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerOptions")
+            .field("delivery", &self.delivery)
+            .field("concurrency", &self.concurrency)
+            .field("batch_size", &self.batch_size)
+            .field("retry", &self.retry)
+            .field("start", &self.start)
+            .field("claim_idle", &self.claim_idle)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("consumer_name", &self.consumer_name)
+            .field("on_unknown", &self.on_unknown)
+            .field("layers", &self.layers.len())
+            .field("own_backend", &self.backend.is_some())
+            .finish()
+    }
+}
+
+impl HandlerOptions {
+    /// Ack after the handler succeeds (the default).
+    pub fn at_least_once(&mut self) -> &mut Self {
+        self.delivery = DeliveryMode::AtLeastOnce;
+        self
+    }
+
+    /// Ack before the handler runs.
+    pub fn at_most_once(&mut self) -> &mut Self {
+        self.delivery = DeliveryMode::AtMostOnce;
+        self
+    }
+
+    /// Sets the delivery mode.
+    pub fn delivery(&mut self, mode: DeliveryMode) -> &mut Self {
+        self.delivery = mode;
+        self
+    }
+
+    /// Messages handled at once (default 1). Messages with one key are handled in order.
+    pub fn concurrency(&mut self, n: usize) -> &mut Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Messages fetched per broker round trip (default 100).
+    pub fn batch_size(&mut self, n: usize) -> &mut Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Sets the retry and dead-letter policy.
+    pub fn retry(&mut self, policy: RetryPolicy) -> &mut Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Where the group starts when it is created (default: the beginning).
+    pub fn start_from(&mut self, start: StartFrom) -> &mut Self {
+        self.start = start;
+        self
+    }
+
+    /// Claim messages other members held this long without acking (default 30 s; `None` never).
+    pub fn claim_idle(&mut self, idle: Option<Duration>) -> &mut Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// The dead-letter topic (default: `<group>.dead-letter`).
+    pub fn dead_letter_topic(&mut self, topic: impl Into<String>) -> &mut Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// How long shutdown waits for running handlers (default 30 s).
+    pub fn shutdown_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// This instance's member name in the group (default: unique per processor). Keep it stable
+    /// across restarts to resume pending messages at once instead of having them claimed.
+    pub fn consumer_name(&mut self, name: impl Into<String>) -> &mut Self {
+        self.consumer_name = Some(name.into());
+        self
+    }
+
+    /// What to do with event names that have no handler in the group (default: ack).
+    pub fn on_unknown(&mut self, policy: UnknownEvent) -> &mut Self {
+        self.on_unknown = policy;
+        self
+    }
+
+    /// Wraps the handler in a tower layer; the last one added is the outermost.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use cqrs_core::{middleware::TimeoutLayer, processor::HandlerOptions};
+    /// HandlerOptions::default().layer(TimeoutLayer::new(Duration::from_secs(5)));
+    /// ```
+    pub fn layer<L>(&mut self, layer: L) -> &mut Self
+    where
+        L: Layer<BoxHandlerService> + Send + Sync + 'static,
+        L::Service: Service<Context, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Context>>::Error: Into<BoxError>,
+        <L::Service as Service<Context>>::Future: Send + 'static,
+    {
+        self.layers.push(Arc::new(move |inner| {
+            BoxHandlerService::new(tower::util::MapErr::new(layer.layer(inner), Into::into))
+        }));
+        self
+    }
+
+    /// Runs this handler on another backend (another cluster or Redis server) than the
+    /// processor's; its dead letters go there too.
+    pub fn backend(&mut self, backend: impl Backend) -> &mut Self {
+        let backend = Arc::new(backend);
+        self.backend = Some((backend.clone(), backend));
+        self
+    }
+}

@@ -1,0 +1,43 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `derive` | yes | `#[derive(Event)]`, `#[derive(Command)]` |
+//! | `json` | yes | the JSON codec ([`codec::Json`]), the default codec |
+//! | `msgpack` | no | the MessagePack codec (`codec::MsgPack`) |
+//! | `redis` | no | the Redis Streams backend, as [`cqrs::redis`](crate) |
+//! | `kafka` | no | the Kafka backend, as [`cqrs::kafka`](crate) |
+//!
+//! # Derive attributes
+//!
+//! `#[derive(Event)]` (and `#[derive(Command)]` with `#[command(...)]`) reads, all optional:
+//!
+//! | attribute | meaning |
+//! |---|---|
+//! | `#[event(name = "tickets.BookingConfirmed")]` | the event name (default: the type's name) |
+//! | `#[event(topic = "tickets")]` | pins the topic (default: generated from the name by the bus's [`TopicNamer`]) |
+//! | `#[event(version = 2)]` | the schema version carried in the metadata (default 1) |
+//! | `#[event(key)]` on a field, or `#[event(key = "field")]` | the ordering / partition key (the field's `to_string()`) |
+//! | `#[event(crate = "path")]` | where the `cqrs` crate is, if renamed |
+
+pub use cqrs_core::*;
+
+#[cfg(feature = "derive")]
+pub use cqrs_derive::{Command, Event};
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backend_redis as redis;
+
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use backend_kafka as kafka;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use cqrs_core::{Command, Event};
+    pub use std::string::{String, ToString};
+}
