@@ -107,10 +107,14 @@ pub fn container(kind: Kind, attrs: &[Attribute], errors: &mut Errors) -> Contai
                 let path: syn::Path = s.parse()?;
                 set_once(&mut out.krate, path, "crate", span, errors);
             } else {
+                let written = path_text(&meta.path);
+                let hint = match closest(&written, &["name", "topic", "version", "key", "crate"]) {
+                    Some(k) => format!("; did you mean `{k}`?"),
+                    None => "; expected one of `name`, `topic`, `version`, `key`, `crate`".into(),
+                };
                 return Err(meta.error(format!(
-                    "unknown {} attribute `{}`; expected one of `name`, `topic`, `version`, `key`, `crate`",
-                    kind.attr(),
-                    path_text(&meta.path)
+                    "unknown {} attribute `{written}`{hint}",
+                    kind.attr()
                 )));
             }
             Ok(())
@@ -152,6 +156,31 @@ pub fn member_of(name: &str, span: Span) -> Member {
         Ok(index) => Member::Unnamed(syn::Index { index, span }),
         Err(_) => Member::Named(syn::Ident::new(name, span)),
     }
+}
+
+/// The candidate within two edits of `written`, if any.
+fn closest<'a>(written: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(written, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(cur).min(row[j]) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn path_text(path: &syn::Path) -> String {
@@ -208,7 +237,10 @@ mod tests {
     fn unknown_key_is_an_error() {
         let (_, r) = parse(vec![parse_quote!(#[event(nmae = "A")])]);
         let e = r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("unknown event attribute `nmae`"), "{e}");
+        assert_eq!(e, "unknown event attribute `nmae`; did you mean `name`?");
+        let (_, r) = parse(vec![parse_quote!(#[event(colour = "red")])]);
+        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.ends_with("expected one of `name`, `topic`, `version`, `key`, `crate`"), "{e}");
     }
 
     #[test]

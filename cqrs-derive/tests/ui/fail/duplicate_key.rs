@@ -1,0 +1,6 @@
+#[derive(cqrs::Event)]
+#[event(topic = "a")]
+#[event(topic = "b")]
+struct Booked;
+
+fn main() {}

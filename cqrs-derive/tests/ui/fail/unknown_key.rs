@@ -1,0 +1,5 @@
+#[derive(cqrs::Event)]
+#[event(nmae = "tickets.Booked")]
+struct Booked;
+
+fn main() {}
