@@ -83,24 +83,36 @@ pub fn container(kind: Kind, attrs: &[Attribute], errors: &mut Errors) -> Contai
             let span = meta.path.span_of();
             if meta.path.is_ident("name") {
                 let s: LitStr = meta.value()?.parse()?;
-                let v = Spanned { value: s.value(), span: s.span() };
+                let v = Spanned {
+                    value: s.value(),
+                    span: s.span(),
+                };
                 set_once(&mut out.name, v, "name", span, errors);
             } else if meta.path.is_ident("topic") {
                 let s: LitStr = meta.value()?.parse()?;
-                let v = Spanned { value: s.value(), span: s.span() };
+                let v = Spanned {
+                    value: s.value(),
+                    span: s.span(),
+                };
                 set_once(&mut out.topic, v, "topic", span, errors);
             } else if meta.path.is_ident("version") {
                 let n: LitInt = meta.value()?.parse()?;
                 let v: u32 = n.base10_parse()?;
                 set_once(&mut out.version, v, "version", span, errors);
             } else if meta.path.is_ident("key") {
-                let s: LitStr = meta.value().map_err(|_| {
-                    meta.error(format!(
+                let s: LitStr = meta
+                    .value()
+                    .map_err(|_| {
+                        meta.error(format!(
                         "on the struct write `key = \"field\"`, or put `#[{}(key)]` on the field",
                         kind.attr()
                     ))
-                })?.parse()?;
-                let v = Spanned { value: s.value(), span: s.span() };
+                    })?
+                    .parse()?;
+                let v = Spanned {
+                    value: s.value(),
+                    span: s.span(),
+                };
                 set_once(&mut out.key, v, "key", span, errors);
             } else if meta.path.is_ident("crate") {
                 let s: LitStr = meta.value()?.parse()?;
@@ -176,7 +188,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(cur).min(row[j]) };
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
             prev = cur;
         }
     }
@@ -240,7 +256,10 @@ mod tests {
         assert_eq!(e, "unknown event attribute `nmae`; did you mean `name`?");
         let (_, r) = parse(vec![parse_quote!(#[event(colour = "red")])]);
         let e = r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.ends_with("expected one of `name`, `topic`, `version`, `key`, `crate`"), "{e}");
+        assert!(
+            e.ends_with("expected one of `name`, `topic`, `version`, `key`, `crate`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,0 +1,571 @@
+//! Processor behaviour on the in-memory broker: dispatch, delivery semantics, failures, ordering,
+//! shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs_core::memory::MemoryBroker;
+use cqrs_core::middleware::TimeoutLayer;
+use cqrs_core::processor::dead_letter_headers as dlq;
+use cqrs_core::{
+    CancellationToken, Command, CommandBus, CommandProcessor, Context, Error, Event, EventBus,
+    EventGroupProcessor, EventProcessor, GroupNamer, Metadata, RetryPolicy, UnknownEvent,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Booked {
+    id: u32,
+}
+impl Event for Booked {
+    const NAME: &'static str = "Booked";
+    const TOPIC: Option<&'static str> = Some("tickets");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Cancelled {
+    id: u32,
+}
+impl Event for Cancelled {
+    const NAME: &'static str = "Cancelled";
+    const TOPIC: Option<&'static str> = Some("tickets");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Refunded {
+    id: u32,
+}
+impl Event for Refunded {
+    const NAME: &'static str = "Refunded";
+    const TOPIC: Option<&'static str> = Some("tickets");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Keyed {
+    key: String,
+    seq: u32,
+}
+impl Event for Keyed {
+    const NAME: &'static str = "Keyed";
+    fn key(&self) -> Option<String> {
+        Some(self.key.clone())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BookTicket {
+    seat: u32,
+}
+impl Command for BookTicket {
+    const NAME: &'static str = "BookTicket";
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a handler")
+        .expect("channel closed")
+}
+
+/// Waits until `check` holds, polling the broker's state.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_handler_has_its_own_group_and_instances_share_it() {
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, u32)>();
+    let token = CancellationToken::new();
+    let mut running = Vec::new();
+    for instance in ["one", "two"] {
+        let mut p = EventProcessor::new(broker.clone(), "svc-tickets");
+        for handler in ["notify", "audit"] {
+            let tx = tx.clone();
+            let label = format!("{handler}@{instance}");
+            p.handle(handler, move |e: Booked| {
+                let r = tx.send((label.clone(), e.id)).map_err(|e| e.to_string());
+                async move { r }
+            })
+            .unwrap();
+        }
+        running.push(p.start(token.clone()).await.unwrap());
+    }
+    let bus = EventBus::new(broker.clone());
+    for id in 0..20 {
+        bus.publish(&Booked { id }).await.unwrap();
+    }
+    let mut per_handler: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    let mut per_instance: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..40 {
+        let (label, id) = recv(&mut rx).await;
+        let handler = if label.starts_with("notify") {
+            "notify"
+        } else {
+            "audit"
+        };
+        per_handler.entry(handler).or_default().push(id);
+        *per_instance.entry(label).or_default() += 1;
+    }
+    for (handler, mut ids) in per_handler {
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            (0..20).collect::<Vec<_>>(),
+            "{handler} saw every event once"
+        );
+    }
+    assert_eq!(broker.pending("tickets", "svc-tickets.notify").len(), 0);
+    token.cancel();
+    for r in running {
+        r.wait().await.unwrap();
+    }
+    assert!(rx.try_recv().is_err(), "no event was handled twice");
+}
+
+#[tokio::test]
+async fn duplicate_registrations_are_errors() {
+    let broker = MemoryBroker::new();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("h", |_: Booked| async { Ok::<_, String>(()) })
+        .unwrap();
+    let err = p
+        .handle("h", |_: Cancelled| async { Ok::<_, String>(()) })
+        .unwrap_err();
+    assert!(matches!(err, Error::DuplicateHandler(ref n) if n == "h"));
+    assert_eq!(err.to_string(), "a handler named `h` is already registered");
+
+    let mut c = CommandProcessor::new(broker.clone(), "svc");
+    c.handle(|_: BookTicket| async { Ok::<_, String>(()) })
+        .unwrap();
+    let err = c
+        .handle(|_: BookTicket, _: Context| async { Ok::<_, String>(()) })
+        .unwrap_err();
+    assert!(matches!(err, Error::DuplicateHandler(ref n) if n == "BookTicket"));
+
+    let mut g = EventGroupProcessor::new(broker, "svc", "g");
+    g.handle("a", |_: Booked| async { Ok::<_, String>(()) })
+        .unwrap();
+    let err = g
+        .handle("b", |_: Booked| async { Ok::<_, String>(()) })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: event `Booked` already has handler `a` in group `g`"
+    );
+}
+
+#[tokio::test]
+async fn group_processor_dispatches_by_name_and_dead_letters_unknown_events() {
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let mut g = EventGroupProcessor::new(broker.clone(), "svc-billing", "ledger");
+    let (t1, t2) = (tx.clone(), tx.clone());
+    g.handle("on-booked", move |e: Booked| {
+        let r = t1
+            .send(format!("booked {}", e.id))
+            .map_err(|e| e.to_string());
+        async move { r }
+    })
+    .unwrap()
+    .handle("on-cancelled", move |e: Cancelled| {
+        let r = t2
+            .send(format!("cancelled {}", e.id))
+            .map_err(|e| e.to_string());
+        async move { r }
+    })
+    .unwrap();
+    g.options().on_unknown(UnknownEvent::DeadLetter);
+    let running = g.start(CancellationToken::new()).await.unwrap();
+
+    let bus = EventBus::new(broker.clone());
+    bus.publish(&Booked { id: 1 }).await.unwrap();
+    bus.publish(&Refunded { id: 2 }).await.unwrap();
+    bus.publish(&Cancelled { id: 3 }).await.unwrap();
+    assert_eq!(recv(&mut rx).await, "booked 1");
+    assert_eq!(recv(&mut rx).await, "cancelled 3");
+    eventually("the unknown event in the dead-letter topic", || {
+        broker.messages("svc-billing.ledger.dead-letter").len() == 1
+    })
+    .await;
+    let dead = &broker.messages("svc-billing.ledger.dead-letter")[0];
+    assert_eq!(dead.name, "Refunded");
+    assert_eq!(
+        dead.metadata.headers[dlq::REASON],
+        "no handler for event `Refunded` in group `svc-billing.ledger`"
+    );
+    eventually("all acked", || {
+        broker.pending("tickets", "svc-billing.ledger").is_empty()
+    })
+    .await;
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn commands_are_handled_once_by_one_handler() {
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let token = CancellationToken::new();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let mut p = CommandProcessor::new(broker.clone(), "svc-tickets");
+        let tx = tx.clone();
+        p.handle(move |c: BookTicket| {
+            let r = tx.send(c.seat).map_err(|e| e.to_string());
+            async move { r }
+        })
+        .unwrap();
+        running.push(p.start(token.clone()).await.unwrap());
+    }
+    let bus = CommandBus::new(broker.clone());
+    for seat in 0..10 {
+        bus.send(&BookTicket { seat }).await.unwrap();
+    }
+    let mut seats = Vec::new();
+    for _ in 0..10 {
+        seats.push(recv(&mut rx).await);
+    }
+    seats.sort_unstable();
+    assert_eq!(seats, (0..10).collect::<Vec<_>>());
+    eventually("all acked", || {
+        broker
+            .pending("BookTicket", "svc-tickets.BookTicket")
+            .is_empty()
+    })
+    .await;
+    token.cancel();
+    for r in running {
+        r.wait().await.unwrap();
+    }
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn at_most_once_acks_first_and_dead_letters_a_failure_without_retry() {
+    let broker = MemoryBroker::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let c = calls.clone();
+    p.handle("fragile", move |_: Booked| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>("printer on fire") }
+    })
+    .unwrap()
+    .at_most_once();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    eventually("the dead letter", || {
+        broker.messages("svc.fragile.dead-letter").len() == 1
+    })
+    .await;
+    let dead = &broker.messages("svc.fragile.dead-letter")[0];
+    assert_eq!(dead.metadata.headers[dlq::REASON], "printer on fire");
+    assert_eq!(dead.metadata.headers[dlq::ATTEMPTS], "1");
+    assert!(
+        broker.pending("tickets", "svc.fragile").is_empty(),
+        "acked before handling"
+    );
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "no retry under at-most-once"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_then_dead_lettered() {
+    let broker = MemoryBroker::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let c = calls.clone();
+    p.handle("panicky", move |e: Booked| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if e.id == 1 {
+                panic!("seat {} exploded", e.id);
+            }
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .retry(RetryPolicy::attempts(2).backoff(Duration::from_millis(10), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(broker.clone());
+    bus.publish(&Booked { id: 1 }).await.unwrap();
+    bus.publish(&Booked { id: 2 }).await.unwrap();
+    eventually("the dead letter", || {
+        broker.messages("svc.panicky.dead-letter").len() == 1
+    })
+    .await;
+    let dead = &broker.messages("svc.panicky.dead-letter")[0];
+    assert_eq!(
+        dead.metadata.headers[dlq::REASON],
+        "handler panicked: seat 1 exploded"
+    );
+    assert_eq!(dead.metadata.headers[dlq::ATTEMPTS], "2");
+    eventually("all acked", || {
+        broker.pending("tickets", "svc.panicky").is_empty()
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "two tries of 1, one of 2");
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_and_then_succeeds() {
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("flaky", move |_: Booked, ctx: Context| {
+        let r = if ctx.attempt() < 3 {
+            Err("not yet".to_string())
+        } else {
+            tx.send(ctx.attempt()).map_err(|e| e.to_string())
+        };
+        async move { r }
+    })
+    .unwrap()
+    .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(10), 2.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, 3);
+    eventually("acked", || {
+        broker.pending("tickets", "svc.flaky").is_empty()
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert!(broker.messages("svc.flaky.dead-letter").is_empty());
+}
+
+#[tokio::test]
+async fn concurrency_keeps_order_per_key() {
+    let broker = MemoryBroker::new();
+    let seen: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let (s, f, pk) = (seen.clone(), in_flight.clone(), peak.clone());
+    p.handle("ordered", move |e: Keyed| {
+        let (s, f, pk) = (s.clone(), f.clone(), pk.clone());
+        async move {
+            let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+            pk.fetch_max(now, Ordering::SeqCst);
+            // Uneven work so that lanes overtake each other.
+            tokio::time::sleep(Duration::from_millis(u64::from(e.seq % 3))).await;
+            s.lock().unwrap().entry(e.key).or_default().push(e.seq);
+            f.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .concurrency(4);
+    let bus = EventBus::new(broker.clone());
+    let events: Vec<Keyed> = (0..200)
+        .map(|seq| Keyed {
+            key: format!("k{}", seq % 8),
+            seq,
+        })
+        .collect();
+    bus.publish_all(&events).await.unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("all handled", || {
+        seen.lock().unwrap().values().map(Vec::len).sum::<usize>() == 200
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    for (key, seqs) in seen.lock().unwrap().iter() {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, &sorted, "order broken for {key}");
+    }
+    assert!(peak.load(Ordering::SeqCst) > 1, "handlers ran concurrently");
+    assert!(broker.pending("Keyed", "svc.ordered").is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_handlers_finish_and_acks_them() {
+    let broker = MemoryBroker::new();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let r = release.clone();
+    p.handle("slow", move |_: Booked| {
+        let (tx, r) = (started_tx.clone(), r.clone());
+        async move {
+            tx.send(()).map_err(|e| e.to_string())?;
+            r.notified().await;
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    recv(&mut started).await;
+    let token = running.token().clone();
+    let stopping = tokio::spawn(running.shutdown());
+    token.cancelled().await;
+    release.notify_one();
+    stopping.await.unwrap().unwrap();
+    assert!(
+        broker.pending("tickets", "svc.slow").is_empty(),
+        "the finished message was acked"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_deadline_leaves_unfinished_messages_pending() {
+    let broker = MemoryBroker::new();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("stuck", move |_: Booked| {
+        let tx = started_tx.clone();
+        async move {
+            tx.send(()).map_err(|e| e.to_string())?;
+            std::future::pending::<()>().await;
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .shutdown_timeout(Duration::from_millis(100));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    recv(&mut started).await;
+    let err = running.shutdown().await.unwrap_err();
+    assert!(matches!(err, Error::ShutdownTimeout(d) if d == Duration::from_millis(100)));
+    assert_eq!(
+        broker.pending("tickets", "svc.stuck").len(),
+        1,
+        "not lost: still pending"
+    );
+}
+
+#[tokio::test]
+async fn timeout_layer_fails_slow_handlers() {
+    let broker = MemoryBroker::new();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("sleepy", |_: Booked| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, String>(())
+    })
+    .unwrap()
+    .layer(TimeoutLayer::new(Duration::from_millis(20)))
+    .retry(RetryPolicy::attempts(1));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    eventually("the dead letter", || {
+        broker.messages("svc.sleepy.dead-letter").len() == 1
+    })
+    .await;
+    assert_eq!(
+        broker.messages("svc.sleepy.dead-letter")[0]
+            .metadata
+            .headers[dlq::REASON],
+        "request timed out"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn group_names_and_context_are_the_users() {
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String, Option<String>, u32)>();
+    let mut p = EventProcessor::new(broker.clone(), "tickets").group_names(GroupNamer::new(
+        |service, handler| format!("svc-{service}.{handler}"),
+    ));
+    p.handle("notify-on-booking", move |_: Booked, ctx: Context| {
+        let r = tx
+            .send((
+                ctx.group().to_owned(),
+                ctx.handler().to_owned(),
+                ctx.metadata().correlation_id.clone(),
+                ctx.attempt(),
+            ))
+            .map_err(|e| e.to_string());
+        async move { r }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish_with(&Booked { id: 1 }, Metadata::now().correlation_id("req-7"))
+        .await
+        .unwrap();
+    let (group, handler, correlation, attempt) = recv(&mut rx).await;
+    assert_eq!(group, "svc-tickets.notify-on-booking");
+    assert_eq!(handler, "notify-on-booking");
+    assert_eq!(correlation.as_deref(), Some("req-7"));
+    assert_eq!(attempt, 1);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn handler_bound_to_another_backend_reads_from_it() {
+    let (main, other) = (MemoryBroker::new(), MemoryBroker::new());
+    let (tx, mut rx) = mpsc::unbounded_channel::<(&'static str, u32)>();
+    let mut p = EventProcessor::new(main.clone(), "svc");
+    let t = tx.clone();
+    p.handle("on-main", move |e: Booked| {
+        std::future::ready(t.send(("main", e.id)).map_err(|e| e.to_string()))
+    })
+    .unwrap();
+    let t = tx.clone();
+    p.handle("on-other", move |e: Booked| {
+        std::future::ready(t.send(("other", e.id)).map_err(|e| e.to_string()))
+    })
+    .unwrap()
+    .backend(other.clone());
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(main.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    EventBus::new(other.clone())
+        .publish(&Booked { id: 2 })
+        .await
+        .unwrap();
+    let mut got = vec![recv(&mut rx).await, recv(&mut rx).await];
+    got.sort();
+    assert_eq!(got, [("main", 1), ("other", 2)]);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_topics_are_rejected_at_start() {
+    let broker = MemoryBroker::new();
+    let mut p = EventProcessor::new(broker, "svc");
+    p.handle("h", |_: Booked| async { Ok::<_, String>(()) })
+        .unwrap()
+        .dead_letter_topic("dead letters");
+    let err = p.start(CancellationToken::new()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: topic `dead letters` contains ` `; use ASCII letters, digits, `.`, `_` and `-`"
+    );
+}
