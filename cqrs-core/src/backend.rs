@@ -69,6 +69,7 @@ pub struct Delivery {
     attempt: u32,
     broker_id: String,
     acker: Arc<dyn Acknowledge>,
+    malformed: Option<String>,
 }
 
 impl Delivery {
@@ -87,7 +88,20 @@ impl Delivery {
             attempt,
             broker_id,
             acker,
+            malformed: None,
         }
+    }
+
+    /// Marks the delivery as an entry that could not be read as a message (see
+    /// [`crate::wire::Layout::decode`]); processors dead-letter it with `reason` at once.
+    pub fn with_malformed(mut self, reason: impl Into<String>) -> Self {
+        self.malformed = Some(reason.into());
+        self
+    }
+
+    /// Why the entry could not be read as a message, if it could not.
+    pub fn malformed(&self) -> Option<&str> {
+        self.malformed.as_deref()
     }
 
     /// The topic the message was read from.

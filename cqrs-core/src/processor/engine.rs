@@ -67,6 +67,8 @@ impl GroupSpec {
 
 struct Job {
     ctx: Context,
+    /// Why the entry could not be read as a message.
+    malformed: Option<String>,
     /// `None` when the message was acked before handling (at-most-once).
     delivery: Option<Delivery>,
 }
@@ -133,19 +135,24 @@ pub(crate) async fn run_group(
                 .into_iter()
                 .map(|d| Job {
                     ctx: context(&spec, &d),
+                    malformed: d.malformed().map(str::to_owned),
                     delivery: Some(d),
                 })
                 .collect::<Vec<_>>(),
             DeliveryMode::AtMostOnce => {
-                let ctxs: Vec<Context> = deliveries.iter().map(|d| context(&spec, d)).collect();
+                let ctxs: Vec<(Context, Option<String>)> = deliveries
+                    .iter()
+                    .map(|d| (context(&spec, d), d.malformed().map(str::to_owned)))
+                    .collect();
                 if let Err((e, back)) = Delivery::ack_all(deliveries).await {
                     // Not acked, so not handled: the broker delivers them again.
                     tracing::warn!(group = %spec.group, error = %e, count = back.len(), "ack before handling failed; the messages stay pending");
                     continue;
                 }
                 ctxs.into_iter()
-                    .map(|ctx| Job {
+                    .map(|(ctx, malformed)| Job {
                         ctx,
+                        malformed,
                         delivery: None,
                     })
                     .collect()
@@ -226,9 +233,28 @@ async fn lane_loop(
 }
 
 async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
-    let Job { ctx, delivery } = job;
+    let Job {
+        ctx,
+        malformed,
+        delivery,
+    } = job;
+    if let Some(reason) = malformed {
+        reject(spec, ctx, delivery, settle, &reason).await;
+        return;
+    }
     let Some(route) = spec.routes.get(&ctx.message.name) else {
-        unknown_event(spec, ctx, delivery, settle).await;
+        if spec.options.on_unknown == UnknownEvent::DeadLetter {
+            let reason = format!(
+                "no handler for event `{}` in group `{}`",
+                ctx.message.name, spec.group
+            );
+            reject(spec, ctx, delivery, settle, &reason).await;
+        } else {
+            tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
+            if let Some(d) = delivery {
+                let _ = settle.send(Settle::Ack(d)).await;
+            }
+        }
         return;
     };
     let span = tracing::info_span!(
@@ -297,29 +323,24 @@ async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
     }
 }
 
-async fn unknown_event(
+/// Dead-letters a message no handler can take, then acks it; if the dead letter cannot be
+/// published, the message stays pending.
+async fn reject(
     spec: &GroupSpec,
     ctx: Context,
     delivery: Option<Delivery>,
     settle: &mpsc::Sender<Settle>,
+    reason: &str,
 ) {
-    if spec.options.on_unknown == UnknownEvent::DeadLetter {
-        let reason = format!(
-            "no handler for event `{}` in group `{}`",
-            ctx.message.name, spec.group
-        );
-        if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, &reason).await
-        {
-            tracing::error!(group = %spec.group, error = %e, "dead-letter publish failed; the message stays pending");
-            if let Some(d) = delivery {
-                let _ = settle
-                    .send(Settle::Nack(d, spec.options.retry.delay(ctx.attempt)))
-                    .await;
-            }
-            return;
+    tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
+    if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await {
+        tracing::error!(group = %spec.group, error = %e, "dead-letter publish failed; the message stays pending");
+        if let Some(d) = delivery {
+            let _ = settle
+                .send(Settle::Nack(d, spec.options.retry.delay(ctx.attempt)))
+                .await;
         }
-    } else {
-        tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
+        return;
     }
     if let Some(d) = delivery {
         let _ = settle.send(Settle::Ack(d)).await;

@@ -1,0 +1,274 @@
+//! The field layout backends use to put a [`Message`] on the wire as named fields (Redis stream
+//! entry fields, Kafka headers). `docs/wire-format.md` describes it for other languages.
+//!
+//! Reserved fields are written as `prefix + name`; user headers as `header_prefix + header`.
+//! Only `name` and the payload are required when reading: a program in another language (or
+//! `redis-cli`) can publish `name` + `payload` and our handlers accept it.
+
+use std::collections::BTreeMap;
+
+use crate::message::{Message, Metadata};
+
+/// Reserved field names, without prefix.
+pub mod field {
+    /// The message id.
+    pub const ID: &str = "id";
+    /// The event or command name (required).
+    pub const NAME: &str = "name";
+    /// The schema version (default 1).
+    pub const VERSION: &str = "version";
+    /// The ordering key.
+    pub const KEY: &str = "key";
+    /// The payload's content type.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The correlation id.
+    pub const CORRELATION_ID: &str = "correlation-id";
+    /// The causation id.
+    pub const CAUSATION_ID: &str = "causation-id";
+    /// Milliseconds since the Unix epoch.
+    pub const CREATED_AT: &str = "created-at";
+    /// The payload, where the backend carries it as a field (Redis).
+    pub const PAYLOAD: &str = "payload";
+}
+
+/// How one backend names the fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Put before every reserved field name (`""` for Redis, `"cqrs-"` for Kafka headers).
+    pub prefix: &'static str,
+    /// Put before every user header name (`"h."` for Redis, `""` for Kafka).
+    pub header_prefix: &'static str,
+    /// Whether the payload and key travel as fields (Redis) or beside them (Kafka value and key).
+    pub payload_in_fields: bool,
+}
+
+impl Layout {
+    /// Redis Streams: `name`, `payload`, ... and `h.<header>`.
+    pub const REDIS: Layout = Layout {
+        prefix: "",
+        header_prefix: "h.",
+        payload_in_fields: true,
+    };
+
+    /// Kafka: headers `cqrs-name`, ...; user headers as they are; key and value are the record's.
+    pub const KAFKA: Layout = Layout {
+        prefix: "cqrs-",
+        header_prefix: "",
+        payload_in_fields: false,
+    };
+
+    /// The fields of `message`, in a stable order.
+    pub fn encode<'m>(&self, message: &'m Message) -> Vec<(String, &'m [u8])> {
+        let p = self.prefix;
+        let m = &message.metadata;
+        let mut out: Vec<(String, &'m [u8])> = Vec::with_capacity(10 + m.headers.len());
+        out.push((format!("{p}{}", field::ID), message.id.as_bytes()));
+        out.push((format!("{p}{}", field::NAME), message.name.as_bytes()));
+        if self.payload_in_fields {
+            if let Some(key) = &message.key {
+                out.push((format!("{p}{}", field::KEY), key.as_bytes()));
+            }
+        }
+        if !m.content_type.is_empty() {
+            out.push((
+                format!("{p}{}", field::CONTENT_TYPE),
+                m.content_type.as_bytes(),
+            ));
+        }
+        if let Some(c) = &m.correlation_id {
+            out.push((format!("{p}{}", field::CORRELATION_ID), c.as_bytes()));
+        }
+        if let Some(c) = &m.causation_id {
+            out.push((format!("{p}{}", field::CAUSATION_ID), c.as_bytes()));
+        }
+        for (k, v) in &m.headers {
+            out.push((format!("{}{k}", self.header_prefix), v.as_bytes()));
+        }
+        if self.payload_in_fields {
+            out.push((format!("{p}{}", field::PAYLOAD), &message.payload));
+        }
+        out
+    }
+
+    /// The numeric fields, which need formatting: version and created-at.
+    pub fn encode_numbers(&self, message: &Message) -> [(String, String); 2] {
+        let p = self.prefix;
+        [
+            (
+                format!("{p}{}", field::VERSION),
+                message.version.to_string(),
+            ),
+            (
+                format!("{p}{}", field::CREATED_AT),
+                message.metadata.created_at.to_string(),
+            ),
+        ]
+    }
+
+    /// Rebuilds a message from its fields. `fallback_id` is used when the id field is missing
+    /// (the backend's own entry id); `key` and `payload` are the record's when the backend
+    /// carries them beside the fields.
+    ///
+    /// Returns the message and, when it is malformed (no name, no payload, a version that is not
+    /// a number, text that is not UTF-8), the reason, beside the best message that could be made,
+    /// so that it can be dead-lettered rather than lost.
+    pub fn decode<'a>(
+        &self,
+        fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        fallback_id: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> (Message, Option<String>) {
+        let mut problems: Vec<String> = Vec::new();
+        let text = |name: &str, v: &[u8], problems: &mut Vec<String>| -> String {
+            match std::str::from_utf8(v) {
+                Ok(s) => s.to_owned(),
+                Err(_) => {
+                    problems.push(format!("field `{name}` is not UTF-8"));
+                    String::from_utf8_lossy(v).into_owned()
+                }
+            }
+        };
+        let mut message = Message {
+            id: String::new(),
+            name: String::new(),
+            version: 1,
+            key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+            metadata: Metadata {
+                correlation_id: None,
+                causation_id: None,
+                created_at: 0,
+                content_type: String::new(),
+                headers: BTreeMap::new(),
+            },
+        };
+        let mut has_payload = payload.is_some();
+        for (name, value) in fields {
+            match name.strip_prefix(self.prefix) {
+                Some(field::ID) => message.id = text(name, value, &mut problems),
+                Some(field::NAME) => message.name = text(name, value, &mut problems),
+                Some(field::VERSION) => {
+                    let v = text(name, value, &mut problems);
+                    match v.trim().parse() {
+                        Ok(n) => message.version = n,
+                        Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
+                    }
+                }
+                Some(field::KEY) if self.payload_in_fields => {
+                    message.key = Some(text(name, value, &mut problems));
+                }
+                Some(field::CONTENT_TYPE) => {
+                    message.metadata.content_type = text(name, value, &mut problems);
+                }
+                Some(field::CORRELATION_ID) => {
+                    message.metadata.correlation_id = Some(text(name, value, &mut problems));
+                }
+                Some(field::CAUSATION_ID) => {
+                    message.metadata.causation_id = Some(text(name, value, &mut problems));
+                }
+                Some(field::CREATED_AT) => {
+                    let v = text(name, value, &mut problems);
+                    match v.trim().parse() {
+                        Ok(n) => message.metadata.created_at = n,
+                        Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
+                    }
+                }
+                Some(field::PAYLOAD) if self.payload_in_fields => {
+                    message.payload = value.to_vec();
+                    has_payload = true;
+                }
+                _ => {
+                    if let Some(header) = name.strip_prefix(self.header_prefix) {
+                        let v = text(name, value, &mut problems);
+                        message.metadata.headers.insert(header.to_owned(), v);
+                    }
+                }
+            }
+        }
+        if message.id.is_empty() {
+            message.id = fallback_id.to_owned();
+        }
+        if message.name.is_empty() {
+            problems.push(format!("field `{}{}` is missing", self.prefix, field::NAME));
+        }
+        if !has_payload {
+            problems.push(format!(
+                "field `{}{}` is missing",
+                self.prefix,
+                field::PAYLOAD
+            ));
+        }
+        let reason =
+            (!problems.is_empty()).then(|| format!("malformed message: {}", problems.join("; ")));
+        (message, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        let mut m = Message::new("tickets.Booked", b"{\"id\":1}".to_vec())
+            .with_version(3)
+            .with_key(Some("k-1".into()))
+            .with_metadata(
+                Metadata::now()
+                    .correlation_id("c")
+                    .causation_id("d")
+                    .header("tenant", "acme"),
+            );
+        m.metadata.content_type = "application/json".into();
+        m
+    }
+
+    fn roundtrip(layout: Layout, m: &Message) -> (Message, Option<String>) {
+        let numbers = layout.encode_numbers(m);
+        let owned = layout.encode(m);
+        let mut fields: Vec<(&str, &[u8])> = owned.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        fields.extend(numbers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+        let (key, payload) = if layout.payload_in_fields {
+            (None, None)
+        } else {
+            (m.key.as_deref().map(str::as_bytes), Some(&m.payload[..]))
+        };
+        layout.decode(fields, "fallback", key, payload)
+    }
+
+    #[test]
+    fn both_layouts_roundtrip() {
+        let m = sample();
+        assert_eq!(roundtrip(Layout::REDIS, &m), (m.clone(), None));
+        assert_eq!(roundtrip(Layout::KAFKA, &m), (m, None));
+    }
+
+    #[test]
+    fn name_and_payload_are_enough() {
+        let fields: Vec<(&str, &[u8])> = vec![("name", b"Booked"), ("payload", b"{}")];
+        let (m, reason) = Layout::REDIS.decode(fields, "1700-0", None, None);
+        assert_eq!(reason, None);
+        assert_eq!(
+            (m.id.as_str(), m.name.as_str(), m.version),
+            ("1700-0", "Booked", 1)
+        );
+        assert_eq!(m.payload, b"{}");
+    }
+
+    #[test]
+    fn malformed_messages_say_why() {
+        let fields: Vec<(&str, &[u8])> = vec![("version", b"two"), ("payload", b"{}")];
+        let (m, reason) = Layout::REDIS.decode(fields, "1-0", None, None);
+        assert_eq!(m.id, "1-0");
+        assert_eq!(
+            reason.as_deref().unwrap_or_default(),
+            "malformed message: field `version` is not a number: `two`; field `name` is missing"
+        );
+        let fields: Vec<(&str, &[u8])> = vec![("name", b"A")];
+        let (_, reason) = Layout::REDIS.decode(fields, "1-0", None, None);
+        assert_eq!(
+            reason.as_deref(),
+            Some("malformed message: field `payload` is missing")
+        );
+    }
+}
