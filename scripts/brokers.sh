@@ -1,0 +1,37 @@
+# Sourced by scripts/test: makes sure the brokers the tests need are running on loopback,
+# installing them from the distribution's packages when missing.
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install $*"; return 1
+  fi
+  if [ -z "${APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+# Redis on REDIS_PORT (default 6379): reuse a running server, else start one.
+ensure_redis() {
+  local port="${REDIS_PORT:-6379}"
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    log "installing redis-server"
+    apt_install redis-server redis-tools
+  fi
+  if redis-cli -p "$port" ping >/dev/null 2>&1; then
+    log "redis already running on 127.0.0.1:$port"
+  else
+    log "starting redis-server on 127.0.0.1:$port"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --logfile "${TMPDIR:-/tmp}/cqrs-redis-$port.log" >&2
+    for _ in $(seq 1 50); do
+      redis-cli -p "$port" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    redis-cli -p "$port" ping >/dev/null
+  fi
+  export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$port/}"
+}
