@@ -33,5 +33,5 @@ ensure_redis() {
     done
     redis-cli -p "$port" ping >/dev/null
   fi
-  export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$port/}"
+  export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$port/15}"
 }

@@ -1,1 +1,313 @@
-//! redis backend for `cqrs` (work in progress).
+//! Redis Streams backend for [`cqrs`](https://docs.rs/cqrs), with consumer groups.
+//!
+//! - Publishing is `XADD` in the layout of `docs/wire-format.md`; a batch is one pipelined round
+//!   trip, and concurrent publishers share one multiplexed connection per pool.
+//! - Each consumer reads with `XREADGROUP ... BLOCK` on its own connection, first resuming its own
+//!   pending entries, acks in batches (`XACK` with many ids), redelivers nacked entries after their
+//!   backoff (`XCLAIM`, which raises the delivery count the retry policy reads), and claims the
+//!   entries of dead members idle longer than the subscription's `claim_idle`.
+//! - Streams live in named pools ([`Topology`], in code or YAML); [`RedisBackend::stats`] reports
+//!   lengths, lag and pending entries; [`RedisBackend::trim_acknowledged`] deletes what every group
+//!   has acked.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), cqrs_core::BoxError> {
+//! use backend_redis::RedisBackend;
+//! use cqrs_core::{EventBus, EventProcessor};
+//!
+//! let backend = RedisBackend::connect("redis://127.0.0.1:6379/0").await?;
+//! let bus = EventBus::new(backend.clone());
+//! let processor = EventProcessor::new(backend, "svc-tickets");
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod consumer;
+mod error;
+mod topology;
+mod value;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Consumer, Publisher, Subscriber, Subscription};
+use cqrs_core::wire::Layout;
+use cqrs_core::{Message, StartFrom};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use admin::{GroupStats, StreamStats};
+pub use error::{Error, Result};
+pub use topology::{redact, PoolSpec, RedisUrl, StreamSpec, Topology};
+
+/// Tuning of the backend; the defaults suit most services.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// How long one `XREADGROUP` blocks waiting for entries (default 1 s).
+    pub block: Duration,
+    /// Consumers idle this long with no pending entries are removed from their group
+    /// (default 1 hour). Consumers that own pending entries are never removed.
+    pub remove_idle_consumers_after: Duration,
+    /// Timeout of one command on the shared connection (default 5 s).
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            block: Duration::from_secs(1),
+            remove_idle_consumers_after: Duration::from_secs(3600),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Redis Streams backend. Clones share the connections.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pools: Vec<Pool>,
+    /// Stream name to index in `pools`.
+    streams: HashMap<String, usize>,
+    default_pool: Option<usize>,
+    options: RedisOptions,
+}
+
+pub(crate) struct Pool {
+    name: String,
+    url: RedisUrl,
+    client: redis::Client,
+    conn: ConnectionManager,
+    max_len: HashMap<String, usize>,
+}
+
+impl RedisBackend {
+    /// Connects to one Redis server as the pool `default`; every stream lives there.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut topology = Topology::new();
+        topology.pool("default", url)?;
+        Self::from_topology(&topology).await
+    }
+
+    /// Connects every pool of `topology` and creates its streams' consumer groups.
+    pub async fn from_topology(topology: &Topology) -> Result<Self> {
+        Self::with_options(topology, RedisOptions::default()).await
+    }
+
+    /// Like [`RedisBackend::from_topology`], with options.
+    pub async fn with_options(topology: &Topology, options: RedisOptions) -> Result<Self> {
+        let mut pools = Vec::new();
+        let mut streams = HashMap::new();
+        for (i, spec) in topology.pools.iter().enumerate() {
+            let client =
+                redis::Client::open(spec.url.expose()).map_err(|e| Error::InvalidAddress {
+                    address: spec.url.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let conn = manager(&client, options.response_timeout)
+                .await
+                .map_err(|e| {
+                    Error::redis(
+                        format!("connect to pool `{}` at {}", spec.name, spec.url),
+                        e,
+                    )
+                })?;
+            let mut max_len = HashMap::new();
+            for (stream, s) in &spec.streams {
+                streams.insert(stream.clone(), i);
+                if let Some(n) = s.max_len {
+                    max_len.insert(stream.clone(), n);
+                }
+            }
+            pools.push(Pool {
+                name: spec.name.clone(),
+                url: spec.url.clone(),
+                client,
+                conn,
+                max_len,
+            });
+        }
+        let default_pool = pools
+            .iter()
+            .position(|p| p.name == "default")
+            .or(if pools.len() == 1 { Some(0) } else { None });
+        let backend = RedisBackend {
+            inner: Arc::new(Inner {
+                pools,
+                streams,
+                default_pool,
+                options,
+            }),
+        };
+        for spec in &topology.pools {
+            for (stream, s) in &spec.streams {
+                for group in &s.groups {
+                    backend
+                        .create_group(stream, group, StartFrom::Beginning)
+                        .await?;
+                }
+            }
+        }
+        Ok(backend)
+    }
+
+    pub(crate) fn pool_for(&self, stream: &str) -> Result<&Pool> {
+        let i = self
+            .inner
+            .streams
+            .get(stream)
+            .copied()
+            .or(self.inner.default_pool)
+            .ok_or_else(|| Error::NoPool(stream.to_owned()))?;
+        Ok(&self.inner.pools[i])
+    }
+
+    /// Creates `group` on `stream` (and the stream) unless it exists.
+    pub async fn create_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
+        let pool = self.pool_for(stream)?;
+        create_group(&mut pool.conn.clone(), stream, group, start).await
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pools: Vec<String> = self
+            .inner
+            .pools
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.url))
+            .collect();
+        f.debug_struct("RedisBackend")
+            .field("pools", &pools)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) async fn manager(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_with_config(client.clone(), config).await
+}
+
+pub(crate) async fn create_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    start: StartFrom,
+) -> Result<()> {
+    let id = match start {
+        StartFrom::Latest => "$",
+        _ => "0",
+    };
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(id)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(Error::redis(format!("XGROUP CREATE {stream} {group}"), e)),
+    }
+}
+
+/// Appends the XADD of `message` to `pipe`.
+pub(crate) fn xadd(
+    pipe: &mut redis::Pipeline,
+    stream: &str,
+    max_len: Option<usize>,
+    message: &Message,
+) {
+    let cmd = pipe.cmd("XADD").arg(stream);
+    if let Some(n) = max_len {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*");
+    for (k, v) in Layout::REDIS.encode(message) {
+        cmd.arg(&*k).arg(v);
+    }
+    for (k, v) in Layout::REDIS.encode_numbers(message) {
+        cmd.arg(&*k).arg(v);
+    }
+    cmd.ignore();
+}
+
+#[async_trait]
+impl Publisher for RedisBackend {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let pool = self.pool_for(topic)?;
+        let mut pipe = redis::pipe();
+        let max_len = pool.max_len.get(topic).copied();
+        for m in messages {
+            xadd(&mut pipe, topic, max_len, m);
+        }
+        pipe.query_async::<()>(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XADD to {topic}"), e).into())
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisBackend {
+    async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        let Some(first) = subscription.topics.first() else {
+            return Err(cqrs_core::Error::Config(format!(
+                "group `{}` subscribes to no stream",
+                subscription.group
+            )));
+        };
+        let pool = self.pool_for(first)?;
+        for topic in &subscription.topics[1..] {
+            let other = self.pool_for(topic)?;
+            if other.name != pool.name {
+                return Err(Error::StreamsInTwoPools(format!(
+                    "{first} is in `{}`, {topic} in `{}`",
+                    pool.name, other.name
+                ))
+                .into());
+            }
+        }
+        let mut conn = pool.conn.clone();
+        for topic in &subscription.topics {
+            create_group(&mut conn, topic, &subscription.group, subscription.start).await?;
+        }
+        let options = &self.inner.options;
+        let own = manager(&pool.client, options.block + Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                Error::redis(
+                    format!("connect to pool `{}` at {}", pool.name, pool.url),
+                    e,
+                )
+            })?;
+        Ok(Box::new(consumer::RedisConsumer::new(
+            own,
+            pool.conn.clone(),
+            subscription,
+            options.clone(),
+        )))
+    }
+}

@@ -78,6 +78,11 @@ impl Error {
         }
     }
 
+    /// The error with its causes, `error: cause: cause`, for logs.
+    pub fn report(&self) -> String {
+        crate::processor::error_chain(self)
+    }
+
     /// Whether trying the same operation again may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

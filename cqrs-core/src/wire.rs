@@ -5,6 +5,7 @@
 //! Only `name` and the payload are required when reading: a program in another language (or
 //! `redis-cli`) can publish `name` + `payload` and our handlers accept it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::message::{Message, Metadata};
@@ -57,49 +58,55 @@ impl Layout {
         payload_in_fields: false,
     };
 
-    /// The fields of `message`, in a stable order.
-    pub fn encode<'m>(&self, message: &'m Message) -> Vec<(String, &'m [u8])> {
-        let p = self.prefix;
+    fn reserved(&self, name: &'static str) -> Cow<'static, str> {
+        if self.prefix.is_empty() {
+            Cow::Borrowed(name)
+        } else {
+            Cow::Owned(format!("{}{name}", self.prefix))
+        }
+    }
+
+    /// The fields of `message` whose values are its bytes, in a stable order.
+    pub fn encode<'m>(&self, message: &'m Message) -> Vec<(Cow<'static, str>, &'m [u8])> {
         let m = &message.metadata;
-        let mut out: Vec<(String, &'m [u8])> = Vec::with_capacity(10 + m.headers.len());
-        out.push((format!("{p}{}", field::ID), message.id.as_bytes()));
-        out.push((format!("{p}{}", field::NAME), message.name.as_bytes()));
+        let mut out = Vec::with_capacity(8 + m.headers.len());
+        out.push((self.reserved(field::ID), message.id.as_bytes()));
+        out.push((self.reserved(field::NAME), message.name.as_bytes()));
         if self.payload_in_fields {
             if let Some(key) = &message.key {
-                out.push((format!("{p}{}", field::KEY), key.as_bytes()));
+                out.push((self.reserved(field::KEY), key.as_bytes()));
             }
         }
         if !m.content_type.is_empty() {
             out.push((
-                format!("{p}{}", field::CONTENT_TYPE),
+                self.reserved(field::CONTENT_TYPE),
                 m.content_type.as_bytes(),
             ));
         }
         if let Some(c) = &m.correlation_id {
-            out.push((format!("{p}{}", field::CORRELATION_ID), c.as_bytes()));
+            out.push((self.reserved(field::CORRELATION_ID), c.as_bytes()));
         }
         if let Some(c) = &m.causation_id {
-            out.push((format!("{p}{}", field::CAUSATION_ID), c.as_bytes()));
+            out.push((self.reserved(field::CAUSATION_ID), c.as_bytes()));
         }
         for (k, v) in &m.headers {
-            out.push((format!("{}{k}", self.header_prefix), v.as_bytes()));
+            out.push((
+                Cow::Owned(format!("{}{k}", self.header_prefix)),
+                v.as_bytes(),
+            ));
         }
         if self.payload_in_fields {
-            out.push((format!("{p}{}", field::PAYLOAD), &message.payload));
+            out.push((self.reserved(field::PAYLOAD), &message.payload));
         }
         out
     }
 
-    /// The numeric fields, which need formatting: version and created-at.
-    pub fn encode_numbers(&self, message: &Message) -> [(String, String); 2] {
-        let p = self.prefix;
+    /// The numeric fields, formatted: version and created-at.
+    pub fn encode_numbers(&self, message: &Message) -> [(Cow<'static, str>, String); 2] {
         [
+            (self.reserved(field::VERSION), message.version.to_string()),
             (
-                format!("{p}{}", field::VERSION),
-                message.version.to_string(),
-            ),
-            (
-                format!("{p}{}", field::CREATED_AT),
+                self.reserved(field::CREATED_AT),
                 message.metadata.created_at.to_string(),
             ),
         ]
@@ -226,8 +233,8 @@ mod tests {
     fn roundtrip(layout: Layout, m: &Message) -> (Message, Option<String>) {
         let numbers = layout.encode_numbers(m);
         let owned = layout.encode(m);
-        let mut fields: Vec<(&str, &[u8])> = owned.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        fields.extend(numbers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+        let mut fields: Vec<(&str, &[u8])> = owned.iter().map(|(k, v)| (&**k, *v)).collect();
+        fields.extend(numbers.iter().map(|(k, v)| (&**k, v.as_bytes())));
         let (key, payload) = if layout.payload_in_fields {
             (None, None)
         } else {

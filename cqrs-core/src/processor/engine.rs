@@ -116,7 +116,7 @@ pub(crate) async fn run_group(
                 d
             }
             Err(e) if e.is_retryable() => {
-                tracing::warn!(group = %spec.group, error = %e, "receive failed; retrying in {backoff:?}");
+                tracing::warn!(group = %spec.group, error = %e.report(), "receive failed; retrying in {backoff:?}");
                 tokio::select! {
                     _ = token.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -125,7 +125,7 @@ pub(crate) async fn run_group(
                 continue;
             }
             Err(e) => {
-                tracing::error!(group = %spec.group, error = %e, "receive failed; stopping the group");
+                tracing::error!(group = %spec.group, error = %e.report(), "receive failed; stopping the group");
                 result = Err(e);
                 break;
             }
@@ -146,7 +146,7 @@ pub(crate) async fn run_group(
                     .collect();
                 if let Err((e, back)) = Delivery::ack_all(deliveries).await {
                     // Not acked, so not handled: the broker delivers them again.
-                    tracing::warn!(group = %spec.group, error = %e, count = back.len(), "ack before handling failed; the messages stay pending");
+                    tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
                     continue;
                 }
                 ctxs.into_iter()
@@ -187,7 +187,7 @@ pub(crate) async fn run_group(
     })
     .await;
     if let Err(e) = consumer.close().await {
-        tracing::warn!(group = %spec.group, error = %e, "closing the consumer failed");
+        tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
     }
     if drained.is_err() {
         lane_tasks.abort_all();
@@ -287,7 +287,7 @@ async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
             )
             .await;
             if let Err(e) = published {
-                tracing::error!(error = %e, message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+                tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
             }
         }
         (Err(error), Some(d)) => {
@@ -309,7 +309,7 @@ async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
                         let _ = settle.send(Settle::Ack(d)).await;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "dead-letter publish failed; the message stays pending");
+                        tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
                         let delay = spec.options.retry.delay(attempt);
                         let _ = settle.send(Settle::Nack(d, delay)).await;
                     }
@@ -334,7 +334,7 @@ async fn reject(
 ) {
     tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
     if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await {
-        tracing::error!(group = %spec.group, error = %e, "dead-letter publish failed; the message stays pending");
+        tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish failed; the message stays pending");
         if let Some(d) = delivery {
             let _ = settle
                 .send(Settle::Nack(d, spec.options.retry.delay(ctx.attempt)))
@@ -395,7 +395,7 @@ async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
                 Settle::Ack(d) => acks.push(d),
                 Settle::Nack(d, delay) => {
                     if let Err((e, d)) = d.nack(delay).await {
-                        tracing::warn!(error = %e, message_id = %d.message().id, "nack failed; the message stays pending");
+                        tracing::warn!(error = %e.report(), message_id = %d.message().id, "nack failed; the message stays pending");
                     }
                 }
             }
@@ -416,10 +416,10 @@ async fn ack_with_retries(mut batch: Vec<Delivery>) {
             Ok(()) => return,
             Err((e, back)) => {
                 if attempt == 5 {
-                    tracing::error!(error = %e, count = back.len(), "ack failed; the messages stay pending and will be redelivered");
+                    tracing::error!(error = %e.report(), count = back.len(), "ack failed; the messages stay pending and will be redelivered");
                     return;
                 }
-                tracing::warn!(error = %e, "ack failed; retrying");
+                tracing::warn!(error = %e.report(), "ack failed; retrying");
                 batch = back;
                 tokio::time::sleep(delay).await;
                 delay *= 2;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Layer;
 
 pub use engine::dead_letter_headers;
+pub(crate) use engine::error_chain;
 pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
 
 use crate::backend::{unique_consumer_name, Backend, Publisher, Subscriber};

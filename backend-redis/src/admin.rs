@@ -1,0 +1,195 @@
+//! Statistics and group-aware retention.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use crate::error::{Error, Result};
+use crate::value::{self, parse_id};
+use crate::RedisBackend;
+
+/// One stream's figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamStats {
+    /// The pool it lives in.
+    pub pool: String,
+    /// The stream.
+    pub stream: String,
+    /// Entries held.
+    pub length: u64,
+    /// Its consumer groups.
+    pub groups: Vec<GroupStats>,
+}
+
+/// One consumer group's figures on one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// The group.
+    pub name: String,
+    /// Entries not yet delivered to the group (`None` when Redis cannot tell).
+    pub lag: Option<u64>,
+    /// Entries delivered and not acked.
+    pub pending: u64,
+    /// How long the oldest pending entry has waited since its last delivery.
+    pub oldest_pending_idle: Option<Duration>,
+    /// Members of the group.
+    pub consumers: u64,
+    /// The last id delivered to the group.
+    pub last_delivered_id: String,
+}
+
+impl RedisBackend {
+    /// Figures of `stream`: length, and per group lag, pending entries, the oldest pending
+    /// entry's idle time and members (from `XLEN`, `XINFO GROUPS` and `XPENDING`).
+    pub async fn stats(&self, stream: &str) -> Result<StreamStats> {
+        let pool = self.pool_for(stream)?;
+        let mut conn = pool.conn.clone();
+        let length: u64 = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(format!("XLEN {stream}"), e))?;
+        let mut groups = Vec::new();
+        for g in group_infos(&mut conn, stream).await? {
+            let name = value::get(&g, "name")
+                .and_then(value::text)
+                .unwrap_or_default();
+            let pending = value::get(&g, "pending").and_then(value::int).unwrap_or(0) as u64;
+            let oldest_pending_idle = if pending > 0 {
+                let reply: Value = redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| Error::redis(format!("XPENDING {stream} {name}"), e))?;
+                value::array(&reply)
+                    .first()
+                    .and_then(|row| value::array(row).get(2).and_then(value::int))
+                    .map(|ms| Duration::from_millis(ms.max(0) as u64))
+            } else {
+                None
+            };
+            groups.push(GroupStats {
+                lag: value::get(&g, "lag")
+                    .and_then(value::int)
+                    .map(|l| l.max(0) as u64),
+                pending,
+                oldest_pending_idle,
+                consumers: value::get(&g, "consumers")
+                    .and_then(value::int)
+                    .unwrap_or(0) as u64,
+                last_delivered_id: value::get(&g, "last-delivered-id")
+                    .and_then(value::text)
+                    .unwrap_or_default(),
+                name,
+            });
+        }
+        Ok(StreamStats {
+            pool: pool.name.clone(),
+            stream: stream.to_owned(),
+            length,
+            groups,
+        })
+    }
+
+    /// Deletes the entries of `stream` that every consumer group has acknowledged (`XTRIM
+    /// MINID`), and returns how many went. An entry a group has not read, or read and not acked,
+    /// stays. A stream without groups is left alone.
+    pub async fn trim_acknowledged(&self, stream: &str) -> Result<u64> {
+        let pool = self.pool_for(stream)?;
+        let mut conn = pool.conn.clone();
+        let groups = group_infos(&mut conn, stream).await?;
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        let mut keep_from: Option<(u64, u64)> = None;
+        for g in &groups {
+            let name = value::get(g, "name")
+                .and_then(value::text)
+                .unwrap_or_default();
+            let pending = value::get(g, "pending").and_then(value::int).unwrap_or(0);
+            // The first entry this group still needs: its oldest pending one, else the one after
+            // the last it was given.
+            let needed = if pending > 0 {
+                let reply: Value = redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| Error::redis(format!("XPENDING {stream} {name}"), e))?;
+                value::array(&reply)
+                    .get(1)
+                    .and_then(value::text)
+                    .and_then(|id| parse_id(&id))
+            } else {
+                value::get(g, "last-delivered-id")
+                    .and_then(value::text)
+                    .and_then(|id| parse_id(&id))
+                    .map(|(ms, seq)| match seq.checked_add(1) {
+                        Some(seq) => (ms, seq),
+                        None => (ms + 1, 0),
+                    })
+            };
+            let Some(needed) = needed else {
+                return Ok(0);
+            };
+            keep_from = Some(keep_from.map_or(needed, |k| k.min(needed)));
+        }
+        let Some((ms, seq)) = keep_from else {
+            return Ok(0);
+        };
+        redis::cmd("XTRIM")
+            .arg(stream)
+            .arg("MINID")
+            .arg(format!("{ms}-{seq}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(format!("XTRIM {stream}"), e))
+    }
+
+    /// Runs [`RedisBackend::trim_acknowledged`] on `streams` every `every` until `token` is
+    /// cancelled.
+    pub fn spawn_trimmer(
+        &self,
+        streams: Vec<String>,
+        every: Duration,
+        token: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let backend = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                for s in &streams {
+                    match backend.trim_acknowledged(s).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::debug!(stream = %s, removed = n, "trimmed acknowledged entries")
+                        }
+                        Err(e) => tracing::warn!(stream = %s, error = %e, "trimming failed"),
+                    }
+                }
+            }
+        })
+    }
+}
+
+async fn group_infos(conn: &mut redis::aio::ConnectionManager, stream: &str) -> Result<Vec<Value>> {
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok(v) => Ok(value::array(&v).to_vec()),
+        Err(e) if e.to_string().contains("no such key") => Ok(Vec::new()),
+        Err(e) => Err(Error::redis(format!("XINFO GROUPS {stream}"), e)),
+    }
+}

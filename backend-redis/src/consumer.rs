@@ -1,0 +1,502 @@
+//! One member of a consumer group on Redis Streams.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
+use cqrs_core::wire::Layout;
+use cqrs_core::StartFrom;
+use redis::aio::ConnectionManager;
+use redis::Value;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::value::{self, Entry};
+use crate::{create_group, RedisOptions};
+
+/// How often consumers look for members to remove.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// What the consumer and its acker share: entries handed out and not settled, and nacked
+/// entries waiting for their redelivery time.
+#[derive(Default)]
+struct Local {
+    inflight: HashSet<(Arc<str>, String)>,
+    retries: Vec<Retry>,
+}
+
+struct Retry {
+    stream: Arc<str>,
+    id: String,
+    attempt: u32,
+    due: Instant,
+    min_idle: Duration,
+}
+
+fn lock(local: &Mutex<Local>) -> MutexGuard<'_, Local> {
+    // Every update is a single insert or remove: a poisoned lock is still consistent.
+    local.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) struct RedisConsumer {
+    conn: ConnectionManager,
+    streams: Vec<Arc<str>>,
+    group: String,
+    me: String,
+    claim_idle: Option<Duration>,
+    options: RedisOptions,
+    /// Per stream, where the re-read of this member's own pending entries continues; `None`
+    /// once done. Set again after a connection error.
+    resume: Option<BTreeMap<Arc<str>, String>>,
+    local: Arc<Mutex<Local>>,
+    acker: Arc<RedisAcker>,
+    next_claim: Instant,
+    next_cleanup: Instant,
+}
+
+impl RedisConsumer {
+    pub(crate) fn new(
+        conn: ConnectionManager,
+        shared: ConnectionManager,
+        subscription: &Subscription,
+        options: RedisOptions,
+    ) -> Self {
+        let local = Arc::new(Mutex::new(Local::default()));
+        let streams: Vec<Arc<str>> = subscription
+            .topics
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
+        let mut consumer = RedisConsumer {
+            conn,
+            group: subscription.group.clone(),
+            me: subscription.consumer.clone(),
+            claim_idle: subscription.claim_idle,
+            options,
+            resume: None,
+            acker: Arc::new(RedisAcker {
+                conn: shared,
+                group: subscription.group.clone(),
+                local: local.clone(),
+            }),
+            local,
+            next_claim: Instant::now(),
+            next_cleanup: Instant::now(),
+            streams,
+        };
+        consumer.restart_resume();
+        consumer
+    }
+
+    fn restart_resume(&mut self) {
+        self.resume = Some(
+            self.streams
+                .iter()
+                .map(|s| (s.clone(), "-".to_owned()))
+                .collect(),
+        );
+    }
+
+    fn delivery(&self, stream: &Arc<str>, entry: Entry<'_>, attempt: u32) -> Option<Delivery> {
+        let fields = entry.fields?;
+        let (message, malformed) = Layout::REDIS.decode(fields, &entry.id, None, None);
+        lock(&self.local)
+            .inflight
+            .insert((stream.clone(), entry.id.clone()));
+        let d = Delivery::new(
+            stream.clone(),
+            message,
+            attempt,
+            entry.id,
+            self.acker.clone(),
+        );
+        Some(match malformed {
+            Some(reason) => d.with_malformed(reason),
+            None => d,
+        })
+    }
+
+    async fn query(&mut self, cmd: &redis::Cmd, what: &str) -> Result<Value, Error> {
+        cmd.query_async(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis(what.to_owned(), e))
+    }
+
+    /// `XCLAIM`s `ids` (with their attempt numbers) to this member.
+    async fn claim_ids(
+        &mut self,
+        stream: &Arc<str>,
+        min_idle: Duration,
+        ids: &[(String, u32)],
+        out: &mut Vec<Delivery>,
+    ) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&**stream)
+            .arg(&self.group)
+            .arg(&self.me)
+            .arg(min_idle.as_millis() as u64);
+        for (id, _) in ids {
+            cmd.arg(id);
+        }
+        let reply = self.query(&cmd, &format!("XCLAIM on {stream}")).await?;
+        let attempts: HashMap<&str, u32> = ids.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+        for entry in value::entries(&reply) {
+            let attempt = attempts.get(entry.id.as_str()).copied().unwrap_or(2);
+            if let Some(d) = self.delivery(stream, entry, attempt) {
+                out.push(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending entries of `stream`: `(id, owner, idle, deliveries)`.
+    async fn pending(
+        &mut self,
+        stream: &Arc<str>,
+        idle: Option<Duration>,
+        start: &str,
+        count: usize,
+        owner: Option<&str>,
+    ) -> Result<Vec<(String, String, u32)>, Error> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&**stream).arg(&self.group);
+        if let Some(idle) = idle {
+            cmd.arg("IDLE").arg(idle.as_millis() as u64);
+        }
+        cmd.arg(start).arg("+").arg(count);
+        if let Some(owner) = owner {
+            cmd.arg(owner);
+        }
+        let reply = self.query(&cmd, &format!("XPENDING on {stream}")).await?;
+        Ok(value::array(&reply)
+            .iter()
+            .filter_map(|row| {
+                let row = value::array(row);
+                Some((
+                    value::text(row.first()?)?,
+                    value::text(row.get(1)?)?,
+                    u32::try_from(value::int(row.get(3)?)?).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Re-reads this member's own pending entries (a restart, or a reply lost to a dropped
+    /// connection), skipping those it is handling now.
+    async fn resume_own(&mut self, max: usize, out: &mut Vec<Delivery>) -> Result<(), Error> {
+        let Some(cursors) = self.resume.clone() else {
+            return Ok(());
+        };
+        let me = self.me.clone();
+        let mut next = BTreeMap::new();
+        for (stream, cursor) in cursors {
+            if out.len() >= max {
+                next.insert(stream, cursor);
+                continue;
+            }
+            let rows = self
+                .pending(&stream, None, &cursor, max - out.len(), Some(&me))
+                .await?;
+            let Some((last, _, _)) = rows.last() else {
+                continue;
+            };
+            next.insert(stream.clone(), format!("({last}"));
+            let ids: Vec<(String, u32)> = {
+                let local = lock(&self.local);
+                rows.into_iter()
+                    .filter(|(id, _, _)| !local.inflight.contains(&(stream.clone(), id.clone())))
+                    .map(|(id, _, count)| (id, count + 1))
+                    .collect()
+            };
+            self.claim_ids(&stream, Duration::ZERO, &ids, out).await?;
+        }
+        self.resume = if next.is_empty() { None } else { Some(next) };
+        Ok(())
+    }
+
+    /// Redelivers nacked entries whose backoff has passed.
+    async fn redeliver_due(&mut self, max: usize, out: &mut Vec<Delivery>) -> Result<(), Error> {
+        let now = Instant::now();
+        let due: Vec<Retry> = {
+            let mut local = lock(&self.local);
+            let mut due = Vec::new();
+            let mut i = 0;
+            while i < local.retries.len() && due.len() + out.len() < max {
+                if local.retries[i].due <= now {
+                    due.push(local.retries.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            due
+        };
+        for r in due {
+            let ids = [(r.id.clone(), r.attempt + 1)];
+            if let Err(e) = self.claim_ids(&r.stream, r.min_idle, &ids, out).await {
+                lock(&self.local).retries.push(r);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims entries other members (or a lost reply of this one) left idle too long.
+    async fn claim_idle_entries(
+        &mut self,
+        idle: Duration,
+        max: usize,
+        out: &mut Vec<Delivery>,
+    ) -> Result<(), Error> {
+        for stream in self.streams.clone() {
+            if out.len() >= max {
+                break;
+            }
+            let rows = self
+                .pending(&stream, Some(idle), "-", max - out.len(), None)
+                .await?;
+            let ids: Vec<(String, u32)> = {
+                let mut local = lock(&self.local);
+                let mine_waiting: HashSet<String> = local
+                    .retries
+                    .iter()
+                    .filter(|r| r.stream == stream)
+                    .map(|r| r.id.clone())
+                    .collect();
+                let ids: Vec<(String, u32)> = rows
+                    .into_iter()
+                    .filter(|(id, owner, _)| {
+                        *owner != self.me
+                            || (!local.inflight.contains(&(stream.clone(), id.clone()))
+                                && !mine_waiting.contains(id))
+                    })
+                    .map(|(id, _, count)| (id, count + 1))
+                    .collect();
+                local
+                    .retries
+                    .retain(|r| !(r.stream == stream && ids.iter().any(|(id, _)| *id == r.id)));
+                ids
+            };
+            if !ids.is_empty() {
+                tracing::info!(stream = %stream, group = %self.group, count = ids.len(), "claiming idle entries");
+            }
+            self.claim_ids(&stream, idle, &ids, out).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes members idle for long that own nothing.
+    async fn remove_idle_consumers(&mut self) -> Result<(), Error> {
+        let limit = self.options.remove_idle_consumers_after.as_millis() as i64;
+        for stream in self.streams.clone() {
+            let mut cmd = redis::cmd("XINFO");
+            cmd.arg("CONSUMERS").arg(&*stream).arg(&self.group);
+            let reply = self
+                .query(&cmd, &format!("XINFO CONSUMERS on {stream}"))
+                .await?;
+            for c in value::array(&reply) {
+                let name = value::get(c, "name").and_then(value::text);
+                let pending = value::get(c, "pending").and_then(value::int);
+                let idle = value::get(c, "idle").and_then(value::int);
+                if let (Some(name), Some(0), Some(idle)) = (name, pending, idle) {
+                    if name != self.me && idle >= limit {
+                        let mut del = redis::cmd("XGROUP");
+                        del.arg("DELCONSUMER")
+                            .arg(&*stream)
+                            .arg(&self.group)
+                            .arg(&name);
+                        self.query(&del, "XGROUP DELCONSUMER").await?;
+                        tracing::info!(stream = %stream, group = %self.group, consumer = %name, "removed idle consumer");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads new entries, blocking up to `block` when given.
+    async fn read_new(
+        &mut self,
+        count: usize,
+        block: Option<Duration>,
+        out: &mut Vec<Delivery>,
+    ) -> Result<(), Error> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.me)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
+        }
+        cmd.arg("STREAMS");
+        for s in &self.streams {
+            cmd.arg(&**s);
+        }
+        for _ in &self.streams {
+            cmd.arg(">");
+        }
+        let reply = self.query(&cmd, "XREADGROUP").await?;
+        for (name, entries) in value::streams(&reply) {
+            let Some(stream) = self.streams.iter().find(|s| ***s == *name).cloned() else {
+                continue;
+            };
+            for entry in entries {
+                if let Some(d) = self.delivery(&stream, entry, 1) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How long the next read may block: until the next redelivery or claim is due.
+    fn block_for(&self) -> Duration {
+        let now = Instant::now();
+        let mut until = now + self.options.block;
+        if let Some(r) = lock(&self.local).retries.iter().map(|r| r.due).min() {
+            until = until.min(r);
+        }
+        if self.claim_idle.is_some() {
+            until = until.min(self.next_claim);
+        }
+        until.saturating_duration_since(now)
+    }
+
+    /// Forgets what this call took (it stays pending in Redis) and re-reads own pending entries
+    /// next time.
+    fn forget(&mut self, out: Vec<Delivery>) {
+        let mut local = lock(&self.local);
+        for d in &out {
+            local
+                .inflight
+                .remove(&(d.topic_arc().clone(), d.broker_id().to_owned()));
+        }
+        drop(local);
+        self.restart_resume();
+    }
+
+    fn fail(&mut self, out: Vec<Delivery>, e: Error) -> cqrs_core::Error {
+        self.forget(out);
+        e.into()
+    }
+
+    async fn gather(&mut self, max: usize, out: &mut Vec<Delivery>) -> Result<(), Error> {
+        self.resume_own(max, out).await?;
+        if out.len() < max {
+            self.redeliver_due(max, out).await?;
+        }
+        let now = Instant::now();
+        if let Some(idle) = self.claim_idle {
+            if out.len() < max && now >= self.next_claim {
+                self.claim_idle_entries(idle, max, out).await?;
+                let every = (idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+                self.next_claim = now + every;
+            }
+        }
+        if now >= self.next_cleanup {
+            self.next_cleanup = now + CLEANUP_EVERY;
+            if let Err(e) = self.remove_idle_consumers().await {
+                tracing::warn!(group = %self.group, error = %e, "removing idle consumers failed");
+            }
+        }
+        if out.len() < max {
+            let block = if out.is_empty() {
+                let b = self.block_for();
+                (!b.is_zero()).then_some(b)
+            } else {
+                None
+            };
+            self.read_new(max - out.len(), block, out).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
+        let max = max.max(1);
+        loop {
+            let mut out = Vec::new();
+            match self.gather(max, &mut out).await {
+                Ok(()) => {}
+                Err(e) if e.redis_code() == Some("NOGROUP") => {
+                    // The stream or group vanished (a server restart without persistence, a
+                    // DEL): create it again and read on.
+                    tracing::warn!(group = %self.group, "consumer group missing; creating it again");
+                    self.forget(out);
+                    for s in self.streams.clone() {
+                        if let Err(e) =
+                            create_group(&mut self.conn, &s, &self.group, StartFrom::Beginning)
+                                .await
+                        {
+                            return Err(e.into());
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Err(self.fail(out, e)),
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+pub(crate) struct RedisAcker {
+    conn: ConnectionManager,
+    group: String,
+    local: Arc<Mutex<Local>>,
+}
+
+#[async_trait]
+impl Acknowledge for RedisAcker {
+    async fn ack(&self, deliveries: &[Delivery]) -> cqrs_core::Result<()> {
+        let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for d in deliveries {
+            by_stream.entry(d.topic()).or_default().push(d.broker_id());
+        }
+        let mut pipe = redis::pipe();
+        for (stream, ids) in &by_stream {
+            pipe.cmd("XACK")
+                .arg(*stream)
+                .arg(&self.group)
+                .arg(ids)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| Error::redis("XACK", e))?;
+        let mut local = lock(&self.local);
+        for d in deliveries {
+            local
+                .inflight
+                .remove(&(d.topic_arc().clone(), d.broker_id().to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
+        let mut local = lock(&self.local);
+        let key = (
+            delivery.topic_arc().clone(),
+            delivery.broker_id().to_owned(),
+        );
+        local.inflight.remove(&key);
+        local.retries.push(Retry {
+            stream: key.0,
+            id: key.1,
+            attempt: delivery.attempt(),
+            due: Instant::now() + redeliver_after,
+            min_idle: redeliver_after,
+        });
+        Ok(())
+    }
+}

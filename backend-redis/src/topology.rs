@@ -1,0 +1,390 @@
+//! Named Redis pools, the streams each holds and the consumer groups of each stream; in code or
+//! from YAML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Where streams live: named pools, each with its streams and their consumer groups.
+///
+/// Stream names are unique across pools.
+///
+/// ```
+/// use backend_redis::Topology;
+///
+/// let mut topology = Topology::new();
+/// topology
+///     .pool("default", "localhost:6379:0")?
+///     .stream("default", "stream-a", ["read-group-a", "read-group-ab"])?
+///     .stream("default", "stream-b", ["read-group-ab"])?
+///     .pool("second", "192.168.1.20:6379:3")?
+///     .stream("second", "stream-c", ["read-group-c"])?;
+/// let err = topology.stream("second", "stream-a", ["x"]).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "stream with name stream-a already exists in pool `default` (registering it in pool `second`)"
+/// );
+/// # Ok::<(), backend_redis::Error>(())
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    pub(crate) pools: Vec<PoolSpec>,
+}
+
+/// One named pool: a Redis server and database, and its streams.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// The Redis URL (`redis://[user:password@]host:port/db`, `rediss://` for TLS).
+    pub url: RedisUrl,
+    /// Streams with their consumer groups.
+    pub streams: BTreeMap<String, StreamSpec>,
+}
+
+/// One stream's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamSpec {
+    /// Consumer groups created when the backend connects.
+    pub groups: Vec<String>,
+    /// Approximate trimming on publish (`MAXLEN ~ n`).
+    pub max_len: Option<usize>,
+}
+
+impl Topology {
+    /// An empty topology.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a pool. `address` is a URL (`redis://`, `rediss://`) or `host:port[:db]`.
+    pub fn pool(&mut self, name: &str, address: &str) -> Result<&mut Self> {
+        let url = RedisUrl::parse(address)?;
+        if self.pools.iter().any(|p| p.name == name) {
+            return Err(Error::DuplicatePool(name.to_owned()));
+        }
+        self.pools.push(PoolSpec {
+            name: name.to_owned(),
+            url,
+            streams: BTreeMap::new(),
+        });
+        Ok(self)
+    }
+
+    /// Adds a stream with its consumer groups to a pool. A stream name that already exists in any
+    /// pool is an error naming both pools.
+    pub fn stream<G: Into<String>>(
+        &mut self,
+        pool: &str,
+        stream: &str,
+        groups: impl IntoIterator<Item = G>,
+    ) -> Result<&mut Self> {
+        cqrs_core::validate_topic(stream).map_err(Error::InvalidStream)?;
+        if let Some(existing) = self.pool_of(stream) {
+            return Err(Error::DuplicateStream {
+                stream: stream.to_owned(),
+                existing_pool: existing.to_owned(),
+                pool: pool.to_owned(),
+            });
+        }
+        let spec = self
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| Error::UnknownPool {
+                pool: pool.to_owned(),
+                stream: stream.to_owned(),
+            })?;
+        spec.streams.insert(
+            stream.to_owned(),
+            StreamSpec {
+                groups: groups.into_iter().map(Into::into).collect(),
+                max_len: None,
+            },
+        );
+        Ok(self)
+    }
+
+    /// Trims `stream` approximately to `max_len` entries on every publish.
+    pub fn max_len(&mut self, stream: &str, max_len: usize) -> Result<&mut Self> {
+        let spec = self
+            .pools
+            .iter_mut()
+            .find_map(|p| p.streams.get_mut(stream))
+            .ok_or_else(|| Error::NoPool(stream.to_owned()))?;
+        spec.max_len = Some(max_len);
+        Ok(self)
+    }
+
+    /// The pool that holds `stream`, if registered.
+    pub fn pool_of(&self, stream: &str) -> Option<&str> {
+        self.pools
+            .iter()
+            .find(|p| p.streams.contains_key(stream))
+            .map(|p| p.name.as_str())
+    }
+
+    /// The pools, in the order they were added.
+    pub fn pools(&self) -> &[PoolSpec] {
+        &self.pools
+    }
+
+    /// Reads a topology from YAML:
+    ///
+    /// ```yaml
+    /// default:
+    ///   redis: localhost:6379:0
+    ///   streams:
+    ///     stream-a: [read-group-a, read-group-ab]
+    ///     stream-b: [read-group-ab]
+    /// second:
+    ///   redis: 192.168.1.20:6379:3
+    ///   streams:
+    ///     stream-c: [read-group-c]
+    /// ```
+    ///
+    /// Unknown keys and bad addresses are errors with their line and column.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let raw: serde_yaml::Mapping = serde_yaml::from_str(text)?;
+        // Deserialize again as typed pools, keeping the document's order of pools.
+        let typed: BTreeMap<String, YamlPool> = serde_yaml::from_str(text)?;
+        let mut topology = Topology::new();
+        for key in raw.keys() {
+            let Some(name) = key.as_str() else { continue };
+            let Some(pool) = typed.get(name) else {
+                continue;
+            };
+            topology.pools.push(PoolSpec {
+                name: name.to_owned(),
+                url: pool.redis.clone(),
+                streams: BTreeMap::new(),
+            });
+            for (stream, groups) in &pool.streams {
+                topology.stream(name, stream, groups.iter().cloned())?;
+            }
+            for (stream, n) in &pool.max_len {
+                topology.max_len(stream, *n)?;
+            }
+        }
+        Ok(topology)
+    }
+
+    /// Reads a topology from a YAML file; see [`Topology::from_yaml`].
+    pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+}
+
+impl fmt::Debug for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.pools).finish()
+    }
+}
+
+impl fmt::Debug for PoolSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolSpec")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("streams", &self.streams)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlPool {
+    redis: RedisUrl,
+    #[serde(default)]
+    streams: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    max_len: BTreeMap<String, usize>,
+}
+
+/// A Redis URL. Its `Display` and `Debug` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Parses a URL (`redis://`, `rediss://`, `unix://`) or `host:port[:db]`.
+    pub fn parse(address: &str) -> Result<Self> {
+        let url = if address.contains("://") {
+            address.to_owned()
+        } else {
+            let parts: Vec<&str> = address.split(':').collect();
+            let invalid = |reason: &str| Error::InvalidAddress {
+                address: redact(address),
+                reason: reason.to_owned(),
+            };
+            let (host, port, db) = match parts.as_slice() {
+                [host, port] => (*host, *port, "0"),
+                [host, port, db] => (*host, *port, *db),
+                _ => return Err(invalid("expected `host:port[:db]` or a redis:// URL")),
+            };
+            if host.is_empty() {
+                return Err(invalid("the host is empty"));
+            }
+            if port.parse::<u16>().is_err() {
+                return Err(invalid("the port is not a number from 0 to 65535"));
+            }
+            if db.parse::<u32>().is_err() {
+                return Err(invalid("the database is not a number"));
+            }
+            format!("redis://{host}:{port}/{db}")
+        };
+        redis::Client::open(url.as_str()).map_err(|e| Error::InvalidAddress {
+            address: redact(&url),
+            reason: e.to_string(),
+        })?;
+        Ok(RedisUrl(url))
+    }
+
+    /// The full URL, password included: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", redact(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        RedisUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `scheme://user:password@host` → `scheme://user:***@host`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_owned(),
+    };
+    format!("{}://{}{}", &url[..scheme_end], user, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "\
+default:
+  redis: localhost:6379:0
+  streams:
+    stream-a: [read-group-a, read-group-ab]
+    stream-b: [read-group-ab]
+second:
+  redis: 192.168.1.20:6379:3
+  streams:
+    stream-c: [read-group-c]
+";
+
+    #[test]
+    fn seed_yaml_loads_like_the_code() {
+        let from_yaml = Topology::from_yaml(SEED).unwrap();
+        let mut in_code = Topology::new();
+        in_code
+            .pool("default", "localhost:6379:0")
+            .unwrap()
+            .stream("default", "stream-a", ["read-group-a", "read-group-ab"])
+            .unwrap()
+            .stream("default", "stream-b", ["read-group-ab"])
+            .unwrap()
+            .pool("second", "192.168.1.20:6379:3")
+            .unwrap()
+            .stream("second", "stream-c", ["read-group-c"])
+            .unwrap();
+        assert_eq!(from_yaml, in_code);
+        assert_eq!(
+            from_yaml.pools()[1].url.expose(),
+            "redis://192.168.1.20:6379/3"
+        );
+    }
+
+    #[test]
+    fn yaml_typos_are_errors_with_lines() {
+        let typo = SEED.replace("  streams:\n    stream-c", "  strems:\n    stream-c");
+        let err = Topology::from_yaml(&typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `strems`"), "{err}");
+        assert!(err.contains("at line 8 column 3"), "{err}");
+    }
+
+    #[test]
+    fn yaml_bad_address_is_an_error_with_line() {
+        let bad = SEED.replace("192.168.1.20:6379:3", "192.168.1.20:http:3");
+        let err = Topology::from_yaml(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("invalid Redis address `192.168.1.20:http:3`"),
+            "{err}"
+        );
+        assert!(err.contains("the port is not a number"), "{err}");
+        assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn yaml_duplicate_stream_across_pools() {
+        let dup = SEED.replace("stream-c:", "stream-a:");
+        let err = Topology::from_yaml(&dup).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "stream with name stream-a already exists in pool `default` (registering it in pool `second`)"
+        );
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let url = RedisUrl::parse("redis://app:s3cret@cache:6380/2").unwrap();
+        assert_eq!(url.to_string(), "redis://app:***@cache:6380/2");
+        assert_eq!(format!("{url:?}"), "RedisUrl(redis://app:***@cache:6380/2)");
+        assert_eq!(redact("rediss://:hunter2@h/0"), "rediss://:***@h/0");
+        assert_eq!(redact("redis://h:1/0"), "redis://h:1/0");
+        let err = RedisUrl::parse("redis://app:s3cret@cache:notaport/2")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_pool_and_unknown_pool() {
+        let mut t = Topology::new();
+        t.pool("a", "localhost:6379").unwrap();
+        assert_eq!(
+            t.pool("a", "localhost:6379").unwrap_err().to_string(),
+            "pool `a` is already registered"
+        );
+        assert_eq!(
+            t.stream("b", "s", ["g"]).unwrap_err().to_string(),
+            "no pool named `b` (for stream s)"
+        );
+    }
+}

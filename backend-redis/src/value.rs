@@ -1,0 +1,100 @@
+//! Reading raw Redis replies (RESP2 arrays or RESP3 maps).
+
+use redis::Value;
+
+pub(crate) fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn text(v: &Value) -> Option<String> {
+    bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+pub(crate) fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+pub(crate) fn array(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => &[],
+    }
+}
+
+/// Key-value pairs from a flat array or a map.
+pub(crate) fn pairs(v: &Value) -> Vec<(&Value, &Value)> {
+    match v {
+        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The value of `field` in a map-like reply.
+pub(crate) fn get<'v>(v: &'v Value, field: &str) -> Option<&'v Value> {
+    pairs(v)
+        .into_iter()
+        .find(|(k, _)| bytes(k) == Some(field.as_bytes()))
+        .map(|(_, v)| v)
+}
+
+/// One stream entry: `[id, [field, value, ...]]`; `None` fields for a deleted entry.
+pub(crate) struct Entry<'v> {
+    pub id: String,
+    pub fields: Option<Vec<(&'v str, &'v [u8])>>,
+}
+
+pub(crate) fn entries(v: &Value) -> Vec<Entry<'_>> {
+    array(v)
+        .iter()
+        .filter_map(|e| {
+            let parts = array(e);
+            let id = text(parts.first()?)?;
+            let fields = match parts.get(1) {
+                Some(Value::Nil) | None => None,
+                Some(f) => Some(
+                    pairs(f)
+                        .into_iter()
+                        .filter_map(|(k, v)| {
+                            let k = std::str::from_utf8(bytes(k)?).ok()?;
+                            Some((k, bytes(v)?))
+                        })
+                        .collect(),
+                ),
+            };
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// XREADGROUP's reply: per stream, its entries.
+pub(crate) fn streams(v: &Value) -> Vec<(String, Vec<Entry<'_>>)> {
+    let per_stream: Vec<(&Value, &Value)> = match v {
+        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|s| {
+                let parts = array(s);
+                Some((parts.first()?, parts.get(1)?))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    per_stream
+        .into_iter()
+        .filter_map(|(name, es)| Some((text(name)?, entries(es))))
+        .collect()
+}
+
+/// `(ms, seq)` of a stream id.
+pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}

@@ -1,0 +1,151 @@
+//! Helpers shared by the broker tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it holds; panics after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh name with `prefix`.
+pub fn unique(prefix: &str) -> String {
+    cqrs::conformance::unique(prefix)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A redis-server of the test's own, on a free port; stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut server = RedisServer { port, child: None };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        eventually("redis-server to answer", || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops the server and starts it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+/// The shared Redis of the test run: `REDIS_URL`, or database 15 on 127.0.0.1:6379.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/15".to_owned())
+}
+
+/// Deletes the keys it holds when dropped.
+pub struct Keys {
+    url: String,
+    keys: Vec<String>,
+}
+
+impl Keys {
+    pub fn new(url: &str) -> Self {
+        Keys {
+            url: url.to_owned(),
+            keys: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, key: &str) -> String {
+        self.keys.push(key.to_owned());
+        key.to_owned()
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        if let Ok(client) = redis::Client::open(self.url.as_str()) {
+            if let Ok(mut conn) = client.get_connection() {
+                let _ = redis::cmd("DEL").arg(&self.keys).query::<()>(&mut conn);
+            }
+        }
+    }
+}
