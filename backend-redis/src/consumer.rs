@@ -23,8 +23,16 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// entries waiting for their redelivery time.
 #[derive(Default)]
 struct Local {
-    inflight: HashSet<(Arc<str>, String)>,
+    inflight: HashSet<EntryKey>,
     retries: Vec<Retry>,
+}
+
+/// An entry: its stream and its id's two numbers.
+type EntryKey = (Arc<str>, u64, u64);
+
+fn entry_key(stream: &Arc<str>, id: &str) -> EntryKey {
+    let (ms, seq) = value::parse_id(id).unwrap_or((u64::MAX, u64::MAX));
+    (stream.clone(), ms, seq)
 }
 
 struct Retry {
@@ -99,12 +107,23 @@ impl RedisConsumer {
         );
     }
 
-    fn delivery(&self, stream: &Arc<str>, entry: Entry<'_>, attempt: u32) -> Option<Delivery> {
-        let fields = entry.fields?;
-        let (message, malformed) = Layout::REDIS.decode(fields, &entry.id, None, None);
+    fn delivery(&self, stream: &Arc<str>, entry: Entry, attempt: u32) -> Option<Delivery> {
+        let mut fields = entry.fields?;
+        let payload = fields
+            .iter()
+            .position(|(k, _)| k == b"payload")
+            .map(|i| fields.swap_remove(i).1);
+        let (message, malformed) = Layout::REDIS.decode(
+            fields
+                .iter()
+                .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
+            &entry.id,
+            None,
+            payload,
+        );
         lock(&self.local)
             .inflight
-            .insert((stream.clone(), entry.id.clone()));
+            .insert(entry_key(stream, &entry.id));
         let d = Delivery::new(
             stream.clone(),
             message,
@@ -145,7 +164,7 @@ impl RedisConsumer {
         }
         let reply = self.query(&cmd, &format!("XCLAIM on {stream}")).await?;
         let attempts: HashMap<&str, u32> = ids.iter().map(|(id, a)| (id.as_str(), *a)).collect();
-        for entry in value::entries(&reply) {
+        for entry in value::entries(reply) {
             let attempt = attempts.get(entry.id.as_str()).copied().unwrap_or(2);
             if let Some(d) = self.delivery(stream, entry, attempt) {
                 out.push(d);
@@ -209,7 +228,7 @@ impl RedisConsumer {
             let ids: Vec<(String, u32)> = {
                 let local = lock(&self.local);
                 rows.into_iter()
-                    .filter(|(id, _, _)| !local.inflight.contains(&(stream.clone(), id.clone())))
+                    .filter(|(id, _, _)| !local.inflight.contains(&entry_key(&stream, id)))
                     .map(|(id, _, count)| (id, count + 1))
                     .collect()
             };
@@ -271,7 +290,7 @@ impl RedisConsumer {
                     .into_iter()
                     .filter(|(id, owner, _)| {
                         *owner != self.me
-                            || (!local.inflight.contains(&(stream.clone(), id.clone()))
+                            || (!local.inflight.contains(&entry_key(&stream, id))
                                 && !mine_waiting.contains(id))
                     })
                     .map(|(id, _, count)| (id, count + 1))
@@ -342,7 +361,7 @@ impl RedisConsumer {
             cmd.arg(">");
         }
         let reply = self.query(&cmd, "XREADGROUP").await?;
-        for (name, entries) in value::streams(&reply) {
+        for (name, entries) in value::streams(reply) {
             let Some(stream) = self.streams.iter().find(|s| ***s == *name).cloned() else {
                 continue;
             };
@@ -375,7 +394,7 @@ impl RedisConsumer {
         for d in &out {
             local
                 .inflight
-                .remove(&(d.topic_arc().clone(), d.broker_id().to_owned()));
+                .remove(&entry_key(d.topic_arc(), d.broker_id()));
         }
         drop(local);
         self.restart_resume();
@@ -478,21 +497,19 @@ impl Acknowledge for RedisAcker {
         for d in deliveries {
             local
                 .inflight
-                .remove(&(d.topic_arc().clone(), d.broker_id().to_owned()));
+                .remove(&entry_key(d.topic_arc(), d.broker_id()));
         }
         Ok(())
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
         let mut local = lock(&self.local);
-        let key = (
-            delivery.topic_arc().clone(),
-            delivery.broker_id().to_owned(),
-        );
-        local.inflight.remove(&key);
+        local
+            .inflight
+            .remove(&entry_key(delivery.topic_arc(), delivery.broker_id()));
         local.retries.push(Retry {
-            stream: key.0,
-            id: key.1,
+            stream: delivery.topic_arc().clone(),
+            id: delivery.broker_id().to_owned(),
             attempt: delivery.attempt(),
             due: Instant::now() + redeliver_after,
             min_idle: redeliver_after,

@@ -231,14 +231,10 @@ pub(crate) async fn create_group(
     }
 }
 
-/// Appends the XADD of `message` to `pipe`.
-pub(crate) fn xadd(
-    pipe: &mut redis::Pipeline,
-    stream: &str,
-    max_len: Option<usize>,
-    message: &Message,
-) {
-    let cmd = pipe.cmd("XADD").arg(stream);
+/// The XADD of `message`.
+pub(crate) fn xadd(stream: &str, max_len: Option<usize>, message: &Message) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream);
     if let Some(n) = max_len {
         cmd.arg("MAXLEN").arg("~").arg(n);
     }
@@ -249,7 +245,7 @@ pub(crate) fn xadd(
     for (k, v) in Layout::REDIS.encode_numbers(message) {
         cmd.arg(&*k).arg(v);
     }
-    cmd.ignore();
+    cmd
 }
 
 #[async_trait]
@@ -259,14 +255,21 @@ impl Publisher for RedisBackend {
             return Ok(());
         }
         let pool = self.pool_for(topic)?;
-        let mut pipe = redis::pipe();
         let max_len = pool.max_len.get(topic).copied();
-        for m in messages {
-            xadd(&mut pipe, topic, max_len, m);
-        }
-        pipe.query_async::<()>(&mut pool.conn.clone())
-            .await
-            .map_err(|e| Error::redis(format!("XADD to {topic}"), e).into())
+        let mut conn = pool.conn.clone();
+        let sent = if let [message] = messages {
+            xadd(topic, max_len, message)
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map(drop)
+        } else {
+            let mut pipe = redis::pipe();
+            for m in messages {
+                pipe.add_command(xadd(topic, max_len, m)).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await
+        };
+        sent.map_err(|e| Error::redis(format!("XADD to {topic}"), e).into())
     }
 }
 

@@ -45,27 +45,56 @@ pub(crate) fn get<'v>(v: &'v Value, field: &str) -> Option<&'v Value> {
         .map(|(_, v)| v)
 }
 
-/// One stream entry: `[id, [field, value, ...]]`; `None` fields for a deleted entry.
-pub(crate) struct Entry<'v> {
+/// One stream entry, taken out of a reply: `[id, [field, value, ...]]`; `None` fields for a
+/// deleted entry.
+pub(crate) struct Entry {
     pub id: String,
-    pub fields: Option<Vec<(&'v str, &'v [u8])>>,
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-pub(crate) fn entries(v: &Value) -> Vec<Entry<'_>> {
-    array(v)
-        .iter()
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn into_pairs(v: Value) -> Vec<(Value, Value)> {
+    match v {
+        Value::Map(m) => m,
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                out.push((k, v));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn into_array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// The entries of an `XCLAIM` / `XRANGE` reply.
+pub(crate) fn entries(v: Value) -> Vec<Entry> {
+    into_array(v)
+        .into_iter()
         .filter_map(|e| {
-            let parts = array(e);
-            let id = text(parts.first()?)?;
-            let fields = match parts.get(1) {
+            let mut parts = into_array(e).into_iter();
+            let id = String::from_utf8(into_bytes(parts.next()?)?).ok()?;
+            let fields = match parts.next() {
                 Some(Value::Nil) | None => None,
                 Some(f) => Some(
-                    pairs(f)
+                    into_pairs(f)
                         .into_iter()
-                        .filter_map(|(k, v)| {
-                            let k = std::str::from_utf8(bytes(k)?).ok()?;
-                            Some((k, bytes(v)?))
-                        })
+                        .filter_map(|(k, v)| Some((into_bytes(k)?, into_bytes(v)?)))
                         .collect(),
                 ),
             };
@@ -75,21 +104,21 @@ pub(crate) fn entries(v: &Value) -> Vec<Entry<'_>> {
 }
 
 /// XREADGROUP's reply: per stream, its entries.
-pub(crate) fn streams(v: &Value) -> Vec<(String, Vec<Entry<'_>>)> {
-    let per_stream: Vec<(&Value, &Value)> = match v {
-        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+pub(crate) fn streams(v: Value) -> Vec<(String, Vec<Entry>)> {
+    let per_stream: Vec<(Value, Value)> = match v {
+        Value::Map(m) => m,
         Value::Array(items) => items
-            .iter()
+            .into_iter()
             .filter_map(|s| {
-                let parts = array(s);
-                Some((parts.first()?, parts.get(1)?))
+                let mut parts = into_array(s).into_iter();
+                Some((parts.next()?, parts.next()?))
             })
             .collect(),
         _ => Vec::new(),
     };
     per_stream
         .into_iter()
-        .filter_map(|(name, es)| Some((text(name)?, entries(es))))
+        .filter_map(|(name, es)| Some((String::from_utf8(into_bytes(name)?).ok()?, entries(es))))
         .collect()
 }
 

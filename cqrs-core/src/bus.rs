@@ -84,7 +84,7 @@ impl<C> Outbox<C> {
         if metadata.created_at == 0 {
             metadata.created_at = crate::message::now_millis();
         }
-        metadata.content_type = self.codec.content_type().to_owned();
+        metadata.content_type = std::borrow::Cow::Borrowed(self.codec.content_type());
         Ok(Message::new(d.name, payload)
             .with_version(d.version)
             .with_key(key)

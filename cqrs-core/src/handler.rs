@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 
 use futures_util::future::BoxFuture;
 
@@ -132,21 +131,31 @@ where
 /// A type-erased handler pipeline: decoding, the handler and its middleware.
 pub type BoxHandlerService = tower::util::BoxCloneSyncService<Context, (), BoxError>;
 
-/// A handler with its codec, as a tower [`Service`](tower::Service) over [`Context`].
+type DirectFn = Arc<dyn Fn(Context) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
+/// A handler with its codec, called directly (no middleware: one allocation per message) or
+/// through tower layers.
+#[derive(Clone)]
+pub(crate) enum Pipeline {
+    Direct(DirectFn),
+    Tower(BoxHandlerService),
+}
+
+impl Pipeline {
+    /// The pipeline as a tower service, to put layers around.
+    pub(crate) fn into_service(self) -> BoxHandlerService {
+        match self {
+            Pipeline::Direct(f) => BoxHandlerService::new(tower::service_fn(move |ctx| f(ctx))),
+            Pipeline::Tower(s) => s,
+        }
+    }
+}
+
+/// A handler with its codec: decodes the payload, then calls the handler.
 pub(crate) struct HandlerService<H, T, Args, C> {
     handler: H,
     codec: Arc<C>,
     _marker: PhantomData<fn() -> (T, Args)>,
-}
-
-impl<H: Clone, T, Args, C> Clone for HandlerService<H, T, Args, C> {
-    fn clone(&self) -> Self {
-        HandlerService {
-            handler: self.handler.clone(),
-            codec: self.codec.clone(),
-            _marker: PhantomData,
-        }
-    }
 }
 
 impl<H, T, Args, C> HandlerService<H, T, Args, C>
@@ -156,30 +165,17 @@ where
     Args: 'static,
     C: Codec<T>,
 {
-    pub(crate) fn boxed(handler: H, codec: Arc<C>) -> BoxHandlerService {
-        BoxHandlerService::new(HandlerService {
+    /// The handler as a pipeline without middleware.
+    pub(crate) fn pipeline(handler: H, codec: Arc<C>) -> Pipeline {
+        let service = HandlerService {
             handler,
             codec,
             _marker: PhantomData,
-        })
-    }
-}
-
-impl<H, T, Args, C> tower::Service<Context> for HandlerService<H, T, Args, C>
-where
-    H: Handler<T, Args>,
-    T: Send + 'static,
-    C: Codec<T>,
-{
-    type Response = ();
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+        };
+        Pipeline::Direct(Arc::new(move |ctx| service.call_direct(ctx)))
     }
 
-    fn call(&mut self, ctx: Context) -> Self::Future {
+    fn call_direct(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
         match self.codec.decode(&ctx.message.payload) {
             Ok(value) => self.handler.call(value, ctx),
             Err(source) => {

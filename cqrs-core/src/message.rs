@@ -1,5 +1,6 @@
 //! The message envelope every backend carries.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -66,7 +67,7 @@ pub struct Metadata {
     /// Milliseconds since the Unix epoch when the message was created.
     pub created_at: u64,
     /// The payload's content type, e.g. `application/json`.
-    pub content_type: String,
+    pub content_type: Cow<'static, str>,
     /// User headers.
     pub headers: BTreeMap<String, String>,
 }

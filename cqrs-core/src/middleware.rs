@@ -2,7 +2,7 @@
 //!
 //! Handler pipelines are tower [`Service`]s over [`Context`](crate::Context), so any tower layer
 //! whose error converts into [`BoxError`] applies: [`TimeoutLayer`] from tower is re-exported here.
-//! Processors always wrap handlers in [`CatchPanicLayer`]; retries and the dead-letter topic are
+//! Processors always catch panics in handlers (as [`CatchPanicLayer`] does for any service); retries and the dead-letter topic are
 //! the processor's failure policy ([`RetryPolicy`](crate::processor::RetryPolicy)) because they
 //! work with the broker's redelivery.
 
@@ -72,7 +72,7 @@ where
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -41,7 +41,14 @@ pub struct Layout {
     pub header_prefix: &'static str,
     /// Whether the payload and key travel as fields (Redis) or beside them (Kafka value and key).
     pub payload_in_fields: bool,
+    /// Leave out what a reader infers: version 1, content type `application/json`, and a
+    /// creation time within a second of publishing (read back from the entry id, whose first
+    /// part is the time in milliseconds, as Redis stream ids are).
+    pub compact: bool,
 }
+
+/// The content type assumed when a message carries none.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 
 impl Layout {
     /// Redis Streams: `name`, `payload`, ... and `h.<header>`.
@@ -49,6 +56,7 @@ impl Layout {
         prefix: "",
         header_prefix: "h.",
         payload_in_fields: true,
+        compact: true,
     };
 
     /// Kafka: headers `cqrs-name`, ...; user headers as they are; key and value are the record's.
@@ -56,6 +64,7 @@ impl Layout {
         prefix: "cqrs-",
         header_prefix: "",
         payload_in_fields: false,
+        compact: false,
     };
 
     fn reserved(&self, name: &'static str) -> Cow<'static, str> {
@@ -77,7 +86,8 @@ impl Layout {
                 out.push((self.reserved(field::KEY), key.as_bytes()));
             }
         }
-        if !m.content_type.is_empty() {
+        let implied = self.compact && m.content_type == DEFAULT_CONTENT_TYPE;
+        if !(m.content_type.is_empty() || implied) {
             out.push((
                 self.reserved(field::CONTENT_TYPE),
                 m.content_type.as_bytes(),
@@ -101,20 +111,23 @@ impl Layout {
         out
     }
 
-    /// The numeric fields, formatted: version and created-at.
-    pub fn encode_numbers(&self, message: &Message) -> [(Cow<'static, str>, String); 2] {
-        [
-            (self.reserved(field::VERSION), message.version.to_string()),
-            (
-                self.reserved(field::CREATED_AT),
-                message.metadata.created_at.to_string(),
-            ),
-        ]
+    /// The numeric fields, formatted: version and created-at (unless left out, see
+    /// [`Layout::compact`]).
+    pub fn encode_numbers(&self, message: &Message) -> Vec<(Cow<'static, str>, String)> {
+        let mut out = Vec::with_capacity(2);
+        if !(self.compact && message.version == 1) {
+            out.push((self.reserved(field::VERSION), message.version.to_string()));
+        }
+        let created = message.metadata.created_at;
+        if !(self.compact && crate::message::now_millis().abs_diff(created) < 1000) {
+            out.push((self.reserved(field::CREATED_AT), created.to_string()));
+        }
+        out
     }
 
     /// Rebuilds a message from its fields. `fallback_id` is used when the id field is missing
     /// (the backend's own entry id); `key` and `payload` are the record's when the backend
-    /// carries them beside the fields.
+    /// carries them beside the fields, or a payload the caller took out of the fields already.
     ///
     /// Returns the message and, when it is malformed (no name, no payload, a version that is not
     /// a number, text that is not UTF-8), the reason, beside the best message that could be made,
@@ -124,7 +137,7 @@ impl Layout {
         fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
         fallback_id: &str,
         key: Option<&[u8]>,
-        payload: Option<&[u8]>,
+        payload: Option<Vec<u8>>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
         let text = |name: &str, v: &[u8], problems: &mut Vec<String>| -> String {
@@ -136,21 +149,21 @@ impl Layout {
                 }
             }
         };
+        let mut has_payload = payload.is_some();
         let mut message = Message {
             id: String::new(),
             name: String::new(),
             version: 1,
             key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: payload.unwrap_or_default(),
             metadata: Metadata {
                 correlation_id: None,
                 causation_id: None,
                 created_at: 0,
-                content_type: String::new(),
+                content_type: Cow::Borrowed(""),
                 headers: BTreeMap::new(),
             },
         };
-        let mut has_payload = payload.is_some();
         for (name, value) in fields {
             match name.strip_prefix(self.prefix) {
                 Some(field::ID) => message.id = text(name, value, &mut problems),
@@ -166,7 +179,7 @@ impl Layout {
                     message.key = Some(text(name, value, &mut problems));
                 }
                 Some(field::CONTENT_TYPE) => {
-                    message.metadata.content_type = text(name, value, &mut problems);
+                    message.metadata.content_type = Cow::Owned(text(name, value, &mut problems));
                 }
                 Some(field::CORRELATION_ID) => {
                     message.metadata.correlation_id = Some(text(name, value, &mut problems));
@@ -195,6 +208,17 @@ impl Layout {
         }
         if message.id.is_empty() {
             message.id = fallback_id.to_owned();
+        }
+        if message.metadata.content_type.is_empty() {
+            message.metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
+        }
+        if message.metadata.created_at == 0 && self.compact {
+            if let Some(ms) = fallback_id
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse().ok())
+            {
+                message.metadata.created_at = ms;
+            }
         }
         if message.name.is_empty() {
             problems.push(format!("field `{}{}` is missing", self.prefix, field::NAME));
@@ -238,9 +262,10 @@ mod tests {
         let (key, payload) = if layout.payload_in_fields {
             (None, None)
         } else {
-            (m.key.as_deref().map(str::as_bytes), Some(&m.payload[..]))
+            (m.key.as_deref().map(str::as_bytes), Some(m.payload.clone()))
         };
-        layout.decode(fields, "fallback", key, payload)
+        let entry_id = format!("{}-0", m.metadata.created_at);
+        layout.decode(fields, &entry_id, key, payload)
     }
 
     #[test]
@@ -248,6 +273,39 @@ mod tests {
         let m = sample();
         assert_eq!(roundtrip(Layout::REDIS, &m), (m.clone(), None));
         assert_eq!(roundtrip(Layout::KAFKA, &m), (m, None));
+    }
+
+    #[test]
+    fn compact_layout_leaves_out_defaults_but_keeps_old_times() {
+        let mut m = Message::new("A", b"{}".to_vec());
+        m.metadata.content_type = "application/json".into();
+        let names = |m: &Message| {
+            let mut n: Vec<String> = Layout::REDIS
+                .encode(m)
+                .into_iter()
+                .map(|(k, _)| k.into_owned())
+                .collect();
+            n.extend(
+                Layout::REDIS
+                    .encode_numbers(m)
+                    .into_iter()
+                    .map(|(k, _)| k.into_owned()),
+            );
+            n
+        };
+        assert_eq!(names(&m), ["id", "name", "payload"]);
+        m.metadata.created_at -= 60_000;
+        m.version = 2;
+        assert_eq!(
+            names(&m),
+            ["id", "name", "payload", "version", "created-at"]
+        );
+        assert_eq!(
+            Layout::KAFKA
+                .encode_numbers(&Message::new("A", vec![]))
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -2,21 +2,26 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::options::{DeliveryMode, HandlerOptions, UnknownEvent};
 use crate::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
-use crate::error::{Error, Result};
-use crate::handler::{is_permanent, BoxHandlerService, Context};
+use crate::error::{BoxError, Error, Result};
+use crate::handler::{is_permanent, Context, Pipeline};
 use crate::message::Message;
+use crate::middleware::{panic_message, HandlerPanicked};
 
 /// Header names written on dead-lettered messages.
 pub mod dead_letter_headers {
@@ -35,7 +40,7 @@ pub mod dead_letter_headers {
 /// One handler inside a group, found by event name.
 pub(crate) struct Route {
     pub handler: Arc<str>,
-    pub service: BoxHandlerService,
+    pub service: Pipeline,
 }
 
 /// Everything needed to run one consumer group.
@@ -47,6 +52,8 @@ pub(crate) struct GroupSpec {
     pub publisher: Arc<dyn Publisher>,
     pub subscriber: Arc<dyn Subscriber>,
     pub consumer_name: String,
+    /// The handler name of a context before a handler took it.
+    pub no_handler: Arc<str>,
 }
 
 impl GroupSpec {
@@ -79,30 +86,24 @@ enum Settle {
 }
 
 /// Runs the group until `token` is cancelled or the consumer fails for good.
+///
+/// With a concurrency of 1 each fetched batch is handled in order in this task and acked with one
+/// call, as a hand-written consumer loop would. With more, messages go to that many lanes by key
+/// (one key, one lane, so order per key holds) and a settler task acks in batches.
 pub(crate) async fn run_group(
     spec: Arc<GroupSpec>,
     mut consumer: Box<dyn Consumer>,
     token: CancellationToken,
 ) -> Result<()> {
     let lanes_n = spec.options.concurrency.max(1);
-    let (settle_tx, settle_rx) = mpsc::channel::<Settle>(4096);
-    let settler = tokio::spawn(settle_loop(settle_rx));
-    let mut lanes = Vec::with_capacity(lanes_n);
-    let mut lane_tasks = JoinSet::new();
-    for _ in 0..lanes_n {
-        let (tx, rx) = mpsc::channel::<Job>(spec.options.batch_size.max(16));
-        lanes.push(tx);
-        lane_tasks.spawn(lane_loop(
-            spec.clone(),
-            rx,
-            settle_tx.clone(),
-            token.clone(),
-        ));
-    }
-    drop(settle_tx);
+    let mut lanes = if lanes_n > 1 {
+        Some(Lanes::start(&spec, lanes_n, &token))
+    } else {
+        None
+    };
 
+    let mut services = Services::of(&spec);
     let mut result = Ok(());
-    let mut round_robin = 0usize;
     let mut backoff = Duration::from_millis(100);
     'fetch: loop {
         let received = tokio::select! {
@@ -130,86 +131,210 @@ pub(crate) async fn run_group(
                 break;
             }
         };
-        let jobs = match spec.options.delivery {
-            DeliveryMode::AtLeastOnce => deliveries
-                .into_iter()
-                .map(|d| Job {
-                    ctx: context(&spec, &d),
-                    malformed: d.malformed().map(str::to_owned),
-                    delivery: Some(d),
-                })
-                .collect::<Vec<_>>(),
-            DeliveryMode::AtMostOnce => {
-                let ctxs: Vec<(Context, Option<String>)> = deliveries
-                    .iter()
-                    .map(|d| (context(&spec, d), d.malformed().map(str::to_owned)))
-                    .collect();
-                if let Err((e, back)) = Delivery::ack_all(deliveries).await {
-                    // Not acked, so not handled: the broker delivers them again.
-                    tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
-                    continue;
-                }
-                ctxs.into_iter()
-                    .map(|(ctx, malformed)| Job {
-                        ctx,
-                        malformed,
-                        delivery: None,
-                    })
-                    .collect()
-            }
+        let Some(jobs) = jobs(&spec, deliveries).await else {
+            continue;
         };
-        for job in jobs {
-            let lane = match &job.ctx.message.key {
-                Some(key) => {
-                    let mut h = DefaultHasher::new();
-                    key.hash(&mut h);
-                    (h.finish() % lanes_n as u64) as usize
+        match &mut lanes {
+            Some(lanes) => {
+                for job in jobs {
+                    tokio::select! {
+                        // Jobs not yet queued are dropped unacked: they stay pending in the broker.
+                        _ = token.cancelled() => break 'fetch,
+                        sent = lanes.send(job) => if !sent { break 'fetch },
+                    }
                 }
-                None => {
-                    round_robin = round_robin.wrapping_add(1);
-                    round_robin % lanes_n
+            }
+            None => {
+                if let Err(e) = handle_inline(&spec, &mut services, jobs, &token).await {
+                    result = Err(e);
+                    break;
                 }
-            };
-            tokio::select! {
-                // Jobs not yet queued are dropped unacked: they stay pending in the broker.
-                _ = token.cancelled() => break 'fetch,
-                sent = lanes[lane].send(job) => if sent.is_err() { break 'fetch },
             }
         }
     }
 
     // Stop: no new jobs; running handlers finish within the deadline, then their outcome is settled.
-    drop(lanes);
-    let deadline = spec.options.shutdown_timeout;
-    let drained = tokio::time::timeout(deadline, async {
-        while lane_tasks.join_next().await.is_some() {}
-        let _ = settler.await;
-    })
-    .await;
+    if let Some(lanes) = lanes.take() {
+        if let Err(e) = lanes.finish(&spec).await {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
     if let Err(e) = consumer.close().await {
         tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
-    }
-    if drained.is_err() {
-        lane_tasks.abort_all();
-        tracing::warn!(group = %spec.group, "shutdown deadline passed; unfinished messages stay pending");
-        if result.is_ok() {
-            result = Err(Error::ShutdownTimeout(deadline));
-        }
     }
     result
 }
 
+/// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
+/// the messages stay pending and come back).
+async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
+    match spec.options.delivery {
+        DeliveryMode::AtLeastOnce => Some(
+            deliveries
+                .into_iter()
+                .map(|d| Job {
+                    ctx: context(spec, &d),
+                    malformed: d.malformed().map(str::to_owned),
+                    delivery: Some(d),
+                })
+                .collect(),
+        ),
+        DeliveryMode::AtMostOnce => {
+            let jobs: Vec<Job> = deliveries
+                .iter()
+                .map(|d| Job {
+                    ctx: context(spec, d),
+                    malformed: d.malformed().map(str::to_owned),
+                    delivery: None,
+                })
+                .collect();
+            if let Err((e, back)) = Delivery::ack_all(deliveries).await {
+                // Not acked, so not handled: the broker delivers them again.
+                tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
+                return None;
+            }
+            Some(jobs)
+        }
+    }
+}
+
+/// Handles a batch in order in the calling task, then settles it: one ack call for the batch.
+/// After cancellation the running handler gets the shutdown deadline; the rest of the batch is
+/// handed back.
+async fn handle_inline(
+    spec: &GroupSpec,
+    services: &mut Services,
+    jobs: Vec<Job>,
+    token: &CancellationToken,
+) -> Result<()> {
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut timed_out = false;
+    for job in jobs {
+        if token.is_cancelled() || timed_out {
+            if let Some(d) = job.delivery {
+                nack(d, Duration::ZERO).await;
+            }
+            continue;
+        }
+        let run = handle_job(spec, services, job);
+        tokio::pin!(run);
+        // Most handlers finish at their first poll: only a pending one waits on the token.
+        let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(o) => o,
+            Poll::Pending => tokio::select! {
+                biased;
+                o = &mut run => o,
+                _ = token.cancelled() => {
+                    match tokio::time::timeout(spec.options.shutdown_timeout, &mut run).await {
+                        Ok(o) => o,
+                        Err(_) => {
+                            timed_out = true;
+                            None
+                        }
+                    }
+                }
+            },
+        };
+        match outcome {
+            Some(Settle::Ack(d)) => acks.push(d),
+            Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+            None => {}
+        }
+    }
+    if !acks.is_empty() {
+        ack_with_retries(acks).await;
+    }
+    if timed_out {
+        tracing::warn!(group = %spec.group, "shutdown deadline passed; the unfinished message stays pending");
+        return Err(Error::ShutdownTimeout(spec.options.shutdown_timeout));
+    }
+    Ok(())
+}
+
+async fn nack(d: Delivery, delay: Duration) {
+    if let Err((e, d)) = d.nack(delay).await {
+        tracing::warn!(error = %e.report(), message_id = %d.message().id, "nack failed; the message stays pending");
+    }
+}
+
+/// Lanes for concurrency above 1: one task per lane, and a settler.
+struct Lanes {
+    senders: Vec<mpsc::Sender<Job>>,
+    tasks: JoinSet<()>,
+    settler: tokio::task::JoinHandle<()>,
+    round_robin: usize,
+}
+
+impl Lanes {
+    fn start(spec: &Arc<GroupSpec>, n: usize, token: &CancellationToken) -> Self {
+        let (settle_tx, settle_rx) = mpsc::channel::<Settle>(4096);
+        let settler = tokio::spawn(settle_loop(settle_rx));
+        let mut senders = Vec::with_capacity(n);
+        let mut tasks = JoinSet::new();
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel::<Job>(spec.options.batch_size.max(16));
+            senders.push(tx);
+            tasks.spawn(lane_loop(
+                spec.clone(),
+                rx,
+                settle_tx.clone(),
+                token.clone(),
+            ));
+        }
+        Lanes {
+            senders,
+            tasks,
+            settler,
+            round_robin: 0,
+        }
+    }
+
+    /// Queues a job on the lane of its key; `false` if the lanes are gone.
+    async fn send(&mut self, job: Job) -> bool {
+        let n = self.senders.len();
+        let lane = match &job.ctx.message.key {
+            Some(key) => {
+                let mut h = DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % n as u64) as usize
+            }
+            None => {
+                self.round_robin = self.round_robin.wrapping_add(1);
+                self.round_robin % n
+            }
+        };
+        self.senders[lane].send(job).await.is_ok()
+    }
+
+    /// Lets running handlers finish within the shutdown deadline and settles their outcome.
+    async fn finish(mut self, spec: &GroupSpec) -> Result<()> {
+        self.senders.clear();
+        let deadline = spec.options.shutdown_timeout;
+        let tasks = &mut self.tasks;
+        let settler = &mut self.settler;
+        let drained = tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+            let _ = settler.await;
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+            tracing::warn!(group = %spec.group, "shutdown deadline passed; unfinished messages stay pending");
+            return Err(Error::ShutdownTimeout(deadline));
+        }
+        Ok(())
+    }
+}
+
 fn context(spec: &GroupSpec, d: &Delivery) -> Context {
-    let handler = spec
-        .routes
-        .get(&d.message().name)
-        .map(|r| r.handler.clone())
-        .unwrap_or_else(|| Arc::from(""));
     Context {
         message: d.message_arc().clone(),
         topic: d.topic_arc().clone(),
         group: spec.group.clone(),
-        handler,
+        handler: spec.no_handler.clone(),
         attempt: d.attempt(),
     }
 }
@@ -220,6 +345,7 @@ async fn lane_loop(
     settle: mpsc::Sender<Settle>,
     token: CancellationToken,
 ) {
+    let mut services = Services::of(&spec);
     while let Some(job) = jobs.recv().await {
         if token.is_cancelled() {
             // Queued but not started: hand it back for prompt redelivery.
@@ -228,58 +354,94 @@ async fn lane_loop(
             }
             continue;
         }
-        handle_job(&spec, job, &settle).await;
+        if let Some(outcome) = handle_job(&spec, &mut services, job).await {
+            let _ = settle.send(outcome).await;
+        }
     }
 }
 
-async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
+/// Each runner's own handles on the handler pipelines, cloned once rather than per message.
+/// A group has a handful of handlers: a list compared by name beats hashing.
+struct Services(Vec<(String, Arc<str>, Pipeline)>);
+
+impl Services {
+    fn of(spec: &GroupSpec) -> Self {
+        Services(
+            spec.routes
+                .iter()
+                .map(|(name, r)| (name.clone(), r.handler.clone(), r.service.clone()))
+                .collect(),
+        )
+    }
+
+    fn get(&mut self, event: &str) -> Option<(&Arc<str>, &mut Pipeline)> {
+        self.0
+            .iter_mut()
+            .find(|(name, _, _)| name == event)
+            .map(|(_, handler, pipeline)| (&*handler, pipeline))
+    }
+}
+
+/// Runs a handler's future, turning a panic into an error.
+async fn caught(run: impl Future<Output = Result<(), BoxError>>) -> Result<(), BoxError> {
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic)))),
+    }
+}
+
+/// Runs one job; returns how to settle it with the broker (`None`: nothing to settle).
+async fn handle_job(spec: &GroupSpec, services: &mut Services, job: Job) -> Option<Settle> {
     let Job {
         ctx,
         malformed,
         delivery,
     } = job;
     if let Some(reason) = malformed {
-        reject(spec, ctx, delivery, settle, &reason).await;
-        return;
+        return reject(spec, ctx, delivery, &reason).await;
     }
-    let Some(route) = spec.routes.get(&ctx.message.name) else {
+    let Some((handler, pipeline)) = services.get(&ctx.message.name) else {
         if spec.options.on_unknown == UnknownEvent::DeadLetter {
             let reason = format!(
                 "no handler for event `{}` in group `{}`",
                 ctx.message.name, spec.group
             );
-            reject(spec, ctx, delivery, settle, &reason).await;
-        } else {
-            tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
-            if let Some(d) = delivery {
-                let _ = settle.send(Settle::Ack(d)).await;
-            }
+            return reject(spec, ctx, delivery, &reason).await;
         }
-        return;
+        tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
+        return delivery.map(Settle::Ack);
     };
     let span = tracing::info_span!(
         "handle",
-        handler = %route.handler,
+        handler = %handler,
         group = %spec.group,
         event = %ctx.message.name,
         message_id = %ctx.message.id,
         attempt = ctx.attempt,
     );
-    let service = route.service.clone();
-    let result = service.oneshot(ctx.clone()).instrument(span.clone()).await;
+    let mut ctx = ctx;
+    ctx.handler = handler.clone();
+    let run = async {
+        match pipeline {
+            Pipeline::Direct(call) => call(ctx.clone()).await,
+            Pipeline::Tower(service) => {
+                service.ready().await?;
+                service.call(ctx.clone()).await
+            }
+        }
+    };
+    let result = caught(run).instrument(span.clone()).await;
     let _enter = span.enter();
     match (result, delivery) {
-        (Ok(()), Some(d)) => {
-            let _ = settle.send(Settle::Ack(d)).await;
-        }
-        (Ok(()), None) => {}
+        (Ok(()), Some(d)) => Some(Settle::Ack(d)),
+        (Ok(()), None) => None,
         (Err(error), None) => {
             // Acked already: no retry. The dead-letter topic keeps it from being lost silently.
             let reason = error_chain(&*error);
             tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
             let published = dead_letter(
                 spec,
-                &route.handler,
+                handler,
                 &ctx.topic,
                 &ctx.message,
                 ctx.attempt,
@@ -289,35 +451,24 @@ async fn handle_job(spec: &GroupSpec, job: Job, settle: &mpsc::Sender<Settle>) {
             if let Err(e) = published {
                 tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
             }
+            None
         }
         (Err(error), Some(d)) => {
             let attempt = d.attempt();
             if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
                 let reason = error_chain(&*error);
                 tracing::warn!(error = %reason, attempt, "dead-lettering the message");
-                match dead_letter(
-                    spec,
-                    &route.handler,
-                    d.topic(),
-                    d.message(),
-                    attempt,
-                    &reason,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        let _ = settle.send(Settle::Ack(d)).await;
-                    }
+                match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
+                    Ok(()) => Some(Settle::Ack(d)),
                     Err(e) => {
                         tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
-                        let delay = spec.options.retry.delay(attempt);
-                        let _ = settle.send(Settle::Nack(d, delay)).await;
+                        Some(Settle::Nack(d, spec.options.retry.delay(attempt)))
                     }
                 }
             } else {
                 let delay = spec.options.retry.delay(attempt);
                 tracing::info!(error = %error_chain(&*error), attempt, "handler failed; retrying in {delay:?}");
-                let _ = settle.send(Settle::Nack(d, delay)).await;
+                Some(Settle::Nack(d, delay))
             }
         }
     }
@@ -329,22 +480,15 @@ async fn reject(
     spec: &GroupSpec,
     ctx: Context,
     delivery: Option<Delivery>,
-    settle: &mpsc::Sender<Settle>,
     reason: &str,
-) {
+) -> Option<Settle> {
     tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
     if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await {
         tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish failed; the message stays pending");
-        if let Some(d) = delivery {
-            let _ = settle
-                .send(Settle::Nack(d, spec.options.retry.delay(ctx.attempt)))
-                .await;
-        }
-        return;
+        let delay = spec.options.retry.delay(ctx.attempt);
+        return delivery.map(|d| Settle::Nack(d, delay));
     }
-    if let Some(d) = delivery {
-        let _ = settle.send(Settle::Ack(d)).await;
-    }
+    delivery.map(Settle::Ack)
 }
 
 /// Publishes `message` to the group's dead-letter topic with the reason in its headers.
@@ -393,11 +537,7 @@ async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
         while let Some(item) = next.take() {
             match item {
                 Settle::Ack(d) => acks.push(d),
-                Settle::Nack(d, delay) => {
-                    if let Err((e, d)) = d.nack(delay).await {
-                        tracing::warn!(error = %e.report(), message_id = %d.message().id, "nack failed; the message stays pending");
-                    }
-                }
+                Settle::Nack(d, delay) => nack(d, delay).await,
             }
             if acks.len() < 1000 {
                 next = rx.try_recv().ok();

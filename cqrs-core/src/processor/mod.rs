@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower::Layer;
 
 pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
@@ -30,8 +29,7 @@ use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
 use crate::error::{Error, Result};
 use crate::event::{validate_topic, Command, Descriptor, Event};
-use crate::handler::{BoxHandlerService, Handler, HandlerService};
-use crate::middleware::CatchPanicLayer;
+use crate::handler::{Handler, HandlerService, Pipeline};
 use engine::{GroupSpec, Route};
 
 /// Names consumer groups from the service name and the handler name.
@@ -102,7 +100,7 @@ impl<C> Core<C> {
         &self,
         handler_name: &str,
         topics: Vec<String>,
-        handlers: Vec<(String, Arc<str>, BoxHandlerService)>,
+        handlers: Vec<(String, Arc<str>, Pipeline)>,
         options: HandlerOptions,
     ) -> Result<GroupSpec> {
         let group = self.groups.group(&self.service, handler_name);
@@ -120,8 +118,15 @@ impl<C> Core<C> {
         let routes = handlers
             .into_iter()
             .map(|(event, handler, service)| {
-                let service = options.layers.iter().fold(service, |s, layer| layer(s));
-                let service = BoxHandlerService::new(CatchPanicLayer.layer(service));
+                let service = if options.layers.is_empty() {
+                    service
+                } else {
+                    let layered = options
+                        .layers
+                        .iter()
+                        .fold(service.into_service(), |s, layer| layer(s));
+                    Pipeline::Tower(layered)
+                };
                 (event, Route { handler, service })
             })
             .collect();
@@ -144,6 +149,7 @@ impl<C> Core<C> {
             publisher,
             subscriber,
             consumer_name,
+            no_handler: Arc::from(""),
         })
     }
 }
@@ -260,7 +266,7 @@ struct EventRegistration {
     name: String,
     event: &'static str,
     topic: String,
-    service: BoxHandlerService,
+    service: Pipeline,
     options: HandlerOptions,
 }
 
@@ -344,7 +350,7 @@ impl<C> EventProcessor<C> {
             name: name.to_owned(),
             event: d.name,
             topic: self.core.topics.topic_of(&d),
-            service: HandlerService::boxed(handler, self.core.codec.clone()),
+            service: HandlerService::pipeline(handler, self.core.codec.clone()),
             options: self.core.defaults.clone(),
         });
         let last = self.handlers.len() - 1;
@@ -377,7 +383,7 @@ pub struct EventGroupProcessor<C = DefaultCodec> {
     core: Core<C>,
     group: String,
     topics: Vec<String>,
-    handlers: Vec<(String, Arc<str>, BoxHandlerService)>,
+    handlers: Vec<(String, Arc<str>, Pipeline)>,
     options: HandlerOptions,
 }
 
@@ -453,7 +459,7 @@ impl<C> EventGroupProcessor<C> {
         self.handlers.push((
             d.name.to_owned(),
             Arc::from(name),
-            HandlerService::boxed(handler, self.core.codec.clone()),
+            HandlerService::pipeline(handler, self.core.codec.clone()),
         ));
         Ok(self)
     }
@@ -525,7 +531,7 @@ impl<C> CommandProcessor<C> {
             name: d.name.to_owned(),
             event: d.name,
             topic: self.core.topics.topic_of(&d),
-            service: HandlerService::boxed(handler, self.core.codec.clone()),
+            service: HandlerService::pipeline(handler, self.core.codec.clone()),
             options: self.core.defaults.clone(),
         });
         let last = self.handlers.len() - 1;

@@ -1,0 +1,442 @@
+//! Benchmark: the raw `redis` client against our typed bus and processor, in one run, on the same
+//! Redis server.
+//!
+//! Run with: `cargo run --release --example bench_redis --features redis`
+//! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`; `BENCH_N` sets the event count).
+//!
+//! Each figure is msg/s for 200-byte JSON events; `ratio` is ours / raw. The raw client encodes
+//! each event with serde_json and does `XADD` (name, content type, payload) pipelined by 100, or
+//! one awaited `XADD` per event from 64 tasks; it consumes with `XREADGROUP COUNT 500`, decodes
+//! each payload into the event type and sends one `XACK` per batch. Ours does the same work
+//! through `EventBus` and `EventProcessor` (which also write and read the message id, version and
+//! creation time).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs::redis::RedisBackend;
+use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+struct Packet {
+    device: String,
+    counter: u64,
+    error: String,
+}
+
+fn event(i: u64) -> Packet {
+    // 200 bytes of JSON.
+    let mut p = Packet {
+        device: format!("router-{:04}", i % 1000),
+        counter: i,
+        error: String::new(),
+    };
+    let len = serde_json::to_vec(&p).map(|v| v.len()).unwrap_or(0);
+    p.error = "x".repeat(200usize.saturating_sub(len));
+    p
+}
+
+const TASKS: usize = 64;
+
+struct Bench {
+    url: String,
+    n: usize,
+    run: String,
+}
+
+impl Bench {
+    fn stream(&self, what: &str) -> String {
+        format!("bench-{}-{what}", self.run)
+    }
+
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, BoxError> {
+        Ok(redis::Client::open(self.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    async fn cleanup(&self, streams: &[String]) -> Result<(), BoxError> {
+        let mut c = self.conn().await?;
+        redis::cmd("DEL")
+            .arg(streams)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// XADDs `n` events with the same fields our bus writes, pipelined by 100.
+    async fn raw_fill(&self, stream: &str) -> Result<Duration, BoxError> {
+        let mut c = self.conn().await?;
+        let events: Vec<Packet> = (0..self.n as u64).map(event).collect();
+        let start = Instant::now();
+        for chunk in events.chunks(100) {
+            let mut pipe = redis::pipe();
+            for e in chunk {
+                let p = serde_json::to_vec(e)?;
+                let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+                cmd.arg("name")
+                    .arg("Packet")
+                    .arg("content-type")
+                    .arg("application/json")
+                    .arg("payload")
+                    .arg(p)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut c).await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn raw_publish_one_by_one(&self, stream: &str) -> Result<Duration, BoxError> {
+        let c = self.conn().await?;
+        let per_task = self.n / TASKS;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let mut c = c.clone();
+            let stream = stream.to_owned();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    let p = serde_json::to_vec(&event((t * per_task + i) as u64))?;
+                    redis::cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("name")
+                        .arg("Packet")
+                        .arg("content-type")
+                        .arg("application/json")
+                        .arg("payload")
+                        .arg(p)
+                        .query_async::<String>(&mut c)
+                        .await?;
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// `members` raw consumers of one group drain `n` entries with XREADGROUP COUNT 500 + XACK.
+    async fn raw_consume(
+        &self,
+        stream: &str,
+        members: usize,
+        n: usize,
+    ) -> Result<Duration, BoxError> {
+        let group = format!("raw-{members}");
+        let mut c = self.conn().await?;
+        let _: Result<(), _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(&group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        let done = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for m in 0..members {
+            let mut c = self.conn().await?;
+            let (stream, group, done) = (stream.to_owned(), group.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while done.load(Ordering::SeqCst) < n {
+                    let reply: redis::Value = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(&group)
+                        .arg(format!("m{m}"))
+                        .arg("COUNT")
+                        .arg(500)
+                        .arg("BLOCK")
+                        .arg(100)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(">")
+                        .query_async(&mut c)
+                        .await?;
+                    let (ids, payloads) = entries(&reply);
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    for p in payloads {
+                        let _: Packet = serde_json::from_slice(&p)?;
+                    }
+                    let _: i64 = redis::cmd("XACK")
+                        .arg(&stream)
+                        .arg(&group)
+                        .arg(&ids)
+                        .query_async(&mut c)
+                        .await?;
+                    done.fetch_add(ids.len(), Ordering::SeqCst);
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn ours_publish_batched(&self, bus: &EventBus) -> Result<Duration, BoxError> {
+        let events: Vec<Packet> = (0..self.n as u64).map(event).collect();
+        let start = Instant::now();
+        for chunk in events.chunks(100) {
+            bus.publish_all(chunk).await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn ours_publish_one_by_one(&self, bus: &EventBus) -> Result<Duration, BoxError> {
+        let per_task = self.n / TASKS;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let bus = bus.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    bus.publish(&event((t * per_task + i) as u64)).await?;
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// `members` processors of one service drain `n` events.
+    async fn ours_consume(
+        &self,
+        backend: &RedisBackend,
+        stream: &str,
+        members: usize,
+        n: usize,
+    ) -> Result<Duration, BoxError> {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let token = CancellationToken::new();
+        let start = Instant::now();
+        let mut running = Vec::new();
+        for _ in 0..members {
+            let topic = stream.to_owned();
+            let mut p = EventProcessor::new(backend.clone(), format!("ours-{members}"))
+                .topics(TopicNamer::new(move |_| topic.clone()));
+            let h = handled.clone();
+            p.handle("count", move |_: Packet| {
+                h.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(Ok::<_, BoxError>(()))
+            })?
+            .batch_size(500);
+            running.push(p.start(token.clone()).await?);
+        }
+        while handled.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = start.elapsed();
+        token.cancel();
+        for r in running {
+            r.wait().await?;
+        }
+        Ok(elapsed)
+    }
+}
+
+/// The ids and payloads of an XREADGROUP reply.
+fn entries(v: &redis::Value) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    use redis::Value::{Array, BulkString};
+    let (mut ids, mut payloads) = (Vec::new(), Vec::new());
+    let Array(streams) = v else {
+        return (ids, payloads);
+    };
+    for s in streams {
+        let Array(parts) = s else { continue };
+        let Some(Array(entries)) = parts.get(1) else {
+            continue;
+        };
+        for e in entries {
+            let Array(e) = e else { continue };
+            if let Some(BulkString(id)) = e.first() {
+                ids.push(id.clone());
+            }
+            if let Some(Array(fields)) = e.get(1) {
+                for kv in fields.chunks_exact(2) {
+                    if let (BulkString(k), BulkString(v)) = (&kv[0], &kv[1]) {
+                        if k == b"payload" {
+                            payloads.push(v.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (ids, payloads)
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Per figure, the msg/s of every round: (name, raw, ours).
+#[derive(Default)]
+struct Table(Vec<(String, Vec<f64>, Vec<f64>)>);
+
+impl Table {
+    fn add(&mut self, name: &str, n: usize, raw: Duration, ours: Duration) {
+        let (r, o) = (rate(n, raw), rate(n, ours));
+        println!("  {name:<38} {r:>10.0} {o:>10.0} {:>6.2}", o / r);
+        match self.0.iter_mut().find(|(k, _, _)| k == name) {
+            Some((_, rs, os)) => {
+                rs.push(r);
+                os.push(o);
+            }
+            None => self.0.push((name.to_owned(), vec![r], vec![o])),
+        }
+    }
+
+    fn print(&self) {
+        println!("\nmedian of the rounds");
+        println!(
+            "{:<40} {:>10} {:>10} {:>6}",
+            "figure (msg/s)", "raw", "ours", "ratio"
+        );
+        for (name, rs, os) in &self.0 {
+            let (r, o) = (median(rs.clone()), median(os.clone()));
+            println!("{name:<40} {r:>10.0} {o:>10.0} {:>6.2}", o / r);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let backend = RedisBackend::connect(&url).await?;
+    println!(
+        "{n} events of ~200 bytes of JSON, Redis at {}, {rounds} rounds",
+        cqrs::redis::redact(&url)
+    );
+    let mut table = Table::default();
+    for round in 1..=rounds {
+        println!("round {round}");
+        let b = Bench {
+            url: url.clone(),
+            n,
+            run: cqrs::conformance::unique("r"),
+        };
+        one_round(&b, &backend, &mut table, round % 2 == 0).await?;
+    }
+    table.print();
+    Ok(())
+}
+
+fn bus_for(backend: &RedisBackend, stream: &str) -> EventBus {
+    let s = stream.to_owned();
+    EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| s.clone()))
+}
+
+/// Runs `raw` and `ours` one after the other, `ours` first when `ours_first`; returns (raw, ours).
+async fn pair<R, O>(ours_first: bool, raw: R, ours: O) -> Result<(Duration, Duration), BoxError>
+where
+    R: std::future::Future<Output = Result<Duration, BoxError>>,
+    O: std::future::Future<Output = Result<Duration, BoxError>>,
+{
+    if ours_first {
+        let o = ours.await?;
+        Ok((raw.await?, o))
+    } else {
+        let r = raw.await?;
+        Ok((r, ours.await?))
+    }
+}
+
+/// One round of every figure. Rounds alternate which of raw and ours goes first, so that neither
+/// always meets a warmer (or fuller) server.
+async fn one_round(
+    b: &Bench,
+    backend: &RedisBackend,
+    table: &mut Table,
+    ours_first: bool,
+) -> Result<(), BoxError> {
+    let n = b.n;
+    // Publish, pipelined by 100.
+    let (raw_s, ours_s) = (b.stream("raw-pub"), b.stream("ours-pub"));
+    let bus = bus_for(backend, &ours_s);
+    let (raw, ours) = pair(ours_first, b.raw_fill(&raw_s), b.ours_publish_batched(&bus)).await?;
+    table.add("publish, batches of 100", n, raw, ours);
+
+    // Consume what was just published: 1 member, then 2 members of a new group.
+    let (raw1, ours1) = pair(
+        ours_first,
+        b.raw_consume(&raw_s, 1, n),
+        b.ours_consume(backend, &ours_s, 1, n),
+    )
+    .await?;
+    table.add("consume, 1 member", n, raw1, ours1);
+    let (raw2, ours2) = pair(
+        ours_first,
+        b.raw_consume(&raw_s, 2, n),
+        b.ours_consume(backend, &ours_s, 2, n),
+    )
+    .await?;
+    table.add("consume, 2 members", n, raw2, ours2);
+    b.cleanup(&[raw_s, ours_s]).await?;
+
+    // Publish one event per call from 64 tasks.
+    let (raw_s, ours_s) = (b.stream("raw-one"), b.stream("ours-one"));
+    let bus = bus_for(backend, &ours_s);
+    let (raw, ours) = pair(
+        ours_first,
+        b.raw_publish_one_by_one(&raw_s),
+        b.ours_publish_one_by_one(&bus),
+    )
+    .await?;
+    table.add(
+        &format!("publish, 1 per call from {TASKS} tasks"),
+        n / TASKS * TASKS,
+        raw,
+        ours,
+    );
+    b.cleanup(&[raw_s, ours_s]).await?;
+
+    // End to end: a consumer running while the publisher publishes.
+    let (raw_s, ours_s) = (b.stream("raw-e2e"), b.stream("ours-e2e"));
+    let raw = {
+        let start = Instant::now();
+        let (c, p) = tokio::join!(b.raw_consume(&raw_s, 1, n), b.raw_fill(&raw_s));
+        c?;
+        p?;
+        start.elapsed()
+    };
+    let ours = {
+        let bus = bus_for(backend, &ours_s);
+        let start = Instant::now();
+        let (c, p) = tokio::join!(
+            b.ours_consume(backend, &ours_s, 1, n),
+            b.ours_publish_batched(&bus)
+        );
+        c?;
+        p?;
+        start.elapsed()
+    };
+    table.add("publish + consume, end to end", n, raw, ours);
+    b.cleanup(&[raw_s, ours_s]).await?;
+    Ok(())
+}
