@@ -35,3 +35,10 @@ ensure_redis() {
   fi
   export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$port/15}"
 }
+
+# Deletes what the conformance suite left in the test database (its keys start with `conf-`).
+redis_cleanup() {
+  local db="${REDIS_URL##*/}"
+  redis-cli -u "$REDIS_URL" --scan --pattern 'conf-*' | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
+  log "removed the conformance suite's streams from database ${db:-0}"
+}

@@ -152,6 +152,16 @@ impl RedisBackend {
             .map_err(|e| Error::redis(format!("XTRIM {stream}"), e))
     }
 
+    /// Deletes `stream` with its groups and pending entries.
+    pub async fn delete_stream(&self, stream: &str) -> Result<()> {
+        let pool = self.pool_for(stream)?;
+        redis::cmd("DEL")
+            .arg(stream)
+            .query_async::<()>(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("DEL {stream}"), e))
+    }
+
     /// Runs [`RedisBackend::trim_acknowledged`] on `streams` every `every` until `token` is
     /// cancelled.
     pub fn spawn_trimmer(
