@@ -18,7 +18,10 @@ use cqrs::{BoxError, Delivery, Message, Subscription};
 async fn main() -> Result<(), BoxError> {
     let server = std::env::var("REDIS_URL")
         .ok()
-        .and_then(|u| u.strip_prefix("redis://").map(|s| s.split('/').next().unwrap_or("").to_owned()))
+        .and_then(|u| {
+            u.strip_prefix("redis://")
+                .map(|s| s.split('/').next().unwrap_or("").to_owned())
+        })
         .unwrap_or_else(|| "127.0.0.1:6379".into());
 
     // In code.
@@ -52,12 +55,21 @@ async fn main() -> Result<(), BoxError> {
         backend.delete_stream(s).await?;
     }
     let backend = RedisBackend::from_topology(&from_yaml).await?; // creates the groups again
-    backend.publish("stream-a", &[Message::new("A", b"{}".to_vec())]).await?;
-    backend.publish("stream-b", &[Message::new("B", b"{}".to_vec())]).await?;
-    backend.publish("stream-c", &[Message::new("C", b"{}".to_vec())]).await?;
+    backend
+        .publish("stream-a", &[Message::new("A", b"{}".to_vec())])
+        .await?;
+    backend
+        .publish("stream-b", &[Message::new("B", b"{}".to_vec())])
+        .await?;
+    backend
+        .publish("stream-c", &[Message::new("C", b"{}".to_vec())])
+        .await?;
 
     let mut ab = backend
-        .subscribe(&Subscription::new("read-group-ab", ["stream-a", "stream-b"]))
+        .subscribe(&Subscription::new(
+            "read-group-ab",
+            ["stream-a", "stream-b"],
+        ))
         .await?;
     let mut got = Vec::new();
     while got.len() < 2 {
@@ -65,7 +77,11 @@ async fn main() -> Result<(), BoxError> {
         got.extend(batch);
     }
     for d in &got {
-        println!("read-group-ab got `{}` from {}", d.message().name, d.topic());
+        println!(
+            "read-group-ab got `{}` from {}",
+            d.message().name,
+            d.topic()
+        );
     }
     Delivery::ack_all(got).await.map_err(|(e, _)| e)?;
 
@@ -76,7 +92,12 @@ async fn main() -> Result<(), BoxError> {
             .iter()
             .map(|g| format!("{} (lag {:?}, pending {})", g.name, g.lag, g.pending))
             .collect();
-        println!("{s} in pool `{}`: {} entries, groups {}", stats.pool, stats.length, groups.join(", "));
+        println!(
+            "{s} in pool `{}`: {} entries, groups {}",
+            stats.pool,
+            stats.length,
+            groups.join(", ")
+        );
         backend.delete_stream(s).await?;
     }
     Ok(())

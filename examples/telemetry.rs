@@ -56,7 +56,10 @@ async fn main() -> Result<(), BoxError> {
 
     let bus = EventBus::new(backend.clone());
     let events: Vec<PacketCounterError> = (1..=10)
-        .map(|i| PacketCounterError { device: format!("router-{}", i % 4), errors: i })
+        .map(|i| PacketCounterError {
+            device: format!("router-{}", i % 4),
+            errors: i,
+        })
         .collect();
     bus.publish_all(&events).await?;
 

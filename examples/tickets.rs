@@ -51,15 +51,25 @@ async fn main() -> Result<(), BoxError> {
     commands.handle(move |c: BookTicket, ctx: Context| {
         let bus = bus.clone();
         async move {
-            println!("[command]                  booking {} ({} seats)", c.ticket_id, c.seats);
-            bus.publish_with(&TicketBooked { ticket_id: c.ticket_id, seats: c.seats }, ctx.caused_metadata())
-                .await
+            println!(
+                "[command]                  booking {} ({} seats)",
+                c.ticket_id, c.seats
+            );
+            bus.publish_with(
+                &TicketBooked {
+                    ticket_id: c.ticket_id,
+                    seats: c.seats,
+                },
+                ctx.caused_metadata(),
+            )
+            .await
         }
     })?;
 
     // Each handler gets the group "svc-tickets." + its name; the topic is the event's name.
-    let mut processor = EventProcessor::new(backend.clone(), "tickets")
-        .group_names(GroupNamer::new(|service, handler| format!("svc-{service}.{handler}")));
+    let mut processor = EventProcessor::new(backend.clone(), "tickets").group_names(
+        GroupNamer::new(|service, handler| format!("svc-{service}.{handler}")),
+    );
     let tx = done.clone();
     processor.handle("notify-on-booking", move |e: TicketBooked, ctx: Context| {
         println!("[{}] notify: {} booked", ctx.group(), e.ticket_id);
@@ -71,20 +81,42 @@ async fn main() -> Result<(), BoxError> {
         .handle("print-receipt", move |e: TicketBooked, ctx: Context| {
             let first = !failed_once.swap(true, Ordering::SeqCst);
             let result = if first {
-                println!("[{}]     printer jammed on {} (attempt {})", ctx.group(), e.ticket_id, ctx.attempt());
+                println!(
+                    "[{}]     printer jammed on {} (attempt {})",
+                    ctx.group(),
+                    e.ticket_id,
+                    ctx.attempt()
+                );
                 Err("printer jammed".to_string())
             } else {
-                println!("[{}]     receipt for {} (attempt {})", ctx.group(), e.ticket_id, ctx.attempt());
-                tx.send(format!("receipt {}", e.ticket_id)).map_err(|e| e.to_string())
+                println!(
+                    "[{}]     receipt for {} (attempt {})",
+                    ctx.group(),
+                    e.ticket_id,
+                    ctx.attempt()
+                );
+                tx.send(format!("receipt {}", e.ticket_id))
+                    .map_err(|e| e.to_string())
             };
             std::future::ready(result)
         })?
         .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(200), 2.0));
 
-    let running = [commands.start(token.clone()).await?, processor.start(token.clone()).await?];
+    let running = [
+        commands.start(token.clone()).await?,
+        processor.start(token.clone()).await?,
+    ];
     let send = CommandBus::new(backend.clone());
-    send.send(&BookTicket { ticket_id: "t-1".into(), seats: 2 }).await?;
-    send.send(&BookTicket { ticket_id: "t-2".into(), seats: 1 }).await?;
+    send.send(&BookTicket {
+        ticket_id: "t-1".into(),
+        seats: 2,
+    })
+    .await?;
+    send.send(&BookTicket {
+        ticket_id: "t-2".into(),
+        seats: 1,
+    })
+    .await?;
 
     for _ in 0..4 {
         tokio::time::timeout(Duration::from_secs(10), handled.recv())
