@@ -1,1 +1,466 @@
-//! kafka backend for `cqrs` (work in progress).
+//! Kafka backend for [`cqrs`](https://docs.rs/cqrs), on `rdkafka`.
+//!
+//! - Publishing sends each event to its topic with the event's key (one key, one partition, in
+//!   order) and the metadata as headers (`docs/wire-format.md`). The idempotent producer is on by
+//!   default. `publish` resolves when the broker acknowledged the message; a batch is queued at
+//!   once and awaited together.
+//! - Topics are created on first use through the admin API with the configured partitions and
+//!   replication; with creation off, a missing topic is an error naming it.
+//! - Each subscription is one consumer whose `group.id` is the processor's group. Offsets are
+//!   stored only for handled messages, and a partition's stored offset never passes a message
+//!   still being handled or waiting for a retry; stored offsets are committed periodically, when
+//!   partitions are revoked in a rebalance and when the consumer closes.
+//! - Every librdkafka setting passes through ([`KafkaConfig::set`]); `Debug` hides secrets.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), cqrs_core::BoxError> {
+//! use backend_kafka::{KafkaBackend, KafkaConfig};
+//! use cqrs_core::{EventBus, EventProcessor};
+//!
+//! let backend = KafkaBackend::connect(KafkaConfig::new("127.0.0.1:9092").partitions(4)).await?;
+//! let bus = EventBus::new(backend.clone());
+//! let processor = EventProcessor::new(backend, "svc-tickets");
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod error;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Consumer, Publisher, Subscriber, Subscription};
+use cqrs_core::wire::Layout;
+use cqrs_core::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+pub use error::{Error, Result};
+
+/// Connection and behaviour settings.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    brokers: String,
+    settings: BTreeMap<String, String>,
+    create_topics: bool,
+    partitions: i32,
+    replication: i32,
+    fetch_wait: Duration,
+    commit_interval: Duration,
+    timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// Settings for the cluster at `brokers` (`host:port[,host:port...]`).
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            settings: BTreeMap::new(),
+            create_topics: true,
+            partitions: 1,
+            replication: 1,
+            fetch_wait: Duration::from_millis(100),
+            commit_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Passes a librdkafka setting to producers and consumers (`security.protocol`, `sasl.*`,
+    /// `ssl.*`, `enable.idempotence`, `linger.ms`, ...). Later settings win.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether missing topics are created (default: yes).
+    pub fn create_topics(mut self, create: bool) -> Self {
+        self.create_topics = create;
+        self
+    }
+
+    /// Partitions of topics this backend creates (default 1).
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// Replication factor of topics this backend creates (default 1).
+    pub fn replication(mut self, replication: i32) -> Self {
+        self.replication = replication.max(1);
+        self
+    }
+
+    /// How long the broker may hold a fetch waiting for data (`fetch.wait.max.ms`, default
+    /// 100 ms).
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
+    }
+
+    /// How often stored offsets are committed (`auto.commit.interval.ms`, default 1 s).
+    pub fn commit_interval(mut self, every: Duration) -> Self {
+        self.commit_interval = every;
+        self
+    }
+
+    /// Timeout of admin and metadata calls (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    fn apply(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.settings {
+            c.set(k, v);
+        }
+    }
+
+    fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        self.apply(&mut c);
+        c
+    }
+
+    fn admin_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        self.apply(&mut c);
+        // Settings only producers or consumers take would make the admin client complain.
+        for key in ["enable.idempotence", "linger.ms", "message.timeout.ms"] {
+            c.remove(key);
+        }
+        c
+    }
+
+    pub(crate) fn consumer_config(&self, subscription: &Subscription) -> ClientConfig {
+        let mut c = self.client();
+        let reset = match subscription.start {
+            cqrs_core::StartFrom::Latest => "latest",
+            _ => "earliest",
+        };
+        c.set("group.id", &subscription.group)
+            .set("client.id", &subscription.consumer)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.commit.interval.ms",
+                self.commit_interval.as_millis().to_string(),
+            )
+            .set("auto.offset.reset", reset)
+            .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
+            .set("enable.partition.eof", "false");
+        self.apply(&mut c);
+        for key in ["enable.idempotence", "linger.ms", "message.timeout.ms"] {
+            c.remove(key);
+        }
+        c
+    }
+}
+
+/// Setting names whose values never print.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "sasl.jaas",
+        "ssl.key.pem",
+        "private",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings: BTreeMap<&str, &str> = self
+            .settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("settings", &settings)
+            .field("create_topics", &self.create_topics)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Kafka backend: a producer, an admin client and the settings for consumers. Clones share
+/// them.
+#[derive(Clone)]
+pub struct KafkaBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl fmt::Debug for KafkaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaBackend")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBackend {
+    /// Creates the clients and checks that the brokers answer.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let producer: FutureProducer = config
+            .producer_config()
+            .create()
+            .map_err(|e| Error::kafka("creating the producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .admin_config()
+            .create()
+            .map_err(|e| Error::kafka("creating the admin client", e))?;
+        let backend = KafkaBackend {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                known_topics: Mutex::new(HashSet::new()),
+            }),
+        };
+        backend.topics_on_broker().await.map_err(|e| match e {
+            Error::Kafka { source, .. } => Error::Unreachable {
+                brokers: backend.inner.config.brokers.clone(),
+                source,
+            },
+            other => other,
+        })?;
+        Ok(backend)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// The topics the cluster has.
+    pub async fn topics_on_broker(&self) -> Result<Vec<String>> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.config.timeout;
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.topics().iter().map(|t| t.name().to_owned()).collect())
+        })
+        .await
+        .map_err(|_| Error::kafka("fetching metadata", rdkafka::error::KafkaError::Canceled))?
+        .map_err(|e| Error::kafka("fetching metadata", e))
+    }
+
+    /// Makes sure `topics` exist: creates the missing ones, or fails naming the first missing
+    /// one when creation is off.
+    pub async fn ensure_topics(&self, topics: &[String]) -> Result<()> {
+        let missing: Vec<&String> = {
+            let known = self
+                .inner
+                .known_topics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            topics.iter().filter(|t| !known.contains(*t)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let existing: HashSet<String> = self.topics_on_broker().await?.into_iter().collect();
+        let to_create: Vec<&String> = missing
+            .into_iter()
+            .filter(|t| !existing.contains(*t))
+            .collect();
+        if !to_create.is_empty() {
+            if !self.inner.config.create_topics {
+                return Err(Error::MissingTopic(to_create[0].clone()));
+            }
+            let config = &self.inner.config;
+            let new: Vec<NewTopic<'_>> = to_create
+                .iter()
+                .map(|t| {
+                    NewTopic::new(
+                        t,
+                        config.partitions,
+                        TopicReplication::Fixed(config.replication),
+                    )
+                })
+                .collect();
+            let opts = AdminOptions::new().operation_timeout(Some(config.timeout));
+            let results = self
+                .inner
+                .admin
+                .create_topics(&new, &opts)
+                .await
+                .map_err(|e| Error::kafka("creating topics", e))?;
+            for r in results {
+                match r {
+                    Ok(_) => {}
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => {
+                        return Err(Error::kafka(
+                            format!("creating topic `{topic}`"),
+                            rdkafka::error::KafkaError::AdminOp(code),
+                        ))
+                    }
+                }
+            }
+            tracing::debug!(topics = ?to_create, "created topics");
+        }
+        self.inner
+            .known_topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(topics.iter().cloned());
+        Ok(())
+    }
+}
+
+/// The headers of `message` per the wire format.
+pub(crate) fn headers(message: &Message) -> OwnedHeaders {
+    let fields = Layout::KAFKA.encode(message);
+    let numbers = Layout::KAFKA.encode_numbers(message);
+    let mut headers = OwnedHeaders::new_with_capacity(fields.len() + numbers.len());
+    for (k, v) in &fields {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    for (k, v) in &numbers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    headers
+}
+
+#[async_trait]
+impl Publisher for KafkaBackend {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.ensure_topics(&[topic.to_owned()]).await?;
+        let producer = &self.inner.producer;
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut record = FutureRecord::to(topic)
+                .payload(&m.payload)
+                .headers(headers(m));
+            if let Some(key) = &m.key {
+                record = record.key(key.as_str());
+            }
+            // Queue every message first; a full queue waits for deliveries to make room.
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((e, back))
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
+                    {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(Error::kafka(format!("producing to {topic}"), e).into())
+                    }
+                }
+            }
+        }
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(Error::kafka(format!("producing to {topic}"), e).into())
+                }
+                Err(_) => {
+                    return Err(Error::kafka(
+                        format!("producing to {topic}"),
+                        rdkafka::error::KafkaError::Canceled,
+                    )
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBackend {
+    async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        if subscription.topics.is_empty() {
+            return Err(cqrs_core::Error::Config(format!(
+                "group `{}` subscribes to no topic",
+                subscription.group
+            )));
+        }
+        self.ensure_topics(&subscription.topics).await?;
+        let consumer = consumer::KafkaConsumer::start(&self.inner.config, subscription).await?;
+        Ok(Box::new(consumer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = KafkaConfig::new("b:9092")
+            .set("sasl.username", "svc")
+            .set("sasl.password", "hunter2")
+            .set("ssl.key.password", "also-secret");
+        let text = format!("{c:?}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("also-secret"),
+            "{text}"
+        );
+        assert!(text.contains("\"sasl.username\": \"svc\""), "{text}");
+    }
+
+    #[test]
+    fn consumer_settings_follow_the_subscription() {
+        let sub = Subscription::new("svc.h", ["t"]).start(cqrs_core::StartFrom::Latest);
+        let c = KafkaConfig::new("b:9092")
+            .set("fetch.min.bytes", "1")
+            .consumer_config(&sub);
+        assert_eq!(c.get("group.id"), Some("svc.h"));
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("fetch.min.bytes"), Some("1"));
+        assert_eq!(c.get("enable.idempotence"), None);
+    }
+}

@@ -149,3 +149,53 @@ impl Drop for Keys {
         }
     }
 }
+
+/// A tansu broker of the test's own on a free port, with in-memory storage; stopped on drop.
+pub struct TansuServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl TansuServer {
+    pub async fn start() -> Self {
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/tansu-0.6.0/bin/tansu",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (scripts/test installs it): {e}"));
+        eventually("tansu to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        TansuServer { port, child }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TansuServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,466 @@
+//! One member of a consumer group on Kafka.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
+use cqrs_core::wire::Layout;
+use cqrs_core::Message;
+use cqrs_core::StartFrom;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Headers, Message as _, OwnedMessage};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::KafkaConfig;
+
+/// Messages fetched ahead of the handlers, per consumer.
+const PREFETCH: usize = 2000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is a single insert or remove: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per partition: offsets handed to handlers and not settled, and one past the highest handed out.
+struct PartitionState {
+    pending: BTreeSet<i64>,
+    next: i64,
+}
+
+impl PartitionState {
+    /// The offset to commit: the oldest unsettled one, else one past the last handed out.
+    fn position(&self) -> i64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+}
+
+type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
+
+/// A nacked message waiting for its redelivery time.
+struct Retry {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    message: Message,
+    attempt: u32,
+    due: Instant,
+}
+
+/// Commits what was handled before partitions go, starts new partitions where the subscription
+/// says, and reports finished rebalances.
+pub(crate) struct Ctx {
+    offsets: Arc<Mutex<Offsets>>,
+    retries: Arc<Mutex<Vec<Retry>>>,
+    rebalances: watch::Sender<u64>,
+    start: StartFrom,
+    timeout: Duration,
+}
+
+impl ClientContext for Ctx {}
+
+impl Ctx {
+    /// Gives every assigned partition an explicit start: its committed offset, or (when the group
+    /// has none) the beginning or the current end. Resolving the end here, before the assignment
+    /// completes, means nothing published after `subscribe` returns is skipped.
+    fn resolve_start(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = match consumer.committed_offsets(tpl.clone(), self.timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading committed offsets failed; using auto.offset.reset");
+                return;
+            }
+        };
+        let parts: Vec<(String, i32, Offset)> = committed
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
+            .collect();
+        drop(committed);
+        for (topic, partition, offset) in parts {
+            let start = match (offset, self.start) {
+                (Offset::Offset(_), _) => offset,
+                (_, StartFrom::Latest) => {
+                    match consumer.fetch_watermarks(&topic, partition, self.timeout) {
+                        Ok((_, high)) => Offset::Offset(high),
+                        Err(e) => {
+                            tracing::warn!(error = %e, %topic, partition, "reading the end offset failed");
+                            Offset::End
+                        }
+                    }
+                }
+                _ => Offset::Beginning,
+            };
+            tracing::debug!(%topic, partition, committed = ?offset, start = ?start, "partition start");
+            if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
+                tracing::warn!(error = %e, %topic, partition, "setting the start offset failed");
+            }
+        }
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(error = %e, "committing before a rebalance failed");
+            }
+        }
+        let revoked: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        // Whatever was not handled is consumed again by the partition's next owner.
+        lock(&self.offsets)
+            .retain(|(t, p), _| !revoked.iter().any(|(rt, rp)| **t == **rt && p == rp));
+        lock(&self.retries).retain(|r| {
+            !revoked
+                .iter()
+                .any(|(rt, rp)| *r.topic == **rt && r.partition == *rp)
+        });
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resolve_start(consumer, tpl);
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+                tracing::debug!(partitions = tpl.count(), "partitions assigned");
+                self.rebalances.send_modify(|n| *n += 1);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, tpl);
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(error = %code, "rebalance error");
+                self.revoke(consumer, tpl);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+pub(crate) struct KafkaConsumer {
+    rx: mpsc::Receiver<KafkaResult<OwnedMessage>>,
+    poller: JoinHandle<()>,
+    acker: Arc<KafkaAcker>,
+    topics: HashMap<String, Arc<str>>,
+}
+
+impl KafkaConsumer {
+    pub(crate) async fn start(
+        config: &KafkaConfig,
+        subscription: &Subscription,
+    ) -> Result<Self, Error> {
+        let offsets: Arc<Mutex<Offsets>> = Arc::default();
+        let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
+        let (rebalances, mut rebalanced) = watch::channel(0u64);
+        let ctx = Ctx {
+            offsets: offsets.clone(),
+            retries: retries.clone(),
+            rebalances,
+            start: subscription.start,
+            timeout: config.timeout,
+        };
+        let consumer: StreamConsumer<Ctx> = config
+            .consumer_config(subscription)
+            .create_with_context(ctx)
+            .map_err(|e| Error::kafka("creating a consumer", e))?;
+        let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| Error::kafka(format!("subscribing to {topics:?}"), e))?;
+        let consumer = Arc::new(consumer);
+
+        // Poll all the time, so that rebalances are served even while handlers are busy.
+        let (tx, rx) = mpsc::channel(PREFETCH);
+        let polled = consumer.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                let r = polled.recv().await.map(|m| m.detach());
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        // Wait until the group has given this member its partitions, with their start offsets
+        // resolved (see `Ctx::resolve_start`).
+        let ready = async {
+            while *rebalanced.borrow_and_update() == 0 {
+                if rebalanced.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(config.timeout * 3, ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!(group = %subscription.group, "no partition assignment yet; consuming anyway");
+        }
+        Ok(KafkaConsumer {
+            rx,
+            poller,
+            acker: Arc::new(KafkaAcker {
+                consumer: Mutex::new(Some(consumer)),
+                offsets,
+                retries,
+            }),
+            topics: HashMap::new(),
+        })
+    }
+
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.topics.get(name) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(name);
+        self.topics.insert(name.to_owned(), t.clone());
+        t
+    }
+
+    /// The delivery of a fetched message; `None` for an offset this member already handed out
+    /// since it got the partition (some brokers answer a fetch with records before the fetch
+    /// offset).
+    fn delivery(&mut self, m: OwnedMessage) -> Option<Delivery> {
+        let topic = self.topic(m.topic());
+        let (partition, offset) = (m.partition(), m.offset());
+        {
+            let mut offsets = lock(&self.acker.offsets);
+            let state = offsets
+                .entry((topic.clone(), partition))
+                .or_insert_with(|| PartitionState {
+                    pending: BTreeSet::new(),
+                    next: offset,
+                });
+            if offset < state.next {
+                tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
+                return None;
+            }
+            state.pending.insert(offset);
+            state.next = offset + 1;
+        }
+        let fallback_id = format!("{topic}/{partition}/{offset}");
+        let (message, malformed) = {
+            let fields = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|h| Some((h.key, h.value?)))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            Layout::KAFKA.decode(
+                fields,
+                &fallback_id,
+                m.key(),
+                m.payload().map(<[u8]>::to_vec),
+            )
+        };
+        let d = Delivery::new(
+            topic,
+            message,
+            1,
+            format!("{partition}:{offset}"),
+            self.acker.clone(),
+        );
+        Some(match malformed {
+            Some(reason) => d.with_malformed(reason),
+            None => d,
+        })
+    }
+
+    /// Nacked messages whose time has come, as new deliveries.
+    fn due_retries(&mut self, max: usize, out: &mut Vec<Delivery>) -> Option<Instant> {
+        let now = Instant::now();
+        let mut retries = lock(&self.acker.retries);
+        let mut next = None;
+        let mut i = 0;
+        while i < retries.len() {
+            if retries[i].due <= now && out.len() < max {
+                let r = retries.swap_remove(i);
+                out.push(Delivery::new(
+                    r.topic,
+                    r.message,
+                    r.attempt + 1,
+                    format!("{}:{}", r.partition, r.offset),
+                    self.acker.clone(),
+                ));
+            } else {
+                let due = retries[i].due;
+                next = Some(next.map_or(due, |n: Instant| n.min(due)));
+                i += 1;
+            }
+        }
+        next
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
+        let max = max.max(1);
+        loop {
+            let mut out = Vec::new();
+            let next_retry = self.due_retries(max, &mut out);
+            while out.len() < max {
+                match self.rx.try_recv() {
+                    Ok(Ok(m)) => out.extend(self.delivery(m)),
+                    Ok(Err(e)) => {
+                        if out.is_empty() {
+                            return Err(Error::kafka("consuming", e).into());
+                        }
+                        tracing::warn!(error = %e, "kafka consumer error");
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Err(cqrs_core::Error::Closed)
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                m = self.rx.recv() => match m {
+                    Some(Ok(m)) => {
+                        let mut out: Vec<Delivery> = self.delivery(m).into_iter().collect();
+                        while out.len() < max {
+                            match self.rx.try_recv() {
+                                Ok(Ok(m)) => out.extend(self.delivery(m)),
+                                _ => break,
+                            }
+                        }
+                        if !out.is_empty() {
+                            return Ok(out);
+                        }
+                    }
+                    Some(Err(e)) => return Err(Error::kafka("consuming", e).into()),
+                    None => return Err(cqrs_core::Error::Closed),
+                },
+                _ = tokio::time::sleep_until(wait) => {}
+            }
+        }
+    }
+
+    /// Commits what was handled and leaves the group before returning, so that the partitions
+    /// go to the other members at once.
+    async fn close(&mut self) -> cqrs_core::Result<()> {
+        self.poller.abort();
+        let _ = (&mut self.poller).await;
+        let Some(consumer) = lock(&self.acker.consumer).take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let committed = consumer.commit_consumer_state(CommitMode::Sync);
+            // The last handle: dropping it leaves the group, serving the revocation.
+            drop(consumer);
+            match committed {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                Err(e) => Err(Error::kafka("committing offsets at close", e).into()),
+            }
+        })
+        .await
+        .map_err(|e| cqrs_core::Error::fatal("closing the consumer", e))?
+    }
+}
+
+pub(crate) struct KafkaAcker {
+    /// Taken out by `close`, so that the consumer leaves its group before `close` returns.
+    consumer: Mutex<Option<Arc<StreamConsumer<Ctx>>>>,
+    offsets: Arc<Mutex<Offsets>>,
+    retries: Arc<Mutex<Vec<Retry>>>,
+}
+
+fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
+    d.broker_id()
+        .split_once(':')
+        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+        .ok_or_else(|| {
+            cqrs_core::Error::fatal(
+                "delivery id is not `partition:offset`",
+                d.broker_id().to_owned(),
+            )
+        })
+}
+
+#[async_trait]
+impl Acknowledge for KafkaAcker {
+    async fn ack(&self, deliveries: &[Delivery]) -> cqrs_core::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut offsets = lock(&self.offsets);
+            let mut touched: Vec<(Arc<str>, i32)> = Vec::new();
+            for d in deliveries {
+                let (partition, offset) = parse_id(d)?;
+                let key = (d.topic_arc().clone(), partition);
+                // A partition revoked meanwhile has a new owner, who consumes it again.
+                if let Some(state) = offsets.get_mut(&key) {
+                    state.pending.remove(&offset);
+                    if !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
+            }
+            for key in touched {
+                if let Some(state) = offsets.get(&key) {
+                    tpl.add_partition_offset(&key.0, key.1, Offset::Offset(state.position()))
+                        .map_err(|e| Error::kafka("building the offsets to store", e))?;
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let Some(consumer) = lock(&self.consumer).clone() else {
+            return Err(cqrs_core::Error::Closed);
+        };
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => Ok(()),
+            // Revoked between the check and the store: the next owner consumes it again.
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => Ok(()),
+            Err(e) => Err(Error::kafka("storing offsets", e).into()),
+        }
+    }
+
+    async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
+        let (partition, offset) = parse_id(delivery)?;
+        // The offset stays pending, so nothing at or after it is committed until it is handled.
+        lock(&self.retries).push(Retry {
+            topic: delivery.topic_arc().clone(),
+            partition,
+            offset,
+            message: delivery.message().clone(),
+            attempt: delivery.attempt(),
+            due: Instant::now() + redeliver_after,
+        });
+        Ok(())
+    }
+}

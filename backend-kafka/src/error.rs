@@ -1,0 +1,101 @@
+//! The error type of `backend-kafka`.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// `Result` with [`Error`] as its default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong setting up or talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic does not exist and topic creation is off.
+    #[error("topic `{0}` does not exist and topic creation is off")]
+    MissingTopic(String),
+    /// The brokers could not be reached in time.
+    #[error("cannot reach the Kafka brokers at {brokers}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A Kafka operation failed.
+    #[error("kafka {context} failed")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl Error {
+    pub(crate) fn kafka(context: impl Into<String>, source: KafkaError) -> Self {
+        Error::Kafka {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether trying again may succeed (a broker down, a timeout, a rebalance).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::MissingTopic(_) => false,
+            Error::Unreachable { .. } => true,
+            Error::Kafka { source, .. } => is_transient(source),
+        }
+    }
+}
+
+pub(crate) fn is_transient(e: &KafkaError) -> bool {
+    match e.rdkafka_error_code() {
+        Some(code) => matches!(
+            code,
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::TimedOutQueue
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+        ),
+        None => matches!(e, KafkaError::Canceled),
+    }
+}
+
+impl From<Error> for cqrs_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            e @ Error::MissingTopic(_) => cqrs_core::Error::Config(e.to_string()),
+            e => {
+                let retryable = e.is_retryable();
+                let context = e.to_string();
+                let source: cqrs_core::BoxError = match e {
+                    Error::Kafka { source, .. } | Error::Unreachable { source, .. } => {
+                        Box::new(source)
+                    }
+                    other => Box::new(other),
+                };
+                if retryable {
+                    cqrs_core::Error::retryable(context, source)
+                } else {
+                    cqrs_core::Error::fatal(context, source)
+                }
+            }
+        }
+    }
+}

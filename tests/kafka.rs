@@ -1,0 +1,411 @@
+//! The Kafka backend against a real Kafka-protocol broker (tansu).
+//!
+//! Uses `KAFKA_BROKERS` (default `127.0.0.1:9092`); the two-cluster test starts a second broker
+//! of its own (`TANSU_BIN`, default `~/.cache/tansu-0.6.0/bin/tansu`) on a free port.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+}
+
+fn config(brokers: &str) -> KafkaConfig {
+    KafkaConfig::new(brokers)
+        .partitions(4)
+        .fetch_wait(std::time::Duration::from_millis(10))
+        .commit_interval(std::time::Duration::from_millis(200))
+        .set("batch.num.messages", "1")
+}
+
+async fn backend() -> KafkaBackend {
+    KafkaBackend::connect(config(&brokers())).await.unwrap()
+}
+
+cqrs::conformance_suite!(backend());
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs::backend::{Publisher, Subscriber};
+use cqrs::processor::dead_letter_headers as dlq;
+use cqrs::{
+    CancellationToken, Context, Event, EventBus, EventProcessor, RetryPolicy, Subscription,
+};
+use serde::{Deserialize, Serialize};
+use support::{eventually, unique, TansuServer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+struct Order {
+    #[event(key)]
+    customer: String,
+    n: u32,
+}
+
+type Seen = Arc<Mutex<Vec<(String, u32)>>>;
+
+/// A processor for `service` whose one handler `handler` records what it got, labelled.
+async fn recorder(
+    backend: &KafkaBackend,
+    topic: &str,
+    service: &str,
+    label: &str,
+    seen: &Seen,
+) -> cqrs::RunningProcessor {
+    let topic = topic.to_owned();
+    let mut p = EventProcessor::new(backend.clone(), service)
+        .topics(cqrs::TopicNamer::new(move |_| topic.clone()));
+    let (s, label) = (seen.clone(), label.to_owned());
+    p.handle("record", move |o: Order| {
+        s.lock().unwrap().push((label.clone(), o.n));
+        async { Ok::<_, String>(()) }
+    })
+    .unwrap();
+    p.start(CancellationToken::new()).await.unwrap()
+}
+
+fn bus(backend: &KafkaBackend, topic: &str) -> EventBus {
+    let topic = topic.to_owned();
+    EventBus::new(backend.clone()).topics(cqrs::TopicNamer::new(move |_| topic.clone()))
+}
+
+fn orders(range: std::ops::Range<u32>) -> Vec<Order> {
+    range
+        .map(|n| Order {
+            customer: format!("c{}", n % 8),
+            n,
+        })
+        .collect()
+}
+
+async fn wait_for(seen: &Seen, n: usize) {
+    eventually(&format!("{n} handled"), || {
+        let len = seen.lock().unwrap().len();
+        async move { len >= n }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_split_the_partitions_and_another_group_sees_all() {
+    let backend = backend().await;
+    let topic = unique("orders");
+    let service = unique("svc");
+    let seen: Seen = Arc::default();
+    let a = recorder(&backend, &topic, &service, "a", &seen).await;
+    let b = recorder(&backend, &topic, &service, "b", &seen).await;
+    let other: Seen = Arc::default();
+    let audit = recorder(&backend, &topic, &unique("audit"), "audit", &other).await;
+    bus(&backend, &topic)
+        .publish_all(&orders(0..40))
+        .await
+        .unwrap();
+    wait_for(&seen, 40).await;
+    wait_for(&other, 40).await;
+    for r in [a, b, audit] {
+        r.shutdown().await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let per_member: BTreeMap<&str, usize> = seen.iter().fold(BTreeMap::new(), |mut m, (l, _)| {
+        *m.entry(l.as_str()).or_default() += 1;
+        m
+    });
+    let ns: BTreeSet<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        seen.len(),
+        40,
+        "each order handled once by the group: {per_member:?}"
+    );
+    assert_eq!(ns, (0..40).collect());
+    assert_eq!(
+        per_member.len(),
+        2,
+        "both members got partitions: {per_member:?}"
+    );
+    let audit: BTreeSet<u32> = other.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    assert_eq!(audit, (0..40).collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_resumes_from_the_committed_offset() {
+    let backend = backend().await;
+    let topic = unique("orders");
+    let service = unique("svc");
+    let first: Seen = Arc::default();
+    let running = recorder(&backend, &topic, &service, "first", &first).await;
+    bus(&backend, &topic)
+        .publish_all(&orders(0..10))
+        .await
+        .unwrap();
+    wait_for(&first, 10).await;
+    running.shutdown().await.unwrap();
+
+    bus(&backend, &topic)
+        .publish_all(&orders(10..20))
+        .await
+        .unwrap();
+    let second: Seen = Arc::default();
+    let running = recorder(&backend, &topic, &service, "second", &second).await;
+    wait_for(&second, 10).await;
+    // Anything more would show up by now: the first 10 were committed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.shutdown().await.unwrap();
+    let ns: BTreeSet<u32> = second.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        ns,
+        (10..20).collect(),
+        "only what the first member had not handled"
+    );
+    assert_eq!(second.lock().unwrap().len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_commit_redelivers_a_failure_and_pre_commit_does_not() {
+    let backend = backend().await;
+    for at_most_once in [false, true] {
+        let topic = unique("orders");
+        let service = unique("svc");
+        let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let t = topic.clone();
+        let mut p = EventProcessor::new(backend.clone(), &service)
+            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        let c = calls.clone();
+        let options = p
+            .handle("fails-once", move |_: Order, ctx: Context| {
+                c.lock().unwrap().push(ctx.attempt());
+                let r = if ctx.attempt() == 1 {
+                    Err("first try fails")
+                } else {
+                    Ok(())
+                };
+                async move { r }
+            })
+            .unwrap()
+            .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(20), 1.0));
+        if at_most_once {
+            options.at_most_once();
+        }
+        let running = p.start(CancellationToken::new()).await.unwrap();
+        bus(&backend, &topic)
+            .publish(&Order {
+                customer: "c".into(),
+                n: 1,
+            })
+            .await
+            .unwrap();
+        let dead = format!("{service}.fails-once.dead-letter");
+        if at_most_once {
+            let mut reader = backend
+                .subscribe(&Subscription::new(unique("r"), [&dead]))
+                .await
+                .unwrap();
+            let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+            assert_eq!(
+                d[0].message().metadata.headers[dlq::REASON],
+                "first try fails"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                *calls.lock().unwrap(),
+                [1],
+                "pre-commit: acked first, not redelivered"
+            );
+        } else {
+            eventually("the redelivery", || {
+                let n = calls.lock().unwrap().len();
+                async move { n == 2 }
+            })
+            .await;
+            assert_eq!(
+                *calls.lock().unwrap(),
+                [1, 2],
+                "post-commit: redelivered after the failure"
+            );
+        }
+        running.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_events_keep_their_order_with_concurrent_handlers() {
+    let backend = backend().await;
+    let topic = unique("orders");
+    let seen: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+    let t = topic.clone();
+    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
+        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let s = seen.clone();
+    p.handle("ordered", move |o: Order| {
+        let s = s.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(u64::from(o.n % 3))).await;
+            s.lock().unwrap().entry(o.customer).or_default().push(o.n);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .concurrency(4);
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    bus(&backend, &topic)
+        .publish_all(&orders(0..200))
+        .await
+        .unwrap();
+    eventually("200 handled", || {
+        let n: usize = seen.lock().unwrap().values().map(Vec::len).sum();
+        async move { n == 200 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    for (customer, ns) in seen.lock().unwrap().iter() {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, &sorted, "order broken for {customer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_handler_consumes_from_two_clusters() {
+    let second = TansuServer::start().await;
+    let (a, b) = (
+        backend().await,
+        KafkaBackend::connect(config(&second.brokers()))
+            .await
+            .unwrap(),
+    );
+    let topic = unique("orders");
+    let seen: Seen = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        move |o: Order, ctx: Context| {
+            seen.lock().unwrap().push((ctx.handler().to_owned(), o.n));
+            async { Ok::<_, String>(()) }
+        }
+    };
+    let t = topic.clone();
+    let mut p = EventProcessor::new(a.clone(), unique("svc"))
+        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    p.handle("cluster-a", handler.clone()).unwrap();
+    p.handle("cluster-b", handler).unwrap().backend(b.clone());
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    bus(&a, &topic)
+        .publish(&Order {
+            customer: "x".into(),
+            n: 1,
+        })
+        .await
+        .unwrap();
+    bus(&b, &topic)
+        .publish(&Order {
+            customer: "y".into(),
+            n: 2,
+        })
+        .await
+        .unwrap();
+    wait_for(&seen, 2).await;
+    running.shutdown().await.unwrap();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [("cluster-a".to_owned(), 1), ("cluster-b".to_owned(), 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let backend = backend().await;
+    let topic = unique("orders");
+    let service = unique("svc");
+    backend.ensure_topics(std::slice::from_ref(&topic)).await.unwrap();
+    let seen: Seen = Arc::default();
+    let running = recorder(&backend, &topic, &service, "r", &seen).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    // No `cqrs-name` header: not a message of ours.
+    producer
+        .send(
+            FutureRecord::<str, str>::to(&topic).payload(r#"{"customer":"c","n":1}"#),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    // A well-formed one, written by hand per docs/wire-format.md.
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "cqrs-name",
+        value: Some("Order"),
+    });
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("c")
+                .payload(r#"{"customer":"c","n":2}"#)
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    wait_for(&seen, 1).await;
+    let dead = format!("{service}.record.dead-letter");
+    let mut reader = backend
+        .subscribe(&Subscription::new(unique("r"), [&dead]))
+        .await
+        .unwrap();
+    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(seen.lock().unwrap().clone(), [("r".to_owned(), 2)]);
+    assert_eq!(
+        d[0].message().metadata.headers[dlq::REASON],
+        "malformed message: field `cqrs-name` is missing"
+    );
+    assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_is_a_clear_error() {
+    let port = support::free_port();
+    let err =
+        KafkaBackend::connect(config(&format!("127.0.0.1:{port}")).timeout(Duration::from_secs(2)))
+            .await
+            .unwrap_err();
+    assert!(err.is_retryable());
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot reach the Kafka brokers at 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn missing_topics_are_errors_when_creation_is_off() {
+    let backend = KafkaBackend::connect(config(&brokers()).create_topics(false))
+        .await
+        .unwrap();
+    let topic = unique("nowhere");
+    let err = backend
+        .publish(&topic, &[cqrs::Message::new("Order", b"{}".to_vec())])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("invalid configuration: topic `{topic}` does not exist and topic creation is off")
+    );
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let c = config("b:9092").set("sasl.password", "hunter2");
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
