@@ -42,3 +42,33 @@ redis_cleanup() {
   redis-cli -u "$REDIS_URL" --scan --pattern 'conf-*' | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null
   log "removed the conformance suite's streams from database ${db:-0}"
 }
+
+TANSU_VERSION=0.6.0
+export TANSU_BIN="${TANSU_BIN:-$HOME/.cache/tansu-$TANSU_VERSION/bin/tansu}"
+
+# A Kafka-protocol broker for the run: `KAFKA_BROKERS` if set, else a fresh tansu (installed from
+# crates.io on first use, ~7 minutes) on a free loopback port, stopped when the script exits.
+ensure_kafka() {
+  if [ -n "${KAFKA_BROKERS:-}" ]; then
+    log "using Kafka at $KAFKA_BROKERS"
+    return
+  fi
+  if [ ! -x "$TANSU_BIN" ]; then
+    log "installing tansu $TANSU_VERSION (a Kafka-compatible broker) into $(dirname "$(dirname "$TANSU_BIN")")"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+      --root "$(dirname "$(dirname "$TANSU_BIN")")" -j2 --debug --quiet
+  fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"${TMPDIR:-/tmp}/cqrs-tansu-$port.log" 2>&1 &
+  TANSU_PID=$!
+  trap 'kill "$TANSU_PID" 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { log "tansu did not start"; return 1; }
+  export KAFKA_BROKERS="127.0.0.1:$port"
+  log "tansu $TANSU_VERSION on $KAFKA_BROKERS (pid $TANSU_PID)"
+}

@@ -324,7 +324,10 @@ async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
     let backend = backend().await;
     let topic = unique("orders");
     let service = unique("svc");
-    backend.ensure_topics(std::slice::from_ref(&topic)).await.unwrap();
+    backend
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
     let seen: Seen = Arc::default();
     let running = recorder(&backend, &topic, &service, "r", &seen).await;
     let producer: FutureProducer = rdkafka::ClientConfig::new()

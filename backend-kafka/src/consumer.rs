@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
-use cqrs_core::wire::Layout;
+use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::Message;
 use cqrs_core::StartFrom;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
@@ -272,7 +272,13 @@ impl KafkaConsumer {
                 .unwrap_or_default();
             Layout::KAFKA.decode(
                 fields,
-                &fallback_id,
+                Entry {
+                    id: &fallback_id,
+                    time_ms: m
+                        .timestamp()
+                        .to_millis()
+                        .and_then(|t| u64::try_from(t).ok()),
+                },
                 m.key(),
                 m.payload().map(<[u8]>::to_vec),
             )

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
-use cqrs_core::wire::Layout;
+use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::StartFrom;
 use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::value::{self, Entry};
+use crate::value::{self, Entry as StreamEntry};
 use crate::{create_group, RedisOptions};
 
 /// How often consumers look for members to remove.
@@ -107,7 +107,7 @@ impl RedisConsumer {
         );
     }
 
-    fn delivery(&self, stream: &Arc<str>, entry: Entry, attempt: u32) -> Option<Delivery> {
+    fn delivery(&self, stream: &Arc<str>, entry: StreamEntry, attempt: u32) -> Option<Delivery> {
         let mut fields = entry.fields?;
         let payload = fields
             .iter()
@@ -117,7 +117,10 @@ impl RedisConsumer {
             fields
                 .iter()
                 .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
-            &entry.id,
+            Entry {
+                id: &entry.id,
+                time_ms: value::parse_id(&entry.id).map(|(ms, _)| ms),
+            },
             None,
             payload,
         );

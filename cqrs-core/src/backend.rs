@@ -67,7 +67,7 @@ pub struct Delivery {
     topic: Arc<str>,
     message: Arc<Message>,
     attempt: u32,
-    broker_id: String,
+    broker_id: Arc<str>,
     acker: Arc<dyn Acknowledge>,
     malformed: Option<String>,
 }
@@ -79,14 +79,14 @@ impl Delivery {
         topic: Arc<str>,
         message: Message,
         attempt: u32,
-        broker_id: String,
+        broker_id: impl Into<Arc<str>>,
         acker: Arc<dyn Acknowledge>,
     ) -> Self {
         Delivery {
             topic,
             message: Arc::new(message),
             attempt,
-            broker_id,
+            broker_id: broker_id.into(),
             acker,
             malformed: None,
         }
@@ -131,6 +131,11 @@ impl Delivery {
 
     /// The backend's id of this entry.
     pub fn broker_id(&self) -> &str {
+        &self.broker_id
+    }
+
+    /// The backend's id of this entry, shared.
+    pub fn broker_id_arc(&self) -> &Arc<str> {
         &self.broker_id
     }
 

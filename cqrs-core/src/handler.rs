@@ -18,6 +18,7 @@ pub struct Context {
     pub(crate) group: Arc<str>,
     pub(crate) handler: Arc<str>,
     pub(crate) attempt: u32,
+    pub(crate) broker_id: Arc<str>,
 }
 
 impl Context {
@@ -55,6 +56,12 @@ impl Context {
     /// The handler's name.
     pub fn handler(&self) -> &str {
         &self.handler
+    }
+
+    /// The broker's id of this delivery: a Redis stream entry id, a Kafka `partition:offset`, an
+    /// in-memory sequence number.
+    pub fn broker_id(&self) -> &str {
+        &self.broker_id
     }
 
     /// How many times the group has been handed this message, starting at 1.

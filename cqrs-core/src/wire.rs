@@ -42,9 +42,19 @@ pub struct Layout {
     /// Whether the payload and key travel as fields (Redis) or beside them (Kafka value and key).
     pub payload_in_fields: bool,
     /// Leave out what a reader infers: version 1, content type `application/json`, and a
-    /// creation time within a second of publishing (read back from the entry id, whose first
-    /// part is the time in milliseconds, as Redis stream ids are).
+    /// creation time within a second of publishing (read back from the entry's own time, see
+    /// [`Entry::time_ms`]).
     pub compact: bool,
+}
+
+/// What a backend knows of an entry besides its fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// The backend's id of the entry, the message id when the message carries none.
+    pub id: &'a str,
+    /// The entry's time in milliseconds since the Unix epoch (a Redis entry id's first part, a
+    /// Kafka record's timestamp): the creation time when the message carries none.
+    pub time_ms: Option<u64>,
 }
 
 /// The content type assumed when a message carries none.
@@ -64,7 +74,7 @@ impl Layout {
         prefix: "cqrs-",
         header_prefix: "",
         payload_in_fields: false,
-        compact: false,
+        compact: true,
     };
 
     fn reserved(&self, name: &'static str) -> Cow<'static, str> {
@@ -125,9 +135,9 @@ impl Layout {
         out
     }
 
-    /// Rebuilds a message from its fields. `fallback_id` is used when the id field is missing
-    /// (the backend's own entry id); `key` and `payload` are the record's when the backend
-    /// carries them beside the fields, or a payload the caller took out of the fields already.
+    /// Rebuilds a message from its fields and what the backend knows of the entry: its own id
+    /// and time (used when the message carries none), and the record's key and payload when the
+    /// backend carries them beside the fields (or the caller took the payload out already).
     ///
     /// Returns the message and, when it is malformed (no name, no payload, a version that is not
     /// a number, text that is not UTF-8), the reason, beside the best message that could be made,
@@ -135,7 +145,7 @@ impl Layout {
     pub fn decode<'a>(
         &self,
         fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-        fallback_id: &str,
+        entry: Entry<'_>,
         key: Option<&[u8]>,
         payload: Option<Vec<u8>>,
     ) -> (Message, Option<String>) {
@@ -207,18 +217,13 @@ impl Layout {
             }
         }
         if message.id.is_empty() {
-            message.id = fallback_id.to_owned();
+            message.id = entry.id.to_owned();
         }
         if message.metadata.content_type.is_empty() {
             message.metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
         }
-        if message.metadata.created_at == 0 && self.compact {
-            if let Some(ms) = fallback_id
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse().ok())
-            {
-                message.metadata.created_at = ms;
-            }
+        if message.metadata.created_at == 0 {
+            message.metadata.created_at = entry.time_ms.unwrap_or(0);
         }
         if message.name.is_empty() {
             problems.push(format!("field `{}{}` is missing", self.prefix, field::NAME));
@@ -265,7 +270,11 @@ mod tests {
             (m.key.as_deref().map(str::as_bytes), Some(m.payload.clone()))
         };
         let entry_id = format!("{}-0", m.metadata.created_at);
-        layout.decode(fields, &entry_id, key, payload)
+        let entry = Entry {
+            id: &entry_id,
+            time_ms: Some(m.metadata.created_at),
+        };
+        layout.decode(fields, entry, key, payload)
     }
 
     #[test]
@@ -300,18 +309,24 @@ mod tests {
             names(&m),
             ["id", "name", "payload", "version", "created-at"]
         );
-        assert_eq!(
-            Layout::KAFKA
-                .encode_numbers(&Message::new("A", vec![]))
-                .len(),
-            2
-        );
+        let mut old = Message::new("A", vec![]);
+        assert_eq!(Layout::KAFKA.encode_numbers(&old).len(), 0);
+        old.metadata.created_at -= 60_000;
+        assert_eq!(Layout::KAFKA.encode_numbers(&old).len(), 1);
     }
 
     #[test]
     fn name_and_payload_are_enough() {
         let fields: Vec<(&str, &[u8])> = vec![("name", b"Booked"), ("payload", b"{}")];
-        let (m, reason) = Layout::REDIS.decode(fields, "1700-0", None, None);
+        let (m, reason) = Layout::REDIS.decode(
+            fields,
+            Entry {
+                id: "1700-0",
+                time_ms: Some(1700),
+            },
+            None,
+            None,
+        );
         assert_eq!(reason, None);
         assert_eq!(
             (m.id.as_str(), m.name.as_str(), m.version),
@@ -323,14 +338,30 @@ mod tests {
     #[test]
     fn malformed_messages_say_why() {
         let fields: Vec<(&str, &[u8])> = vec![("version", b"two"), ("payload", b"{}")];
-        let (m, reason) = Layout::REDIS.decode(fields, "1-0", None, None);
+        let (m, reason) = Layout::REDIS.decode(
+            fields,
+            Entry {
+                id: "1-0",
+                time_ms: Some(1),
+            },
+            None,
+            None,
+        );
         assert_eq!(m.id, "1-0");
         assert_eq!(
             reason.as_deref().unwrap_or_default(),
             "malformed message: field `version` is not a number: `two`; field `name` is missing"
         );
         let fields: Vec<(&str, &[u8])> = vec![("name", b"A")];
-        let (_, reason) = Layout::REDIS.decode(fields, "1-0", None, None);
+        let (_, reason) = Layout::REDIS.decode(
+            fields,
+            Entry {
+                id: "1-0",
+                time_ms: Some(1),
+            },
+            None,
+            None,
+        );
         assert_eq!(
             reason.as_deref(),
             Some("malformed message: field `payload` is missing")

@@ -336,6 +336,7 @@ fn context(spec: &GroupSpec, d: &Delivery) -> Context {
         group: spec.group.clone(),
         handler: spec.no_handler.clone(),
         attempt: d.attempt(),
+        broker_id: d.broker_id_arc().clone(),
     }
 }
 

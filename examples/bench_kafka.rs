@@ -1,0 +1,277 @@
+//! Benchmark: plain `rdkafka` against our typed bus and processor, in one run, on the same
+//! Kafka-protocol broker.
+//!
+//! Run with: `cargo run --release --example bench_kafka --features kafka`, with a broker on
+//! `KAFKA_BROKERS` (default 127.0.0.1:9092; a fresh tansu is best, its memory grows with the data).
+//! `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3).
+//!
+//! Events are ~1 KiB of JSON, on topics of 4 partitions. Both sides use the same producer settings
+//! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`). Raw publishing
+//! queues 1,000 `FutureRecord`s (JSON-encoded, keyed) and awaits their deliveries; ours calls
+//! `EventBus::publish_all` with 1,000 events. Raw consuming is a `StreamConsumer` that decodes
+//! each payload into the event type and stores its offset; ours is an `EventProcessor` handler.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
+use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+struct Reading {
+    #[event(key)]
+    sensor: String,
+    seq: u64,
+    blob: String,
+}
+
+fn event(i: u64) -> Reading {
+    let mut r = Reading {
+        sensor: format!("sensor-{:03}", i % 100),
+        seq: i,
+        blob: String::new(),
+    };
+    let len = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0);
+    r.blob = "x".repeat(1024usize.saturating_sub(len));
+    r
+}
+
+const CHUNK: usize = 1000;
+
+struct Bench {
+    brokers: String,
+    n: usize,
+}
+
+impl Bench {
+    fn producer(&self) -> Result<FutureProducer, BoxError> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()?)
+    }
+
+    async fn raw_publish(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+    ) -> Result<Duration, BoxError> {
+        let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
+        let start = Instant::now();
+        for chunk in events.chunks(CHUNK) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let payload = serde_json::to_vec(e)?;
+                let mut record = FutureRecord::to(topic).key(&e.sensor).payload(&payload);
+                loop {
+                    match producer.send_result(record) {
+                        Ok(d) => break pending.push(d),
+                        Err((e, r))
+                            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
+                        {
+                            record = r;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err((e, _)) => return Err(e.into()),
+                    }
+                }
+            }
+            for d in pending {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn ours_publish(&self, bus: &EventBus) -> Result<Duration, BoxError> {
+        let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
+        let start = Instant::now();
+        for chunk in events.chunks(CHUNK) {
+            bus.publish_all(chunk).await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn raw_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", cqrs::conformance::unique("raw"))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let start = Instant::now();
+        consumer.subscribe(&[topic])?;
+        let mut got = 0;
+        while got < n {
+            let m = consumer.recv().await?;
+            let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            consumer.store_offset_from_message(&m)?;
+            got += 1;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn ours_consume(
+        &self,
+        backend: &KafkaBackend,
+        topic: &str,
+        n: usize,
+    ) -> Result<Duration, BoxError> {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let token = CancellationToken::new();
+        let start = Instant::now();
+        let t = topic.to_owned();
+        let mut p = EventProcessor::new(backend.clone(), cqrs::conformance::unique("ours"))
+            .topics(TopicNamer::new(move |_| t.clone()));
+        let h = handled.clone();
+        p.handle("count", move |_: Reading| {
+            h.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Ok::<_, BoxError>(()))
+        })?
+        .batch_size(500);
+        let running = p.start(token.clone()).await?;
+        while handled.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = start.elapsed();
+        token.cancel();
+        running.wait().await?;
+        Ok(elapsed)
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let b = Bench {
+        brokers: brokers.clone(),
+        n,
+    };
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(&brokers)
+            .partitions(4)
+            .fetch_wait(Duration::from_millis(10)),
+    )
+    .await?;
+    let producer = b.producer()?;
+    println!("{n} events of ~1 KiB of JSON on 4 partitions, Kafka at {brokers}, {rounds} rounds");
+    let names = [
+        "publish, batches of 1000",
+        "consume, 1 member",
+        "publish + consume, end to end",
+    ];
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); names.len()];
+    for round in 1..=rounds {
+        let (raw_t, ours_t) = (
+            cqrs::conformance::unique("bench-raw"),
+            cqrs::conformance::unique("bench-ours"),
+        );
+        backend
+            .ensure_topics(&[raw_t.clone(), ours_t.clone()])
+            .await?;
+        let bus = {
+            let t = ours_t.clone();
+            EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()))
+        };
+        let ours_first = round % 2 == 0;
+        let mut figures = Vec::new();
+        // Publish.
+        let (r, o) = if ours_first {
+            let o = b.ours_publish(&bus).await?;
+            (b.raw_publish(&producer, &raw_t).await?, o)
+        } else {
+            let r = b.raw_publish(&producer, &raw_t).await?;
+            (r, b.ours_publish(&bus).await?)
+        };
+        figures.push((r, o));
+        // Consume what was published.
+        let (r, o) = if ours_first {
+            let o = b.ours_consume(&backend, &ours_t, n).await?;
+            (b.raw_consume(&raw_t, n).await?, o)
+        } else {
+            let r = b.raw_consume(&raw_t, n).await?;
+            (r, b.ours_consume(&backend, &ours_t, n).await?)
+        };
+        figures.push((r, o));
+        // End to end on fresh topics.
+        let (raw_e, ours_e) = (
+            cqrs::conformance::unique("bench-raw-e2e"),
+            cqrs::conformance::unique("bench-ours-e2e"),
+        );
+        backend
+            .ensure_topics(&[raw_e.clone(), ours_e.clone()])
+            .await?;
+        let bus_e = {
+            let t = ours_e.clone();
+            EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()))
+        };
+        let raw_e2e = async {
+            let start = Instant::now();
+            let (c, p) = tokio::join!(b.raw_consume(&raw_e, n), b.raw_publish(&producer, &raw_e));
+            c?;
+            p?;
+            Ok::<_, BoxError>(start.elapsed())
+        };
+        let ours_e2e = async {
+            let start = Instant::now();
+            let (c, p) = tokio::join!(b.ours_consume(&backend, &ours_e, n), b.ours_publish(&bus_e));
+            c?;
+            p?;
+            Ok::<_, BoxError>(start.elapsed())
+        };
+        let (r, o) = if ours_first {
+            let o = ours_e2e.await?;
+            (raw_e2e.await?, o)
+        } else {
+            let r = raw_e2e.await?;
+            (r, ours_e2e.await?)
+        };
+        figures.push((r, o));
+
+        println!("round {round}");
+        for (i, (r, o)) in figures.into_iter().enumerate() {
+            let (r, o) = (rate(n, r), rate(n, o));
+            println!("  {:<34} {r:>10.0} {o:>10.0} {:>6.2}", names[i], o / r);
+            results[i].0.push(r);
+            results[i].1.push(o);
+        }
+    }
+    println!("\nmedian of the rounds");
+    println!(
+        "{:<36} {:>10} {:>10} {:>6}",
+        "figure (msg/s)", "raw", "ours", "ratio"
+    );
+    for (i, (rs, os)) in results.into_iter().enumerate() {
+        let (r, o) = (median(rs), median(os));
+        println!("{:<36} {r:>10.0} {o:>10.0} {:>6.2}", names[i], o / r);
+    }
+    Ok(())
+}
