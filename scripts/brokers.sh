@@ -45,30 +45,55 @@ redis_cleanup() {
 
 TANSU_VERSION=0.6.0
 export TANSU_BIN="${TANSU_BIN:-$HOME/.cache/tansu-$TANSU_VERSION/bin/tansu}"
+TANSU_PIDS=()
 
-# A Kafka-protocol broker for the run: `KAFKA_BROKERS` if set, else a fresh tansu (installed from
-# crates.io on first use, ~7 minutes) on a free loopback port, stopped when the script exits.
-ensure_kafka() {
-  if [ -n "${KAFKA_BROKERS:-}" ]; then
-    log "using Kafka at $KAFKA_BROKERS"
-    return
-  fi
+stop_tansu() {
+  for pid in "${TANSU_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+
+install_tansu() {
   if [ ! -x "$TANSU_BIN" ]; then
-    log "installing tansu $TANSU_VERSION (a Kafka-compatible broker) into $(dirname "$(dirname "$TANSU_BIN")")"
+    log "installing tansu $TANSU_VERSION (a Kafka-compatible broker) into $(dirname "$(dirname "$TANSU_BIN")"), ~7 minutes"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
       --root "$(dirname "$(dirname "$TANSU_BIN")")" -j2 --debug --quiet
   fi
+}
+
+# Starts a fresh tansu with in-memory storage on a free loopback port (stopped when the script
+# exits) and sets TANSU_ADDR to its address.
+start_tansu() {
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine memory://tansu/ >"${TMPDIR:-/tmp}/cqrs-tansu-$port.log" 2>&1 &
-  TANSU_PID=$!
-  trap 'kill "$TANSU_PID" 2>/dev/null || true' EXIT
+  TANSU_PIDS+=($!)
   for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      TANSU_ADDR="127.0.0.1:$port"
+      return 0
+    fi
     sleep 0.1
   done
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { log "tansu did not start"; return 1; }
-  export KAFKA_BROKERS="127.0.0.1:$port"
-  log "tansu $TANSU_VERSION on $KAFKA_BROKERS (pid $TANSU_PID)"
+  log "tansu did not start on port $port"
+  return 1
+}
+
+# Kafka-protocol brokers for the run: `KAFKA_BROKERS` if set, else a fresh tansu (installed from
+# crates.io on first use); a second one for the two-cluster example.
+ensure_kafka() {
+  trap stop_tansu EXIT
+  if [ -n "${KAFKA_BROKERS:-}" ]; then
+    log "using Kafka at $KAFKA_BROKERS"
+  else
+    install_tansu
+    start_tansu
+    export KAFKA_BROKERS="$TANSU_ADDR"
+    log "tansu $TANSU_VERSION on $KAFKA_BROKERS"
+  fi
+  if [ -z "${KAFKA_BROKERS_B:-}" ]; then
+    install_tansu
+    start_tansu
+    export KAFKA_BROKERS_B="$TANSU_ADDR"
+  fi
+  export KAFKA_BROKERS_A="$KAFKA_BROKERS"
 }

@@ -534,3 +534,116 @@ fn debug_output_hides_passwords() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("svc:***@10.0.0.1"), "{text}");
 }
+
+#[tokio::test]
+async fn approximate_trimming_on_publish() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let stream = keys.add(&unique("capped"));
+    let mut topology = Topology::new();
+    topology
+        .pool("default", &url)
+        .unwrap()
+        .stream("default", &stream, ["g"])
+        .unwrap()
+        .max_len(&stream, 10)
+        .unwrap();
+    let backend = RedisBackend::from_topology(&topology).await.unwrap();
+    for chunk in 0..20 {
+        let batch: Vec<Message> = (0..50)
+            .map(|i| Message::new("Ping", format!("{chunk}-{i}").into_bytes()))
+            .collect();
+        backend.publish(&stream, &batch).await.unwrap();
+    }
+    let length = backend.stats(&stream).await.unwrap().length;
+    // `MAXLEN ~` trims whole nodes of the stream: it keeps at least 10, far fewer than 1000.
+    assert!((10..=250).contains(&length), "{length} entries kept");
+}
+
+#[tokio::test]
+async fn idle_consumers_without_pending_entries_are_removed_and_owners_are_kept() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let stream = keys.add(&unique("members"));
+    let backend = backend().await;
+    backend
+        .publish(&stream, &[Message::new("Ping", b"x".to_vec())])
+        .await
+        .unwrap();
+    let mut holder = backend
+        .subscribe(
+            &Subscription::new("g", [&stream])
+                .consumer("holder")
+                .claim_idle(None),
+        )
+        .await
+        .unwrap();
+    let held = receive_n(&mut *holder, 1).await;
+    // A member that joined and never got anything.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&stream)
+        .arg("g")
+        .arg("empty")
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    drop(holder);
+
+    let mut options = cqrs::redis::RedisOptions::default();
+    options.remove_idle_consumers_after = Duration::from_millis(100);
+    options.block = Duration::from_millis(50);
+    let mut topology = Topology::new();
+    topology.pool("default", &url).unwrap();
+    let sweeper = RedisBackend::with_options(&topology, options)
+        .await
+        .unwrap();
+    let members = || async {
+        let mut c = raw(&url).await;
+        let reply: redis::Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg("g")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut names: Vec<String> = match reply {
+            redis::Value::Array(cs) => cs
+                .iter()
+                .filter_map(|c| match c {
+                    redis::Value::Array(kv) => kv.chunks(2).find_map(|p| match (&p[0], &p[1]) {
+                        (redis::Value::BulkString(k), redis::Value::BulkString(v))
+                            if k == b"name" =>
+                        {
+                            Some(String::from_utf8_lossy(v).into_owned())
+                        }
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        names.sort();
+        names
+    };
+    assert_eq!(members().await, ["empty", "holder"]);
+    eventually("the idle member without entries to be removed", || async {
+        let mut c = sweeper
+            .subscribe(
+                &Subscription::new("g", [&stream])
+                    .consumer(unique("sweeper"))
+                    .claim_idle(None),
+            )
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(100), c.receive(1)).await;
+        !members().await.contains(&"empty".to_owned())
+    })
+    .await;
+    assert!(
+        members().await.contains(&"holder".to_owned()),
+        "a member owning entries stays"
+    );
+    drop(held);
+}

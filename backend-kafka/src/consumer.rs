@@ -305,13 +305,16 @@ impl KafkaConsumer {
         while i < retries.len() {
             if retries[i].due <= now && out.len() < max {
                 let r = retries.swap_remove(i);
-                out.push(Delivery::new(
-                    r.topic,
-                    r.message,
-                    r.attempt + 1,
-                    format!("{}:{}", r.partition, r.offset),
-                    self.acker.clone(),
-                ));
+                out.push(
+                    Delivery::new(
+                        r.topic,
+                        r.message,
+                        r.attempt + 1,
+                        format!("{}:{}", r.partition, r.offset),
+                        self.acker.clone(),
+                    )
+                    .with_shard(r.partition.unsigned_abs()),
+                );
             } else {
                 let due = retries[i].due;
                 next = Some(next.map_or(due, |n: Instant| n.min(due)));

@@ -70,6 +70,7 @@ pub struct Delivery {
     broker_id: Arc<str>,
     acker: Arc<dyn Acknowledge>,
     malformed: Option<String>,
+    shard: Option<u32>,
 }
 
 impl Delivery {
@@ -89,6 +90,7 @@ impl Delivery {
             broker_id: broker_id.into(),
             acker,
             malformed: None,
+            shard: None,
         }
     }
 
@@ -97,6 +99,18 @@ impl Delivery {
     pub fn with_malformed(mut self, reason: impl Into<String>) -> Self {
         self.malformed = Some(reason.into());
         self
+    }
+
+    /// Tells processors which broker-side shard (a Kafka partition) the entry came from, so that
+    /// entries without a key keep their shard's order when handled concurrently.
+    pub fn with_shard(mut self, shard: u32) -> Self {
+        self.shard = Some(shard);
+        self
+    }
+
+    /// The broker-side shard, if the backend has them.
+    pub fn shard(&self) -> Option<u32> {
+        self.shard
     }
 
     /// Why the entry could not be read as a message, if it could not.

@@ -569,3 +569,52 @@ async fn invalid_topics_are_rejected_at_start() {
         "invalid configuration: topic `dead letters` contains ` `; use ASCII letters, digits, `.`, `_` and `-`"
     );
 }
+
+#[tokio::test]
+async fn a_subscriber_constructor_picks_each_handlers_backend() {
+    let (main, special) = (MemoryBroker::new(), MemoryBroker::new());
+    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let chosen = special.clone();
+    let mut p = EventProcessor::new(main.clone(), "svc").subscriber_constructor(move |handler| {
+        assert_eq!(handler, "on-booked");
+        std::sync::Arc::new(chosen.clone())
+    });
+    p.handle("on-booked", move |e: Booked| {
+        std::future::ready(tx.send(e.id).map_err(|e| e.to_string()))
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(special.clone())
+        .publish(&Booked { id: 9 })
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, 9);
+    running.shutdown().await.unwrap();
+    assert!(
+        main.topics().is_empty(),
+        "nothing subscribed on the processor's own backend"
+    );
+}
+
+#[cfg(feature = "msgpack")]
+#[tokio::test]
+async fn msgpack_codec_round_trips_through_bus_and_processor() {
+    use cqrs_core::codec::MsgPack;
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Booked>();
+    let mut p = EventProcessor::with_codec(broker.clone(), "svc", MsgPack);
+    p.handle("h", move |e: Booked| {
+        std::future::ready(tx.send(e).map_err(|e| e.to_string()))
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::with_codec(broker.clone(), MsgPack)
+        .publish(&Booked { id: 3 })
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, Booked { id: 3 });
+    running.shutdown().await.unwrap();
+    let m = &broker.messages("tickets")[0];
+    assert_eq!(m.metadata.content_type, "application/msgpack");
+    assert_ne!(m.payload.first(), Some(&b'{'), "not JSON");
+}

@@ -74,6 +74,8 @@ impl GroupSpec {
 
 struct Job {
     ctx: Context,
+    /// The broker-side shard, which orders messages without a key.
+    shard: Option<u32>,
     /// Why the entry could not be read as a message.
     malformed: Option<String>,
     /// `None` when the message was acked before handling (at-most-once).
@@ -176,6 +178,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                 .into_iter()
                 .map(|d| Job {
                     ctx: context(spec, &d),
+                    shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: Some(d),
                 })
@@ -186,6 +189,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                 .iter()
                 .map(|d| Job {
                     ctx: context(spec, d),
+                    shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: None,
                 })
@@ -295,13 +299,15 @@ impl Lanes {
     /// Queues a job on the lane of its key; `false` if the lanes are gone.
     async fn send(&mut self, job: Job) -> bool {
         let n = self.senders.len();
-        let lane = match &job.ctx.message.key {
-            Some(key) => {
+        // One key (else one shard) always goes to one lane, so its order holds.
+        let lane = match (&job.ctx.message.key, job.shard) {
+            (Some(key), _) => {
                 let mut h = DefaultHasher::new();
                 key.hash(&mut h);
                 (h.finish() % n as u64) as usize
             }
-            None => {
+            (None, Some(shard)) => shard as usize % n,
+            (None, None) => {
                 self.round_robin = self.round_robin.wrapping_add(1);
                 self.round_robin % n
             }
@@ -397,6 +403,7 @@ async fn handle_job(spec: &GroupSpec, services: &mut Services, job: Job) -> Opti
         ctx,
         malformed,
         delivery,
+        ..
     } = job;
     if let Some(reason) = malformed {
         return reject(spec, ctx, delivery, &reason).await;
