@@ -175,7 +175,8 @@ pub async fn fan_out_to_groups<B: Backend>(backend: B) {
     }
 }
 
-/// Two members of one group share the messages: each is delivered to one member, once.
+/// Two members of one group share the messages: each is delivered to one member, once. (The
+/// messages have distinct keys, so that a partitioned backend spreads them.)
 pub async fn members_share_the_work<B: Backend>(backend: B) {
     let topic = unique("conf-share");
     let group = unique("g");
@@ -183,7 +184,7 @@ pub async fn members_share_the_work<B: Backend>(backend: B) {
     let mut a = subscribe(&backend, Subscription::new(&group, [&topic])).await;
     let mut b = subscribe(&backend, Subscription::new(&group, [&topic])).await;
     backend
-        .publish(&topic, &messages(n, |_| None))
+        .publish(&topic, &messages(n, |i| Some(format!("k{i}"))))
         .await
         .expect("publish failed");
     let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
