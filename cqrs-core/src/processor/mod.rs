@@ -13,7 +13,6 @@
 mod engine;
 mod options;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -151,6 +150,57 @@ impl<C> Core<C> {
             consumer_name,
             no_handler: Arc::from(""),
         })
+    }
+}
+
+impl<C> Core<C> {
+    /// Registers `handler` (one group of its own) at the end of `handlers`; returns its options.
+    fn register<'h, T, H, Args>(
+        &self,
+        handlers: &'h mut Vec<EventRegistration>,
+        name: &str,
+        d: Descriptor,
+        handler: H,
+    ) -> Result<&'h mut HandlerOptions>
+    where
+        T: Send + 'static,
+        H: Handler<T, Args>,
+        Args: 'static,
+        C: Codec<T>,
+    {
+        check_handler_name(name)?;
+        if handlers.iter().any(|h| h.name == name) {
+            return Err(Error::DuplicateHandler(name.to_owned()));
+        }
+        handlers.push(EventRegistration {
+            name: name.to_owned(),
+            event: d.name,
+            topic: self.topics.topic_of(&d),
+            service: HandlerService::pipeline(handler, self.codec.clone()),
+            options: self.defaults.clone(),
+        });
+        let last = handlers.len() - 1;
+        Ok(&mut handlers[last].options)
+    }
+
+    /// Starts one group per registration.
+    async fn start_each(
+        &self,
+        handlers: Vec<EventRegistration>,
+        token: CancellationToken,
+    ) -> Result<RunningProcessor> {
+        let specs = handlers
+            .into_iter()
+            .map(|h| {
+                self.spec(
+                    &h.name,
+                    vec![h.topic],
+                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
+                    h.options,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        start(specs, token).await
     }
 }
 
@@ -341,38 +391,14 @@ impl<C> EventProcessor<C> {
         Args: 'static,
         C: Codec<E>,
     {
-        check_handler_name(name)?;
-        if self.handlers.iter().any(|h| h.name == name) {
-            return Err(Error::DuplicateHandler(name.to_owned()));
-        }
-        let d = Descriptor::event::<E>();
-        self.handlers.push(EventRegistration {
-            name: name.to_owned(),
-            event: d.name,
-            topic: self.core.topics.topic_of(&d),
-            service: HandlerService::pipeline(handler, self.core.codec.clone()),
-            options: self.core.defaults.clone(),
-        });
-        let last = self.handlers.len() - 1;
-        Ok(&mut self.handlers[last].options)
+        self.core
+            .register(&mut self.handlers, name, Descriptor::event::<E>(), handler)
     }
 
     /// Subscribes every handler's group (so errors show here), then runs them until `token` is
     /// cancelled.
     pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
-        let specs = self
-            .handlers
-            .into_iter()
-            .map(|h| {
-                self.core.spec(
-                    &h.name,
-                    vec![h.topic],
-                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
-                    h.options,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        start(specs, token).await
+        self.core.start_each(self.handlers, token).await
     }
 }
 
@@ -484,14 +510,16 @@ impl<C> EventGroupProcessor<C> {
 pub struct CommandProcessor<C = DefaultCodec> {
     core: Core<C>,
     handlers: Vec<EventRegistration>,
-    names: HashSet<&'static str>,
 }
 
 impl<C> fmt::Debug for CommandProcessor<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CommandProcessor")
             .field("service", &self.core.service)
-            .field("commands", &self.names)
+            .field(
+                "commands",
+                &self.handlers.iter().map(|h| h.event).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -509,7 +537,6 @@ impl<C> CommandProcessor<C> {
         CommandProcessor {
             core: Core::new(backend, service.into(), codec),
             handlers: Vec::new(),
-            names: HashSet::new(),
         }
     }
 
@@ -524,34 +551,11 @@ impl<C> CommandProcessor<C> {
         C: Codec<T>,
     {
         let d = Descriptor::command::<T>();
-        if !self.names.insert(d.name) {
-            return Err(Error::DuplicateHandler(d.name.to_owned()));
-        }
-        self.handlers.push(EventRegistration {
-            name: d.name.to_owned(),
-            event: d.name,
-            topic: self.core.topics.topic_of(&d),
-            service: HandlerService::pipeline(handler, self.core.codec.clone()),
-            options: self.core.defaults.clone(),
-        });
-        let last = self.handlers.len() - 1;
-        Ok(&mut self.handlers[last].options)
+        self.core.register(&mut self.handlers, d.name, d, handler)
     }
 
     /// Subscribes every command's group, then runs them until `token` is cancelled.
     pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
-        let specs = self
-            .handlers
-            .into_iter()
-            .map(|h| {
-                self.core.spec(
-                    &h.name,
-                    vec![h.topic],
-                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
-                    h.options,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        start(specs, token).await
+        self.core.start_each(self.handlers, token).await
     }
 }
