@@ -16,6 +16,10 @@ fn brokers() -> String {
         .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
 }
 
+/// Test settings. `batch.num.messages=1`: tansu 0.6 answers a fetch from an offset inside a
+/// multi-record batch with nothing, so a member resuming mid-batch would wait forever; with one
+/// record per batch every committed offset starts a batch. (A real Kafka returns the batch and
+/// the client skips what precedes the offset.)
 fn config(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers)
         .partitions(4)
