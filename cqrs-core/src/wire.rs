@@ -47,6 +47,19 @@ pub struct Layout {
     pub compact: bool,
 }
 
+#[derive(Clone, Copy)]
+enum Field {
+    Id,
+    Name,
+    Version,
+    Key,
+    ContentType,
+    CorrelationId,
+    CausationId,
+    CreatedAt,
+    Payload,
+}
+
 /// What a backend knows of an entry besides its fields.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
@@ -135,6 +148,24 @@ impl Layout {
         out
     }
 
+    /// Which reserved field `name` is, comparing bytes only when the length fits.
+    fn classify(&self, name: &str) -> Option<Field> {
+        let rest = name.as_bytes().strip_prefix(self.prefix.as_bytes())?;
+        let (field, expected) = match rest.len() {
+            2 => (Field::Id, field::ID),
+            3 => (Field::Key, field::KEY),
+            4 => (Field::Name, field::NAME),
+            7 if rest[0] == b'v' => (Field::Version, field::VERSION),
+            7 => (Field::Payload, field::PAYLOAD),
+            10 => (Field::CreatedAt, field::CREATED_AT),
+            12 if rest[0] == b'c' && rest[1] == b'o' => (Field::ContentType, field::CONTENT_TYPE),
+            12 => (Field::CausationId, field::CAUSATION_ID),
+            14 => (Field::CorrelationId, field::CORRELATION_ID),
+            _ => return None,
+        };
+        (rest == expected.as_bytes()).then_some(field)
+    }
+
     /// Rebuilds a message from its fields and what the backend knows of the entry: its own id
     /// and time (used when the message carries none), and the record's key and payload when the
     /// backend carries them beside the fields (or the caller took the payload out already).
@@ -175,36 +206,36 @@ impl Layout {
             },
         };
         for (name, value) in fields {
-            match name.strip_prefix(self.prefix) {
-                Some(field::ID) => message.id = text(name, value, &mut problems),
-                Some(field::NAME) => message.name = text(name, value, &mut problems),
-                Some(field::VERSION) => {
+            match self.classify(name) {
+                Some(Field::Id) => message.id = text(name, value, &mut problems),
+                Some(Field::Name) => message.name = text(name, value, &mut problems),
+                Some(Field::Version) => {
                     let v = text(name, value, &mut problems);
                     match v.trim().parse() {
                         Ok(n) => message.version = n,
                         Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
                     }
                 }
-                Some(field::KEY) if self.payload_in_fields => {
+                Some(Field::Key) if self.payload_in_fields => {
                     message.key = Some(text(name, value, &mut problems));
                 }
-                Some(field::CONTENT_TYPE) => {
+                Some(Field::ContentType) => {
                     message.metadata.content_type = Cow::Owned(text(name, value, &mut problems));
                 }
-                Some(field::CORRELATION_ID) => {
+                Some(Field::CorrelationId) => {
                     message.metadata.correlation_id = Some(text(name, value, &mut problems));
                 }
-                Some(field::CAUSATION_ID) => {
+                Some(Field::CausationId) => {
                     message.metadata.causation_id = Some(text(name, value, &mut problems));
                 }
-                Some(field::CREATED_AT) => {
+                Some(Field::CreatedAt) => {
                     let v = text(name, value, &mut problems);
                     match v.trim().parse() {
                         Ok(n) => message.metadata.created_at = n,
                         Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
                     }
                 }
-                Some(field::PAYLOAD) if self.payload_in_fields => {
+                Some(Field::Payload) if self.payload_in_fields => {
                     message.payload = value.to_vec();
                     has_payload = true;
                 }

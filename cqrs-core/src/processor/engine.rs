@@ -94,44 +94,42 @@ enum Settle {
 /// (one key, one lane, so order per key holds) and a settler task acks in batches.
 pub(crate) async fn run_group(
     spec: Arc<GroupSpec>,
-    mut consumer: Box<dyn Consumer>,
+    consumer: Box<dyn Consumer>,
     token: CancellationToken,
 ) -> Result<()> {
+    // This group's own token: a group that fails stops its fetcher and lanes, not its siblings
+    // (the processor decides that).
+    let token = token.child_token();
     let lanes_n = spec.options.concurrency.max(1);
     let mut lanes = if lanes_n > 1 {
         Some(Lanes::start(&spec, lanes_n, &token))
     } else {
         None
     };
+    // The next batch is fetched while this one is handled.
+    let (batches_tx, mut batches) = mpsc::channel(1);
+    let fetcher = tokio::spawn(fetch_loop(
+        spec.clone(),
+        consumer,
+        batches_tx,
+        token.clone(),
+    ));
 
     let mut services = Services::of(&spec);
     let mut result = Ok(());
-    let mut backoff = Duration::from_millis(100);
     'fetch: loop {
         let received = tokio::select! {
             biased;
             _ = token.cancelled() => break,
-            r = consumer.receive(spec.options.batch_size) => r,
+            r = batches.recv() => r,
         };
         let deliveries = match received {
-            Ok(d) => {
-                backoff = Duration::from_millis(100);
-                d
-            }
-            Err(e) if e.is_retryable() => {
-                tracing::warn!(group = %spec.group, error = %e.report(), "receive failed; retrying in {backoff:?}");
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(group = %spec.group, error = %e.report(), "receive failed; stopping the group");
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
                 result = Err(e);
                 break;
             }
+            None => break,
         };
         let Some(jobs) = jobs(&spec, deliveries).await else {
             continue;
@@ -156,6 +154,7 @@ pub(crate) async fn run_group(
     }
 
     // Stop: no new jobs; running handlers finish within the deadline, then their outcome is settled.
+    token.cancel();
     if let Some(lanes) = lanes.take() {
         if let Err(e) = lanes.finish(&spec).await {
             if result.is_ok() {
@@ -163,10 +162,66 @@ pub(crate) async fn run_group(
             }
         }
     }
-    if let Err(e) = consumer.close().await {
-        tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
+    // A batch fetched ahead and not handled goes back for prompt redelivery.
+    batches.close();
+    while let Some(batch) = batches.recv().await {
+        for d in batch.into_iter().flatten() {
+            nack(d, Duration::ZERO).await;
+        }
+    }
+    match fetcher.await {
+        Ok(mut consumer) => {
+            if let Err(e) = consumer.close().await {
+                tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
+            }
+        }
+        Err(e) => tracing::error!(group = %spec.group, error = %e, "the fetch task failed"),
     }
     result
+}
+
+/// Fetches batches until `token` is cancelled or the consumer fails for good (the error is
+/// passed on); retries errors worth retrying with backoff. Hands the consumer back to be closed.
+async fn fetch_loop(
+    spec: Arc<GroupSpec>,
+    mut consumer: Box<dyn Consumer>,
+    batches: mpsc::Sender<Result<Vec<Delivery>>>,
+    token: CancellationToken,
+) -> Box<dyn Consumer> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            r = consumer.receive(spec.options.batch_size) => r,
+        };
+        match received {
+            Ok(d) => {
+                backoff = Duration::from_millis(100);
+                if let Err(unsent) = batches.send(Ok(d)).await {
+                    // The group stopped: hand them back.
+                    for d in unsent.0.into_iter().flatten() {
+                        nack(d, Duration::ZERO).await;
+                    }
+                    break;
+                }
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(group = %spec.group, error = %e.report(), "receive failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(group = %spec.group, error = %e.report(), "receive failed; stopping the group");
+                let _ = batches.send(Err(e)).await;
+                break;
+            }
+        }
+    }
+    consumer
 }
 
 /// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
