@@ -346,22 +346,18 @@ impl KafkaBackend {
 
 /// The headers of `message` per the wire format.
 pub(crate) fn headers(message: &Message) -> OwnedHeaders {
-    let fields = Layout::KAFKA.encode(message);
-    let numbers = Layout::KAFKA.encode_numbers(message);
-    let mut headers = OwnedHeaders::new_with_capacity(fields.len() + numbers.len());
-    for (k, v) in &fields {
-        headers = headers.insert(Header {
-            key: k,
-            value: Some(*v),
+    let mut headers = Some(OwnedHeaders::new_with_capacity(
+        4 + message.metadata.headers.len(),
+    ));
+    Layout::KAFKA.write(message, |key, value| {
+        headers = headers.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
         });
-    }
-    for (k, v) in &numbers {
-        headers = headers.insert(Header {
-            key: k,
-            value: Some(v.as_bytes()),
-        });
-    }
-    headers
+    });
+    headers.unwrap_or_default()
 }
 
 #[async_trait]

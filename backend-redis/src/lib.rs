@@ -239,12 +239,9 @@ pub(crate) fn xadd(stream: &str, max_len: Option<usize>, message: &Message) -> r
         cmd.arg("MAXLEN").arg("~").arg(n);
     }
     cmd.arg("*");
-    for (k, v) in Layout::REDIS.encode(message) {
-        cmd.arg(&*k).arg(v);
-    }
-    for (k, v) in Layout::REDIS.encode_numbers(message) {
-        cmd.arg(&*k).arg(v);
-    }
+    Layout::REDIS.write(message, |k, v| {
+        cmd.arg(k).arg(v);
+    });
     cmd
 }
 

@@ -118,7 +118,11 @@ impl Metadata {
 
 /// A fresh unique, time-ordered message id.
 pub fn new_message_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 pub(crate) fn now_millis() -> u64 {

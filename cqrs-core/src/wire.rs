@@ -90,62 +90,73 @@ impl Layout {
         compact: true,
     };
 
+    /// The full name of a reserved field: static for the layouts defined here.
     fn reserved(&self, name: &'static str) -> Cow<'static, str> {
-        if self.prefix.is_empty() {
-            Cow::Borrowed(name)
-        } else {
-            Cow::Owned(format!("{}{name}", self.prefix))
+        const KAFKA: [(&str, &str); 9] = [
+            (field::ID, "cqrs-id"),
+            (field::NAME, "cqrs-name"),
+            (field::VERSION, "cqrs-version"),
+            (field::KEY, "cqrs-key"),
+            (field::CONTENT_TYPE, "cqrs-content-type"),
+            (field::CORRELATION_ID, "cqrs-correlation-id"),
+            (field::CAUSATION_ID, "cqrs-causation-id"),
+            (field::CREATED_AT, "cqrs-created-at"),
+            (field::PAYLOAD, "cqrs-payload"),
+        ];
+        match self.prefix {
+            "" => Cow::Borrowed(name),
+            "cqrs-" => KAFKA
+                .iter()
+                .find(|(short, _)| *short == name)
+                .map(|(_, full)| Cow::Borrowed(*full))
+                .unwrap_or_else(|| Cow::Owned(format!("cqrs-{name}"))),
+            prefix => Cow::Owned(format!("{prefix}{name}")),
         }
     }
 
-    /// The fields of `message` whose values are its bytes, in a stable order.
-    pub fn encode<'m>(&self, message: &'m Message) -> Vec<(Cow<'static, str>, &'m [u8])> {
+    /// Calls `put` with every field of `message`, in a stable order, leaving out what a reader
+    /// infers (see [`Layout::compact`]). Allocates nothing for the usual fields.
+    pub fn write(&self, message: &Message, mut put: impl FnMut(&str, &[u8])) {
         let m = &message.metadata;
-        let mut out = Vec::with_capacity(8 + m.headers.len());
-        out.push((self.reserved(field::ID), message.id.as_bytes()));
-        out.push((self.reserved(field::NAME), message.name.as_bytes()));
+        put(&self.reserved(field::ID), message.id.as_bytes());
+        put(&self.reserved(field::NAME), message.name.as_bytes());
         if self.payload_in_fields {
             if let Some(key) = &message.key {
-                out.push((self.reserved(field::KEY), key.as_bytes()));
+                put(&self.reserved(field::KEY), key.as_bytes());
             }
         }
         let implied = self.compact && m.content_type == DEFAULT_CONTENT_TYPE;
         if !(m.content_type.is_empty() || implied) {
-            out.push((
-                self.reserved(field::CONTENT_TYPE),
+            put(
+                &self.reserved(field::CONTENT_TYPE),
                 m.content_type.as_bytes(),
-            ));
+            );
         }
         if let Some(c) = &m.correlation_id {
-            out.push((self.reserved(field::CORRELATION_ID), c.as_bytes()));
+            put(&self.reserved(field::CORRELATION_ID), c.as_bytes());
         }
         if let Some(c) = &m.causation_id {
-            out.push((self.reserved(field::CAUSATION_ID), c.as_bytes()));
+            put(&self.reserved(field::CAUSATION_ID), c.as_bytes());
+        }
+        if !(self.compact && message.version == 1) {
+            put(
+                &self.reserved(field::VERSION),
+                message.version.to_string().as_bytes(),
+            );
+        }
+        let created = m.created_at;
+        if !(self.compact && crate::message::now_millis().abs_diff(created) < 1000) {
+            put(
+                &self.reserved(field::CREATED_AT),
+                created.to_string().as_bytes(),
+            );
         }
         for (k, v) in &m.headers {
-            out.push((
-                Cow::Owned(format!("{}{k}", self.header_prefix)),
-                v.as_bytes(),
-            ));
+            put(&format!("{}{k}", self.header_prefix), v.as_bytes());
         }
         if self.payload_in_fields {
-            out.push((self.reserved(field::PAYLOAD), &message.payload));
+            put(&self.reserved(field::PAYLOAD), &message.payload);
         }
-        out
-    }
-
-    /// The numeric fields, formatted: version and created-at (unless left out, see
-    /// [`Layout::compact`]).
-    pub fn encode_numbers(&self, message: &Message) -> Vec<(Cow<'static, str>, String)> {
-        let mut out = Vec::with_capacity(2);
-        if !(self.compact && message.version == 1) {
-            out.push((self.reserved(field::VERSION), message.version.to_string()));
-        }
-        let created = message.metadata.created_at;
-        if !(self.compact && crate::message::now_millis().abs_diff(created) < 1000) {
-            out.push((self.reserved(field::CREATED_AT), created.to_string()));
-        }
-        out
     }
 
     /// Which reserved field `name` is, comparing bytes only when the length fits.
@@ -290,11 +301,15 @@ mod tests {
         m
     }
 
+    fn written(layout: Layout, m: &Message) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        layout.write(m, |k, v| out.push((k.to_owned(), v.to_vec())));
+        out
+    }
+
     fn roundtrip(layout: Layout, m: &Message) -> (Message, Option<String>) {
-        let numbers = layout.encode_numbers(m);
-        let owned = layout.encode(m);
-        let mut fields: Vec<(&str, &[u8])> = owned.iter().map(|(k, v)| (&**k, *v)).collect();
-        fields.extend(numbers.iter().map(|(k, v)| (&**k, v.as_bytes())));
+        let owned = written(layout, m);
+        let fields: Vec<(&str, &[u8])> = owned.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
         let (key, payload) = if layout.payload_in_fields {
             (None, None)
         } else {
@@ -319,31 +334,28 @@ mod tests {
     fn compact_layout_leaves_out_defaults_but_keeps_old_times() {
         let mut m = Message::new("A", b"{}".to_vec());
         m.metadata.content_type = "application/json".into();
-        let names = |m: &Message| {
-            let mut n: Vec<String> = Layout::REDIS
-                .encode(m)
-                .into_iter()
-                .map(|(k, _)| k.into_owned())
-                .collect();
-            n.extend(
-                Layout::REDIS
-                    .encode_numbers(m)
-                    .into_iter()
-                    .map(|(k, _)| k.into_owned()),
-            );
-            n
+        let names = |layout: Layout, m: &Message| -> Vec<String> {
+            written(layout, m).into_iter().map(|(k, _)| k).collect()
         };
-        assert_eq!(names(&m), ["id", "name", "payload"]);
+        assert_eq!(names(Layout::REDIS, &m), ["id", "name", "payload"]);
+        assert_eq!(names(Layout::KAFKA, &m), ["cqrs-id", "cqrs-name"]);
         m.metadata.created_at -= 60_000;
         m.version = 2;
+        m.metadata.headers.insert("tenant".into(), "acme".into());
         assert_eq!(
-            names(&m),
-            ["id", "name", "payload", "version", "created-at"]
+            names(Layout::REDIS, &m),
+            ["id", "name", "version", "created-at", "h.tenant", "payload"]
         );
-        let mut old = Message::new("A", vec![]);
-        assert_eq!(Layout::KAFKA.encode_numbers(&old).len(), 0);
-        old.metadata.created_at -= 60_000;
-        assert_eq!(Layout::KAFKA.encode_numbers(&old).len(), 1);
+        assert_eq!(
+            names(Layout::KAFKA, &m),
+            [
+                "cqrs-id",
+                "cqrs-name",
+                "cqrs-version",
+                "cqrs-created-at",
+                "tenant"
+            ]
+        );
     }
 
     #[test]
