@@ -3,7 +3,8 @@
 //!
 //! Run with: `cargo run --release --example bench_kafka --features kafka`, with a broker on
 //! `KAFKA_BROKERS` (default 127.0.0.1:9092; a fresh tansu is best, its memory grows with the data).
-//! `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3).
+//! `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
+//! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
 //!
 //! Events are ~1 KiB of JSON, on topics of 4 partitions. Both sides use the same producer settings
 //! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`). Raw publishing
@@ -72,6 +73,20 @@ impl Bench {
             for e in chunk {
                 let payload = serde_json::to_vec(e)?;
                 let mut record = FutureRecord::to(topic).key(&e.sensor).payload(&payload);
+                if std::env::var("RAW_HEADERS").is_ok() {
+                    let id = cqrs::new_message_id();
+                    record = record.headers(
+                        rdkafka::message::OwnedHeaders::new()
+                            .insert(rdkafka::message::Header {
+                                key: "cqrs-id",
+                                value: Some(id.as_str()),
+                            })
+                            .insert(rdkafka::message::Header {
+                                key: "cqrs-name",
+                                value: Some("Reading"),
+                            }),
+                    );
+                }
                 loop {
                     match producer.send_result(record) {
                         Ok(d) => break pending.push(d),

@@ -372,7 +372,8 @@ impl Publisher for KafkaBackend {
         for m in messages {
             let mut record = FutureRecord::to(topic)
                 .payload(&m.payload)
-                .headers(headers(m));
+                .headers(headers(m))
+                .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
             if let Some(key) = &m.key {
                 record = record.key(key.as_str());
             }
