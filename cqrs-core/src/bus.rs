@@ -85,10 +85,14 @@ impl<C> Outbox<C> {
             metadata.created_at = crate::message::now_millis();
         }
         metadata.content_type = std::borrow::Cow::Borrowed(self.codec.content_type());
-        Ok(Message::new(d.name, payload)
-            .with_version(d.version)
-            .with_key(key)
-            .with_metadata(metadata))
+        Ok(Message {
+            id: crate::message::new_message_id(),
+            name: d.name.to_owned(),
+            version: d.version,
+            key,
+            payload,
+            metadata,
+        })
     }
 
     async fn send(&self, d: &Descriptor, messages: &[Message]) -> Result<()> {
