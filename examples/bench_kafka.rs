@@ -5,6 +5,9 @@
 //! `KAFKA_BROKERS` (default 127.0.0.1:9092; a fresh tansu is best, its memory grows with the data).
 //! `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
 //! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
+//! `BENCH_FRESH_BROKER=1` starts a fresh tansu (`TANSU_BIN`, default
+//! `~/.cache/tansu-0.6.0/bin/tansu`) on a free port for every round instead of using
+//! `KAFKA_BROKERS`: tansu keeps everything in memory and slows down as it fills.
 //!
 //! Events are ~1 KiB of JSON, on topics of 4 partitions. Both sides use the same producer settings
 //! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`). Raw publishing
@@ -166,6 +169,59 @@ impl Bench {
     }
 }
 
+/// A tansu broker on a free port, stopped on drop.
+struct Tansu {
+    brokers: String,
+    child: std::process::Child,
+}
+
+impl Tansu {
+    async fn start() -> Result<Self, BoxError> {
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/tansu-0.6.0/bin/tansu",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(Tansu {
+                    brokers: format!("127.0.0.1:{port}"),
+                    child,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("tansu did not start".into())
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -177,7 +233,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -186,18 +241,14 @@ async fn main() -> Result<(), BoxError> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let b = Bench {
-        brokers: brokers.clone(),
-        n,
+    let fresh = std::env::var("BENCH_FRESH_BROKER").is_ok();
+    let shared = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let place = if fresh {
+        "a fresh tansu per round".to_owned()
+    } else {
+        format!("Kafka at {shared}")
     };
-    let backend = KafkaBackend::connect(
-        KafkaConfig::new(&brokers)
-            .partitions(4)
-            .fetch_wait(Duration::from_millis(10)),
-    )
-    .await?;
-    let producer = b.producer()?;
-    println!("{n} events of ~1 KiB of JSON on 4 partitions, Kafka at {brokers}, {rounds} rounds");
+    println!("{n} events of ~1 KiB of JSON on 4 partitions, {place}, {rounds} rounds");
     let names = [
         "publish, batches of 1000",
         "consume, 1 member",
@@ -205,6 +256,25 @@ async fn main() -> Result<(), BoxError> {
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); names.len()];
     for round in 1..=rounds {
+        let broker = if fresh {
+            Some(Tansu::start().await?)
+        } else {
+            None
+        };
+        let brokers = broker
+            .as_ref()
+            .map_or(shared.clone(), |t| t.brokers.clone());
+        let b = Bench {
+            brokers: brokers.clone(),
+            n,
+        };
+        let backend = KafkaBackend::connect(
+            KafkaConfig::new(&brokers)
+                .partitions(4)
+                .fetch_wait(Duration::from_millis(10)),
+        )
+        .await?;
+        let producer = b.producer()?;
         let (raw_t, ours_t) = (
             cqrs::conformance::unique("bench-raw"),
             cqrs::conformance::unique("bench-ours"),
@@ -271,6 +341,7 @@ async fn main() -> Result<(), BoxError> {
         };
         figures.push((r, o));
 
+        drop((producer, backend, broker));
         println!("round {round}");
         for (i, (r, o)) in figures.into_iter().enumerate() {
             let (r, o) = (rate(n, r), rate(n, o));
