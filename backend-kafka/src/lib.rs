@@ -282,26 +282,31 @@ impl KafkaBackend {
 
     /// Makes sure `topics` exist: creates the missing ones, or fails naming the first missing
     /// one when creation is off.
-    pub async fn ensure_topics(&self, topics: &[String]) -> Result<()> {
-        let missing: Vec<&String> = {
+    pub async fn ensure_topics<T: AsRef<str>>(&self, topics: &[T]) -> Result<()> {
+        let missing: Vec<&str> = {
             let known = self
                 .inner
                 .known_topics
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            topics.iter().filter(|t| !known.contains(*t)).collect()
+            topics
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|t| !known.contains(*t))
+                .collect()
         };
         if missing.is_empty() {
             return Ok(());
         }
         let existing: HashSet<String> = self.topics_on_broker().await?.into_iter().collect();
-        let to_create: Vec<&String> = missing
-            .into_iter()
+        let to_create: Vec<&str> = missing
+            .iter()
+            .copied()
             .filter(|t| !existing.contains(*t))
             .collect();
         if !to_create.is_empty() {
             if !self.inner.config.create_topics {
-                return Err(Error::MissingTopic(to_create[0].clone()));
+                return Err(Error::MissingTopic(to_create[0].to_owned()));
             }
             let config = &self.inner.config;
             let new: Vec<NewTopic<'_>> = to_create
@@ -339,7 +344,7 @@ impl KafkaBackend {
             .known_topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(topics.iter().cloned());
+            .extend(missing.iter().map(|t| (*t).to_owned()));
         Ok(())
     }
 }
@@ -366,7 +371,7 @@ impl Publisher for KafkaBackend {
         if messages.is_empty() {
             return Ok(());
         }
-        self.ensure_topics(&[topic.to_owned()]).await?;
+        self.ensure_topics(&[topic]).await?;
         let producer = &self.inner.producer;
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {

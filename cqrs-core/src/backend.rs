@@ -219,6 +219,9 @@ pub enum StartFrom {
     Latest,
 }
 
+/// How long a member may hold a delivery without acking before others claim it, by default.
+pub const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(30);
+
 /// What a consumer joins: a group, on some topics, under a consumer name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -248,7 +251,7 @@ impl Subscription {
             consumer: unique_consumer_name(),
             topics: topics.into_iter().map(Into::into).collect(),
             start: StartFrom::Beginning,
-            claim_idle: Some(Duration::from_secs(30)),
+            claim_idle: Some(DEFAULT_CLAIM_IDLE),
         }
     }
 

@@ -105,6 +105,51 @@ impl<C> Outbox<C> {
     }
 }
 
+/// What both buses share: cloning, `Debug`, constructors and the topic namer.
+macro_rules! bus_plumbing {
+    ($bus:ident, $verb:literal) => {
+        impl<C> Clone for $bus<C> {
+            fn clone(&self) -> Self {
+                $bus {
+                    outbox: self.outbox.clone(),
+                }
+            }
+        }
+
+        impl<C> fmt::Debug for $bus<C> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($bus)).finish_non_exhaustive()
+            }
+        }
+
+        impl $bus {
+            #[doc = concat!("A bus ", $verb, " through `publisher` with the default codec.")]
+            pub fn new(publisher: impl Publisher) -> Self {
+                $bus::with_codec(publisher, DefaultCodec::default())
+            }
+        }
+
+        impl<C> $bus<C> {
+            #[doc = concat!("A bus ", $verb, " through `publisher` with `codec`.")]
+            pub fn with_codec(publisher: impl Publisher, codec: C) -> Self {
+                $bus {
+                    outbox: Outbox {
+                        publisher: Arc::new(publisher),
+                        codec: Arc::new(codec),
+                        topics: TopicNamer::default(),
+                    },
+                }
+            }
+
+            /// Replaces how topics are named.
+            pub fn topics(mut self, namer: TopicNamer) -> Self {
+                self.outbox.topics = namer;
+                self
+            }
+        }
+    };
+}
+
 /// Publishes typed events.
 ///
 /// ```
@@ -125,45 +170,9 @@ pub struct EventBus<C = DefaultCodec> {
     outbox: Outbox<C>,
 }
 
-impl<C> Clone for EventBus<C> {
-    fn clone(&self) -> Self {
-        EventBus {
-            outbox: self.outbox.clone(),
-        }
-    }
-}
-
-impl<C> fmt::Debug for EventBus<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EventBus").finish_non_exhaustive()
-    }
-}
-
-impl EventBus {
-    /// A bus publishing through `publisher` with the default codec.
-    pub fn new(publisher: impl Publisher) -> Self {
-        EventBus::with_codec(publisher, DefaultCodec::default())
-    }
-}
+bus_plumbing!(EventBus, "publishing");
 
 impl<C> EventBus<C> {
-    /// A bus publishing through `publisher` with `codec`.
-    pub fn with_codec(publisher: impl Publisher, codec: C) -> Self {
-        EventBus {
-            outbox: Outbox {
-                publisher: Arc::new(publisher),
-                codec: Arc::new(codec),
-                topics: TopicNamer::default(),
-            },
-        }
-    }
-
-    /// Replaces how topics are named.
-    pub fn topics(mut self, namer: TopicNamer) -> Self {
-        self.outbox.topics = namer;
-        self
-    }
-
     /// The topic events of type `E` go to.
     pub fn topic_of<E: Event>(&self) -> String {
         self.outbox.topics.topic_of(&Descriptor::event::<E>())
@@ -223,45 +232,9 @@ pub struct CommandBus<C = DefaultCodec> {
     outbox: Outbox<C>,
 }
 
-impl<C> Clone for CommandBus<C> {
-    fn clone(&self) -> Self {
-        CommandBus {
-            outbox: self.outbox.clone(),
-        }
-    }
-}
-
-impl<C> fmt::Debug for CommandBus<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CommandBus").finish_non_exhaustive()
-    }
-}
-
-impl CommandBus {
-    /// A bus sending through `publisher` with the default codec.
-    pub fn new(publisher: impl Publisher) -> Self {
-        CommandBus::with_codec(publisher, DefaultCodec::default())
-    }
-}
+bus_plumbing!(CommandBus, "sending");
 
 impl<C> CommandBus<C> {
-    /// A bus sending through `publisher` with `codec`.
-    pub fn with_codec(publisher: impl Publisher, codec: C) -> Self {
-        CommandBus {
-            outbox: Outbox {
-                publisher: Arc::new(publisher),
-                codec: Arc::new(codec),
-                topics: TopicNamer::default(),
-            },
-        }
-    }
-
-    /// Replaces how topics are named.
-    pub fn topics(mut self, namer: TopicNamer) -> Self {
-        self.outbox.topics = namer;
-        self
-    }
-
     /// Sends one command.
     pub async fn send<T: Command>(&self, command: &T) -> Result<()>
     where

@@ -192,7 +192,7 @@ impl Layout {
         payload: Option<Vec<u8>>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
-        let text = |name: &str, v: &[u8], problems: &mut Vec<String>| -> String {
+        fn text(name: &str, v: &[u8], problems: &mut Vec<String>) -> String {
             match std::str::from_utf8(v) {
                 Ok(s) => s.to_owned(),
                 Err(_) => {
@@ -200,7 +200,19 @@ impl Layout {
                     String::from_utf8_lossy(v).into_owned()
                 }
             }
-        };
+        }
+        fn number<N: std::str::FromStr>(
+            name: &str,
+            v: &[u8],
+            problems: &mut Vec<String>,
+        ) -> Option<N> {
+            let v = text(name, v, problems);
+            let n = v.trim().parse().ok();
+            if n.is_none() {
+                problems.push(format!("field `{name}` is not a number: `{v}`"));
+            }
+            n
+        }
         let mut has_payload = payload.is_some();
         let mut message = Message {
             id: String::new(),
@@ -221,10 +233,8 @@ impl Layout {
                 Some(Field::Id) => message.id = text(name, value, &mut problems),
                 Some(Field::Name) => message.name = text(name, value, &mut problems),
                 Some(Field::Version) => {
-                    let v = text(name, value, &mut problems);
-                    match v.trim().parse() {
-                        Ok(n) => message.version = n,
-                        Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
+                    if let Some(n) = number(name, value, &mut problems) {
+                        message.version = n;
                     }
                 }
                 Some(Field::Key) if self.payload_in_fields => {
@@ -240,10 +250,8 @@ impl Layout {
                     message.metadata.causation_id = Some(text(name, value, &mut problems));
                 }
                 Some(Field::CreatedAt) => {
-                    let v = text(name, value, &mut problems);
-                    match v.trim().parse() {
-                        Ok(n) => message.metadata.created_at = n,
-                        Err(_) => problems.push(format!("field `{name}` is not a number: `{v}`")),
+                    if let Some(n) = number(name, value, &mut problems) {
+                        message.metadata.created_at = n;
                     }
                 }
                 Some(Field::Payload) if self.payload_in_fields => {

@@ -123,7 +123,7 @@ impl Default for HandlerOptions {
             batch_size: 100,
             retry: RetryPolicy::default(),
             start: StartFrom::Beginning,
-            claim_idle: Some(Duration::from_secs(30)),
+            claim_idle: Some(crate::backend::DEFAULT_CLAIM_IDLE),
             dead_letter_topic: None,
             shutdown_timeout: Duration::from_secs(30),
             consumer_name: None,
