@@ -60,6 +60,15 @@ pub trait Acknowledge: Send + Sync + 'static {
     /// Leaves `delivery` pending and has it delivered again no sooner than `redeliver_after`,
     /// with its attempt count raised.
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> Result<()>;
+
+    /// Called when `delivery` is dropped without being acked or nacked (an ack that failed for
+    /// good, a handler stopped at the shutdown deadline): the backend stops counting it as in
+    /// flight and delivers it again, as it would after a nack with no delay. It must not block.
+    ///
+    /// The default does nothing, for brokers that redeliver such entries on their own.
+    fn release(&self, delivery: &Delivery) {
+        let _ = delivery;
+    }
 }
 
 /// A message handed to one consumer of a group, not yet acked.
@@ -71,6 +80,18 @@ pub struct Delivery {
     acker: Arc<dyn Acknowledge>,
     malformed: Option<String>,
     shard: Option<u32>,
+    /// Acked or nacked: nothing to hand back when dropped.
+    settled: bool,
+}
+
+/// A delivery dropped unsettled is handed back to its consumer ([`Acknowledge::release`]), so
+/// it is delivered again rather than held as in flight for ever.
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.acker.release(self);
+        }
+    }
 }
 
 impl Delivery {
@@ -91,6 +112,7 @@ impl Delivery {
             acker,
             malformed: None,
             shard: None,
+            settled: false,
         }
     }
 
@@ -154,10 +176,13 @@ impl Delivery {
     }
 
     /// Marks the message as handled. On failure the delivery is handed back with the error.
-    pub async fn ack(self) -> std::result::Result<(), (crate::Error, Self)> {
+    pub async fn ack(mut self) -> std::result::Result<(), (crate::Error, Self)> {
         let acker = self.acker.clone();
         match acker.ack(std::slice::from_ref(&self)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.settled = true;
+                Ok(())
+            }
             Err(e) => Err((e, self)),
         }
     }
@@ -165,12 +190,15 @@ impl Delivery {
     /// Leaves the message pending for redelivery after `redeliver_after`. On failure the delivery
     /// is handed back with the error.
     pub async fn nack(
-        self,
+        mut self,
         redeliver_after: Duration,
     ) -> std::result::Result<(), (crate::Error, Self)> {
         let acker = self.acker.clone();
         match acker.nack(&self, redeliver_after).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.settled = true;
+                Ok(())
+            }
             Err(e) => Err((e, self)),
         }
     }
@@ -190,6 +218,9 @@ impl Delivery {
             if let Err(e) = acker.ack(&deliveries).await {
                 deliveries.extend(rest);
                 return Err((e, deliveries));
+            }
+            for d in &mut deliveries {
+                d.settled = true;
             }
             deliveries = rest;
         }

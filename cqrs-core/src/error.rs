@@ -57,6 +57,17 @@ pub enum Error {
     /// Graceful shutdown did not finish within its deadline.
     #[error("shutdown did not finish within {0:?}; unfinished messages stay pending")]
     ShutdownTimeout(Duration),
+    /// Several consumer groups of one processor failed: each group with its error.
+    #[error("{} consumer groups failed: {}", .0.len(), groups_text(.0))]
+    Groups(Vec<(String, Error)>),
+}
+
+fn groups_text(groups: &[(String, Error)]) -> String {
+    groups
+        .iter()
+        .map(|(g, e)| format!("`{g}`: {}", e.report()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Error {

@@ -92,9 +92,18 @@ pub fn permanent(error: impl Into<BoxError>) -> BoxError {
 #[error(transparent)]
 pub struct Permanent(pub BoxError);
 
-/// Whether retrying cannot help: a [`Permanent`] error or a payload that did not decode.
+/// Whether retrying cannot help: a [`Permanent`] error or a payload that did not decode, at the
+/// top of the error or anywhere in its chain of sources (an error that wraps a permanent one is
+/// permanent too).
 pub(crate) fn is_permanent(error: &BoxError) -> bool {
-    error.is::<Permanent>() || matches!(error.downcast_ref::<Error>(), Some(Error::Decode { .. }))
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+    while let Some(e) = next {
+        if e.is::<Permanent>() || matches!(e.downcast_ref::<Error>(), Some(Error::Decode { .. })) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// An async function or closure that handles values of `T`.

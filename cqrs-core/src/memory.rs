@@ -4,7 +4,10 @@
 //! pending entries (delivered, not yet acked) with delivery counts, as in Redis Streams: messages
 //! fan out across groups and are shared among the members of a group; nacked entries come back
 //! after their delay; entries a member held idle too long are claimed by another member; a member
-//! that reopens under the same name gets its own pending entries back.
+//! that reopens under the same name gets its own pending entries back. Of the entries every group
+//! has acked only the newest [`MemoryBroker::DEFAULT_RETAIN_ACKED`] are kept (see
+//! [`MemoryBroker::with_retention`]), so memory is bounded by what the groups have not finished;
+//! a group created later with [`StartFrom::Beginning`] starts at the oldest entry still held.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
@@ -44,10 +47,21 @@ pub struct MemoryBroker {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
 struct Shared {
     state: Mutex<State>,
     notify: Notify,
+    /// Acked entries kept per topic (the newest ones).
+    retain_acked: usize,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            state: Mutex::default(),
+            notify: Notify::new(),
+            retain_acked: MemoryBroker::DEFAULT_RETAIN_ACKED,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,6 +79,31 @@ struct Stream {
 struct Group {
     last_delivered: u64,
     pending: BTreeMap<u64, Pending>,
+}
+
+impl Stream {
+    /// Drops the entries every group has acked (those before each group's oldest pending entry
+    /// and at or before its last delivered one), except the newest `retain`. A stream no group
+    /// reads keeps everything.
+    fn trim(&mut self, retain: usize) {
+        let keep_from = self
+            .groups
+            .values()
+            .map(|g| {
+                g.pending
+                    .keys()
+                    .next()
+                    .copied()
+                    .unwrap_or(g.last_delivered + 1)
+            })
+            .min();
+        if let Some(keep_from) = keep_from {
+            let keep_from = keep_from.min((self.last_seq + 1).saturating_sub(retain as u64));
+            if self.entries.keys().next().is_some_and(|&s| s < keep_from) {
+                self.entries = self.entries.split_off(&keep_from);
+            }
+        }
+    }
 }
 
 struct Pending {
@@ -88,9 +127,23 @@ pub struct PendingEntry {
 }
 
 impl MemoryBroker {
+    /// How many acked entries each topic keeps by default (the newest ones).
+    pub const DEFAULT_RETAIN_ACKED: usize = 10_000;
+
     /// A new, empty broker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new broker whose topics keep at most `n` entries that every group has acked (the
+    /// newest); older acked entries are dropped. Entries a group has not acked are always kept.
+    pub fn with_retention(n: usize) -> Self {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                retain_acked: n,
+                ..Shared::default()
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -358,6 +411,7 @@ impl MemoryAcker {
 impl Acknowledge for MemoryAcker {
     async fn ack(&self, deliveries: &[Delivery]) -> Result<()> {
         let mut state = self.broker.lock();
+        let mut touched: Vec<&str> = Vec::new();
         for d in deliveries {
             let seq = Self::seq(d)?;
             if let Some(group) = state
@@ -366,9 +420,37 @@ impl Acknowledge for MemoryAcker {
                 .and_then(|s| s.groups.get_mut(&self.group))
             {
                 group.pending.remove(&seq);
+                if !touched.contains(&d.topic()) {
+                    touched.push(d.topic());
+                }
+            }
+        }
+        for topic in touched {
+            if let Some(stream) = state.streams.get_mut(topic) {
+                stream.trim(self.broker.shared.retain_acked);
             }
         }
         Ok(())
+    }
+
+    fn release(&self, delivery: &Delivery) {
+        let Ok(seq) = Self::seq(delivery) else {
+            return;
+        };
+        {
+            let mut state = self.broker.lock();
+            if let Some(p) = state
+                .streams
+                .get_mut(delivery.topic())
+                .and_then(|s| s.groups.get_mut(&self.group))
+                .and_then(|g| g.pending.get_mut(&seq))
+            {
+                if p.consumer == self.consumer {
+                    p.ready_at = Some(Instant::now());
+                }
+            }
+        }
+        self.broker.shared.notify.notify_waiters();
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> Result<()> {

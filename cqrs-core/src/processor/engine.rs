@@ -80,6 +80,32 @@ struct Job {
     malformed: Option<String>,
     /// `None` when the message was acked before handling (at-most-once).
     delivery: Option<Delivery>,
+    /// Set for a message acked before handling: if the job is dropped before it runs (the
+    /// shutdown deadline passed), the loss is logged, never silent.
+    unhandled: Option<Unhandled>,
+}
+
+/// Logs an at-most-once message that was acked and will never be handled.
+struct Unhandled {
+    group: Arc<str>,
+    message_id: String,
+}
+
+impl Drop for Unhandled {
+    fn drop(&mut self) {
+        tracing::error!(
+            group = %self.group,
+            message_id = %self.message_id,
+            "at-most-once message acked but not handled before the shutdown deadline; it is lost"
+        );
+    }
+}
+
+impl Unhandled {
+    /// The job runs: nothing to report.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
 }
 
 enum Settle {
@@ -136,12 +162,30 @@ pub(crate) async fn run_group(
         };
         match &mut lanes {
             Some(lanes) => {
-                for job in jobs {
+                let mut jobs = jobs.into_iter();
+                while let Some(job) = jobs.next() {
+                    let lane = lanes.lane_of(&job);
                     tokio::select! {
-                        // Jobs not yet queued are dropped unacked: they stay pending in the broker.
-                        _ = token.cancelled() => break 'fetch,
-                        sent = lanes.send(job) => if !sent { break 'fetch },
+                        biased;
+                        permit = lanes.senders[lane].reserve() => match permit {
+                            Ok(permit) => {
+                                permit.send(job);
+                                continue;
+                            }
+                            Err(_) => break 'fetch,
+                        },
+                        _ = token.cancelled() => {}
                     }
+                    // Stopping: jobs not queued that were acked first (at-most-once) still get
+                    // the shutdown deadline to run; the others are dropped, which hands them
+                    // back to the broker for redelivery.
+                    let deadline = tokio::time::Instant::now() + spec.options.shutdown_timeout;
+                    for job in std::iter::once(job).chain(jobs) {
+                        if job.unhandled.is_some() {
+                            let _ = tokio::time::timeout_at(deadline, lanes.send(job)).await;
+                        }
+                    }
+                    break 'fetch;
                 }
             }
             None => {
@@ -236,6 +280,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                     shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: Some(d),
+                    unhandled: None,
                 })
                 .collect(),
         ),
@@ -247,21 +292,32 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                     shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: None,
+                    unhandled: None,
                 })
                 .collect();
             if let Err((e, back)) = Delivery::ack_all(deliveries).await {
-                // Not acked, so not handled: the broker delivers them again.
+                // Not acked, so not handled: dropping them hands them back for redelivery.
                 tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
                 return None;
             }
-            Some(jobs)
+            Some(
+                jobs.into_iter()
+                    .map(|mut j| {
+                        j.unhandled = Some(Unhandled {
+                            group: spec.group.clone(),
+                            message_id: j.ctx.message.id.clone(),
+                        });
+                        j
+                    })
+                    .collect(),
+            )
         }
     }
 }
 
 /// Handles a batch in order in the calling task, then settles it: one ack call for the batch.
-/// After cancellation the running handler gets the shutdown deadline; the rest of the batch is
-/// handed back.
+/// After cancellation the running handler gets the shutdown deadline, and so do messages acked
+/// before handling (at-most-once); the rest of the batch is handed back.
 async fn handle_inline(
     spec: &GroupSpec,
     services: &mut Services,
@@ -269,15 +325,29 @@ async fn handle_inline(
     token: &CancellationToken,
 ) -> Result<()> {
     let mut acks = Vec::with_capacity(jobs.len());
+    let mut deadline = None;
     let mut timed_out = false;
     for job in jobs {
         if token.is_cancelled() || timed_out {
-            if let Some(d) = job.delivery {
-                nack(d, Duration::ZERO).await;
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + spec.options.shutdown_timeout);
+            match job.delivery {
+                // Not started: back to the broker.
+                Some(d) => nack(d, Duration::ZERO).await,
+                // Acked already: run it within the deadline (dropped, it logs its loss).
+                None if !timed_out => {
+                    if tokio::time::timeout_at(deadline, handle_job(spec, services, job, token))
+                        .await
+                        .is_err()
+                    {
+                        timed_out = true;
+                    }
+                }
+                None => drop(job),
             }
             continue;
         }
-        let run = handle_job(spec, services, job);
+        let run = handle_job(spec, services, job, token);
         tokio::pin!(run);
         // Most handlers finish at their first poll: only a pending one waits on the token.
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
@@ -287,7 +357,10 @@ async fn handle_inline(
                 biased;
                 o = &mut run => o,
                 _ = token.cancelled() => {
-                    match tokio::time::timeout(spec.options.shutdown_timeout, &mut run).await {
+                    let at = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + spec.options.shutdown_timeout
+                    });
+                    match tokio::time::timeout_at(at, &mut run).await {
                         Ok(o) => o,
                         Err(_) => {
                             timed_out = true;
@@ -353,9 +426,15 @@ impl Lanes {
 
     /// Queues a job on the lane of its key; `false` if the lanes are gone.
     async fn send(&mut self, job: Job) -> bool {
+        let lane = self.lane_of(&job);
+        self.senders[lane].send(job).await.is_ok()
+    }
+
+    /// The lane of a job: one key (else one shard) always goes to one lane, so its order holds.
+    fn lane_of(&mut self, job: &Job) -> usize {
         let n = self.senders.len();
         // One key (else one shard) always goes to one lane, so its order holds.
-        let lane = match (&job.ctx.message.key, job.shard) {
+        match (&job.ctx.message.key, job.shard) {
             (Some(key), _) => {
                 let mut h = DefaultHasher::new();
                 key.hash(&mut h);
@@ -366,8 +445,7 @@ impl Lanes {
                 self.round_robin = self.round_robin.wrapping_add(1);
                 self.round_robin % n
             }
-        };
-        self.senders[lane].send(job).await.is_ok()
+        }
     }
 
     /// Lets running handlers finish within the shutdown deadline and settles their outcome.
@@ -409,14 +487,15 @@ async fn lane_loop(
 ) {
     let mut services = Services::of(&spec);
     while let Some(job) = jobs.recv().await {
-        if token.is_cancelled() {
-            // Queued but not started: hand it back for prompt redelivery.
+        if token.is_cancelled() && job.unhandled.is_none() {
+            // Queued but not started: hand it back for prompt redelivery. A message acked
+            // before handling (at-most-once) still runs, within the shutdown deadline.
             if let Some(d) = job.delivery {
                 let _ = settle.send(Settle::Nack(d, Duration::ZERO)).await;
             }
             continue;
         }
-        if let Some(outcome) = handle_job(&spec, &mut services, job).await {
+        if let Some(outcome) = handle_job(&spec, &mut services, job, &token).await {
             let _ = settle.send(outcome).await;
         }
     }
@@ -453,13 +532,26 @@ async fn caught(run: impl Future<Output = Result<(), BoxError>>) -> Result<(), B
 }
 
 /// Runs one job; returns how to settle it with the broker (`None`: nothing to settle).
-async fn handle_job(spec: &GroupSpec, services: &mut Services, job: Job) -> Option<Settle> {
+///
+/// A failure worth retrying is retried here, after the policy's backoff, holding the job's lane:
+/// later messages of its key wait, so order per key survives retries. Cancellation ends the
+/// wait and hands the message back to the broker.
+async fn handle_job(
+    spec: &GroupSpec,
+    services: &mut Services,
+    job: Job,
+    token: &CancellationToken,
+) -> Option<Settle> {
     let Job {
-        ctx,
+        mut ctx,
         malformed,
-        delivery,
+        mut delivery,
+        unhandled,
         ..
     } = job;
+    if let Some(u) = unhandled {
+        u.disarm();
+    }
     if let Some(reason) = malformed {
         return reject(spec, ctx, delivery, &reason).await;
     }
@@ -474,66 +566,71 @@ async fn handle_job(spec: &GroupSpec, services: &mut Services, job: Job) -> Opti
         tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
         return delivery.map(Settle::Ack);
     };
-    let span = tracing::info_span!(
-        "handle",
-        handler = %handler,
-        group = %spec.group,
-        event = %ctx.message.name,
-        message_id = %ctx.message.id,
-        attempt = ctx.attempt,
-    );
-    let mut ctx = ctx;
     ctx.handler = handler.clone();
-    let run = async {
-        match pipeline {
-            Pipeline::Direct(call) => call(ctx.clone()).await,
-            Pipeline::Tower(service) => {
-                service.ready().await?;
-                service.call(ctx.clone()).await
+    loop {
+        // Each message's span is a root: spans of messages handled one after another (or side
+        // by side on one thread) never nest.
+        let span = tracing::info_span!(
+            parent: None,
+            "handle",
+            handler = %handler,
+            group = %spec.group,
+            event = %ctx.message.name,
+            message_id = %ctx.message.id,
+            attempt = ctx.attempt,
+        );
+        let run = async {
+            match &mut *pipeline {
+                Pipeline::Direct(call) => call(ctx.clone()).await,
+                Pipeline::Tower(service) => {
+                    service.ready().await?;
+                    service.call(ctx.clone()).await
+                }
             }
-        }
-    };
-    let result = caught(run).instrument(span.clone()).await;
-    let _enter = span.enter();
-    match (result, delivery) {
-        (Ok(()), Some(d)) => Some(Settle::Ack(d)),
-        (Ok(()), None) => None,
-        (Err(error), None) => {
+        };
+        let Err(error) = caught(run).instrument(span.clone()).await else {
+            return delivery.map(Settle::Ack);
+        };
+        let attempt = ctx.attempt;
+        let Some(d) = delivery.take() else {
             // Acked already: no retry. The dead-letter topic keeps it from being lost silently.
             let reason = error_chain(&*error);
-            tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
-            let published = dead_letter(
-                spec,
-                handler,
-                &ctx.topic,
-                &ctx.message,
-                ctx.attempt,
-                &reason,
-            )
-            .await;
-            if let Err(e) = published {
-                tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
-            }
-            None
-        }
-        (Err(error), Some(d)) => {
-            let attempt = d.attempt();
-            if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
-                let reason = error_chain(&*error);
+            let settled = async {
+                tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
+                let published =
+                    dead_letter(spec, handler, &ctx.topic, &ctx.message, attempt, &reason).await;
+                if let Err(e) = published {
+                    tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+                }
+            };
+            settled.instrument(span).await;
+            return None;
+        };
+        if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
+            let reason = error_chain(&*error);
+            let settled = async {
                 tracing::warn!(error = %reason, attempt, "dead-lettering the message");
                 match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
-                    Ok(()) => Some(Settle::Ack(d)),
+                    Ok(()) => Settle::Ack(d),
                     Err(e) => {
                         tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
-                        Some(Settle::Nack(d, spec.options.retry.delay(attempt)))
+                        Settle::Nack(d, spec.options.retry.delay(attempt))
                     }
                 }
-            } else {
-                let delay = spec.options.retry.delay(attempt);
-                tracing::info!(error = %error_chain(&*error), attempt, "handler failed; retrying in {delay:?}");
-                Some(Settle::Nack(d, delay))
-            }
+            };
+            return Some(settled.instrument(span).await);
         }
+        let delay = spec.options.retry.delay(attempt);
+        span.in_scope(|| {
+            tracing::info!(error = %error_chain(&*error), attempt, "handler failed; retrying in {delay:?}");
+        });
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Some(Settle::Nack(d, Duration::ZERO)),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        ctx.attempt = attempt + 1;
+        delivery = Some(d);
     }
 }
 
@@ -619,7 +716,9 @@ async fn ack_with_retries(mut batch: Vec<Delivery>) {
             Ok(()) => return,
             Err((e, back)) => {
                 if attempt == 5 {
-                    tracing::error!(error = %e.report(), count = back.len(), "ack failed; the messages stay pending and will be redelivered");
+                    // Dropping them hands them back to their consumer, which delivers them
+                    // again (at-least-once) instead of holding them as in flight.
+                    tracing::error!(error = %e.report(), count = back.len(), "ack failed; the messages will be redelivered");
                     return;
                 }
                 tracing::warn!(error = %e.report(), "ack failed; retrying");

@@ -23,7 +23,7 @@ pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
 pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
 
-use crate::backend::{unique_consumer_name, Backend, Publisher, Subscriber};
+use crate::backend::{unique_consumer_name, Backend, Consumer, Publisher, Subscriber};
 use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
 use crate::error::{Error, Result};
@@ -216,7 +216,7 @@ async fn start(specs: Vec<GroupSpec>, token: CancellationToken) -> Result<Runnin
     let token = token.child_token();
     let mut tasks = JoinSet::new();
     for spec in specs {
-        let consumer = match spec.subscriber.subscribe(&spec.subscription()).await {
+        let consumer = match subscribe(&spec, &token).await {
             Ok(c) => c,
             Err(e) => {
                 token.cancel();
@@ -225,15 +225,43 @@ async fn start(specs: Vec<GroupSpec>, token: CancellationToken) -> Result<Runnin
             }
         };
         tracing::debug!(group = %spec.group, topics = ?spec.topics, consumer = %spec.consumer_name, "subscribed");
-        tasks.spawn(engine::run_group(Arc::new(spec), consumer, token.clone()));
+        let group = spec.group.clone();
+        let run = engine::run_group(Arc::new(spec), consumer, token.clone());
+        tasks.spawn(async move { (group, run.await) });
     }
     Ok(RunningProcessor { tasks, token })
 }
 
+/// Subscribes one group, retrying errors worth retrying (a connection cut, a broker restarting)
+/// with backoff until `token` is cancelled; fails at once on the others (a bad address, a
+/// refused login, an invalid topic).
+async fn subscribe(spec: &GroupSpec, token: &CancellationToken) -> Result<Box<dyn Consumer>> {
+    let subscription = spec.subscription();
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match spec.subscriber.subscribe(&subscription).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_retryable() && !token.is_cancelled() => {
+                tracing::warn!(group = %spec.group, error = %e.report(), "subscribing failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = token.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A started processor: its groups are subscribed and running.
+///
+/// Dropping it leaves the groups running until the token is cancelled, with nobody to see their
+/// errors: keep it and call [`RunningProcessor::wait`] or [`RunningProcessor::shutdown`].
 #[derive(Debug)]
+#[must_use = "the processor runs until its token is cancelled; call `wait()` or `shutdown()` to see its errors"]
 pub struct RunningProcessor {
-    tasks: JoinSet<Result<()>>,
+    tasks: JoinSet<(Arc<str>, Result<()>)>,
     token: CancellationToken,
 }
 
@@ -243,23 +271,29 @@ impl RunningProcessor {
         &self.token
     }
 
-    /// Waits until every group has stopped. If one fails, the others are stopped too and the
-    /// first error is returned.
+    /// Waits until every group has stopped. If one fails, the others are stopped too. One
+    /// group's error is returned as it is; when several fail, [`Error::Groups`] holds each
+    /// group's error.
     pub async fn wait(mut self) -> Result<()> {
-        let mut first = Ok(());
+        let mut failed: Vec<(String, Error)> = Vec::new();
         while let Some(joined) = self.tasks.join_next().await {
-            let result = match joined {
-                Ok(r) => r,
-                Err(e) => Err(Error::fatal("a consumer group task panicked", e)),
+            let (group, result) = match joined {
+                Ok((group, r)) => (group.to_string(), r),
+                Err(e) => (
+                    "(unknown)".to_owned(),
+                    Err(Error::fatal("a consumer group task panicked", e)),
+                ),
             };
             if let Err(e) = result {
                 self.token.cancel();
-                if first.is_ok() {
-                    first = Err(e);
-                }
+                failed.push((group, e));
             }
         }
-        first
+        match failed.len() {
+            0 => Ok(()),
+            1 => Err(failed.remove(0).1),
+            _ => Err(Error::Groups(failed)),
+        }
     }
 
     /// Stops fetching, lets running handlers finish (within each handler's shutdown timeout),

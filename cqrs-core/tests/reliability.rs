@@ -1,0 +1,416 @@
+//! At-least-once and at-most-once defects, each caught by a test that failed before its fix:
+//! retries and order per key, permanent errors behind wrappers, at-most-once shutdown, transient
+//! errors at start, errors of several groups, spans of concurrent messages, retention of the
+//! in-memory broker.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
+use cqrs_core::memory::MemoryBroker;
+use cqrs_core::processor::dead_letter_headers as dlq;
+use cqrs_core::{
+    permanent, BoxError, CancellationToken, Context, Error, Event, EventBus, EventProcessor,
+    Message, RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Keyed {
+    key: String,
+    seq: u32,
+}
+impl Event for Keyed {
+    const NAME: &'static str = "Keyed";
+    fn key(&self) -> Option<String> {
+        Some(self.key.clone())
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn keyed(n: u32, keys: u32) -> Vec<Keyed> {
+    (0..n)
+        .map(|seq| Keyed {
+            key: format!("k{}", seq % keys),
+            seq,
+        })
+        .collect()
+}
+
+/// One message of a key fails once; the key's later messages must wait for its retry.
+async fn retried_message_keeps_its_place(concurrency: usize) {
+    let broker = MemoryBroker::new();
+    let seen: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let (s, f) = (seen.clone(), failed_once.clone());
+    p.handle("ordered", move |e: Keyed| {
+        let r = if e.seq % 10 == 3 && f.fetch_add(1, Ordering::SeqCst) < 4 {
+            Err(format!("{} not yet", e.seq))
+        } else {
+            s.lock().unwrap().entry(e.key).or_default().push(e.seq);
+            Ok(())
+        };
+        std::future::ready(r)
+    })
+    .unwrap()
+    .concurrency(concurrency)
+    .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(30), 1.0));
+    EventBus::new(broker.clone())
+        .publish_all(&keyed(40, 2))
+        .await
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("all handled", || {
+        seen.lock().unwrap().values().map(Vec::len).sum::<usize>() == 40
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    for (key, seqs) in seen.lock().unwrap().iter() {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, &sorted, "order of {key} broken by a retry");
+    }
+    assert!(failed_once.load(Ordering::SeqCst) >= 4, "retries happened");
+}
+
+#[tokio::test]
+async fn order_per_key_holds_when_a_message_is_retried_concurrently() {
+    retried_message_keeps_its_place(4).await;
+}
+
+#[tokio::test]
+async fn order_holds_when_a_message_is_retried_inline() {
+    retried_message_keeps_its_place(1).await;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("charging the card")]
+struct Wrapped(#[source] BoxError);
+
+#[tokio::test]
+async fn an_error_wrapping_a_permanent_one_is_dead_lettered_at_once() {
+    let broker = MemoryBroker::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let c = calls.clone();
+    p.handle("charge", move |_: Keyed| {
+        c.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err::<(), _>(Wrapped(permanent("card expired"))))
+    })
+    .unwrap()
+    .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(10), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&keyed(1, 1)[0])
+        .await
+        .unwrap();
+    eventually("the dead letter", || {
+        broker.messages("svc.charge.dead-letter").len() == 1
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let dead = &broker.messages("svc.charge.dead-letter")[0];
+    assert_eq!(
+        dead.metadata.headers[dlq::REASON],
+        "charging the card: card expired"
+    );
+    assert_eq!(dead.metadata.headers[dlq::ATTEMPTS], "1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+}
+
+/// Under at-most-once, a batch is acked before it is handled: shutdown must handle what it
+/// acked (within the deadline), not drop it.
+async fn at_most_once_shutdown_handles_what_was_acked(concurrency: usize) {
+    let broker = MemoryBroker::new();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let h = handled.clone();
+    p.handle("audit", move |e: Keyed| {
+        let (h, tx) = (h.clone(), started_tx.clone());
+        async move {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            h.lock().unwrap().push(e.seq);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .at_most_once()
+    .concurrency(concurrency)
+    .batch_size(10)
+    .shutdown_timeout(Duration::from_secs(5));
+    // One key: every message waits in one lane behind the first.
+    EventBus::new(broker.clone())
+        .publish_all(&keyed(10, 1))
+        .await
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+    running.shutdown().await.unwrap();
+    assert!(
+        broker.pending("Keyed", "svc.audit").is_empty(),
+        "acked before handling"
+    );
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        (0..10).collect::<Vec<_>>(),
+        "every acked message was handled before shutdown returned"
+    );
+}
+
+#[tokio::test]
+async fn at_most_once_shutdown_handles_acked_messages_inline() {
+    at_most_once_shutdown_handles_what_was_acked(1).await;
+}
+
+#[tokio::test]
+async fn at_most_once_shutdown_handles_acked_messages_in_lanes() {
+    at_most_once_shutdown_handles_what_was_acked(4).await;
+}
+
+/// A backend whose `subscribe` fails a number of times first, then works (or fails for good),
+/// and whose consumers can be made to fail.
+#[derive(Clone)]
+struct Flaky {
+    inner: MemoryBroker,
+    failures_left: Arc<AtomicUsize>,
+    retryable: bool,
+    consumers_fail: bool,
+}
+
+#[async_trait]
+impl Publisher for Flaky {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        self.inner.publish(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for Flaky {
+    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures_left.store(left - 1, Ordering::SeqCst);
+            let cause = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+            return Err(if self.retryable {
+                Error::retryable("XGROUP CREATE", cause)
+            } else {
+                Error::fatal("authentication", cause)
+            });
+        }
+        if self.consumers_fail {
+            return Ok(Box::new(Failing(s.group.clone())));
+        }
+        self.inner.subscribe(s).await
+    }
+}
+
+struct Failing(String);
+
+#[async_trait]
+impl Consumer for Failing {
+    async fn receive(&mut self, _max: usize) -> cqrs_core::Result<Vec<Delivery>> {
+        Err(Error::fatal(
+            format!("reading for {}", self.0),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        ))
+    }
+}
+
+fn flaky(failures: usize, retryable: bool, consumers_fail: bool) -> Flaky {
+    Flaky {
+        inner: MemoryBroker::new(),
+        failures_left: Arc::new(AtomicUsize::new(failures)),
+        retryable,
+        consumers_fail,
+    }
+}
+
+#[tokio::test]
+async fn start_retries_transient_errors() {
+    let backend = flaky(3, true, false);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let mut p = EventProcessor::new(backend.clone(), "svc");
+    p.handle("h", move |e: Keyed| std::future::ready(tx.send(e.seq)))
+        .unwrap();
+    let running = tokio::time::timeout(WAIT, p.start(CancellationToken::new()))
+        .await
+        .expect("start gave up")
+        .expect("a transient error failed the start");
+    assert_eq!(backend.failures_left.load(Ordering::SeqCst), 0);
+    EventBus::new(backend)
+        .publish(&keyed(1, 1)[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
+        Some(0)
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_fails_at_once_on_permanent_errors() {
+    let backend = flaky(1, false, false);
+    let mut p = EventProcessor::new(backend, "svc");
+    p.handle("h", |_: Keyed| std::future::ready(Ok::<_, String>(())))
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, p.start(CancellationToken::new()))
+        .await
+        .expect("a permanent error must not be retried")
+        .unwrap_err();
+    assert!(err.to_string().contains("authentication"), "{err}");
+}
+
+#[tokio::test]
+async fn wait_reports_every_failed_group() {
+    let backend = flaky(0, true, true);
+    let mut p = EventProcessor::new(backend, "svc");
+    p.handle("first", |_: Keyed| std::future::ready(Ok::<_, String>(())))
+        .unwrap();
+    p.handle("second", |_: Keyed, _: Context| {
+        std::future::ready(Ok::<_, String>(()))
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let err = tokio::time::timeout(WAIT, running.wait())
+        .await
+        .unwrap()
+        .unwrap_err();
+    let Error::Groups(groups) = &err else {
+        panic!("expected every group's error, got {err}");
+    };
+    let mut names: Vec<&str> = groups.iter().map(|(g, _)| g.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["svc.first", "svc.second"]);
+    assert!(err.to_string().contains("reading for svc.second"), "{err}");
+}
+
+#[tokio::test]
+async fn acked_entries_are_trimmed_and_a_lagging_group_keeps_its_own() {
+    let broker = MemoryBroker::with_retention(5);
+    let bus = EventBus::new(broker.clone());
+    let mut fast = broker
+        .subscribe(&Subscription::new("fast", ["Keyed"]))
+        .await
+        .unwrap();
+    let _slow = broker
+        .subscribe(&Subscription::new("slow", ["Keyed"]))
+        .await
+        .unwrap();
+    bus.publish_all(&keyed(100, 1)).await.unwrap();
+    let got = fast.receive(100).await.unwrap();
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    assert_eq!(
+        broker.messages("Keyed").len(),
+        100,
+        "the slow group has read nothing"
+    );
+    let mut slow = broker
+        .subscribe(&Subscription::new("slow", ["Keyed"]))
+        .await
+        .unwrap();
+    let got = slow.receive(100).await.unwrap();
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    assert_eq!(
+        broker.messages("Keyed").len(),
+        5,
+        "only the retained newest entries are left"
+    );
+}
+
+/// Records, for every `handle` span, whether it was opened inside another `handle` span.
+#[derive(Clone, Default)]
+struct Nesting {
+    nested: Arc<AtomicUsize>,
+    spans: Arc<AtomicUsize>,
+}
+
+impl<S> tracing_subscriber::Layer<S> for Nesting
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "handle" {
+            return;
+        }
+        self.spans.fetch_add(1, Ordering::SeqCst);
+        let Some(span) = ctx.span(id) else { return };
+        if span.scope().skip(1).any(|s| s.name() == "handle") {
+            self.nested.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn message_spans_never_nest() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let nesting = Nesting::default();
+    let subscriber = tracing_subscriber::registry().with(nesting.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+    // One thread: every task's span stack is the same thread's.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = MemoryBroker::new();
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut p = EventProcessor::new(broker.clone(), "svc");
+        let d = done.clone();
+        p.handle("h", move |e: Keyed| {
+            let d = d.clone();
+            async move {
+                tokio::task::yield_now().await;
+                d.fetch_add(1, Ordering::SeqCst);
+                if e.seq % 3 == 0 {
+                    // Dead-lettered: the settling awaits too.
+                    return Err(permanent("no"));
+                }
+                Ok(())
+            }
+        })
+        .unwrap()
+        .concurrency(16);
+        EventBus::new(broker.clone())
+            .publish_all(&keyed(200, 50))
+            .await
+            .unwrap();
+        let running = p.start(CancellationToken::new()).await.unwrap();
+        eventually("all handled", || done.load(Ordering::SeqCst) == 200).await;
+        eventually("all settled", || {
+            broker.pending("Keyed", "svc.h").is_empty()
+        })
+        .await;
+        running.shutdown().await.unwrap();
+    });
+    assert!(nesting.spans.load(Ordering::SeqCst) >= 200);
+    assert_eq!(
+        nesting.nested.load(Ordering::SeqCst),
+        0,
+        "a message's span was opened inside another message's span"
+    );
+}
