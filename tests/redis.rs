@@ -387,49 +387,239 @@ async fn killed_connections_lose_no_event() {
     assert_eq!(*seen.lock().unwrap(), (0..300).collect::<BTreeSet<_>>());
 }
 
+/// Publishes `event`, retrying as an application would while the server is away.
+async fn publish_until_accepted(bus: &EventBus, event: &Reading) {
+    let mut tries = 0;
+    while let Err(e) = bus.publish(event).await {
+        tries += 1;
+        assert!(
+            e.is_retryable() && tries < 100,
+            "publish failed for good: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_server_restart_is_survived() {
-    let mut server = RedisServer::start().await;
+    // A durable server: what it accepted before the restart is still there after it.
+    let mut server = RedisServer::start_durable().await;
     let backend = RedisBackend::connect(&server.url()).await.unwrap();
-    let seen: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
     let mut p = EventProcessor::new(backend.clone(), "svc");
     let s = seen.clone();
     p.handle("logger", move |r: Reading| {
-        s.lock().unwrap().insert(r.n);
+        s.lock().unwrap().push(r.n);
         async { Ok::<_, String>(()) }
     })
-    .unwrap();
+    .unwrap()
+    .concurrency(4);
     let running = p.start(CancellationToken::new()).await.unwrap();
     let bus = EventBus::new(backend.clone());
-    bus.publish(&Reading {
-        sensor: "a".into(),
-        n: 1,
-    })
-    .await
-    .unwrap();
-    eventually("the first event", || {
-        let n = seen.lock().unwrap().len();
-        async move { n == 1 }
-    })
-    .await;
-    server.restart().await;
-    // The restarted server is empty: the group is created again and later events flow.
-    eventually("the second event after the restart", || {
-        let bus = bus.clone();
-        let seen = seen.clone();
-        async move {
-            let _ = bus
-                .publish(&Reading {
-                    sensor: "a".into(),
-                    n: 2,
-                })
-                .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            seen.lock().unwrap().contains(&2)
+    for n in 0..200u32 {
+        if n == 100 {
+            server.restart().await;
         }
+        let event = Reading {
+            sensor: format!("s{}", n % 4),
+            n,
+        };
+        publish_until_accepted(&bus, &event).await;
+    }
+    // Each event published once (an accepted publish is never repeated): every one of them
+    // must be handled, the ones in flight at the restart included.
+    eventually("all 200 events handled", || {
+        let all = seen.lock().unwrap().iter().collect::<BTreeSet<_>>().len() == 200;
+        async move { all }
     })
     .await;
     running.shutdown().await.unwrap();
+    let mut conn = raw(&server.url()).await;
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg("Reading")
+        .arg("svc.logger")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(summary) = pending else {
+        panic!("XPENDING summary: {pending:?}");
+    };
+    assert_eq!(
+        summary.first(),
+        Some(&redis::Value::Int(0)),
+        "nothing pending"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_slower_than_the_claim_time_runs_once() {
+    let server = RedisServer::start().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let token = CancellationToken::new();
+    let mut running = Vec::new();
+    // Two members of one group: the one not busy looks for idle entries to claim.
+    for _ in 0..2 {
+        let mut p = EventProcessor::new(backend.clone(), "svc");
+        let c = calls.clone();
+        p.handle("slow", move |r: Reading| {
+            c.lock().unwrap().push(r.n);
+            async move {
+                if r.n == 0 {
+                    tokio::time::sleep(Duration::from_millis(3500)).await;
+                }
+                Ok::<_, String>(())
+            }
+        })
+        .unwrap()
+        .claim_idle(Some(Duration::from_secs(1)));
+        running.push(p.start(token.clone()).await.unwrap());
+    }
+    let bus = EventBus::new(backend.clone());
+    for n in 0..10 {
+        bus.publish(&Reading {
+            sensor: format!("s{n}"),
+            n,
+        })
+        .await
+        .unwrap();
+    }
+    let mut conn = raw(&server.url()).await;
+    eventually("everything acked", || {
+        let mut conn = conn.clone();
+        let calls = calls.lock().unwrap().len();
+        async move {
+            let pending: redis::Value = redis::cmd("XPENDING")
+                .arg("Reading")
+                .arg("svc.slow")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            calls >= 10
+                && matches!(pending, redis::Value::Array(ref s) if s.first() == Some(&redis::Value::Int(0)))
+        }
+    })
+    .await;
+    token.cancel();
+    for r in running {
+        r.wait().await.unwrap();
+    }
+    let mut calls = calls.lock().unwrap().clone();
+    calls.sort_unstable();
+    assert_eq!(
+        calls,
+        (0..10).collect::<Vec<_>>(),
+        "the slow entry was claimed from a live member and run twice"
+    );
+    let _ = &mut conn;
+}
+
+#[tokio::test]
+async fn an_entry_waiting_for_its_retry_is_not_redelivered_early_after_a_connection_error() {
+    let server = RedisServer::start().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let stream = unique("retry-wait");
+    backend
+        .publish(&stream, &[Message::new("X", b"x".to_vec())])
+        .await
+        .unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
+        .await
+        .unwrap();
+    let first = receive_n(&mut *consumer, 1).await.remove(0);
+    let nacked_at = tokio::time::Instant::now();
+    let backoff = Duration::from_secs(3);
+    first.nack(backoff).await.map_err(|(e, _)| e).unwrap();
+    // Cut every connection: the consumer's next read fails and it re-reads its own entries.
+    let mut admin = raw(&server.url()).await;
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(mut got) = consumer.receive(1).await {
+                if !got.is_empty() {
+                    return got.remove(0);
+                }
+            }
+        }
+    })
+    .await
+    .expect("the nacked entry came back");
+    assert!(
+        nacked_at.elapsed() >= backoff,
+        "redelivered after {:?}, before its backoff of {backoff:?}",
+        nacked_at.elapsed()
+    );
+    assert_eq!(again.attempt(), 2);
+}
+
+#[tokio::test]
+async fn a_group_created_again_keeps_its_start_position() {
+    let backend = backend().await;
+    let stream = unique("nogroup-latest");
+    let mut keys = Keys::new(&redis_url());
+    keys.add(&stream);
+    backend
+        .publish(&stream, &[Message::new("Old", b"old".to_vec())])
+        .await
+        .unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]).start(StartFrom::Latest))
+        .await
+        .unwrap();
+    backend
+        .publish(&stream, &[Message::new("New", b"new".to_vec())])
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 1).await;
+    assert_eq!(payloads(&got), ["new"]);
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    // The group vanishes (an operator's XGROUP DESTROY): it is created again from the latest
+    // entry, as the subscription asked, not from the beginning.
+    let mut conn = raw(&redis_url()).await;
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(1500), consumer.receive(10)).await;
+    if let Ok(Ok(got)) = waited {
+        panic!("old entries delivered again: {:?}", payloads(&got));
+    }
+    backend
+        .publish(&stream, &[Message::new("Later", b"later".to_vec())])
+        .await
+        .unwrap();
+    assert_eq!(payloads(&receive_n(&mut *consumer, 1).await), ["later"]);
+}
+
+#[tokio::test]
+async fn a_dead_letter_stream_in_no_pool_is_refused_at_start() {
+    let (one, two) = (RedisServer::start().await, RedisServer::start().await);
+    let mut topology = Topology::new();
+    topology.pool("sensors", &one.url()).unwrap();
+    topology.pool("other", &two.url()).unwrap();
+    topology
+        .stream("sensors", "Reading", Vec::<String>::new())
+        .unwrap();
+    let backend = RedisBackend::from_topology(&topology).await.unwrap();
+    let mut p = EventProcessor::new(backend, "svc");
+    p.handle("logger", |_: Reading| async { Ok::<_, String>(()) })
+        .unwrap();
+    let err = p.start(CancellationToken::new()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: the dead-letter stream `svc.logger.dead-letter` of group \
+         `svc.logger` is in no pool: list it in a pool of the topology or name one pool `default`"
+    );
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::value::{self, Entry as StreamEntry};
-use crate::{create_group, RedisOptions};
+use crate::{create_group_at, RedisOptions};
 
 /// How often consumers look for members to remove.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
@@ -53,7 +53,18 @@ pub(crate) struct RedisConsumer {
     streams: Vec<Arc<str>>,
     group: String,
     me: String,
+    start: StartFrom,
     claim_idle: Option<Duration>,
+    /// Per stream, where the next look for idle entries of other members continues.
+    claim_cursor: HashMap<Arc<str>, String>,
+    /// Per stream, the newest entry id this member read: a group that vanished is created again
+    /// from there.
+    last_read: HashMap<Arc<str>, String>,
+    /// Keeps the idle time of this member's entries fresh while it holds them.
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    /// An `XREADGROUP` was sent and its reply not read: the receive was dropped mid-read, and
+    /// the server may have handed this member entries whose reply is gone.
+    read_in_flight: bool,
     options: RedisOptions,
     /// Per stream, where the re-read of this member's own pending entries continues; `None`
     /// once done. Set again after a connection error.
@@ -77,11 +88,25 @@ impl RedisConsumer {
             .iter()
             .map(|t| Arc::from(t.as_str()))
             .collect();
+        let keeper = subscription.claim_idle.map(|idle| {
+            tokio::spawn(keep_fresh(
+                shared.clone(),
+                subscription.group.clone(),
+                subscription.consumer.clone(),
+                local.clone(),
+                (idle / 3).clamp(Duration::from_millis(100), Duration::from_secs(10)),
+            ))
+        });
         let mut consumer = RedisConsumer {
             conn,
             group: subscription.group.clone(),
             me: subscription.consumer.clone(),
+            start: subscription.start,
             claim_idle: subscription.claim_idle,
+            claim_cursor: HashMap::new(),
+            last_read: HashMap::new(),
+            keeper,
+            read_in_flight: false,
             options,
             resume: None,
             acker: Arc::new(RedisAcker {
@@ -230,8 +255,15 @@ impl RedisConsumer {
             next.insert(stream.clone(), format!("({last}"));
             let ids: Vec<(String, u32)> = {
                 let local = lock(&self.local);
+                // Not those being handled, nor those waiting out a nack's backoff.
                 rows.into_iter()
-                    .filter(|(id, _, _)| !local.inflight.contains(&entry_key(&stream, id)))
+                    .filter(|(id, _, _)| {
+                        !local.inflight.contains(&entry_key(&stream, id))
+                            && !local
+                                .retries
+                                .iter()
+                                .any(|r| r.stream == stream && r.id == *id)
+                    })
                     .map(|(id, _, count)| (id, count + 1))
                     .collect()
             };
@@ -278,9 +310,25 @@ impl RedisConsumer {
             if out.len() >= max {
                 break;
             }
+            // Page through the pending list from where the last look stopped, so that entries
+            // far down it (a dead member's) are reached even when the first page is all skipped.
+            let from = self
+                .claim_cursor
+                .get(&stream)
+                .cloned()
+                .unwrap_or_else(|| "-".to_owned());
+            let count = max - out.len();
             let rows = self
-                .pending(&stream, Some(idle), "-", max - out.len(), None)
+                .pending(&stream, Some(idle), &from, count, None)
                 .await?;
+            match rows.last() {
+                Some((last, _, _)) if rows.len() == count => {
+                    self.claim_cursor.insert(stream.clone(), format!("({last}"));
+                }
+                _ => {
+                    self.claim_cursor.remove(&stream);
+                }
+            }
             let ids: Vec<(String, u32)> = {
                 let mut local = lock(&self.local);
                 let mine_waiting: HashSet<String> = local
@@ -363,11 +411,16 @@ impl RedisConsumer {
         for _ in &self.streams {
             cmd.arg(">");
         }
-        let reply = self.query(&cmd, "XREADGROUP").await?;
-        for (name, entries) in value::streams(reply) {
+        self.read_in_flight = true;
+        let reply = self.query(&cmd, "XREADGROUP").await;
+        self.read_in_flight = false;
+        for (name, entries) in value::streams(reply?) {
             let Some(stream) = self.streams.iter().find(|s| ***s == *name).cloned() else {
                 continue;
             };
+            if let Some(last) = entries.last() {
+                self.last_read.insert(stream.clone(), last.id.clone());
+            }
             for entry in entries {
                 if let Some(d) = self.delivery(&stream, entry, 1) {
                     out.push(d);
@@ -444,19 +497,31 @@ impl RedisConsumer {
 impl Consumer for RedisConsumer {
     async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
         let max = max.max(1);
+        if self.read_in_flight {
+            // The last receive was dropped mid-read. Its entries are pending for this member;
+            // re-read them (on this connection, so after the abandoned read has finished).
+            self.read_in_flight = false;
+            self.restart_resume();
+        }
         loop {
             let mut out = Vec::new();
             match self.gather(max, &mut out).await {
                 Ok(()) => {}
                 Err(e) if e.redis_code() == Some("NOGROUP") => {
                     // The stream or group vanished (a server restart without persistence, a
-                    // DEL): create it again and read on.
+                    // DEL, an XGROUP DESTROY): create it again after the last entry this member
+                    // read (nothing old comes back, nothing newer is skipped), else where the
+                    // subscription starts.
                     tracing::warn!(group = %self.group, "consumer group missing; creating it again");
                     self.forget(out);
                     for s in self.streams.clone() {
+                        let from = match self.last_read.get(&s) {
+                            Some(id) => id.clone(),
+                            None if self.start == StartFrom::Latest => "$".to_owned(),
+                            None => "0".to_owned(),
+                        };
                         if let Err(e) =
-                            create_group(&mut self.conn, &s, &self.group, StartFrom::Beginning)
-                                .await
+                            create_group_at(&mut self.conn, &s, &self.group, &from).await
                         {
                             return Err(e.into());
                         }
@@ -467,6 +532,55 @@ impl Consumer for RedisConsumer {
             }
             if !out.is_empty() {
                 return Ok(out);
+            }
+        }
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+    }
+}
+
+/// Every `every`, resets the idle time of the entries this member holds (being handled, or
+/// waiting for a retry) with `XCLAIM ... JUSTID`, which leaves their delivery counts alone: a
+/// live member's entries are never idle long enough for another member to claim them, however
+/// long they wait in its queues or its handler runs.
+async fn keep_fresh(
+    mut conn: ConnectionManager,
+    group: String,
+    me: String,
+    local: Arc<Mutex<Local>>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let held: BTreeMap<Arc<str>, Vec<String>> = {
+            let local = lock(&local);
+            let mut held: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
+            for (stream, ms, seq) in &local.inflight {
+                held.entry(stream.clone())
+                    .or_default()
+                    .push(format!("{ms}-{seq}"));
+            }
+            for r in &local.retries {
+                held.entry(r.stream.clone()).or_default().push(r.id.clone());
+            }
+            held
+        };
+        for (stream, ids) in held {
+            for chunk in ids.chunks(500) {
+                let mut cmd = redis::cmd("XCLAIM");
+                cmd.arg(&*stream).arg(&group).arg(&me).arg(0).arg(chunk);
+                cmd.arg("JUSTID");
+                if let Err(e) = cmd.query_async::<Value>(&mut conn).await {
+                    tracing::warn!(%stream, %group, error = %e, "refreshing held entries failed");
+                }
             }
         }
     }
@@ -503,6 +617,20 @@ impl Acknowledge for RedisAcker {
                 .remove(&entry_key(d.topic_arc(), d.broker_id()));
         }
         Ok(())
+    }
+
+    fn release(&self, delivery: &Delivery) {
+        let mut local = lock(&self.local);
+        let key = entry_key(delivery.topic_arc(), delivery.broker_id());
+        if local.inflight.remove(&key) {
+            local.retries.push(Retry {
+                stream: delivery.topic_arc().clone(),
+                id: delivery.broker_id().to_owned(),
+                attempt: delivery.attempt(),
+                due: Instant::now(),
+                min_idle: Duration::ZERO,
+            });
+        }
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {

@@ -216,6 +216,16 @@ pub(crate) async fn create_group(
         StartFrom::Latest => "$",
         _ => "0",
     };
+    create_group_at(conn, stream, group, id).await
+}
+
+/// Creates `group` on `stream` (and the stream) from entry `id` unless it exists.
+pub(crate) async fn create_group_at(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> Result<()> {
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -280,6 +290,15 @@ impl Subscriber for RedisBackend {
             )));
         };
         let pool = self.pool_for(first)?;
+        if let Some(dead) = &subscription.dead_letter {
+            if self.pool_for(dead).is_err() {
+                return Err(cqrs_core::Error::Config(format!(
+                    "the dead-letter stream `{dead}` of group `{}` is in no pool: list it in a \
+                     pool of the topology or name one pool `default`",
+                    subscription.group
+                )));
+            }
+        }
         for topic in &subscription.topics[1..] {
             let other = self.pool_for(topic)?;
             if other.name != pool.name {

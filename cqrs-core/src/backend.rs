@@ -269,6 +269,9 @@ pub struct Subscription {
     /// Take over pending deliveries other members have held this long without acking (members
     /// that died). `None` never claims.
     pub claim_idle: Option<Duration>,
+    /// Where the group's processor publishes what fails for good; a backend checks at
+    /// subscription that it can publish there.
+    pub dead_letter: Option<String>,
 }
 
 impl Subscription {
@@ -283,6 +286,7 @@ impl Subscription {
             topics: topics.into_iter().map(Into::into).collect(),
             start: StartFrom::Beginning,
             claim_idle: Some(DEFAULT_CLAIM_IDLE),
+            dead_letter: None,
         }
     }
 
@@ -301,6 +305,12 @@ impl Subscription {
     /// Sets the idle time after which other members' pending deliveries are claimed.
     pub fn claim_idle(mut self, idle: Option<Duration>) -> Self {
         self.claim_idle = idle;
+        self
+    }
+
+    /// Names the group's dead-letter topic.
+    pub fn dead_letter(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter = Some(topic.into());
         self
     }
 }

@@ -246,8 +246,19 @@ pub async fn nack_redelivers<B: Backend>(backend: B) {
     receive_none(&mut *consumer).await;
 }
 
-/// What a member took and never acked (it stopped) reaches another member of the group.
+/// What a member took and never acked (it stopped) reaches another member of the group, as
+/// its second delivery (brokers that count deliveries: Redis, in-memory).
 pub async fn stopped_member_work_is_claimed<B: Backend>(backend: B) {
+    stopped_member_work_reaches_another(backend, 2).await;
+}
+
+/// Like [`stopped_member_work_is_claimed`], for brokers without delivery counts (Kafka), where
+/// a partition's new owner starts counting again at 1.
+pub async fn stopped_member_work_is_claimed_uncounted<B: Backend>(backend: B) {
+    stopped_member_work_reaches_another(backend, 1).await;
+}
+
+async fn stopped_member_work_reaches_another<B: Backend>(backend: B, attempt: u32) {
     let topic = unique("conf-claim");
     let group = unique("g");
     backend
@@ -273,11 +284,57 @@ pub async fn stopped_member_work_is_claimed<B: Backend>(backend: B) {
     let mut payloads: Vec<String> = got.iter().map(payload).collect();
     payloads.sort();
     assert_eq!(payloads, ["0", "1", "2", "3", "4"]);
-    // Backends with delivery counts (Redis, in-memory) report 2 here; Kafka has none, and a new
-    // owner of a partition starts again at 1.
-    assert!(got.iter().all(|d| d.attempt() >= 1));
+    let attempts: Vec<u32> = got.iter().map(Delivery::attempt).collect();
+    assert_eq!(
+        attempts, [attempt; 5],
+        "attempt numbers of the claimed deliveries"
+    );
     ack(got).await;
     receive_none(&mut *survivor).await;
+}
+
+/// A delivery dropped without an ack or a nack (its handler was stopped, its ack failed for
+/// good) is delivered again to the same member, without waiting for another member to claim it.
+pub async fn dropped_delivery_comes_back<B: Backend>(backend: B) {
+    let topic = unique("conf-dropped");
+    let group = unique("g");
+    backend
+        .publish(&topic, &messages(1, |_| None))
+        .await
+        .expect("publish failed");
+    let mut consumer = subscribe(
+        &backend,
+        Subscription::new(&group, [&topic]).claim_idle(None),
+    )
+    .await;
+    let first = receive_n(&mut *consumer, 1).await.remove(0);
+    let id = first.message().id.clone();
+    drop(first);
+    let again = receive_n(&mut *consumer, 1).await.remove(0);
+    assert_eq!(again.message().id, id);
+    ack(vec![again]).await;
+    receive_none(&mut *consumer).await;
+}
+
+/// A `receive` dropped while it waits (a shutdown, a `select!`) loses nothing: a message that
+/// arrives afterwards is delivered by the next `receive`.
+pub async fn dropped_receive_loses_nothing<B: Backend>(backend: B) {
+    let topic = unique("conf-dropped-receive");
+    let group = unique("g");
+    let mut consumer = subscribe(
+        &backend,
+        Subscription::new(&group, [&topic]).claim_idle(None),
+    )
+    .await;
+    let waited = tokio::time::timeout(Duration::from_millis(300), consumer.receive(10)).await;
+    assert!(waited.is_err(), "nothing was published yet");
+    backend
+        .publish(&topic, &messages(1, |_| None))
+        .await
+        .expect("publish failed");
+    let got = receive_n(&mut *consumer, 1).await;
+    assert_eq!(payload(&got[0]), "0");
+    ack(got).await;
 }
 
 /// Messages with one key arrive in the order they were published.
@@ -490,10 +547,19 @@ where
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
+        $crate::conformance_suite!(@common $make);
+        $crate::conformance_suite!(@tests $make; stopped_member_work_is_claimed);
+    };
+    // Brokers without delivery counts (Kafka): a claimed message starts again at attempt 1.
+    ($make:expr, uncounted) => {
+        $crate::conformance_suite!(@common $make);
+        $crate::conformance_suite!(@tests $make; stopped_member_work_is_claimed_uncounted);
+    };
+    (@common $make:expr) => {
         $crate::conformance_suite!(@tests $make;
             publish_subscribe, fan_out_to_groups, members_share_the_work, nack_redelivers,
-            stopped_member_work_is_claimed, order_kept_per_key, start_positions,
-            close_and_reopen, concurrent_publishers, retries_then_dead_letter);
+            order_kept_per_key, start_positions, close_and_reopen, concurrent_publishers,
+            retries_then_dead_letter, dropped_delivery_comes_back, dropped_receive_loses_nothing);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(

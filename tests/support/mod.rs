@@ -45,20 +45,58 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// With an append-only file in this folder, fsynced on every write.
+    aof: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
         let port = free_port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            aof: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// A server that keeps every write in an append-only file (`appendfsync always`), so that
+    /// a restart, even after SIGKILL, loses nothing it acknowledged.
+    pub async fn start_durable() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("cqrs-redis-aof"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            aof: Some(dir),
+        };
         server.spawn().await;
         server
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
+        match &self.aof {
+            Some(dir) => {
+                cmd.args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .arg("--dir")
+                .arg(dir);
+            }
+            None => {
+                cmd.args(["--save", "", "--appendonly", "no"]);
+            }
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -76,7 +114,8 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    /// Stops the server and starts it again, empty, on the same port.
+    /// Kills the server and starts it again on the same port: empty, or with what its
+    /// append-only file holds.
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn().await;
@@ -93,6 +132,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.aof {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

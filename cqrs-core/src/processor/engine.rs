@@ -62,6 +62,7 @@ impl GroupSpec {
             .consumer(self.consumer_name.clone())
             .start(self.options.start)
             .claim_idle(self.options.claim_idle)
+            .dead_letter(self.dead_letter_topic())
     }
 
     fn dead_letter_topic(&self) -> String {

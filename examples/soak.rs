@@ -1,0 +1,921 @@
+//! A fault-injection soak: nothing is lost while consumers are SIGKILLed, connections are cut and
+//! the broker restarts.
+//!
+//! Run with: `scripts/soak redis [N]` or `scripts/soak kafka [N]` (the script builds this example
+//! with every feature and runs `soak run BACKEND --events N`). It needs `redis-server` (Redis) or
+//! nothing (Kafka: librdkafka's mock cluster, served from a process of its own over loopback TCP).
+//!
+//! One process plays the orchestrator. It starts the broker (its own `redis-server` with AOF and
+//! `appendfsync always` on a free port, or a mock Kafka cluster), a publisher process that
+//! publishes N keyed events with a sequence number at a steady rate, and three consumer processes
+//! of one service (one handler, concurrency 8). Each consumer appends every event it handled to a
+//! file of its own, outside the broker. Handlers fail 10% of the time (retried) and every
+//! hundredth event is poison (a permanent error, dead-lettered). While events flow the
+//! orchestrator SIGKILLs one consumer every `--kill-every` seconds and starts it again; on Redis it
+//! also kills every client connection every `--conn-kill-every` seconds and restarts the server
+//! once, halfway through publishing. When the publisher is done it waits until the group has
+//! nothing left, reads the dead-letter topic with the raw client and prints one line:
+//!
+//! `soak: backend=redis events=N lost=0 duplicates=D (P%) dead_lettered=X poison_missing=0 ...`
+//!
+//! It exits non-zero if anything was lost, a poison event is missing from the dead-letter topic,
+//! or duplicates pass `--max-duplicates-pct`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
+use cqrs::redis::RedisBackend;
+use cqrs::{
+    permanent, Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+const TOPIC: &str = "soak.ticks";
+const SERVICE: &str = "soak";
+const HANDLER: &str = "record";
+const GROUP: &str = "soak.record";
+const DEAD_LETTER: &str = "soak.record.dead-letter";
+const CONSUMERS: usize = 3;
+const KAFKA_PARTITIONS: i32 = 8;
+/// One event in this many is poison.
+const POISON_EVERY: u64 = 100;
+/// Percent of handler calls that fail with a transient error.
+const TRANSIENT_FAILURE_PCT: u64 = 10;
+
+#[derive(Debug, Clone, Event, Serialize, Deserialize)]
+#[event(name = "soak.Tick", topic = "soak.ticks")]
+struct Tick {
+    seq: u64,
+    #[event(key)]
+    key: String,
+}
+
+fn is_poison(seq: u64) -> bool {
+    seq % POISON_EVERY == 0
+}
+
+/// `--name value` pairs after the role (and its positional arguments).
+struct Args {
+    positional: Vec<String>,
+    named: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Args, BoxError> {
+        let mut positional = Vec::new();
+        let mut named = HashMap::new();
+        let mut args = args.peekable();
+        while let Some(a) = args.next() {
+            match a.strip_prefix("--") {
+                Some(name) => {
+                    let value = args
+                        .next()
+                        .ok_or_else(|| format!("--{name} needs a value"))?;
+                    named.insert(name.to_owned(), value);
+                }
+                None => positional.push(a),
+            }
+        }
+        Ok(Args { positional, named })
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, BoxError> {
+        match self.named.get(name) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: `{v}` is not valid").into()),
+            None => Ok(default),
+        }
+    }
+
+    fn text(&self, name: &str) -> Result<String, BoxError> {
+        self.named
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("--{name} is required").into())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let role = args.next().unwrap_or_default();
+    let args = Args::parse(args)?;
+    match role.as_str() {
+        "run" => orchestrate(args).await,
+        "publish" => publish(args).await,
+        "consume" => consume(args).await,
+        "kafka-broker" => kafka_broker(),
+        other => Err(format!(
+            "unknown role `{other}`: use `soak run redis|kafka [--events N] [--rate R] \
+             [--kill-every S] [--conn-kill-every S] [--claim-idle-ms MS] [--max-duplicates-pct P]`"
+        )
+        .into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Children: publisher, consumer, mock Kafka cluster.
+
+/// Connects the backend named `--backend` at `--url` and runs `f` with it.
+macro_rules! with_backend {
+    ($args:expr, |$b:ident| $body:expr) => {{
+        let url = $args.text("url")?;
+        match $args.text("backend")?.as_str() {
+            "redis" => {
+                let $b = RedisBackend::connect(&url).await?;
+                $body
+            }
+            "kafka" => {
+                let $b = KafkaBackend::connect(kafka_config(&url)).await?;
+                $body
+            }
+            other => Err(BoxError::from(format!("unknown backend `{other}`"))),
+        }
+    }};
+}
+
+fn kafka_config(brokers: &str) -> KafkaConfig {
+    // The mock cluster has no CreateTopics: its process creates the topics.
+    KafkaConfig::new(brokers)
+        .create_topics(false)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+}
+
+/// Publishes `--events` ticks at `--rate` per second, retrying each batch until the broker takes
+/// it; prints `published K` as it goes.
+async fn publish(args: Args) -> Result<(), BoxError> {
+    let events: u64 = args.get("events", 10_000)?;
+    let rate: u64 = args.get("rate", 5_000)?;
+    with_backend!(args, |b| publish_on(b, events, rate).await)
+}
+
+async fn publish_on(backend: impl Backend, events: u64, rate: u64) -> Result<(), BoxError> {
+    let bus = EventBus::new(backend);
+    const BATCH: u64 = 50;
+    let mut ticker =
+        tokio::time::interval(Duration::from_secs_f64(BATCH as f64 / rate.max(1) as f64));
+    let mut failures = 0u64;
+    let mut reported = 0;
+    let mut start = 0;
+    while start < events {
+        ticker.tick().await;
+        let end = (start + BATCH).min(events);
+        let batch: Vec<Tick> = (start..end)
+            .map(|seq| Tick {
+                seq,
+                key: format!("k{}", seq % 1000),
+            })
+            .collect();
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = bus.publish_all(&batch).await {
+            failures += 1;
+            eprintln!("publish failed ({e}); retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        start = end;
+        if start * 20 / events > reported {
+            reported = start * 20 / events;
+            println!("published {start}");
+        }
+    }
+    println!("done {events} failures {failures}");
+    Ok(())
+}
+
+/// Runs the service's one handler until killed; records each handled event in `--out`.
+async fn consume(args: Args) -> Result<(), BoxError> {
+    let out = args.text("out")?;
+    let claim_idle = Duration::from_millis(args.get("claim-idle-ms", 10_000)?);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)?;
+    // Each line is one write(2): a SIGKILL loses no line the handler finished.
+    let file = Arc::new(Mutex::new(file));
+    let seed = u64::from(std::process::id()) ^ now_nanos();
+    let rng = Arc::new(AtomicU64::new(seed));
+    with_backend!(args, |b| consume_on(b, file, rng, claim_idle).await)
+}
+
+async fn consume_on(
+    backend: impl Backend,
+    file: Arc<Mutex<std::fs::File>>,
+    rng: Arc<AtomicU64>,
+    claim_idle: Duration,
+) -> Result<(), BoxError> {
+    let mut processor = EventProcessor::new(backend, SERVICE);
+    processor
+        .handle(HANDLER, move |t: Tick| {
+            let result = if is_poison(t.seq) {
+                Err(permanent(format!("poison event {}", t.seq)))
+            } else if next_random(&rng) % 100 < TRANSIENT_FAILURE_PCT {
+                Err(BoxError::from("transient failure (injected)"))
+            } else {
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(f, "{}", t.seq).map_err(BoxError::from)
+            };
+            std::future::ready(result)
+        })?
+        .concurrency(8)
+        .retry(
+            RetryPolicy::attempts(20)
+                .backoff(Duration::from_millis(20), 2.0)
+                .max_delay(Duration::from_millis(500)),
+        )
+        .claim_idle(Some(claim_idle));
+    let running = processor.start(CancellationToken::new()).await?;
+    println!("ready");
+    running.wait().await?;
+    Ok(())
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// splitmix64: enough randomness to pick failures.
+fn next_random(state: &AtomicU64) -> u64 {
+    let mut z = state
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Serves a one-broker mock Kafka cluster with the soak's topics; prints its address and runs
+/// until killed.
+fn kafka_broker() -> Result<(), BoxError> {
+    let cluster = rdkafka::mocking::MockCluster::new(1)?;
+    for topic in [TOPIC, DEAD_LETTER] {
+        cluster.create_topic(topic, KAFKA_PARTITIONS, 1)?;
+    }
+    println!("{}", cluster.bootstrap_servers());
+    std::io::stdout().flush()?;
+    // Until the orchestrator kills this process, or closes our stdin.
+    let mut line = String::new();
+    while std::io::stdin().lock().read_line(&mut line)? > 0 {
+        line.clear();
+    }
+    drop(cluster);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The orchestrator.
+
+struct Plan {
+    backend: String,
+    events: u64,
+    rate: u64,
+    kill_every: Duration,
+    conn_kill_every: Duration,
+    claim_idle_ms: u64,
+    max_duplicates_pct: f64,
+    drain_timeout: Duration,
+    dir: PathBuf,
+}
+
+async fn orchestrate(args: Args) -> Result<(), BoxError> {
+    let backend = args
+        .positional
+        .first()
+        .cloned()
+        .ok_or("which backend: `soak run redis` or `soak run kafka`")?;
+    let default_events = if backend == "kafka" {
+        200_000
+    } else {
+        1_000_000
+    };
+    let dir = std::env::temp_dir().join(format!("cqrs-soak-{backend}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let plan = Plan {
+        events: args.get("events", default_events)?,
+        rate: args.get("rate", if backend == "kafka" { 2_000 } else { 5_000 })?,
+        kill_every: Duration::from_secs_f64(args.get("kill-every", 10.0)?),
+        conn_kill_every: Duration::from_secs_f64(args.get("conn-kill-every", 5.0)?),
+        claim_idle_ms: args.get("claim-idle-ms", 10_000)?,
+        max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
+        drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
+        dir,
+        backend,
+    };
+    eprintln!(
+        "soak: {} events on {} at {}/s; files in {}",
+        plan.events,
+        plan.backend,
+        plan.rate,
+        plan.dir.display()
+    );
+    let mut broker = match plan.backend.as_str() {
+        "redis" => Broker::start_redis(&plan.dir).await?,
+        "kafka" => Broker::start_kafka().await?,
+        other => return Err(format!("unknown backend `{other}`").into()),
+    };
+    let result = soak(&plan, &mut broker).await;
+    broker.stop().await;
+    let report = result?;
+    println!("{}", report.line(&plan));
+    if report.lost > 0 || report.poison_missing > 0 {
+        return Err("events were lost".into());
+    }
+    if report.duplicate_pct(&plan) > plan.max_duplicates_pct {
+        return Err(format!(
+            "duplicates above {}% of the events",
+            plan.max_duplicates_pct
+        )
+        .into());
+    }
+    // Keep the files only when something went wrong.
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    Ok(())
+}
+
+#[derive(Default)]
+struct Report {
+    lost: u64,
+    duplicates: u64,
+    dead_lettered: u64,
+    poison_missing: u64,
+    consumer_kills: u64,
+    consumer_exits: u64,
+    connection_kills: u64,
+    broker_restarts: u64,
+    seconds: f64,
+}
+
+impl Report {
+    fn duplicate_pct(&self, plan: &Plan) -> f64 {
+        self.duplicates as f64 * 100.0 / plan.events.max(1) as f64
+    }
+
+    fn line(&self, plan: &Plan) -> String {
+        format!(
+            "soak: backend={} events={} lost={} duplicates={} ({:.3}%) dead_lettered={} \
+             poison_missing={} consumer_kills={} consumer_exits={} connection_kills={} \
+             broker_restarts={} seconds={:.0}",
+            plan.backend,
+            plan.events,
+            self.lost,
+            self.duplicates,
+            self.duplicate_pct(plan),
+            self.dead_lettered,
+            self.poison_missing,
+            self.consumer_kills,
+            self.consumer_exits,
+            self.connection_kills,
+            self.broker_restarts,
+            self.seconds
+        )
+    }
+}
+
+/// The broker under test, in a process of its own.
+enum Broker {
+    Redis {
+        port: u16,
+        dir: PathBuf,
+        child: Child,
+    },
+    Kafka {
+        bootstrap: String,
+        child: Child,
+    },
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Broker {
+    async fn start_redis(dir: &Path) -> Result<Broker, BoxError> {
+        let port = free_port()?;
+        let child = spawn_redis(port, dir)?;
+        let broker = Broker::Redis {
+            port,
+            dir: dir.to_owned(),
+            child,
+        };
+        wait_for_redis(&broker.url()).await?;
+        Ok(broker)
+    }
+
+    async fn start_kafka() -> Result<Broker, BoxError> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("kafka-broker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let bootstrap = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| "the mock cluster did not start")??
+            .ok_or("the mock cluster exited")?;
+        Ok(Broker::Kafka { bootstrap, child })
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Broker::Redis { port, .. } => format!("redis://127.0.0.1:{port}/0"),
+            Broker::Kafka { bootstrap, .. } => bootstrap.clone(),
+        }
+    }
+
+    /// `SHUTDOWN` (the AOF is fsynced on every write) and start again on the same port and files.
+    async fn restart_redis(&mut self) -> Result<(), BoxError> {
+        let Broker::Redis { port, dir, child } = self else {
+            return Ok(());
+        };
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let mut conn = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        // The server closes the connection as it goes down: no reply to wait for.
+        let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
+        child.wait().await?;
+        *child = spawn_redis(*port, dir)?;
+        wait_for_redis(&url).await
+    }
+
+    async fn stop(&mut self) {
+        let child = match self {
+            Broker::Redis { child, .. } | Broker::Kafka { child, .. } => child,
+        };
+        let _ = child.kill().await;
+    }
+}
+
+fn spawn_redis(port: u16, dir: &Path) -> Result<Child, BoxError> {
+    Ok(Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--logfile", "redis.log"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start redis-server (scripts/soak installs it): {e}"))?)
+}
+
+async fn wait_for_redis(url: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut conn) = redis_conn(url).await {
+            if redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("redis-server at {url} did not answer").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn redis_conn(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+/// A consumer process in one of the three slots.
+struct Slot {
+    index: usize,
+    generation: usize,
+    child: Child,
+}
+
+fn spawn_consumer(
+    plan: &Plan,
+    url: &str,
+    index: usize,
+    generation: usize,
+) -> Result<Slot, BoxError> {
+    let out = plan.dir.join(format!("handled-{index}-{generation}.log"));
+    let err = std::fs::File::create(plan.dir.join(format!("consumer-{index}-{generation}.err")))?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("consume")
+        .args(["--backend", &plan.backend, "--url", url])
+        .arg("--out")
+        .arg(out)
+        .args(["--claim-idle-ms", &plan.claim_idle_ms.to_string()])
+        .stdout(Stdio::null())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(Slot {
+        index,
+        generation,
+        child,
+    })
+}
+
+async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
+    let started = Instant::now();
+    let url = broker.url();
+    let mut report = Report::default();
+    let mut slots = (0..CONSUMERS)
+        .map(|i| spawn_consumer(plan, &url, i, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut publisher = Command::new(std::env::current_exe()?)
+        .arg("publish")
+        .args(["--backend", &plan.backend, "--url", &url])
+        .args(["--events", &plan.events.to_string()])
+        .args(["--rate", &plan.rate.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(plan.dir.join("publisher.err"))?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut progress =
+        tokio::io::BufReader::new(publisher.stdout.take().ok_or("no stdout")?).lines();
+
+    let mut kill = tokio::time::interval(plan.kill_every);
+    kill.tick().await;
+    let mut conn_kill = tokio::time::interval(plan.conn_kill_every);
+    conn_kill.tick().await;
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let is_redis = matches!(broker, Broker::Redis { .. });
+    let mut next_victim = 0;
+    // While the publisher runs: faults.
+    loop {
+        tokio::select! {
+            line = progress.next_line() => match line? {
+                Some(line) => {
+                    eprintln!("soak: {line} ({:.0} s)", started.elapsed().as_secs_f64());
+                    let published: u64 = line
+                        .strip_prefix("published ")
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    if is_redis && report.broker_restarts == 0 && published * 2 >= plan.events {
+                        eprintln!("soak: restarting redis-server");
+                        broker.restart_redis().await?;
+                        report.broker_restarts += 1;
+                    }
+                }
+                None => break,
+            },
+            _ = kill.tick() => {
+                let slot = &mut slots[next_victim];
+                next_victim = (next_victim + 1) % CONSUMERS;
+                slot.child.kill().await?;
+                report.consumer_kills += 1;
+                *slot = spawn_consumer(plan, &url, slot.index, slot.generation + 1)?;
+            }
+            _ = conn_kill.tick(), if is_redis => {
+                match kill_connections(&url).await {
+                    Ok(_) => report.connection_kills += 1,
+                    Err(e) => eprintln!("soak: CLIENT KILL failed: {e}"),
+                }
+            }
+            _ = check.tick() => {
+                report.consumer_exits += respawn_exited(plan, &url, &mut slots)?;
+            }
+        }
+    }
+    let status = publisher.wait().await?;
+    if !status.success() {
+        return Err(format!(
+            "the publisher failed ({status}); see {}",
+            plan.dir.display()
+        )
+        .into());
+    }
+    eprintln!(
+        "soak: all published in {:.0} s; waiting for the group to drain",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Drain: no faults, consumers that exit on their own are still restarted.
+    let deadline = Instant::now() + plan.drain_timeout;
+    loop {
+        report.consumer_exits += respawn_exited(plan, &url, &mut slots)?;
+        let left = match broker {
+            Broker::Redis { .. } => redis_left(&url).await,
+            Broker::Kafka { .. } => kafka_left(&url),
+        };
+        match left {
+            Ok(0) => break,
+            Ok(n) if Instant::now() > deadline => {
+                return Err(format!("the group did not drain: {n} left").into())
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("soak: checking the group failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    for slot in &mut slots {
+        let _ = slot.child.kill().await;
+    }
+
+    let handled = read_handled(&plan.dir)?;
+    let dead = match broker {
+        Broker::Redis { .. } => redis_dead_letters(&url).await?,
+        Broker::Kafka { .. } => kafka_dead_letters(&url)?,
+    };
+    tally(plan, &handled, &dead, &mut report);
+    Ok(report)
+}
+
+/// Restarts consumers that exited by themselves; returns how many did.
+fn respawn_exited(plan: &Plan, url: &str, slots: &mut [Slot]) -> Result<u64, BoxError> {
+    let mut exits = 0;
+    for slot in slots.iter_mut() {
+        if let Some(status) = slot.child.try_wait()? {
+            eprintln!(
+                "soak: consumer {}-{} exited by itself ({status}); starting it again",
+                slot.index, slot.generation
+            );
+            exits += 1;
+            *slot = spawn_consumer(plan, url, slot.index, slot.generation + 1)?;
+        }
+    }
+    Ok(exits)
+}
+
+/// Counts each sequence number handled, over every consumer's file.
+fn read_handled(dir: &Path) -> Result<HashMap<u64, u32>, BoxError> {
+    let mut handled = HashMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("handled-"));
+        if !is_log {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            if let Ok(seq) = line.parse::<u64>() {
+                *handled.entry(seq).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(handled)
+}
+
+/// A dead letter: the event's sequence number and the reason header.
+struct DeadLetter {
+    seq: u64,
+    reason: String,
+}
+
+fn tally(plan: &Plan, handled: &HashMap<u64, u32>, dead: &[DeadLetter], report: &mut Report) {
+    let mut dead_by_seq: HashMap<u64, u32> = HashMap::new();
+    for d in dead {
+        *dead_by_seq.entry(d.seq).or_insert(0) += 1;
+    }
+    report.dead_lettered = dead.len() as u64;
+    for seq in 0..plan.events {
+        let h = handled.get(&seq).copied().unwrap_or(0);
+        let d = dead_by_seq.get(&seq).copied().unwrap_or(0);
+        if h + d == 0 {
+            report.lost += 1;
+        } else {
+            report.duplicates += u64::from(h + d - 1);
+        }
+        if is_poison(seq) {
+            let ok = dead
+                .iter()
+                .any(|x| x.seq == seq && x.reason.contains("poison event"));
+            if !ok && d == 0 {
+                report.poison_missing += 1;
+            }
+        }
+    }
+    // A poison event in the dead letters with another reason is missing its reason.
+    report.poison_missing += dead
+        .iter()
+        .filter(|x| is_poison(x.seq) && !x.reason.contains("poison event"))
+        .count() as u64;
+}
+
+async fn kill_connections(url: &str) -> Result<u64, BoxError> {
+    let mut conn = redis_conn(url).await?;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut conn)
+        .await?;
+    Ok(killed)
+}
+
+/// Reads a flat `[k, v, k, v, ...]` or map reply into a map.
+fn fields(v: &redis::Value) -> HashMap<String, redis::Value> {
+    let mut out = HashMap::new();
+    match v {
+        redis::Value::Array(items) => {
+            for pair in items.chunks(2) {
+                if let [k, v] = pair {
+                    if let Ok(k) = redis::from_redis_value::<String>(k.clone()) {
+                        out.insert(k, v.clone());
+                    }
+                }
+            }
+        }
+        redis::Value::Map(items) => {
+            for (k, v) in items {
+                if let Ok(k) = redis::from_redis_value::<String>(k.clone()) {
+                    out.insert(k, v.clone());
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn text(v: Option<&redis::Value>) -> String {
+    v.and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// What the group still has to do: pending entries, plus 1 while its last-delivered id is behind
+/// the stream's last id. (XINFO's `lag` is wrong on Redis 7.0 after restarts and claims.)
+async fn redis_left(url: &str) -> Result<u64, BoxError> {
+    let mut conn = redis_conn(url).await?;
+    let stream: redis::Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(TOPIC)
+        .query_async(&mut conn)
+        .await?;
+    let last = text(fields(&stream).get("last-generated-id"));
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(TOPIC)
+        .query_async(&mut conn)
+        .await?;
+    for g in &groups {
+        let g = fields(g);
+        if text(g.get("name")) != GROUP {
+            continue;
+        }
+        let pending: u64 = g
+            .get("pending")
+            .and_then(|v| redis::from_redis_value(v.clone()).ok())
+            .unwrap_or(0);
+        let behind = u64::from(text(g.get("last-delivered-id")) != last);
+        return Ok(pending + behind);
+    }
+    Err(format!("no group {GROUP} on {TOPIC}").into())
+}
+
+async fn redis_dead_letters(url: &str) -> Result<Vec<DeadLetter>, BoxError> {
+    let mut conn = redis_conn(url).await?;
+    let mut out = Vec::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(DEAD_LETTER)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        from = format!("({last}");
+        for (id, f) in &page {
+            let payload = f
+                .get("payload")
+                .ok_or_else(|| format!("{id}: no payload"))?;
+            let tick: Tick = serde_json::from_slice(payload)?;
+            let reason = f
+                .get("h.x-dead-letter-reason")
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .unwrap_or_default();
+            out.push(DeadLetter {
+                seq: tick.seq,
+                reason,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn kafka_client(brokers: &str, group: &str) -> Result<rdkafka::consumer::BaseConsumer, BoxError> {
+    Ok(rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?)
+}
+
+/// Records the group has not committed, over every partition of the topic.
+fn kafka_left(brokers: &str) -> Result<u64, BoxError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let client = kafka_client(brokers, GROUP)?;
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..KAFKA_PARTITIONS {
+        tpl.add_partition(TOPIC, p);
+    }
+    let committed: Vec<(i32, Offset)> = client
+        .committed_offsets(tpl, timeout)?
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect();
+    let mut left = 0;
+    for (p, offset) in committed {
+        let (_, high) = client.fetch_watermarks(TOPIC, p, timeout)?;
+        let at = match offset {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        left += (high - at).max(0) as u64;
+    }
+    Ok(left)
+}
+
+fn kafka_dead_letters(brokers: &str) -> Result<Vec<DeadLetter>, BoxError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let client = kafka_client(brokers, "soak-reader")?;
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..KAFKA_PARTITIONS {
+        let (low, high) = client.fetch_watermarks(DEAD_LETTER, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(DEAD_LETTER, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+        }
+    }
+    client.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err("reading the dead-letter topic timed out".into());
+        }
+        let Some(m) = client.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        if ends
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            ends.remove(&m.partition());
+        }
+        let tick: Tick = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        let reason = m
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "x-dead-letter-reason")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .unwrap_or_default();
+        out.push(DeadLetter {
+            seq: tick.seq,
+            reason,
+        });
+    }
+    Ok(out)
+}
