@@ -215,25 +215,21 @@ async fn post_commit_redelivers_a_failure_and_pre_commit_does_not() {
                 d[0].message().metadata.headers[dlq::REASON],
                 "first try fails"
             );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            assert_eq!(
-                *calls.lock().unwrap(),
-                [1],
-                "pre-commit: acked first, not redelivered"
-            );
         } else {
             eventually("the redelivery", || {
                 let n = calls.lock().unwrap().len();
-                async move { n == 2 }
+                async move { n >= 2 }
             })
             .await;
-            assert_eq!(
-                *calls.lock().unwrap(),
-                [1, 2],
-                "post-commit: redelivered after the failure"
-            );
         }
+        // Stopped, then checked: a call more than expected, early or late, is caught.
         running.shutdown().await.unwrap();
+        let expected: &[u32] = if at_most_once { &[1] } else { &[1, 2] };
+        assert_eq!(
+            *calls.lock().unwrap(),
+            expected,
+            "post-commit redelivers the failure once; pre-commit acked first and does not"
+        );
     }
 }
 
@@ -415,4 +411,201 @@ async fn missing_topics_are_errors_when_creation_is_off() {
 fn secrets_do_not_print() {
     let c = config("b:9092").set("sasl.password", "hunter2");
     assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_rebalancing_is_refused_with_a_clear_error() {
+    for (key, value) in [
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("group.protocol", "consumer"),
+    ] {
+        let backend = KafkaBackend::connect(config(&brokers()).set(key, value))
+            .await
+            .unwrap();
+        let topic = unique("orders");
+        let t = topic.clone();
+        let mut p = EventProcessor::new(backend, unique("svc"))
+            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        p.handle("h", |_: Order| async { Ok::<_, String>(()) })
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(20), p.start(CancellationToken::new()))
+            .await
+            .expect("refused at once")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("incremental (cooperative) rebalance protocol is not supported"),
+            "{key}={value}: {err}"
+        );
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+struct Tick {
+    n: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handlers() {
+    let backend = KafkaBackend::connect(config(&brokers()).partitions(1))
+        .await
+        .unwrap();
+    let topic = unique("ticks");
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let t = topic.clone();
+    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
+        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let s = seen.clone();
+    p.handle("ordered", move |t: Tick| {
+        let s = s.clone();
+        async move {
+            // Uneven work, so that lanes would overtake each other.
+            tokio::time::sleep(Duration::from_millis(u64::from(3 - t.n % 3))).await;
+            s.lock().unwrap().push(t.n);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .concurrency(4);
+    let t = topic.clone();
+    let ticks: Vec<Tick> = (0..60).map(|n| Tick { n }).collect();
+    EventBus::new(backend.clone())
+        .topics(cqrs::TopicNamer::new(move |_| t.clone()))
+        .publish_all(&ticks)
+        .await
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("60 handled", || {
+        let n = seen.lock().unwrap().len();
+        async move { n >= 60 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), (0..60).collect::<Vec<_>>());
+}
+
+/// Serves librdkafka's mock cluster for the tests that need consumer-group faults (tansu's
+/// group coordinator stalls when members leave mid-rebalance). Not a test: the tests run this
+/// binary again with `--ignored --exact mock_kafka_server` and `CQRS_MOCK_KAFKA_TOPICS`.
+#[test]
+#[ignore = "serves the mock cluster for other tests"]
+fn mock_kafka_server() {
+    support::serve_mock_kafka();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
+    let topic = unique("orders");
+    let mock = support::MockKafka::start(&[(topic.as_str(), 4)]).await;
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(mock.brokers())
+            .create_topics(false)
+            .fetch_wait(Duration::from_millis(10))
+            .commit_interval(Duration::from_millis(100))
+            .set("session.timeout.ms", "6000"),
+    )
+    .await
+    .unwrap();
+    let service = unique("svc");
+    let handled: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
+    // Slow handlers and small batches: most of what the first member fetched is still in its
+    // fetch buffer when the second member joins and the partitions are split, and some is
+    // queued in its lanes when it stops.
+    let member = |label: &'static str, delay: u64| {
+        let t = topic.clone();
+        let mut p = EventProcessor::new(backend.clone(), &service)
+            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        let h = handled.clone();
+        p.handle("record", move |o: Order| {
+            let h = h.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                h.lock().unwrap().push((label, o.n));
+                Ok::<_, String>(())
+            }
+        })
+        .unwrap()
+        .concurrency(2)
+        .batch_size(10)
+        .shutdown_timeout(Duration::from_millis(200));
+        p
+    };
+    let count = |label: &'static str| {
+        let handled = handled.clone();
+        move || {
+            let n = handled
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(l, _)| *l == label)
+                .count();
+            async move { n > 0 }
+        }
+    };
+    let first = member("first", 100)
+        .start(CancellationToken::new())
+        .await
+        .unwrap();
+    bus(&backend, &topic)
+        .publish_all(&orders(0..400))
+        .await
+        .unwrap();
+    eventually("the first member at work", count("first")).await;
+    // `start` returns once the second member has its partitions: the rebalance is done.
+    let second = member("second", 30)
+        .start(CancellationToken::new())
+        .await
+        .unwrap();
+    // The first member stops with work queued: what it committed must not pass anything it did
+    // not handle.
+    first.shutdown().await.unwrap_or_default();
+    eventually("the second member at work", count("second")).await;
+    second.shutdown().await.unwrap_or_default();
+    // A fresh member reads from the committed offsets: together, everything was handled.
+    let last = member("last", 0)
+        .start(CancellationToken::new())
+        .await
+        .unwrap();
+    eventually("all 400 handled", || {
+        let all = handled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n)
+            .collect::<BTreeSet<_>>()
+            .len()
+            == 400;
+        async move { all }
+    })
+    .await;
+    last.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_topics_take_the_brokers_default_partitions_unless_set() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let partitions_of = |topic: &str| {
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        metadata.topics()[0].partitions().len()
+    };
+    // No partitions set: created with the broker's own default, which is 3 on tansu 0.6 (the
+    // backend used to force 1).
+    let plain = KafkaBackend::connect(KafkaConfig::new(brokers()))
+        .await
+        .unwrap();
+    let topic = unique("defaults");
+    plain.ensure_topics(&[&topic]).await.unwrap();
+    assert_eq!(partitions_of(&topic), 3, "the broker's num.partitions");
+    let set = KafkaBackend::connect(KafkaConfig::new(brokers()).partitions(2))
+        .await
+        .unwrap();
+    let topic = unique("three");
+    set.ensure_topics(&[&topic]).await.unwrap();
+    assert_eq!(partitions_of(&topic), 2);
 }

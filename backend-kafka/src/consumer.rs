@@ -1,6 +1,7 @@
 //! One member of a consumer group on Kafka.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -9,13 +10,12 @@ use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
 use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::Message;
 use cqrs_core::StartFrom;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Headers, Message as _, OwnedMessage};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -44,12 +44,13 @@ impl PartitionState {
 
 type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 
-/// A nacked message waiting for its redelivery time.
+/// A nacked (or released) message waiting for its redelivery time. It shares the message with
+/// the delivery it came from; there is at most one per delivery handed out.
 struct Retry {
     topic: Arc<str>,
     partition: i32,
     offset: i64,
-    message: Message,
+    message: Arc<Message>,
     attempt: u32,
     due: Instant,
 }
@@ -59,6 +60,8 @@ struct Retry {
 pub(crate) struct Ctx {
     offsets: Arc<Mutex<Offsets>>,
     retries: Arc<Mutex<Vec<Retry>>>,
+    /// Raised on every revocation: records fetched before it are stale.
+    epoch: Arc<AtomicU64>,
     rebalances: watch::Sender<u64>,
     start: StartFrom,
     timeout: Duration,
@@ -106,6 +109,10 @@ impl Ctx {
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        // Records fetched before now, still queued for the handlers, belong to the old
+        // assignment: they are dropped unhandled, and the partitions' state below is rebuilt from
+        // the first record of the new assignment.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                 tracing::warn!(error = %e, "committing before a rebalance failed");
@@ -159,11 +166,31 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// A polled record with the rebalance epoch it was polled in.
+type Polled = (KafkaResult<OwnedMessage>, u64);
+
 pub(crate) struct KafkaConsumer {
-    rx: mpsc::Receiver<KafkaResult<OwnedMessage>>,
-    poller: JoinHandle<()>,
+    rx: mpsc::Receiver<Polled>,
+    poller: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
     acker: Arc<KafkaAcker>,
     topics: HashMap<String, Arc<str>>,
+}
+
+/// Settings that switch librdkafka to the incremental (cooperative) rebalance protocol, which the
+/// eager `assign`/`unassign` of this consumer would silently break.
+fn refuse_incremental(config: &rdkafka::ClientConfig) -> Result<(), Error> {
+    let strategy = config.get("partition.assignment.strategy").unwrap_or("");
+    let protocol = config.get("group.protocol").unwrap_or("classic");
+    if strategy.contains("cooperative") || protocol.eq_ignore_ascii_case("consumer") {
+        return Err(Error::Unsupported(format!(
+            "partition.assignment.strategy={strategy:?}, group.protocol={protocol:?}: the \
+             incremental (cooperative) rebalance protocol is not supported; use the eager \
+             strategies (range, roundrobin) and the classic group protocol"
+        )));
+    }
+    Ok(())
 }
 
 impl KafkaConsumer {
@@ -173,16 +200,19 @@ impl KafkaConsumer {
     ) -> Result<Self, Error> {
         let offsets: Arc<Mutex<Offsets>> = Arc::default();
         let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
+        let epoch = Arc::new(AtomicU64::new(0));
         let (rebalances, mut rebalanced) = watch::channel(0u64);
         let ctx = Ctx {
             offsets: offsets.clone(),
             retries: retries.clone(),
+            epoch: epoch.clone(),
             rebalances,
             start: subscription.start,
             timeout: config.timeout,
         };
-        let consumer: StreamConsumer<Ctx> = config
-            .consumer_config(subscription)
+        let client_config = config.consumer_config(subscription);
+        refuse_incremental(&client_config)?;
+        let consumer: BaseConsumer<Ctx> = client_config
             .create_with_context(ctx)
             .map_err(|e| Error::kafka("creating a consumer", e))?;
         let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
@@ -191,17 +221,17 @@ impl KafkaConsumer {
             .map_err(|e| Error::kafka(format!("subscribing to {topics:?}"), e))?;
         let consumer = Arc::new(consumer);
 
-        // Poll all the time, so that rebalances are served even while handlers are busy.
+        // Poll all the time on a thread of its own, so that rebalances (whose callback blocks on
+        // the broker) are served even while handlers are busy, and never on a runtime worker.
         let (tx, rx) = mpsc::channel(PREFETCH);
-        let polled = consumer.clone();
-        let poller = tokio::spawn(async move {
-            loop {
-                let r = polled.recv().await.map(|m| m.detach());
-                if tx.send(r).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = {
+            let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
+            std::thread::Builder::new()
+                .name(format!("cqrs-kafka-poll-{}", subscription.group))
+                .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch))
+                .map_err(|e| Error::Io("starting the poll thread", e))?
+        };
 
         // Wait until the group has given this member its partitions, with their start offsets
         // resolved (see `Ctx::resolve_start`).
@@ -220,7 +250,9 @@ impl KafkaConsumer {
         }
         Ok(KafkaConsumer {
             rx,
-            poller,
+            poller: Some(poller),
+            stop,
+            epoch,
             acker: Arc::new(KafkaAcker {
                 consumer: Mutex::new(Some(consumer)),
                 offsets,
@@ -242,9 +274,13 @@ impl KafkaConsumer {
     /// The delivery of a fetched message; `None` for an offset this member already handed out
     /// since it got the partition (some brokers answer a fetch with records before the fetch
     /// offset).
-    fn delivery(&mut self, m: OwnedMessage) -> Option<Delivery> {
+    fn delivery(&mut self, (m, epoch): (OwnedMessage, u64)) -> Option<Delivery> {
         let topic = self.topic(m.topic());
         let (partition, offset) = (m.partition(), m.offset());
+        if epoch != self.epoch.load(Ordering::SeqCst) {
+            tracing::debug!(%topic, partition, offset, "dropping a record fetched before a rebalance");
+            return None;
+        }
         {
             let mut offsets = lock(&self.acker.offsets);
             let state = offsets
@@ -283,13 +319,16 @@ impl KafkaConsumer {
                 m.payload().map(<[u8]>::to_vec),
             )
         };
+        // Every delivery carries its partition: unkeyed records of one partition keep their
+        // order across the processor's lanes.
         let d = Delivery::new(
             topic,
             message,
             1,
             format!("{partition}:{offset}"),
             self.acker.clone(),
-        );
+        )
+        .with_shard(partition.unsigned_abs());
         Some(match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
@@ -306,7 +345,7 @@ impl KafkaConsumer {
             if retries[i].due <= now && out.len() < max {
                 let r = retries.swap_remove(i);
                 out.push(
-                    Delivery::new(
+                    Delivery::shared(
                         r.topic,
                         r.message,
                         r.attempt + 1,
@@ -325,9 +364,75 @@ impl KafkaConsumer {
     }
 }
 
+/// Polls until `stop`: records go to `tx` tagged with the rebalance epoch. When the handlers fall
+/// behind and `tx` is full, the assigned partitions are paused and polling goes on, serving the
+/// group (rebalances, `max.poll.interval.ms`) without fetching more.
+fn poll_loop(
+    consumer: &BaseConsumer<Ctx>,
+    tx: &mpsc::Sender<Polled>,
+    stop: &AtomicBool,
+    epoch: &AtomicU64,
+) {
+    let tick = Duration::from_millis(100);
+    let mut held: VecDeque<Polled> = VecDeque::new();
+    let mut paused = false;
+    while !stop.load(Ordering::SeqCst) {
+        while let Some(p) = held.pop_front() {
+            match tx.try_send(p) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    held.push_front(p);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        let full = !held.is_empty() || tx.capacity() == 0;
+        if full != paused {
+            match consumer.assignment() {
+                Ok(assigned) => {
+                    let switched = if full {
+                        consumer.pause(&assigned)
+                    } else {
+                        consumer.resume(&assigned)
+                    };
+                    if let Err(e) = switched {
+                        tracing::warn!(error = %e, paused = full, "pausing or resuming fetching failed");
+                    }
+                    paused = full;
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+            }
+        }
+        let Some(r) = consumer.poll(tick) else {
+            continue;
+        };
+        let polled = (r.map(|m| m.detach()), epoch.load(Ordering::SeqCst));
+        if paused || !held.is_empty() {
+            held.push_back(polled);
+            continue;
+        }
+        match tx.try_send(polled) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => held.push_back(p),
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+impl KafkaConsumer {
+    /// Stops the poll thread and waits for it.
+    async fn stop_polling(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(poller) = self.poller.take() {
+            let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+        }
+    }
+}
+
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
-        self.poller.abort();
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -340,8 +445,8 @@ impl Consumer for KafkaConsumer {
             let next_retry = self.due_retries(max, &mut out);
             while out.len() < max {
                 match self.rx.try_recv() {
-                    Ok(Ok(m)) => out.extend(self.delivery(m)),
-                    Ok(Err(e)) => {
+                    Ok((Ok(m), epoch)) => out.extend(self.delivery((m, epoch))),
+                    Ok((Err(e), _)) => {
                         if out.is_empty() {
                             return Err(Error::kafka("consuming", e).into());
                         }
@@ -359,11 +464,11 @@ impl Consumer for KafkaConsumer {
             let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 m = self.rx.recv() => match m {
-                    Some(Ok(m)) => {
-                        let mut out: Vec<Delivery> = self.delivery(m).into_iter().collect();
+                    Some((Ok(m), epoch)) => {
+                        let mut out: Vec<Delivery> = self.delivery((m, epoch)).into_iter().collect();
                         while out.len() < max {
                             match self.rx.try_recv() {
-                                Ok(Ok(m)) => out.extend(self.delivery(m)),
+                                Ok((Ok(m), epoch)) => out.extend(self.delivery((m, epoch))),
                                 _ => break,
                             }
                         }
@@ -371,7 +476,7 @@ impl Consumer for KafkaConsumer {
                             return Ok(out);
                         }
                     }
-                    Some(Err(e)) => return Err(Error::kafka("consuming", e).into()),
+                    Some((Err(e), _)) => return Err(Error::kafka("consuming", e).into()),
                     None => return Err(cqrs_core::Error::Closed),
                 },
                 _ = tokio::time::sleep_until(wait) => {}
@@ -382,8 +487,7 @@ impl Consumer for KafkaConsumer {
     /// Commits what was handled and leaves the group before returning, so that the partitions
     /// go to the other members at once.
     async fn close(&mut self) -> cqrs_core::Result<()> {
-        self.poller.abort();
-        let _ = (&mut self.poller).await;
+        self.stop_polling().await;
         let Some(consumer) = lock(&self.acker.consumer).take() else {
             return Ok(());
         };
@@ -403,7 +507,7 @@ impl Consumer for KafkaConsumer {
 
 pub(crate) struct KafkaAcker {
     /// Taken out by `close`, so that the consumer leaves its group before `close` returns.
-    consumer: Mutex<Option<Arc<StreamConsumer<Ctx>>>>,
+    consumer: Mutex<Option<Arc<BaseConsumer<Ctx>>>>,
     offsets: Arc<Mutex<Offsets>>,
     retries: Arc<Mutex<Vec<Retry>>>,
 }
@@ -466,10 +570,30 @@ impl Acknowledge for KafkaAcker {
             topic: delivery.topic_arc().clone(),
             partition,
             offset,
-            message: delivery.message().clone(),
+            message: delivery.message_arc().clone(),
             attempt: delivery.attempt(),
             due: Instant::now() + redeliver_after,
         });
         Ok(())
+    }
+
+    fn release(&self, delivery: &Delivery) {
+        let Ok((partition, offset)) = parse_id(delivery) else {
+            return;
+        };
+        // Only while this member still owns the partition; otherwise its new owner reads it.
+        let owned = lock(&self.offsets)
+            .get(&(delivery.topic_arc().clone(), partition))
+            .is_some_and(|s| s.pending.contains(&offset));
+        if owned {
+            lock(&self.retries).push(Retry {
+                topic: delivery.topic_arc().clone(),
+                partition,
+                offset,
+                message: delivery.message_arc().clone(),
+                attempt: delivery.attempt(),
+                due: Instant::now(),
+            });
+        }
     }
 }

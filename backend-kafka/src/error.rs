@@ -21,6 +21,12 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// A setting asks for something this backend does not do.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A system call failed (starting the poll thread).
+    #[error("{0} failed")]
+    Io(&'static str, #[source] std::io::Error),
     /// A Kafka operation failed.
     #[error("kafka {context} failed")]
     Kafka {
@@ -43,7 +49,7 @@ impl Error {
     /// Whether trying again may succeed (a broker down, a timeout, a rebalance).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::MissingTopic(_) => false,
+            Error::MissingTopic(_) | Error::Unsupported(_) | Error::Io(..) => false,
             Error::Unreachable { .. } => true,
             Error::Kafka { source, .. } => is_transient(source),
         }
@@ -72,6 +78,7 @@ pub(crate) fn is_transient(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::TimedOutQueue
                 | RDKafkaErrorCode::UnknownMemberId
                 | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::PollExceeded
         ),
         None => matches!(e, KafkaError::Canceled),
     }
@@ -80,7 +87,9 @@ pub(crate) fn is_transient(e: &KafkaError) -> bool {
 impl From<Error> for cqrs_core::Error {
     fn from(e: Error) -> Self {
         match e {
-            e @ Error::MissingTopic(_) => cqrs_core::Error::Config(e.to_string()),
+            e @ (Error::MissingTopic(_) | Error::Unsupported(_)) => {
+                cqrs_core::Error::Config(e.to_string())
+            }
             e => {
                 let retryable = e.is_retryable();
                 let context = e.to_string();

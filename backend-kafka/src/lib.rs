@@ -4,8 +4,10 @@
 //!   order) and the metadata as headers (`docs/wire-format.md`). The idempotent producer is on by
 //!   default. `publish` resolves when the broker acknowledged the message; a batch is queued at
 //!   once and awaited together.
-//! - Topics are created on first use through the admin API with the configured partitions and
-//!   replication; with creation off, a missing topic is an error naming it.
+//! - Topics are created on first use through the admin API, dead-letter topics too, with the
+//!   broker's default partitions and replication unless [`KafkaConfig::partitions`] and
+//!   [`KafkaConfig::replication`] set them; with creation off, a missing topic is an error
+//!   naming it.
 //! - Each subscription is one consumer whose `group.id` is the processor's group. Offsets are
 //!   stored only for handled messages, and a partition's stored offset never passes a message
 //!   still being handled or waiting for a retry; stored offsets are committed periodically, when
@@ -50,8 +52,10 @@ pub struct KafkaConfig {
     brokers: String,
     settings: BTreeMap<String, String>,
     create_topics: bool,
-    partitions: i32,
-    replication: i32,
+    /// `None`: the broker's `num.partitions`.
+    partitions: Option<i32>,
+    /// `None`: the broker's `default.replication.factor`.
+    replication: Option<i32>,
     fetch_wait: Duration,
     commit_interval: Duration,
     timeout: Duration,
@@ -64,8 +68,8 @@ impl KafkaConfig {
             brokers: brokers.into(),
             settings: BTreeMap::new(),
             create_topics: true,
-            partitions: 1,
-            replication: 1,
+            partitions: None,
+            replication: None,
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
@@ -85,15 +89,16 @@ impl KafkaConfig {
         self
     }
 
-    /// Partitions of topics this backend creates (default 1).
+    /// Partitions of topics this backend creates (default: the broker's `num.partitions`).
     pub fn partitions(mut self, partitions: i32) -> Self {
-        self.partitions = partitions.max(1);
+        self.partitions = Some(partitions.max(1));
         self
     }
 
-    /// Replication factor of topics this backend creates (default 1).
+    /// Replication factor of topics this backend creates (default: the broker's
+    /// `default.replication.factor`).
     pub fn replication(mut self, replication: i32) -> Self {
-        self.replication = replication.max(1);
+        self.replication = Some(replication.max(1));
         self
     }
 
@@ -314,8 +319,9 @@ impl KafkaBackend {
                 .map(|t| {
                     NewTopic::new(
                         t,
-                        config.partitions,
-                        TopicReplication::Fixed(config.replication),
+                        // -1: the broker's default (CreateTopics v4, KIP-464).
+                        config.partitions.unwrap_or(-1),
+                        TopicReplication::Fixed(config.replication.unwrap_or(-1)),
                     )
                 })
                 .collect();

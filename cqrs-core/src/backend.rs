@@ -104,9 +104,21 @@ impl Delivery {
         broker_id: impl Into<Arc<str>>,
         acker: Arc<dyn Acknowledge>,
     ) -> Self {
+        Delivery::shared(topic, Arc::new(message), attempt, broker_id, acker)
+    }
+
+    /// Like [`Delivery::new`], with a message already shared (a backend redelivering a message
+    /// it keeps).
+    pub fn shared(
+        topic: Arc<str>,
+        message: Arc<Message>,
+        attempt: u32,
+        broker_id: impl Into<Arc<str>>,
+        acker: Arc<dyn Acknowledge>,
+    ) -> Self {
         Delivery {
             topic,
-            message: Arc::new(message),
+            message,
             attempt,
             broker_id: broker_id.into(),
             acker,

@@ -3,6 +3,8 @@
 //! errors at start, errors of several groups, retention of the
 //! in-memory broker.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,8 @@
 //! Spans of messages handled concurrently never nest. Alone in its test binary: the subscriber
 //! it installs for its thread must be the only one tracing's callsites have seen.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -34,10 +34,15 @@ pub enum UnknownEvent {
 
 /// Retries with exponential backoff, then the dead-letter topic.
 ///
-/// A failed message is nacked and redelivered by the broker after `initial * multiplier^(n-1)`
-/// (at most `max_delay`), where `n` is the broker's delivery count, so retries survive restarts.
-/// When the delivery count reaches `max_attempts` it is published to the dead-letter topic and
-/// acked.
+/// A failed message is retried where it is, after `initial * multiplier^(n-1)` (at most
+/// `max_delay`) for attempt `n`, while the message stays unacked with the broker. Its lane is
+/// held meanwhile, so later messages of its key wait and order per key survives retries. When
+/// attempt `max_attempts` fails, it is published to the dead-letter topic and acked.
+///
+/// Attempts start from the broker's delivery count (Redis and the in-memory broker count
+/// deliveries; Kafka does not), so a message redelivered after a crash or a claim goes on
+/// counting from its deliveries, not from the retries made in the process that died: those are
+/// kept in memory only. A shutdown during the wait hands the message back to the broker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct RetryPolicy {
