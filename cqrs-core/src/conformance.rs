@@ -6,6 +6,9 @@
 //! cqrs_core::conformance_suite!(async { my_backend::connect("...").await.unwrap() });
 //! ```
 //!
+//! A backend whose broker counts no deliveries (Kafka) says so, and its claimed messages are
+//! expected at attempt 1 instead of 2: `conformance_suite!(make_backend(), uncounted)`.
+//!
 //! The macro expands to one `#[tokio::test]` per behaviour (the calling crate needs `tokio` with
 //! the `macros` and `rt-multi-thread` features). Every test uses fresh random topic and group
 //! names, so the tests run in parallel against one broker. Each function here is also public, to
