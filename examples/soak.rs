@@ -141,7 +141,8 @@ macro_rules! with_backend {
                 $body
             }
             "kafka" => {
-                let $b = KafkaBackend::connect(kafka_config(&url)).await?;
+                let commit = Duration::from_millis($args.get("commit-interval-ms", 1000)?);
+                let $b = KafkaBackend::connect(kafka_config(&url, commit)).await?;
                 $body
             }
             other => Err(BoxError::from(format!("unknown backend `{other}`"))),
@@ -149,10 +150,11 @@ macro_rules! with_backend {
     }};
 }
 
-fn kafka_config(brokers: &str) -> KafkaConfig {
+fn kafka_config(brokers: &str, commit_interval: Duration) -> KafkaConfig {
     // The mock cluster has no CreateTopics: its process creates the topics.
     KafkaConfig::new(brokers)
         .create_topics(false)
+        .commit_interval(commit_interval)
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "500")
 }
@@ -291,6 +293,7 @@ struct Plan {
     kill_every: Duration,
     conn_kill_every: Duration,
     claim_idle_ms: u64,
+    commit_interval_ms: u64,
     max_duplicates_pct: f64,
     drain_timeout: Duration,
     dir: PathBuf,
@@ -315,6 +318,7 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         kill_every: Duration::from_secs_f64(args.get("kill-every", 10.0)?),
         conn_kill_every: Duration::from_secs_f64(args.get("conn-kill-every", 5.0)?),
         claim_idle_ms: args.get("claim-idle-ms", 10_000)?,
+        commit_interval_ms: args.get("commit-interval-ms", 1_000)?,
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
         drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
         dir,
@@ -535,7 +539,8 @@ fn spawn_consumer(
         .arg("--out")
         .arg(out)
         .args(["--claim-idle-ms", &plan.claim_idle_ms.to_string()])
-        .stdout(Stdio::null())
+        .args(["--commit-interval-ms", &plan.commit_interval_ms.to_string()])
+        .stdout(Stdio::piped())
         .stderr(err)
         .kill_on_drop(true)
         .spawn()?;
@@ -553,6 +558,20 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
     let mut slots = (0..CONSUMERS)
         .map(|i| spawn_consumer(plan, &url, i, 0))
         .collect::<Result<Vec<_>, _>>()?;
+    // Faults start once the service is up: every consumer has joined its group.
+    for slot in &mut slots {
+        let stdout = slot.child.stdout.take().ok_or("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+        if !matches!(ready, Ok(Ok(Some(ref l))) if l == "ready") {
+            return Err(format!(
+                "consumer {} did not start; see {}",
+                slot.index,
+                plan.dir.display()
+            )
+            .into());
+        }
+    }
 
     let mut publisher = Command::new(std::env::current_exe()?)
         .arg("publish")

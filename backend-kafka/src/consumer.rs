@@ -252,11 +252,13 @@ impl KafkaConsumer {
             rx,
             poller: Some(poller),
             stop,
-            epoch,
+            epoch: epoch.clone(),
             acker: Arc::new(KafkaAcker {
-                consumer: Mutex::new(Some(consumer)),
+                consumer: Arc::new(Mutex::new(Some(consumer))),
                 offsets,
                 retries,
+                epoch: epoch.clone(),
+                of_epoch: 0,
             }),
             topics: HashMap::new(),
         })
@@ -274,6 +276,16 @@ impl KafkaConsumer {
     /// The delivery of a fetched message; `None` for an offset this member already handed out
     /// since it got the partition (some brokers answer a fetch with records before the fetch
     /// offset).
+    /// The acker of the current rebalance epoch: deliveries made before a revocation keep the
+    /// acker of their epoch, which knows them as stale.
+    fn acker(&mut self) -> Arc<KafkaAcker> {
+        let now = self.epoch.load(Ordering::SeqCst);
+        if self.acker.of_epoch != now {
+            self.acker = Arc::new(self.acker.for_epoch(now));
+        }
+        self.acker.clone()
+    }
+
     fn delivery(&mut self, (m, epoch): (OwnedMessage, u64)) -> Option<Delivery> {
         let topic = self.topic(m.topic());
         let (partition, offset) = (m.partition(), m.offset());
@@ -281,6 +293,7 @@ impl KafkaConsumer {
             tracing::debug!(%topic, partition, offset, "dropping a record fetched before a rebalance");
             return None;
         }
+        let acker = self.acker();
         {
             let mut offsets = lock(&self.acker.offsets);
             let state = offsets
@@ -321,14 +334,8 @@ impl KafkaConsumer {
         };
         // Every delivery carries its partition: unkeyed records of one partition keep their
         // order across the processor's lanes.
-        let d = Delivery::new(
-            topic,
-            message,
-            1,
-            format!("{partition}:{offset}"),
-            self.acker.clone(),
-        )
-        .with_shard(partition.unsigned_abs());
+        let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
+            .with_shard(partition.unsigned_abs());
         Some(match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
@@ -337,6 +344,7 @@ impl KafkaConsumer {
 
     /// Nacked messages whose time has come, as new deliveries.
     fn due_retries(&mut self, max: usize, out: &mut Vec<Delivery>) -> Option<Instant> {
+        let acker = self.acker();
         let now = Instant::now();
         let mut retries = lock(&self.acker.retries);
         let mut next = None;
@@ -350,7 +358,7 @@ impl KafkaConsumer {
                         r.message,
                         r.attempt + 1,
                         format!("{}:{}", r.partition, r.offset),
-                        self.acker.clone(),
+                        acker.clone(),
                     )
                     .with_shard(r.partition.unsigned_abs()),
                 );
@@ -488,6 +496,7 @@ impl Consumer for KafkaConsumer {
     /// go to the other members at once.
     async fn close(&mut self) -> cqrs_core::Result<()> {
         self.stop_polling().await;
+        // Shared by every epoch's acker: taken out for all of them.
         let Some(consumer) = lock(&self.acker.consumer).take() else {
             return Ok(());
         };
@@ -507,9 +516,31 @@ impl Consumer for KafkaConsumer {
 
 pub(crate) struct KafkaAcker {
     /// Taken out by `close`, so that the consumer leaves its group before `close` returns.
-    consumer: Mutex<Option<Arc<BaseConsumer<Ctx>>>>,
+    /// Shared by the ackers of every epoch.
+    consumer: Arc<Mutex<Option<Arc<BaseConsumer<Ctx>>>>>,
     offsets: Arc<Mutex<Offsets>>,
     retries: Arc<Mutex<Vec<Retry>>>,
+    /// The consumer's rebalance epoch, and the one this acker's deliveries were made in.
+    epoch: Arc<AtomicU64>,
+    of_epoch: u64,
+}
+
+impl KafkaAcker {
+    fn for_epoch(&self, epoch: u64) -> Self {
+        KafkaAcker {
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            retries: self.retries.clone(),
+            epoch: self.epoch.clone(),
+            of_epoch: epoch,
+        }
+    }
+
+    /// A rebalance happened since the deliveries of this acker were made: their partitions were
+    /// revoked (and maybe assigned again, from the committed offset).
+    fn stale(&self) -> bool {
+        self.epoch.load(Ordering::SeqCst) != self.of_epoch
+    }
 }
 
 fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
@@ -527,6 +558,11 @@ fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
 #[async_trait]
 impl Acknowledge for KafkaAcker {
     async fn ack(&self, deliveries: &[Delivery]) -> cqrs_core::Result<()> {
+        if self.stale() {
+            // The partitions' next owner (maybe this member again) reads them from the
+            // committed offset.
+            return Ok(());
+        }
         let mut tpl = TopicPartitionList::new();
         {
             let mut offsets = lock(&self.offsets);
@@ -564,6 +600,9 @@ impl Acknowledge for KafkaAcker {
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
+        if self.stale() {
+            return Ok(());
+        }
         let (partition, offset) = parse_id(delivery)?;
         // The offset stays pending, so nothing at or after it is committed until it is handled.
         lock(&self.retries).push(Retry {
@@ -577,7 +616,14 @@ impl Acknowledge for KafkaAcker {
         Ok(())
     }
 
+    fn is_stale(&self, _delivery: &Delivery) -> bool {
+        self.stale()
+    }
+
     fn release(&self, delivery: &Delivery) {
+        if self.stale() {
+            return;
+        }
         let Ok((partition, offset)) = parse_id(delivery) else {
             return;
         };

@@ -61,6 +61,14 @@ pub trait Acknowledge: Send + Sync + 'static {
     /// with its attempt count raised.
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> Result<()>;
 
+    /// Whether `delivery` no longer belongs to this consumer (its Kafka partition was revoked in a
+    /// rebalance): running its handler would only do work the partition's next owner does again.
+    /// Processors drop stale deliveries that have not started. The default: never.
+    fn is_stale(&self, delivery: &Delivery) -> bool {
+        let _ = delivery;
+        false
+    }
+
     /// Called when `delivery` is dropped without being acked or nacked (an ack that failed for
     /// good, a handler stopped at the shutdown deadline): the backend stops counting it as in
     /// flight and delivers it again, as it would after a nack with no delay. It must not block.
@@ -175,6 +183,11 @@ impl Delivery {
     /// How many times this message has been delivered to the group, starting at 1.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Whether the delivery no longer belongs to its consumer (see [`Acknowledge::is_stale`]).
+    pub fn is_stale(&self) -> bool {
+        self.acker.is_stale(self)
     }
 
     /// The backend's id of this entry.

@@ -553,6 +553,11 @@ async fn handle_job(
     if let Some(u) = unhandled {
         u.disarm();
     }
+    if delivery.as_ref().is_some_and(Delivery::is_stale) {
+        // Its partition went to another member in a rebalance: that member handles it.
+        tracing::debug!(group = %spec.group, message_id = %ctx.message.id, "dropping a delivery whose partition was revoked");
+        return None;
+    }
     if let Some(reason) = malformed {
         return reject(spec, ctx, delivery, &reason).await;
     }
@@ -629,6 +634,9 @@ async fn handle_job(
             biased;
             _ = token.cancelled() => return Some(Settle::Nack(d, Duration::ZERO)),
             _ = tokio::time::sleep(delay) => {}
+        }
+        if d.is_stale() {
+            return None;
         }
         ctx.attempt = attempt + 1;
         delivery = Some(d);
