@@ -536,6 +536,18 @@ impl KafkaAcker {
         }
     }
 
+    /// Delivers `delivery` again from `due` on.
+    fn retry_at(&self, delivery: &Delivery, partition: i32, offset: i64, due: Instant) {
+        lock(&self.retries).push(Retry {
+            topic: delivery.topic_arc().clone(),
+            partition,
+            offset,
+            message: delivery.message_arc().clone(),
+            attempt: delivery.attempt(),
+            due,
+        });
+    }
+
     /// A rebalance happened since the deliveries of this acker were made: their partitions were
     /// revoked (and maybe assigned again, from the committed offset).
     fn stale(&self) -> bool {
@@ -605,14 +617,12 @@ impl Acknowledge for KafkaAcker {
         }
         let (partition, offset) = parse_id(delivery)?;
         // The offset stays pending, so nothing at or after it is committed until it is handled.
-        lock(&self.retries).push(Retry {
-            topic: delivery.topic_arc().clone(),
+        self.retry_at(
+            delivery,
             partition,
             offset,
-            message: delivery.message_arc().clone(),
-            attempt: delivery.attempt(),
-            due: Instant::now() + redeliver_after,
-        });
+            Instant::now() + redeliver_after,
+        );
         Ok(())
     }
 
@@ -632,14 +642,7 @@ impl Acknowledge for KafkaAcker {
             .get(&(delivery.topic_arc().clone(), partition))
             .is_some_and(|s| s.pending.contains(&offset));
         if owned {
-            lock(&self.retries).push(Retry {
-                topic: delivery.topic_arc().clone(),
-                partition,
-                offset,
-                message: delivery.message_arc().clone(),
-                attempt: delivery.attempt(),
-                due: Instant::now(),
-            });
+            self.retry_at(delivery, partition, offset, Instant::now());
         }
     }
 }

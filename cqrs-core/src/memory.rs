@@ -434,41 +434,34 @@ impl Acknowledge for MemoryAcker {
     }
 
     fn release(&self, delivery: &Delivery) {
-        let Ok(seq) = Self::seq(delivery) else {
-            return;
-        };
-        {
-            let mut state = self.broker.lock();
-            if let Some(p) = state
-                .streams
-                .get_mut(delivery.topic())
-                .and_then(|s| s.groups.get_mut(&self.group))
-                .and_then(|g| g.pending.get_mut(&seq))
-            {
-                if p.consumer == self.consumer {
-                    p.ready_at = Some(Instant::now());
-                }
-            }
+        if let Ok(seq) = Self::seq(delivery) {
+            self.ready_again(delivery.topic(), seq, Instant::now());
         }
-        self.broker.shared.notify.notify_waiters();
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> Result<()> {
         let seq = Self::seq(delivery)?;
+        self.ready_again(delivery.topic(), seq, Instant::now() + redeliver_after);
+        Ok(())
+    }
+}
+
+impl MemoryAcker {
+    /// Has this member's pending entry `seq` of `topic` delivered to it again from `at` on.
+    fn ready_again(&self, topic: &str, seq: u64, at: Instant) {
         {
             let mut state = self.broker.lock();
             if let Some(p) = state
                 .streams
-                .get_mut(delivery.topic())
+                .get_mut(topic)
                 .and_then(|s| s.groups.get_mut(&self.group))
                 .and_then(|g| g.pending.get_mut(&seq))
             {
                 if p.consumer == self.consumer {
-                    p.ready_at = Some(Instant::now() + redeliver_after);
+                    p.ready_at = Some(at);
                 }
             }
         }
         self.broker.shared.notify.notify_waiters();
-        Ok(())
     }
 }
