@@ -542,7 +542,7 @@ async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
             async move { n > 0 }
         }
     };
-    let first = member("first", 100)
+    let first = member("first", 400)
         .start(CancellationToken::new())
         .await
         .unwrap();
@@ -608,4 +608,59 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
     let topic = unique("three");
     set.ensure_topics(&[&topic]).await.unwrap();
     assert_eq!(partitions_of(&topic), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_slower_than_the_poll_interval_keep_the_member_in_its_group() {
+    let topic = unique("orders");
+    let mock = support::MockKafka::start(&[(topic.as_str(), 2)]).await;
+    // The member must poll at least every 3 s, and its handlers need far longer than that for
+    // what it fetches at once: its fetch buffer fills up and stays full.
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(mock.brokers())
+            .create_topics(false)
+            .fetch_wait(Duration::from_millis(10))
+            .commit_interval(Duration::from_millis(100))
+            .set("session.timeout.ms", "3000")
+            .set("heartbeat.interval.ms", "500")
+            .set("max.poll.interval.ms", "3000"),
+    )
+    .await
+    .unwrap();
+    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let t = topic.clone();
+    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
+        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let h = handled.clone();
+    p.handle("record", move |o: Order| {
+        let h = h.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            h.lock().unwrap().push(o.n);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    bus(&backend, &topic)
+        .publish_all(&orders(0..6000))
+        .await
+        .unwrap();
+    eventually("6000 handled", || {
+        let n = handled
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .len();
+        async move { n == 6000 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled.len(),
+        6000,
+        "each handled once: the member never left its group and redid work"
+    );
 }
