@@ -75,6 +75,34 @@ async fn recorder(
     p.start(CancellationToken::new()).await.unwrap()
 }
 
+/// The sum of `group`'s committed offsets over the topic's partitions, read from the broker.
+fn committed(group: &str, topic: &str, partitions: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let offsets: Vec<rdkafka::Offset> = client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| e.offset())
+        .collect();
+    offsets
+        .into_iter()
+        .map(|o| match o {
+            rdkafka::Offset::Offset(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
 fn bus(backend: &KafkaBackend, topic: &str) -> EventBus {
     let topic = topic.to_owned();
     EventBus::new(backend.clone()).topics(cqrs::TopicNamer::new(move |_| topic.clone()))
@@ -150,6 +178,12 @@ async fn a_restarted_member_resumes_from_the_committed_offset() {
         .unwrap();
     wait_for(&first, 10).await;
     running.shutdown().await.unwrap();
+    // What the broker holds: the group committed all 10, on every partition.
+    assert_eq!(
+        committed(&format!("{service}.record"), &topic, 4),
+        10,
+        "committed at shutdown"
+    );
 
     bus(&backend, &topic)
         .publish_all(&orders(10..20))
@@ -158,8 +192,6 @@ async fn a_restarted_member_resumes_from_the_committed_offset() {
     let second: Seen = Arc::default();
     let running = recorder(&backend, &topic, &service, "second", &second).await;
     wait_for(&second, 10).await;
-    // Anything more would show up by now: the first 10 were committed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     running.shutdown().await.unwrap();
     let ns: BTreeSet<u32> = second.lock().unwrap().iter().map(|(_, n)| *n).collect();
     assert_eq!(
