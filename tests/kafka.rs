@@ -41,7 +41,8 @@ use std::time::Duration;
 use cqrs::backend::{Publisher, Subscriber};
 use cqrs::processor::dead_letter_headers as dlq;
 use cqrs::{
-    CancellationToken, Context, Event, EventBus, EventProcessor, RetryPolicy, Subscription,
+    CancellationToken, Context, Delivery, Event, EventBus, EventProcessor, RetryPolicy,
+    Subscription,
 };
 use serde::{Deserialize, Serialize};
 use support::{eventually, unique, TansuServer};
@@ -76,10 +77,10 @@ async fn recorder(
 }
 
 /// The sum of `group`'s committed offsets over the topic's partitions, read from the broker.
-fn committed(group: &str, topic: &str, partitions: i32) -> i64 {
+fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .create()
         .unwrap();
@@ -180,7 +181,7 @@ async fn a_restarted_member_resumes_from_the_committed_offset() {
     running.shutdown().await.unwrap();
     // What the broker holds: the group committed all 10, on every partition.
     assert_eq!(
-        committed(&format!("{service}.record"), &topic, 4),
+        committed(&brokers(), &format!("{service}.record"), &topic, 4),
         10,
         "committed at shutdown"
     );
@@ -643,11 +644,71 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handlers_slower_than_the_poll_interval_keep_the_member_in_its_group() {
+async fn after_a_rebalance_a_partition_resumes_from_its_committed_offset_not_its_buffer() {
+    let (topic, other) = (unique("orders"), unique("other"));
+    let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(mock.brokers())
+            .create_topics(false)
+            .fetch_wait(Duration::from_millis(10))
+            .set("session.timeout.ms", "6000"),
+    )
+    .await
+    .unwrap();
+    backend
+        .publish(&topic, &cqrs::conformance::messages(100, |_| None))
+        .await
+        .unwrap();
+    let group = unique("g");
+    let mut member = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let mut held = cqrs::conformance::receive_n(&mut *member, 10).await;
+    assert_eq!(
+        held.iter().map(Delivery::broker_id).collect::<Vec<_>>(),
+        (0..10).map(|o| format!("0:{o}")).collect::<Vec<_>>()
+    );
+    // Let the member fetch the rest into its buffer, unread.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another member of the group, on another topic: an eager rebalance revokes every partition
+    // and gives this member its partition back, from the committed offset (none yet: 0).
+    let _other_member = backend
+        .subscribe(&Subscription::new(&group, [&other]))
+        .await
+        .unwrap();
+    // The first five were handled; the handlers of the next five died.
+    let unhandled = held.split_off(5);
+    Delivery::ack_all(held).await.map_err(|(e, _)| e).unwrap();
+    drop(unhandled);
+    // Whatever this member reads now, it must read 5..10 again: the partition resumes from what
+    // was committed, not from the records buffered before the rebalance.
+    let mut seen = BTreeSet::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while !(5..10).all(|o| seen.contains(&o)) {
+            let got = member.receive(100).await.unwrap();
+            for d in &got {
+                seen.insert(
+                    d.broker_id()
+                        .trim_start_matches("0:")
+                        .parse::<i64>()
+                        .unwrap(),
+                );
+            }
+            Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "offsets 5..10 were never read again; read after the rebalance: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_reading_stays_in_its_group() {
     let topic = unique("orders");
-    let mock = support::MockKafka::start(&[(topic.as_str(), 2)]).await;
-    // The member must poll at least every 3 s, and its handlers need far longer than that for
-    // what it fetches at once: its fetch buffer fills up and stays full.
+    let mock = support::MockKafka::start(&[(topic.as_str(), 1)]).await;
     let backend = KafkaBackend::connect(
         KafkaConfig::new(mock.brokers())
             .create_topics(false)
@@ -659,40 +720,21 @@ async fn handlers_slower_than_the_poll_interval_keep_the_member_in_its_group() {
     )
     .await
     .unwrap();
-    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let t = topic.clone();
-    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
-        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
-    let h = handled.clone();
-    p.handle("record", move |o: Order| {
-        let h = h.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            h.lock().unwrap().push(o.n);
-            Ok::<_, String>(())
-        }
-    })
-    .unwrap();
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    bus(&backend, &topic)
-        .publish_all(&orders(0..6000))
+    // More than the member buffers: its buffer fills up while it does not read.
+    backend
+        .publish(&topic, &cqrs::conformance::messages(3000, |_| None))
         .await
         .unwrap();
-    eventually("6000 handled", || {
-        let n = handled
-            .lock()
-            .unwrap()
-            .iter()
-            .collect::<BTreeSet<_>>()
-            .len();
-        async move { n == 6000 }
-    })
-    .await;
-    running.shutdown().await.unwrap();
-    let handled = handled.lock().unwrap().clone();
-    assert_eq!(
-        handled.len(),
-        6000,
-        "each handled once: the member never left its group and redid work"
-    );
+    let group = unique("g");
+    let mut member = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let got = cqrs::conformance::receive_n(&mut *member, 10).await;
+    // Handlers busy for longer than max.poll.interval.ms: nothing reads from the consumer.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    member.close().await.unwrap();
+    // Still a member when it acked: its offsets were stored and committed at close.
+    assert_eq!(committed(mock.brokers(), &group, &topic, 1), 10);
 }
