@@ -738,3 +738,36 @@ async fn a_member_that_stops_reading_stays_in_its_group() {
     // Still a member when it acked: its offsets were stored and committed at close.
     assert_eq!(committed(mock.brokers(), &group, &topic, 1), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_message_waits_without_being_copied() {
+    let backend = backend().await;
+    let topic = unique("orders");
+    backend
+        .publish(&topic, &cqrs::conformance::messages(1, |_| None))
+        .await
+        .unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]))
+        .await
+        .unwrap();
+    let first = cqrs::conformance::receive_n(&mut *consumer, 1)
+        .await
+        .remove(0);
+    let message = first.message_arc().clone();
+    first
+        .nack(Duration::from_millis(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let again = cqrs::conformance::receive_n(&mut *consumer, 1)
+        .await
+        .remove(0);
+    assert_eq!(again.attempt(), 2);
+    // The retry queue shares the message with the delivery: what waits costs no copy.
+    assert!(Arc::ptr_eq(again.message_arc(), &message));
+    Delivery::ack_all(vec![again])
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
