@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs::kafka::{KafkaBackend, KafkaConfig};
+use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs::redis::RedisBackend;
+use cqrs::redis::{redis, RedisBackend};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
 use serde::{Deserialize, Serialize};
 

@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cqrs::kafka::{KafkaBackend, KafkaConfig};
-use cqrs::redis::RedisBackend;
+use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
+use cqrs::redis::{redis, RedisBackend};
 use cqrs::{
     permanent, Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, RetryPolicy,
 };

@@ -7,7 +7,7 @@
 
 mod support;
 
-use cqrs::kafka::{KafkaBackend, KafkaConfig};
+use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS")

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cqrs::backend::{Publisher, Subscriber};
 use cqrs::processor::dead_letter_headers as dlq;
-use cqrs::redis::{RedisBackend, Topology};
+use cqrs::redis::{redis, RedisBackend, Topology};
 use cqrs::{
     CancellationToken, Context, Delivery, Event, EventBus, EventProcessor, Message, RetryPolicy,
     StartFrom, Subscription,

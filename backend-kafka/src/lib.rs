@@ -45,6 +45,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 pub use error::{Error, Result};
+/// The `rdkafka` client crate this backend is built on, for raw clients beside it (admin tools,
+/// tests, librdkafka's mock cluster), at the version the backend uses.
+pub use rdkafka;
 
 /// Connection and behaviour settings.
 #[derive(Clone)]

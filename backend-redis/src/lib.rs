@@ -40,6 +40,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use admin::{GroupStats, StreamStats};
 pub use error::{Error, Result};
+/// The `redis` client crate this backend is built on, for raw commands beside it (admin
+/// scripts, tests), at the version the backend uses.
+pub use redis;
 pub use topology::{redact, PoolSpec, RedisUrl, StreamSpec, Topology};
 
 /// Tuning of the backend; the defaults suit most services.

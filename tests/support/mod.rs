@@ -6,6 +6,11 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+#[cfg(feature = "kafka")]
+use cqrs::kafka::rdkafka;
+#[cfg(feature = "redis")]
+use cqrs::redis::redis;
+
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -41,6 +46,7 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+#[cfg(feature = "redis")]
 /// A redis-server of the test's own, on a free port; stopped on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -49,6 +55,7 @@ pub struct RedisServer {
     aof: Option<std::path::PathBuf>,
 }
 
+#[cfg(feature = "redis")]
 impl RedisServer {
     pub async fn start() -> Self {
         let port = free_port();
@@ -129,6 +136,7 @@ impl RedisServer {
     }
 }
 
+#[cfg(feature = "redis")]
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
@@ -138,6 +146,7 @@ impl Drop for RedisServer {
     }
 }
 
+#[cfg(feature = "redis")]
 async fn ping(url: &str) -> bool {
     let Ok(client) = redis::Client::open(url) else {
         return false;
@@ -159,12 +168,14 @@ pub fn redis_url() -> String {
         .unwrap_or_else(|| "redis://127.0.0.1:6379/15".to_owned())
 }
 
+#[cfg(feature = "redis")]
 /// Deletes the keys it holds when dropped.
 pub struct Keys {
     url: String,
     keys: Vec<String>,
 }
 
+#[cfg(feature = "redis")]
 impl Keys {
     pub fn new(url: &str) -> Self {
         Keys {
@@ -179,6 +190,7 @@ impl Keys {
     }
 }
 
+#[cfg(feature = "redis")]
 impl Drop for Keys {
     fn drop(&mut self) {
         if self.keys.is_empty() {
@@ -287,6 +299,7 @@ impl Drop for MockKafka {
     }
 }
 
+#[cfg(feature = "kafka")]
 /// The body of the `mock_kafka_server` pseudo-test: serves until stdin closes.
 pub fn serve_mock_kafka() {
     use std::io::{BufRead, Write};
