@@ -517,6 +517,17 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
     assert_eq!(*seen.lock().unwrap(), (0..60).collect::<Vec<_>>());
 }
 
+/// Settings for a mock cluster: it has no CreateTopics (topics are made when it starts), and
+/// members that die are noticed within a few seconds.
+fn mock_config(mock: &support::MockKafka) -> KafkaConfig {
+    KafkaConfig::new(mock.brokers())
+        .create_topics(false)
+        .fetch_wait(Duration::from_millis(10))
+        .commit_interval(Duration::from_millis(100))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+}
+
 /// Serves librdkafka's mock cluster for the tests that need consumer-group faults (tansu's
 /// group coordinator stalls when members leave mid-rebalance). Not a test: the tests run this
 /// binary again with `--ignored --exact mock_kafka_server` and `CQRS_MOCK_KAFKA_TOPICS`.
@@ -530,15 +541,7 @@ fn mock_kafka_server() {
 async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
     let topic = unique("orders");
     let mock = support::MockKafka::start(&[(topic.as_str(), 4)]).await;
-    let backend = KafkaBackend::connect(
-        KafkaConfig::new(mock.brokers())
-            .create_topics(false)
-            .fetch_wait(Duration::from_millis(10))
-            .commit_interval(Duration::from_millis(100))
-            .set("session.timeout.ms", "6000"),
-    )
-    .await
-    .unwrap();
+    let backend = KafkaBackend::connect(mock_config(&mock)).await.unwrap();
     let service = unique("svc");
     let handled: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
     // Slow handlers and small batches: most of what the first member fetched is still in its
@@ -647,14 +650,7 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
 async fn after_a_rebalance_a_partition_resumes_from_its_committed_offset_not_its_buffer() {
     let (topic, other) = (unique("orders"), unique("other"));
     let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
-    let backend = KafkaBackend::connect(
-        KafkaConfig::new(mock.brokers())
-            .create_topics(false)
-            .fetch_wait(Duration::from_millis(10))
-            .set("session.timeout.ms", "6000"),
-    )
-    .await
-    .unwrap();
+    let backend = KafkaBackend::connect(mock_config(&mock)).await.unwrap();
     backend
         .publish(&topic, &cqrs::conformance::messages(100, |_| None))
         .await
@@ -710,12 +706,8 @@ async fn a_member_that_stops_reading_stays_in_its_group() {
     let topic = unique("orders");
     let mock = support::MockKafka::start(&[(topic.as_str(), 1)]).await;
     let backend = KafkaBackend::connect(
-        KafkaConfig::new(mock.brokers())
-            .create_topics(false)
-            .fetch_wait(Duration::from_millis(10))
-            .commit_interval(Duration::from_millis(100))
+        mock_config(&mock)
             .set("session.timeout.ms", "3000")
-            .set("heartbeat.interval.ms", "500")
             .set("max.poll.interval.ms", "3000"),
     )
     .await

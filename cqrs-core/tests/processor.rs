@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{eventually, Keyed, WAIT};
 use cqrs_core::memory::MemoryBroker;
 use cqrs_core::middleware::TimeoutLayer;
 use cqrs_core::processor::dead_letter_headers as dlq;
@@ -15,6 +16,8 @@ use cqrs_core::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+mod common;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Booked {
@@ -44,18 +47,6 @@ impl Event for Refunded {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Keyed {
-    key: String,
-    seq: u32,
-}
-impl Event for Keyed {
-    const NAME: &'static str = "Keyed";
-    fn key(&self) -> Option<String> {
-        Some(self.key.clone())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct BookTicket {
     seat: u32,
 }
@@ -63,25 +54,11 @@ impl Command for BookTicket {
     const NAME: &'static str = "BookTicket";
 }
 
-const WAIT: Duration = Duration::from_secs(10);
-
 async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("timed out waiting for a handler")
         .expect("channel closed")
-}
-
-/// Waits until `check` holds, polling the broker's state.
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]

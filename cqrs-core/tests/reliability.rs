@@ -11,48 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::{eventually, keyed, Keyed, WAIT};
 use cqrs_core::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
 use cqrs_core::memory::MemoryBroker;
 use cqrs_core::processor::dead_letter_headers as dlq;
 use cqrs_core::{
-    permanent, BoxError, CancellationToken, Context, Error, Event, EventBus, EventProcessor,
-    Message, RetryPolicy,
+    permanent, BoxError, CancellationToken, Context, Error, EventBus, EventProcessor, Message,
+    RetryPolicy,
 };
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Keyed {
-    key: String,
-    seq: u32,
-}
-impl Event for Keyed {
-    const NAME: &'static str = "Keyed";
-    fn key(&self) -> Option<String> {
-        Some(self.key.clone())
-    }
-}
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn keyed(n: u32, keys: u32) -> Vec<Keyed> {
-    (0..n)
-        .map(|seq| Keyed {
-            key: format!("k{}", seq % keys),
-            seq,
-        })
-        .collect()
-}
+mod common;
 
 /// One message of a key fails once; the key's later messages must wait for its retry.
 async fn retried_message_keeps_its_place(concurrency: usize) {

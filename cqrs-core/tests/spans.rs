@@ -5,43 +5,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::{eventually, keyed, Keyed};
 use cqrs_core::memory::MemoryBroker;
-use cqrs_core::{permanent, CancellationToken, Event, EventBus, EventProcessor};
-use serde::{Deserialize, Serialize};
+use cqrs_core::{permanent, CancellationToken, EventBus, EventProcessor};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Keyed {
-    key: String,
-    seq: u32,
-}
-impl Event for Keyed {
-    const NAME: &'static str = "Keyed";
-    fn key(&self) -> Option<String> {
-        Some(self.key.clone())
-    }
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn keyed(n: u32, keys: u32) -> Vec<Keyed> {
-    (0..n)
-        .map(|seq| Keyed {
-            key: format!("k{}", seq % keys),
-            seq,
-        })
-        .collect()
-}
+mod common;
 
 /// Records, for every `handle` span, whether it was opened inside another `handle` span.
 #[derive(Clone, Default)]
