@@ -87,6 +87,63 @@ pub fn permanent(error: impl Into<BoxError>) -> BoxError {
     Box::new(Permanent(error.into()))
 }
 
+/// Asks for the message to be retried after `delay` instead of the retry policy's backoff (a
+/// rate-limited API's `Retry-After`, a dependency that says when it is back). The attempt still
+/// counts toward the policy's `max_attempts`; anywhere in an error's chain of sources, it is
+/// found.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use cqrs_core::{retry_after, BoxError};
+/// fn charge(status: u16) -> Result<(), BoxError> {
+///     if status == 429 {
+///         return Err(retry_after(Duration::from_secs(2), "payment API rate limit"));
+///     }
+///     Ok(())
+/// }
+/// assert!(charge(429).is_err());
+/// ```
+pub fn retry_after(delay: std::time::Duration, error: impl Into<BoxError>) -> BoxError {
+    Box::new(RetryAfter {
+        delay,
+        error: error.into(),
+    })
+}
+
+/// A handler error that says when to retry; see [`retry_after`]. It displays as the error it
+/// wraps.
+#[derive(Debug)]
+pub struct RetryAfter {
+    /// How long to wait before the next attempt.
+    pub delay: std::time::Duration,
+    /// Why the attempt failed.
+    pub error: BoxError,
+}
+
+impl std::fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for RetryAfter {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// The delay a [`RetryAfter`] in the error's chain asks for.
+pub(crate) fn requested_delay(error: &BoxError) -> Option<std::time::Duration> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+    while let Some(e) = next {
+        if let Some(r) = e.downcast_ref::<RetryAfter>() {
+            return Some(r.delay);
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// A handler error that retrying cannot fix; see [`permanent`].
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]

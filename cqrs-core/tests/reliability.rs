@@ -306,3 +306,43 @@ async fn acked_entries_are_trimmed_and_a_lagging_group_keeps_its_own() {
         "only the retained newest entries are left"
     );
 }
+
+#[tokio::test]
+async fn a_handler_can_say_when_to_retry() {
+    let broker = MemoryBroker::new();
+    let calls: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let c = calls.clone();
+    p.handle("rate-limited", move |_: Keyed, ctx: Context| {
+        c.lock().unwrap().push(tokio::time::Instant::now());
+        let r = if ctx.attempt() == 1 {
+            Err(cqrs_core::retry_after(
+                Duration::from_millis(300),
+                "429 Too Many Requests",
+            ))
+        } else {
+            Ok(())
+        };
+        std::future::ready(r)
+    })
+    .unwrap()
+    .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(1), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&keyed(1, 1)[0])
+        .await
+        .unwrap();
+    eventually("the second attempt", || calls.lock().unwrap().len() == 2).await;
+    eventually("acked", || {
+        broker.pending("Keyed", "svc.rate-limited").is_empty()
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    assert!(
+        calls[1] - calls[0] >= Duration::from_millis(300),
+        "retried after {:?}, not after the asked 300 ms",
+        calls[1] - calls[0]
+    );
+    assert!(broker.messages("svc.rate-limited.dead-letter").is_empty());
+}

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::options::{DeliveryMode, HandlerOptions, UnknownEvent};
 use crate::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
 use crate::error::{BoxError, Error, Result};
-use crate::handler::{is_permanent, Context, Pipeline};
+use crate::handler::{is_permanent, requested_delay, Context, Pipeline};
 use crate::message::Message;
 use crate::middleware::{panic_message, HandlerPanicked};
 
@@ -626,7 +626,7 @@ async fn handle_job(
             };
             return Some(settled.instrument(span).await);
         }
-        let delay = spec.options.retry.delay(attempt);
+        let delay = requested_delay(&error).unwrap_or_else(|| spec.options.retry.delay(attempt));
         span.in_scope(|| {
             tracing::info!(error = %error_chain(&*error), attempt, "handler failed; retrying in {delay:?}");
         });

@@ -35,7 +35,9 @@ pub enum UnknownEvent {
 /// Retries with exponential backoff, then the dead-letter topic.
 ///
 /// A failed message is retried where it is, after `initial * multiplier^(n-1)` (at most
-/// `max_delay`) for attempt `n`, while the message stays unacked with the broker. Its lane is
+/// `max_delay`) for attempt `n`, or with jitter (the default) a random delay up to that, while
+/// the message stays unacked with the broker. A handler can ask for its own delay with
+/// [`crate::retry_after`]. Its lane is
 /// held meanwhile, so later messages of its key wait and order per key survives retries. When
 /// attempt `max_attempts` fails, it is published to the dead-letter topic and acked.
 ///
@@ -54,6 +56,10 @@ pub struct RetryPolicy {
     pub multiplier: f64,
     /// Longest delay.
     pub max_delay: Duration,
+    /// Whether each delay is drawn at random between zero and the computed one ("full
+    /// jitter"), so that handlers failing on one dependency do not retry in lockstep. On by
+    /// default.
+    pub jitter: bool,
 }
 
 impl Default for RetryPolicy {
@@ -63,6 +69,7 @@ impl Default for RetryPolicy {
             initial: Duration::from_millis(100),
             multiplier: 2.0,
             max_delay: Duration::from_secs(30),
+            jitter: true,
         }
     }
 }
@@ -89,12 +96,78 @@ impl RetryPolicy {
         self
     }
 
-    /// The delay before redelivering a message that failed on delivery `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
+    /// Turns jitter on or off.
+    pub fn jitter(mut self, on: bool) -> Self {
+        self.jitter = on;
+        self
+    }
+
+    /// The longest delay before retrying a message that failed on attempt `attempt` (1-based):
+    /// `initial * multiplier^(attempt-1)`, at most `max_delay`.
+    pub fn backoff_cap(&self, attempt: u32) -> Duration {
         let factor = self
             .multiplier
             .powi(attempt.saturating_sub(1).min(64) as i32);
         self.initial.mul_f64(factor).min(self.max_delay)
+    }
+
+    /// The delay before retrying a message that failed on attempt `attempt` (1-based): the
+    /// [`RetryPolicy::backoff_cap`], or with jitter a random share of it.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let cap = self.backoff_cap(attempt);
+        if self.jitter {
+            cap.mul_f64(unit_random())
+        } else {
+            cap
+        }
+    }
+}
+
+/// A number in `[0, 1)`, from a per-thread splitmix64 generator seeded by the clock; enough to
+/// spread retries, not for anything secret.
+fn unit_random() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x2545_F491_4F6C_DD1D, |d| d.as_nanos() as u64),
+        );
+    }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(next);
+        let mut z = next;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_jitter_draws_below_it() {
+        let policy = RetryPolicy::attempts(10)
+            .backoff(Duration::from_millis(100), 2.0)
+            .max_delay(Duration::from_secs(1));
+        let caps: Vec<u64> = (1..=6)
+            .map(|a| policy.backoff_cap(a).as_millis() as u64)
+            .collect();
+        assert_eq!(caps, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.jitter(false).delay(3), Duration::from_millis(400));
+        let drawn: Vec<Duration> = (0..200).map(|_| policy.delay(3)).collect();
+        assert!(drawn.iter().all(|d| *d < Duration::from_millis(400)));
+        let distinct: std::collections::BTreeSet<Duration> = drawn.iter().copied().collect();
+        assert!(distinct.len() > 150, "jitter spreads the delays");
+        let mean = drawn.iter().sum::<Duration>() / 200;
+        assert!(
+            mean > Duration::from_millis(120) && mean < Duration::from_millis(280),
+            "full jitter averages half the cap: {mean:?}"
+        );
     }
 }
 
