@@ -173,7 +173,7 @@ pub(crate) struct KafkaConsumer {
     rx: mpsc::Receiver<Polled>,
     poller: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
-    epoch: Arc<AtomicU64>,
+    /// The acker of the newest rebalance epoch seen; it holds the consumer's epoch counter.
     acker: Arc<KafkaAcker>,
     topics: HashMap<String, Arc<str>>,
 }
@@ -252,7 +252,6 @@ impl KafkaConsumer {
             rx,
             poller: Some(poller),
             stop,
-            epoch: epoch.clone(),
             acker: Arc::new(KafkaAcker {
                 consumer: Arc::new(Mutex::new(Some(consumer))),
                 offsets,
@@ -276,24 +275,29 @@ impl KafkaConsumer {
     /// The delivery of a fetched message; `None` for an offset this member already handed out
     /// since it got the partition (some brokers answer a fetch with records before the fetch
     /// offset).
-    /// The acker of the current rebalance epoch: deliveries made before a revocation keep the
-    /// acker of their epoch, which knows them as stale.
-    fn acker(&mut self) -> Arc<KafkaAcker> {
-        let now = self.epoch.load(Ordering::SeqCst);
-        if self.acker.of_epoch != now {
-            self.acker = Arc::new(self.acker.for_epoch(now));
+    /// The acker of rebalance epoch `epoch`: deliveries keep the acker of the epoch they were
+    /// made in, which knows them as stale once a revocation raised the epoch.
+    fn acker(&mut self, epoch: u64) -> Arc<KafkaAcker> {
+        if self.acker.of_epoch != epoch {
+            self.acker = Arc::new(self.acker.for_epoch(epoch));
         }
         self.acker.clone()
+    }
+
+    fn current_epoch(&self) -> u64 {
+        self.acker.epoch.load(Ordering::SeqCst)
     }
 
     fn delivery(&mut self, (m, epoch): (OwnedMessage, u64)) -> Option<Delivery> {
         let topic = self.topic(m.topic());
         let (partition, offset) = (m.partition(), m.offset());
-        if epoch != self.epoch.load(Ordering::SeqCst) {
+        if epoch != self.current_epoch() {
             tracing::debug!(%topic, partition, offset, "dropping a record fetched before a rebalance");
             return None;
         }
-        let acker = self.acker();
+        // The record's own epoch: if a revocation comes between the check above and here, the
+        // delivery is stale from the start.
+        let acker = self.acker(epoch);
         {
             let mut offsets = lock(&self.acker.offsets);
             let state = offsets
@@ -344,7 +348,7 @@ impl KafkaConsumer {
 
     /// Nacked messages whose time has come, as new deliveries.
     fn due_retries(&mut self, max: usize, out: &mut Vec<Delivery>) -> Option<Instant> {
-        let acker = self.acker();
+        let acker = self.acker(self.current_epoch());
         let now = Instant::now();
         let mut retries = lock(&self.acker.retries);
         let mut next = None;

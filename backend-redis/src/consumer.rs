@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::value::{self, Entry as StreamEntry};
-use crate::{create_group_at, RedisOptions};
+use crate::{create_group_at, start_id, RedisOptions};
 
 /// How often consumers look for members to remove.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
@@ -29,6 +29,17 @@ struct Local {
 
 /// An entry: its stream and its id's two numbers.
 type EntryKey = (Arc<str>, u64, u64);
+
+impl Local {
+    /// Whether this member holds the entry: handling it, or waiting out a nack's backoff.
+    fn holds(&self, stream: &Arc<str>, id: &str) -> bool {
+        self.inflight.contains(&entry_key(stream, id))
+            || self
+                .retries
+                .iter()
+                .any(|r| r.stream == *stream && r.id == id)
+    }
+}
 
 fn entry_key(stream: &Arc<str>, id: &str) -> EntryKey {
     let (ms, seq) = value::parse_id(id).unwrap_or((u64::MAX, u64::MAX));
@@ -255,15 +266,8 @@ impl RedisConsumer {
             next.insert(stream.clone(), format!("({last}"));
             let ids: Vec<(String, u32)> = {
                 let local = lock(&self.local);
-                // Not those being handled, nor those waiting out a nack's backoff.
                 rows.into_iter()
-                    .filter(|(id, _, _)| {
-                        !local.inflight.contains(&entry_key(&stream, id))
-                            && !local
-                                .retries
-                                .iter()
-                                .any(|r| r.stream == stream && r.id == *id)
-                    })
+                    .filter(|(id, _, _)| !local.holds(&stream, id))
                     .map(|(id, _, count)| (id, count + 1))
                     .collect()
             };
@@ -331,19 +335,9 @@ impl RedisConsumer {
             }
             let ids: Vec<(String, u32)> = {
                 let mut local = lock(&self.local);
-                let mine_waiting: HashSet<String> = local
-                    .retries
-                    .iter()
-                    .filter(|r| r.stream == stream)
-                    .map(|r| r.id.clone())
-                    .collect();
                 let ids: Vec<(String, u32)> = rows
                     .into_iter()
-                    .filter(|(id, owner, _)| {
-                        *owner != self.me
-                            || (!local.inflight.contains(&entry_key(&stream, id))
-                                && !mine_waiting.contains(id))
-                    })
+                    .filter(|(id, owner, _)| *owner != self.me || !local.holds(&stream, id))
                     .map(|(id, _, count)| (id, count + 1))
                     .collect();
                 local
@@ -515,11 +509,11 @@ impl Consumer for RedisConsumer {
                     tracing::warn!(group = %self.group, "consumer group missing; creating it again");
                     self.forget(out);
                     for s in self.streams.clone() {
-                        let from = match self.last_read.get(&s) {
-                            Some(id) => id.clone(),
-                            None if self.start == StartFrom::Latest => "$".to_owned(),
-                            None => "0".to_owned(),
-                        };
+                        let from = self
+                            .last_read
+                            .get(&s)
+                            .map_or(start_id(self.start), String::as_str)
+                            .to_owned();
                         if let Err(e) =
                             create_group_at(&mut self.conn, &s, &self.group, &from).await
                         {

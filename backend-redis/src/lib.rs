@@ -215,11 +215,15 @@ pub(crate) async fn create_group(
     group: &str,
     start: StartFrom,
 ) -> Result<()> {
-    let id = match start {
+    create_group_at(conn, stream, group, start_id(start)).await
+}
+
+/// The entry id a new group starts after: `$` (the stream's end) or `0` (its beginning).
+pub(crate) fn start_id(start: StartFrom) -> &'static str {
+    match start {
         StartFrom::Latest => "$",
         _ => "0",
-    };
-    create_group_at(conn, stream, group, id).await
+    }
 }
 
 /// Creates `group` on `stream` (and the stream) from entry `id` unless it exists.

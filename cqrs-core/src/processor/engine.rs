@@ -434,7 +434,6 @@ impl Lanes {
     /// The lane of a job: one key (else one shard) always goes to one lane, so its order holds.
     fn lane_of(&mut self, job: &Job) -> usize {
         let n = self.senders.len();
-        // One key (else one shard) always goes to one lane, so its order holds.
         match (&job.ctx.message.key, job.shard) {
             (Some(key), _) => {
                 let mut h = DefaultHasher::new();
