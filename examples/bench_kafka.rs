@@ -28,6 +28,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
+#[path = "support/mod.rs"]
+mod support;
+use support::Tansu;
+
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 struct Reading {
     #[event(key)]
@@ -166,59 +170,6 @@ impl Bench {
         token.cancel();
         running.wait().await?;
         Ok(elapsed)
-    }
-}
-
-/// A tansu broker on a free port, stopped on drop.
-struct Tansu {
-    brokers: String,
-    child: std::process::Child,
-}
-
-impl Tansu {
-    async fn start() -> Result<Self, BoxError> {
-        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/tansu-0.6.0/bin/tansu",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(Tansu {
-                    brokers: format!("127.0.0.1:{port}"),
-                    child,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err("tansu did not start".into())
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

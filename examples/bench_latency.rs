@@ -1,10 +1,14 @@
 //! Benchmark: how long an event takes from `publish` to its handler, at a fixed rate, for our
-//! bus and processor and for the raw `redis` client doing the same (XADD, XREADGROUP BLOCK, XACK),
+//! bus and processor and for the raw client doing the same: `redis` (XADD, XREADGROUP BLOCK,
+//! XACK) and `rdkafka` (a `FutureProducer` and a `StreamConsumer` with our backend's settings),
 //! plus the in-memory broker.
 //!
-//! Run with: `cargo run --release --example bench_latency --features redis`
-//! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`). `BENCH_SECS` sets each run's length
-//! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s).
+//! Run with: `cargo run --release --example bench_latency --features redis,kafka`
+//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else a fresh tansu
+//! from `TANSU_BIN`, as `scripts/test` installs it). `BENCH_SECS` sets each run's length
+//! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s), `BENCH_BACKENDS` the
+//! backends (default `redis,memory,kafka`). Each run first sends one event and waits for it, so
+//! group joins and connections are not measured.
 //!
 //! Every millisecond the publisher sends `rate / 1000` events stamped with the send time; the
 //! handler records now minus that time. Printed per run: p50, p99, p99.9 and max in
@@ -13,10 +17,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+
+#[path = "support/mod.rs"]
+mod support;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 struct Ping {
@@ -38,17 +50,20 @@ fn record(samples: &Samples, sent_us: u64) {
     samples.lock().unwrap_or_else(|p| p.into_inner()).push(lat);
 }
 
-/// Sends `rate` events per second for `secs`, in batches every millisecond.
-async fn drive<F, Fut>(rate: u64, secs: u64, mut send: F) -> Result<(), BoxError>
+/// Sends `rate` events per second for `secs`, in batches every millisecond. Each batch is sent
+/// by a task of its own, so a send that waits (Kafka's `linger.ms`, a delivery report) does not
+/// slow the rate down.
+async fn drive<F, Fut>(rate: u64, secs: u64, mut send: F) -> Result<u64, BoxError>
 where
     F: FnMut(Vec<Ping>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), BoxError>>,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
 {
     let per_tick = (rate / 1000).max(1);
     let ticks = secs * 1000 * rate.min(1000) / 1000;
     let every = Duration::from_micros(1_000_000 * per_tick / rate);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sends = tokio::task::JoinSet::new();
     let mut seq = 0;
     for _ in 0..ticks {
         tick.tick().await;
@@ -63,14 +78,45 @@ where
                 }
             })
             .collect();
-        send(batch).await?;
+        sends.spawn(send(batch));
+        while let Some(done) = sends.try_join_next() {
+            done??;
+        }
     }
+    while let Some(done) = sends.join_next().await {
+        done??;
+    }
+    Ok(seq)
+}
+
+/// Sends one event and waits until it is handled, then forgets its sample: the consumer has
+/// joined its group and the connections are warm before the measured run starts.
+async fn warm_up<F, Fut>(samples: &Samples, mut send: F) -> Result<(), BoxError>
+where
+    F: FnMut(Vec<Ping>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BoxError>>,
+{
+    let ping = Ping {
+        sent_us: now_us(),
+        seq: 0,
+        pad: String::new(),
+    };
+    send(vec![ping]).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while samples.lock().map_or(0, |s| s.len()) < 1 {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the warm-up event was not handled in 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    samples.lock().map_err(|_| "poisoned")?.clear();
     Ok(())
 }
 
-async fn wait_for(samples: &Samples, n: usize) {
+async fn wait_for(samples: &Samples, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while samples.lock().map_or(0, |s| s.len()) < n && tokio::time::Instant::now() < deadline {
+    while samples.lock().map_or(0, |s| s.len() as u64) < n && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -93,13 +139,12 @@ async fn ours(
     })?;
     let running = p.start(CancellationToken::new()).await?;
     let bus = EventBus::new(backend).topics(namer);
-    let mut sent = 0;
-    drive(rate, secs, |batch| {
-        sent += batch.len();
+    let send = |batch: Vec<Ping>| {
         let bus = bus.clone();
         async move { Ok(bus.publish_all(&batch).await?) }
-    })
-    .await?;
+    };
+    warm_up(&samples, send).await?;
+    let sent = drive(rate, secs, send).await?;
     wait_for(&samples, sent).await;
     running.shutdown().await?;
     let out = samples.lock().map_or_else(|_| Vec::new(), |s| s.clone());
@@ -108,7 +153,7 @@ async fn ours(
 
 /// Raw: XADD pipelined per tick; one consumer looping XREADGROUP COUNT 100 BLOCK 100, decoding
 /// each payload and XACKing each batch.
-async fn raw(url: &str, stream: &str, rate: u64, secs: u64) -> Result<Vec<u64>, BoxError> {
+async fn raw_redis(url: &str, stream: &str, rate: u64, secs: u64) -> Result<Vec<u64>, BoxError> {
     let client = redis::Client::open(url)?;
     let mut publisher = client.get_multiplexed_async_connection().await?;
     let mut reader = client.get_multiplexed_async_connection().await?;
@@ -169,9 +214,7 @@ async fn raw(url: &str, stream: &str, rate: u64, secs: u64) -> Result<Vec<u64>, 
             }
         })
     };
-    let mut sent = 0;
-    drive(rate, secs, |batch| {
-        sent += batch.len();
+    let send = |batch: Vec<Ping>| {
         let mut conn = publisher.clone();
         let stream = stream.to_owned();
         async move {
@@ -189,8 +232,9 @@ async fn raw(url: &str, stream: &str, rate: u64, secs: u64) -> Result<Vec<u64>, 
             pipe.query_async::<()>(&mut conn).await?;
             Ok(())
         }
-    })
-    .await?;
+    };
+    warm_up(&samples, send).await?;
+    let sent = drive(rate, secs, send).await?;
     wait_for(&samples, sent).await;
     token.cancel();
     let _ = consumer.await;
@@ -218,6 +262,71 @@ fn row(name: &str, rate: u64, v: Vec<u64>) -> [u64; 4] {
     p
 }
 
+/// Raw Kafka: a `FutureProducer` with our producer settings (idempotent, `linger.ms=5`) sends
+/// each tick's records and awaits their deliveries; a `StreamConsumer` with our consumer settings
+/// (`fetch.wait.max.ms=100`, offsets stored after handling, auto commit every second) decodes
+/// each payload.
+async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<Vec<u64>, BoxError> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", cqrs::conformance::unique("raw"))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let samples: Samples = Arc::default();
+    let token = CancellationToken::new();
+    let reader = {
+        let (samples, token) = (samples.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    _ = token.cancelled() => break,
+                    m = consumer.recv() => m,
+                };
+                let Ok(m) = m else { continue };
+                if let Ok(ping) = serde_json::from_slice::<Ping>(m.payload().unwrap_or_default()) {
+                    record(&samples, ping.sent_us);
+                }
+                let _ = consumer.store_offset_from_message(&m);
+            }
+        })
+    };
+    let send = |batch: Vec<Ping>| {
+        let (producer, topic) = (producer.clone(), topic.to_owned());
+        async move {
+            let mut deliveries = Vec::with_capacity(batch.len());
+            for e in &batch {
+                let payload = serde_json::to_vec(e)?;
+                let key = e.seq.to_string();
+                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+            }
+            for d in deliveries {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+            Ok(())
+        }
+    };
+    warm_up(&samples, send).await?;
+    let sent = drive(rate, secs, send).await?;
+    wait_for(&samples, sent).await;
+    token.cancel();
+    let _ = reader.await;
+    let out = samples.lock().map_or_else(|_| Vec::new(), |s| s.clone());
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
@@ -230,37 +339,76 @@ async fn main() -> Result<(), BoxError> {
         .split(',')
         .filter_map(|r| r.trim().parse().ok())
         .collect();
-    let backend = RedisBackend::connect(&url).await?;
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redis,memory,kafka".into());
     println!("publish-to-handler latency, microseconds, {secs} s per run");
     println!("| run | events/s | handled | p50 | p99 | p99.9 | max |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
-    for rate in rates {
-        let stream = cqrs::conformance::unique("bench-latency-raw");
-        let r = row("redis raw", rate, raw(&url, &stream, rate, secs).await?);
-        let ours_stream = cqrs::conformance::unique("bench-latency-ours");
-        let o = row(
-            "redis ours",
-            rate,
-            ours(backend.clone(), &ours_stream, rate, secs).await?,
-        );
-        row(
-            "in-memory ours",
-            rate,
-            ours(MemoryBroker::new(), "bench-latency", rate, secs).await?,
-        );
-        ratios.push((rate, o[1] as f64 / r[1].max(1) as f64));
-        let mut conn = redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?;
-        redis::cmd("DEL")
-            .arg(&stream)
-            .arg(&ours_stream)
-            .query_async::<()>(&mut conn)
-            .await?;
+    for backend in backends.split(',').map(str::trim) {
+        for &rate in &rates {
+            match backend {
+                "redis" => {
+                    let ours_backend = RedisBackend::connect(&url).await?;
+                    let stream = cqrs::conformance::unique("bench-latency-raw");
+                    let r = row(
+                        "redis raw",
+                        rate,
+                        raw_redis(&url, &stream, rate, secs).await?,
+                    );
+                    let ours_stream = cqrs::conformance::unique("bench-latency-ours");
+                    let o = ours(ours_backend, &ours_stream, rate, secs).await?;
+                    let o = row("redis ours", rate, o);
+                    ratios.push(("Redis", rate, o[1] as f64 / r[1].max(1) as f64));
+                    let mut conn = redis::Client::open(url.as_str())?
+                        .get_multiplexed_async_connection()
+                        .await?;
+                    redis::cmd("DEL")
+                        .arg(&stream)
+                        .arg(&ours_stream)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                }
+                "memory" => {
+                    let o = ours(MemoryBroker::new(), "bench-latency", rate, secs).await?;
+                    row("in-memory ours", rate, o);
+                }
+                "kafka" => {
+                    // A fresh broker per rate: tansu slows down as it fills.
+                    let tansu = match std::env::var("KAFKA_BROKERS") {
+                        Ok(_) => None,
+                        Err(_) => Some(support::Tansu::start().await?),
+                    };
+                    let brokers = match &tansu {
+                        Some(t) => t.brokers.clone(),
+                        None => std::env::var("KAFKA_BROKERS")?,
+                    };
+                    let ours_backend =
+                        KafkaBackend::connect(KafkaConfig::new(brokers.as_str())).await?;
+                    let (raw_t, ours_t) = (
+                        cqrs::conformance::unique("bench-latency-raw"),
+                        cqrs::conformance::unique("bench-latency-ours"),
+                    );
+                    ours_backend
+                        .ensure_topics(&[raw_t.clone(), ours_t.clone()])
+                        .await?;
+                    let r = row(
+                        "kafka raw",
+                        rate,
+                        raw_kafka(&brokers, &raw_t, rate, secs).await?,
+                    );
+                    let o = row(
+                        "kafka ours",
+                        rate,
+                        ours(ours_backend, &ours_t, rate, secs).await?,
+                    );
+                    ratios.push(("Kafka", rate, o[1] as f64 / r[1].max(1) as f64));
+                }
+                other => return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into()),
+            }
+        }
     }
-    for (rate, ratio) in ratios {
-        println!("ours / raw at p99, {rate}/s on Redis: {ratio:.2}");
+    for (backend, rate, ratio) in ratios {
+        println!("ours / raw at p99, {rate}/s on {backend}: {ratio:.2}");
     }
     Ok(())
 }

@@ -1,0 +1,189 @@
+//! Benchmark: the handler a user writes first (`async fn(E) -> Result<()>`, default options)
+//! beside the tuned one, on Redis Streams and the in-memory broker.
+//!
+//! Run with: `cargo run --release --example bench_handlers --features redis`
+//! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`). `BENCH_N` sets the events of the runs
+//! without I/O (default 200,000); the runs whose handler awaits 1 ms get fewer events, sized to
+//! take a few seconds. `BENCH_BACKENDS` picks from `redis,memory` (default both).
+//!
+//! Each run publishes its events first (keyed, 1,000 keys, ~200 bytes of JSON), then starts
+//! `members` processors of one service (one consumer group; each member its own connection) and
+//! times until every event is handled. "1 ms I/O" is a handler that awaits
+//! `tokio::time::sleep(1 ms)`, standing for a database call. Printed: events/s for the run and
+//! per member.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs::memory::MemoryBroker;
+use cqrs::redis::{redis, RedisBackend};
+use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+struct Order {
+    #[event(key)]
+    customer: String,
+    seq: u64,
+    note: String,
+}
+
+fn order(seq: u64) -> Order {
+    Order {
+        customer: format!("customer-{:04}", seq % 1000),
+        seq,
+        note: "x".repeat(150),
+    }
+}
+
+/// One row of the table: a handler configuration and how many members run it.
+struct Case {
+    handler: &'static str,
+    concurrency: Option<usize>,
+    batch_size: Option<usize>,
+    io: Option<Duration>,
+    members: usize,
+    /// Events per member (the run publishes `members` times this).
+    per_member: usize,
+}
+
+fn cases(n: usize) -> Vec<Case> {
+    let ms = Some(Duration::from_millis(1));
+    let case = |handler, concurrency, batch_size, io, members, per_member| Case {
+        handler,
+        concurrency,
+        batch_size,
+        io,
+        members,
+        per_member,
+    };
+    vec![
+        case(
+            "tuned: batch_size(500), no I/O",
+            None,
+            Some(500),
+            None,
+            1,
+            n,
+        ),
+        case("plain, default options, no I/O", None, None, None, 1, n),
+        case("plain, default options, no I/O", None, None, None, 2, n / 2),
+        case("plain, concurrency(16), no I/O", Some(16), None, None, 1, n),
+        case("plain, default options, 1 ms I/O", None, None, ms, 1, 3_000),
+        case("plain, default options, 1 ms I/O", None, None, ms, 2, 3_000),
+        case(
+            "plain, concurrency(16), 1 ms I/O",
+            Some(16),
+            None,
+            ms,
+            1,
+            50_000,
+        ),
+        case(
+            "plain, concurrency(16), 1 ms I/O",
+            Some(16),
+            None,
+            ms,
+            2,
+            50_000,
+        ),
+    ]
+}
+
+/// Publishes the case's events, then times `members` processors draining them.
+async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<f64, BoxError> {
+    let total = case.members * case.per_member;
+    let t = topic.to_owned();
+    let namer = TopicNamer::new(move |_| t.clone());
+    let bus = EventBus::new(backend.clone()).topics(namer.clone());
+    let events: Vec<Order> = (0..total as u64).map(order).collect();
+    for chunk in events.chunks(1000) {
+        bus.publish_all(chunk).await?;
+    }
+
+    let handled = Arc::new(AtomicUsize::new(0));
+    let token = CancellationToken::new();
+    let start = Instant::now();
+    let mut running = Vec::new();
+    for _ in 0..case.members {
+        let mut p = EventProcessor::new(backend.clone(), "bench-handlers").topics(namer.clone());
+        let (h, io) = (handled.clone(), case.io);
+        // The handler a user writes: an async fn of the event.
+        let options = p.handle("on-order", move |_order: Order| {
+            let h = h.clone();
+            async move {
+                if let Some(io) = io {
+                    tokio::time::sleep(io).await;
+                }
+                h.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, BoxError>(())
+            }
+        })?;
+        if let Some(c) = case.concurrency {
+            options.concurrency(c);
+        }
+        if let Some(b) = case.batch_size {
+            options.batch_size(b);
+        }
+        running.push(p.start(token.clone()).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while handled.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} of {total} handled in 300 s",
+                handled.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = start.elapsed();
+    token.cancel();
+    for r in running {
+        r.wait().await?;
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redis,memory".into());
+    println!("| backend | handler | members | events | events/s | per member |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for name in backends.split(',').map(str::trim) {
+        for case in cases(n) {
+            let rate = match name {
+                "redis" => {
+                    let stream = cqrs::conformance::unique("bench-handlers");
+                    let rate = run(RedisBackend::connect(&url).await?, &stream, &case).await;
+                    let mut conn = redis::Client::open(url.as_str())?
+                        .get_multiplexed_async_connection()
+                        .await?;
+                    redis::cmd("DEL")
+                        .arg(&stream)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                    rate?
+                }
+                "memory" => run(MemoryBroker::new(), "bench-handlers", &case).await?,
+                other => return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into()),
+            };
+            println!(
+                "| {name} | {} | {} | {} | {:.0} | {:.0} |",
+                case.handler,
+                case.members,
+                case.members * case.per_member,
+                rate,
+                rate / case.members as f64
+            );
+        }
+    }
+    Ok(())
+}
