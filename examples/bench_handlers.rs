@@ -88,6 +88,14 @@ fn cases(n: usize) -> Vec<Case> {
             2,
             50_000,
         ),
+        case(
+            "plain, concurrency(32), 1 ms I/O",
+            Some(32),
+            None,
+            ms,
+            1,
+            50_000,
+        ),
     ]
 }
 
@@ -147,6 +155,25 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
     Ok(total as f64 / elapsed.as_secs_f64())
 }
 
+/// What `concurrency` tasks that do nothing but await `tokio::time::sleep(1 ms)` manage per
+/// second: the ceiling of a member whose handler does, and how long such a sleep really takes.
+async fn sleep_ceiling(concurrency: usize) -> (f64, Duration) {
+    const ROUNDS: u32 = 500;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        tasks.spawn(async {
+            for _ in 0..ROUNDS {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    let rate = concurrency as f64 * f64::from(ROUNDS) / elapsed.as_secs_f64();
+    (rate, elapsed / ROUNDS)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
@@ -184,6 +211,13 @@ async fn main() -> Result<(), BoxError> {
                 rate / case.members as f64
             );
         }
+    }
+    for c in [1, 16, 32] {
+        let (rate, each) = sleep_ceiling(c).await;
+        println!(
+            "ceiling: {c} tasks awaiting sleep(1 ms) in a loop: {rate:.0}/s (one sleep takes {:.2} ms)",
+            each.as_secs_f64() * 1000.0
+        );
     }
     Ok(())
 }

@@ -337,7 +337,7 @@ impl KafkaConsumer {
             )
         };
         // Every delivery carries its partition: unkeyed records of one partition keep their
-        // order across the processor's lanes.
+        // order across the processor's workers.
         let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
             .with_shard(partition.unsigned_abs());
         Some(match malformed {

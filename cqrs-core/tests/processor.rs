@@ -379,6 +379,67 @@ async fn concurrency_keeps_order_per_key() {
 }
 
 #[tokio::test]
+async fn a_busy_key_holds_back_only_its_own_messages() {
+    // One key's handler is stuck; 200 messages of other keys, with 4 workers, must all be
+    // handled meanwhile, and the stuck key's later message waits for it.
+    let broker = MemoryBroker::new();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let (r, s) = (release.clone(), seen.clone());
+    p.handle("busy", move |e: Keyed| {
+        let (r, s) = (r.clone(), s.clone());
+        async move {
+            if e.key == "stuck" && e.seq == 0 {
+                r.notified().await;
+            }
+            s.lock().unwrap().push((e.key, e.seq));
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .concurrency(4);
+    let bus = EventBus::new(broker.clone());
+    let stuck = |seq| Keyed {
+        key: "stuck".into(),
+        seq,
+    };
+    bus.publish(&stuck(0)).await.unwrap();
+    let others: Vec<Keyed> = (1..=200)
+        .map(|seq| Keyed {
+            key: format!("k{seq}"),
+            seq,
+        })
+        .collect();
+    bus.publish_all(&others).await.unwrap();
+    bus.publish(&stuck(1)).await.unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("every other key handled while one is stuck", || {
+        seen.lock().unwrap().len() == 200
+    })
+    .await;
+    assert!(
+        seen.lock().unwrap().iter().all(|(key, _)| key != "stuck"),
+        "the stuck key's second message waits for its first"
+    );
+    release.notify_one();
+    eventually("the stuck key handled", || {
+        seen.lock().unwrap().len() == 202
+    })
+    .await;
+    let stuck_seen: Vec<u32> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(key, _)| key == "stuck")
+        .map(|(_, seq)| *seq)
+        .collect();
+    assert_eq!(stuck_seen, [0, 1]);
+    running.shutdown().await.unwrap();
+    assert!(broker.pending("Keyed", "svc.busy").is_empty());
+}
+
+#[tokio::test]
 async fn shutdown_lets_running_handlers_finish_and_acks_them() {
     let broker = MemoryBroker::new();
     let (started_tx, mut started) = mpsc::unbounded_channel::<()>();

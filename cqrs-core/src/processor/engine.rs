@@ -1,7 +1,7 @@
 //! The loop that runs one consumer group: fetch, dispatch to lanes, settle with the broker.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
@@ -117,8 +117,9 @@ enum Settle {
 /// Runs the group until `token` is cancelled or the consumer fails for good.
 ///
 /// With a concurrency of 1 each fetched batch is handled in order in this task and acked with one
-/// call, as a hand-written consumer loop would. With more, messages go to that many lanes by key
-/// (one key, one lane, so order per key holds) and a settler task acks in batches.
+/// call, as a hand-written consumer loop would. With more, that many workers take messages from
+/// one queue (a key's next message waits until the one before it is done, so order per key
+/// holds) and a settler task acks in batches.
 pub(crate) async fn run_group(
     spec: Arc<GroupSpec>,
     consumer: Box<dyn Consumer>,
@@ -165,15 +166,14 @@ pub(crate) async fn run_group(
             Some(lanes) => {
                 let mut jobs = jobs.into_iter();
                 while let Some(job) = jobs.next() {
-                    let lane = lanes.lane_of(&job);
                     tokio::select! {
                         biased;
-                        permit = lanes.senders[lane].reserve() => match permit {
-                            Ok(permit) => {
-                                permit.send(job);
+                        room = lanes.reserve() => match room {
+                            Some(room) => {
+                                lanes.push(job, room);
                                 continue;
                             }
-                            Err(_) => break 'fetch,
+                            None => break 'fetch,
                         },
                         _ = token.cancelled() => {}
                     }
@@ -393,64 +393,175 @@ async fn nack(d: Delivery, delay: Duration) {
     }
 }
 
-/// Lanes for concurrency above 1: one task per lane, and a settler.
+/// The workers for concurrency above 1, and a settler.
+///
+/// Workers take jobs from one queue, so a slow message (or one waiting out its retry backoff)
+/// holds back only the messages of its own key, never a whole share of the traffic. Order per
+/// key holds because a key's next message becomes ready only when the one before it is done
+/// ([`Ready`]).
 struct Lanes {
-    senders: Vec<mpsc::Sender<Job>>,
+    ready: Arc<Ready>,
+    /// Bounds the jobs held (waiting, ready or running), which bounds memory under a backlog.
+    room: Arc<Semaphore>,
     tasks: JoinSet<()>,
     settler: tokio::task::JoinHandle<()>,
-    round_robin: usize,
+}
+
+/// A job, the ordering key it holds (its message key, else its shard; `None`: unordered) and
+/// its share of the room.
+struct Queued {
+    job: Job,
+    order: Option<u64>,
+    _room: OwnedSemaphorePermit,
+}
+
+/// Jobs ready to run, and per busy ordering key the jobs behind its ready or running one.
+struct Ready {
+    state: std::sync::Mutex<ReadyState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    queue: VecDeque<Queued>,
+    /// An entry exists while the key has a job ready or running; it holds the ones after it.
+    behind: HashMap<u64, VecDeque<Queued>>,
+    closed: bool,
+}
+
+impl Ready {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job: ready at once unless its key is busy, then behind the key's others.
+    fn push(&self, queued: Queued) {
+        let mut state = self.lock();
+        if let Some(order) = queued.order {
+            if let Some(behind) = state.behind.get_mut(&order) {
+                behind.push_back(queued);
+                return;
+            }
+            state.behind.insert(order, VecDeque::new());
+        }
+        state.queue.push_back(queued);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The next ready job; `None` once closed and nothing is ready (a worker still running a
+    /// job makes its key's next one ready itself, and takes it then).
+    async fn next(&self) -> Option<Queued> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if let Some(queued) = state.queue.pop_front() {
+                    return Some(queued);
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// A job of `order` is done: the key's next job, if any, becomes ready.
+    fn done(&self, order: Option<u64>) {
+        let Some(order) = order else { return };
+        let mut state = self.lock();
+        let next = match state.behind.get_mut(&order) {
+            Some(behind) => behind.pop_front(),
+            None => return,
+        };
+        match next {
+            Some(next) => {
+                state.queue.push_back(next);
+                drop(state);
+                self.changed.notify_one();
+            }
+            None => {
+                state.behind.remove(&order);
+            }
+        }
+    }
+
+    /// No more jobs come: workers stop once the ready ones are done.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_waiters();
+    }
 }
 
 impl Lanes {
     fn start(spec: &Arc<GroupSpec>, n: usize, token: &CancellationToken) -> Self {
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(4096);
         let settler = tokio::spawn(settle_loop(settle_rx));
-        let mut senders = Vec::with_capacity(n);
+        let ready = Arc::new(Ready {
+            state: std::sync::Mutex::default(),
+            changed: Notify::new(),
+        });
         let mut tasks = JoinSet::new();
         for _ in 0..n {
-            let (tx, rx) = mpsc::channel::<Job>(spec.options.batch_size.max(16));
-            senders.push(tx);
-            tasks.spawn(lane_loop(
+            tasks.spawn(worker_loop(
                 spec.clone(),
-                rx,
+                ready.clone(),
                 settle_tx.clone(),
                 token.clone(),
             ));
         }
         Lanes {
-            senders,
+            ready,
+            room: Arc::new(Semaphore::new(n * spec.options.batch_size.max(16))),
             tasks,
             settler,
-            round_robin: 0,
         }
     }
 
-    /// Queues a job on the lane of its key; `false` if the lanes are gone.
-    async fn send(&mut self, job: Job) -> bool {
-        let lane = self.lane_of(&job);
-        self.senders[lane].send(job).await.is_ok()
+    /// Room for one more job, waiting while the workers hold as many as they may.
+    async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.room.clone().acquire_owned().await.ok()
     }
 
-    /// The lane of a job: one key (else one shard) always goes to one lane, so its order holds.
-    fn lane_of(&mut self, job: &Job) -> usize {
-        let n = self.senders.len();
-        match (&job.ctx.message.key, job.shard) {
+    /// Queues a job with the room reserved for it.
+    fn push(&self, job: Job, room: OwnedSemaphorePermit) {
+        let order = match (&job.ctx.message.key, job.shard) {
             (Some(key), _) => {
                 let mut h = DefaultHasher::new();
                 key.hash(&mut h);
-                (h.finish() % n as u64) as usize
+                Some(h.finish())
             }
-            (None, Some(shard)) => shard as usize % n,
-            (None, None) => {
-                self.round_robin = self.round_robin.wrapping_add(1);
-                self.round_robin % n
+            (None, Some(shard)) => {
+                let mut h = DefaultHasher::new();
+                (u8::MAX, shard).hash(&mut h);
+                Some(h.finish())
             }
+            (None, None) => None,
+        };
+        self.ready.push(Queued {
+            job,
+            order,
+            _room: room,
+        });
+    }
+
+    /// Queues a job once there is room; `false` if the workers are gone.
+    async fn send(&mut self, job: Job) -> bool {
+        match self.reserve().await {
+            Some(room) => {
+                self.push(job, room);
+                true
+            }
+            None => false,
         }
     }
 
     /// Lets running handlers finish within the shutdown deadline and settles their outcome.
     async fn finish(mut self, spec: &GroupSpec) -> Result<()> {
-        self.senders.clear();
+        self.ready.close();
         let deadline = spec.options.shutdown_timeout;
         let tasks = &mut self.tasks;
         let settler = &mut self.settler;
@@ -479,23 +590,24 @@ fn context(spec: &GroupSpec, d: &Delivery) -> Context {
     }
 }
 
-async fn lane_loop(
+async fn worker_loop(
     spec: Arc<GroupSpec>,
-    mut jobs: mpsc::Receiver<Job>,
+    ready: Arc<Ready>,
     settle: mpsc::Sender<Settle>,
     token: CancellationToken,
 ) {
     let mut services = Services::of(&spec);
-    while let Some(job) = jobs.recv().await {
-        if token.is_cancelled() && job.unhandled.is_none() {
+    while let Some(Queued { job, order, _room }) = ready.next().await {
+        let outcome = if token.is_cancelled() && job.unhandled.is_none() {
             // Queued but not started: hand it back for prompt redelivery. A message acked
             // before handling (at-most-once) still runs, within the shutdown deadline.
-            if let Some(d) = job.delivery {
-                let _ = settle.send(Settle::Nack(d, Duration::ZERO)).await;
-            }
-            continue;
-        }
-        if let Some(outcome) = handle_job(&spec, &mut services, job, &token).await {
+            job.delivery.map(|d| Settle::Nack(d, Duration::ZERO))
+        } else {
+            handle_job(&spec, &mut services, job, &token).await
+        };
+        // Done (retries included): the key's next message may run.
+        ready.done(order);
+        if let Some(outcome) = outcome {
             let _ = settle.send(outcome).await;
         }
     }

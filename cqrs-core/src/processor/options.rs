@@ -37,8 +37,8 @@ pub enum UnknownEvent {
 /// A failed message is retried where it is, after `initial * multiplier^(n-1)` (at most
 /// `max_delay`) for attempt `n`, or with jitter (the default) a random delay up to that, while
 /// the message stays unacked with the broker. A handler can ask for its own delay with
-/// [`crate::retry_after`]. Its lane is
-/// held meanwhile, so later messages of its key wait and order per key survives retries. When
+/// [`crate::retry_after`]. Later messages of its key wait meanwhile (messages of other keys go
+/// on), so order per key survives retries. When
 /// attempt `max_attempts` fails, it is published to the dead-letter topic and acked.
 ///
 /// Attempts start from the broker's delivery count (Redis and the in-memory broker count
@@ -250,7 +250,10 @@ impl HandlerOptions {
         self
     }
 
-    /// Messages handled at once (default 1). Messages with one key are handled in order.
+    /// Messages handled at once (default 1). Messages with one key (else, on Kafka, of one
+    /// partition) are handled in order, one at a time; a slow or retrying message holds back only
+    /// the later messages of its key. A handler that awaits I/O wants more than 1: a member
+    /// handles about `n / handler time` messages per second.
     pub fn concurrency(&mut self, n: usize) -> &mut Self {
         self.concurrency = n.max(1);
         self
