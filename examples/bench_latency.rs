@@ -4,10 +4,11 @@
 //! plus the in-memory broker.
 //!
 //! Run with: `cargo run --release --example bench_latency --features redis,kafka`
-//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else a fresh tansu
-//! from `TANSU_BIN`, as `scripts/test` installs it). `BENCH_SECS` sets each run's length
+//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else librdkafka's
+//! mock cluster in a process of its own, 4 partitions). `BENCH_SECS` sets each run's length
 //! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s), `BENCH_BACKENDS` the
-//! backends (default `redis,memory,kafka`). Each run first sends one event and waits for it, so
+//! backends (default `redis,memory,kafka`), `BENCH_KAFKA_FETCH_WAIT_MS` Kafka's
+//! `fetch.wait.max.ms` for both clients (default 100, ours). Each run first sends one event and waits for it, so
 //! group joins and connections are not measured.
 //!
 //! Every millisecond the publisher sends `rate / 1000` events stamped with the send time; the
@@ -17,7 +18,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
+use cqrs::kafka::{rdkafka, KafkaBackend};
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
@@ -264,7 +265,7 @@ fn row(name: &str, rate: u64, v: Vec<u64>) -> [u64; 4] {
 
 /// Raw Kafka: a `FutureProducer` with our producer settings (idempotent, `linger.ms=5`) sends
 /// each tick's records and awaits their deliveries; a `StreamConsumer` with our consumer settings
-/// (`fetch.wait.max.ms=100`, offsets stored after handling, auto commit every second) decodes
+/// (`fetch.wait.max.ms` as ours, offsets stored after handling, auto commit every second) decodes
 /// each payload.
 async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<Vec<u64>, BoxError> {
     let producer: FutureProducer = ClientConfig::new()
@@ -280,7 +281,10 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
+        .set(
+            "fetch.wait.max.ms",
+            support::kafka_fetch_wait_ms().to_string(),
+        )
         .set("enable.partition.eof", "false")
         .create()?;
     consumer.subscribe(&[topic])?;
@@ -329,6 +333,10 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(done) = support::kafka_broker_role(&args) {
+        return done;
+    }
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
@@ -373,21 +381,16 @@ async fn main() -> Result<(), BoxError> {
                     row("in-memory ours", rate, o);
                 }
                 "kafka" => {
-                    // A fresh broker per rate: tansu slows down as it fills.
-                    let tansu = match std::env::var("KAFKA_BROKERS") {
-                        Ok(_) => None,
-                        Err(_) => Some(support::Tansu::start().await?),
-                    };
-                    let brokers = match &tansu {
-                        Some(t) => t.brokers.clone(),
-                        None => std::env::var("KAFKA_BROKERS")?,
-                    };
-                    let ours_backend =
-                        KafkaBackend::connect(KafkaConfig::new(brokers.as_str())).await?;
                     let (raw_t, ours_t) = (
                         cqrs::conformance::unique("bench-latency-raw"),
                         cqrs::conformance::unique("bench-latency-ours"),
                     );
+                    let (_mock, config) =
+                        support::bench_kafka(&[raw_t.clone(), ours_t.clone()], 4)?;
+                    let brokers = config.brokers().to_owned();
+                    let config =
+                        config.fetch_wait(Duration::from_millis(support::kafka_fetch_wait_ms()));
+                    let ours_backend = KafkaBackend::connect(config).await?;
                     ours_backend
                         .ensure_topics(&[raw_t.clone(), ours_t.clone()])
                         .await?;

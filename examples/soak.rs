@@ -22,7 +22,7 @@
 //! or duplicates pass `--max-duplicates-pct`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
+#[path = "support/mod.rs"]
+mod support;
 const TOPIC: &str = "soak.ticks";
 const SERVICE: &str = "soak";
 const HANDLER: &str = "record";
@@ -268,19 +270,7 @@ fn next_random(state: &AtomicU64) -> u64 {
 /// Serves a one-broker mock Kafka cluster with the soak's topics; prints its address and runs
 /// until killed.
 fn kafka_broker() -> Result<(), BoxError> {
-    let cluster = rdkafka::mocking::MockCluster::new(1)?;
-    for topic in [TOPIC, DEAD_LETTER] {
-        cluster.create_topic(topic, KAFKA_PARTITIONS, 1)?;
-    }
-    println!("{}", cluster.bootstrap_servers());
-    std::io::stdout().flush()?;
-    // Until the orchestrator kills this process, or closes our stdin.
-    let mut line = String::new();
-    while std::io::stdin().lock().read_line(&mut line)? > 0 {
-        line.clear();
-    }
-    drop(cluster);
-    Ok(())
+    support::serve_mock_kafka(&[TOPIC, DEAD_LETTER], KAFKA_PARTITIONS)
 }
 
 // ---------------------------------------------------------------------------------------------
