@@ -20,6 +20,7 @@
 //! | `#[event(name = "tickets.BookingConfirmed")]` | the event name (default: the type's name) |
 //! | `#[event(topic = "tickets")]` | pins the topic (default: generated from the name by the bus's [`TopicNamer`]) |
 //! | `#[event(version = 2)]` | the schema version carried in the metadata (default 1) |
+//! | `#[event(version = 3, upcast_from = "OrderPlacedV2")]` | reads older versions: a payload of the named type's version is decoded as that type and converted with `From` (older ones chain through its own `upcast_from`); see `docs/versioning.md` |
 //! | `#[event(key)]` on a field, or `#[event(key = "field")]` | the ordering / partition key (the field's `to_string()`) |
 //! | `#[event(crate = "path")]` | where the `cqrs` crate is, if renamed |
 
@@ -38,6 +39,7 @@ pub use backend_kafka as kafka;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use cqrs_core::{Command, Event};
+    pub use cqrs_core::codec::{Codec, DefaultCodec};
+    pub use cqrs_core::{CodecError, Command, Event};
     pub use std::string::{String, ToString};
 }

@@ -408,6 +408,86 @@ async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
     assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_record_from_a_plain_producer_reaches_a_v3_handler_and_a_v4_is_dead_lettered() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use support::versions::{OrderPlaced, V4_REASON};
+    let backend = backend().await;
+    let topic = unique("orders");
+    let service = unique("svc");
+    backend
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let got: Arc<Mutex<Vec<OrderPlaced>>> = Arc::default();
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    }));
+    let g = got.clone();
+    p.handle("billing", move |o: OrderPlaced| {
+        g.lock().unwrap().push(o);
+        async { Ok::<_, String>(()) }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+
+    // Written by hand per docs/wire-format.md, as an older service would: version 1, then a
+    // version 4 nobody reads yet.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for (version, payload) in [
+        ("1", r#"{"order_id":"o-1","total":12.5}"#),
+        ("4", r#"{"order_id":"o-4","lines":[]}"#),
+    ] {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "cqrs-name",
+                value: Some("orders.OrderPlaced"),
+            })
+            .insert(Header {
+                key: "cqrs-version",
+                value: Some(version),
+            });
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("o")
+                    .payload(payload)
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let dead = format!("{service}.billing.dead-letter");
+    let mut reader = backend
+        .subscribe(&Subscription::new(unique("r"), [&dead]))
+        .await
+        .unwrap();
+    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+    assert_eq!(d[0].message().metadata.headers[dlq::REASON], V4_REASON);
+    assert_eq!(d[0].message().version, 4, "kept as it was written");
+    eventually("the v1 record handled as v3", || {
+        let n = got.lock().unwrap().len();
+        async move { n == 1 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        got.lock().unwrap().clone(),
+        [OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 1250,
+            currency: "EUR".into()
+        }]
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_cluster_is_a_clear_error() {
     let port = support::free_port();

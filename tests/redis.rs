@@ -715,6 +715,105 @@ async fn redis_cli_publishes_in_the_documented_format_and_malformed_entries_are_
     assert_eq!(d[0].message().payload, br#"{"sensor":"s9","n":8}"#);
 }
 
+#[tokio::test]
+async fn a_v1_message_written_by_redis_cli_reaches_a_v3_handler_and_a_v4_is_dead_lettered() {
+    use support::versions::{OrderPlaced, V4_REASON};
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let topic = keys.add(&unique("orders"));
+    let service = unique("svc");
+    let dead = keys.add(&format!("{service}.billing.dead-letter"));
+    let backend = backend().await;
+    let got: Arc<Mutex<Vec<OrderPlaced>>> = Arc::default();
+    let namer = cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    });
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
+    let g = got.clone();
+    p.handle("billing", move |o: OrderPlaced| {
+        g.lock().unwrap().push(o);
+        async { Ok::<_, String>(()) }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+
+    // Written as an older service (or a script) would, in the documented layout
+    // (docs/wire-format.md): version 1 of the event, then a version 4 nobody reads yet.
+    for (version, payload) in [
+        ("1", r#"{"order_id":"o-1","total":12.5}"#),
+        ("4", r#"{"order_id":"o-4","lines":[]}"#),
+    ] {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-u",
+                &url,
+                "XADD",
+                &topic,
+                "*",
+                "name",
+                "orders.OrderPlaced",
+            ])
+            .args(["version", version, "payload", payload])
+            .output()
+            .expect("redis-cli is installed (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    eventually("the v1 entry handled as v3", || {
+        let n = got.lock().unwrap().len();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(
+        got.lock().unwrap()[0],
+        OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 1250,
+            currency: "EUR".into()
+        }
+    );
+    eventually("the v4 entry dead-lettered", || {
+        let (backend, dead) = (backend.clone(), dead.clone());
+        async move {
+            backend
+                .stats(&dead)
+                .await
+                .map(|s| s.length == 1)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    eventually("both acked", || {
+        let (backend, topic) = (backend.clone(), topic.clone());
+        async move {
+            backend
+                .stats(&topic)
+                .await
+                .map(|s| s.groups.iter().all(|g| g.pending == 0))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let mut reader = backend
+        .subscribe(&Subscription::new("r", [&dead]))
+        .await
+        .unwrap();
+    let d = receive_n(&mut *reader, 1).await;
+    assert_eq!(d[0].message().metadata.headers[dlq::REASON], V4_REASON);
+    assert_eq!(d[0].message().version, 4, "kept as it was written");
+    assert_eq!(
+        got.lock().unwrap().len(),
+        1,
+        "the v4 entry never reached the handler"
+    );
+}
+
 #[test]
 fn debug_output_hides_passwords() {
     let mut t = Topology::new();

@@ -34,6 +34,28 @@ pub enum Error {
         #[source]
         source: CodecError,
     },
+    /// A message of a version newer than the handler's type knows (a producer deployed before
+    /// its consumers); it is dead-lettered.
+    #[error("unknown version {version} of {name} (handler knows up to {known})")]
+    UnknownVersion {
+        /// The event or command name.
+        name: String,
+        /// The message's version.
+        version: u32,
+        /// The handler type's version.
+        known: u32,
+    },
+    /// A message of an older version with no upcast to the handler's (see `Event::upcast`);
+    /// it is dead-lettered.
+    #[error("no upcast from version {version} of {name} to version {known}")]
+    NoUpcast {
+        /// The event or command name.
+        name: String,
+        /// The message's version.
+        version: u32,
+        /// The handler type's version.
+        known: u32,
+    },
     /// Two handlers were registered under one name (or two for one command).
     #[error("a handler named `{0}` is already registered")]
     DuplicateHandler(String),

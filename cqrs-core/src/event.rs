@@ -24,10 +24,50 @@ pub trait Event: Send + Sync + 'static {
     const NAME: &'static str;
     /// A pinned topic; `None` lets the bus generate one from [`Event::NAME`].
     const TOPIC: Option<&'static str> = None;
-    /// The schema version carried in the metadata.
+    /// The schema version carried in the metadata. A handler of this type refuses messages of a
+    /// newer version ([`crate::Error::UnknownVersion`]) and reads older ones through
+    /// [`Event::upcast`].
     const VERSION: u32 = 1;
     /// The partition / ordering key of this value.
     fn key(&self) -> Option<String> {
+        None
+    }
+    /// Reads a payload written as an older `version` of this event (upcasting): `None` when no
+    /// path leads from that version to this one (the message is dead-lettered with
+    /// [`crate::Error::NoUpcast`]). The default knows no older version.
+    ///
+    /// `#[derive(Event)]` with `#[event(upcast_from = "PreviousType")]` writes it: a payload of
+    /// `PreviousType::VERSION` is decoded as that type with the default codec and converted
+    /// with `From`, an older one goes through `PreviousType::upcast` first, so versions chain.
+    /// By hand, for a `serde_json::Value` migration:
+    ///
+    /// ```
+    /// # use cqrs_core::{CodecError, Event};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct OrderPlaced { order_id: String, total_cents: u64 }
+    ///
+    /// impl Event for OrderPlaced {
+    ///     const NAME: &'static str = "orders.OrderPlaced";
+    ///     const VERSION: u32 = 2;
+    ///     fn upcast(version: u32, payload: &[u8]) -> Option<Result<Self, CodecError>> {
+    ///         // Version 1 had `total` in euros.
+    ///         (version == 1).then(|| {
+    ///             let mut v: serde_json::Value = serde_json::from_slice(payload).map_err(CodecError::new)?;
+    ///             let euros = v["total"].as_f64().unwrap_or_default();
+    ///             v["total_cents"] = serde_json::json!((euros * 100.0).round() as u64);
+    ///             serde_json::from_value(v).map_err(CodecError::new)
+    ///         })
+    ///     }
+    /// }
+    /// let old = br#"{"order_id":"o-1","total":12.5}"#;
+    /// let order = OrderPlaced::upcast(1, old).unwrap().unwrap();
+    /// assert_eq!(order.total_cents, 1250);
+    /// ```
+    fn upcast(version: u32, payload: &[u8]) -> Option<Result<Self, crate::CodecError>>
+    where
+        Self: Sized,
+    {
+        let _ = (version, payload);
         None
     }
 }
@@ -74,6 +114,49 @@ impl Descriptor {
             name: C::NAME,
             topic: C::TOPIC,
             version: C::VERSION,
+        }
+    }
+}
+
+/// [`Event::upcast`] of a type: reads an older version's payload, or `None` with no path.
+pub(crate) type UpcastFn<T> = fn(u32, &[u8]) -> Option<Result<T, crate::CodecError>>;
+
+/// How a handler of `T` reads the versions of its messages: the version it knows, and how to
+/// read an older one.
+pub(crate) struct Versions<T> {
+    pub name: &'static str,
+    pub current: u32,
+    pub upcast: UpcastFn<T>,
+}
+
+impl<T> Clone for Versions<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Versions<T> {}
+
+impl<T> Versions<T> {
+    pub(crate) fn event() -> Self
+    where
+        T: Event,
+    {
+        Versions {
+            name: T::NAME,
+            current: T::VERSION,
+            upcast: T::upcast,
+        }
+    }
+
+    pub(crate) fn command() -> Self
+    where
+        T: Command,
+    {
+        Versions {
+            name: T::NAME,
+            current: T::VERSION,
+            upcast: |_, _| None,
         }
     }
 }

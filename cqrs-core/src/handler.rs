@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 
 use crate::codec::Codec;
 use crate::error::{BoxError, Error};
+use crate::event::Versions;
 use crate::message::{Message, Metadata};
 
 /// What a handler knows about the message it is handling.
@@ -149,13 +150,18 @@ pub(crate) fn requested_delay(error: &BoxError) -> Option<std::time::Duration> {
 #[error(transparent)]
 pub struct Permanent(pub BoxError);
 
-/// Whether retrying cannot help: a [`Permanent`] error or a payload that did not decode, at the
+/// Whether retrying cannot help: a [`Permanent`] error or a payload that cannot be read (it did
+/// not decode, or its version is unknown or has no upcast), at the
 /// top of the error or anywhere in its chain of sources (an error that wraps a permanent one is
 /// permanent too).
 pub(crate) fn is_permanent(error: &BoxError) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
     while let Some(e) = next {
-        if e.is::<Permanent>() || matches!(e.downcast_ref::<Error>(), Some(Error::Decode { .. })) {
+        let unreadable = matches!(
+            e.downcast_ref::<Error>(),
+            Some(Error::Decode { .. } | Error::UnknownVersion { .. } | Error::NoUpcast { .. })
+        );
+        if e.is::<Permanent>() || unreadable {
             return true;
         }
         next = e.source();
@@ -228,6 +234,7 @@ impl Pipeline {
 pub(crate) struct HandlerService<H, T, Args, C> {
     handler: H,
     codec: Arc<C>,
+    versions: Versions<T>,
     _marker: PhantomData<fn() -> (T, Args)>,
 }
 
@@ -239,26 +246,51 @@ where
     C: Codec<T>,
 {
     /// The handler as a pipeline without middleware.
-    pub(crate) fn pipeline(handler: H, codec: Arc<C>) -> Pipeline {
+    pub(crate) fn pipeline(handler: H, codec: Arc<C>, versions: Versions<T>) -> Pipeline {
         let service = HandlerService {
             handler,
             codec,
+            versions,
             _marker: PhantomData,
         };
         Pipeline::Direct(Arc::new(move |ctx| service.call_direct(ctx)))
     }
 
-    fn call_direct(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
-        match self.codec.decode(&ctx.message.payload) {
-            Ok(value) => self.handler.call(value, ctx),
-            Err(source) => {
-                let error = Error::Decode {
-                    name: ctx.message.name.clone(),
-                    codec: self.codec.content_type().to_owned(),
-                    source,
-                };
-                Box::pin(async move { Err(Box::new(error) as BoxError) })
+    /// Reads the payload as the handler's version: decoded as it is, upcast from an older
+    /// version, or refused (a newer version, or an older one with no upcast).
+    fn read(&self, ctx: &Context) -> Result<T, Error> {
+        let (version, v) = (ctx.message.version, &self.versions);
+        let decoded = if version == v.current {
+            self.codec.decode(&ctx.message.payload)
+        } else if version > v.current {
+            return Err(Error::UnknownVersion {
+                name: v.name.to_owned(),
+                version,
+                known: v.current,
+            });
+        } else {
+            match (v.upcast)(version, &ctx.message.payload) {
+                Some(decoded) => decoded,
+                None => {
+                    return Err(Error::NoUpcast {
+                        name: v.name.to_owned(),
+                        version,
+                        known: v.current,
+                    })
+                }
             }
+        };
+        decoded.map_err(|source| Error::Decode {
+            name: ctx.message.name.clone(),
+            codec: self.codec.content_type().to_owned(),
+            source,
+        })
+    }
+
+    fn call_direct(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
+        match self.read(&ctx) {
+            Ok(value) => self.handler.call(value, ctx),
+            Err(error) => Box::pin(async move { Err(Box::new(error) as BoxError) }),
         }
     }
 }

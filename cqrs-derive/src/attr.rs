@@ -62,6 +62,8 @@ pub struct Container {
     pub version: Option<u32>,
     pub key: Option<Spanned<String>>,
     pub krate: Option<syn::Path>,
+    /// `upcast_from = "PreviousType"`: the type of the version before this one.
+    pub upcast_from: Option<Spanned<syn::Path>>,
 }
 
 fn set_once<T>(slot: &mut Option<T>, value: T, key: &str, span: Span, errors: &mut Errors) {
@@ -114,15 +116,29 @@ pub fn container(kind: Kind, attrs: &[Attribute], errors: &mut Errors) -> Contai
                     span: s.span(),
                 };
                 set_once(&mut out.key, v, "key", span, errors);
+            } else if meta.path.is_ident("upcast_from") {
+                let s: LitStr = meta.value()?.parse()?;
+                if matches!(kind, Kind::Command) {
+                    return Err(meta.error("`upcast_from` is for events; commands have no upcasting"));
+                }
+                let v = Spanned {
+                    value: s.parse::<syn::Path>()?,
+                    span: s.span(),
+                };
+                set_once(&mut out.upcast_from, v, "upcast_from", span, errors);
             } else if meta.path.is_ident("crate") {
                 let s: LitStr = meta.value()?.parse()?;
                 let path: syn::Path = s.parse()?;
                 set_once(&mut out.krate, path, "crate", span, errors);
             } else {
                 let written = path_text(&meta.path);
-                let hint = match closest(&written, &["name", "topic", "version", "key", "crate"]) {
+                let known = ["name", "topic", "version", "key", "upcast_from", "crate"];
+                let hint = match closest(&written, &known) {
                     Some(k) => format!("; did you mean `{k}`?"),
-                    None => "; expected one of `name`, `topic`, `version`, `key`, `crate`".into(),
+                    None => {
+                        "; expected one of `name`, `topic`, `version`, `key`, `upcast_from`, `crate`"
+                            .into()
+                    }
                 };
                 return Err(meta.error(format!(
                     "unknown {} attribute `{written}`{hint}",
@@ -257,7 +273,9 @@ mod tests {
         let (_, r) = parse(vec![parse_quote!(#[event(colour = "red")])]);
         let e = r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            e.ends_with("expected one of `name`, `topic`, `version`, `key`, `crate`"),
+            e.ends_with(
+                "expected one of `name`, `topic`, `version`, `key`, `upcast_from`, `crate`"
+            ),
             "{e}"
         );
     }

@@ -11,6 +11,7 @@ pub struct Checked {
     pub topic: Option<String>,
     pub version: u32,
     pub key: Option<Member>,
+    pub upcast_from: Option<syn::Path>,
 }
 
 /// Same rule as `cqrs_core::validate_topic`: 1 to 249 of ASCII letters, digits, `.`, `_`, `-`.
@@ -63,8 +64,15 @@ pub fn check(input: &DeriveInput, kind: Kind, errors: &mut Errors) -> (Checked, 
         topic,
         version,
         krate,
+        upcast_from,
         ..
     } = container;
+    if let (Some(from), None | Some(1)) = (&upcast_from, version) {
+        errors.push(syn::Error::new(
+            from.span,
+            "`upcast_from` needs `version = n` with n > 1: the previous type has a lower version",
+        ));
+    }
 
     let name = match name {
         Some(n) => {
@@ -96,6 +104,7 @@ pub fn check(input: &DeriveInput, kind: Kind, errors: &mut Errors) -> (Checked, 
         topic: topic.map(|t| t.value),
         version: version.unwrap_or(1),
         key,
+        upcast_from: upcast_from.map(|u| u.value),
     };
     (checked, krate)
 }

@@ -43,6 +43,29 @@ pub fn derive(input: &DeriveInput, kind: Kind) -> TokenStream {
             }
         }
     });
+    let p = quote!(#krate::__private);
+    let upcast = checked.upcast_from.as_ref().map(|prev| {
+        quote! {
+            fn upcast(
+                version: u32,
+                payload: &[u8],
+            ) -> ::core::option::Option<::core::result::Result<Self, #p::CodecError>> {
+                const _: () = ::core::assert!(
+                    <#prev as #p::Event>::VERSION < #version,
+                    "`upcast_from` names a type whose version is not lower than this one's"
+                );
+                if version == <#prev as #p::Event>::VERSION {
+                    ::core::option::Option::Some(
+                        <#p::DefaultCodec as #p::Codec<#prev>>::decode(&#p::DefaultCodec::default(), payload)
+                            .map(<Self as ::core::convert::From<#prev>>::from),
+                    )
+                } else {
+                    <#prev as #p::Event>::upcast(version, payload)
+                        .map(|r| r.map(<Self as ::core::convert::From<#prev>>::from))
+                }
+            }
+        }
+    });
     quote! {
         const _: () = {
             #[automatically_derived]
@@ -51,6 +74,7 @@ pub fn derive(input: &DeriveInput, kind: Kind) -> TokenStream {
                 const TOPIC: ::core::option::Option<&'static str> = #topic;
                 const VERSION: u32 = #version;
                 #key
+                #upcast
             }
         };
     }

@@ -320,3 +320,64 @@ pub fn serve_mock_kafka() {
         line.clear();
     }
 }
+
+/// Three versions of one event, as a service's history leaves them: version 3 reads 2 directly
+/// and 1 through 2 (`upcast_from`).
+pub mod versions {
+    use serde::{Deserialize, Serialize};
+
+    /// Version 1: the total in euros.
+    #[derive(Debug, Clone, Serialize, Deserialize, cqrs::Event)]
+    #[event(name = "orders.OrderPlaced", version = 1)]
+    pub struct OrderPlacedV1 {
+        pub order_id: String,
+        pub total: f64,
+    }
+
+    /// Version 2: the total in cents.
+    #[derive(Debug, Clone, Serialize, Deserialize, cqrs::Event)]
+    #[event(
+        name = "orders.OrderPlaced",
+        version = 2,
+        upcast_from = "OrderPlacedV1"
+    )]
+    pub struct OrderPlacedV2 {
+        pub order_id: String,
+        pub total_cents: u64,
+    }
+
+    impl From<OrderPlacedV1> for OrderPlacedV2 {
+        fn from(v1: OrderPlacedV1) -> Self {
+            OrderPlacedV2 {
+                order_id: v1.order_id,
+                total_cents: (v1.total * 100.0).round() as u64,
+            }
+        }
+    }
+
+    /// Version 3: with its currency.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, cqrs::Event)]
+    #[event(
+        name = "orders.OrderPlaced",
+        version = 3,
+        upcast_from = "OrderPlacedV2"
+    )]
+    pub struct OrderPlaced {
+        pub order_id: String,
+        pub total_cents: u64,
+        pub currency: String,
+    }
+
+    impl From<OrderPlacedV2> for OrderPlaced {
+        fn from(v2: OrderPlacedV2) -> Self {
+            OrderPlaced {
+                order_id: v2.order_id,
+                total_cents: v2.total_cents,
+                currency: "EUR".into(),
+            }
+        }
+    }
+
+    /// The reason a version 4 message is dead-lettered with, by a version 3 handler.
+    pub const V4_REASON: &str = "unknown version 4 of orders.OrderPlaced (handler knows up to 3)";
+}

@@ -27,7 +27,7 @@ use crate::backend::{unique_consumer_name, Backend, Consumer, Publisher, Subscri
 use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
 use crate::error::{Error, Result};
-use crate::event::{validate_topic, Command, Descriptor, Event};
+use crate::event::{validate_topic, Command, Descriptor, Event, Versions};
 use crate::handler::{Handler, HandlerService, Pipeline};
 use engine::{GroupSpec, Route};
 
@@ -160,6 +160,7 @@ impl<C> Core<C> {
         handlers: &'h mut Vec<EventRegistration>,
         name: &str,
         d: Descriptor,
+        versions: Versions<T>,
         handler: H,
     ) -> Result<&'h mut HandlerOptions>
     where
@@ -176,7 +177,7 @@ impl<C> Core<C> {
             name: name.to_owned(),
             event: d.name,
             topic: self.topics.topic_of(&d),
-            service: HandlerService::pipeline(handler, self.codec.clone()),
+            service: HandlerService::pipeline(handler, self.codec.clone(), versions),
             options: self.defaults.clone(),
         });
         let last = handlers.len() - 1;
@@ -425,8 +426,13 @@ impl<C> EventProcessor<C> {
         Args: 'static,
         C: Codec<E>,
     {
-        self.core
-            .register(&mut self.handlers, name, Descriptor::event::<E>(), handler)
+        self.core.register(
+            &mut self.handlers,
+            name,
+            Descriptor::event::<E>(),
+            Versions::event(),
+            handler,
+        )
     }
 
     /// Subscribes every handler's group (so errors show here), then runs them until `token` is
@@ -519,7 +525,7 @@ impl<C> EventGroupProcessor<C> {
         self.handlers.push((
             d.name.to_owned(),
             Arc::from(name),
-            HandlerService::pipeline(handler, self.core.codec.clone()),
+            HandlerService::pipeline(handler, self.core.codec.clone(), Versions::event()),
         ));
         Ok(self)
     }
@@ -585,7 +591,8 @@ impl<C> CommandProcessor<C> {
         C: Codec<T>,
     {
         let d = Descriptor::command::<T>();
-        self.core.register(&mut self.handlers, d.name, d, handler)
+        self.core
+            .register(&mut self.handlers, d.name, d, Versions::command(), handler)
     }
 
     /// Subscribes every command's group, then runs them until `token` is cancelled.

@@ -38,8 +38,8 @@ pub enum UnknownEvent {
 /// `max_delay`) for attempt `n`, or with jitter (the default) a random delay up to that, while
 /// the message stays unacked with the broker. A handler can ask for its own delay with
 /// [`crate::retry_after`]. Later messages of its key wait meanwhile (messages of other keys go
-/// on), so order per key survives retries. When
-/// attempt `max_attempts` fails, it is published to the dead-letter topic and acked.
+/// on), so order per key survives retries. When attempt `max_attempts` fails, it is published to
+/// the dead-letter topic and acked.
 ///
 /// Attempts start from the broker's delivery count (Redis and the in-memory broker count
 /// deliveries; Kafka does not), so a message redelivered after a crash or a claim goes on
