@@ -488,6 +488,71 @@ async fn a_v1_record_from_a_plain_producer_reaches_a_v3_handler_and_a_v4_is_dead
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_gets_many_records_at_once_and_commits_only_what_it_handled() {
+    let backend = backend().await;
+    let topic = unique("batch");
+    let service = unique("svc");
+    let namer = cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    });
+    let orders: Vec<Order> = (0..30)
+        .map(|n| Order {
+            customer: format!("c{}", n % 3),
+            n,
+        })
+        .collect();
+    EventBus::new(backend.clone())
+        .topics(namer.clone())
+        .publish_all(&orders)
+        .await
+        .unwrap();
+    let calls: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
+    let c = calls.clone();
+    p.handle_batch("store", move |batch: Vec<Order>| {
+        let c = c.clone();
+        async move {
+            let mut calls = c.lock().unwrap();
+            let first_time = !calls.iter().flatten().any(|n| *n == 12);
+            calls.push(batch.iter().map(|o| o.n).collect());
+            let mut failed = cqrs::BatchError::none();
+            if let Some(i) = batch.iter().position(|o| o.n == 12) {
+                if first_time {
+                    failed.fail(i, "try 12 again");
+                }
+            }
+            failed.into_result()
+        }
+    })
+    .unwrap()
+    .batch_size(10)
+    .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let group = format!("{service}.store");
+    eventually("every record committed", || {
+        let committed = committed(&brokers(), &group, &topic, 4);
+        async move { committed == 30 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let mut handled: Vec<u32> = calls.iter().flatten().copied().collect();
+    handled.sort_unstable();
+    let mut expected: Vec<u32> = (0..30).collect();
+    expected.push(12);
+    expected.sort_unstable();
+    assert_eq!(handled, expected, "each once, 12 twice: {calls:?}");
+    let retry = calls
+        .iter()
+        .position(|c| c == &[12])
+        .expect("12 retried alone");
+    assert!(calls[..retry].iter().any(|c| c.contains(&12)));
+    assert!(calls.iter().any(|c| c.len() > 1), "batches: {calls:?}");
+    assert!(calls.iter().all(|c| c.len() <= 10), "batch_size: {calls:?}");
+}
+
 #[tokio::test]
 async fn an_unreachable_cluster_is_a_clear_error() {
     let port = support::free_port();

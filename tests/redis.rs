@@ -814,6 +814,79 @@ async fn a_v1_message_written_by_redis_cli_reaches_a_v3_handler_and_a_v4_is_dead
     );
 }
 
+#[tokio::test]
+async fn a_batch_handler_gets_fetched_batches_and_a_failed_event_is_retried_alone() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let topic = keys.add(&unique("batch"));
+    let service = unique("svc");
+    let backend = backend().await;
+    let namer = cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    });
+    let events: Vec<Reading> = (0..30)
+        .map(|n| Reading {
+            sensor: format!("s{n}"),
+            n,
+        })
+        .collect();
+    EventBus::new(backend.clone())
+        .topics(namer.clone())
+        .publish_all(&events)
+        .await
+        .unwrap();
+    let calls: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
+    let c = calls.clone();
+    p.handle_batch("store", move |batch: Vec<Reading>| {
+        let c = c.clone();
+        async move {
+            let mut calls = c.lock().unwrap();
+            let first_time = !calls.iter().flatten().any(|n| *n == 12);
+            calls.push(batch.iter().map(|r| r.n).collect());
+            let mut failed = cqrs::BatchError::none();
+            if let Some(i) = batch.iter().position(|r| r.n == 12) {
+                if first_time {
+                    failed.fail(i, "try 12 again");
+                }
+            }
+            failed.into_result()
+        }
+    })
+    .unwrap()
+    .batch_size(10)
+    .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("all acked", || {
+        let (backend, topic, group) = (backend.clone(), topic.clone(), format!("{service}.store"));
+        async move {
+            backend
+                .stats(&topic)
+                .await
+                .map(|s| {
+                    s.groups
+                        .iter()
+                        .any(|g| g.name == group && g.pending == 0 && g.lag == Some(0))
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [
+            (0..10).collect::<Vec<_>>(),
+            (10..20).collect(),
+            vec![12],
+            (20..30).collect()
+        ],
+        "one call per XREADGROUP batch, the failed event alone before the next batch"
+    );
+}
+
 #[test]
 fn debug_output_hides_passwords() {
     let mut t = Topology::new();

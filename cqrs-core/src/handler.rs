@@ -256,41 +256,197 @@ where
         Pipeline::Direct(Arc::new(move |ctx| service.call_direct(ctx)))
     }
 
-    /// Reads the payload as the handler's version: decoded as it is, upcast from an older
-    /// version, or refused (a newer version, or an older one with no upcast).
-    fn read(&self, ctx: &Context) -> Result<T, Error> {
-        let (version, v) = (ctx.message.version, &self.versions);
-        let decoded = if version == v.current {
-            self.codec.decode(&ctx.message.payload)
-        } else if version > v.current {
-            return Err(Error::UnknownVersion {
-                name: v.name.to_owned(),
-                version,
-                known: v.current,
-            });
-        } else {
-            match (v.upcast)(version, &ctx.message.payload) {
-                Some(decoded) => decoded,
-                None => {
-                    return Err(Error::NoUpcast {
-                        name: v.name.to_owned(),
-                        version,
-                        known: v.current,
-                    })
-                }
-            }
-        };
-        decoded.map_err(|source| Error::Decode {
-            name: ctx.message.name.clone(),
-            codec: self.codec.content_type().to_owned(),
-            source,
-        })
-    }
-
     fn call_direct(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
-        match self.read(&ctx) {
+        match read(&*self.codec, &self.versions, &ctx) {
             Ok(value) => self.handler.call(value, ctx),
             Err(error) => Box::pin(async move { Err(Box::new(error) as BoxError) }),
         }
     }
+}
+
+/// Reads a payload as the handler's version: decoded as it is, upcast from an older version, or
+/// refused (a newer version, or an older one with no upcast).
+fn read<T, C: Codec<T> + ?Sized>(codec: &C, v: &Versions<T>, ctx: &Context) -> Result<T, Error> {
+    let version = ctx.message.version;
+    let decoded = if version == v.current {
+        codec.decode(&ctx.message.payload)
+    } else if version > v.current {
+        return Err(Error::UnknownVersion {
+            name: v.name.to_owned(),
+            version,
+            known: v.current,
+        });
+    } else {
+        match (v.upcast)(version, &ctx.message.payload) {
+            Some(decoded) => decoded,
+            None => {
+                return Err(Error::NoUpcast {
+                    name: v.name.to_owned(),
+                    version,
+                    known: v.current,
+                })
+            }
+        }
+    };
+    decoded.map_err(|source| Error::Decode {
+        name: ctx.message.name.clone(),
+        codec: codec.content_type().to_owned(),
+        source,
+    })
+}
+
+/// What a batch handler reports when not every event of its batch succeeded: the whole batch
+/// failed (any error turns into this with `?`), or some events did, by their index in the
+/// batch. The events not named succeeded and are acked; the failed ones are retried by the
+/// retry policy (alone, after the backoff) and dead-lettered when they run out of attempts, or
+/// at once when the error is [`permanent`].
+///
+/// ```
+/// use cqrs_core::{permanent, BatchError};
+///
+/// fn check(amounts: &[i64]) -> Result<(), BatchError> {
+///     let mut failed = BatchError::none();
+///     for (i, amount) in amounts.iter().enumerate() {
+///         if *amount < 0 {
+///             failed.fail(i, permanent(format!("negative amount {amount}")));
+///         }
+///     }
+///     failed.into_result()
+/// }
+/// assert!(check(&[1, 2]).is_ok());
+/// assert_eq!(check(&[1, -2]).unwrap_err().failed().count(), 1);
+/// ```
+#[derive(Debug, Default)]
+pub struct BatchError {
+    whole: Option<BoxError>,
+    items: Vec<(usize, BoxError)>,
+}
+
+impl BatchError {
+    /// No failure yet: add them with [`BatchError::fail`].
+    pub fn none() -> Self {
+        BatchError::default()
+    }
+
+    /// Marks the event at `index` of the batch as failed.
+    pub fn fail(&mut self, index: usize, error: impl Into<BoxError>) -> &mut Self {
+        self.items.push((index, error.into()));
+        self
+    }
+
+    /// The indexes marked as failed.
+    pub fn failed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.items.iter().map(|(i, _)| *i)
+    }
+
+    /// `Ok(())` if nothing was marked as failed.
+    pub fn into_result(self) -> Result<(), BatchError> {
+        if self.whole.is_none() && self.items.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for BatchError {
+    fn from(error: E) -> Self {
+        BatchError {
+            whole: Some(error.into()),
+            items: Vec::new(),
+        }
+    }
+}
+
+/// The error of one event whose whole batch failed: the batch's error, shared by its events
+/// (its source chain is the batch error's, so [`permanent`] and [`retry_after`] still apply).
+#[derive(Debug, thiserror::Error)]
+#[error("its batch failed")]
+pub(crate) struct BatchFailed(#[source] pub(crate) Arc<dyn std::error::Error + Send + Sync>);
+
+/// An async function or closure that handles a batch of `T`s at once; see
+/// `EventProcessor::handle_batch`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a batch handler for `{T}`",
+    note = "a batch handler is an `async fn(Vec<T>) -> Result<(), BatchError>` (or a closure returning such a future) that is `Clone + Send + Sync + 'static`"
+)]
+pub trait BatchHandler<T>: Clone + Send + Sync + 'static {
+    /// Handles the values of one batch, in the order the broker delivered them.
+    fn call(&self, values: Vec<T>) -> BoxFuture<'static, Result<(), BatchError>>;
+}
+
+impl<F, Fut, T> BatchHandler<T> for F
+where
+    F: Fn(Vec<T>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BatchError>> + Send + 'static,
+{
+    fn call(&self, values: Vec<T>) -> BoxFuture<'static, Result<(), BatchError>> {
+        Box::pin(self(values))
+    }
+}
+
+/// A batch handler with its codec: decodes each payload, calls the handler once with those that
+/// decoded, and returns one outcome per context, in order.
+pub(crate) type BatchPipeline =
+    Arc<dyn Fn(Vec<Context>) -> BoxFuture<'static, Vec<Result<(), BoxError>>> + Send + Sync>;
+
+pub(crate) fn batch_pipeline<T, H, C>(
+    handler: H,
+    codec: Arc<C>,
+    versions: Versions<T>,
+) -> BatchPipeline
+where
+    T: Send + 'static,
+    H: BatchHandler<T>,
+    C: Codec<T>,
+{
+    Arc::new(move |contexts: Vec<Context>| {
+        let mut outcomes: Vec<Option<Result<(), BoxError>>> = Vec::with_capacity(contexts.len());
+        let (mut values, mut positions) = (Vec::new(), Vec::new());
+        for (i, ctx) in contexts.iter().enumerate() {
+            match read(&*codec, &versions, ctx) {
+                Ok(value) => {
+                    values.push(value);
+                    positions.push(i);
+                    outcomes.push(None);
+                }
+                Err(e) => outcomes.push(Some(Err(Box::new(e)))),
+            }
+        }
+        let handler = handler.clone();
+        Box::pin(async move {
+            let result = if values.is_empty() {
+                Ok(())
+            } else {
+                use futures_util::FutureExt;
+                // The call inside the caught future: a closure that panics before its future
+                // exists is caught too.
+                match std::panic::AssertUnwindSafe(async move { handler.call(values).await })
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(panic) => Err(BatchError::from(crate::middleware::HandlerPanicked(
+                        crate::middleware::panic_message(&*panic),
+                    ))),
+                }
+            };
+            if let Err(BatchError { whole, items }) = result {
+                let shared: Option<Arc<dyn std::error::Error + Send + Sync>> = whole.map(Arc::from);
+                for (index, error) in items {
+                    if let Some(&at) = positions.get(index) {
+                        outcomes[at] = Some(Err(error));
+                    }
+                }
+                if let Some(shared) = shared {
+                    for &at in &positions {
+                        if outcomes[at].is_none() {
+                            outcomes[at] = Some(Err(Box::new(BatchFailed(shared.clone()))));
+                        }
+                    }
+                }
+            }
+            outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+        })
+    })
 }

@@ -22,7 +22,9 @@ pub use backend::{Backend, Delivery, StartFrom, Subscription};
 pub use bus::{CommandBus, EventBus, TopicNamer};
 pub use error::{BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};
-pub use handler::{permanent, retry_after, Context, Handler, Permanent, RetryAfter};
+pub use handler::{
+    permanent, retry_after, BatchError, BatchHandler, Context, Handler, Permanent, RetryAfter,
+};
 pub use message::{new_message_id, Message, Metadata};
 pub use processor::{
     CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer,

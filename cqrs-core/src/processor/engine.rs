@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::options::{DeliveryMode, HandlerOptions, UnknownEvent};
 use crate::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
 use crate::error::{BoxError, Error, Result};
-use crate::handler::{is_permanent, requested_delay, Context, Pipeline};
+use crate::handler::{is_permanent, requested_delay, BatchPipeline, Context, Pipeline};
 use crate::message::Message;
 use crate::middleware::{panic_message, HandlerPanicked};
 
@@ -43,6 +43,13 @@ pub(crate) struct Route {
     pub service: Pipeline,
 }
 
+/// A group's batch handler, for the events named `event`.
+pub(crate) struct BatchRoute {
+    pub event: String,
+    pub handler: Arc<str>,
+    pub pipeline: BatchPipeline,
+}
+
 /// Everything needed to run one consumer group.
 pub(crate) struct GroupSpec {
     pub group: Arc<str>,
@@ -54,6 +61,8 @@ pub(crate) struct GroupSpec {
     pub consumer_name: String,
     /// The handler name of a context before a handler took it.
     pub no_handler: Arc<str>,
+    /// A batch handler: the group's one route, run a fetched batch at a time.
+    pub batch: Option<BatchRoute>,
 }
 
 impl GroupSpec {
@@ -128,7 +137,11 @@ pub(crate) async fn run_group(
     // This group's own token: a group that fails stops its fetcher and lanes, not its siblings
     // (the processor decides that).
     let token = token.child_token();
-    let lanes_n = spec.options.concurrency.max(1);
+    let lanes_n = if spec.batch.is_some() {
+        1
+    } else {
+        spec.options.concurrency.max(1)
+    };
     let mut lanes = if lanes_n > 1 {
         Some(Lanes::start(&spec, lanes_n, &token))
     } else {
@@ -190,7 +203,11 @@ pub(crate) async fn run_group(
                 }
             }
             None => {
-                if let Err(e) = handle_inline(&spec, &mut services, jobs, &token).await {
+                let handled = match &spec.batch {
+                    Some(route) => handle_batch(&spec, route, &mut services, jobs, &token).await,
+                    None => handle_inline(&spec, &mut services, jobs, &token).await,
+                };
+                if let Err(e) = handled {
                     result = Err(e);
                     break;
                 }
@@ -383,6 +400,140 @@ async fn handle_inline(
     if timed_out {
         tracing::warn!(group = %spec.group, "shutdown deadline passed; the unfinished message stays pending");
         return Err(Error::ShutdownTimeout(spec.options.shutdown_timeout));
+    }
+    Ok(())
+}
+
+/// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
+/// failed ones are retried together after the longest of their backoffs (as a smaller batch)
+/// until they succeed or are dead-lettered. Other messages (malformed, other events, stale)
+/// settle as with a one-at-a-time handler.
+async fn handle_batch(
+    spec: &GroupSpec,
+    route: &BatchRoute,
+    services: &mut Services,
+    jobs: Vec<Job>,
+    token: &CancellationToken,
+) -> Result<()> {
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut todo: Vec<(Context, Option<Delivery>)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let ours = job.malformed.is_none()
+            && job.ctx.message.name == route.event
+            && !job.delivery.as_ref().is_some_and(Delivery::is_stale);
+        if !ours {
+            match handle_job(spec, services, job, token).await {
+                Some(Settle::Ack(d)) => acks.push(d),
+                Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+                None => {}
+            }
+            continue;
+        }
+        let Job {
+            mut ctx,
+            delivery,
+            unhandled,
+            ..
+        } = job;
+        if let Some(u) = unhandled {
+            u.disarm();
+        }
+        ctx.handler = route.handler.clone();
+        todo.push((ctx, delivery));
+    }
+    while !todo.is_empty() {
+        if token.is_cancelled() {
+            // Not started: back to the broker (at-most-once ones were acked; they are lost,
+            // and said so).
+            for (ctx, delivery) in todo {
+                match delivery {
+                    Some(d) => nack(d, Duration::ZERO).await,
+                    None => {
+                        tracing::warn!(group = %spec.group, message_id = %ctx.message.id, "at-most-once message acked but not handled before shutdown; it is lost")
+                    }
+                }
+            }
+            break;
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "handle_batch",
+            handler = %route.handler,
+            group = %spec.group,
+            event = %route.event,
+            size = todo.len(),
+        );
+        let contexts = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
+        let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
+        let mut retry = Vec::new();
+        let mut wait = Duration::ZERO;
+        for ((mut ctx, delivery), outcome) in todo.into_iter().zip(outcomes) {
+            let Err(error) = outcome else {
+                acks.extend(delivery);
+                continue;
+            };
+            let attempt = ctx.attempt;
+            let Some(d) = delivery else {
+                let reason = error_chain(&*error);
+                let published = dead_letter(
+                    spec,
+                    &route.handler,
+                    &ctx.topic,
+                    &ctx.message,
+                    attempt,
+                    &reason,
+                )
+                .instrument(span.clone())
+                .await;
+                if let Err(e) = published {
+                    tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+                }
+                continue;
+            };
+            if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
+                let reason = error_chain(&*error);
+                tracing::warn!(parent: &span, error = %reason, attempt, message_id = %ctx.message.id, "dead-lettering the message");
+                match dead_letter(
+                    spec,
+                    &route.handler,
+                    d.topic(),
+                    d.message(),
+                    attempt,
+                    &reason,
+                )
+                .await
+                {
+                    Ok(()) => acks.push(d),
+                    Err(e) => {
+                        tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
+                        nack(d, spec.options.retry.delay(attempt)).await;
+                    }
+                }
+                continue;
+            }
+            let delay =
+                requested_delay(&error).unwrap_or_else(|| spec.options.retry.delay(attempt));
+            tracing::info!(parent: &span, error = %error_chain(&*error), attempt, message_id = %ctx.message.id, "batch handler failed for this message; retrying in {delay:?}");
+            wait = wait.max(delay);
+            ctx.attempt = attempt + 1;
+            retry.push((ctx, Some(d)));
+        }
+        // What succeeded is acked before the retries wait.
+        if !acks.is_empty() {
+            ack_with_retries(std::mem::take(&mut acks)).await;
+        }
+        if !retry.is_empty() {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            retry.retain(|(_, d)| !d.as_ref().is_some_and(Delivery::is_stale));
+        }
+        todo = retry;
+    }
+    if !acks.is_empty() {
+        ack_with_retries(acks).await;
     }
     Ok(())
 }

@@ -28,8 +28,10 @@ use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
 use crate::error::{Error, Result};
 use crate::event::{validate_topic, Command, Descriptor, Event, Versions};
-use crate::handler::{Handler, HandlerService, Pipeline};
-use engine::{GroupSpec, Route};
+use crate::handler::{
+    batch_pipeline, BatchHandler, BatchPipeline, Handler, HandlerService, Pipeline,
+};
+use engine::{BatchRoute, GroupSpec, Route};
 
 /// Names consumer groups from the service name and the handler name.
 ///
@@ -149,6 +151,7 @@ impl<C> Core<C> {
             subscriber,
             consumer_name,
             no_handler: Arc::from(""),
+            batch: None,
         })
     }
 }
@@ -177,7 +180,40 @@ impl<C> Core<C> {
             name: name.to_owned(),
             event: d.name,
             topic: self.topics.topic_of(&d),
-            service: HandlerService::pipeline(handler, self.codec.clone(), versions),
+            service: Registered::One(HandlerService::pipeline(
+                handler,
+                self.codec.clone(),
+                versions,
+            )),
+            options: self.defaults.clone(),
+        });
+        let last = handlers.len() - 1;
+        Ok(&mut handlers[last].options)
+    }
+
+    /// Registers a batch handler (one group of its own) at the end of `handlers`.
+    fn register_batch<'h, T, H>(
+        &self,
+        handlers: &'h mut Vec<EventRegistration>,
+        name: &str,
+        d: Descriptor,
+        versions: Versions<T>,
+        handler: H,
+    ) -> Result<&'h mut HandlerOptions>
+    where
+        T: Send + 'static,
+        H: BatchHandler<T>,
+        C: Codec<T>,
+    {
+        check_handler_name(name)?;
+        if handlers.iter().any(|h| h.name == name) {
+            return Err(Error::DuplicateHandler(name.to_owned()));
+        }
+        handlers.push(EventRegistration {
+            name: name.to_owned(),
+            event: d.name,
+            topic: self.topics.topic_of(&d),
+            service: Registered::Batch(batch_pipeline(handler, self.codec.clone(), versions)),
             options: self.defaults.clone(),
         });
         let last = handlers.len() - 1;
@@ -193,12 +229,24 @@ impl<C> Core<C> {
         let specs = handlers
             .into_iter()
             .map(|h| {
-                self.spec(
-                    &h.name,
-                    vec![h.topic],
-                    vec![(h.event.to_owned(), Arc::from(h.name.as_str()), h.service)],
-                    h.options,
-                )
+                let handler: Arc<str> = Arc::from(h.name.as_str());
+                match h.service {
+                    Registered::One(service) => self.spec(
+                        &h.name,
+                        vec![h.topic],
+                        vec![(h.event.to_owned(), handler, service)],
+                        h.options,
+                    ),
+                    Registered::Batch(pipeline) => {
+                        let mut spec = self.spec(&h.name, vec![h.topic], Vec::new(), h.options)?;
+                        spec.batch = Some(BatchRoute {
+                            event: h.event.to_owned(),
+                            handler,
+                            pipeline,
+                        });
+                        Ok(spec)
+                    }
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         start(specs, token).await
@@ -351,8 +399,14 @@ struct EventRegistration {
     name: String,
     event: &'static str,
     topic: String,
-    service: Pipeline,
+    service: Registered,
     options: HandlerOptions,
+}
+
+/// A handler of one message at a time, or of a batch.
+enum Registered {
+    One(Pipeline),
+    Batch(BatchPipeline),
 }
 
 /// Runs event handlers, each in its own consumer group.
@@ -427,6 +481,50 @@ impl<C> EventProcessor<C> {
         C: Codec<E>,
     {
         self.core.register(
+            &mut self.handlers,
+            name,
+            Descriptor::event::<E>(),
+            Versions::event(),
+            handler,
+        )
+    }
+
+    /// Registers a handler of batches of `E` under `name`, in its own consumer group: it gets up
+    /// to `batch_size` events at once (those of one broker fetch, in the order delivered) and
+    /// reports which failed, if any ([`crate::BatchError`]).
+    ///
+    /// The events it did not name as failed are acked; the failed ones are retried by the retry
+    /// policy, alone, after the backoff, then dead-lettered; a payload that does not decode is
+    /// dead-lettered without reaching the handler. Batches of a group run one after another, so
+    /// order per key holds across batches (`concurrency` does not apply; nor do tower layers).
+    /// Within a batch the handler sees events in order; an event it reports as failed is retried
+    /// after the others of its batch, so if a later event of the same key must wait for it,
+    /// report that one as failed too.
+    ///
+    /// ```
+    /// # use cqrs_core::{BatchError, EventProcessor, Event, memory::MemoryBroker};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Reading { sensor: String, value: f64 }
+    /// # impl Event for Reading { const NAME: &'static str = "Reading"; }
+    /// # fn main() -> cqrs_core::Result<()> {
+    /// let mut processor = EventProcessor::new(MemoryBroker::new(), "svc-metrics");
+    /// processor
+    ///     .handle_batch("store", |readings: Vec<Reading>| async move {
+    ///         // One INSERT for the whole batch; `?` would fail the whole batch.
+    ///         println!("storing {} readings", readings.len());
+    ///         Ok::<_, BatchError>(())
+    ///     })?
+    ///     .batch_size(500);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn handle_batch<E, H>(&mut self, name: &str, handler: H) -> Result<&mut HandlerOptions>
+    where
+        E: Event,
+        H: BatchHandler<E>,
+        C: Codec<E>,
+    {
+        self.core.register_batch(
             &mut self.handlers,
             name,
             Descriptor::event::<E>(),
