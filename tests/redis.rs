@@ -887,6 +887,50 @@ async fn a_batch_handler_gets_fetched_batches_and_a_failed_event_is_retried_alon
     );
 }
 
+#[tokio::test]
+async fn a_renamed_handler_is_warned_about_the_entries_its_old_group_holds() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let topic = keys.add(&unique("renamed"));
+    let service = unique("svc");
+    let backend = backend().await;
+    let namer = cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    });
+    let start = |handler: &'static str| {
+        let mut p = EventProcessor::new(backend.clone(), &service).topics(namer.clone());
+        p.handle(handler, |_: Reading| async { Ok::<_, String>(()) })
+            .unwrap();
+        p.start(CancellationToken::new())
+    };
+    // The service as deployed first; stopped; then entries arrive.
+    start("notify").await.unwrap().shutdown().await.unwrap();
+    let events: Vec<Reading> = (0..3)
+        .map(|n| Reading {
+            sensor: "s".into(),
+            n,
+        })
+        .collect();
+    EventBus::new(backend.clone())
+        .topics(namer.clone())
+        .publish_all(&events)
+        .await
+        .unwrap();
+    // Deployed again with the handler renamed: a new group, XINFO GROUPS shows the old one.
+    let running = start("notify-customer").await.unwrap();
+    assert_eq!(
+        running.warnings(),
+        [format!(
+            "consumer group `{service}.notify` on `{topic}` holds 0 pending and 3 undelivered \
+             messages, but no handler of service `{service}` reads it now (this processor reads \
+             `{topic}` as `{service}.notify-customer`): if a handler was renamed, those \
+             messages wait in the old group; handle them, or delete the group"
+        )]
+    );
+    running.shutdown().await.unwrap();
+}
+
 #[test]
 fn debug_output_hides_passwords() {
     let mut t = Topology::new();

@@ -289,6 +289,22 @@ impl Publisher for RedisBackend {
 
 #[async_trait]
 impl Subscriber for RedisBackend {
+    async fn groups(
+        &self,
+        topic: &str,
+    ) -> cqrs_core::Result<Vec<cqrs_core::backend::GroupBacklog>> {
+        let stats = self.stats(topic).await?;
+        Ok(stats
+            .groups
+            .into_iter()
+            .map(|g| cqrs_core::backend::GroupBacklog {
+                group: g.name,
+                pending: g.pending,
+                lag: g.lag,
+            })
+            .collect())
+    }
+
     async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
         let Some(first) = subscription.topics.first() else {
             return Err(cqrs_core::Error::Config(format!(

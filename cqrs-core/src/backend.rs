@@ -28,6 +28,26 @@ pub trait Subscriber: Send + Sync + 'static {
     /// Joins `subscription.group` (creating it, and the topics, when missing) as
     /// `subscription.consumer`.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>>;
+
+    /// The consumer groups on `topic` and what each has not finished: delivered and not acked,
+    /// and not yet delivered. Processors read it at start to warn about a group of their
+    /// service that no handler reads any more but that still holds messages (a handler renamed,
+    /// which starts a new group). The default knows none.
+    async fn groups(&self, topic: &str) -> Result<Vec<GroupBacklog>> {
+        let _ = topic;
+        Ok(Vec::new())
+    }
+}
+
+/// One consumer group on a topic, as [`Subscriber::groups`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupBacklog {
+    /// The group's name.
+    pub group: String,
+    /// Messages delivered to it and not acked.
+    pub pending: u64,
+    /// Messages not delivered to it yet (`None` where the broker cannot tell).
+    pub lag: Option<u64>,
 }
 
 /// A publisher and a subscriber in one value; every backend is one.

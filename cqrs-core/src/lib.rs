@@ -28,6 +28,6 @@ pub use handler::{
 pub use message::{new_message_id, Message, Metadata};
 pub use processor::{
     CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer,
-    HandlerOptions, RetryPolicy, RunningProcessor, UnknownEvent,
+    HandlerOptions, Manifest, RetryPolicy, RunningProcessor, UnknownEvent,
 };
 pub use tokio_util::sync::CancellationToken;

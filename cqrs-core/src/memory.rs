@@ -225,6 +225,24 @@ impl Publisher for MemoryBroker {
 
 #[async_trait]
 impl Subscriber for MemoryBroker {
+    async fn groups(&self, topic: &str) -> Result<Vec<crate::backend::GroupBacklog>> {
+        let state = self.lock();
+        let Some(stream) = state.streams.get(topic) else {
+            return Ok(Vec::new());
+        };
+        let mut groups: Vec<_> = stream
+            .groups
+            .iter()
+            .map(|(name, g)| crate::backend::GroupBacklog {
+                group: name.clone(),
+                pending: g.pending.len() as u64,
+                lag: Some(stream.last_seq.saturating_sub(g.last_delivered)),
+            })
+            .collect();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        Ok(groups)
+    }
+
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>> {
         if subscription.topics.is_empty() {
             return Err(Error::Config(format!(

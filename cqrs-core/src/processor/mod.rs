@@ -11,6 +11,7 @@
 //! middleware. Processors stop gracefully when their cancellation token is cancelled.
 
 mod engine;
+mod manifest;
 mod options;
 
 use std::fmt;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
+pub use manifest::{GroupManifest, HandlerManifest, Manifest};
 pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
 
 use crate::backend::{unique_consumer_name, Backend, Consumer, Publisher, Subscriber};
@@ -179,6 +181,7 @@ impl<C> Core<C> {
         handlers.push(EventRegistration {
             name: name.to_owned(),
             event: d.name,
+            version: d.version,
             topic: self.topics.topic_of(&d),
             service: Registered::One(HandlerService::pipeline(
                 handler,
@@ -212,6 +215,7 @@ impl<C> Core<C> {
         handlers.push(EventRegistration {
             name: name.to_owned(),
             event: d.name,
+            version: d.version,
             topic: self.topics.topic_of(&d),
             service: Registered::Batch(batch_pipeline(handler, self.codec.clone(), versions)),
             options: self.defaults.clone(),
@@ -220,12 +224,37 @@ impl<C> Core<C> {
         Ok(&mut handlers[last].options)
     }
 
+    /// The manifest of one group per registration.
+    fn manifest_of(&self, handlers: &[EventRegistration]) -> Manifest {
+        Manifest {
+            service: self.service.clone(),
+            groups: handlers
+                .iter()
+                .map(|h| {
+                    let handler = HandlerManifest {
+                        name: h.name.clone(),
+                        event: h.event.to_owned(),
+                        version: h.version,
+                        batch: matches!(h.service, Registered::Batch(_)),
+                    };
+                    GroupManifest::new(
+                        self.groups.group(&self.service, &h.name),
+                        vec![h.topic.clone()],
+                        vec![handler],
+                        &h.options,
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// Starts one group per registration.
     async fn start_each(
         &self,
         handlers: Vec<EventRegistration>,
         token: CancellationToken,
     ) -> Result<RunningProcessor> {
+        self.manifest_of(&handlers).validate()?;
         let specs = handlers
             .into_iter()
             .map(|h| {
@@ -249,7 +278,7 @@ impl<C> Core<C> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        start(specs, token).await
+        start(&self.service, specs, token).await
     }
 }
 
@@ -261,9 +290,17 @@ fn check_handler_name(name: &str) -> Result<()> {
 }
 
 /// Subscribes every group, then runs each in its own task.
-async fn start(specs: Vec<GroupSpec>, token: CancellationToken) -> Result<RunningProcessor> {
+async fn start(
+    service: &str,
+    specs: Vec<GroupSpec>,
+    token: CancellationToken,
+) -> Result<RunningProcessor> {
     let token = token.child_token();
     let mut tasks = JoinSet::new();
+    let warnings = abandoned_groups(service, &specs).await;
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     for spec in specs {
         let consumer = match subscribe(&spec, &token).await {
             Ok(c) => c,
@@ -278,7 +315,62 @@ async fn start(specs: Vec<GroupSpec>, token: CancellationToken) -> Result<Runnin
         let run = engine::run_group(Arc::new(spec), consumer, token.clone());
         tasks.spawn(async move { (group, run.await) });
     }
-    Ok(RunningProcessor { tasks, token })
+    Ok(RunningProcessor {
+        tasks,
+        token,
+        warnings,
+    })
+}
+
+/// Groups named like this service's (`service.` then anything) on the topics of `specs` that no
+/// spec uses and that still hold messages, each described in a sentence naming the groups that
+/// read the topic now.
+async fn abandoned_groups(service: &str, specs: &[GroupSpec]) -> Vec<String> {
+    let ours: std::collections::HashSet<&str> = specs.iter().map(|s| &*s.group).collect();
+    let prefix = format!("{service}.");
+    let mut seen = std::collections::HashSet::new();
+    let mut warnings = Vec::new();
+    for spec in specs {
+        for topic in &spec.topics {
+            if !seen.insert(topic.as_str()) {
+                continue;
+            }
+            let groups = match spec.subscriber.groups(topic).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    tracing::debug!(topic, error = %e.report(), "cannot list the topic's groups");
+                    continue;
+                }
+            };
+            for g in groups {
+                let left = g.pending + g.lag.unwrap_or(0);
+                if left == 0 || !g.group.starts_with(&prefix) || ours.contains(g.group.as_str()) {
+                    continue;
+                }
+                let readers: Vec<&str> = specs
+                    .iter()
+                    .filter(|s| s.topics.contains(topic))
+                    .map(|s| &*s.group)
+                    .collect();
+                warnings.push(format!(
+                    "consumer group `{}` on `{topic}` holds {} pending and {} undelivered \
+                     messages, but no handler of service `{service}` reads it now (this \
+                     processor reads `{topic}` as {}): if a handler was renamed, those \
+                     messages wait in the old group; handle them, or delete the group",
+                    g.group,
+                    g.pending,
+                    g.lag
+                        .map_or_else(|| "an unknown number of".to_owned(), |n| n.to_string()),
+                    readers
+                        .iter()
+                        .map(|r| format!("`{r}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Subscribes one group, retrying errors worth retrying (a connection cut, a broker restarting)
@@ -312,9 +404,17 @@ async fn subscribe(spec: &GroupSpec, token: &CancellationToken) -> Result<Box<dy
 pub struct RunningProcessor {
     tasks: JoinSet<(Arc<str>, Result<()>)>,
     token: CancellationToken,
+    warnings: Vec<String>,
 }
 
 impl RunningProcessor {
+    /// What looked wrong at start, also logged as warnings: a consumer group of this service
+    /// on one of its topics that no handler reads any more but that still holds messages (the
+    /// sign of a renamed handler, whose new group started from its own start position).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     /// The token that stops this processor (a child of the one it was started with).
     pub fn token(&self) -> &CancellationToken {
         &self.token
@@ -398,6 +498,7 @@ macro_rules! processor_config {
 struct EventRegistration {
     name: String,
     event: &'static str,
+    version: u32,
     topic: String,
     service: Registered,
     options: HandlerOptions,
@@ -533,6 +634,12 @@ impl<C> EventProcessor<C> {
         )
     }
 
+    /// What `start` will run: one group per handler, with its event, topic and dead-letter
+    /// topic. `start` refuses what [`Manifest::validate`] refuses.
+    pub fn manifest(&self) -> Manifest {
+        self.core.manifest_of(&self.handlers)
+    }
+
     /// Subscribes every handler's group (so errors show here), then runs them until `token` is
     /// cancelled.
     pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
@@ -548,6 +655,8 @@ pub struct EventGroupProcessor<C = DefaultCodec> {
     group: String,
     topics: Vec<String>,
     handlers: Vec<(String, Arc<str>, Pipeline)>,
+    /// The event version of each handler, in the order of `handlers`.
+    versions: Vec<u32>,
     options: HandlerOptions,
 }
 
@@ -585,6 +694,7 @@ impl<C> EventGroupProcessor<C> {
             group: group.into(),
             topics: Vec::new(),
             handlers: Vec::new(),
+            versions: Vec::new(),
             options: HandlerOptions::default(),
         }
     }
@@ -625,7 +735,32 @@ impl<C> EventGroupProcessor<C> {
             Arc::from(name),
             HandlerService::pipeline(handler, self.core.codec.clone(), Versions::event()),
         ));
+        self.versions.push(d.version);
         Ok(self)
+    }
+
+    /// What `start` will run: the group, its handlers and topics.
+    pub fn manifest(&self) -> Manifest {
+        let handlers = self
+            .handlers
+            .iter()
+            .zip(&self.versions)
+            .map(|((event, name, _), version)| HandlerManifest {
+                name: name.to_string(),
+                event: event.clone(),
+                version: *version,
+                batch: false,
+            })
+            .collect();
+        Manifest {
+            service: self.core.service.clone(),
+            groups: vec![GroupManifest::new(
+                self.core.groups.group(&self.core.service, &self.group),
+                self.topics.clone(),
+                handlers,
+                &self.options,
+            )],
+        }
     }
 
     /// Subscribes the group, then runs it until `token` is cancelled.
@@ -639,7 +774,7 @@ impl<C> EventGroupProcessor<C> {
         let spec = self
             .core
             .spec(&self.group, self.topics, self.handlers, self.options)?;
-        start(vec![spec], token).await
+        start(&self.core.service, vec![spec], token).await
     }
 }
 
@@ -691,6 +826,11 @@ impl<C> CommandProcessor<C> {
         let d = Descriptor::command::<T>();
         self.core
             .register(&mut self.handlers, d.name, d, Versions::command(), handler)
+    }
+
+    /// What `start` will run: one group per command handler.
+    pub fn manifest(&self) -> Manifest {
+        self.core.manifest_of(&self.handlers)
     }
 
     /// Subscribes every command's group, then runs them until `token` is cancelled.

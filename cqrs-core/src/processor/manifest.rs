@@ -1,0 +1,154 @@
+//! What a processor will run, described before it runs: its groups, their handlers, events,
+//! topics and dead-letter topics.
+
+use std::fmt;
+
+use super::options::{DeliveryMode, HandlerOptions};
+
+/// The topology of one processor: every consumer group it will join, with what it handles.
+///
+/// Built from the registrations by `EventProcessor::manifest` (and the other processors'); the
+/// same checks run at `start`. Its `Display` is a readable listing:
+///
+/// ```
+/// # use cqrs_core::{Event, EventProcessor, memory::MemoryBroker};
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct Booked { id: u32 }
+/// # impl Event for Booked { const NAME: &'static str = "tickets.Booked"; }
+/// let mut p = EventProcessor::new(MemoryBroker::new(), "svc-mail");
+/// p.handle("confirm", |_: Booked| async { Ok::<_, String>(()) }).unwrap();
+/// assert_eq!(
+///     p.manifest().to_string(),
+///     "service svc-mail\n  group svc-mail.confirm (at-least-once, concurrency 1)\n    \
+///      handler confirm: tickets.Booked from tickets.Booked\n    dead letters to svc-mail.confirm.dead-letter\n"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The service the groups belong to.
+    pub service: String,
+    /// One entry per consumer group.
+    pub groups: Vec<GroupManifest>,
+}
+
+/// One consumer group of a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupManifest {
+    /// The group's name, as the broker knows it.
+    pub group: String,
+    /// The topics it reads.
+    pub topics: Vec<String>,
+    /// Its handlers, each with the event it takes.
+    pub handlers: Vec<HandlerManifest>,
+    /// Where messages that fail for good go.
+    pub dead_letter_topic: String,
+    /// When messages are acked.
+    pub delivery: DeliveryMode,
+    /// Messages handled at once (1 for a batch handler).
+    pub concurrency: usize,
+}
+
+/// One handler of a [`GroupManifest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerManifest {
+    /// The handler's name.
+    pub name: String,
+    /// The event (or command) name it handles.
+    pub event: String,
+    /// The version of the event it reads (older ones are upcast).
+    pub version: u32,
+    /// Whether it takes batches.
+    pub batch: bool,
+}
+
+impl GroupManifest {
+    pub(crate) fn new(
+        group: String,
+        topics: Vec<String>,
+        handlers: Vec<HandlerManifest>,
+        options: &HandlerOptions,
+    ) -> Self {
+        let batch = handlers.iter().any(|h| h.batch);
+        GroupManifest {
+            dead_letter_topic: options
+                .dead_letter_topic
+                .clone()
+                .unwrap_or_else(|| format!("{group}.dead-letter")),
+            group,
+            topics,
+            handlers,
+            delivery: options.delivery,
+            concurrency: if batch { 1 } else { options.concurrency },
+        }
+    }
+}
+
+impl Manifest {
+    /// Checks what would go wrong at run time: two handlers that map to one consumer group
+    /// (a group namer that ignores the handler name) would share their messages instead of
+    /// each seeing every one.
+    pub fn validate(&self) -> crate::Result<()> {
+        for (i, a) in self.groups.iter().enumerate() {
+            if let Some(b) = self.groups[i + 1..].iter().find(|b| b.group == a.group) {
+                let names = |g: &GroupManifest| {
+                    g.handlers
+                        .iter()
+                        .map(|h| format!("`{}`", h.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(crate::Error::Config(format!(
+                    "handlers {} and {} of service `{}` map to one consumer group `{}`: each would \
+                     see only part of the messages; give each its own group (check the group \
+                     namer) or put them in one EventGroupProcessor",
+                    names(a),
+                    names(b),
+                    self.service,
+                    a.group
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups that read `topic`.
+    pub fn readers_of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a GroupManifest> {
+        self.groups
+            .iter()
+            .filter(move |g| g.topics.iter().any(|t| t == topic))
+    }
+}
+
+impl fmt::Display for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "service {}", self.service)?;
+        for g in &self.groups {
+            let delivery = match g.delivery {
+                DeliveryMode::AtLeastOnce => "at-least-once",
+                DeliveryMode::AtMostOnce => "at-most-once",
+            };
+            writeln!(
+                f,
+                "  group {} ({delivery}, concurrency {})",
+                g.group, g.concurrency
+            )?;
+            for h in &g.handlers {
+                let batch = if h.batch { " (batches)" } else { "" };
+                let version = if h.version == 1 {
+                    String::new()
+                } else {
+                    format!(" v{}", h.version)
+                };
+                writeln!(
+                    f,
+                    "    handler {}{batch}: {}{version} from {}",
+                    h.name,
+                    h.event,
+                    g.topics.join(", ")
+                )?;
+            }
+            writeln!(f, "    dead letters to {}", g.dead_letter_topic)?;
+        }
+        Ok(())
+    }
+}
