@@ -53,6 +53,8 @@ struct Outbox<C> {
     publisher: Arc<dyn Publisher>,
     codec: Arc<C>,
     topics: TopicNamer,
+    /// What the bus was told it publishes, for its manifest.
+    declared: Vec<Descriptor>,
 }
 
 impl<C> Clone for Outbox<C> {
@@ -61,6 +63,7 @@ impl<C> Clone for Outbox<C> {
             publisher: self.publisher.clone(),
             codec: self.codec.clone(),
             topics: self.topics.clone(),
+            declared: self.declared.clone(),
         }
     }
 }
@@ -137,7 +140,26 @@ macro_rules! bus_plumbing {
                         publisher: Arc::new(publisher),
                         codec: Arc::new(codec),
                         topics: TopicNamer::default(),
+                        declared: Vec::new(),
                     },
+                }
+            }
+
+            /// What this bus was declared to publish, with each topic (from the current topic
+            /// namer), as a [`crate::processor::Manifest`] to merge with the processors'.
+            pub fn manifest(&self) -> crate::processor::Manifest {
+                crate::processor::Manifest {
+                    publishes: self
+                        .outbox
+                        .declared
+                        .iter()
+                        .map(|d| crate::processor::Published {
+                            name: d.name.to_owned(),
+                            version: d.version,
+                            topic: self.outbox.topics.topic_of(d),
+                        })
+                        .collect(),
+                    ..Default::default()
                 }
             }
 
@@ -173,6 +195,16 @@ pub struct EventBus<C = DefaultCodec> {
 bus_plumbing!(EventBus, "publishing");
 
 impl<C> EventBus<C> {
+    /// Declares that this bus publishes `E`, for its [`EventBus::manifest`] (publishing does
+    /// not need it).
+    pub fn declare<E: Event>(mut self) -> Self {
+        let d = Descriptor::event::<E>();
+        if !self.outbox.declared.contains(&d) {
+            self.outbox.declared.push(d);
+        }
+        self
+    }
+
     /// The topic events of type `E` go to.
     pub fn topic_of<E: Event>(&self) -> String {
         self.outbox.topics.topic_of(&Descriptor::event::<E>())
@@ -235,6 +267,15 @@ pub struct CommandBus<C = DefaultCodec> {
 bus_plumbing!(CommandBus, "sending");
 
 impl<C> CommandBus<C> {
+    /// Declares that this bus sends `T`, for its [`CommandBus::manifest`].
+    pub fn declare<T: Command>(mut self) -> Self {
+        let d = Descriptor::command::<T>();
+        if !self.outbox.declared.contains(&d) {
+            self.outbox.declared.push(d);
+        }
+        self
+    }
+
     /// Sends one command.
     pub async fn send<T: Command>(&self, command: &T) -> Result<()>
     where

@@ -119,3 +119,20 @@ async fn a_renamed_handler_warns_about_the_messages_its_old_group_holds() {
     assert!(running.warnings().is_empty(), "{:?}", running.warnings());
     running.shutdown().await.unwrap();
 }
+
+#[test]
+fn a_bus_declares_what_it_publishes_and_merges_with_the_processors() {
+    let broker = MemoryBroker::new();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("count", ok).unwrap();
+    let bus = EventBus::new(broker)
+        .topics(cqrs_core::TopicNamer::new(|name| format!("t.{name}")))
+        .declare::<Keyed>()
+        .declare::<Keyed>();
+    let all = p.manifest().merge(bus.manifest());
+    assert_eq!(
+        all.to_string(),
+        "service svc\n  group svc.count (at-least-once, concurrency 1)\n    handler count: Keyed \
+         from Keyed\n    dead letters to svc.count.dead-letter\n  publishes Keyed v1 to t.Keyed\n"
+    );
+}

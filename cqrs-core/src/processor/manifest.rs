@@ -23,12 +23,25 @@ use super::options::{DeliveryMode, HandlerOptions};
 ///      handler confirm: tickets.Booked from tickets.Booked\n    dead letters to svc-mail.confirm.dead-letter\n"
 /// );
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
-    /// The service the groups belong to.
+    /// The service the groups belong to (empty in a bus's manifest).
     pub service: String,
     /// One entry per consumer group.
     pub groups: Vec<GroupManifest>,
+    /// What the service publishes: the events (and commands) declared on its buses.
+    pub publishes: Vec<Published>,
+}
+
+/// An event or command a bus publishes, and where ([`crate::EventBus::declare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event or command name.
+    pub name: String,
+    /// The version it is written with.
+    pub version: u32,
+    /// The topic it goes to.
+    pub topic: String,
 }
 
 /// One consumer group of a [`Manifest`].
@@ -111,6 +124,35 @@ impl Manifest {
         Ok(())
     }
 
+    /// This manifest with `other`'s groups and published events added: a service's whole
+    /// topology from its processors and buses.
+    ///
+    /// ```
+    /// # use cqrs_core::{CommandBus, Event, EventBus, EventProcessor, memory::MemoryBroker};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Booked { id: u32 }
+    /// # impl Event for Booked { const NAME: &'static str = "tickets.Booked"; }
+    /// let broker = MemoryBroker::new();
+    /// let mut p = EventProcessor::new(broker.clone(), "svc-mail");
+    /// p.handle("confirm", |_: Booked| async { Ok::<_, String>(()) }).unwrap();
+    /// let bus = EventBus::new(broker).declare::<Booked>();
+    /// let all = p.manifest().merge(bus.manifest());
+    /// assert_eq!(all.publishes[0].topic, "tickets.Booked");
+    /// assert_eq!(all.readers_of("tickets.Booked").count(), 1);
+    /// ```
+    pub fn merge(mut self, other: Manifest) -> Manifest {
+        if self.service.is_empty() {
+            self.service = other.service;
+        }
+        self.groups.extend(other.groups);
+        for p in other.publishes {
+            if !self.publishes.contains(&p) {
+                self.publishes.push(p);
+            }
+        }
+        self
+    }
+
     /// The groups that read `topic`.
     pub fn readers_of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a GroupManifest> {
         self.groups
@@ -121,7 +163,9 @@ impl Manifest {
 
 impl fmt::Display for Manifest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "service {}", self.service)?;
+        if !self.service.is_empty() {
+            writeln!(f, "service {}", self.service)?;
+        }
         for g in &self.groups {
             let delivery = match g.delivery {
                 DeliveryMode::AtLeastOnce => "at-least-once",
@@ -148,6 +192,9 @@ impl fmt::Display for Manifest {
                 )?;
             }
             writeln!(f, "    dead letters to {}", g.dead_letter_topic)?;
+        }
+        for p in &self.publishes {
+            writeln!(f, "  publishes {} v{} to {}", p.name, p.version, p.topic)?;
         }
         Ok(())
     }

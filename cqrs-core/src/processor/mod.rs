@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
-pub use manifest::{GroupManifest, HandlerManifest, Manifest};
+pub use manifest::{GroupManifest, HandlerManifest, Manifest, Published};
 pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
 
 use crate::backend::{unique_consumer_name, Backend, Consumer, Publisher, Subscriber};
@@ -227,6 +227,7 @@ impl<C> Core<C> {
     /// The manifest of one group per registration.
     fn manifest_of(&self, handlers: &[EventRegistration]) -> Manifest {
         Manifest {
+            publishes: Vec::new(),
             service: self.service.clone(),
             groups: handlers
                 .iter()
@@ -753,6 +754,7 @@ impl<C> EventGroupProcessor<C> {
             })
             .collect();
         Manifest {
+            publishes: Vec::new(),
             service: self.core.service.clone(),
             groups: vec![GroupManifest::new(
                 self.core.groups.group(&self.core.service, &self.group),
