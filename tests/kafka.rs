@@ -636,6 +636,56 @@ async fn a_handler_decides_how_its_message_settles() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_handler_is_warned_about_the_records_its_old_group_has_not_read() {
+    let backend = backend().await;
+    let topic = unique("renamed");
+    let service = unique("svc");
+    backend
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let bus = EventBus::new(backend.clone()).topics(cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    }));
+    let order = |n| Order {
+        customer: "c".into(),
+        n,
+    };
+    // The service as deployed first: it handles two records, commits, stops.
+    bus.publish_all(&[order(0), order(1)]).await.unwrap();
+    let seen: Seen = Arc::default();
+    let v1 = recorder(&backend, &topic, &service, "v1", &seen).await;
+    assert!(v1.warnings().is_empty(), "{:?}", v1.warnings());
+    wait_for(&seen, 2).await;
+    v1.shutdown().await.unwrap();
+    let old = format!("{service}.record");
+    assert_eq!(committed(&brokers(), &old, &topic, 4), 2);
+    bus.publish_all(&[order(2), order(3), order(4)])
+        .await
+        .unwrap();
+
+    // Deployed again with the handler renamed: the old group is found by its committed offsets.
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(cqrs::TopicNamer::new({
+        let topic = topic.clone();
+        move |_| topic.clone()
+    }));
+    p.handle("record-order", |_: Order| async { Ok::<_, String>(()) })
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    assert_eq!(
+        running.warnings(),
+        [format!(
+            "consumer group `{old}` on `{topic}` holds 0 pending and 3 undelivered messages, \
+             but no handler of service `{service}` reads it now (this processor reads \
+             `{topic}` as `{service}.record-order`): if a handler was renamed, those messages \
+             wait in the old group; handle them, or delete the group"
+        )]
+    );
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unreachable_cluster_is_a_clear_error() {
     let port = support::free_port();

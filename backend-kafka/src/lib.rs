@@ -431,6 +431,29 @@ impl Publisher for KafkaBackend {
 
 #[async_trait]
 impl Subscriber for KafkaBackend {
+    /// Lists the cluster's consumer groups (ListGroups), keeps those named with `prefix`, and
+    /// reads each one's committed offsets on `topic` (OffsetFetch): a group with none there does
+    /// not read it. `lag` is the records between its committed offsets and the log end; Kafka
+    /// has no pending entries (`pending` is 0).
+    async fn groups(
+        &self,
+        topic: &str,
+        prefix: &str,
+    ) -> cqrs_core::Result<Vec<cqrs_core::backend::GroupBacklog>> {
+        let config = self.inner.config.clone();
+        let (topic, prefix) = (topic.to_owned(), prefix.to_owned());
+        let listed =
+            tokio::task::spawn_blocking(move || group_backlogs(&config, &topic, &prefix)).await;
+        match listed {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(Error::kafka(
+                "listing consumer groups",
+                rdkafka::error::KafkaError::Canceled,
+            )
+            .into()),
+        }
+    }
+
     async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
         if subscription.topics.is_empty() {
             return Err(cqrs_core::Error::Config(format!(
@@ -442,6 +465,77 @@ impl Subscriber for KafkaBackend {
         let consumer = consumer::KafkaConsumer::start(&self.inner.config, subscription).await?;
         Ok(Box::new(consumer))
     }
+}
+
+/// The groups named with `prefix` that have committed offsets on `topic`, with their lag.
+fn group_backlogs(
+    config: &KafkaConfig,
+    topic: &str,
+    prefix: &str,
+) -> Result<Vec<cqrs_core::backend::GroupBacklog>, Error> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let context = |what: &str| format!("{what} for the groups of {topic}");
+    let timeout = config.timeout;
+    let client = |group: &str| -> Result<BaseConsumer, Error> {
+        let mut c = config.admin_config();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        c.create()
+            .map_err(|e| Error::kafka(context("creating a client"), e))
+    };
+    let probe = client(&format!("{prefix}cqrs-groups-probe"))?;
+    let listed = probe
+        .fetch_group_list(None, timeout)
+        .map_err(|e| Error::kafka(context("listing consumer groups"), e))?;
+    let metadata = probe
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| Error::kafka(context("reading metadata"), e))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = Vec::with_capacity(partitions.len());
+    for &p in &partitions {
+        let (low, high) = probe
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| Error::kafka(context("reading watermarks"), e))?;
+        ends.push((p, low, high));
+    }
+    let mut out = Vec::new();
+    for g in listed.groups() {
+        if !g.name().starts_with(prefix) || g.protocol_type() != "consumer" {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &partitions {
+            tpl.add_partition(topic, p);
+        }
+        let committed = client(g.name())?
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| Error::kafka(context("reading committed offsets"), e))?;
+        let mut reads_topic = false;
+        let mut lag = 0;
+        for &(p, low, high) in &ends {
+            let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => {
+                    reads_topic = true;
+                    o
+                }
+                _ => low,
+            };
+            lag += (high - at).max(0) as u64;
+        }
+        if reads_topic {
+            out.push(cqrs_core::backend::GroupBacklog {
+                group: g.name().to_owned(),
+                pending: 0,
+                lag: Some(lag),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -292,11 +292,13 @@ impl Subscriber for RedisBackend {
     async fn groups(
         &self,
         topic: &str,
+        prefix: &str,
     ) -> cqrs_core::Result<Vec<cqrs_core::backend::GroupBacklog>> {
         let stats = self.stats(topic).await?;
         Ok(stats
             .groups
             .into_iter()
+            .filter(|g| g.name.starts_with(prefix))
             .map(|g| cqrs_core::backend::GroupBacklog {
                 group: g.name,
                 pending: g.pending,

@@ -29,12 +29,13 @@ pub trait Subscriber: Send + Sync + 'static {
     /// `subscription.consumer`.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>>;
 
-    /// The consumer groups on `topic` and what each has not finished: delivered and not acked,
-    /// and not yet delivered. Processors read it at start to warn about a group of their
-    /// service that no handler reads any more but that still holds messages (a handler renamed,
-    /// which starts a new group). The default knows none.
-    async fn groups(&self, topic: &str) -> Result<Vec<GroupBacklog>> {
-        let _ = topic;
+    /// The consumer groups on `topic` whose names start with `prefix`, and what each has not
+    /// finished: delivered and not acked, and not yet delivered. Processors read it at start
+    /// (once per topic, with their service's prefix) to warn about a group of their service
+    /// that no handler reads any more but that still holds messages (a handler renamed, which
+    /// starts a new group). The default knows none.
+    async fn groups(&self, topic: &str, prefix: &str) -> Result<Vec<GroupBacklog>> {
+        let _ = (topic, prefix);
         Ok(Vec::new())
     }
 }

@@ -225,7 +225,7 @@ impl Publisher for MemoryBroker {
 
 #[async_trait]
 impl Subscriber for MemoryBroker {
-    async fn groups(&self, topic: &str) -> Result<Vec<crate::backend::GroupBacklog>> {
+    async fn groups(&self, topic: &str, prefix: &str) -> Result<Vec<crate::backend::GroupBacklog>> {
         let state = self.lock();
         let Some(stream) = state.streams.get(topic) else {
             return Ok(Vec::new());
@@ -233,6 +233,7 @@ impl Subscriber for MemoryBroker {
         let mut groups: Vec<_> = stream
             .groups
             .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
             .map(|(name, g)| crate::backend::GroupBacklog {
                 group: name.clone(),
                 pending: g.pending.len() as u64,

@@ -336,7 +336,7 @@ async fn abandoned_groups(service: &str, specs: &[GroupSpec]) -> Vec<String> {
             if !seen.insert(topic.as_str()) {
                 continue;
             }
-            let groups = match spec.subscriber.groups(topic).await {
+            let groups = match spec.subscriber.groups(topic, &prefix).await {
                 Ok(groups) => groups,
                 Err(e) => {
                     tracing::debug!(topic, error = %e.report(), "cannot list the topic's groups");
