@@ -1012,6 +1012,17 @@ async fn a_handler_decides_how_its_message_settles() {
     );
 }
 
+#[tokio::test]
+async fn the_manifest_names_the_pool_each_group_reads() {
+    let mut p = EventProcessor::new(backend().await, "svc");
+    p.handle("h", |_: Reading| async { Ok::<_, String>(()) })
+        .unwrap();
+    let location = p.manifest().groups[0].location.clone().unwrap();
+    // The URL prints as RedisUrl does: never with a password (debug_output_hides_passwords).
+    assert_eq!(location, format!("redis pool `default` at {}", redis_url()));
+    assert!(p.manifest().to_string().contains(&location));
+}
+
 #[test]
 fn debug_output_hides_passwords() {
     let mut t = Topology::new();

@@ -431,6 +431,10 @@ impl Publisher for KafkaBackend {
 
 #[async_trait]
 impl Subscriber for KafkaBackend {
+    fn location(&self, _topic: &str) -> Option<String> {
+        Some(format!("kafka at {}", self.inner.config.brokers()))
+    }
+
     /// Lists the cluster's consumer groups (ListGroups), keeps those named with `prefix`, and
     /// reads each one's committed offsets on `topic` (OffsetFetch): a group with none there does
     /// not read it. `lag` is the records between its committed offsets and the log end; Kafka

@@ -289,6 +289,12 @@ impl Publisher for RedisBackend {
 
 #[async_trait]
 impl Subscriber for RedisBackend {
+    fn location(&self, topic: &str) -> Option<String> {
+        self.pool_for(topic)
+            .ok()
+            .map(|pool| format!("redis pool `{}` at {}", pool.name, pool.url))
+    }
+
     async fn groups(
         &self,
         topic: &str,

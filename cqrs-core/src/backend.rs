@@ -38,6 +38,14 @@ pub trait Subscriber: Send + Sync + 'static {
         let _ = (topic, prefix);
         Ok(Vec::new())
     }
+
+    /// Where `topic` lives, in words, for manifests: the broker, or the pool of brokers, with
+    /// no secret in it (`redis pool "orders" at redis://cache:6379/0`). The default knows
+    /// nothing.
+    fn location(&self, topic: &str) -> Option<String> {
+        let _ = topic;
+        None
+    }
 }
 
 /// One consumer group on a topic, as [`Subscriber::groups`] reports it.

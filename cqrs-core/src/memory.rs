@@ -225,6 +225,10 @@ impl Publisher for MemoryBroker {
 
 #[async_trait]
 impl Subscriber for MemoryBroker {
+    fn location(&self, _topic: &str) -> Option<String> {
+        Some("the in-memory broker".to_owned())
+    }
+
     async fn groups(&self, topic: &str, prefix: &str) -> Result<Vec<crate::backend::GroupBacklog>> {
         let state = self.lock();
         let Some(stream) = state.streams.get(topic) else {

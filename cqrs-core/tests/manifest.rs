@@ -43,6 +43,7 @@ fn the_manifest_lists_each_group_with_its_handlers_topics_and_dead_letters() {
                 dead_letter_topic: "svc-stats.count.dead-letter".into(),
                 delivery: DeliveryMode::AtLeastOnce,
                 concurrency: 4,
+                location: Some("the in-memory broker".into()),
             },
             GroupManifest {
                 group: "svc-stats.store".into(),
@@ -51,6 +52,7 @@ fn the_manifest_lists_each_group_with_its_handlers_topics_and_dead_letters() {
                 dead_letter_topic: "stats.failed".into(),
                 delivery: DeliveryMode::AtMostOnce,
                 concurrency: 1,
+                location: Some("the in-memory broker".into()),
             },
         ]
     );
@@ -61,7 +63,8 @@ fn the_manifest_lists_each_group_with_its_handlers_topics_and_dead_letters() {
     g.handle("count", ok).unwrap();
     assert_eq!(
         g.manifest().to_string(),
-        "service svc-stats\n  group svc-stats.ledger (at-least-once, concurrency 1)\n    \
+        "service svc-stats\n  group svc-stats.ledger (at-least-once, concurrency 1) on the \
+         in-memory broker\n    \
          handler count: Keyed from Keyed\n    dead letters to svc-stats.ledger.dead-letter\n"
     );
 }
@@ -132,7 +135,8 @@ fn a_bus_declares_what_it_publishes_and_merges_with_the_processors() {
     let all = p.manifest().merge(bus.manifest());
     assert_eq!(
         all.to_string(),
-        "service svc\n  group svc.count (at-least-once, concurrency 1)\n    handler count: Keyed \
+        "service svc\n  group svc.count (at-least-once, concurrency 1) on the in-memory \
+         broker\n    handler count: Keyed \
          from Keyed\n    dead letters to svc.count.dead-letter\n  publishes Keyed v1 to t.Keyed\n"
     );
 }

@@ -19,7 +19,8 @@ use super::options::{DeliveryMode, HandlerOptions};
 /// p.handle("confirm", |_: Booked| async { Ok::<_, String>(()) }).unwrap();
 /// assert_eq!(
 ///     p.manifest().to_string(),
-///     "service svc-mail\n  group svc-mail.confirm (at-least-once, concurrency 1)\n    \
+///     "service svc-mail\n  group svc-mail.confirm (at-least-once, concurrency 1) on the \
+///      in-memory broker\n    \
 ///      handler confirm: tickets.Booked from tickets.Booked\n    dead letters to svc-mail.confirm.dead-letter\n"
 /// );
 /// ```
@@ -59,6 +60,9 @@ pub struct GroupManifest {
     pub delivery: DeliveryMode,
     /// Messages handled at once (1 for a batch handler).
     pub concurrency: usize,
+    /// Where its topics live (the backend's words: a Redis pool, a Kafka cluster), when the
+    /// backend says.
+    pub location: Option<String>,
 }
 
 /// One handler of a [`GroupManifest`].
@@ -92,6 +96,7 @@ impl GroupManifest {
             handlers,
             delivery: options.delivery,
             concurrency: if batch { 1 } else { options.concurrency },
+            location: None,
         }
     }
 }
@@ -171,9 +176,13 @@ impl fmt::Display for Manifest {
                 DeliveryMode::AtLeastOnce => "at-least-once",
                 DeliveryMode::AtMostOnce => "at-most-once",
             };
+            let location = g
+                .location
+                .as_ref()
+                .map_or_else(String::new, |l| format!(" on {l}"));
             writeln!(
                 f,
-                "  group {} ({delivery}, concurrency {})",
+                "  group {} ({delivery}, concurrency {}){location}",
                 g.group, g.concurrency
             )?;
             for h in &g.handlers {

@@ -238,15 +238,35 @@ impl<C> Core<C> {
                         version: h.version,
                         batch: matches!(h.service, Registered::Batch(_)),
                     };
-                    GroupManifest::new(
-                        self.groups.group(&self.service, &h.name),
-                        vec![h.topic.clone()],
-                        vec![handler],
+                    self.locate(
+                        GroupManifest::new(
+                            self.groups.group(&self.service, &h.name),
+                            vec![h.topic.clone()],
+                            vec![handler],
+                            &h.options,
+                        ),
                         &h.options,
                     )
                 })
                 .collect(),
         }
+    }
+
+    /// Fills in where the group's topics live, from the subscriber it will use (unknown when a
+    /// subscriber constructor picks it at start).
+    fn locate(&self, mut group: GroupManifest, options: &HandlerOptions) -> GroupManifest {
+        let subscriber = match (&options.backend, &self.subscriber_constructor) {
+            (Some((_, s)), _) => Some(s),
+            (None, None) => Some(&self.subscriber),
+            (None, Some(_)) => None,
+        };
+        group.location = subscriber.and_then(|s| {
+            let mut places: Vec<String> =
+                group.topics.iter().filter_map(|t| s.location(t)).collect();
+            places.dedup();
+            (!places.is_empty()).then(|| places.join(", "))
+        });
+        group
     }
 
     /// Starts one group per registration.
@@ -756,10 +776,13 @@ impl<C> EventGroupProcessor<C> {
         Manifest {
             publishes: Vec::new(),
             service: self.core.service.clone(),
-            groups: vec![GroupManifest::new(
-                self.core.groups.group(&self.core.service, &self.group),
-                self.topics.clone(),
-                handlers,
+            groups: vec![self.core.locate(
+                GroupManifest::new(
+                    self.core.groups.group(&self.core.service, &self.group),
+                    self.topics.clone(),
+                    handlers,
+                    &self.options,
+                ),
                 &self.options,
             )],
         }
