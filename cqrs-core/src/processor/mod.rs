@@ -159,21 +159,14 @@ impl<C> Core<C> {
 }
 
 impl<C> Core<C> {
-    /// Registers `handler` (one group of its own) at the end of `handlers`; returns its options.
-    fn register<'h, T, H, Args>(
+    /// Registers a handler (one group of its own) at the end of `handlers`; returns its options.
+    fn register<'h>(
         &self,
         handlers: &'h mut Vec<EventRegistration>,
         name: &str,
         d: Descriptor,
-        versions: Versions<T>,
-        handler: H,
-    ) -> Result<&'h mut HandlerOptions>
-    where
-        T: Send + 'static,
-        H: Handler<T, Args>,
-        Args: 'static,
-        C: Codec<T>,
-    {
+        service: Registered,
+    ) -> Result<&'h mut HandlerOptions> {
         check_handler_name(name)?;
         if handlers.iter().any(|h| h.name == name) {
             return Err(Error::DuplicateHandler(name.to_owned()));
@@ -183,41 +176,7 @@ impl<C> Core<C> {
             event: d.name,
             version: d.version,
             topic: self.topics.topic_of(&d),
-            service: Registered::One(HandlerService::pipeline(
-                handler,
-                self.codec.clone(),
-                versions,
-            )),
-            options: self.defaults.clone(),
-        });
-        let last = handlers.len() - 1;
-        Ok(&mut handlers[last].options)
-    }
-
-    /// Registers a batch handler (one group of its own) at the end of `handlers`.
-    fn register_batch<'h, T, H>(
-        &self,
-        handlers: &'h mut Vec<EventRegistration>,
-        name: &str,
-        d: Descriptor,
-        versions: Versions<T>,
-        handler: H,
-    ) -> Result<&'h mut HandlerOptions>
-    where
-        T: Send + 'static,
-        H: BatchHandler<T>,
-        C: Codec<T>,
-    {
-        check_handler_name(name)?;
-        if handlers.iter().any(|h| h.name == name) {
-            return Err(Error::DuplicateHandler(name.to_owned()));
-        }
-        handlers.push(EventRegistration {
-            name: name.to_owned(),
-            event: d.name,
-            version: d.version,
-            topic: self.topics.topic_of(&d),
-            service: Registered::Batch(batch_pipeline(handler, self.codec.clone(), versions)),
+            service,
             options: self.defaults.clone(),
         });
         let last = handlers.len() - 1;
@@ -602,13 +561,11 @@ impl<C> EventProcessor<C> {
         Args: 'static,
         C: Codec<E>,
     {
-        self.core.register(
-            &mut self.handlers,
-            name,
-            Descriptor::event::<E>(),
-            Versions::event(),
-            handler,
-        )
+        let pipeline =
+            HandlerService::pipeline(handler, self.core.codec.clone(), Versions::event());
+        let d = Descriptor::event::<E>();
+        self.core
+            .register(&mut self.handlers, name, d, Registered::One(pipeline))
     }
 
     /// Registers a handler of batches of `E` under `name`, in its own consumer group: it gets up
@@ -646,13 +603,10 @@ impl<C> EventProcessor<C> {
         H: BatchHandler<E>,
         C: Codec<E>,
     {
-        self.core.register_batch(
-            &mut self.handlers,
-            name,
-            Descriptor::event::<E>(),
-            Versions::event(),
-            handler,
-        )
+        let pipeline = batch_pipeline(handler, self.core.codec.clone(), Versions::event());
+        let d = Descriptor::event::<E>();
+        self.core
+            .register(&mut self.handlers, name, d, Registered::Batch(pipeline))
     }
 
     /// What `start` will run: one group per handler, with its event, topic and dead-letter
@@ -849,8 +803,10 @@ impl<C> CommandProcessor<C> {
         C: Codec<T>,
     {
         let d = Descriptor::command::<T>();
+        let pipeline =
+            HandlerService::pipeline(handler, self.core.codec.clone(), Versions::command());
         self.core
-            .register(&mut self.handlers, d.name, d, Versions::command(), handler)
+            .register(&mut self.handlers, d.name, d, Registered::One(pipeline))
     }
 
     /// What `start` will run: one group per command handler.
