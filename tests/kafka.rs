@@ -567,73 +567,7 @@ async fn a_handler_decides_how_its_message_settles() {
         let topic = topic.clone();
         move |_| topic.clone()
     });
-    type Tries = Arc<Mutex<Vec<(u32, u32, std::time::Instant)>>>;
-    let tries: Tries = Arc::default();
-    let mut p = EventProcessor::new(backend.clone(), &service).topics(namer.clone());
-    let t = tries.clone();
-    p.handle("decide", move |r: Order, ctx: Context| {
-        t.lock()
-            .unwrap()
-            .push((r.n, ctx.attempt(), std::time::Instant::now()));
-        let decision: Result<(), cqrs::BoxError> = match (r.n, ctx.attempt()) {
-            // A rate-limited call: the handler names the delay (say, from `Retry-After`).
-            (1, 1) => Err(cqrs::retry_after(
-                Duration::from_millis(400),
-                "429 Too Many Requests",
-            )),
-            // Retrying cannot help: straight to the dead letter, with the reason.
-            (2, _) => Err(cqrs::permanent("unknown account")),
-            _ => Ok(()),
-        };
-        async move { decision }
-    })
-    .unwrap()
-    .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(5), 1.0));
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    let events: Vec<Order> = (0..3)
-        .map(|n| Order {
-            customer: format!("c{n}"),
-            n,
-        })
-        .collect();
-    EventBus::new(backend.clone())
-        .topics(namer)
-        .publish_all(&events)
-        .await
-        .unwrap();
-    let mut reader = backend
-        .subscribe(&Subscription::new(unique("r"), [&dead]))
-        .await
-        .unwrap();
-    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
-    assert_eq!(
-        d[0].message().metadata.headers[dlq::REASON],
-        "unknown account"
-    );
-    assert_eq!(d[0].message().metadata.headers[dlq::ATTEMPTS], "1");
-    eventually("the rate-limited event retried", || {
-        let n = tries.lock().unwrap().iter().filter(|t| t.0 == 1).count();
-        async move { n == 2 }
-    })
-    .await;
-    running.shutdown().await.unwrap();
-    let tries = tries.lock().unwrap().clone();
-    let of = |n: u32| -> Vec<(u32, std::time::Instant)> {
-        tries
-            .iter()
-            .filter(|t| t.0 == n)
-            .map(|t| (t.1, t.2))
-            .collect()
-    };
-    assert_eq!(of(0).len(), 1, "acked at once: {tries:?}");
-    assert_eq!(of(2).len(), 1, "not retried: {tries:?}");
-    let rate_limited = of(1);
-    assert_eq!((rate_limited[0].0, rate_limited[1].0), (1, 2));
-    let waited = rate_limited[1].1 - rate_limited[0].1;
-    assert!(
-        waited >= Duration::from_millis(400),
-        "the handler's delay, not the 5 ms backoff: {waited:?}"
-    );
+    support::settle::handler_decides(backend, namer, &service, &dead).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

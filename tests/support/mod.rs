@@ -381,3 +381,101 @@ pub mod versions {
     /// The reason a version 4 message is dead-lettered with, by a version 3 handler.
     pub const V4_REASON: &str = "unknown version 4 of orders.OrderPlaced (handler knows up to 3)";
 }
+
+/// The outcomes a handler decides, as one scenario for every backend: `Ok` acks, an error from
+/// `cqrs::retry_after` is retried after the handler's delay (not the 5 ms backoff), one from
+/// `cqrs::permanent` is dead-lettered at once with its reason.
+pub mod settle {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use cqrs::processor::dead_letter_headers as dlq;
+    use cqrs::{
+        Backend, CancellationToken, Context, EventBus, EventProcessor, RetryPolicy, Subscription,
+        TopicNamer,
+    };
+    use serde::{Deserialize, Serialize};
+
+    use super::{eventually, unique};
+
+    /// A job numbered `n`.
+    #[derive(Debug, Clone, Serialize, Deserialize, cqrs::Event)]
+    pub struct Job {
+        #[event(key)]
+        pub n: u32,
+    }
+
+    /// Runs the scenario: handler `decide` of `service` on `namer`'s topic, whose dead letters
+    /// go to `dead`.
+    pub async fn handler_decides(
+        backend: impl Backend + Clone,
+        namer: TopicNamer,
+        service: &str,
+        dead: &str,
+    ) {
+        let service = service.to_owned();
+        let dead = dead.to_owned();
+        type Tries = Arc<Mutex<Vec<(u32, u32, std::time::Instant)>>>;
+        let tries: Tries = Arc::default();
+        let mut p = EventProcessor::new(backend.clone(), &service).topics(namer.clone());
+        let t = tries.clone();
+        p.handle("decide", move |r: Job, ctx: Context| {
+            t.lock()
+                .unwrap()
+                .push((r.n, ctx.attempt(), std::time::Instant::now()));
+            let decision: Result<(), cqrs::BoxError> = match (r.n, ctx.attempt()) {
+                // A rate-limited call: the handler names the delay (say, from `Retry-After`).
+                (1, 1) => Err(cqrs::retry_after(
+                    Duration::from_millis(400),
+                    "429 Too Many Requests",
+                )),
+                // Retrying cannot help: straight to the dead letter, with the reason.
+                (2, _) => Err(cqrs::permanent("unknown account")),
+                _ => Ok(()),
+            };
+            async move { decision }
+        })
+        .unwrap()
+        .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(5), 1.0));
+        let running = p.start(CancellationToken::new()).await.unwrap();
+        let events: Vec<Job> = (0..3).map(|n| Job { n }).collect();
+        EventBus::new(backend.clone())
+            .topics(namer)
+            .publish_all(&events)
+            .await
+            .unwrap();
+        let mut reader = backend
+            .subscribe(&Subscription::new(unique("r"), [&dead]))
+            .await
+            .unwrap();
+        let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+        assert_eq!(
+            d[0].message().metadata.headers[dlq::REASON],
+            "unknown account"
+        );
+        assert_eq!(d[0].message().metadata.headers[dlq::ATTEMPTS], "1");
+        eventually("the rate-limited event retried", || {
+            let n = tries.lock().unwrap().iter().filter(|t| t.0 == 1).count();
+            async move { n == 2 }
+        })
+        .await;
+        running.shutdown().await.unwrap();
+        let tries = tries.lock().unwrap().clone();
+        let of = |n: u32| -> Vec<(u32, std::time::Instant)> {
+            tries
+                .iter()
+                .filter(|t| t.0 == n)
+                .map(|t| (t.1, t.2))
+                .collect()
+        };
+        assert_eq!(of(0).len(), 1, "acked at once: {tries:?}");
+        assert_eq!(of(2).len(), 1, "not retried: {tries:?}");
+        let rate_limited = of(1);
+        assert_eq!((rate_limited[0].0, rate_limited[1].0), (1, 2));
+        let waited = rate_limited[1].1 - rate_limited[0].1;
+        assert!(
+            waited >= Duration::from_millis(400),
+            "the handler's delay, not the 5 ms backoff: {waited:?}"
+        );
+    }
+}
