@@ -825,39 +825,13 @@ async fn a_batch_handler_gets_fetched_batches_and_a_failed_event_is_retried_alon
         let topic = topic.clone();
         move |_| topic.clone()
     });
-    let events: Vec<Reading> = (0..30)
-        .map(|n| Reading {
-            sensor: format!("s{n}"),
-            n,
-        })
-        .collect();
     EventBus::new(backend.clone())
         .topics(namer.clone())
-        .publish_all(&events)
+        .publish_all(&support::scenarios::jobs(30))
         .await
         .unwrap();
-    let calls: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
-    let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
-    let c = calls.clone();
-    p.handle_batch("store", move |batch: Vec<Reading>| {
-        let c = c.clone();
-        async move {
-            let mut calls = c.lock().unwrap();
-            let first_time = !calls.iter().flatten().any(|n| *n == 12);
-            calls.push(batch.iter().map(|r| r.n).collect());
-            let mut failed = cqrs::BatchError::none();
-            if let Some(i) = batch.iter().position(|r| r.n == 12) {
-                if first_time {
-                    failed.fail(i, "try 12 again");
-                }
-            }
-            failed.into_result()
-        }
-    })
-    .unwrap()
-    .batch_size(10)
-    .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
-    let running = p.start(CancellationToken::new()).await.unwrap();
+    let (running, calls) =
+        support::scenarios::batch_failing_12_once(backend.clone(), namer, &service).await;
     eventually("all acked", || {
         let (backend, topic, group) = (backend.clone(), topic.clone(), format!("{service}.store"));
         async move {
@@ -943,7 +917,7 @@ async fn a_handler_decides_how_its_message_settles() {
         let topic = topic.clone();
         move |_| topic.clone()
     });
-    support::settle::handler_decides(backend, namer, &service, &dead).await;
+    support::scenarios::handler_decides(backend, namer, &service, &dead).await;
 }
 
 #[tokio::test]

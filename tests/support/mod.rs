@@ -382,10 +382,8 @@ pub mod versions {
     pub const V4_REASON: &str = "unknown version 4 of orders.OrderPlaced (handler knows up to 3)";
 }
 
-/// The outcomes a handler decides, as one scenario for every backend: `Ok` acks, an error from
-/// `cqrs::retry_after` is retried after the handler's delay (not the 5 ms backoff), one from
-/// `cqrs::permanent` is dead-lettered at once with its reason.
-pub mod settle {
+/// Scenarios every broker test file runs the same way.
+pub mod scenarios {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -405,8 +403,49 @@ pub mod settle {
         pub n: u32,
     }
 
-    /// Runs the scenario: handler `decide` of `service` on `namer`'s topic, whose dead letters
-    /// go to `dead`.
+    /// `n` jobs numbered from 0.
+    pub fn jobs(n: u32) -> Vec<Job> {
+        (0..n).map(|n| Job { n }).collect()
+    }
+
+    /// The numbers of the jobs of each call of a batch handler.
+    pub type Calls = Arc<Mutex<Vec<Vec<u32>>>>;
+
+    /// Starts batch handler `store` of `service` on `namer`'s topic (batches of 10), which
+    /// records each call and fails job 12 the first time it sees it.
+    pub async fn batch_failing_12_once(
+        backend: impl Backend + Clone,
+        namer: TopicNamer,
+        service: &str,
+    ) -> (cqrs::RunningProcessor, Calls) {
+        let calls: Calls = Arc::default();
+        let mut p = EventProcessor::new(backend, service).topics(namer);
+        let c = calls.clone();
+        p.handle_batch("store", move |batch: Vec<Job>| {
+            let c = c.clone();
+            async move {
+                let mut calls = c.lock().unwrap();
+                let first_time = !calls.iter().flatten().any(|n| *n == 12);
+                calls.push(batch.iter().map(|j| j.n).collect());
+                let mut failed = cqrs::BatchError::none();
+                if let Some(i) = batch.iter().position(|j| j.n == 12) {
+                    if first_time {
+                        failed.fail(i, "try 12 again");
+                    }
+                }
+                failed.into_result()
+            }
+        })
+        .unwrap()
+        .batch_size(10)
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
+        (p.start(CancellationToken::new()).await.unwrap(), calls)
+    }
+
+    /// The outcomes a handler decides: `Ok` acks, an error from `cqrs::retry_after` is retried
+    /// after the handler's delay (not the 5 ms backoff), one from `cqrs::permanent` is
+    /// dead-lettered at once with its reason. Handler `decide` of `service` on `namer`'s topic,
+    /// whose dead letters go to `dead`.
     pub async fn handler_decides(
         backend: impl Backend + Clone,
         namer: TopicNamer,
