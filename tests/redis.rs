@@ -931,6 +931,46 @@ async fn the_manifest_names_the_pool_each_group_reads() {
     assert!(p.manifest().to_string().contains(&location));
 }
 
+#[tokio::test]
+async fn status_shows_a_group_reconnecting_while_its_server_is_down() {
+    let mut server = RedisServer::start_durable().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let mut p = EventProcessor::new(backend.clone(), "svc");
+    p.handle("logger", |_: Reading| async { Ok::<_, String>(()) })
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(backend.clone());
+    let reading = |n| Reading {
+        sensor: "s".into(),
+        n,
+    };
+    bus.publish(&reading(1)).await.unwrap();
+    eventually("one handled", || {
+        let handled = running.status()[0].handled;
+        async move { handled == 1 }
+    })
+    .await;
+    assert!(running.is_ready());
+
+    server.stop();
+    eventually("reconnecting, with the error", || {
+        let s = running.status()[0].clone();
+        async move { s.state == cqrs::GroupState::Reconnecting && s.last_error.is_some() }
+    })
+    .await;
+    assert!(!running.is_ready());
+
+    server.restart().await;
+    publish_until_accepted(&bus, &reading(2)).await;
+    eventually("running again, the next one handled", || {
+        let s = running.status()[0].clone();
+        async move { s.state == cqrs::GroupState::Running && s.handled == 2 }
+    })
+    .await;
+    assert!(running.is_ready());
+    running.shutdown().await.unwrap();
+}
+
 #[test]
 fn debug_output_hides_passwords() {
     let mut t = Topology::new();

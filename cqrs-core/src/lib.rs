@@ -27,7 +27,7 @@ pub use handler::{
 };
 pub use message::{new_message_id, Message, Metadata};
 pub use processor::{
-    CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer,
-    HandlerOptions, Manifest, RetryPolicy, RunningProcessor, UnknownEvent,
+    CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer, GroupState,
+    GroupStatus, HandlerOptions, Manifest, RetryPolicy, RunningProcessor, UnknownEvent,
 };
 pub use tokio_util::sync::CancellationToken;

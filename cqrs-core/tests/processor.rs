@@ -657,3 +657,45 @@ async fn msgpack_codec_round_trips_through_bus_and_processor() {
     assert_eq!(recv(&mut rx).await, Booked { id: 3 });
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn status_reports_what_each_group_handled_and_has_in_flight() {
+    let broker = MemoryBroker::new();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let r = release.clone();
+    p.handle("slow", move |b: Booked| {
+        let r = r.clone();
+        async move {
+            if b.id == 3 {
+                r.notified().await;
+            }
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let before = running.status();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].group, "svc.slow");
+    assert_eq!(before[0].handled, 0);
+    assert_eq!(before[0].last_handled_at, None);
+    let bus = EventBus::new(broker.clone());
+    for id in 1..=3 {
+        bus.publish(&Booked { id }).await.unwrap();
+    }
+    eventually("two handled, the third in flight", || {
+        let s = &running.status()[0];
+        s.handled == 2 && s.in_flight == 1
+    })
+    .await;
+    assert!(running.is_ready());
+    let s = &running.status()[0];
+    assert_eq!(s.state, cqrs_core::GroupState::Running);
+    assert!(s.last_handled_at.is_some());
+    assert_eq!(s.last_error, None);
+    release.notify_one();
+    eventually("three handled", || running.status()[0].handled == 3).await;
+    assert_eq!(running.status()[0].in_flight, 0);
+    running.shutdown().await.unwrap();
+}

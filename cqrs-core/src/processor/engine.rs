@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::health::Health;
 use super::options::{DeliveryMode, HandlerOptions, UnknownEvent};
 use crate::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
 use crate::error::{BoxError, Error, Result};
@@ -63,6 +64,8 @@ pub(crate) struct GroupSpec {
     pub no_handler: Arc<str>,
     /// A batch handler: the group's one route, run a fetched batch at a time.
     pub batch: Option<BatchRoute>,
+    /// What the group reports about itself.
+    pub health: Arc<Health>,
 }
 
 impl GroupSpec {
@@ -239,6 +242,8 @@ pub(crate) async fn run_group(
         }
         Err(e) => tracing::error!(group = %spec.group, error = %e, "the fetch task failed"),
     }
+    spec.health
+        .stopped(result.as_ref().err().map(crate::Error::report));
     result
 }
 
@@ -260,6 +265,7 @@ async fn fetch_loop(
         match received {
             Ok(d) => {
                 backoff = Duration::from_millis(100);
+                spec.health.running();
                 if let Err(unsent) = batches.send(Ok(d)).await {
                     // The group stopped: hand them back.
                     for d in unsent.0.into_iter().flatten() {
@@ -270,6 +276,7 @@ async fn fetch_loop(
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(group = %spec.group, error = %e.report(), "receive failed; retrying in {backoff:?}");
+                spec.health.reconnecting(e.report());
                 tokio::select! {
                     _ = token.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -463,12 +470,15 @@ async fn handle_batch(
             event = %route.event,
             size = todo.len(),
         );
-        let contexts = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
+        let contexts: Vec<Context> = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
+        let in_flight: Vec<_> = contexts.iter().map(|_| spec.health.enter()).collect();
         let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
+        drop(in_flight);
         let mut retry = Vec::new();
         let mut wait = Duration::ZERO;
         for ((mut ctx, delivery), outcome) in todo.into_iter().zip(outcomes) {
             let Err(error) = outcome else {
+                spec.health.handled();
                 acks.extend(delivery);
                 continue;
             };
@@ -835,6 +845,7 @@ async fn handle_job(
         return delivery.map(Settle::Ack);
     };
     ctx.handler = handler.clone();
+    let _in_flight = spec.health.enter();
     loop {
         // Each message's span is a root: spans of messages handled one after another (or side
         // by side on one thread) never nest.
@@ -857,6 +868,7 @@ async fn handle_job(
             }
         };
         let Err(error) = caught(run).instrument(span.clone()).await else {
+            spec.health.handled();
             return delivery.map(Settle::Ack);
         };
         let attempt = ctx.attempt;

@@ -11,6 +11,7 @@
 //! middleware. Processors stop gracefully when their cancellation token is cancelled.
 
 mod engine;
+mod health;
 mod manifest;
 mod options;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
+pub use health::{GroupState, GroupStatus};
 pub use manifest::{GroupManifest, HandlerManifest, Manifest, Published};
 pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
 
@@ -154,6 +156,7 @@ impl<C> Core<C> {
             consumer_name,
             no_handler: Arc::from(""),
             batch: None,
+            health: Arc::default(),
         })
     }
 }
@@ -281,6 +284,7 @@ async fn start(
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
+    let mut health = Vec::with_capacity(specs.len());
     for spec in specs {
         let consumer = match subscribe(&spec, &token).await {
             Ok(c) => c,
@@ -292,6 +296,7 @@ async fn start(
         };
         tracing::debug!(group = %spec.group, topics = ?spec.topics, consumer = %spec.consumer_name, "subscribed");
         let group = spec.group.clone();
+        health.push((group.clone(), spec.health.clone()));
         let run = engine::run_group(Arc::new(spec), consumer, token.clone());
         tasks.spawn(async move { (group, run.await) });
     }
@@ -299,6 +304,7 @@ async fn start(
         tasks,
         token,
         warnings,
+        health,
     })
 }
 
@@ -385,6 +391,7 @@ pub struct RunningProcessor {
     tasks: JoinSet<(Arc<str>, Result<()>)>,
     token: CancellationToken,
     warnings: Vec<String>,
+    health: Vec<(Arc<str>, Arc<health::Health>)>,
 }
 
 impl RunningProcessor {
@@ -393,6 +400,21 @@ impl RunningProcessor {
     /// sign of a renamed handler, whose new group started from its own start position).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Each group's health: running, reconnecting to the broker, stopped or failed, with the
+    /// last error, how many messages it handled and when the last one was, and how many are in
+    /// flight. For a readiness probe: [`RunningProcessor::is_ready`].
+    pub fn status(&self) -> Vec<GroupStatus> {
+        self.health
+            .iter()
+            .map(|(group, health)| health.status(group))
+            .collect()
+    }
+
+    /// Whether every group is running (none reconnecting, stopped or failed).
+    pub fn is_ready(&self) -> bool {
+        self.status().iter().all(|s| s.state == GroupState::Running)
     }
 
     /// The token that stops this processor (a child of the one it was started with).

@@ -1,0 +1,124 @@
+//! What each running group reports about itself: `RunningProcessor::status`.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The state of one consumer group of a running processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupState {
+    /// Fetching and handling messages.
+    Running,
+    /// The broker cannot be reached; retrying with backoff (see `last_error`).
+    Reconnecting,
+    /// Stopped after a shutdown.
+    Stopped,
+    /// Stopped by an error that retrying cannot fix (see `last_error`).
+    Failed,
+}
+
+/// One consumer group's health, as [`crate::RunningProcessor::status`] reports it: enough for a
+/// readiness probe (`state`) and a look at whether work moves (`handled`, `last_handled_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The consumer group.
+    pub group: String,
+    /// What it is doing.
+    pub state: GroupState,
+    /// The last broker or group error, if any (kept after a recovery).
+    pub last_error: Option<String>,
+    /// Messages handled successfully since start.
+    pub handled: u64,
+    /// When the last one was.
+    pub last_handled_at: Option<SystemTime>,
+    /// Messages being handled now.
+    pub in_flight: usize,
+}
+
+const RUNNING: u8 = 0;
+const RECONNECTING: u8 = 1;
+const STOPPED: u8 = 2;
+const FAILED: u8 = 3;
+
+/// Shared between a group's tasks and its `RunningProcessor`; updated with atomics on the hot
+/// path (one increment and one store per handled message).
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    state: AtomicU8,
+    last_error: Mutex<Option<String>>,
+    handled: AtomicU64,
+    last_handled_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Health {
+    pub(crate) fn handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_handled_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Counts a message in flight until the guard drops.
+    pub(crate) fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    pub(crate) fn running(&self) {
+        self.state.store(RUNNING, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reconnecting(&self, error: String) {
+        self.set_error(error);
+        self.state.store(RECONNECTING, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stopped(&self, error: Option<String>) {
+        let state = match error {
+            Some(e) => {
+                self.set_error(e);
+                FAILED
+            }
+            None => STOPPED,
+        };
+        self.state.store(state, Ordering::Relaxed);
+    }
+
+    fn set_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    pub(crate) fn status(&self, group: &str) -> GroupStatus {
+        let state = match self.state.load(Ordering::Relaxed) {
+            RUNNING => GroupState::Running,
+            RECONNECTING => GroupState::Reconnecting,
+            STOPPED => GroupState::Stopped,
+            _ => GroupState::Failed,
+        };
+        let ms = self.last_handled_ms.load(Ordering::Relaxed);
+        GroupStatus {
+            group: group.to_owned(),
+            state,
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            handled: self.handled.load(Ordering::Relaxed),
+            last_handled_at: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A message being handled; see [`Health::enter`].
+pub(crate) struct InFlight<'a>(&'a Health);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
