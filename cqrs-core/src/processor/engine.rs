@@ -483,47 +483,21 @@ async fn handle_batch(
                 continue;
             };
             let attempt = ctx.attempt;
-            let Some(d) = delivery else {
-                let reason = error_chain(&*error);
-                let published = dead_letter(
-                    spec,
-                    &route.handler,
-                    &ctx.topic,
-                    &ctx.message,
-                    attempt,
-                    &reason,
-                )
+            let (d, delay) = match after_failure(spec, &route.handler, &ctx, delivery, &error)
                 .instrument(span.clone())
-                .await;
-                if let Err(e) = published {
-                    tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
-                }
-                continue;
-            };
-            if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
-                let reason = error_chain(&*error);
-                tracing::warn!(parent: &span, error = %reason, attempt, message_id = %ctx.message.id, "dead-lettering the message");
-                match dead_letter(
-                    spec,
-                    &route.handler,
-                    d.topic(),
-                    d.message(),
-                    attempt,
-                    &reason,
-                )
                 .await
-                {
-                    Ok(()) => acks.push(d),
-                    Err(e) => {
-                        tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
-                        nack(d, spec.options.retry.delay(attempt)).await;
-                    }
+            {
+                Failed::Retry(d, delay) => (d, delay),
+                Failed::Settled(Some(Settle::Ack(d))) => {
+                    acks.push(d);
+                    continue;
                 }
-                continue;
-            }
-            let delay =
-                requested_delay(&error).unwrap_or_else(|| spec.options.retry.delay(attempt));
-            tracing::info!(parent: &span, error = %error_chain(&*error), attempt, message_id = %ctx.message.id, "batch handler failed for this message; retrying in {delay:?}");
+                Failed::Settled(Some(Settle::Nack(d, delay))) => {
+                    nack(d, delay).await;
+                    continue;
+                }
+                Failed::Settled(None) => continue,
+            };
             wait = wait.max(delay);
             ctx.attempt = attempt + 1;
             retry.push((ctx, Some(d)));
@@ -872,38 +846,13 @@ async fn handle_job(
             return delivery.map(Settle::Ack);
         };
         let attempt = ctx.attempt;
-        let Some(d) = delivery.take() else {
-            // Acked already: no retry. The dead-letter topic keeps it from being lost silently.
-            let reason = error_chain(&*error);
-            let settled = async {
-                tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
-                let published =
-                    dead_letter(spec, handler, &ctx.topic, &ctx.message, attempt, &reason).await;
-                if let Err(e) = published {
-                    tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
-                }
-            };
-            settled.instrument(span).await;
-            return None;
+        let (d, delay) = match after_failure(spec, handler, &ctx, delivery.take(), &error)
+            .instrument(span)
+            .await
+        {
+            Failed::Retry(d, delay) => (d, delay),
+            Failed::Settled(settle) => return settle,
         };
-        if is_permanent(&error) || attempt >= spec.options.retry.max_attempts {
-            let reason = error_chain(&*error);
-            let settled = async {
-                tracing::warn!(error = %reason, attempt, "dead-lettering the message");
-                match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
-                    Ok(()) => Settle::Ack(d),
-                    Err(e) => {
-                        tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
-                        Settle::Nack(d, spec.options.retry.delay(attempt))
-                    }
-                }
-            };
-            return Some(settled.instrument(span).await);
-        }
-        let delay = requested_delay(&error).unwrap_or_else(|| spec.options.retry.delay(attempt));
-        span.in_scope(|| {
-            tracing::info!(error = %error_chain(&*error), attempt, "handler failed; retrying in {delay:?}");
-        });
         tokio::select! {
             biased;
             _ = token.cancelled() => return Some(Settle::Nack(d, Duration::ZERO)),
@@ -915,6 +864,54 @@ async fn handle_job(
         ctx.attempt = attempt + 1;
         delivery = Some(d);
     }
+}
+
+/// What a failed attempt leads to.
+enum Failed {
+    /// Worth another attempt, after this delay.
+    Retry(Delivery, Duration),
+    /// Done with: dead-lettered (acked, or nacked when the dead letter could not be published),
+    /// or acked before handling (at-most-once) so nothing is left to settle.
+    Settled(Option<Settle>),
+}
+
+/// Decides what a handler's failure leads to: retried after the policy's backoff or the
+/// handler's requested delay; dead-lettered when permanent or out of attempts; dead-lettered
+/// without retry when the message was acked before handling (at-most-once), so it is never lost
+/// silently.
+async fn after_failure(
+    spec: &GroupSpec,
+    handler: &str,
+    ctx: &Context,
+    delivery: Option<Delivery>,
+    error: &BoxError,
+) -> Failed {
+    let attempt = ctx.attempt;
+    let reason = error_chain(&**error);
+    let Some(d) = delivery else {
+        tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
+        let published =
+            dead_letter(spec, handler, &ctx.topic, &ctx.message, attempt, &reason).await;
+        if let Err(e) = published {
+            tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+        }
+        return Failed::Settled(None);
+    };
+    if is_permanent(error) || attempt >= spec.options.retry.max_attempts {
+        tracing::warn!(error = %reason, attempt, message_id = %ctx.message.id, "dead-lettering the message");
+        return Failed::Settled(Some(
+            match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
+                Ok(()) => Settle::Ack(d),
+                Err(e) => {
+                    tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
+                    Settle::Nack(d, spec.options.retry.delay(attempt))
+                }
+            },
+        ));
+    }
+    let delay = requested_delay(error).unwrap_or_else(|| spec.options.retry.delay(attempt));
+    tracing::info!(error = %reason, attempt, message_id = %ctx.message.id, "handler failed; retrying in {delay:?}");
+    Failed::Retry(d, delay)
 }
 
 /// Dead-letters a message no handler can take, then acks it; if the dead letter cannot be
