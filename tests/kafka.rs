@@ -64,9 +64,7 @@ async fn recorder(
     label: &str,
     seen: &Seen,
 ) -> cqrs::RunningProcessor {
-    let topic = topic.to_owned();
-    let mut p = EventProcessor::new(backend.clone(), service)
-        .topics(cqrs::TopicNamer::new(move |_| topic.clone()));
+    let mut p = EventProcessor::new(backend.clone(), service).topics(support::one_topic(topic));
     let (s, label) = (seen.clone(), label.to_owned());
     p.handle("record", move |o: Order| {
         s.lock().unwrap().push((label.clone(), o.n));
@@ -105,8 +103,7 @@ fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
 }
 
 fn bus(backend: &KafkaBackend, topic: &str) -> EventBus {
-    let topic = topic.to_owned();
-    EventBus::new(backend.clone()).topics(cqrs::TopicNamer::new(move |_| topic.clone()))
+    EventBus::new(backend.clone()).topics(support::one_topic(topic))
 }
 
 fn orders(range: std::ops::Range<u32>) -> Vec<Order> {
@@ -210,9 +207,8 @@ async fn post_commit_redelivers_a_failure_and_pre_commit_does_not() {
         let topic = unique("orders");
         let service = unique("svc");
         let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
-        let t = topic.clone();
-        let mut p = EventProcessor::new(backend.clone(), &service)
-            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        let mut p =
+            EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
         let c = calls.clone();
         let options = p
             .handle("fails-once", move |_: Order, ctx: Context| {
@@ -271,9 +267,8 @@ async fn keyed_events_keep_their_order_with_concurrent_handlers() {
     let backend = backend().await;
     let topic = unique("orders");
     let seen: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
-    let t = topic.clone();
-    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
-        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let mut p =
+        EventProcessor::new(backend.clone(), unique("svc")).topics(support::one_topic(&topic));
     let s = seen.clone();
     p.handle("ordered", move |o: Order| {
         let s = s.clone();
@@ -321,9 +316,7 @@ async fn one_handler_consumes_from_two_clusters() {
             async { Ok::<_, String>(()) }
         }
     };
-    let t = topic.clone();
-    let mut p = EventProcessor::new(a.clone(), unique("svc"))
-        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let mut p = EventProcessor::new(a.clone(), unique("svc")).topics(support::one_topic(&topic));
     p.handle("cluster-a", handler.clone()).unwrap();
     p.handle("cluster-b", handler).unwrap().backend(b.clone());
     let running = p.start(CancellationToken::new()).await.unwrap();
@@ -421,10 +414,7 @@ async fn a_v1_record_from_a_plain_producer_reaches_a_v3_handler_and_a_v4_is_dead
         .await
         .unwrap();
     let got: Arc<Mutex<Vec<OrderPlaced>>> = Arc::default();
-    let mut p = EventProcessor::new(backend.clone(), &service).topics(cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    }));
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
     let g = got.clone();
     p.handle("billing", move |o: OrderPlaced| {
         g.lock().unwrap().push(o);
@@ -493,10 +483,7 @@ async fn a_batch_handler_gets_many_records_at_once_and_commits_only_what_it_hand
     let backend = backend().await;
     let topic = unique("batch");
     let service = unique("svc");
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     EventBus::new(backend.clone())
         .topics(namer.clone())
         .publish_all(&support::scenarios::jobs(30))
@@ -537,10 +524,7 @@ async fn a_handler_decides_how_its_message_settles() {
         .ensure_topics(std::slice::from_ref(&topic))
         .await
         .unwrap();
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     support::scenarios::handler_decides(backend, namer, &service, &dead).await;
 }
 
@@ -553,10 +537,7 @@ async fn a_renamed_handler_is_warned_about_the_records_its_old_group_has_not_rea
         .ensure_topics(std::slice::from_ref(&topic))
         .await
         .unwrap();
-    let bus = EventBus::new(backend.clone()).topics(cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    }));
+    let bus = bus(&backend, &topic);
     let order = |n| Order {
         customer: "c".into(),
         n,
@@ -575,10 +556,7 @@ async fn a_renamed_handler_is_warned_about_the_records_its_old_group_has_not_rea
         .unwrap();
 
     // Deployed again with the handler renamed: the old group is found by its committed offsets.
-    let mut p = EventProcessor::new(backend.clone(), &service).topics(cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    }));
+    let mut p = EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
     p.handle("record-order", |_: Order| async { Ok::<_, String>(()) })
         .unwrap();
     let running = p.start(CancellationToken::new()).await.unwrap();
@@ -642,9 +620,7 @@ async fn cooperative_rebalancing_is_refused_with_a_clear_error() {
             .await
             .unwrap();
         let topic = unique("orders");
-        let t = topic.clone();
-        let mut p = EventProcessor::new(backend, unique("svc"))
-            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        let mut p = EventProcessor::new(backend, unique("svc")).topics(support::one_topic(&topic));
         p.handle("h", |_: Order| async { Ok::<_, String>(()) })
             .unwrap();
         let err = tokio::time::timeout(Duration::from_secs(20), p.start(CancellationToken::new()))
@@ -671,9 +647,8 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
         .unwrap();
     let topic = unique("ticks");
     let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let t = topic.clone();
-    let mut p = EventProcessor::new(backend.clone(), unique("svc"))
-        .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+    let mut p =
+        EventProcessor::new(backend.clone(), unique("svc")).topics(support::one_topic(&topic));
     let s = seen.clone();
     p.handle("ordered", move |t: Tick| {
         let s = s.clone();
@@ -686,13 +661,8 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
     })
     .unwrap()
     .concurrency(4);
-    let t = topic.clone();
     let ticks: Vec<Tick> = (0..60).map(|n| Tick { n }).collect();
-    EventBus::new(backend.clone())
-        .topics(cqrs::TopicNamer::new(move |_| t.clone()))
-        .publish_all(&ticks)
-        .await
-        .unwrap();
+    bus(&backend, &topic).publish_all(&ticks).await.unwrap();
     let running = p.start(CancellationToken::new()).await.unwrap();
     eventually("60 handled", || {
         let n = seen.lock().unwrap().len();
@@ -734,9 +704,8 @@ async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
     // fetch buffer when the second member joins and the partitions are split, and some is
     // queued in its lanes when it stops.
     let member = |label: &'static str, delay: u64| {
-        let t = topic.clone();
-        let mut p = EventProcessor::new(backend.clone(), &service)
-            .topics(cqrs::TopicNamer::new(move |_| t.clone()));
+        let mut p =
+            EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
         let h = handled.clone();
         p.handle("record", move |o: Order| {
             let h = h.clone();

@@ -162,10 +162,7 @@ async fn nacks_redeliver_with_rising_count_then_dead_letter() {
     let dead = keys.add(&unique("dead"));
     let backend = backend().await;
     let attempts = Arc::new(Mutex::new(Vec::new()));
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     let mut p = EventProcessor::new(backend.clone(), unique("svc")).topics(namer.clone());
     let seen = attempts.clone();
     p.handle("alerter", move |_: Reading, ctx: Context| {
@@ -632,10 +629,7 @@ async fn redis_cli_publishes_in_the_documented_format_and_malformed_entries_are_
     let backend = backend().await;
     type Seen = Arc<Mutex<Vec<(Reading, Option<String>)>>>;
     let got: Seen = Arc::default();
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
     let g = got.clone();
     p.handle("reader", move |r: Reading, ctx: Context| {
@@ -725,10 +719,7 @@ async fn a_v1_message_written_by_redis_cli_reaches_a_v3_handler_and_a_v4_is_dead
     let dead = keys.add(&format!("{service}.billing.dead-letter"));
     let backend = backend().await;
     let got: Arc<Mutex<Vec<OrderPlaced>>> = Arc::default();
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     let mut p = EventProcessor::new(backend.clone(), &service).topics(namer);
     let g = got.clone();
     p.handle("billing", move |o: OrderPlaced| {
@@ -821,10 +812,7 @@ async fn a_batch_handler_gets_fetched_batches_and_a_failed_event_is_retried_alon
     let topic = keys.add(&unique("batch"));
     let service = unique("svc");
     let backend = backend().await;
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     EventBus::new(backend.clone())
         .topics(namer.clone())
         .publish_all(&support::scenarios::jobs(30))
@@ -868,10 +856,7 @@ async fn a_renamed_handler_is_warned_about_the_entries_its_old_group_holds() {
     let topic = keys.add(&unique("renamed"));
     let service = unique("svc");
     let backend = backend().await;
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     let start = |handler: &'static str| {
         let mut p = EventProcessor::new(backend.clone(), &service).topics(namer.clone());
         p.handle(handler, |_: Reading| async { Ok::<_, String>(()) })
@@ -913,10 +898,7 @@ async fn a_handler_decides_how_its_message_settles() {
     let service = unique("svc");
     let dead = keys.add(&format!("{service}.decide.dead-letter"));
     let backend = backend().await;
-    let namer = cqrs::TopicNamer::new({
-        let topic = topic.clone();
-        move |_| topic.clone()
-    });
+    let namer = support::one_topic(&topic);
     support::scenarios::handler_decides(backend, namer, &service, &dead).await;
 }
 

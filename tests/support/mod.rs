@@ -11,6 +11,12 @@ use cqrs::kafka::rdkafka;
 #[cfg(feature = "redis")]
 use cqrs::redis::redis;
 
+/// A topic namer that sends every event to `topic`.
+pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
+    let topic = topic.to_owned();
+    cqrs::TopicNamer::new(move |_| topic.clone())
+}
+
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -477,10 +483,9 @@ pub mod scenarios {
         .unwrap()
         .retry(RetryPolicy::attempts(5).backoff(Duration::from_millis(5), 1.0));
         let running = p.start(CancellationToken::new()).await.unwrap();
-        let events: Vec<Job> = (0..3).map(|n| Job { n }).collect();
         EventBus::new(backend.clone())
             .topics(namer)
-            .publish_all(&events)
+            .publish_all(&jobs(3))
             .await
             .unwrap();
         let mut reader = backend
