@@ -25,40 +25,18 @@ use std::time::{Duration, Instant};
 use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
-use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
-use serde::{Deserialize, Serialize};
+use cqrs::{Backend, BoxError, CancellationToken, EventBus, EventProcessor};
 
 #[path = "support/mod.rs"]
 mod support;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-struct Reading {
-    #[event(key)]
-    sensor: String,
-    seq: u64,
-    note: String,
-}
-
-fn reading(seq: u64) -> Reading {
-    Reading {
-        sensor: format!("sensor-{:04}", seq % 1000),
-        seq,
-        note: "x".repeat(150),
-    }
-}
-
-fn namer(topic: &str) -> TopicNamer {
-    let t = topic.to_owned();
-    TopicNamer::new(move |_| t.clone())
-}
-
 /// Publishes `n` events in chunks of 1,000.
 async fn fill(backend: impl Backend, topic: &str, n: u64) -> Result<(), BoxError> {
-    let bus = EventBus::new(backend).topics(namer(topic));
+    let bus = EventBus::new(backend).topics(support::one_topic(topic));
     let mut start = 0;
     while start < n {
         let end = (start + 1000).min(n);
-        let chunk: Vec<Reading> = (start..end).map(reading).collect();
+        let chunk: Vec<support::Sample> = (start..end).map(support::sample).collect();
         bus.publish_all(&chunk).await?;
         start = end;
     }
@@ -74,12 +52,15 @@ async fn drain(
     concurrency: usize,
 ) -> Result<(), BoxError> {
     let handled = Arc::new(AtomicU64::new(0));
-    let mut p = EventProcessor::new(backend, "bench-backlog").topics(namer(topic));
+    let mut p = EventProcessor::new(backend, "bench-backlog").topics(support::one_topic(topic));
     let h = handled.clone();
-    p.handle(&cqrs::conformance::unique("drain"), move |_r: Reading| {
-        h.fetch_add(1, Ordering::Relaxed);
-        std::future::ready(Ok::<_, BoxError>(()))
-    })?
+    p.handle(
+        &cqrs::conformance::unique("drain"),
+        move |_s: support::Sample| {
+            h.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Ok::<_, BoxError>(()))
+        },
+    )?
     .concurrency(concurrency);
     let start = Instant::now();
     println!("rss 0 0 {}", support::rss_kib());

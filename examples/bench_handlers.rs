@@ -18,24 +18,11 @@ use std::time::{Duration, Instant};
 
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
-use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
-use serde::{Deserialize, Serialize};
+use cqrs::{Backend, BoxError, CancellationToken, EventBus, EventProcessor};
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-struct Order {
-    #[event(key)]
-    customer: String,
-    seq: u64,
-    note: String,
-}
-
-fn order(seq: u64) -> Order {
-    Order {
-        customer: format!("customer-{:04}", seq % 1000),
-        seq,
-        note: "x".repeat(150),
-    }
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::Sample;
 
 /// One row of the table: a handler configuration and how many members run it.
 struct Case {
@@ -102,10 +89,9 @@ fn cases(n: usize) -> Vec<Case> {
 /// Publishes the case's events, then times `members` processors draining them.
 async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<f64, BoxError> {
     let total = case.members * case.per_member;
-    let t = topic.to_owned();
-    let namer = TopicNamer::new(move |_| t.clone());
+    let namer = support::one_topic(topic);
     let bus = EventBus::new(backend.clone()).topics(namer.clone());
-    let events: Vec<Order> = (0..total as u64).map(order).collect();
+    let events: Vec<Sample> = (0..total as u64).map(support::sample).collect();
     for chunk in events.chunks(1000) {
         bus.publish_all(chunk).await?;
     }
@@ -118,7 +104,7 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
         let mut p = EventProcessor::new(backend.clone(), "bench-handlers").topics(namer.clone());
         let (h, io) = (handled.clone(), case.io);
         // The handler a user writes: an async fn of the event.
-        let options = p.handle("on-order", move |_order: Order| {
+        let options = p.handle("on-order", move |_sample: Sample| {
             let h = h.clone();
             async move {
                 if let Some(io) = io {

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cqrs::kafka::{rdkafka, KafkaBackend};
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
-use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use cqrs::{Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -130,8 +130,7 @@ async fn ours(
     secs: u64,
 ) -> Result<Vec<u64>, BoxError> {
     let samples: Samples = Arc::default();
-    let t = topic.to_owned();
-    let namer = TopicNamer::new(move |_| t.clone());
+    let namer = support::one_topic(topic);
     let mut p = EventProcessor::new(backend.clone(), "bench-latency").topics(namer.clone());
     let s = samples.clone();
     p.handle(&cqrs::conformance::unique("h"), move |e: Ping| {

@@ -74,6 +74,7 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+#[cfg(feature = "kafka")]
 /// The child side of [`MockKafka`]: serves a one-broker librdkafka mock cluster with `topics`
 /// (the mock has no CreateTopics), prints its bootstrap address, and runs until stdin closes.
 pub fn serve_mock_kafka(topics: &[&str], partitions: i32) -> Result<(), BoxError> {
@@ -101,6 +102,7 @@ pub struct MockKafka {
     child: std::process::Child,
 }
 
+#[cfg(feature = "kafka")]
 impl MockKafka {
     pub fn start(args: &[&str]) -> Result<Self, BoxError> {
         use std::io::BufRead;
@@ -121,6 +123,7 @@ impl MockKafka {
     }
 }
 
+#[cfg(feature = "kafka")]
 impl Drop for MockKafka {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -128,6 +131,7 @@ impl Drop for MockKafka {
     }
 }
 
+#[cfg(feature = "kafka")]
 /// Kafka for a benchmark: the cluster at `KAFKA_BROKERS` if set, else a [`MockKafka`] holding
 /// `topics` with `partitions` each, served by this program run as
 /// `kafka-broker <partitions> <topic>...` (see [`kafka_broker_role`]). Keep the guard alive.
@@ -147,6 +151,7 @@ pub fn bench_kafka(
     Ok((Some(mock), config))
 }
 
+#[cfg(feature = "kafka")]
 /// Runs the `kafka-broker <partitions> <topic>...` role if `args` (without the program name)
 /// ask for it: `None` otherwise.
 pub fn kafka_broker_role(args: &[String]) -> Option<Result<(), BoxError>> {
@@ -171,4 +176,28 @@ pub fn kafka_fetch_wait_ms() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100)
+}
+
+/// The event the benchmarks send: keyed over 1,000 keys, ~200 bytes of JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::Event)]
+pub struct Sample {
+    #[event(key)]
+    pub key: String,
+    pub seq: u64,
+    pub note: String,
+}
+
+/// Sample number `seq`.
+pub fn sample(seq: u64) -> Sample {
+    Sample {
+        key: format!("key-{:04}", seq % 1000),
+        seq,
+        note: "x".repeat(150),
+    }
+}
+
+/// A topic namer that sends every event to `topic`.
+pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
+    let topic = topic.to_owned();
+    cqrs::TopicNamer::new(move |_| topic.clone())
 }
