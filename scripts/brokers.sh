@@ -43,6 +43,72 @@ redis_cleanup() {
   log "removed the conformance suite's streams from database ${db:-0}"
 }
 
+# A local Redis Cluster of three masters (no replicas) on free loopback ports, stopped when the
+# script exits; sets REDIS_CLUSTER_NODES to its seed list. Reused when REDIS_CLUSTER_NODES is set.
+REDIS_CLUSTER_PIDS=()
+stop_redis_cluster() {
+  for pid in "${REDIS_CLUSTER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+
+ensure_redis_cluster() {
+  if [ -n "${REDIS_CLUSTER_NODES:-}" ]; then
+    log "using the Redis Cluster at $REDIS_CLUSTER_NODES"
+    return 0
+  fi
+  local dir ports=() addrs=() urls=() port
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-redis-cluster.XXXXXX")"
+  # Each node also listens on its port + 10000 (the cluster bus): pick ports where both are free.
+  for port in $(python3 - <<'PY'
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+ports = []
+while len(ports) < 3:
+    p = random.randrange(20000, 50000)
+    if p not in ports and free(p) and free(p + 10000):
+        ports.append(p)
+print(*ports)
+PY
+  ); do
+    mkdir -p "$dir/$port"
+    (cd "$dir/$port" && exec redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout 5000 --save "" --appendonly no \
+      --logfile "$dir/$port/redis.log") &
+    REDIS_CLUSTER_PIDS+=($!)
+    ports+=("$port"); addrs+=("127.0.0.1:$port"); urls+=("redis://127.0.0.1:$port")
+  done
+  for port in "${ports[@]}"; do
+    for _ in $(seq 1 50); do
+      redis-cli -p "$port" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 || {
+    cat "$dir/create.log" >&2; log "creating the Redis Cluster failed"; return 1
+  }
+  for _ in $(seq 1 100); do
+    redis-cli -p "${ports[0]}" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
+    sleep 0.1
+  done
+  redis-cli -p "${ports[0]}" cluster info | grep -q '^cluster_state:ok' || {
+    log "the Redis Cluster did not reach cluster_state:ok"; return 1
+  }
+  REDIS_CLUSTER_NODES="$(IFS=,; echo "${urls[*]}")"
+  export REDIS_CLUSTER_NODES
+  log "Redis Cluster of 3 masters on ${addrs[*]}"
+}
+
+stop_brokers() {
+  stop_tansu
+  stop_redis_cluster
+}
+
 TANSU_VERSION=0.6.0
 export TANSU_BIN="${TANSU_BIN:-$HOME/.cache/tansu-$TANSU_VERSION/bin/tansu}"
 TANSU_PIDS=()
@@ -81,7 +147,7 @@ start_tansu() {
 # Kafka-protocol brokers for the run: `KAFKA_BROKERS` if set, else a fresh tansu (installed from
 # crates.io on first use); a second one for the two-cluster example.
 ensure_kafka() {
-  trap stop_tansu EXIT
+  trap stop_brokers EXIT
   if [ -n "${KAFKA_BROKERS:-}" ]; then
     log "using Kafka at $KAFKA_BROKERS"
   else

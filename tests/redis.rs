@@ -599,6 +599,46 @@ async fn a_group_created_again_keeps_its_start_position() {
 }
 
 #[tokio::test]
+async fn a_stream_deleted_under_a_blocked_read_is_read_again_not_failed() {
+    let server = RedisServer::start().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let stream = unique("deleted");
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]))
+        .await
+        .unwrap();
+    let reading = tokio::spawn(async move {
+        let got = receive_n(&mut *consumer, 1).await;
+        payloads(&got)
+    });
+    // The server answers a blocked XREADGROUP whose stream is deleted with an `UNBLOCKED`
+    // error (as a cluster master does when a reshard moves the stream away).
+    let mut conn = raw(&server.url()).await;
+    eventually("the consumer blocked in XREADGROUP", || {
+        let mut conn = conn.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            info.contains("blocked_clients:1")
+        }
+    })
+    .await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    backend
+        .publish(&stream, &[Message::new("After", b"after".to_vec())])
+        .await
+        .unwrap();
+    assert_eq!(reading.await.unwrap(), ["after"]);
+}
+
+#[tokio::test]
 async fn a_dead_letter_stream_in_no_pool_is_refused_at_start() {
     let (one, two) = (RedisServer::start().await, RedisServer::start().await);
     let mut topology = Topology::new();

@@ -191,7 +191,7 @@ impl RedisBackend {
     }
 }
 
-async fn group_infos(conn: &mut redis::aio::ConnectionManager, stream: &str) -> Result<Vec<Value>> {
+async fn group_infos(conn: &mut crate::conn::Conn, stream: &str) -> Result<Vec<Value>> {
     let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)

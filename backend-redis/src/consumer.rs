@@ -8,16 +8,20 @@ use async_trait::async_trait;
 use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
 use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::StartFrom;
-use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::time::Instant;
 
+use crate::conn::{by_slot, Conn};
 use crate::error::Error;
 use crate::value::{self, Entry as StreamEntry};
 use crate::{create_group_at, start_id, RedisOptions};
 
 /// How often consumers look for members to remove.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a read of a group whose streams are in several cluster slots blocks on one slot
+/// before looking at the others.
+const MULTI_SLOT_BLOCK: Duration = Duration::from_millis(50);
 
 /// What the consumer and its acker share: entries handed out and not settled, and nacked
 /// entries waiting for their redelivery time.
@@ -60,8 +64,13 @@ fn lock(local: &Mutex<Local>) -> MutexGuard<'_, Local> {
 }
 
 pub(crate) struct RedisConsumer {
-    conn: ConnectionManager,
+    conn: Conn,
     streams: Vec<Arc<str>>,
+    /// The streams by cluster slot (one group on a single server): one `XREADGROUP` reads one
+    /// slot's streams.
+    slots: Vec<Vec<Arc<str>>>,
+    /// The slot whose streams the next read looks at first.
+    next_slot: usize,
     group: String,
     me: String,
     start: StartFrom,
@@ -88,8 +97,8 @@ pub(crate) struct RedisConsumer {
 
 impl RedisConsumer {
     pub(crate) fn new(
-        conn: ConnectionManager,
-        shared: ConnectionManager,
+        conn: Conn,
+        shared: Conn,
         subscription: &Subscription,
         options: RedisOptions,
     ) -> Self {
@@ -99,6 +108,7 @@ impl RedisConsumer {
             .iter()
             .map(|t| Arc::from(t.as_str()))
             .collect();
+        let slots = by_slot(&conn, streams.iter().cloned());
         let keeper = subscription.claim_idle.map(|idle| {
             tokio::spawn(keep_fresh(
                 shared.clone(),
@@ -129,6 +139,8 @@ impl RedisConsumer {
             next_claim: Instant::now(),
             next_cleanup: Instant::now(),
             streams,
+            slots,
+            next_slot: 0,
         };
         consumer.restart_resume();
         consumer
@@ -382,13 +394,49 @@ impl RedisConsumer {
         Ok(())
     }
 
-    /// Reads new entries, blocking up to `block` when given.
+    /// Reads up to `count` new entries, blocking up to `block` when given and nothing came.
+    ///
+    /// Streams in several cluster slots cannot be read by one command: each slot's streams are
+    /// read in turn without blocking, starting with a different slot each time, and only when
+    /// all were empty the read blocks, on one slot for at most [`MULTI_SLOT_BLOCK`].
     async fn read_new(
         &mut self,
         count: usize,
         block: Option<Duration>,
         out: &mut Vec<Delivery>,
     ) -> Result<(), Error> {
+        let n = self.slots.len();
+        if n <= 1 {
+            return self.read_slot(0, count, block, out).await;
+        }
+        let first = self.next_slot % n;
+        self.next_slot = first + 1;
+        let limit = out.len() + count;
+        for k in 0..n {
+            if out.len() >= limit {
+                return Ok(());
+            }
+            self.read_slot((first + k) % n, limit - out.len(), None, out)
+                .await?;
+        }
+        if out.is_empty() {
+            if let Some(block) = block {
+                let block = block.min(MULTI_SLOT_BLOCK);
+                self.read_slot(first, count, Some(block), out).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads new entries of the streams of `self.slots[slot]`, blocking up to `block` when given.
+    async fn read_slot(
+        &mut self,
+        slot: usize,
+        count: usize,
+        block: Option<Duration>,
+        out: &mut Vec<Delivery>,
+    ) -> Result<(), Error> {
+        let streams = &self.slots[slot];
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -399,16 +447,26 @@ impl RedisConsumer {
             cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
         }
         cmd.arg("STREAMS");
-        for s in &self.streams {
+        for s in streams {
             cmd.arg(&**s);
         }
-        for _ in &self.streams {
+        for _ in streams {
             cmd.arg(">");
         }
         self.read_in_flight = true;
         let reply = self.query(&cmd, "XREADGROUP").await;
         self.read_in_flight = false;
-        for (name, entries) in value::streams(reply?) {
+        let reply = match reply {
+            // The stream went away under the blocked read: deleted, or moved to another cluster
+            // master by a reshard. Nothing was read; the next read finds it (following `MOVED`)
+            // or creates the group again (`NOGROUP`).
+            Err(e) if e.redis_code() == Some("UNBLOCKED") => {
+                tracing::info!(group = %self.group, error = %e, "blocked read ended by the server; reading again");
+                return Ok(());
+            }
+            reply => reply?,
+        };
+        for (name, entries) in value::streams(reply) {
             let Some(stream) = self.streams.iter().find(|s| ***s == *name).cloned() else {
                 continue;
             };
@@ -544,7 +602,7 @@ impl Drop for RedisConsumer {
 /// live member's entries are never idle long enough for another member to claim them, however
 /// long they wait in its queues or its handler runs.
 async fn keep_fresh(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     group: String,
     me: String,
     local: Arc<Mutex<Local>>,
@@ -581,7 +639,7 @@ async fn keep_fresh(
 }
 
 pub(crate) struct RedisAcker {
-    conn: ConnectionManager,
+    conn: Conn,
     group: String,
     local: Arc<Mutex<Local>>,
 }
@@ -593,17 +651,20 @@ impl Acknowledge for RedisAcker {
         for d in deliveries {
             by_stream.entry(d.topic()).or_default().push(d.broker_id());
         }
-        let mut pipe = redis::pipe();
-        for (stream, ids) in &by_stream {
-            pipe.cmd("XACK")
-                .arg(*stream)
-                .arg(&self.group)
-                .arg(ids)
-                .ignore();
+        // One pipeline per slot: a cluster routes a pipeline whole, to one master.
+        for streams in by_slot(&self.conn, by_stream.keys().copied()) {
+            let mut pipe = redis::pipe();
+            for stream in streams {
+                pipe.cmd("XACK")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(&by_stream[stream])
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(|e| Error::redis("XACK", e))?;
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(|e| Error::redis("XACK", e))?;
         let mut local = lock(&self.local);
         for d in deliveries {
             local

@@ -42,6 +42,15 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A pool whose servers are not given right (in YAML: neither or both of `redis` and
+    /// `cluster`; a cluster without seed nodes).
+    #[error("pool `{pool}`: {reason}")]
+    InvalidPool {
+        /// The pool.
+        pool: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A stream name that cannot be used.
     #[error("invalid stream name: {0}")]
     InvalidStream(String),
@@ -113,6 +122,7 @@ impl From<Error> for cqrs_core::Error {
             | Error::NoPool(_)
             | Error::StreamsInTwoPools(_)
             | Error::InvalidAddress { .. }
+            | Error::InvalidPool { .. }
             | Error::InvalidStream(_)
             | Error::Yaml(_)
             | Error::Io { .. }) => cqrs_core::Error::Config(e.to_string()),

@@ -22,6 +22,7 @@
 //! ```
 
 mod admin;
+mod conn;
 mod consumer;
 mod error;
 mod topology;
@@ -36,14 +37,15 @@ use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Publisher, Subscriber, Subscription};
 use cqrs_core::wire::Layout;
 use cqrs_core::{Message, StartFrom};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::conn::{Conn, Connector};
 
 pub use admin::{GroupStats, StreamStats};
 pub use error::{Error, Result};
 /// The `redis` client crate this backend is built on, for raw commands beside it (admin
 /// scripts, tests), at the version the backend uses.
 pub use redis;
-pub use topology::{redact, PoolSpec, RedisUrl, StreamSpec, Topology};
+pub use topology::{redact, PoolSpec, RedisUrl, Servers, StreamSpec, Topology};
 
 /// Tuning of the backend; the defaults suit most services.
 #[derive(Debug, Clone)]
@@ -84,17 +86,34 @@ struct Inner {
 
 pub(crate) struct Pool {
     name: String,
-    url: RedisUrl,
-    client: redis::Client,
-    conn: ConnectionManager,
+    servers: Servers,
+    connector: Connector,
+    conn: Conn,
     max_len: HashMap<String, usize>,
 }
 
 impl RedisBackend {
     /// Connects to one Redis server as the pool `default`; every stream lives there.
+    ///
+    /// A comma-separated list of addresses (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) is
+    /// the seed nodes of a Redis Cluster, as [`RedisBackend::connect_cluster`].
     pub async fn connect(url: &str) -> Result<Self> {
+        if url.contains(',') {
+            return Self::connect_cluster(url.split(',').map(str::trim)).await;
+        }
         let mut topology = Topology::new();
         topology.pool("default", url)?;
+        Self::from_topology(&topology).await
+    }
+
+    /// Connects to a Redis Cluster through its seed `nodes` as the pool `default`: each stream
+    /// lives on the master of its slot, commands follow `MOVED` and `ASK`, and a group reading
+    /// streams of several slots reads each slot's streams from its master.
+    pub async fn connect_cluster<A: AsRef<str>>(
+        nodes: impl IntoIterator<Item = A>,
+    ) -> Result<Self> {
+        let mut topology = Topology::new();
+        topology.cluster("default", nodes)?;
         Self::from_topology(&topology).await
     }
 
@@ -108,16 +127,13 @@ impl RedisBackend {
         let mut pools = Vec::new();
         let mut streams = HashMap::new();
         for (i, spec) in topology.pools.iter().enumerate() {
-            let client =
-                redis::Client::open(spec.url.expose()).map_err(|e| Error::InvalidAddress {
-                    address: spec.url.to_string(),
-                    reason: e.to_string(),
-                })?;
-            let conn = manager(&client, options.response_timeout)
+            let connector = connector(&spec.servers)?;
+            let conn = connector
+                .connect(options.response_timeout)
                 .await
                 .map_err(|e| {
                     Error::redis(
-                        format!("connect to pool `{}` at {}", spec.name, spec.url),
+                        format!("connect to pool `{}` at {}", spec.name, spec.servers),
                         e,
                     )
                 })?;
@@ -130,8 +146,8 @@ impl RedisBackend {
             }
             pools.push(Pool {
                 name: spec.name.clone(),
-                url: spec.url.clone(),
-                client,
+                servers: spec.servers.clone(),
+                connector,
                 conn,
                 max_len,
             });
@@ -189,7 +205,7 @@ impl fmt::Debug for RedisBackend {
             .inner
             .pools
             .iter()
-            .map(|p| format!("{}={}", p.name, p.url))
+            .map(|p| format!("{}={}", p.name, p.servers))
             .collect();
         f.debug_struct("RedisBackend")
             .field("pools", &pools)
@@ -197,20 +213,31 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
-pub(crate) async fn manager(
-    client: &redis::Client,
-    response_timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_number_of_retries(3)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client.clone(), config).await
+/// The client of a pool's servers; an address the client refuses is an error without its
+/// password.
+fn connector(servers: &Servers) -> Result<Connector> {
+    let invalid = |url: &RedisUrl, e: redis::RedisError| Error::InvalidAddress {
+        address: url.to_string(),
+        reason: e.to_string(),
+    };
+    Ok(match servers {
+        Servers::One(url) => Connector::One(Box::new(
+            redis::Client::open(url.expose()).map_err(|e| invalid(url, e))?,
+        )),
+        Servers::Cluster(nodes) => Connector::Cluster(
+            nodes
+                .iter()
+                .map(|url| {
+                    redis::IntoConnectionInfo::into_connection_info(url.expose())
+                        .map_err(|e| invalid(url, e))
+                })
+                .collect::<Result<_>>()?,
+        ),
+    })
 }
 
 pub(crate) async fn create_group(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     start: StartFrom,
@@ -228,7 +255,7 @@ pub(crate) fn start_id(start: StartFrom) -> &'static str {
 
 /// Creates `group` on `stream` (and the stream) from entry `id` unless it exists.
 pub(crate) async fn create_group_at(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     id: &str,
@@ -292,7 +319,7 @@ impl Subscriber for RedisBackend {
     fn location(&self, topic: &str) -> Option<String> {
         self.pool_for(topic)
             .ok()
-            .map(|pool| format!("redis pool `{}` at {}", pool.name, pool.url))
+            .map(|pool| format!("redis pool `{}` at {}", pool.name, pool.servers))
     }
 
     async fn groups(
@@ -345,11 +372,13 @@ impl Subscriber for RedisBackend {
             create_group(&mut conn, topic, &subscription.group, subscription.start).await?;
         }
         let options = &self.inner.options;
-        let own = manager(&pool.client, options.block + Duration::from_secs(5))
+        let own = pool
+            .connector
+            .connect(options.block + Duration::from_secs(5))
             .await
             .map_err(|e| {
                 Error::redis(
-                    format!("connect to pool `{}` at {}", pool.name, pool.url),
+                    format!("connect to pool `{}` at {}", pool.name, pool.servers),
                     e,
                 )
             })?;

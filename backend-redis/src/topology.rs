@@ -35,16 +35,53 @@ pub struct Topology {
     pub(crate) pools: Vec<PoolSpec>,
 }
 
-/// One named pool: a Redis server and database, and its streams.
+/// One named pool: a Redis server and database, or a Redis Cluster, and its streams.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolSpec {
     /// The pool's name.
     pub name: String,
-    /// The Redis URL (`redis://[user:password@]host:port/db`, `rediss://` for TLS).
-    pub url: RedisUrl,
+    /// Where its streams live.
+    pub servers: Servers,
     /// Streams with their consumer groups.
     pub streams: BTreeMap<String, StreamSpec>,
+}
+
+/// Where a pool's streams live. `Display` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Servers {
+    /// One Redis server and database (`redis://[user:password@]host:port/db`, `rediss://` for
+    /// TLS).
+    One(RedisUrl),
+    /// A Redis Cluster, reached through these seed nodes (any of its masters or replicas; the
+    /// client learns the rest). Each stream, with its consumer groups, lives on the master that
+    /// holds its key's slot.
+    Cluster(Vec<RedisUrl>),
+}
+
+impl fmt::Display for Servers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Servers::One(url) => url.fmt(f),
+            Servers::Cluster(nodes) => {
+                f.write_str("cluster ")?;
+                for (i, node) in nodes.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    node.fmt(f)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Servers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// One stream's settings.
@@ -63,15 +100,55 @@ impl Topology {
         Self::default()
     }
 
-    /// Adds a pool. `address` is a URL (`redis://`, `rediss://`) or `host:port[:db]`.
+    /// Adds a pool on one server. `address` is a URL (`redis://`, `rediss://`) or
+    /// `host:port[:db]`.
     pub fn pool(&mut self, name: &str, address: &str) -> Result<&mut Self> {
         let url = RedisUrl::parse(address)?;
+        self.add_pool(name, Servers::One(url))
+    }
+
+    /// Adds a pool on a Redis Cluster, reached through `nodes` (addresses as for
+    /// [`Topology::pool`], database 0: a cluster has no other).
+    ///
+    /// ```
+    /// use backend_redis::Topology;
+    ///
+    /// let mut topology = Topology::new();
+    /// topology
+    ///     .cluster("events", ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])?
+    ///     .stream("events", "orders.placed", ["svc-billing.charge"])?;
+    /// let err = topology.cluster("other", ["redis://10.0.0.3:7000/2"]).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid Redis address `redis://10.0.0.3:7000/2`: a Redis Cluster has only database 0"
+    /// );
+    /// # Ok::<(), backend_redis::Error>(())
+    /// ```
+    pub fn cluster<A: AsRef<str>>(
+        &mut self,
+        name: &str,
+        nodes: impl IntoIterator<Item = A>,
+    ) -> Result<&mut Self> {
+        let nodes = nodes
+            .into_iter()
+            .map(|a| RedisUrl::parse_cluster_node(a.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        if nodes.is_empty() {
+            return Err(Error::InvalidPool {
+                pool: name.to_owned(),
+                reason: "a cluster needs at least one seed node".to_owned(),
+            });
+        }
+        self.add_pool(name, Servers::Cluster(nodes))
+    }
+
+    fn add_pool(&mut self, name: &str, servers: Servers) -> Result<&mut Self> {
         if self.pools.iter().any(|p| p.name == name) {
             return Err(Error::DuplicatePool(name.to_owned()));
         }
         self.pools.push(PoolSpec {
             name: name.to_owned(),
-            url,
+            servers,
             streams: BTreeMap::new(),
         });
         Ok(self)
@@ -147,9 +224,14 @@ impl Topology {
     ///   redis: 192.168.1.20:6379:3
     ///   streams:
     ///     stream-c: [read-group-c]
+    /// events:
+    ///   cluster: [redis://10.0.0.1:7000, redis://10.0.0.2:7000]
+    ///   streams:
+    ///     orders.placed: [svc-billing.charge]
     /// ```
     ///
-    /// Unknown keys and bad addresses are errors with their line and column.
+    /// A pool has `redis` (one server) or `cluster` (seed nodes of a Redis Cluster). Unknown keys
+    /// and bad addresses are errors with their line and column.
     pub fn from_yaml(text: &str) -> Result<Self> {
         let raw: serde_yaml::Mapping = serde_yaml::from_str(text)?;
         // Deserialize again as typed pools, keeping the document's order of pools.
@@ -160,11 +242,27 @@ impl Topology {
             let Some(pool) = typed.get(name) else {
                 continue;
             };
-            topology.pools.push(PoolSpec {
-                name: name.to_owned(),
-                url: pool.redis.clone(),
-                streams: BTreeMap::new(),
-            });
+            let servers = match (&pool.redis, &pool.cluster) {
+                (Some(url), None) => Servers::One(url.clone()),
+                (None, Some(nodes)) if !nodes.is_empty() => Servers::Cluster(nodes.clone()),
+                (redis, cluster) => {
+                    return Err(Error::InvalidPool {
+                        pool: name.to_owned(),
+                        reason: match (redis, cluster) {
+                            (Some(_), Some(_)) => "it has both `redis` and `cluster`: give one",
+                            (None, Some(_)) => "its `cluster` lists no seed node",
+                            _ => "it needs `redis: <address>` (one server) or `cluster: [<address>, ...]` (a Redis Cluster)",
+                        }
+                        .to_owned(),
+                    })
+                }
+            };
+            if let Servers::Cluster(nodes) = &servers {
+                for node in nodes {
+                    RedisUrl::parse_cluster_node(node.expose())?;
+                }
+            }
+            topology.add_pool(name, servers)?;
             for (stream, groups) in &pool.streams {
                 topology.stream(name, stream, groups.iter().cloned())?;
             }
@@ -196,7 +294,7 @@ impl fmt::Debug for PoolSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolSpec")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field("servers", &self.servers)
             .field("streams", &self.streams)
             .finish()
     }
@@ -205,7 +303,10 @@ impl fmt::Debug for PoolSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct YamlPool {
-    redis: RedisUrl,
+    #[serde(default)]
+    redis: Option<RedisUrl>,
+    #[serde(default)]
+    cluster: Option<Vec<RedisUrl>>,
     #[serde(default)]
     streams: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -248,6 +349,22 @@ impl RedisUrl {
             reason: e.to_string(),
         })?;
         Ok(RedisUrl(url))
+    }
+
+    /// Parses the address of a cluster node: as [`RedisUrl::parse`], refusing a database other
+    /// than 0.
+    pub fn parse_cluster_node(address: &str) -> Result<Self> {
+        let url = Self::parse(address)?;
+        let db = redis::Client::open(url.expose())
+            .map(|c| c.get_connection_info().redis_settings().db())
+            .unwrap_or(0);
+        if db != 0 {
+            return Err(Error::InvalidAddress {
+                address: url.to_string(),
+                reason: "a Redis Cluster has only database 0".to_owned(),
+            });
+        }
+        Ok(url)
     }
 
     /// The full URL, password included: for connecting, never for printing.
@@ -326,7 +443,7 @@ second:
             .unwrap();
         assert_eq!(from_yaml, in_code);
         assert_eq!(
-            from_yaml.pools()[1].url.expose(),
+            from_yaml.pools()[1].servers.to_string(),
             "redis://192.168.1.20:6379/3"
         );
     }
@@ -372,6 +489,52 @@ second:
             .unwrap_err()
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_pool_in_yaml() {
+        let yaml = "\
+events:
+  cluster: [\"redis://:pw@10.0.0.1:7000\", 10.0.0.2:7000]
+  streams:
+    orders.placed: [svc-billing.charge]
+";
+        let t = Topology::from_yaml(yaml).unwrap();
+        assert_eq!(
+            t.pools()[0].servers.to_string(),
+            "cluster redis://:***@10.0.0.1:7000,redis://10.0.0.2:7000/0"
+        );
+        assert_eq!(t.pool_of("orders.placed"), Some("events"));
+        let mut in_code = Topology::new();
+        in_code
+            .cluster("events", ["redis://:pw@10.0.0.1:7000", "10.0.0.2:7000"])
+            .unwrap()
+            .stream("events", "orders.placed", ["svc-billing.charge"])
+            .unwrap();
+        assert_eq!(t, in_code);
+    }
+
+    #[test]
+    fn a_pool_needs_one_server_or_a_cluster() {
+        let err = |yaml: &str| Topology::from_yaml(yaml).unwrap_err().to_string();
+        assert_eq!(
+            err("a:\n  streams: {s: [g]}\n"),
+            "pool `a`: it needs `redis: <address>` (one server) or `cluster: [<address>, ...]` (a Redis Cluster)"
+        );
+        assert_eq!(
+            err("a:\n  redis: h:1\n  cluster: [h:2]\n"),
+            "pool `a`: it has both `redis` and `cluster`: give one"
+        );
+        assert_eq!(
+            err("a:\n  cluster: []\n"),
+            "pool `a`: its `cluster` lists no seed node"
+        );
+        assert_eq!(
+            err("a:\n  cluster: [h:7000:1]\n"),
+            "invalid Redis address `redis://h:7000/1`: a Redis Cluster has only database 0"
+        );
+        let typo = err("a:\n  clustr: [h:2]\n");
+        assert!(typo.contains("unknown field `clustr`"), "{typo}");
     }
 
     #[test]

@@ -1,0 +1,338 @@
+//! The Redis Streams backend against a real Redis Cluster of three masters.
+//!
+//! Uses `REDIS_CLUSTER_NODES` (comma-separated seed URLs), which `scripts/test` sets after
+//! starting a local cluster (`ensure_redis_cluster` in `scripts/brokers.sh`). Every test names its
+//! streams at random, so the tests share the cluster.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs::backend::{Publisher, Subscriber};
+use cqrs::redis::{redis, RedisBackend, Topology};
+use cqrs::{CancellationToken, Delivery, Event, EventBus, EventProcessor, Message, Subscription};
+use serde::{Deserialize, Serialize};
+use support::{eventually, one_topic, unique};
+
+fn nodes() -> Vec<String> {
+    let nodes = std::env::var("REDIS_CLUSTER_NODES").unwrap_or_default();
+    assert!(
+        !nodes.is_empty(),
+        "REDIS_CLUSTER_NODES is not set: start a cluster with \
+         `bash -c 'source scripts/brokers.sh; ensure_redis_cluster; echo $REDIS_CLUSTER_NODES; sleep infinity'` \
+         or run scripts/test"
+    );
+    nodes.split(',').map(str::to_owned).collect()
+}
+
+async fn cluster() -> RedisBackend {
+    RedisBackend::connect_cluster(nodes()).await.unwrap()
+}
+
+cqrs::conformance_suite!(async {
+    RedisBackend::connect(&std::env::var("REDIS_CLUSTER_NODES").unwrap_or_default())
+        .await
+        .expect("a Redis Cluster at REDIS_CLUSTER_NODES (scripts/test starts one)")
+});
+
+/// A plain connection to one node (not following redirections).
+async fn node(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The node that holds `key`: the one master that answers for it without `MOVED`.
+async fn owner(key: &str) -> String {
+    let mut owners = Vec::new();
+    for url in nodes() {
+        let answered: redis::RedisResult<i64> = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut node(&url).await)
+            .await;
+        if answered == Ok(1) {
+            owners.push(url);
+        }
+    }
+    assert_eq!(owners.len(), 1, "{key} is held by {owners:?}");
+    owners.remove(0)
+}
+
+async fn receive_n(consumer: &mut dyn cqrs::backend::Consumer, n: usize) -> Vec<Delivery> {
+    cqrs::conformance::receive_n(consumer, n).await
+}
+
+#[tokio::test]
+async fn streams_spread_over_the_masters_and_one_group_reads_them_all() {
+    let backend = cluster().await;
+    let streams: Vec<String> = (0..8).map(|i| unique(&format!("spread-{i}"))).collect();
+    for (i, s) in streams.iter().enumerate() {
+        let batch: Vec<Message> = (0..3)
+            .map(|j| Message::new("Ping", format!("{i}.{j}").into_bytes()))
+            .collect();
+        backend.publish(s, &batch).await.unwrap();
+    }
+    let mut by_master: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &streams {
+        *by_master.entry(owner(s).await).or_default() += 1;
+    }
+    assert!(
+        by_master.len() >= 2,
+        "8 random stream names all landed on one master: {by_master:?}"
+    );
+
+    // One group over all eight streams: each slot's streams are read from their master.
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), &streams))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 24).await;
+    let payloads: BTreeSet<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect();
+    assert_eq!(payloads.len(), 24, "each entry once: {payloads:?}");
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    cqrs::conformance::receive_none(&mut *consumer).await;
+    for s in &streams {
+        let stats = backend.stats(s).await.unwrap();
+        assert_eq!(
+            (stats.length, stats.groups[0].pending),
+            (3, 0),
+            "{s}: all acked on its master"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_group_reading_several_slots_gets_new_entries_of_each_while_it_waits() {
+    let backend = cluster().await;
+    let (a, b) = (unique("wait-a"), unique("wait-b"));
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), [&a, &b]))
+        .await
+        .unwrap();
+    cqrs::conformance::receive_none(&mut *consumer).await;
+    for (stream, body) in [(&b, "b"), (&a, "a"), (&b, "b2")] {
+        backend
+            .publish(stream, &[Message::new("Ping", body.as_bytes().to_vec())])
+            .await
+            .unwrap();
+        let got = receive_n(&mut *consumer, 1).await;
+        assert_eq!(got[0].message().payload, body.as_bytes());
+        assert_eq!(got[0].topic(), stream.as_str());
+        Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_members_entries_are_claimed_on_their_master() {
+    let backend = cluster().await;
+    let stream = unique("claim");
+    let group = unique("g");
+    let batch: Vec<Message> = (0..5)
+        .map(|i| Message::new("Ping", i.to_string().into_bytes()))
+        .collect();
+    backend.publish(&stream, &batch).await.unwrap();
+    let mut dead = backend
+        .subscribe(
+            &Subscription::new(&group, [&stream])
+                .consumer("dead")
+                .claim_idle(None),
+        )
+        .await
+        .unwrap();
+    drop(receive_n(&mut *dead, 5).await);
+    drop(dead);
+    let mut alive = backend
+        .subscribe(
+            &Subscription::new(&group, [&stream])
+                .consumer("alive")
+                .claim_idle(Some(Duration::from_millis(200))),
+        )
+        .await
+        .unwrap();
+    let got = receive_n(&mut *alive, 5).await;
+    assert!(got.iter().all(|d| d.attempt() == 2));
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    assert_eq!(backend.stats(&stream).await.unwrap().groups[0].pending, 0);
+}
+
+/// Moves `key`'s slot (with its keys) from its master to another one, the way `redis-cli
+/// --cluster reshard` does: IMPORTING / MIGRATING, MIGRATE of its keys, then SETSLOT NODE on
+/// every master. Returns the new owner.
+async fn move_slot_of(key: &str) -> String {
+    let from = owner(key).await;
+    let to = nodes().into_iter().find(|n| *n != from).unwrap();
+    let (mut src, mut dst) = (node(&from).await, node(&to).await);
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let id = |mut c: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async::<String>(&mut c)
+            .await
+            .unwrap()
+    };
+    let (src_id, dst_id) = (id(src.clone()).await, id(dst.clone()).await);
+    let setslot = |state: &str, id: &str| {
+        let mut c = redis::cmd("CLUSTER");
+        c.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        c
+    };
+    setslot("IMPORTING", &src_id)
+        .query_async::<()>(&mut dst)
+        .await
+        .unwrap();
+    setslot("MIGRATING", &dst_id)
+        .query_async::<()>(&mut src)
+        .await
+        .unwrap();
+    let (host, port) = to
+        .trim_start_matches("redis://")
+        .split_once(':')
+        .map(|(h, p)| (h.to_owned(), p.trim_end_matches('/').to_owned()))
+        .unwrap();
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        redis::cmd("MIGRATE")
+            .arg(&host)
+            .arg(&port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async::<()>(&mut src)
+            .await
+            .unwrap();
+    }
+    for url in nodes() {
+        setslot("NODE", &dst_id)
+            .query_async::<()>(&mut node(&url).await)
+            .await
+            .unwrap();
+    }
+    to
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+struct Booked {
+    #[event(key)]
+    room: String,
+    n: u32,
+}
+
+#[tokio::test]
+async fn a_stream_moved_to_another_master_is_followed_by_publishers_and_its_group() {
+    let backend = cluster().await;
+    let topic = unique("moving");
+    let bus = EventBus::new(backend.clone()).topics(one_topic(&topic));
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut p = EventProcessor::new(backend.clone(), unique("svc")).topics(one_topic(&topic));
+    let s = seen.clone();
+    p.handle("record", move |e: Booked| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.n);
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let publish = |range: std::ops::Range<u32>| {
+        let bus = bus.clone();
+        async move {
+            for n in range {
+                bus.publish(&Booked {
+                    room: format!("r{}", n % 4),
+                    n,
+                })
+                .await
+                .unwrap();
+            }
+        }
+    };
+    publish(0..50).await;
+    eventually("the first 50 handled", || async {
+        seen.lock().unwrap().len() == 50
+    })
+    .await;
+
+    let before = owner(&topic).await;
+    let after = move_slot_of(&topic).await;
+    assert_ne!(before, after);
+    assert_eq!(
+        owner(&topic).await,
+        after,
+        "the stream now lives on {after}"
+    );
+
+    // Both the bus's connection and the group's reader still point at the old master: they get
+    // MOVED, follow it, and carry on against the stream (with its group) on the new one.
+    publish(50..100).await;
+    eventually("all 100 handled after the move", || async {
+        seen.lock().unwrap().len() == 100
+    })
+    .await;
+    let stats = backend.stats(&topic).await.unwrap();
+    assert_eq!((stats.length, stats.groups[0].pending), (100, 0));
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_yaml_topology_with_a_cluster_pool_beside_a_single_server() {
+    let (local, clustered) = (unique("local"), unique("clustered"));
+    let yaml = format!(
+        "default:\n  redis: {}\n  streams:\n    {local}: [svc.a]\nevents:\n  cluster: [{}]\n  streams:\n    {clustered}: [svc.b]\n",
+        support::redis_url(),
+        nodes().join(", "),
+    );
+    let topology = Topology::from_yaml(&yaml).unwrap();
+    let backend = RedisBackend::from_topology(&topology).await.unwrap();
+    assert_eq!(
+        backend.location(&clustered).unwrap(),
+        format!("redis pool `events` at cluster {}", nodes().join(","))
+    );
+    backend
+        .publish(&clustered, &[Message::new("B", b"b".to_vec())])
+        .await
+        .unwrap();
+    // The group listed in the YAML was created on the stream's master at connect.
+    let stats = backend.stats(&clustered).await.unwrap();
+    assert_eq!(
+        (
+            stats.pool.as_str(),
+            stats.groups[0].name.as_str(),
+            stats.groups[0].lag
+        ),
+        ("events", "svc.b", Some(1))
+    );
+    let mut consumer = backend
+        .subscribe(&Subscription::new("svc.b", [&clustered]))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 1).await;
+    assert_eq!(got[0].message().payload, b"b");
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    backend.delete_stream(&local).await.unwrap();
+}
