@@ -74,6 +74,22 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time this process has used so far (user + system, all threads; from `/proc/self/stat`,
+/// in clock ticks of 10 ms; zero where there is none).
+pub fn cpu_time() -> Duration {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start at state (field 3);
+            // utime and stime are fields 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(feature = "kafka")]
 /// The child side of [`MockKafka`]: serves a one-broker librdkafka mock cluster with `topics`
 /// (the mock has no CreateTopics), prints its bootstrap address, and runs until stdin closes.
