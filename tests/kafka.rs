@@ -918,3 +918,77 @@ async fn a_nacked_message_waits_without_being_copied() {
         .map_err(|(e, _)| e)
         .unwrap();
 }
+
+/// An event whose serialization fails for `n == 2`.
+#[derive(Debug, Deserialize)]
+struct Fragile {
+    n: u32,
+}
+
+impl Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.n == 2 {
+            return Err(serde::ser::Error::custom("2 cannot be written"));
+        }
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Fragile", 1)?;
+        st.serialize_field("n", &self.n)?;
+        st.end()
+    }
+}
+
+impl Event for Fragile {
+    const NAME: &'static str = "Fragile";
+}
+
+/// The records `topic` holds over its `partitions`, from the broker's watermarks.
+fn records_on(brokers: &str, topic: &str, partitions: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = client
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+/// Kafka queues each record as it is encoded (so sending overlaps encoding): the events before
+/// one that does not encode are sent and acknowledged before the error returns, none after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_all_sends_the_events_before_one_that_does_not_encode_and_none_after() {
+    let backend = backend().await;
+    let topic = unique("fragile");
+    let events: Vec<Fragile> = (0..5).map(|n| Fragile { n }).collect();
+    let err = bus(&backend, &topic)
+        .publish_all(&events)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, cqrs::Error::Encode { name, .. } if name == "Fragile"),
+        "{err}"
+    );
+    assert_eq!(records_on(&brokers(), &topic, 4), 2);
+    let seen: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let mut p =
+        EventProcessor::new(backend.clone(), unique("svc")).topics(support::one_topic(&topic));
+    let s = seen.clone();
+    p.handle("record", move |e: Fragile| {
+        s.lock().unwrap().insert(e.n);
+        async { Ok::<_, String>(()) }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("both events handled", || {
+        let len = seen.lock().unwrap().len();
+        async move { len >= 2 }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), BTreeSet::from([0, 1]));
+}

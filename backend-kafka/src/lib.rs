@@ -42,7 +42,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 pub use error::{Error, Result};
 /// The `rdkafka` client crate this backend is built on, for raw clients beside it (admin tools,
@@ -374,42 +374,30 @@ pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     headers.unwrap_or_default()
 }
 
-#[async_trait]
-impl Publisher for KafkaBackend {
-    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
-        if messages.is_empty() {
-            return Ok(());
+impl KafkaBackend {
+    /// Hands `m` to the producer's queue; a full queue waits for deliveries to make room.
+    async fn queue(&self, topic: &str, m: &Message) -> cqrs_core::Result<DeliveryFuture> {
+        let mut record = FutureRecord::to(topic)
+            .payload(&m.payload)
+            .headers(headers(m))
+            .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
+        if let Some(key) = &m.key {
+            record = record.key(key.as_str());
         }
-        self.ensure_topics(&[topic]).await?;
-        let producer = &self.inner.producer;
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            let mut record = FutureRecord::to(topic)
-                .payload(&m.payload)
-                .headers(headers(m))
-                .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
-            if let Some(key) = &m.key {
-                record = record.key(key.as_str());
-            }
-            // Queue every message first; a full queue waits for deliveries to make room.
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
-                    Err((e, back))
-                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
-                    {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        return Err(Error::kafka(format!("producing to {topic}"), e).into())
-                    }
+        loop {
+            match self.inner.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                Err((e, _)) => return Err(Error::kafka(format!("producing to {topic}"), e).into()),
             }
         }
+    }
+
+    /// Waits until the broker acknowledged every queued record.
+    async fn delivered(topic: &str, pending: Vec<DeliveryFuture>) -> cqrs_core::Result<()> {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
@@ -426,6 +414,47 @@ impl Publisher for KafkaBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaBackend {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.ensure_topics(&[topic]).await?;
+        // Queue every message first, then await the deliveries together.
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            pending.push(self.queue(topic, m).await?);
+        }
+        Self::delivered(topic, pending).await
+    }
+
+    /// Queues each message as soon as it comes: librdkafka's `linger.ms` clock of a partition
+    /// starts with its first record, so encoding the rest overlaps the wait instead of preceding
+    /// it. An error from `messages` stops the queueing and is returned once the records already
+    /// queued are delivered (they are sent).
+    async fn publish_iter(
+        &self,
+        topic: &str,
+        messages: &mut (dyn Iterator<Item = cqrs_core::Result<Message>> + Send),
+    ) -> cqrs_core::Result<()> {
+        self.ensure_topics(&[topic]).await?;
+        let mut pending = Vec::with_capacity(messages.size_hint().0);
+        let mut failed = None;
+        for m in messages {
+            match m {
+                Ok(m) => pending.push(self.queue(topic, &m).await?),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        Self::delivered(topic, pending).await?;
+        failed.map_or(Ok(()), Err)
     }
 }
 

@@ -20,6 +20,23 @@ pub trait Publisher: Send + Sync + 'static {
     ///
     /// Returns once the broker has accepted every message.
     async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()>;
+
+    /// Appends the messages `messages` yields to `topic`, in order, stopping at the first error it
+    /// yields (an event that failed to encode), which is returned.
+    ///
+    /// The buses' `publish_all` encodes through this, so a backend whose client queues records
+    /// (Kafka) can send the first messages while the rest are still being encoded. The default
+    /// collects every message first and then calls [`Publisher::publish`]: nothing is sent when
+    /// the iterator yields an error. A backend that overrides it may have sent the messages
+    /// before the error.
+    async fn publish_iter(
+        &self,
+        topic: &str,
+        messages: &mut (dyn Iterator<Item = Result<Message>> + Send),
+    ) -> Result<()> {
+        let all = messages.collect::<Result<Vec<_>>>()?;
+        self.publish(topic, &all).await
+    }
 }
 
 /// Opens consumers that read topics as members of a consumer group.

@@ -98,6 +98,23 @@ impl<C> Outbox<C> {
         })
     }
 
+    /// Encodes `events` and publishes them through [`Publisher::publish_iter`], so a backend
+    /// can send the first while the rest are encoded.
+    async fn encode_and_send<E: Event>(&self, d: &Descriptor, events: &[&E]) -> Result<()>
+    where
+        C: Codec<E>,
+    {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut messages = events
+            .iter()
+            .map(|e| self.encode(d, *e, e.key(), Metadata::now()));
+        self.publisher
+            .publish_iter(&self.topics.topic_of(d), &mut messages)
+            .await
+    }
+
     async fn send(&self, d: &Descriptor, messages: &[Message]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -228,8 +245,13 @@ impl<C> EventBus<C> {
         self.outbox.send(&d, std::slice::from_ref(&message)).await
     }
 
-    /// Publishes many events of one type in one broker round trip where the backend can. Nothing
-    /// is sent if any event fails to encode.
+    /// Publishes many events of one type in one broker round trip where the backend can.
+    ///
+    /// Events are encoded as they are handed to the backend, so on Kafka the first records are
+    /// on their way while the rest are encoded. An event that fails to encode ends the call with
+    /// [`Error::Encode`]: the in-memory broker and Redis then send none of the events, Kafka may
+    /// have sent those before it. Any error leaves it open which events arrived, as with every
+    /// publish: publish again (consumers may see an event twice).
     pub async fn publish_all<'a, E: Event>(
         &self,
         events: impl IntoIterator<Item = &'a E>,
@@ -238,11 +260,8 @@ impl<C> EventBus<C> {
         C: Codec<E>,
     {
         let d = Descriptor::event::<E>();
-        let messages = events
-            .into_iter()
-            .map(|e| self.outbox.encode(&d, e, e.key(), Metadata::now()))
-            .collect::<Result<Vec<_>>>()?;
-        self.outbox.send(&d, &messages).await
+        let events: Vec<&E> = events.into_iter().collect();
+        self.outbox.encode_and_send(&d, &events).await
     }
 }
 

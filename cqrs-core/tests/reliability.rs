@@ -346,3 +346,42 @@ async fn a_handler_can_say_when_to_retry() {
     );
     assert!(broker.messages("svc.rate-limited.dead-letter").is_empty());
 }
+
+/// An event whose serialization fails for `seq == 2`.
+#[derive(Debug, serde::Deserialize)]
+struct Fragile {
+    seq: u32,
+}
+
+impl serde::Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.seq == 2 {
+            return Err(serde::ser::Error::custom("seq 2 cannot be written"));
+        }
+        s.serialize_u32(self.seq)
+    }
+}
+
+impl cqrs_core::Event for Fragile {
+    const NAME: &'static str = "Fragile";
+}
+
+#[tokio::test]
+async fn publish_all_with_an_event_that_does_not_encode_sends_none_to_the_memory_broker() {
+    let broker = MemoryBroker::new();
+    let bus = EventBus::new(broker.clone());
+    let events: Vec<Fragile> = (0..4).map(|seq| Fragile { seq }).collect();
+    let err = bus.publish_all(&events).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Encode { name, .. } if name == "Fragile"),
+        "{err}"
+    );
+    let source = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(
+        source.is_some_and(|s| s.contains("seq 2 cannot be written")),
+        "{err}"
+    );
+    assert_eq!(broker.messages("Fragile").len(), 0);
+    bus.publish_all(&events[..2]).await.unwrap();
+    assert_eq!(broker.messages("Fragile").len(), 2);
+}
