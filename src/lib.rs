@@ -10,6 +10,8 @@
 //! | `msgpack` | no | the MessagePack codec (`codec::MsgPack`) |
 //! | `redis` | no | the Redis Streams backend, as [`cqrs::redis`](crate) |
 //! | `kafka` | no | the Kafka backend, as [`cqrs::kafka`](crate) |
+//! | `metrics` | no | metrics through the `metrics` facade, for any exporter ([`telemetry`]) |
+//! | `prometheus` | no | `metrics` and the Prometheus exporter, as `cqrs::prometheus` |
 //!
 //! # Derive attributes
 //!
@@ -36,6 +38,10 @@ pub use backend_redis as redis;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use backend_kafka as kafka;
+
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
+pub use metrics_exporter_prometheus as prometheus;
 
 #[doc(hidden)]
 pub mod __private {

@@ -419,6 +419,10 @@ impl KafkaBackend {
 
 #[async_trait]
 impl Publisher for KafkaBackend {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
         if messages.is_empty() {
             return Ok(());

@@ -291,6 +291,10 @@ pub(crate) fn xadd(stream: &str, max_len: Option<usize>, message: &Message) -> r
 
 #[async_trait]
 impl Publisher for RedisBackend {
+    fn system(&self) -> &'static str {
+        "redis"
+    }
+
     async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
         if messages.is_empty() {
             return Ok(());

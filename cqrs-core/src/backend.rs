@@ -21,6 +21,12 @@ pub trait Publisher: Send + Sync + 'static {
     /// Returns once the broker has accepted every message.
     async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()>;
 
+    /// The kind of broker, as metrics label it (OpenTelemetry's `messaging.system`): `memory`,
+    /// `redis`, `kafka`. The default is `unknown`.
+    fn system(&self) -> &'static str {
+        "unknown"
+    }
+
     /// Appends the messages `messages` yields to `topic`, in order, stopping at the first error it
     /// yields (an event that failed to encode), which is returned.
     ///

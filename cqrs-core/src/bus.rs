@@ -110,18 +110,20 @@ impl<C> Outbox<C> {
         let mut messages = events
             .iter()
             .map(|e| self.encode(d, *e, e.key(), Metadata::now()));
-        self.publisher
-            .publish_iter(&self.topics.topic_of(d), &mut messages)
-            .await
+        let topic = self.topics.topic_of(d);
+        self.publisher.publish_iter(&topic, &mut messages).await?;
+        crate::telemetry::sent(self.publisher.system(), &topic, events.len());
+        Ok(())
     }
 
     async fn send(&self, d: &Descriptor, messages: &[Message]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
         }
-        self.publisher
-            .publish(&self.topics.topic_of(d), messages)
-            .await
+        let topic = self.topics.topic_of(d);
+        self.publisher.publish(&topic, messages).await?;
+        crate::telemetry::sent(self.publisher.system(), &topic, messages.len());
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ pub mod memory;
 mod message;
 pub mod middleware;
 pub mod processor;
+pub mod telemetry;
 pub mod wire;
 
 pub use backend::{Backend, Delivery, StartFrom, Subscription};

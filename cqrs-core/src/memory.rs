@@ -205,6 +205,10 @@ impl std::fmt::Debug for MemoryBroker {
 
 #[async_trait]
 impl Publisher for MemoryBroker {
+    fn system(&self) -> &'static str {
+        "memory"
+    }
+
     async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()> {
         if topic.is_empty() {
             return Err(Error::Config("a topic cannot be empty".into()));

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -23,6 +23,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::handler::{is_permanent, requested_delay, BatchPipeline, Context, Pipeline};
 use crate::message::Message;
 use crate::middleware::{panic_message, HandlerPanicked};
+use crate::telemetry::{self, Consuming, DeadReason};
 
 /// Header names written on dead-lettered messages.
 pub mod dead_letter_headers {
@@ -140,6 +141,18 @@ pub(crate) async fn run_group(
     // This group's own token: a group that fails stops its fetcher and lanes, not its siblings
     // (the processor decides that).
     let token = token.child_token();
+    #[cfg(feature = "metrics")]
+    let _stop_sampling = {
+        let sampling = token.child_token();
+        tokio::spawn(crate::telemetry::sample_backlog(
+            spec.subscriber.clone(),
+            spec.publisher.system(),
+            spec.group.clone(),
+            spec.topics.clone(),
+            sampling.clone(),
+        ));
+        sampling.drop_guard()
+    };
     let lanes_n = if spec.batch.is_some() {
         1
     } else {
@@ -446,6 +459,7 @@ async fn handle_batch(
             u.disarm();
         }
         ctx.handler = route.handler.clone();
+        telemetry::consumed(&consuming(spec, &route.handler, &ctx.topic), 1);
         todo.push((ctx, delivery));
     }
     while !todo.is_empty() {
@@ -472,8 +486,21 @@ async fn handle_batch(
         );
         let contexts: Vec<Context> = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
         let in_flight: Vec<_> = contexts.iter().map(|_| spec.health.enter()).collect();
+        let topic = contexts[0].topic.clone();
+        let labels = consuming(spec, &route.handler, &topic);
+        let metered =
+            telemetry::InFlight::enter(labels.backend, &spec.group, &route.handler, todo.len());
+        let started = Instant::now();
         let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
-        drop(in_flight);
+        telemetry::attempt(
+            &labels,
+            started.elapsed().as_secs_f64(),
+            outcomes.iter().all(Result::is_ok),
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(e) if e.is::<HandlerPanicked>())),
+        );
+        drop((in_flight, metered));
         let mut retry = Vec::new();
         let mut wait = Duration::ZERO;
         for ((mut ctx, delivery), outcome) in todo.into_iter().zip(outcomes) {
@@ -805,7 +832,7 @@ async fn handle_job(
         return None;
     }
     if let Some(reason) = malformed {
-        return reject(spec, ctx, delivery, &reason).await;
+        return reject(spec, ctx, delivery, &reason, DeadReason::Malformed).await;
     }
     let Some((handler, pipeline)) = services.get(&ctx.message.name) else {
         if spec.options.on_unknown == UnknownEvent::DeadLetter {
@@ -813,13 +840,18 @@ async fn handle_job(
                 "no handler for event `{}` in group `{}`",
                 ctx.message.name, spec.group
             );
-            return reject(spec, ctx, delivery, &reason).await;
+            return reject(spec, ctx, delivery, &reason, DeadReason::UnknownEvent).await;
         }
+        telemetry::consumed(&consuming(spec, "", &ctx.topic), 1);
         tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
         return delivery.map(Settle::Ack);
     };
     ctx.handler = handler.clone();
     let _in_flight = spec.health.enter();
+    let topic = ctx.topic.clone();
+    let labels = consuming(spec, handler, &topic);
+    telemetry::consumed(&labels, 1);
+    let _metered = telemetry::InFlight::enter(labels.backend, &spec.group, handler, 1);
     loop {
         // Each message's span is a root: spans of messages handled one after another (or side
         // by side on one thread) never nest.
@@ -841,7 +873,15 @@ async fn handle_job(
                 }
             }
         };
-        let Err(error) = caught(run).instrument(span.clone()).await else {
+        let started = Instant::now();
+        let result = caught(run).instrument(span.clone()).await;
+        telemetry::attempt(
+            &labels,
+            started.elapsed().as_secs_f64(),
+            result.is_ok(),
+            matches!(&result, Err(e) if e.is::<HandlerPanicked>()),
+        );
+        let Err(error) = result else {
             spec.health.handled();
             return delivery.map(Settle::Ack);
         };
@@ -888,20 +928,33 @@ async fn after_failure(
 ) -> Failed {
     let attempt = ctx.attempt;
     let reason = error_chain(&**error);
+    let labels = consuming(spec, handler, &ctx.topic);
     let Some(d) = delivery else {
         tracing::warn!(error = %reason, "handler failed under at-most-once delivery; dead-lettering");
         let published =
             dead_letter(spec, handler, &ctx.topic, &ctx.message, attempt, &reason).await;
-        if let Err(e) = published {
-            tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+        match published {
+            Ok(()) => telemetry::dead_lettered(&labels, DeadReason::AtMostOnce),
+            Err(e) => {
+                tracing::error!(error = %e.report(), message_id = %ctx.message.id, "dead-letter publish failed; the message is lost (at-most-once)");
+            }
         }
         return Failed::Settled(None);
     };
-    if is_permanent(error) || attempt >= spec.options.retry.max_attempts {
+    let permanent = is_permanent(error);
+    if permanent || attempt >= spec.options.retry.max_attempts {
         tracing::warn!(error = %reason, attempt, message_id = %ctx.message.id, "dead-lettering the message");
+        let why = if permanent {
+            DeadReason::Permanent
+        } else {
+            DeadReason::AttemptsExhausted
+        };
         return Failed::Settled(Some(
             match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
-                Ok(()) => Settle::Ack(d),
+                Ok(()) => {
+                    telemetry::dead_lettered(&labels, why);
+                    Settle::Ack(d)
+                }
                 Err(e) => {
                     tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
                     Settle::Nack(d, spec.options.retry.delay(attempt))
@@ -911,6 +964,7 @@ async fn after_failure(
     }
     let delay = requested_delay(error).unwrap_or_else(|| spec.options.retry.delay(attempt));
     tracing::info!(error = %reason, attempt, message_id = %ctx.message.id, "handler failed; retrying in {delay:?}");
+    telemetry::retried(&labels);
     Failed::Retry(d, delay)
 }
 
@@ -921,14 +975,28 @@ async fn reject(
     ctx: Context,
     delivery: Option<Delivery>,
     reason: &str,
+    why: DeadReason,
 ) -> Option<Settle> {
     tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
+    let labels = consuming(spec, "", &ctx.topic);
+    telemetry::consumed(&labels, 1);
     if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await {
         tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish failed; the message stays pending");
         let delay = spec.options.retry.delay(ctx.attempt);
         return delivery.map(|d| Settle::Nack(d, delay));
     }
+    telemetry::dead_lettered(&labels, why);
     delivery.map(Settle::Ack)
+}
+
+/// The metric labels of a message of `topic` taken by `handler` of `spec`'s group.
+fn consuming<'a>(spec: &'a GroupSpec, handler: &'a str, topic: &'a str) -> Consuming<'a> {
+    Consuming {
+        backend: spec.publisher.system(),
+        group: &spec.group,
+        handler,
+        topic,
+    }
 }
 
 /// Publishes `message` to the group's dead-letter topic with the reason in its headers.
