@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use crate::backend::Publisher;
 use crate::codec::{Codec, DefaultCodec};
 use crate::error::{Error, Result};
@@ -69,12 +71,15 @@ impl<C> Clone for Outbox<C> {
 }
 
 impl<C> Outbox<C> {
+    /// Encodes `value` into a message; with the `otel` feature its headers carry the context of
+    /// `span` (the `send` span).
     fn encode<T>(
         &self,
         d: &Descriptor,
         value: &T,
         key: Option<String>,
         mut metadata: Metadata,
+        span: &tracing::Span,
     ) -> Result<Message>
     where
         C: Codec<T>,
@@ -88,6 +93,10 @@ impl<C> Outbox<C> {
             metadata.created_at = crate::message::now_millis();
         }
         metadata.content_type = std::borrow::Cow::Borrowed(self.codec.content_type());
+        #[cfg(feature = "otel")]
+        crate::otel::inject(span, &mut metadata.headers);
+        #[cfg(not(feature = "otel"))]
+        let _ = span;
         Ok(Message {
             id: crate::message::new_message_id(),
             name: d.name.to_owned(),
@@ -96,6 +105,20 @@ impl<C> Outbox<C> {
             payload,
             metadata,
         })
+    }
+
+    /// The `send` span of publishing `n` messages to `topic` (OpenTelemetry's producer span).
+    fn span(&self, topic: &str, n: usize) -> tracing::Span {
+        tracing::info_span!(
+            "send",
+            otel.name = %format_args!("send {topic}"),
+            otel.kind = "producer",
+            messaging.system = self.publisher.system(),
+            messaging.destination.name = %topic,
+            messaging.operation.name = "send",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = n,
+        )
     }
 
     /// Encodes `events` and publishes them through [`Publisher::publish_iter`], so a backend
@@ -107,22 +130,38 @@ impl<C> Outbox<C> {
         if events.is_empty() {
             return Ok(());
         }
+        let topic = self.topics.topic_of(d);
+        let span = self.span(&topic, events.len());
         let mut messages = events
             .iter()
-            .map(|e| self.encode(d, *e, e.key(), Metadata::now()));
-        let topic = self.topics.topic_of(d);
-        self.publisher.publish_iter(&topic, &mut messages).await?;
+            .map(|e| self.encode(d, *e, e.key(), Metadata::now(), &span));
+        self.publisher
+            .publish_iter(&topic, &mut messages)
+            .instrument(span.clone())
+            .await?;
         crate::telemetry::sent(self.publisher.system(), &topic, events.len());
         Ok(())
     }
 
-    async fn send(&self, d: &Descriptor, messages: &[Message]) -> Result<()> {
-        if messages.is_empty() {
-            return Ok(());
-        }
+    /// Encodes `value` and publishes it.
+    async fn encode_and_send_one<T>(
+        &self,
+        d: &Descriptor,
+        value: &T,
+        key: Option<String>,
+        metadata: Metadata,
+    ) -> Result<()>
+    where
+        C: Codec<T>,
+    {
         let topic = self.topics.topic_of(d);
-        self.publisher.publish(&topic, messages).await?;
-        crate::telemetry::sent(self.publisher.system(), &topic, messages.len());
+        let span = self.span(&topic, 1);
+        let message = self.encode(d, value, key, metadata, &span)?;
+        self.publisher
+            .publish(&topic, std::slice::from_ref(&message))
+            .instrument(span)
+            .await?;
+        crate::telemetry::sent(self.publisher.system(), &topic, 1);
         Ok(())
     }
 }
@@ -243,8 +282,9 @@ impl<C> EventBus<C> {
         C: Codec<E>,
     {
         let d = Descriptor::event::<E>();
-        let message = self.outbox.encode(&d, event, event.key(), metadata)?;
-        self.outbox.send(&d, std::slice::from_ref(&message)).await
+        self.outbox
+            .encode_and_send_one(&d, event, event.key(), metadata)
+            .await
     }
 
     /// Publishes many events of one type in one broker round trip where the backend can.
@@ -311,7 +351,8 @@ impl<C> CommandBus<C> {
         C: Codec<T>,
     {
         let d = Descriptor::command::<T>();
-        let message = self.outbox.encode(&d, command, command.key(), metadata)?;
-        self.outbox.send(&d, std::slice::from_ref(&message)).await
+        self.outbox
+            .encode_and_send_one(&d, command, command.key(), metadata)
+            .await
     }
 }

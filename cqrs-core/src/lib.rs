@@ -15,6 +15,8 @@ pub mod handler;
 pub mod memory;
 mod message;
 pub mod middleware;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod processor;
 pub mod telemetry;
 pub mod wire;

@@ -484,6 +484,10 @@ async fn handle_batch(
             event = %route.event,
             size = todo.len(),
         );
+        #[cfg(feature = "otel")]
+        for (ctx, _) in &todo {
+            crate::otel::join(&span, &ctx.message.metadata.headers, false);
+        }
         let contexts: Vec<Context> = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
         let in_flight: Vec<_> = contexts.iter().map(|_| spec.health.enter()).collect();
         let topic = contexts[0].topic.clone();
@@ -863,6 +867,21 @@ async fn handle_job(
             event = %ctx.message.name,
             message_id = %ctx.message.id,
             attempt = ctx.attempt,
+            otel.name = %format_args!("process {}", ctx.topic),
+            otel.kind = "consumer",
+            messaging.system = labels.backend,
+            messaging.destination.name = %ctx.topic,
+            messaging.consumer.group.name = %spec.group,
+            messaging.message.id = %ctx.message.id,
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
+            error.type = tracing::field::Empty,
+        );
+        #[cfg(feature = "otel")]
+        crate::otel::join(
+            &span,
+            &ctx.message.metadata.headers,
+            spec.options.trace_as_child,
         );
         let run = async {
             match &mut *pipeline {
@@ -885,6 +904,7 @@ async fn handle_job(
             spec.health.handled();
             return delivery.map(Settle::Ack);
         };
+        span.record("error.type", error_type(&error));
         let attempt = ctx.attempt;
         let (d, delay) = match after_failure(spec, handler, &ctx, delivery.take(), &error)
             .instrument(span)
@@ -987,6 +1007,17 @@ async fn reject(
     }
     telemetry::dead_lettered(&labels, why);
     delivery.map(Settle::Ack)
+}
+
+/// OpenTelemetry's `error.type` of a failed attempt: `panic`, `permanent` or `error`.
+fn error_type(error: &BoxError) -> &'static str {
+    if error.is::<HandlerPanicked>() {
+        "panic"
+    } else if is_permanent(error) {
+        "permanent"
+    } else {
+        "error"
+    }
 }
 
 /// The metric labels of a message of `topic` taken by `handler` of `spec`'s group.
