@@ -7,7 +7,8 @@
 //! Kafka header `traceparent`. Handling opens a `process` span per message (kind consumer, named
 //! `process <topic>`) with `messaging.system`, `messaging.destination.name`,
 //! `messaging.consumer.group.name`, `messaging.message.id`, `messaging.operation.name`/`type`
-//! and the attempt, and `error.type` when the attempt fails. The `process` span links to the
+//! and the attempt (on Kafka also `messaging.destination.partition.id` and
+//! `messaging.kafka.offset`), and `error.type` when the attempt fails. The `process` span links to the
 //! context it finds in the headers; with [`crate::processor::HandlerOptions::trace_as_child`]
 //! it is that context's child, so the handler runs in the publisher's trace.
 //!

@@ -121,6 +121,17 @@ async fn handler_joins_the_request(backend: impl Backend + Clone, system: &str, 
         attribute(&process, "messaging.operation.type").as_deref(),
         Some("process")
     );
+    if system == "kafka" {
+        // One partition, one record: partition 0, offset 0.
+        assert_eq!(
+            attribute(&process, "messaging.destination.partition.id").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            attribute(&process, "messaging.kafka.offset").as_deref(),
+            Some("0")
+        );
+    }
     assert!(
         process
             .links

@@ -875,8 +875,19 @@ async fn handle_job(
             messaging.message.id = %ctx.message.id,
             messaging.operation.name = "process",
             messaging.operation.type = "process",
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
+        if labels.backend == "kafka" {
+            // A Kafka delivery's broker id is `partition:offset`.
+            if let Some((partition, offset)) = ctx.broker_id.split_once(':') {
+                span.record("messaging.destination.partition.id", partition);
+                if let Ok(offset) = offset.parse::<i64>() {
+                    span.record("messaging.kafka.offset", offset);
+                }
+            }
+        }
         #[cfg(feature = "otel")]
         crate::otel::join(
             &span,
