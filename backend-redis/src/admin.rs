@@ -203,3 +203,235 @@ async fn group_infos(conn: &mut crate::conn::Conn, stream: &str) -> Result<Vec<V
         Err(e) => Err(Error::redis(format!("XINFO GROUPS {stream}"), e)),
     }
 }
+
+/// One member of a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// The consumer's name.
+    pub name: String,
+    /// Entries delivered to it and not acked.
+    pub pending: u64,
+    /// Time since it last read or claimed.
+    pub idle: Duration,
+}
+
+/// One message on a dead-letter stream, with what the processor wrote about its failure.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The entry id on the dead-letter stream.
+    pub id: String,
+    /// The message as it was dead-lettered (its headers hold the `x-dead-letter-*` fields).
+    pub message: cqrs_core::Message,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    /// The handler that failed (empty when none took it).
+    pub handler: Option<String>,
+    /// The consumer group.
+    pub group: Option<String>,
+    /// The topic it came from, where a redrive publishes it.
+    pub topic: Option<String>,
+    /// Deliveries made before it was dead-lettered.
+    pub attempts: Option<u32>,
+    /// Time since it was dead-lettered (from its entry id).
+    pub age: Option<Duration>,
+}
+
+impl DeadLetter {
+    fn new(entry: value::Entry) -> Option<Self> {
+        use cqrs_core::processor::dead_letter_headers as h;
+        use cqrs_core::wire::{Entry, Layout};
+        let mut fields = entry.fields?;
+        let payload = fields
+            .iter()
+            .position(|(k, _)| k == b"payload")
+            .map(|i| fields.swap_remove(i).1);
+        let time_ms = parse_id(&entry.id).map(|(ms, _)| ms);
+        let (message, _) = Layout::REDIS.decode(
+            fields
+                .iter()
+                .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
+            Entry {
+                id: &entry.id,
+                time_ms,
+            },
+            None,
+            payload,
+        );
+        let header = |k: &str| message.metadata.headers.get(k).cloned();
+        let age = time_ms.and_then(|ms| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            now.checked_sub(Duration::from_millis(ms))
+        });
+        Some(DeadLetter {
+            reason: header(h::REASON),
+            handler: header(h::HANDLER),
+            group: header(h::GROUP),
+            topic: header(h::TOPIC),
+            attempts: header(h::ATTEMPTS).and_then(|a| a.parse().ok()),
+            age,
+            id: entry.id,
+            message,
+        })
+    }
+}
+
+/// The header a redriven message carries: the dead-letter entry it came from.
+pub const REDRIVEN_FROM: &str = "x-redriven-from";
+
+impl RedisBackend {
+    /// The streams this backend can see: every stream on each single-server pool (`SCAN` with
+    /// `TYPE stream`), and the streams the topology names for a cluster pool. Sorted.
+    pub async fn streams(&self) -> Result<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for (i, pool) in self.inner.pools.iter().enumerate() {
+            if matches!(pool.servers, crate::topology::Servers::Cluster(_)) {
+                out.extend(
+                    self.inner
+                        .streams
+                        .iter()
+                        .filter(|(_, p)| **p == i)
+                        .map(|(s, _)| s.clone()),
+                );
+                continue;
+            }
+            let mut conn = pool.conn.clone();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("stream")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| Error::redis(format!("SCAN in pool {}", pool.name), e))?;
+                out.extend(keys);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// The members of `group` on `stream` (`XINFO CONSUMERS`).
+    pub async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerStats>> {
+        let pool = self.pool_for(stream)?;
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XINFO CONSUMERS {stream} {group}"), e))?;
+        Ok(value::array(&reply)
+            .iter()
+            .map(|c| ConsumerStats {
+                name: value::get(c, "name")
+                    .and_then(value::text)
+                    .unwrap_or_default(),
+                pending: value::get(c, "pending").and_then(value::int).unwrap_or(0) as u64,
+                idle: Duration::from_millis(
+                    value::get(c, "idle")
+                        .and_then(value::int)
+                        .unwrap_or(0)
+                        .max(0) as u64,
+                ),
+            })
+            .collect())
+    }
+
+    /// The messages on the dead-letter stream `stream`, oldest first.
+    pub async fn dead_letters(&self, stream: &str) -> Result<Vec<DeadLetter>> {
+        let pool = self.pool_for(stream)?;
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XRANGE {stream}"), e))?;
+        Ok(value::entries(reply)
+            .into_iter()
+            .filter_map(DeadLetter::new)
+            .collect())
+    }
+
+    /// Publishes each dead letter of `stream` (those with an id in `ids`, or all) back to the
+    /// topic it came from, without its `x-dead-letter-*` headers and with
+    /// [`REDRIVEN_FROM`] set to its entry id, then deletes it from `stream`. One at a time, in
+    /// that order: a failure leaves the message either not yet redriven (still on `stream`) or
+    /// redriven and still on `stream` (redriven again next time), never lost. Returns what was
+    /// redriven; a dead letter without its original topic is an error before anything moves.
+    pub async fn redrive(&self, stream: &str, ids: Option<&[String]>) -> Result<Vec<DeadLetter>> {
+        use cqrs_core::backend::Publisher;
+        let chosen: Vec<DeadLetter> = self
+            .dead_letters(stream)
+            .await?
+            .into_iter()
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .collect();
+        if let Some(d) = chosen.iter().find(|d| d.topic.is_none()) {
+            return Err(Error::DeadLetterWithoutTopic {
+                stream: stream.to_owned(),
+                id: d.id.clone(),
+            });
+        }
+        let pool = self.pool_for(stream)?;
+        for d in &chosen {
+            let mut message = d.message.clone();
+            message
+                .metadata
+                .headers
+                .retain(|k, _| !k.starts_with("x-dead-letter-"));
+            message
+                .metadata
+                .headers
+                .insert(REDRIVEN_FROM.to_owned(), d.id.clone());
+            let topic = d.topic.as_deref().unwrap_or_default();
+            self.publish(topic, std::slice::from_ref(&message))
+                .await
+                .map_err(|e| Error::Redrive {
+                    id: d.id.clone(),
+                    topic: topic.to_owned(),
+                    source: Box::new(e),
+                })?;
+            redis::cmd("XDEL")
+                .arg(stream)
+                .arg(&d.id)
+                .query_async::<u64>(&mut pool.conn.clone())
+                .await
+                .map_err(|e| Error::redis(format!("XDEL {stream} {}", d.id), e))?;
+        }
+        Ok(chosen)
+    }
+
+    /// Deletes the dead letters of `stream` with an id in `ids`, or all of them (the stream
+    /// stays, empty); returns how many went.
+    pub async fn purge(&self, stream: &str, ids: Option<&[String]>) -> Result<u64> {
+        let pool = self.pool_for(stream)?;
+        let mut conn = pool.conn.clone();
+        match ids {
+            Some([]) => Ok(0),
+            Some(ids) => redis::cmd("XDEL")
+                .arg(stream)
+                .arg(ids)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(format!("XDEL {stream}"), e)),
+            None => redis::cmd("XTRIM")
+                .arg(stream)
+                .arg("MAXLEN")
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(format!("XTRIM {stream} MAXLEN 0"), e)),
+        }
+    }
+}
