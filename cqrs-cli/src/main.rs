@@ -1,0 +1,351 @@
+//! `cqrs`: look inside the streams and consumer groups of a service, and deal with its dead
+//! letters. Redis Streams for now (a server or the pools of a YAML topology).
+//!
+//! ```text
+//! cqrs --redis redis://127.0.0.1:6379 inspect
+//! cqrs --redis redis://127.0.0.1:6379 dead-letters list svc-tickets.print-receipt
+//! cqrs --redis redis://127.0.0.1:6379 dead-letters redrive svc-tickets.print-receipt --all --dry-run
+//! cqrs --topology topology.yaml trim --json
+//! ```
+//!
+//! Tables for people, `--json` for scripts. Exit code 0 on success, 1 on an error (a message on
+//! stderr; URLs never print their password), 2 on bad usage.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use cqrs::redis::{DeadLetter, RedisBackend, Topology};
+use serde_json::{json, Value};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(
+    name = "cqrs",
+    version,
+    about = "Inspect consumer groups and redrive dead letters"
+)]
+struct Cli {
+    /// The Redis server (`redis://[:password@]host:port[/db]`); also `CQRS_REDIS_URL`.
+    #[arg(
+        long,
+        global = true,
+        env = "CQRS_REDIS_URL",
+        hide_env_values = true,
+        conflicts_with = "topology"
+    )]
+    redis: Option<String>,
+    /// A YAML topology naming the Redis pools and their streams, instead of `--redis`.
+    #[arg(long, global = true)]
+    topology: Option<std::path::PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Streams, their consumer groups (lag, pending, oldest pending) and each group's consumers.
+    Inspect,
+    /// The dead letters of a consumer group.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// Deletes the entries every group of a stream has acknowledged, once, on every stream.
+    Trim,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Each dead letter: id, reason, attempts, handler, original topic, age.
+    List(Group),
+    /// Publishes dead letters back to their original topic (without the dead-letter headers,
+    /// with `x-redriven-from`), then removes them from the dead-letter stream.
+    Redrive(Select),
+    /// Deletes dead letters.
+    Purge(Select),
+}
+
+#[derive(Args)]
+struct Group {
+    /// The consumer group, e.g. `svc-tickets.print-receipt`.
+    group: String,
+    /// Its dead-letter stream, when not `<group>.dead-letter`.
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+}
+
+#[derive(Args)]
+struct Select {
+    #[command(flatten)]
+    group: Group,
+    /// The dead letters to act on, by entry id (repeatable).
+    #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+    ids: Vec<String>,
+    /// Every dead letter of the group.
+    #[arg(long)]
+    all: bool,
+    /// Say what would be done and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl Group {
+    fn stream(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letter", self.group))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut text = format!("error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
+    let backend = match (&cli.redis, &cli.topology) {
+        (_, Some(path)) => RedisBackend::from_topology(&Topology::from_yaml_file(path)?).await?,
+        (Some(url), None) => RedisBackend::connect(url).await?,
+        (None, None) => {
+            return Err("give --redis URL (or CQRS_REDIS_URL) or --topology FILE".into())
+        }
+    };
+    Ok(backend)
+}
+
+async fn run(cli: Cli) -> Result<(), BoxError> {
+    let backend = connect(&cli).await?;
+    let out = match &cli.command {
+        Command::Inspect => inspect(&backend, cli.json).await?,
+        Command::Trim => trim(&backend, cli.json).await?,
+        Command::DeadLetters(DeadLetters::List(g)) => list(&backend, g, cli.json).await?,
+        Command::DeadLetters(DeadLetters::Redrive(s)) => redrive(&backend, s, cli.json).await?,
+        Command::DeadLetters(DeadLetters::Purge(s)) => purge(&backend, s, cli.json).await?,
+    };
+    print!("{out}");
+    Ok(())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `1h2m`, `3m4s`, `5.6s`, `78ms`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else if s > 0 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).map_or_else(|_| v.to_string(), |s| s + "\n")
+}
+
+async fn inspect(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {
+    let mut streams = Vec::new();
+    let mut text = String::new();
+    for name in backend.streams().await? {
+        let stats = backend.stats(&name).await?;
+        text.push_str(&format!(
+            "stream {}  (pool {}, {} entries)\n",
+            stats.stream, stats.pool, stats.length
+        ));
+        let mut groups = Vec::new();
+        for g in &stats.groups {
+            let consumers = backend.consumers(&name, &g.name).await?;
+            text.push_str(&format!(
+                "  group {:<40} lag {:>8}  pending {:>8}  oldest pending {:>8}  last delivered {}\n",
+                g.name,
+                g.lag.map_or("?".to_owned(), |l| l.to_string()),
+                g.pending,
+                g.oldest_pending_idle.map_or("-".to_owned(), human),
+                g.last_delivered_id
+            ));
+            for c in &consumers {
+                text.push_str(&format!(
+                    "    consumer {:<38} pending {:>8}  idle {:>8}\n",
+                    c.name,
+                    c.pending,
+                    human(c.idle)
+                ));
+            }
+            groups.push(json!({
+                "name": g.name,
+                "lag": g.lag,
+                "pending": g.pending,
+                "oldest_pending_idle_ms": g.oldest_pending_idle.map(ms),
+                "last_delivered_id": g.last_delivered_id,
+                "consumers": consumers.iter().map(|c| json!({
+                    "name": c.name, "pending": c.pending, "idle_ms": ms(c.idle),
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        streams.push(json!({
+            "stream": stats.stream, "pool": stats.pool, "length": stats.length, "groups": groups,
+        }));
+    }
+    if as_json {
+        return Ok(pretty(&json!({ "streams": streams })));
+    }
+    if streams.is_empty() {
+        text.push_str("no streams\n");
+    }
+    Ok(text)
+}
+
+/// The dead-letter stream of `group`, which must exist.
+async fn dead_letter_stream(backend: &RedisBackend, group: &Group) -> Result<String, BoxError> {
+    let stream = group.stream();
+    if !backend.streams().await?.contains(&stream) {
+        return Err(format!(
+            "group `{}` has no dead letters: there is no stream `{stream}`",
+            group.group
+        )
+        .into());
+    }
+    Ok(stream)
+}
+
+fn dead_json(d: &DeadLetter) -> Value {
+    json!({
+        "id": d.id,
+        "message_id": d.message.id,
+        "event": d.message.name,
+        "reason": d.reason,
+        "attempts": d.attempts,
+        "handler": d.handler,
+        "group": d.group,
+        "topic": d.topic,
+        "age_ms": d.age.map(ms),
+    })
+}
+
+fn dead_line(d: &DeadLetter) -> String {
+    format!(
+        "{:<17} {:<24} attempts {:>2}  handler {:<20} topic {:<24} age {:>8}  reason: {}\n",
+        d.id,
+        d.message.name,
+        d.attempts.map_or("?".to_owned(), |a| a.to_string()),
+        d.handler.as_deref().unwrap_or("?"),
+        d.topic.as_deref().unwrap_or("?"),
+        d.age.map_or("?".to_owned(), human),
+        d.reason.as_deref().unwrap_or("?"),
+    )
+}
+
+async fn list(backend: &RedisBackend, group: &Group, as_json: bool) -> Result<String, BoxError> {
+    let stream = dead_letter_stream(backend, group).await?;
+    let dead = backend.dead_letters(&stream).await?;
+    if as_json {
+        return Ok(pretty(&json!({
+            "stream": stream,
+            "dead_letters": dead.iter().map(dead_json).collect::<Vec<_>>(),
+        })));
+    }
+    let mut text = format!("{} dead letters on {stream}\n", dead.len());
+    for d in &dead {
+        text.push_str(&dead_line(d));
+    }
+    Ok(text)
+}
+
+/// The chosen dead letters; an id that is not there is an error.
+async fn chosen(backend: &RedisBackend, s: &Select) -> Result<(String, Vec<DeadLetter>), BoxError> {
+    let stream = dead_letter_stream(backend, &s.group).await?;
+    let dead = backend.dead_letters(&stream).await?;
+    if let Some(missing) = s.ids.iter().find(|id| !dead.iter().any(|d| &d.id == *id)) {
+        return Err(format!("no dead letter with id {missing} on {stream}").into());
+    }
+    let dead = dead
+        .into_iter()
+        .filter(|d| s.all || s.ids.contains(&d.id))
+        .collect();
+    Ok((stream, dead))
+}
+
+fn ids(s: &Select) -> Option<&[String]> {
+    if s.all {
+        None
+    } else {
+        Some(&s.ids)
+    }
+}
+
+async fn redrive(backend: &RedisBackend, s: &Select, as_json: bool) -> Result<String, BoxError> {
+    let (stream, dead) = chosen(backend, s).await?;
+    let done = if s.dry_run {
+        dead
+    } else {
+        backend.redrive(&stream, ids(s)).await?
+    };
+    let verb = if s.dry_run {
+        "would redrive"
+    } else {
+        "redrove"
+    };
+    if as_json {
+        return Ok(pretty(&json!({
+            "stream": stream,
+            "dry_run": s.dry_run,
+            "redriven": done.iter().map(dead_json).collect::<Vec<_>>(),
+        })));
+    }
+    let mut text = format!("{verb} {} dead letters from {stream}\n", done.len());
+    for d in &done {
+        text.push_str(&dead_line(d));
+    }
+    Ok(text)
+}
+
+async fn purge(backend: &RedisBackend, s: &Select, as_json: bool) -> Result<String, BoxError> {
+    let (stream, dead) = chosen(backend, s).await?;
+    let n = if s.dry_run {
+        dead.len() as u64
+    } else {
+        backend.purge(&stream, ids(s)).await?
+    };
+    let verb = if s.dry_run { "would delete" } else { "deleted" };
+    if as_json {
+        return Ok(pretty(
+            &json!({ "stream": stream, "dry_run": s.dry_run, "deleted": n }),
+        ));
+    }
+    Ok(format!("{verb} {n} dead letters from {stream}\n"))
+}
+
+async fn trim(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {
+    let mut text = String::new();
+    let mut trimmed = Vec::new();
+    for stream in backend.streams().await? {
+        let n = backend.trim_acknowledged(&stream).await?;
+        text.push_str(&format!("{stream:<48} removed {n}\n"));
+        trimmed.push(json!({ "stream": stream, "removed": n }));
+    }
+    if as_json {
+        return Ok(pretty(&json!({ "trimmed": trimmed })));
+    }
+    Ok(text)
+}
