@@ -31,6 +31,7 @@ pub use handler::{
 pub use message::{new_message_id, Message, Metadata};
 pub use processor::{
     CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer, GroupState,
-    GroupStatus, HandlerOptions, Manifest, RetryPolicy, RunningProcessor, UnknownEvent,
+    GroupStatus, HandlerOptions, Manifest, RestartPolicy, RetryPolicy, RunningProcessor,
+    UnknownEvent,
 };
 pub use tokio_util::sync::CancellationToken;

@@ -17,7 +17,7 @@ use cqrs_core::memory::MemoryBroker;
 use cqrs_core::processor::dead_letter_headers as dlq;
 use cqrs_core::{
     permanent, BoxError, CancellationToken, Context, Error, EventBus, EventProcessor, Message,
-    RetryPolicy,
+    RestartPolicy, RetryPolicy,
 };
 
 mod common;
@@ -384,4 +384,104 @@ async fn publish_all_with_an_event_that_does_not_encode_sends_none_to_the_memory
     assert_eq!(broker.messages("Fragile").len(), 0);
     bus.publish_all(&events[..2]).await.unwrap();
     assert_eq!(broker.messages("Fragile").len(), 2);
+}
+
+/// The in-memory broker, whose first consumer of `group` fails on its first read.
+#[derive(Clone)]
+struct FailsOnce {
+    inner: MemoryBroker,
+    group: &'static str,
+    subscribed: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Publisher for FailsOnce {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        self.inner.publish(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for FailsOnce {
+    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        if s.group == self.group && self.subscribed.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Ok(Box::new(Failing(s.group.clone())));
+        }
+        self.inner.subscribe(s).await
+    }
+}
+
+#[tokio::test]
+async fn a_failed_group_with_a_restart_policy_is_restarted_and_its_sibling_keeps_running() {
+    let backend = FailsOnce {
+        inner: MemoryBroker::new(),
+        group: "svc.flaky",
+        subscribed: Arc::default(),
+    };
+    let seen: Arc<Mutex<BTreeMap<&'static str, Vec<u32>>>> = Arc::default();
+    let mut p = EventProcessor::new(backend.clone(), "svc");
+    for name in ["flaky", "steady"] {
+        let s = seen.clone();
+        let options = p
+            .handle(name, move |e: Keyed| {
+                s.lock().unwrap().entry(name).or_default().push(e.seq);
+                std::future::ready(Ok::<_, BoxError>(()))
+            })
+            .unwrap();
+        if name == "flaky" {
+            options.restart_on_failure(
+                RestartPolicy::up_to(3)
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10)),
+            );
+        }
+    }
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(backend.clone())
+        .publish_all(&keyed(10, 2))
+        .await
+        .unwrap();
+    eventually("both groups handled all ten", || {
+        let seen = seen.lock().unwrap();
+        ["flaky", "steady"]
+            .iter()
+            .all(|g| seen.get(g).map_or(0, Vec::len) == 10)
+    })
+    .await;
+    let status = running.status();
+    let flaky = status.iter().find(|s| s.group == "svc.flaky").unwrap();
+    assert_eq!(flaky.restarts, 1);
+    assert_eq!(flaky.state, cqrs_core::GroupState::Running);
+    assert!(
+        flaky
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("reading for svc.flaky")),
+        "{flaky:?}"
+    );
+    let steady = status.iter().find(|s| s.group == "svc.steady").unwrap();
+    assert_eq!(steady.restarts, 0);
+    assert_eq!(backend.subscribed.load(Ordering::SeqCst), 2);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_group_that_keeps_failing_stops_the_processor_once_its_restarts_run_out() {
+    let backend = flaky(0, false, true);
+    let mut p = EventProcessor::new(backend.clone(), "svc");
+    p.handle("h", |_: Keyed| std::future::ready(Ok::<_, BoxError>(())))
+        .unwrap()
+        .restart_on_failure(
+            RestartPolicy::up_to(2).backoff(Duration::from_millis(5), Duration::from_millis(5)),
+        );
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("two restarts, then failed", || {
+        let s = &running.status()[0];
+        s.restarts == 2 && s.state == cqrs_core::GroupState::Failed
+    })
+    .await;
+    let err = tokio::time::timeout(WAIT, running.wait())
+        .await
+        .expect("the processor did not stop")
+        .unwrap_err();
+    assert!(err.to_string().contains("reading for svc.h"), "{err}");
 }

@@ -16,6 +16,8 @@ pub enum GroupState {
     Stopped,
     /// Stopped by an error that retrying cannot fix (see `last_error`).
     Failed,
+    /// It failed and waits to be started again ([`crate::processor::RestartPolicy`]).
+    Restarting,
 }
 
 /// One consumer group's health, as [`crate::RunningProcessor::status`] reports it: enough for a
@@ -34,12 +36,15 @@ pub struct GroupStatus {
     pub last_handled_at: Option<SystemTime>,
     /// Messages being handled now.
     pub in_flight: usize,
+    /// Times it failed and was started again ([`crate::processor::RestartPolicy`]).
+    pub restarts: u32,
 }
 
 const RUNNING: u8 = 0;
 const RECONNECTING: u8 = 1;
 const STOPPED: u8 = 2;
 const FAILED: u8 = 3;
+const RESTARTING: u8 = 4;
 
 /// Shared between a group's tasks and its `RunningProcessor`; updated with atomics on the hot
 /// path (one increment and one store per handled message).
@@ -50,6 +55,7 @@ pub(crate) struct Health {
     handled: AtomicU64,
     last_handled_ms: AtomicU64,
     in_flight: AtomicUsize,
+    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl Health {
@@ -87,6 +93,12 @@ impl Health {
         self.state.store(state, Ordering::Relaxed);
     }
 
+    pub(crate) fn restarting(&self, error: String, restarts: u32) {
+        self.set_error(error);
+        self.restarts.store(restarts, Ordering::Relaxed);
+        self.state.store(RESTARTING, Ordering::Relaxed);
+    }
+
     fn set_error(&self, error: String) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
@@ -96,6 +108,7 @@ impl Health {
             RUNNING => GroupState::Running,
             RECONNECTING => GroupState::Reconnecting,
             STOPPED => GroupState::Stopped,
+            RESTARTING => GroupState::Restarting,
             _ => GroupState::Failed,
         };
         let ms = self.last_handled_ms.load(Ordering::Relaxed);
@@ -110,6 +123,7 @@ impl Health {
             handled: self.handled.load(Ordering::Relaxed),
             last_handled_at: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
         }
     }
 }

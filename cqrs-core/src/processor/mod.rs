@@ -25,7 +25,7 @@ pub use engine::dead_letter_headers;
 pub(crate) use engine::error_chain;
 pub use health::{GroupState, GroupStatus};
 pub use manifest::{GroupManifest, HandlerManifest, Manifest, Published};
-pub use options::{DeliveryMode, HandlerOptions, RetryPolicy, UnknownEvent};
+pub use options::{DeliveryMode, HandlerOptions, RestartPolicy, RetryPolicy, UnknownEvent};
 
 use crate::backend::{unique_consumer_name, Backend, Consumer, Publisher, Subscriber};
 use crate::bus::TopicNamer;
@@ -297,7 +297,7 @@ async fn start(
         tracing::debug!(group = %spec.group, topics = ?spec.topics, consumer = %spec.consumer_name, "subscribed");
         let group = spec.group.clone();
         health.push((group.clone(), spec.health.clone()));
-        let run = engine::run_group(Arc::new(spec), consumer, token.clone());
+        let run = supervise(Arc::new(spec), consumer, token.clone());
         tasks.spawn(async move { (group, run.await) });
     }
     Ok(RunningProcessor {
@@ -357,6 +357,42 @@ async fn abandoned_groups(service: &str, specs: &[GroupSpec]) -> Vec<String> {
         }
     }
     warnings
+}
+
+/// Runs one group; when it fails and its options say so, subscribes and runs it again after
+/// the restart policy's backoff, until the restarts run out or `token` is cancelled.
+async fn supervise(
+    spec: Arc<GroupSpec>,
+    consumer: Box<dyn Consumer>,
+    token: CancellationToken,
+) -> Result<()> {
+    let mut consumer = Some(consumer);
+    let mut restarts = 0u32;
+    loop {
+        let c = match consumer.take() {
+            Some(c) => c,
+            None => {
+                let c = subscribe(&spec, &token).await?;
+                spec.health.running();
+                c
+            }
+        };
+        let Err(e) = engine::run_group(spec.clone(), c, token.clone()).await else {
+            return Ok(());
+        };
+        let policy = match spec.options.restart {
+            Some(p) if restarts < p.max_restarts && !token.is_cancelled() => p,
+            _ => return Err(e),
+        };
+        restarts += 1;
+        let delay = policy.delay(restarts);
+        tracing::warn!(group = %spec.group, error = %e.report(), restarts, max = policy.max_restarts, "the group failed; restarting it in {delay:?}");
+        spec.health.restarting(e.report(), restarts);
+        tokio::select! {
+            _ = token.cancelled() => return Err(e),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// Subscribes one group, retrying errors worth retrying (a connection cut, a broker restarting)

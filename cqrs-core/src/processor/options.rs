@@ -32,6 +32,46 @@ pub enum UnknownEvent {
     DeadLetter,
 }
 
+/// Whether a consumer group that fails (a fatal broker error, a consumer that gives up) is
+/// started again instead of stopping the processor: up to `max_restarts` times, after a backoff
+/// that starts at `backoff` and doubles up to `max_backoff`. Its siblings keep running
+/// meanwhile, and [`crate::RunningProcessor::status`] shows it `Restarting` with the error and
+/// the restarts so far. Messages it had not acked are delivered again (at-least-once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RestartPolicy {
+    /// Restarts before the group's failure stops the processor.
+    pub max_restarts: u32,
+    /// The wait before the first restart.
+    pub backoff: Duration,
+    /// The longest wait.
+    pub max_backoff: Duration,
+}
+
+impl RestartPolicy {
+    /// Up to `max_restarts` restarts, waiting 100 ms, then twice as long each time, up to 30 s.
+    pub fn up_to(max_restarts: u32) -> Self {
+        RestartPolicy {
+            max_restarts,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the first wait and the longest.
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = first;
+        self.max_backoff = max.max(first);
+        self
+    }
+
+    /// The wait before restart number `n` (from 1).
+    pub fn delay(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.saturating_sub(1));
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
 /// Retries with exponential backoff, then the dead-letter topic.
 ///
 /// A failed message is retried where it is, after `initial * multiplier^(n-1)` (at most
@@ -190,6 +230,7 @@ pub struct HandlerOptions {
     pub(crate) consumer_name: Option<String>,
     pub(crate) on_unknown: UnknownEvent,
     pub(crate) trace_as_child: bool,
+    pub(crate) restart: Option<RestartPolicy>,
     pub(crate) layers: Vec<LayerFn>,
     pub(crate) backend: Option<(Arc<dyn Publisher>, Arc<dyn Subscriber>)>,
 }
@@ -208,6 +249,7 @@ impl Default for HandlerOptions {
             consumer_name: None,
             on_unknown: UnknownEvent::Ack,
             trace_as_child: false,
+            restart: None,
             layers: Vec::new(),
             backend: None,
         }
@@ -228,6 +270,7 @@ impl fmt::Debug for HandlerOptions {
             .field("consumer_name", &self.consumer_name)
             .field("on_unknown", &self.on_unknown)
             .field("trace_as_child", &self.trace_as_child)
+            .field("restart", &self.restart)
             .field("layers", &self.layers.len())
             .field("own_backend", &self.backend.is_some())
             .finish()
@@ -310,6 +353,14 @@ impl HandlerOptions {
     /// default, as OpenTelemetry's messaging conventions advise). Batch handlers always link.
     pub fn trace_as_child(&mut self) -> &mut Self {
         self.trace_as_child = true;
+        self
+    }
+
+    /// Starts the group again when it fails, per `policy`, instead of stopping the processor
+    /// (the default: a failed group stops its siblings and [`crate::RunningProcessor::wait`]
+    /// returns the error).
+    pub fn restart_on_failure(&mut self, policy: RestartPolicy) -> &mut Self {
+        self.restart = Some(policy);
         self
     }
 
