@@ -216,6 +216,20 @@ pub struct ConsumerStats {
     pub idle: Duration,
 }
 
+/// One entry delivered to a consumer group and not acked yet (a row of `XPENDING`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingEntry {
+    /// The entry id.
+    pub id: String,
+    /// The consumer that holds it.
+    pub owner: String,
+    /// Time since it was last delivered.
+    pub idle: Duration,
+    /// How many times it was delivered.
+    pub deliveries: u64,
+}
+
 /// One message on a dead-letter stream, with what the processor wrote about its failure.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -343,6 +357,37 @@ impl RedisBackend {
                         .unwrap_or(0)
                         .max(0) as u64,
                 ),
+            })
+            .collect())
+    }
+
+    /// The oldest `count` entries `group` holds on `stream` without an ack (`XPENDING`).
+    pub async fn pending(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        let pool = self.pool_for(stream)?;
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(count)
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XPENDING {stream} {group}"), e))?;
+        Ok(value::array(&reply)
+            .iter()
+            .filter_map(|row| {
+                let row = value::array(row);
+                Some(PendingEntry {
+                    id: value::text(row.first()?)?,
+                    owner: value::text(row.get(1)?)?,
+                    idle: Duration::from_millis(value::int(row.get(2)?)?.max(0) as u64),
+                    deliveries: value::int(row.get(3)?)?.max(0) as u64,
+                })
             })
             .collect())
     }

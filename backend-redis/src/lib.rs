@@ -40,7 +40,7 @@ use cqrs_core::{Message, StartFrom};
 
 use crate::conn::{Conn, Connector};
 
-pub use admin::{ConsumerStats, DeadLetter, GroupStats, StreamStats, REDRIVEN_FROM};
+pub use admin::{ConsumerStats, DeadLetter, GroupStats, PendingEntry, StreamStats, REDRIVEN_FROM};
 pub use error::{Error, Result};
 /// The `redis` client crate this backend is built on, for raw commands beside it (admin
 /// scripts, tests), at the version the backend uses.

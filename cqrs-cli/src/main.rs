@@ -49,7 +49,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Streams, their consumer groups (lag, pending, oldest pending) and each group's consumers.
-    Inspect,
+    Inspect {
+        /// Also list each group's oldest pending entries (owner, idle time, deliveries), up to
+        /// this many per group.
+        #[arg(long, value_name = "N")]
+        pending: Option<usize>,
+    },
     /// The dead letters of a consumer group.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
@@ -132,7 +137,7 @@ async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
 async fn run(cli: Cli) -> Result<(), BoxError> {
     let backend = connect(&cli).await?;
     let out = match &cli.command {
-        Command::Inspect => inspect(&backend, cli.json).await?,
+        Command::Inspect { pending } => inspect(&backend, *pending, cli.json).await?,
         Command::Trim => trim(&backend, cli.json).await?,
         Command::DeadLetters(DeadLetters::List(g)) => list(&backend, g, cli.json).await?,
         Command::DeadLetters(DeadLetters::Redrive(s)) => redrive(&backend, s, cli.json).await?,
@@ -164,7 +169,11 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).map_or_else(|_| v.to_string(), |s| s + "\n")
 }
 
-async fn inspect(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {
+async fn inspect(
+    backend: &RedisBackend,
+    pending: Option<usize>,
+    as_json: bool,
+) -> Result<String, BoxError> {
     let mut streams = Vec::new();
     let mut text = String::new();
     for name in backend.streams().await? {
@@ -192,7 +201,23 @@ async fn inspect(backend: &RedisBackend, as_json: bool) -> Result<String, BoxErr
                     human(c.idle)
                 ));
             }
+            let entries = match pending {
+                Some(n) if g.pending > 0 => backend.pending(&name, &g.name, n).await?,
+                _ => Vec::new(),
+            };
+            for p in &entries {
+                text.push_str(&format!(
+                    "    pending {:<20} owner {:<30} idle {:>8}  deliveries {}\n",
+                    p.id,
+                    p.owner,
+                    human(p.idle),
+                    p.deliveries
+                ));
+            }
             groups.push(json!({
+                "pending_entries": entries.iter().map(|p| json!({
+                    "id": p.id, "owner": p.owner, "idle_ms": ms(p.idle), "deliveries": p.deliveries,
+                })).collect::<Vec<_>>(),
                 "name": g.name,
                 "lag": g.lag,
                 "pending": g.pending,

@@ -243,3 +243,64 @@ fn a_bad_url_or_an_unknown_group_exits_non_zero_without_the_password() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "--id or --all is required");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_who_holds_the_pending_entries() {
+    let stream = cqrs::conformance::unique("cli-pending");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for n in 0..3 {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("n")
+            .arg(n)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // worker-1 reads two and acks neither.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("worker-1")
+        .arg("COUNT")
+        .arg(2)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let inspected = cqrs_json(&["inspect", "--pending", "10"]);
+    let s = inspected["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == stream.as_str())
+        .unwrap()
+        .clone();
+    let g = &s["groups"][0];
+    assert_eq!(g["pending"], 2, "{s}");
+    assert_eq!(g["lag"], 1);
+    assert_eq!(g["consumers"][0]["name"], "worker-1");
+    assert_eq!(g["consumers"][0]["pending"], 2);
+    let entries = g["pending_entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(entries
+        .iter()
+        .all(|e| e["owner"] == "worker-1" && e["deliveries"] == 1));
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
