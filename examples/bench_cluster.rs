@@ -21,6 +21,10 @@ use cqrs::backend::{Publisher, Subscriber};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{BoxError, Delivery, Message, Subscription};
 
+#[path = "support/mod.rs"]
+mod support;
+use support::cpu_time;
+
 /// redis-server processes, stopped (and their directory removed) on drop.
 struct Servers {
     children: Vec<Child>,
@@ -137,20 +141,6 @@ async fn start(n: usize, cluster: bool) -> Result<Servers, BoxError> {
 struct Figures {
     publish: f64,
     drain: f64,
-}
-
-/// CPU time used so far by process `pid` ("self" for this one): user + system, from
-/// `/proc/<pid>/stat`, in clock ticks of 10 ms.
-fn cpu_time(pid: &str) -> Duration {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(Duration::from_millis(ticks * 10))
-        })
-        .unwrap_or_default()
 }
 
 impl Servers {

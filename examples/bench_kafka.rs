@@ -248,7 +248,7 @@ async fn main() -> Result<(), BoxError> {
         let ours_first = round % 2 == 0;
         let mut figures = Vec::new();
         // Publish, with the CPU time this process spent on each side.
-        let cpu = support::cpu_time;
+        let cpu = || support::cpu_time("self");
         let (r, o, raw_cpu, ours_cpu) = if ours_first {
             let c = cpu();
             let o = b.ours_publish(&bus).await?;

@@ -74,10 +74,10 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time this process has used so far (user + system, all threads; from `/proc/self/stat`,
-/// in clock ticks of 10 ms; zero where there is none).
-pub fn cpu_time() -> Duration {
-    std::fs::read_to_string("/proc/self/stat")
+/// CPU time process `pid` ("self" for this one) has used so far: user + system, all threads,
+/// from `/proc/<pid>/stat`, in clock ticks of 10 ms; zero where there is none.
+pub fn cpu_time(pid: &str) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             // Fields after the command name (which may hold spaces) start at state (field 3);
