@@ -255,24 +255,8 @@ pub struct DeadLetter {
 impl DeadLetter {
     fn new(entry: value::Entry) -> Option<Self> {
         use cqrs_core::processor::dead_letter_headers as h;
-        use cqrs_core::wire::{Entry, Layout};
-        let mut fields = entry.fields?;
-        let payload = fields
-            .iter()
-            .position(|(k, _)| k == b"payload")
-            .map(|i| fields.swap_remove(i).1);
+        let (message, _) = crate::consumer::decode(&entry.id, entry.fields?);
         let time_ms = parse_id(&entry.id).map(|(ms, _)| ms);
-        let (message, _) = Layout::REDIS.decode(
-            fields
-                .iter()
-                .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
-            Entry {
-                id: &entry.id,
-                time_ms,
-            },
-            None,
-            payload,
-        );
         let header = |k: &str| message.metadata.headers.get(k).cloned();
         let age = time_ms.and_then(|ms| {
             let now = std::time::SystemTime::now()

@@ -156,22 +156,7 @@ impl RedisConsumer {
     }
 
     fn delivery(&self, stream: &Arc<str>, entry: StreamEntry, attempt: u32) -> Option<Delivery> {
-        let mut fields = entry.fields?;
-        let payload = fields
-            .iter()
-            .position(|(k, _)| k == b"payload")
-            .map(|i| fields.swap_remove(i).1);
-        let (message, malformed) = Layout::REDIS.decode(
-            fields
-                .iter()
-                .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
-            Entry {
-                id: &entry.id,
-                time_ms: value::parse_id(&entry.id).map(|(ms, _)| ms),
-            },
-            None,
-            payload,
-        );
+        let (message, malformed) = decode(&entry.id, entry.fields?);
         lock(&self.local)
             .inflight
             .insert(entry_key(stream, &entry.id));
@@ -702,4 +687,27 @@ impl Acknowledge for RedisAcker {
         });
         Ok(())
     }
+}
+
+/// The message in a stream entry's fields (its payload taken out rather than copied), and the
+/// reason when it is malformed.
+pub(crate) fn decode(
+    id: &str,
+    mut fields: Vec<(Vec<u8>, Vec<u8>)>,
+) -> (cqrs_core::Message, Option<String>) {
+    let payload = fields
+        .iter()
+        .position(|(k, _)| k == b"payload")
+        .map(|i| fields.swap_remove(i).1);
+    Layout::REDIS.decode(
+        fields
+            .iter()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
+        Entry {
+            id,
+            time_ms: value::parse_id(id).map(|(ms, _)| ms),
+        },
+        None,
+        payload,
+    )
 }
