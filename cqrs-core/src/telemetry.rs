@@ -99,22 +99,22 @@ mod imp {
         metrics::counter!(names::CONSUMED, &labels(c)).increment(n as u64);
     }
 
+    /// The labels of `c` and one more.
+    fn labels_and(
+        c: &Consuming<'_>,
+        key: &'static str,
+        value: &str,
+    ) -> [(&'static str, String); 5] {
+        let [backend, group, handler, topic] = labels(c);
+        [backend, group, handler, topic, (key, value.to_owned())]
+    }
+
     pub(crate) fn attempt(c: &Consuming<'_>, seconds: f64, ok: bool, panicked: bool) {
         let outcome = if ok { "ok" } else { "error" };
-        let l = labels(c);
-        metrics::histogram!(
-            names::PROCESS_DURATION,
-            &[
-                l[0].clone(),
-                l[1].clone(),
-                l[2].clone(),
-                l[3].clone(),
-                ("outcome", outcome.to_owned()),
-            ]
-        )
-        .record(seconds);
+        metrics::histogram!(names::PROCESS_DURATION, &labels_and(c, "outcome", outcome))
+            .record(seconds);
         if panicked {
-            metrics::counter!(names::HANDLER_PANICS, &l).increment(1);
+            metrics::counter!(names::HANDLER_PANICS, &labels(c)).increment(1);
         }
     }
 
@@ -123,16 +123,9 @@ mod imp {
     }
 
     pub(crate) fn dead_lettered(c: &Consuming<'_>, reason: DeadReason) {
-        let l = labels(c);
         metrics::counter!(
             names::DEAD_LETTERED,
-            &[
-                l[0].clone(),
-                l[1].clone(),
-                l[2].clone(),
-                l[3].clone(),
-                ("reason", reason.label().to_owned()),
-            ]
+            &labels_and(c, "reason", reason.label())
         )
         .increment(1);
     }
