@@ -125,6 +125,23 @@ install_tansu() {
   fi
 }
 
+# The official AsyncAPI parser (npm @asyncapi/parser), for scripts/asyncapi-validate.mjs: installed
+# once into ASYNCAPI_PARSER_DIR (Node.js from Debian's packages if the machine has none).
+ASYNCAPI_PARSER_VERSION=3.6.6
+export ASYNCAPI_PARSER_DIR="${ASYNCAPI_PARSER_DIR:-$HOME/.cache/asyncapi-parser-$ASYNCAPI_PARSER_VERSION}"
+install_asyncapi_parser() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "installing Node.js and npm (Debian packages)"
+    apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  if [ ! -f "$ASYNCAPI_PARSER_DIR/node_modules/@asyncapi/parser/package.json" ]; then
+    log "installing @asyncapi/parser $ASYNCAPI_PARSER_VERSION into $ASYNCAPI_PARSER_DIR"
+    mkdir -p "$ASYNCAPI_PARSER_DIR"
+    npm install --prefix "$ASYNCAPI_PARSER_DIR" --no-audit --no-fund --silent \
+      "@asyncapi/parser@$ASYNCAPI_PARSER_VERSION" >/dev/null
+  fi
+}
+
 # Starts a fresh tansu with in-memory storage on a free loopback port (stopped when the script
 # exits) and sets TANSU_ADDR to its address.
 start_tansu() {

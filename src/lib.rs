@@ -10,6 +10,7 @@
 //! | `msgpack` | no | the MessagePack codec (`codec::MsgPack`) |
 //! | `redis` | no | the Redis Streams backend, as [`cqrs::redis`](crate) |
 //! | `kafka` | no | the Kafka backend, as [`cqrs::kafka`](crate) |
+//! | `asyncapi` | no | AsyncAPI 3.0 documents of buses and processors, payload schemas from `schemars` ([`asyncapi`]) |
 //! | `otel` | no | W3C trace context in message headers; `send`/`process` spans with OpenTelemetry's messaging attributes ([`otel`]) |
 //! | `metrics` | no | metrics through the `metrics` facade, for any exporter ([`telemetry`]) |
 //! | `prometheus` | no | `metrics` and the Prometheus exporter, as `cqrs::prometheus` |

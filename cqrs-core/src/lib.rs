@@ -5,6 +5,8 @@
 //! [`conformance`] suite checks that a backend behaves as buses and processors expect. Users
 //! depend on the `cqrs` facade crate instead.
 
+#[cfg(feature = "asyncapi")]
+pub mod asyncapi;
 pub mod backend;
 pub mod bus;
 pub mod codec;
