@@ -1,11 +1,12 @@
 //! `cqrs`: look inside the streams and consumer groups of a service, and deal with its dead
-//! letters. Redis Streams for now (a server or the pools of a YAML topology).
+//! letters. Redis Streams (a server or the pools of a YAML topology); on Kafka, `inspect` only.
 //!
 //! ```text
 //! cqrs --redis redis://127.0.0.1:6379 inspect
 //! cqrs --redis redis://127.0.0.1:6379 dead-letters list svc-tickets.print-receipt
 //! cqrs --redis redis://127.0.0.1:6379 dead-letters redrive svc-tickets.print-receipt --all --dry-run
 //! cqrs --topology topology.yaml trim --json
+//! cqrs --kafka 127.0.0.1:9092 inspect
 //! ```
 //!
 //! Tables for people, `--json` for scripts. Exit code 0 on success, 1 on an error (a message on
@@ -15,6 +16,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use cqrs::backend::Subscriber;
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::redis::{DeadLetter, RedisBackend, Topology};
 use serde_json::{json, Value};
 
@@ -39,6 +42,16 @@ struct Cli {
     /// A YAML topology naming the Redis pools and their streams, instead of `--redis`.
     #[arg(long, global = true)]
     topology: Option<std::path::PathBuf>,
+    /// Kafka bootstrap servers (`host:port,...`), instead of Redis; also `CQRS_KAFKA_BROKERS`.
+    /// `inspect` only, for now.
+    #[arg(
+        long,
+        global = true,
+        env = "CQRS_KAFKA_BROKERS",
+        hide_env_values = true,
+        conflicts_with_all = ["redis", "topology"]
+    )]
+    kafka: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -135,6 +148,16 @@ async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
 }
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
+    if let Some(brokers) = &cli.kafka {
+        let Command::Inspect { .. } = cli.command else {
+            return Err(
+                "on Kafka only `inspect` works for now; dead-letters and trim need Redis".into(),
+            );
+        };
+        let backend = KafkaBackend::connect(KafkaConfig::new(brokers)).await?;
+        print!("{}", inspect_kafka(&backend, cli.json).await?);
+        return Ok(());
+    }
     let backend = connect(&cli).await?;
     let out = match &cli.command {
         Command::Inspect { pending } => inspect(&backend, *pending, cli.json).await?,
@@ -237,6 +260,46 @@ async fn inspect(
     }
     if streams.is_empty() {
         text.push_str("no streams\n");
+    }
+    Ok(text)
+}
+
+/// Kafka's topics (internal ones left out) with the consumer groups that committed offsets on
+/// each, and their lag.
+async fn inspect_kafka(backend: &KafkaBackend, as_json: bool) -> Result<String, BoxError> {
+    let mut topics = backend.topics_on_broker().await?;
+    topics.retain(|t| !t.starts_with("__"));
+    topics.sort();
+    let mut text = String::new();
+    let mut out = Vec::new();
+    for topic in topics {
+        text.push_str(&format!("topic {topic}\n"));
+        // A topic being created or deleted meanwhile is reported, not fatal for the others.
+        let groups = match backend.groups(&topic, "").await {
+            Ok(groups) => groups,
+            Err(e) => {
+                text.push_str(&format!("  cannot read its groups: {}\n", e.report()));
+                out.push(json!({ "topic": topic, "error": e.report() }));
+                continue;
+            }
+        };
+        for g in &groups {
+            text.push_str(&format!(
+                "  group {:<40} lag {:>8}\n",
+                g.group,
+                g.lag.map_or("?".to_owned(), |l| l.to_string())
+            ));
+        }
+        out.push(json!({
+            "topic": topic,
+            "groups": groups.iter().map(|g| json!({ "name": g.group, "lag": g.lag })).collect::<Vec<_>>(),
+        }));
+    }
+    if as_json {
+        return Ok(pretty(&json!({ "topics": out })));
+    }
+    if out.is_empty() {
+        text.push_str("no topics\n");
     }
     Ok(text)
 }

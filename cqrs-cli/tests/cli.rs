@@ -304,3 +304,77 @@ async fn inspect_shows_who_holds_the_pending_entries() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_on_kafka_shows_each_groups_lag() {
+    use cqrs::kafka::{KafkaBackend, KafkaConfig};
+    let brokers = std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:9092".to_owned());
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(&brokers)
+            .partitions(1)
+            .fetch_wait(Duration::from_millis(10))
+            .set("batch.num.messages", "1"),
+    )
+    .await
+    .unwrap();
+    let topic = cqrs::conformance::unique("cli-kafka");
+    let service = cqrs::conformance::unique("svc");
+    let namer = {
+        let t = topic.clone();
+        move || {
+            let t = t.clone();
+            TopicNamer::new(move |_| t.clone())
+        }
+    };
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut p = EventProcessor::new(backend.clone(), service.as_str()).topics(namer());
+    let h = handled.clone();
+    p.handle("book", move |_: Order| {
+        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<_, String>(()) }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(backend.clone()).topics(namer());
+    let orders: Vec<Order> = (0..3).map(|n| Order { n }).collect();
+    bus.publish_all(&orders).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while handled.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await.unwrap();
+    bus.publish_all(&orders[..2]).await.unwrap();
+
+    let out = Command::cargo_bin("cqrs")
+        .unwrap()
+        .args(["--kafka", &brokers, "--json", "inspect"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = inspected["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == topic.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(t["groups"][0]["name"], format!("{service}.book"), "{t}");
+    assert_eq!(t["groups"][0]["lag"], 2, "{t}");
+
+    let out = Command::cargo_bin("cqrs")
+        .unwrap()
+        .args(["--kafka", &brokers, "dead-letters", "list", "g"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("on Kafka only `inspect` works"));
+}
