@@ -879,7 +879,7 @@ async fn handle_job(
             messaging.kafka.offset = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        if labels.backend == "kafka" {
+        if labels.backend == "kafka" && !span.is_disabled() {
             // A Kafka delivery's broker id is `partition:offset`.
             if let Some((partition, offset)) = ctx.broker_id.split_once(':') {
                 span.record("messaging.destination.partition.id", partition);
