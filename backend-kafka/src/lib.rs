@@ -427,13 +427,7 @@ impl Publisher for KafkaBackend {
         if messages.is_empty() {
             return Ok(());
         }
-        self.ensure_topics(&[topic]).await?;
-        // Queue every message first, then await the deliveries together.
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            pending.push(self.queue(topic, m).await?);
-        }
-        Self::delivered(topic, pending).await
+        self.send_all(topic, messages.iter().map(Ok)).await
     }
 
     /// Queues each message as soon as it comes: librdkafka's `linger.ms` clock of a partition
@@ -445,12 +439,24 @@ impl Publisher for KafkaBackend {
         topic: &str,
         messages: &mut (dyn Iterator<Item = cqrs_core::Result<Message>> + Send),
     ) -> cqrs_core::Result<()> {
+        self.send_all(topic, messages).await
+    }
+}
+
+impl KafkaBackend {
+    /// Queues every message as it comes, then awaits the deliveries together; an error from
+    /// `messages` stops the queueing and is returned after the queued ones are delivered.
+    async fn send_all<M: std::borrow::Borrow<Message> + Send>(
+        &self,
+        topic: &str,
+        messages: impl Iterator<Item = cqrs_core::Result<M>> + Send,
+    ) -> cqrs_core::Result<()> {
         self.ensure_topics(&[topic]).await?;
         let mut pending = Vec::with_capacity(messages.size_hint().0);
         let mut failed = None;
         for m in messages {
             match m {
-                Ok(m) => pending.push(self.queue(topic, &m).await?),
+                Ok(m) => pending.push(self.queue(topic, m.borrow()).await?),
                 Err(e) => {
                     failed = Some(e);
                     break;
