@@ -444,6 +444,29 @@ impl Publisher for KafkaBackend {
 }
 
 impl KafkaBackend {
+    /// For each of `topics`, the consumer groups named with `prefix` that have committed offsets
+    /// on it, with their lag ([`Subscriber::groups`] for many topics at once: the groups are
+    /// listed and each one's offsets fetched once for all of them). A topic whose partitions
+    /// cannot be read (being created or deleted) gets its own error; the others are answered.
+    pub async fn backlogs(
+        &self,
+        topics: Vec<String>,
+        prefix: &str,
+    ) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>>)>> {
+        let config = self.inner.config.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || group_backlogs(&config, topics, &prefix))
+            .await
+            .map_err(|_| {
+                Error::kafka(
+                    "listing consumer groups",
+                    rdkafka::error::KafkaError::Canceled,
+                )
+            })?
+    }
+}
+
+impl KafkaBackend {
     /// Queues every message as it comes, then awaits the deliveries together; an error from
     /// `messages` stops the queueing and is returned after the queued ones are delivered.
     async fn send_all<M: std::borrow::Borrow<Message> + Send>(
@@ -483,17 +506,10 @@ impl Subscriber for KafkaBackend {
         topic: &str,
         prefix: &str,
     ) -> cqrs_core::Result<Vec<cqrs_core::backend::GroupBacklog>> {
-        let config = self.inner.config.clone();
-        let (topic, prefix) = (topic.to_owned(), prefix.to_owned());
-        let listed =
-            tokio::task::spawn_blocking(move || group_backlogs(&config, &topic, &prefix)).await;
-        match listed {
-            Ok(result) => result.map_err(Into::into),
-            Err(_) => Err(Error::kafka(
-                "listing consumer groups",
-                rdkafka::error::KafkaError::Canceled,
-            )
-            .into()),
+        let mut backlogs = self.backlogs(vec![topic.to_owned()], prefix).await?;
+        match backlogs.pop() {
+            Some((_, result)) => result.map_err(Into::into),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -510,75 +526,98 @@ impl Subscriber for KafkaBackend {
     }
 }
 
-/// The groups named with `prefix` that have committed offsets on `topic`, with their lag.
+/// Per topic, the groups named with `prefix` that have committed offsets on it, with their lag:
+/// one probe client, one ListGroups, per topic its partitions and watermarks, per group one
+/// OffsetFetch for every topic.
+#[allow(clippy::type_complexity)]
 fn group_backlogs(
     config: &KafkaConfig,
-    topic: &str,
+    topics: Vec<String>,
     prefix: &str,
-) -> Result<Vec<cqrs_core::backend::GroupBacklog>, Error> {
+) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>, Error>)>, Error> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let context = |what: &str| format!("{what} for the groups of {topic}");
     let timeout = config.timeout;
     let client = |group: &str| -> Result<BaseConsumer, Error> {
         let mut c = config.admin_config();
         c.set("group.id", group).set("enable.auto.commit", "false");
         c.create()
-            .map_err(|e| Error::kafka(context("creating a client"), e))
+            .map_err(|e| Error::kafka("creating a client to read consumer groups", e))
     };
     let probe = client(&format!("{prefix}cqrs-groups-probe"))?;
     let listed = probe
         .fetch_group_list(None, timeout)
-        .map_err(|e| Error::kafka(context("listing consumer groups"), e))?;
-    let metadata = probe
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| Error::kafka(context("reading metadata"), e))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut ends = Vec::with_capacity(partitions.len());
-    for &p in &partitions {
-        let (low, high) = probe
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| Error::kafka(context("reading watermarks"), e))?;
-        ends.push((p, low, high));
-    }
-    let mut out = Vec::new();
-    for g in listed.groups() {
-        if !g.name().starts_with(prefix) || g.protocol_type() != "consumer" {
-            continue;
+        .map_err(|e| Error::kafka("listing consumer groups", e))?;
+    // Per topic: (partition, low, high) of each partition, or why they cannot be read.
+    let ends = |topic: &str| -> Result<Vec<(i32, i64, i64)>, Error> {
+        let context = |what: &str| format!("{what} for the groups of {topic}");
+        let metadata = probe
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| Error::kafka(context("reading metadata"), e))?;
+        let mut ends = Vec::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = probe
+                .fetch_watermarks(topic, p.id(), timeout)
+                .map_err(|e| Error::kafka(context("reading watermarks"), e))?;
+            ends.push((p.id(), low, high));
         }
-        let mut tpl = TopicPartitionList::new();
-        for &p in &partitions {
+        Ok(ends)
+    };
+    let mut out: Vec<(String, Result<Vec<_>, Error>, Vec<(i32, i64, i64)>)> = topics
+        .into_iter()
+        .map(|t| match ends(&t) {
+            Ok(e) => (t, Ok(Vec::new()), e),
+            Err(err) => (t, Err(err), Vec::new()),
+        })
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for (topic, _, ends) in &out {
+        for &(p, _, _) in ends {
             tpl.add_partition(topic, p);
         }
-        let committed = client(g.name())?
-            .committed_offsets(tpl, timeout)
-            .map_err(|e| Error::kafka(context("reading committed offsets"), e))?;
-        let mut reads_topic = false;
-        let mut lag = 0;
-        for &(p, low, high) in &ends {
-            let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => {
-                    reads_topic = true;
-                    o
-                }
-                _ => low,
-            };
-            lag += (high - at).max(0) as u64;
+    }
+    for g in listed.groups() {
+        if tpl.count() == 0 || !g.name().starts_with(prefix) || g.protocol_type() != "consumer" {
+            continue;
         }
-        if reads_topic {
-            out.push(cqrs_core::backend::GroupBacklog {
-                group: g.name().to_owned(),
-                pending: 0,
-                lag: Some(lag),
-            });
+        let committed = client(g.name())?
+            .committed_offsets(tpl.clone(), timeout)
+            .map_err(|e| {
+                Error::kafka(format!("reading the committed offsets of {}", g.name()), e)
+            })?;
+        for (topic, backlog, ends) in &mut out {
+            let Ok(backlog) = backlog else { continue };
+            let mut reads_topic = false;
+            let mut lag = 0;
+            for &(p, low, high) in ends.iter() {
+                let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => {
+                        reads_topic = true;
+                        o
+                    }
+                    _ => low,
+                };
+                lag += (high - at).max(0) as u64;
+            }
+            if reads_topic {
+                backlog.push(cqrs_core::backend::GroupBacklog {
+                    group: g.name().to_owned(),
+                    pending: 0,
+                    lag: Some(lag),
+                });
+            }
         }
     }
-    out.sort_by(|a, b| a.group.cmp(&b.group));
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|(topic, backlog, _)| {
+            let backlog = backlog.map(|mut b| {
+                b.sort_by(|x, y| x.group.cmp(&y.group));
+                b
+            });
+            (topic, backlog)
+        })
+        .collect())
 }
 
 #[cfg(test)]

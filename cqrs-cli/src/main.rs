@@ -16,7 +16,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use cqrs::backend::Subscriber;
 use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::redis::{DeadLetter, RedisBackend, Topology};
 use serde_json::{json, Value};
@@ -272,14 +271,15 @@ async fn inspect_kafka(backend: &KafkaBackend, as_json: bool) -> Result<String, 
     topics.sort();
     let mut text = String::new();
     let mut out = Vec::new();
-    for topic in topics {
+    for (topic, groups) in backend.backlogs(topics, "").await? {
         text.push_str(&format!("topic {topic}\n"));
         // A topic being created or deleted meanwhile is reported, not fatal for the others.
-        let groups = match backend.groups(&topic, "").await {
+        let groups = match groups {
             Ok(groups) => groups,
             Err(e) => {
-                text.push_str(&format!("  cannot read its groups: {}\n", e.report()));
-                out.push(json!({ "topic": topic, "error": e.report() }));
+                let e = cqrs::Error::from(e).report();
+                text.push_str(&format!("  cannot read its groups: {e}\n"));
+                out.push(json!({ "topic": topic, "error": e }));
                 continue;
             }
         };
