@@ -25,14 +25,19 @@ fn redis_url() -> String {
         .unwrap_or_else(|| "redis://127.0.0.1:6379/15".to_owned())
 }
 
-/// Runs `cqrs --redis URL args... --json` and parses what it printed; it must succeed.
-fn cqrs_json(args: &[&str]) -> Value {
-    let out = Command::cargo_bin("cqrs")
+/// Runs `cqrs args...` and returns what it did.
+fn cqrs(args: &[&str]) -> std::process::Output {
+    Command::cargo_bin("cqrs")
         .unwrap()
-        .args(["--redis", &redis_url(), "--json"])
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `cqrs --redis URL --json args...` and parses what it printed; it must succeed.
+fn cqrs_json(args: &[&str]) -> Value {
+    let url = redis_url();
+    let out = cqrs(&[&["--redis", url.as_str(), "--json"], args].concat());
     assert!(
         out.status.success(),
         "cqrs {args:?}: {}",
@@ -140,12 +145,15 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     assert_ne!(left[0].0, first);
 
     // An id that is not there is an error, and nothing moves.
-    let missing = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--redis", &redis_url(), "dead-letters", "redrive", &group])
-        .args(["--id", &first])
-        .output()
-        .unwrap();
+    let missing = cqrs(&[
+        "--redis",
+        &redis_url(),
+        "dead-letters",
+        "redrive",
+        &group,
+        "--id",
+        &first,
+    ]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr)
         .contains(&format!("no dead letter with id {first}")));
@@ -187,11 +195,7 @@ fn help_lists_the_commands_and_never_the_url_from_the_environment() {
     for command in ["inspect", "dead-letters", "trim"] {
         assert!(text.contains(command), "{text}");
     }
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["dead-letters", "--help"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["dead-letters", "--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for command in ["list", "redrive", "purge"] {
         assert!(text.contains(command), "{text}");
@@ -200,35 +204,23 @@ fn help_lists_the_commands_and_never_the_url_from_the_environment() {
 
 #[test]
 fn a_bad_url_or_an_unknown_group_exits_non_zero_without_the_password() {
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--redis", "redis://:s3cret@127.0.0.1:1/0", "inspect"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["--redis", "redis://:s3cret@127.0.0.1:1/0", "inspect"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--redis", "http://nowhere", "inspect"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["--redis", "http://nowhere", "inspect"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid Redis address"));
 
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args([
-            "--redis",
-            &redis_url(),
-            "dead-letters",
-            "list",
-            "no-such-group",
-        ])
-        .output()
-        .unwrap();
+    let out = cqrs(&[
+        "--redis",
+        &redis_url(),
+        "dead-letters",
+        "list",
+        "no-such-group",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -236,11 +228,7 @@ fn a_bad_url_or_an_unknown_group_exits_non_zero_without_the_password() {
         "{err}"
     );
 
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--redis", &redis_url(), "dead-letters", "redrive", "g"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["--redis", &redis_url(), "dead-letters", "redrive", "g"]);
     assert_eq!(out.status.code(), Some(2), "--id or --all is required");
 }
 
@@ -349,11 +337,7 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
     running.shutdown().await.unwrap();
     bus.publish_all(&orders[..2]).await.unwrap();
 
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--kafka", &brokers, "--json", "inspect"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["--kafka", &brokers, "--json", "inspect"]);
     assert!(
         out.status.success(),
         "{}",
@@ -370,11 +354,7 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
     assert_eq!(t["groups"][0]["name"], format!("{service}.book"), "{t}");
     assert_eq!(t["groups"][0]["lag"], 2, "{t}");
 
-    let out = Command::cargo_bin("cqrs")
-        .unwrap()
-        .args(["--kafka", &brokers, "dead-letters", "list", "g"])
-        .output()
-        .unwrap();
+    let out = cqrs(&["--kafka", &brokers, "dead-letters", "list", "g"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("on Kafka only `inspect` works"));
 }
