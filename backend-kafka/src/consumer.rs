@@ -313,29 +313,7 @@ impl KafkaConsumer {
             state.pending.insert(offset);
             state.next = offset + 1;
         }
-        let fallback_id = format!("{topic}/{partition}/{offset}");
-        let (message, malformed) = {
-            let fields = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|h| Some((h.key, h.value?)))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
-            Layout::KAFKA.decode(
-                fields,
-                Entry {
-                    id: &fallback_id,
-                    time_ms: m
-                        .timestamp()
-                        .to_millis()
-                        .and_then(|t| u64::try_from(t).ok()),
-                },
-                m.key(),
-                m.payload().map(<[u8]>::to_vec),
-            )
-        };
+        let (message, malformed) = decode(&m);
         // Every delivery carries its partition: unkeyed records of one partition keep their
         // order across the processor's workers.
         let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
@@ -374,6 +352,36 @@ impl KafkaConsumer {
         }
         next
     }
+}
+
+/// The message a record carries, and why it is malformed if it is (`docs/wire-format.md`); a
+/// record without a message id gets `topic/partition/offset`.
+pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
+    let fallback_id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+    let fields = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|h| Some((h.key, h.value?)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    Layout::KAFKA.decode(
+        fields,
+        Entry {
+            id: &fallback_id,
+            time_ms: record_time_ms(m),
+        },
+        m.key(),
+        m.payload().map(<[u8]>::to_vec),
+    )
+}
+
+/// The record's timestamp, in milliseconds since the Unix epoch.
+pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> {
+    m.timestamp()
+        .to_millis()
+        .and_then(|t| u64::try_from(t).ok())
 }
 
 /// Polls until `stop`: records go to `tx` tagged with the rebalance epoch. When the handlers fall

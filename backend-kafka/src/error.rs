@@ -27,6 +27,36 @@ pub enum Error {
     /// A system call failed (starting the poll thread).
     #[error("{0} failed")]
     Io(&'static str, #[source] std::io::Error),
+    /// A dead letter has no `x-dead-letter-topic` header: where to redrive it is unknown.
+    #[error("dead letter {id} on {topic} has no x-dead-letter-topic header: its topic is unknown")]
+    DeadLetterWithoutTopic {
+        /// The dead-letter topic.
+        topic: String,
+        /// The dead letter (`partition:offset`).
+        id: String,
+    },
+    /// Publishing a dead letter back to its topic failed; it is still listed.
+    #[error("redriving dead letter {id} to {topic} failed; it is still a dead letter")]
+    Redrive {
+        /// The dead letter (`partition:offset`).
+        id: String,
+        /// The topic it was going back to.
+        topic: String,
+        /// Why.
+        #[source]
+        source: Box<cqrs_core::Error>,
+    },
+    /// The record of what was redriven or purged from a dead-letter topic (the offsets of its
+    /// bookkeeping group) cannot be read or written.
+    #[error("dead-letter bookkeeping of group {group}, partition {partition}: {why}")]
+    Bookkeeping {
+        /// The bookkeeping group.
+        group: String,
+        /// The partition.
+        partition: i32,
+        /// What is wrong.
+        why: String,
+    },
     /// A Kafka operation failed.
     #[error("kafka {context} failed")]
     Kafka {
@@ -49,7 +79,12 @@ impl Error {
     /// Whether trying again may succeed (a broker down, a timeout, a rebalance).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::MissingTopic(_) | Error::Unsupported(_) | Error::Io(..) => false,
+            Error::MissingTopic(_)
+            | Error::Unsupported(_)
+            | Error::Io(..)
+            | Error::DeadLetterWithoutTopic { .. }
+            | Error::Bookkeeping { .. } => false,
+            Error::Redrive { source, .. } => source.is_retryable(),
             Error::Unreachable { .. } => true,
             Error::Kafka { source, .. } => is_transient(source),
         }
@@ -87,9 +122,10 @@ pub(crate) fn is_transient(e: &KafkaError) -> bool {
 impl From<Error> for cqrs_core::Error {
     fn from(e: Error) -> Self {
         match e {
-            e @ (Error::MissingTopic(_) | Error::Unsupported(_)) => {
-                cqrs_core::Error::Config(e.to_string())
-            }
+            e @ (Error::MissingTopic(_)
+            | Error::Unsupported(_)
+            | Error::DeadLetterWithoutTopic { .. }
+            | Error::Bookkeeping { .. }) => cqrs_core::Error::Config(e.to_string()),
             e => {
                 let retryable = e.is_retryable();
                 let context = e.to_string();

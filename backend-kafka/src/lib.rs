@@ -26,6 +26,7 @@
 //! ```
 
 mod consumer;
+mod dead_letters;
 mod error;
 
 use std::collections::{BTreeMap, HashSet};
@@ -44,6 +45,8 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
+pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
+pub use dead_letters::bookkeeping_group;
 pub use error::{Error, Result};
 /// The `rdkafka` client crate this backend is built on, for raw clients beside it (admin tools,
 /// tests, librdkafka's mock cluster), at the version the backend uses.
@@ -577,7 +580,9 @@ fn group_backlogs(
         }
     }
     for g in listed.groups() {
-        if tpl.count() == 0 || !g.name().starts_with(prefix) || g.protocol_type() != "consumer" {
+        // A group that only commits offsets (no member ever joined it) has no protocol type.
+        let consumer_group = matches!(g.protocol_type(), "consumer" | "");
+        if tpl.count() == 0 || !g.name().starts_with(prefix) || !consumer_group {
             continue;
         }
         let committed = client(g.name())?

@@ -1,7 +1,10 @@
-//! Statistics and group-aware retention.
+//! Statistics, group-aware retention, and the dead letters' store.
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use cqrs_core::backend::Publisher;
+use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore};
 use redis::Value;
 
 use crate::error::{Error, Result};
@@ -230,56 +233,6 @@ pub struct PendingEntry {
     pub deliveries: u64,
 }
 
-/// One message on a dead-letter stream, with what the processor wrote about its failure.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// The entry id on the dead-letter stream.
-    pub id: String,
-    /// The message as it was dead-lettered (its headers hold the `x-dead-letter-*` fields).
-    pub message: cqrs_core::Message,
-    /// Why it was dead-lettered.
-    pub reason: Option<String>,
-    /// The handler that failed (empty when none took it).
-    pub handler: Option<String>,
-    /// The consumer group.
-    pub group: Option<String>,
-    /// The topic it came from, where a redrive publishes it.
-    pub topic: Option<String>,
-    /// Deliveries made before it was dead-lettered.
-    pub attempts: Option<u32>,
-    /// Time since it was dead-lettered (from its entry id).
-    pub age: Option<Duration>,
-}
-
-impl DeadLetter {
-    fn new(entry: value::Entry) -> Option<Self> {
-        use cqrs_core::processor::dead_letter_headers as h;
-        let (message, _) = crate::consumer::decode(&entry.id, entry.fields?);
-        let time_ms = parse_id(&entry.id).map(|(ms, _)| ms);
-        let header = |k: &str| message.metadata.headers.get(k).cloned();
-        let age = time_ms.and_then(|ms| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?;
-            now.checked_sub(Duration::from_millis(ms))
-        });
-        Some(DeadLetter {
-            reason: header(h::REASON),
-            handler: header(h::HANDLER),
-            group: header(h::GROUP),
-            topic: header(h::TOPIC),
-            attempts: header(h::ATTEMPTS).and_then(|a| a.parse().ok()),
-            age,
-            id: entry.id,
-            message,
-        })
-    }
-}
-
-/// The header a redriven message carries: the dead-letter entry it came from.
-pub const REDRIVEN_FROM: &str = "x-redriven-from";
-
 impl RedisBackend {
     /// The streams this backend can see: every stream on each single-server pool (`SCAN` with
     /// `TYPE stream`), and the streams the topology names for a cluster pool. Sorted.
@@ -375,92 +328,104 @@ impl RedisBackend {
             })
             .collect())
     }
+}
 
-    /// The messages on the dead-letter stream `stream`, oldest first.
-    pub async fn dead_letters(&self, stream: &str) -> Result<Vec<DeadLetter>> {
-        let pool = self.pool_for(stream)?;
+#[async_trait]
+impl DeadLetterStore for RedisBackend {
+    async fn has_dead_letters(&self, topic: &str) -> cqrs_core::Result<bool> {
+        let pool = self.pool_for(topic)?;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(topic)
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("EXISTS {topic}"), e))?;
+        Ok(exists)
+    }
+
+    /// The entries of the dead-letter stream `topic`, oldest first.
+    async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let pool = self.pool_for(topic)?;
         let reply: Value = redis::cmd("XRANGE")
-            .arg(stream)
+            .arg(topic)
             .arg("-")
             .arg("+")
             .query_async(&mut pool.conn.clone())
             .await
-            .map_err(|e| Error::redis(format!("XRANGE {stream}"), e))?;
+            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
         Ok(value::entries(reply)
             .into_iter()
-            .filter_map(DeadLetter::new)
+            .filter_map(dead_letter)
             .collect())
     }
 
-    /// Publishes each dead letter of `stream` (those with an id in `ids`, or all) back to the
-    /// topic it came from, without its `x-dead-letter-*` headers and with
-    /// [`REDRIVEN_FROM`] set to its entry id, then deletes it from `stream`. One at a time, in
-    /// that order: a failure leaves the message either not yet redriven (still on `stream`) or
-    /// redriven and still on `stream` (redriven again next time), never lost. Returns what was
-    /// redriven; a dead letter without its original topic is an error before anything moves.
-    pub async fn redrive(&self, stream: &str, ids: Option<&[String]>) -> Result<Vec<DeadLetter>> {
-        use cqrs_core::backend::Publisher;
+    /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`).
+    async fn redrive(
+        &self,
+        topic: &str,
+        ids: Option<&[String]>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let chosen: Vec<DeadLetter> = self
-            .dead_letters(stream)
+            .dead_letters(topic)
             .await?
             .into_iter()
             .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
             .collect();
         if let Some(d) = chosen.iter().find(|d| d.topic.is_none()) {
             return Err(Error::DeadLetterWithoutTopic {
-                stream: stream.to_owned(),
+                stream: topic.to_owned(),
                 id: d.id.clone(),
-            });
+            }
+            .into());
         }
-        let pool = self.pool_for(stream)?;
+        let pool = self.pool_for(topic)?;
         for d in &chosen {
-            let mut message = d.message.clone();
-            message
-                .metadata
-                .headers
-                .retain(|k, _| !k.starts_with("x-dead-letter-"));
-            message
-                .metadata
-                .headers
-                .insert(REDRIVEN_FROM.to_owned(), d.id.clone());
-            let topic = d.topic.as_deref().unwrap_or_default();
-            self.publish(topic, std::slice::from_ref(&message))
+            let to = d.topic.as_deref().unwrap_or_default();
+            self.publish(to, std::slice::from_ref(&d.redriven()))
                 .await
                 .map_err(|e| Error::Redrive {
                     id: d.id.clone(),
-                    topic: topic.to_owned(),
+                    topic: to.to_owned(),
                     source: Box::new(e),
                 })?;
             redis::cmd("XDEL")
-                .arg(stream)
+                .arg(topic)
                 .arg(&d.id)
                 .query_async::<u64>(&mut pool.conn.clone())
                 .await
-                .map_err(|e| Error::redis(format!("XDEL {stream} {}", d.id), e))?;
+                .map_err(|e| Error::redis(format!("XDEL {topic} {}", d.id), e))?;
         }
         Ok(chosen)
     }
 
-    /// Deletes the dead letters of `stream` with an id in `ids`, or all of them (the stream
-    /// stays, empty); returns how many went.
-    pub async fn purge(&self, stream: &str, ids: Option<&[String]>) -> Result<u64> {
-        let pool = self.pool_for(stream)?;
+    /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,
+    /// empty).
+    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
+        let pool = self.pool_for(topic)?;
         let mut conn = pool.conn.clone();
-        match ids {
+        let removed = match ids {
             Some([]) => Ok(0),
             Some(ids) => redis::cmd("XDEL")
-                .arg(stream)
+                .arg(topic)
                 .arg(ids)
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| Error::redis(format!("XDEL {stream}"), e)),
+                .map_err(|e| Error::redis(format!("XDEL {topic}"), e)),
             None => redis::cmd("XTRIM")
-                .arg(stream)
+                .arg(topic)
                 .arg("MAXLEN")
                 .arg(0)
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| Error::redis(format!("XTRIM {stream} MAXLEN 0"), e)),
-        }
+                .map_err(|e| Error::redis(format!("XTRIM {topic} MAXLEN 0"), e)),
+        };
+        Ok(removed?)
     }
+}
+
+/// A dead letter from its stream entry; its age counts from the entry id's time when the
+/// processor did not stamp one.
+fn dead_letter(entry: value::Entry) -> Option<DeadLetter> {
+    let (message, _) = crate::consumer::decode(&entry.id, entry.fields?);
+    let stored_at_ms = parse_id(&entry.id).map(|(ms, _)| ms);
+    Some(DeadLetter::new(entry.id, message, stored_at_ms))
 }

@@ -40,7 +40,8 @@ use cqrs_core::{Message, StartFrom};
 
 use crate::conn::{Conn, Connector};
 
-pub use admin::{ConsumerStats, DeadLetter, GroupStats, PendingEntry, StreamStats, REDRIVEN_FROM};
+pub use admin::{ConsumerStats, GroupStats, PendingEntry, StreamStats};
+pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
 pub use error::{Error, Result};
 /// The `redis` client crate this backend is built on, for raw commands beside it (admin
 /// scripts, tests), at the version the backend uses.

@@ -1,5 +1,6 @@
 //! `cqrs`: look inside the streams and consumer groups of a service, and deal with its dead
-//! letters. Redis Streams (a server or the pools of a YAML topology); on Kafka, `inspect` only.
+//! letters. Redis Streams (a server or the pools of a YAML topology) or Kafka (`trim` is
+//! Redis-only: Kafka deletes records by retention).
 //!
 //! ```text
 //! cqrs --redis redis://127.0.0.1:6379 inspect
@@ -7,6 +8,7 @@
 //! cqrs --redis redis://127.0.0.1:6379 dead-letters redrive svc-tickets.print-receipt --all --dry-run
 //! cqrs --topology topology.yaml trim --json
 //! cqrs --kafka 127.0.0.1:9092 inspect
+//! cqrs --kafka 127.0.0.1:9092 dead-letters redrive svc-tickets.print-receipt --id 0:42
 //! ```
 //!
 //! Tables for people, `--json` for scripts. Exit code 0 on success, 1 on an error (a message on
@@ -17,7 +19,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use cqrs::kafka::{KafkaBackend, KafkaConfig};
-use cqrs::redis::{DeadLetter, RedisBackend, Topology};
+use cqrs::redis::{RedisBackend, Topology};
+use cqrs::{DeadLetter, DeadLetterStore};
 use serde_json::{json, Value};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,7 +45,6 @@ struct Cli {
     #[arg(long, global = true)]
     topology: Option<std::path::PathBuf>,
     /// Kafka bootstrap servers (`host:port,...`), instead of Redis; also `CQRS_KAFKA_BROKERS`.
-    /// `inspect` only, for now.
     #[arg(
         long,
         global = true,
@@ -70,7 +72,8 @@ enum Command {
     /// The dead letters of a consumer group.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
-    /// Deletes the entries every group of a stream has acknowledged, once, on every stream.
+    /// Deletes the entries every group of a stream has acknowledged, once, on every stream
+    /// (Redis only).
     Trim,
 }
 
@@ -79,9 +82,10 @@ enum DeadLetters {
     /// Each dead letter: id, reason, attempts, handler, original topic, age.
     List(Group),
     /// Publishes dead letters back to their original topic (without the dead-letter headers,
-    /// with `x-redriven-from`), then removes them from the dead-letter stream.
+    /// with `x-redriven-from`), then removes them from the dead letters (on Kafka: records them
+    /// as done in the group `cqrs-dead-letters.<dead-letter topic>`).
     Redrive(Select),
-    /// Deletes dead letters.
+    /// Removes dead letters without redriving them.
     Purge(Select),
 }
 
@@ -89,7 +93,7 @@ enum DeadLetters {
 struct Group {
     /// The consumer group, e.g. `svc-tickets.print-receipt`.
     group: String,
-    /// Its dead-letter stream, when not `<group>.dead-letter`.
+    /// Its dead-letter topic, when not `<group>.dead-letter`.
     #[arg(long)]
     dead_letter_topic: Option<String>,
 }
@@ -98,7 +102,8 @@ struct Group {
 struct Select {
     #[command(flatten)]
     group: Group,
-    /// The dead letters to act on, by entry id (repeatable).
+    /// The dead letters to act on, by id (repeatable): the entry id on Redis,
+    /// `partition:offset` on Kafka.
     #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
     ids: Vec<String>,
     /// Every dead letter of the group.
@@ -110,7 +115,7 @@ struct Select {
 }
 
 impl Group {
-    fn stream(&self) -> String {
+    fn topic(&self) -> String {
         self.dead_letter_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dead-letter", self.group))
@@ -148,25 +153,41 @@ async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
     if let Some(brokers) = &cli.kafka {
-        let Command::Inspect { .. } = cli.command else {
-            return Err(
-                "on Kafka only `inspect` works for now; dead-letters and trim need Redis".into(),
-            );
+        let backend = KafkaBackend::connect(KafkaConfig::new(brokers).create_topics(false)).await?;
+        let out = match &cli.command {
+            Command::Inspect { .. } => inspect_kafka(&backend, cli.json).await?,
+            Command::DeadLetters(d) => dead_letters(&backend, d, cli.json).await?,
+            Command::Trim => {
+                return Err(
+                    "trim works on Redis streams; Kafka deletes records by retention \
+                            (the topic's retention.ms and retention.bytes)"
+                        .into(),
+                )
+            }
         };
-        let backend = KafkaBackend::connect(KafkaConfig::new(brokers)).await?;
-        print!("{}", inspect_kafka(&backend, cli.json).await?);
+        print!("{out}");
         return Ok(());
     }
     let backend = connect(&cli).await?;
     let out = match &cli.command {
         Command::Inspect { pending } => inspect(&backend, *pending, cli.json).await?,
         Command::Trim => trim(&backend, cli.json).await?,
-        Command::DeadLetters(DeadLetters::List(g)) => list(&backend, g, cli.json).await?,
-        Command::DeadLetters(DeadLetters::Redrive(s)) => redrive(&backend, s, cli.json).await?,
-        Command::DeadLetters(DeadLetters::Purge(s)) => purge(&backend, s, cli.json).await?,
+        Command::DeadLetters(d) => dead_letters(&backend, d, cli.json).await?,
     };
     print!("{out}");
     Ok(())
+}
+
+async fn dead_letters(
+    store: &dyn DeadLetterStore,
+    command: &DeadLetters,
+    as_json: bool,
+) -> Result<String, BoxError> {
+    match command {
+        DeadLetters::List(g) => list(store, g, as_json).await,
+        DeadLetters::Redrive(s) => redrive(store, s, as_json).await,
+        DeadLetters::Purge(s) => purge(store, s, as_json).await,
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -304,17 +325,17 @@ async fn inspect_kafka(backend: &KafkaBackend, as_json: bool) -> Result<String, 
     Ok(text)
 }
 
-/// The dead-letter stream of `group`, which must exist.
-async fn dead_letter_stream(backend: &RedisBackend, group: &Group) -> Result<String, BoxError> {
-    let stream = group.stream();
-    if !backend.streams().await?.contains(&stream) {
+/// The dead-letter topic of `group`, which must exist.
+async fn dead_letter_topic(store: &dyn DeadLetterStore, group: &Group) -> Result<String, BoxError> {
+    let topic = group.topic();
+    if !store.has_dead_letters(&topic).await? {
         return Err(format!(
-            "group `{}` has no dead letters: there is no stream `{stream}`",
+            "group `{}` has no dead letters: there is no topic `{topic}`",
             group.group
         )
         .into());
     }
-    Ok(stream)
+    Ok(topic)
 }
 
 fn dead_json(d: &DeadLetter) -> Value {
@@ -344,16 +365,20 @@ fn dead_line(d: &DeadLetter) -> String {
     )
 }
 
-async fn list(backend: &RedisBackend, group: &Group, as_json: bool) -> Result<String, BoxError> {
-    let stream = dead_letter_stream(backend, group).await?;
-    let dead = backend.dead_letters(&stream).await?;
+async fn list(
+    store: &dyn DeadLetterStore,
+    group: &Group,
+    as_json: bool,
+) -> Result<String, BoxError> {
+    let topic = dead_letter_topic(store, group).await?;
+    let dead = store.dead_letters(&topic).await?;
     if as_json {
         return Ok(pretty(&json!({
-            "stream": stream,
+            "topic": topic,
             "dead_letters": dead.iter().map(dead_json).collect::<Vec<_>>(),
         })));
     }
-    let mut text = format!("{} dead letters on {stream}\n", dead.len());
+    let mut text = format!("{} dead letters on {topic}\n", dead.len());
     for d in &dead {
         text.push_str(&dead_line(d));
     }
@@ -361,17 +386,20 @@ async fn list(backend: &RedisBackend, group: &Group, as_json: bool) -> Result<St
 }
 
 /// The chosen dead letters; an id that is not there is an error.
-async fn chosen(backend: &RedisBackend, s: &Select) -> Result<(String, Vec<DeadLetter>), BoxError> {
-    let stream = dead_letter_stream(backend, &s.group).await?;
-    let dead = backend.dead_letters(&stream).await?;
+async fn chosen(
+    store: &dyn DeadLetterStore,
+    s: &Select,
+) -> Result<(String, Vec<DeadLetter>), BoxError> {
+    let topic = dead_letter_topic(store, &s.group).await?;
+    let dead = store.dead_letters(&topic).await?;
     if let Some(missing) = s.ids.iter().find(|id| !dead.iter().any(|d| &d.id == *id)) {
-        return Err(format!("no dead letter with id {missing} on {stream}").into());
+        return Err(format!("no dead letter with id {missing} on {topic}").into());
     }
     let dead = dead
         .into_iter()
         .filter(|d| s.all || s.ids.contains(&d.id))
         .collect();
-    Ok((stream, dead))
+    Ok((topic, dead))
 }
 
 fn ids(s: &Select) -> Option<&[String]> {
@@ -382,12 +410,16 @@ fn ids(s: &Select) -> Option<&[String]> {
     }
 }
 
-async fn redrive(backend: &RedisBackend, s: &Select, as_json: bool) -> Result<String, BoxError> {
-    let (stream, dead) = chosen(backend, s).await?;
+async fn redrive(
+    store: &dyn DeadLetterStore,
+    s: &Select,
+    as_json: bool,
+) -> Result<String, BoxError> {
+    let (topic, dead) = chosen(store, s).await?;
     let done = if s.dry_run {
         dead
     } else {
-        backend.redrive(&stream, ids(s)).await?
+        store.redrive(&topic, ids(s)).await?
     };
     let verb = if s.dry_run {
         "would redrive"
@@ -396,32 +428,32 @@ async fn redrive(backend: &RedisBackend, s: &Select, as_json: bool) -> Result<St
     };
     if as_json {
         return Ok(pretty(&json!({
-            "stream": stream,
+            "topic": topic,
             "dry_run": s.dry_run,
             "redriven": done.iter().map(dead_json).collect::<Vec<_>>(),
         })));
     }
-    let mut text = format!("{verb} {} dead letters from {stream}\n", done.len());
+    let mut text = format!("{verb} {} dead letters from {topic}\n", done.len());
     for d in &done {
         text.push_str(&dead_line(d));
     }
     Ok(text)
 }
 
-async fn purge(backend: &RedisBackend, s: &Select, as_json: bool) -> Result<String, BoxError> {
-    let (stream, dead) = chosen(backend, s).await?;
+async fn purge(store: &dyn DeadLetterStore, s: &Select, as_json: bool) -> Result<String, BoxError> {
+    let (topic, dead) = chosen(store, s).await?;
     let n = if s.dry_run {
         dead.len() as u64
     } else {
-        backend.purge(&stream, ids(s)).await?
+        store.purge(&topic, ids(s)).await?
     };
-    let verb = if s.dry_run { "would delete" } else { "deleted" };
+    let verb = if s.dry_run { "would remove" } else { "removed" };
     if as_json {
         return Ok(pretty(
-            &json!({ "stream": stream, "dry_run": s.dry_run, "deleted": n }),
+            &json!({ "topic": topic, "dry_run": s.dry_run, "removed": n }),
         ));
     }
-    Ok(format!("{verb} {n} dead letters from {stream}\n"))
+    Ok(format!("{verb} {n} dead letters from {topic}\n"))
 }
 
 async fn trim(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {

@@ -8,8 +8,12 @@
 use std::time::Duration;
 
 use assert_cmd::Command;
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{permanent, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+
+#[path = "../../tests/support/mock_kafka.rs"]
+mod mock_kafka;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -44,6 +48,86 @@ fn cqrs_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+}
+
+/// The Kafka broker (`KAFKA_BROKERS`, default 127.0.0.1:9092) and a backend on it that creates
+/// one-partition topics.
+async fn kafka() -> (String, KafkaBackend) {
+    let brokers = kafka_brokers();
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(&brokers)
+            .partitions(1)
+            .fetch_wait(Duration::from_millis(10))
+            // tansu answers a fetch from inside a record batch with nothing: one record each.
+            .set("batch.num.messages", "1"),
+    )
+    .await
+    .unwrap();
+    (brokers, backend)
+}
+
+/// Runs `cqrs --kafka BROKERS --json args...` and parses what it printed; it must succeed.
+fn cqrs_kafka_json(brokers: &str, args: &[&str]) -> Value {
+    let out = cqrs(&[&["--kafka", brokers, "--json"], args].concat());
+    assert!(
+        out.status.success(),
+        "cqrs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every record of the one-partition Kafka `topic`: its payload and headers.
+fn records(brokers: &str, topic: &str) -> Vec<(String, Vec<(String, String)>)> {
+    use cqrs::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use cqrs::kafka::rdkafka::message::{Headers, Message};
+    use cqrs::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", cqrs::conformance::unique("cli-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (low, high) = client
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))
+        .unwrap();
+    client.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < (high - low) as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {out:?} of {topic}"
+        );
+        let Some(m) = client.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                        (h.key.to_owned(), v.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+        out.push((payload, headers));
+    }
+    out
 }
 
 /// The entries of `stream`, each as its field map.
@@ -160,7 +244,7 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     assert_eq!(entries(&topic).await.len(), 5);
 
     let purged = cqrs_json(&["dead-letters", "purge", &group, "--all"]);
-    assert_eq!(purged["deleted"], 1);
+    assert_eq!(purged["removed"], 1);
     assert!(entries(&dead_stream).await.is_empty());
     let listed = cqrs_json(&["dead-letters", "list", &group]);
     assert_eq!(listed["dead_letters"].as_array().unwrap().len(), 0);
@@ -295,19 +379,7 @@ async fn inspect_shows_who_holds_the_pending_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_on_kafka_shows_each_groups_lag() {
-    use cqrs::kafka::{KafkaBackend, KafkaConfig};
-    let brokers = std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| "127.0.0.1:9092".to_owned());
-    let backend = KafkaBackend::connect(
-        KafkaConfig::new(&brokers)
-            .partitions(1)
-            .fetch_wait(Duration::from_millis(10))
-            .set("batch.num.messages", "1"),
-    )
-    .await
-    .unwrap();
+    let (brokers, backend) = kafka().await;
     let topic = cqrs::conformance::unique("cli-kafka");
     let service = cqrs::conformance::unique("svc");
     let namer = {
@@ -354,7 +426,251 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
     assert_eq!(t["groups"][0]["name"], format!("{service}.book"), "{t}");
     assert_eq!(t["groups"][0]["lag"], 2, "{t}");
 
-    let out = cqrs(&["--kafka", &brokers, "dead-letters", "list", "g"]);
+    let out = cqrs(&["--kafka", &brokers, "trim"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("on Kafka only `inspect` works"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Kafka deletes records by retention"));
+}
+
+/// Runs a processor of `service` on `topic` that refuses orders 1, 3 and 5 for good, publishes
+/// orders 0 to 5, and waits until `cqrs dead-letters list` shows the three dead letters (at
+/// `0:0`, `0:1` and `0:2` of the one-partition dead-letter topic); returns the group.
+async fn three_dead_letters(
+    brokers: &str,
+    backend: &KafkaBackend,
+    topic: &str,
+    service: &str,
+) -> String {
+    let group = format!("{service}.book");
+    let namer = {
+        let t = topic.to_owned();
+        move || {
+            let t = t.clone();
+            TopicNamer::new(move |_| t.clone())
+        }
+    };
+    let mut p = EventProcessor::new(backend.clone(), service).topics(namer());
+    p.handle("book", |o: Order| async move {
+        if o.n % 2 == 1 {
+            Err(permanent(format!("order {} is refused", o.n)))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let orders: Vec<Order> = (0..6).map(|n| Order { n }).collect();
+    EventBus::new(backend.clone())
+        .topics(namer())
+        .publish_all(&orders)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cqrs(&["--kafka", brokers, "--json", "dead-letters", "list", &group]);
+        if out.status.success() {
+            let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if listed["dead_letters"].as_array().unwrap().len() == 3 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await.unwrap();
+    group
+}
+
+/// The ids `cqrs dead-letters list GROUP` shows.
+fn listed_ids(brokers: &str, group: &str) -> Vec<String> {
+    cqrs_kafka_json(brokers, &["dead-letters", "list", group])["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The lag `cqrs inspect` shows for the dead letters' bookkeeping group: what is left.
+fn bookkeeping_lag(brokers: &str, dead_topic: &str) -> Value {
+    let inspected = cqrs_kafka_json(brokers, &["inspect"]);
+    let t = inspected["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == dead_topic)
+        .unwrap()
+        .clone();
+    let g = t["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == cqrs::kafka::bookkeeping_group(dead_topic).as_str())
+        .unwrap_or_else(|| panic!("no bookkeeping group: {t}"))
+        .clone();
+    g["lag"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_on_kafka_are_listed_redriven_and_purged() {
+    let (brokers, backend) = kafka().await;
+    let topic = cqrs::conformance::unique("cli-kafka-orders");
+    let service = cqrs::conformance::unique("svc");
+    let group = three_dead_letters(&brokers, &backend, &topic, &service).await;
+    let dead_topic = format!("{group}.dead-letter");
+
+    let listed = cqrs_kafka_json(&brokers, &["dead-letters", "list", &group]);
+    let dead = listed["dead_letters"].as_array().unwrap().clone();
+    let ids: Vec<&str> = dead.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["0:0", "0:1", "0:2"], "{listed}");
+    assert_eq!(dead[0]["reason"], "order 1 is refused");
+    assert_eq!(dead[0]["topic"], topic.as_str());
+    assert_eq!(dead[0]["handler"], "book");
+    assert_eq!(dead[0]["attempts"], 1);
+    assert!(dead[0]["age_ms"].as_u64().unwrap() < 60_000, "{listed}");
+
+    // A dry run changes nothing.
+    let dry = cqrs_kafka_json(
+        &brokers,
+        &["dead-letters", "redrive", &group, "--all", "--dry-run"],
+    );
+    assert_eq!(dry["redriven"].as_array().unwrap().len(), 3);
+    assert_eq!(records(&brokers, &topic).len(), 6);
+
+    // tansu 0.6 drops the metadata of committed offsets, where a dead letter redriven ahead of
+    // older ones is recorded: refused before anything is published.
+    let ahead = cqrs(&[
+        "--kafka",
+        &brokers,
+        "dead-letters",
+        "redrive",
+        &group,
+        "--id",
+        "0:1",
+    ]);
+    assert_eq!(ahead.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&ahead.stderr).contains("does not keep the metadata"),
+        "{}",
+        String::from_utf8_lossy(&ahead.stderr)
+    );
+    assert_eq!(records(&brokers, &topic).len(), 6);
+    assert_eq!(listed_ids(&brokers, &group), ["0:0", "0:1", "0:2"]);
+
+    // The oldest: back on its topic, clean and marked; the committed offset moves past it.
+    let redriven = cqrs_kafka_json(
+        &brokers,
+        &["dead-letters", "redrive", &group, "--id", "0:0"],
+    );
+    assert_eq!(redriven["redriven"][0]["id"], "0:0");
+    let on_topic = records(&brokers, &topic);
+    assert_eq!(on_topic.len(), 7);
+    let (payload, headers) = &on_topic[6];
+    assert_eq!(payload, r#"{"n":1}"#);
+    assert!(
+        headers.contains(&("x-redriven-from".to_owned(), "0:0".to_owned())),
+        "{headers:?}"
+    );
+    assert!(
+        !headers.iter().any(|(k, _)| k.starts_with("x-dead-letter-")),
+        "{headers:?}"
+    );
+    assert_eq!(listed_ids(&brokers, &group), ["0:1", "0:2"]);
+    assert_eq!(bookkeeping_lag(&brokers, &dead_topic), 2);
+
+    // An id already redriven is not there any more, and nothing moves.
+    let again = cqrs(&[
+        "--kafka",
+        &brokers,
+        "dead-letters",
+        "redrive",
+        &group,
+        "--id",
+        "0:0",
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no dead letter with id 0:0"));
+    assert_eq!(records(&brokers, &topic).len(), 7);
+
+    let purged = cqrs_kafka_json(&brokers, &["dead-letters", "purge", &group, "--all"]);
+    assert_eq!(purged["removed"], 2);
+    assert!(listed_ids(&brokers, &group).is_empty());
+    assert_eq!(bookkeeping_lag(&brokers, &dead_topic), 0);
+    assert_eq!(
+        records(&brokers, &topic).len(),
+        7,
+        "a purge publishes nothing"
+    );
+
+    let out = cqrs(&["--kafka", &brokers, "dead-letters", "list", "no-such-group"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no dead letters"));
+}
+
+/// Serves librdkafka's mock cluster for the test below (tests/support/mock_kafka.rs). Not a test.
+#[test]
+#[ignore = "serves the mock cluster for other tests"]
+fn mock_kafka_server() {
+    mock_kafka::serve_mock_kafka();
+}
+
+/// On a broker that keeps offset metadata (Kafka does; librdkafka's mock cluster too), a dead
+/// letter redriven or purged ahead of older ones is recorded there, and listing leaves it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_dead_letters_redriven_out_of_order_are_recorded_in_the_offset_metadata() {
+    use cqrs::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use cqrs::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let topic = cqrs::conformance::unique("cli-mock-orders");
+    let service = cqrs::conformance::unique("svc");
+    let dead_topic = format!("{service}.book.dead-letter");
+    // The mock cluster has no CreateTopics: its process makes them.
+    let mock = mock_kafka::MockKafka::start(&[(topic.as_str(), 1), (dead_topic.as_str(), 1)]).await;
+    let brokers = mock.brokers().to_owned();
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(&brokers)
+            .create_topics(false)
+            .fetch_wait(Duration::from_millis(10)),
+    )
+    .await
+    .unwrap();
+    let group = three_dead_letters(&brokers, &backend, &topic, &service).await;
+    let committed = || {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", cqrs::kafka::bookkeeping_group(&dead_topic))
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&dead_topic, 0);
+        let c = client
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        let e = c.find_partition(&dead_topic, 0).unwrap();
+        (e.offset(), e.metadata().to_owned())
+    };
+
+    cqrs_kafka_json(
+        &brokers,
+        &["dead-letters", "redrive", &group, "--id", "0:1"],
+    );
+    assert_eq!(listed_ids(&brokers, &group), ["0:0", "0:2"]);
+    assert_eq!(committed(), (Offset::Offset(0), "v1:1".to_owned()));
+    assert_eq!(records(&brokers, &topic).len(), 7);
+
+    // The oldest: the offset moves past both, and the metadata empties.
+    cqrs_kafka_json(
+        &brokers,
+        &["dead-letters", "redrive", &group, "--id", "0:0"],
+    );
+    assert_eq!(listed_ids(&brokers, &group), ["0:2"]);
+    assert_eq!(committed(), (Offset::Offset(2), String::new()));
+
+    let purged = cqrs_kafka_json(&brokers, &["dead-letters", "purge", &group, "--id", "0:2"]);
+    assert_eq!(purged["removed"], 1);
+    assert!(listed_ids(&brokers, &group).is_empty());
+    assert_eq!(committed(), (Offset::Offset(3), String::new()));
+    let redriven: Vec<String> = records(&brokers, &topic)[6..]
+        .iter()
+        .map(|(payload, _)| payload.clone())
+        .collect();
+    assert_eq!(redriven, [r#"{"n":3}"#, r#"{"n":1}"#]);
 }

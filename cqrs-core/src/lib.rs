@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bus;
 pub mod codec;
 pub mod conformance;
+pub mod dead_letter;
 mod error;
 mod event;
 pub mod handler;
@@ -25,6 +26,7 @@ pub mod wire;
 
 pub use backend::{Backend, Delivery, StartFrom, Subscription};
 pub use bus::{CommandBus, EventBus, TopicNamer};
+pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use error::{BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};
 pub use handler::{

@@ -6,10 +6,14 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-#[cfg(feature = "kafka")]
-use cqrs::kafka::rdkafka;
 #[cfg(feature = "redis")]
 use cqrs::redis::redis;
+
+#[cfg(feature = "kafka")]
+mod mock_kafka;
+#[cfg(feature = "kafka")]
+#[allow(unused_imports)]
+pub use mock_kafka::{serve_mock_kafka, MockKafka};
 
 /// A topic namer that sends every event to `topic`.
 pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
@@ -257,73 +261,6 @@ impl Drop for TansuServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// librdkafka's mock cluster in a process of its own (this test binary run again as
-/// `mock_kafka_server`), serving on loopback TCP; killed on drop.
-pub struct MockKafka {
-    brokers: String,
-    child: Child,
-}
-
-impl MockKafka {
-    /// Starts the cluster with `topics` (name, partitions) created.
-    pub async fn start(topics: &[(&str, i32)]) -> Self {
-        use std::io::BufRead;
-        let spec: Vec<String> = topics.iter().map(|(t, p)| format!("{t}:{p}")).collect();
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--ignored", "--exact", "mock_kafka_server", "--nocapture"])
-            .env("CQRS_MOCK_KAFKA_TOPICS", spec.join(","))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run the test binary again");
-        let stdout = child.stdout.take().expect("stdout");
-        let brokers = tokio::task::spawn_blocking(move || {
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find_map(|l| l.strip_prefix("mock-kafka-bootstrap=").map(str::to_owned))
-        })
-        .await
-        .expect("reader")
-        .expect("the mock cluster did not start");
-        MockKafka { brokers, child }
-    }
-
-    pub fn brokers(&self) -> &str {
-        &self.brokers
-    }
-}
-
-impl Drop for MockKafka {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[cfg(feature = "kafka")]
-/// The body of the `mock_kafka_server` pseudo-test: serves until stdin closes.
-pub fn serve_mock_kafka() {
-    use std::io::{BufRead, Write};
-    let Ok(spec) = std::env::var("CQRS_MOCK_KAFKA_TOPICS") else {
-        return;
-    };
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    for topic in spec.split(',').filter(|t| !t.is_empty()) {
-        let (name, partitions) = topic.split_once(':').expect("topic:partitions");
-        cluster
-            .create_topic(name, partitions.parse().expect("partitions"), 1)
-            .expect("create_topic");
-    }
-    println!("mock-kafka-bootstrap={}", cluster.bootstrap_servers());
-    std::io::stdout().flush().expect("stdout");
-    let mut line = String::new();
-    while std::io::stdin().lock().read_line(&mut line).unwrap_or(0) > 0 {
-        line.clear();
     }
 }
 

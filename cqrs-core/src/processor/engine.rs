@@ -25,19 +25,8 @@ use crate::message::Message;
 use crate::middleware::{panic_message, HandlerPanicked};
 use crate::telemetry::{self, Consuming, DeadReason};
 
-/// Header names written on dead-lettered messages.
-pub mod dead_letter_headers {
-    /// Why the message was dead-lettered.
-    pub const REASON: &str = "x-dead-letter-reason";
-    /// The handler that failed.
-    pub const HANDLER: &str = "x-dead-letter-handler";
-    /// The consumer group.
-    pub const GROUP: &str = "x-dead-letter-group";
-    /// The topic the message came from.
-    pub const TOPIC: &str = "x-dead-letter-topic";
-    /// How many deliveries were made.
-    pub const ATTEMPTS: &str = "x-dead-letter-attempts";
-}
+/// The headers a processor writes on a dead letter ([`crate::dead_letter::headers`]).
+pub use crate::dead_letter::headers as dead_letter_headers;
 
 /// One handler inside a group, found by event name.
 pub(crate) struct Route {
@@ -1058,6 +1047,7 @@ async fn dead_letter(
     headers.insert(h::GROUP.into(), spec.group.to_string());
     headers.insert(h::TOPIC.into(), topic.into());
     headers.insert(h::ATTEMPTS.into(), attempts.to_string());
+    headers.insert(h::TIME.into(), crate::message::now_millis().to_string());
     spec.publisher
         .publish(&spec.dead_letter_topic(), std::slice::from_ref(&dead))
         .await

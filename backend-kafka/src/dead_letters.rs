@@ -1,0 +1,481 @@
+//! Dead letters on Kafka: listed, redriven and purged ([`DeadLetterStore`]).
+//!
+//! Kafka cannot delete one record, so what was redriven or purged is written down as the
+//! committed offsets of a consumer group of its own, [`bookkeeping_group`]: per partition, every
+//! record below the committed offset is done, and the offset's metadata lists the done ones above
+//! it (a dead letter redriven by id ahead of older ones). Listing reads each partition from its
+//! committed offset and leaves the done ones out. `cqrs inspect --kafka` shows that group's lag:
+//! the dead letters left.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::{Error, Result};
+use crate::{KafkaBackend, KafkaConfig};
+
+/// The consumer group whose committed offsets record what was redriven or purged from the
+/// dead-letter topic `topic`.
+pub fn bookkeeping_group(topic: &str) -> String {
+    format!("cqrs-dead-letters.{topic}")
+}
+
+/// The format of the offsets' metadata: this prefix, then ranges `a-b` and single offsets,
+/// comma-separated.
+const FORMAT: &str = "v1:";
+/// Kafka keeps at most `offset.metadata.max.bytes` (4 KiB by default) per committed offset.
+const MAX_METADATA: usize = 4000;
+
+/// What is done on one partition: every record below `next`, and those in `above`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Done {
+    next: i64,
+    above: BTreeSet<i64>,
+}
+
+impl Done {
+    /// The state a committed `offset` with `metadata` describes; `low` is the partition's first
+    /// record (those below it are gone anyway).
+    fn parse(offset: Offset, metadata: &str, low: i64) -> std::result::Result<Done, String> {
+        let next = match offset {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        let mut above = BTreeSet::new();
+        if !metadata.is_empty() {
+            let ranges = metadata
+                .strip_prefix(FORMAT)
+                .ok_or_else(|| format!("metadata `{metadata}` is not in the {FORMAT} format"))?;
+            for part in ranges.split(',').filter(|p| !p.is_empty()) {
+                let bad = || format!("`{part}` in metadata `{metadata}` is not an offset range");
+                let (a, b) = part.split_once('-').unwrap_or((part, part));
+                let (a, b): (i64, i64) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                above.extend((a..=b).filter(|o| *o >= next));
+            }
+        }
+        Ok(Done { next, above })
+    }
+
+    fn contains(&self, offset: i64) -> bool {
+        offset < self.next || self.above.contains(&offset)
+    }
+
+    /// Marks `offset` done, then moves `next` past every done offset and every offset below
+    /// `end` that holds no record (`records`: the partition's records from `next` to `end`).
+    fn mark(&mut self, offset: i64, records: &BTreeSet<i64>, end: i64) {
+        if offset >= self.next {
+            self.above.insert(offset);
+        }
+        while self.next < end && (self.above.contains(&self.next) || !records.contains(&self.next))
+        {
+            self.above.remove(&self.next);
+            self.next += 1;
+        }
+    }
+
+    /// `v1:` and the offsets above `next`, as ranges.
+    fn metadata(&self) -> String {
+        if self.above.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(FORMAT);
+        let mut it = self.above.iter().copied().peekable();
+        while let Some(start) = it.next() {
+            let mut end = start;
+            while it.peek() == Some(&(end + 1)) {
+                end += 1;
+                it.next();
+            }
+            if out.len() > FORMAT.len() {
+                out.push(',');
+            }
+            if start == end {
+                out.push_str(&start.to_string());
+            } else {
+                out.push_str(&format!("{start}-{end}"));
+            }
+        }
+        out
+    }
+}
+
+/// One partition of a dead-letter topic as read.
+struct Partition {
+    done: Done,
+    /// One past the last record read.
+    end: i64,
+    /// The offsets of the records read, done or not.
+    records: BTreeSet<i64>,
+    /// The records not done, oldest first.
+    letters: Vec<(i64, DeadLetter)>,
+}
+
+/// A dead-letter topic as read, with the client that records what gets done.
+struct Read {
+    topic: String,
+    client: Arc<BaseConsumer>,
+    partitions: BTreeMap<i32, Partition>,
+    timeout: Duration,
+}
+
+fn id(partition: i32, offset: i64) -> String {
+    format!("{partition}:{offset}")
+}
+
+impl Read {
+    /// Reads every partition of `topic` from its committed offset to its end.
+    fn new(config: &KafkaConfig, topic: &str) -> Result<Read> {
+        let timeout = config.timeout;
+        let context = |what: &str| format!("{what} of the dead letters on {topic}");
+        let mut c = config.admin_config();
+        c.set("group.id", bookkeeping_group(topic))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        let client: BaseConsumer = c
+            .create()
+            .map_err(|e| Error::kafka(context("creating the reader"), e))?;
+        let metadata = client
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| Error::kafka(context("reading the partitions"), e))?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| p.id())
+            .collect();
+        let mut all = TopicPartitionList::new();
+        for p in &ids {
+            all.add_partition(topic, *p);
+        }
+        let committed = client
+            .committed_offsets(all, timeout)
+            .map_err(|e| Error::kafka(context("reading what was done"), e))?;
+        let mut partitions = BTreeMap::new();
+        let mut assign = TopicPartitionList::new();
+        // The partitions still to read, with their end.
+        let mut left: BTreeMap<i32, i64> = BTreeMap::new();
+        for p in ids {
+            let (low, high) = client
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(|e| Error::kafka(context("reading the watermarks"), e))?;
+            let done = match committed.find_partition(topic, p) {
+                Some(e) => Done::parse(e.offset(), e.metadata(), low),
+                None => Ok(Done {
+                    next: low,
+                    above: BTreeSet::new(),
+                }),
+            }
+            .map_err(|why| Error::Bookkeeping {
+                group: bookkeeping_group(topic),
+                partition: p,
+                why,
+            })?;
+            if done.next < high {
+                assign
+                    .add_partition_offset(topic, p, Offset::Offset(done.next))
+                    .map_err(|e| Error::kafka(context("choosing the offsets"), e))?;
+                left.insert(p, high);
+            }
+            partitions.insert(
+                p,
+                Partition {
+                    end: done.next,
+                    done,
+                    records: BTreeSet::new(),
+                    letters: Vec::new(),
+                },
+            );
+        }
+        client
+            .assign(&assign)
+            .map_err(|e| Error::kafka(context("assigning the partitions"), e))?;
+        let deadline = Instant::now() + timeout * 3;
+        while !left.is_empty() {
+            if Instant::now() > deadline {
+                return Err(Error::kafka(
+                    context(&format!("reading partitions {:?}", left.keys())),
+                    KafkaError::Canceled,
+                ));
+            }
+            let m = match client.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    left.remove(&p);
+                    continue;
+                }
+                Some(Err(e)) => return Err(Error::kafka(context("reading"), e)),
+                Some(Ok(m)) => m,
+            };
+            let (p, offset) = (m.partition(), m.offset());
+            if left.get(&p).is_some_and(|high| offset + 1 >= *high) {
+                left.remove(&p);
+            }
+            let Some(part) = partitions.get_mut(&p) else {
+                continue;
+            };
+            if offset < part.end {
+                continue;
+            }
+            part.end = offset + 1;
+            part.records.insert(offset);
+            if part.done.contains(offset) {
+                continue;
+            }
+            let (message, _) = crate::consumer::decode(&m);
+            let stored_at = crate::consumer::record_time_ms(&m);
+            part.letters
+                .push((offset, DeadLetter::new(id(p, offset), message, stored_at)));
+        }
+        Ok(Read {
+            topic: topic.to_owned(),
+            client: Arc::new(client),
+            partitions,
+            timeout,
+        })
+    }
+
+    fn letters(&self) -> impl Iterator<Item = (i32, i64, &DeadLetter)> {
+        self.partitions
+            .iter()
+            .flat_map(|(p, part)| part.letters.iter().map(move |(o, d)| (*p, *o, d)))
+    }
+
+    /// The dead letters with an id in `ids` (all when `None`), with their partition and offset.
+    fn chosen(&self, ids: Option<&[String]>) -> Vec<(i32, i64, DeadLetter)> {
+        self.letters()
+            .filter(|(_, _, d)| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .map(|(p, o, d)| (p, o, d.clone()))
+            .collect()
+    }
+
+    /// Marks `offset` of `partition` done (not yet committed).
+    fn mark(&mut self, partition: i32, offset: i64) {
+        if let Some(part) = self.partitions.get_mut(&partition) {
+            part.done.mark(offset, &part.records, part.end);
+        }
+    }
+
+    /// Fails, before anything moves, if marking `chosen` done cannot be recorded: it would need
+    /// more offset metadata than Kafka keeps, or any at all on a broker that drops it.
+    async fn check_recordable(&self, chosen: &[(i32, i64, DeadLetter)]) -> Result<()> {
+        let mut after: BTreeMap<i32, Done> = BTreeMap::new();
+        for (p, o, _) in chosen {
+            if let Some(part) = self.partitions.get(p) {
+                after.entry(*p).or_insert_with(|| part.done.clone()).mark(
+                    *o,
+                    &part.records,
+                    part.end,
+                );
+            }
+        }
+        let refuse = |partition: i32, why: &str| Error::Bookkeeping {
+            group: bookkeeping_group(&self.topic),
+            partition,
+            why: why.to_owned(),
+        };
+        if let Some((p, _)) = after
+            .iter()
+            .find(|(_, d)| d.metadata().len() > MAX_METADATA)
+        {
+            return Err(refuse(
+                *p,
+                "too many dead letters redriven or purged ahead of older ones on this partition \
+                 to record; redrive or purge the older ones first",
+            ));
+        }
+        let Some(p) = after
+            .iter()
+            .find(|(_, d)| !d.above.is_empty())
+            .map(|(p, _)| *p)
+        else {
+            return Ok(());
+        };
+        // Commit this partition's state unchanged (`v1:` alone lists nothing) and read it back.
+        let Some(done) = self.partitions.get(&p).map(|part| part.done.clone()) else {
+            return Ok(());
+        };
+        let probe = match done.metadata() {
+            m if m.is_empty() => FORMAT.to_owned(),
+            m => m,
+        };
+        let (client, topic, timeout) = (self.client.clone(), self.topic.clone(), self.timeout);
+        let context = format!("checking that the broker keeps offset metadata on {topic}");
+        let kept = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let context = |e| Error::kafka(context.clone(), e);
+            let mut tpl = TopicPartitionList::new();
+            let mut e = tpl.add_partition(&topic, p);
+            e.set_offset(Offset::Offset(done.next)).map_err(context)?;
+            e.set_metadata(&probe);
+            client.commit(&tpl, CommitMode::Sync).map_err(context)?;
+            let read = client.committed_offsets(tpl, timeout).map_err(context)?;
+            Ok(read
+                .find_partition(&topic, p)
+                .is_some_and(|e| e.metadata() == probe))
+        })
+        .await
+        .map_err(|_| Error::kafka("checking offset metadata", KafkaError::Canceled))??;
+        if kept {
+            Ok(())
+        } else {
+            Err(refuse(
+                p,
+                "this broker does not keep the metadata of committed offsets, where dead letters \
+                 redriven or purged ahead of older ones are recorded; redrive or purge the oldest \
+                 first (or --all)",
+            ))
+        }
+    }
+
+    /// Commits what is done on `partitions` as the bookkeeping group's offsets.
+    async fn commit(&self, partitions: &BTreeSet<i32>) -> Result<()> {
+        let context = || format!("recording what was done on {}", self.topic);
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let Some(part) = self.partitions.get(p) else {
+                continue;
+            };
+            let mut e = tpl.add_partition(&self.topic, *p);
+            e.set_offset(Offset::Offset(part.done.next))
+                .map_err(|e| Error::kafka(context(), e))?;
+            e.set_metadata(part.done.metadata());
+        }
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || client.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|_| Error::kafka(context(), KafkaError::Canceled))?
+            .map_err(|e| Error::kafka(context(), e))
+    }
+}
+
+impl KafkaBackend {
+    async fn read_dead_letters(&self, topic: &str) -> Result<Read> {
+        let config = self.inner.config.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || Read::new(&config, &topic))
+            .await
+            .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))?
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for KafkaBackend {
+    async fn has_dead_letters(&self, topic: &str) -> cqrs_core::Result<bool> {
+        Ok(self.topics_on_broker().await?.iter().any(|t| t == topic))
+    }
+
+    /// Reads every partition from the bookkeeping group's committed offset to its end, leaving
+    /// out what was redriven or purged. Ids are `partition:offset`.
+    async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let read = self.read_dead_letters(topic).await?;
+        Ok(read.letters().map(|(_, _, d)| d.clone()).collect())
+    }
+
+    /// Publishes each chosen dead letter back and waits for the broker's acknowledgement, then
+    /// records it as done (a commit of the bookkeeping group).
+    async fn redrive(
+        &self,
+        topic: &str,
+        ids: Option<&[String]>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let mut read = self.read_dead_letters(topic).await?;
+        let chosen = read.chosen(ids);
+        if let Some((_, _, d)) = chosen.iter().find(|(_, _, d)| d.topic.is_none()) {
+            return Err(Error::DeadLetterWithoutTopic {
+                topic: topic.to_owned(),
+                id: d.id.clone(),
+            }
+            .into());
+        }
+        read.check_recordable(&chosen).await?;
+        for (p, o, d) in &chosen {
+            let to = d.topic.as_deref().unwrap_or_default();
+            self.send_all(to, std::iter::once(Ok(d.redriven())))
+                .await
+                .map_err(|e| Error::Redrive {
+                    id: d.id.clone(),
+                    topic: to.to_owned(),
+                    source: Box::new(e),
+                })?;
+            read.mark(*p, *o);
+            read.commit(&BTreeSet::from([*p])).await?;
+        }
+        Ok(chosen.into_iter().map(|(_, _, d)| d).collect())
+    }
+
+    /// Records the chosen dead letters as done, in one commit of the bookkeeping group.
+    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
+        let mut read = self.read_dead_letters(topic).await?;
+        let chosen = read.chosen(ids);
+        read.check_recordable(&chosen).await?;
+        for (p, o, _) in &chosen {
+            read.mark(*p, *o);
+        }
+        let touched: BTreeSet<i32> = chosen.iter().map(|(p, _, _)| *p).collect();
+        if !touched.is_empty() {
+            read.commit(&touched).await?;
+        }
+        Ok(chosen.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(r: std::ops::Range<i64>) -> BTreeSet<i64> {
+        r.collect()
+    }
+
+    #[test]
+    fn marking_in_order_moves_the_offset_and_out_of_order_writes_ranges() {
+        let all = records(10..20);
+        let mut d = Done::parse(Offset::Invalid, "", 10).unwrap();
+        d.mark(10, &all, 20);
+        assert_eq!((d.next, d.metadata()), (11, String::new()));
+        for o in [13, 14, 15, 17] {
+            d.mark(o, &all, 20);
+        }
+        assert_eq!((d.next, d.metadata().as_str()), (11, "v1:13-15,17"));
+        assert_eq!(
+            Done::parse(Offset::Offset(11), "v1:13-15,17", 0),
+            Ok(d.clone())
+        );
+        d.mark(12, &all, 20);
+        d.mark(11, &all, 20);
+        assert_eq!((d.next, d.metadata().as_str()), (16, "v1:17"));
+        assert!(d.contains(17) && d.contains(3) && !d.contains(16));
+    }
+
+    #[test]
+    fn offsets_without_a_record_do_not_hold_the_offset_back() {
+        // 12 is a transaction marker: no record there.
+        let some: BTreeSet<i64> = [10, 11, 13].into();
+        let mut d = Done::parse(Offset::Offset(10), "", 0).unwrap();
+        d.mark(11, &some, 14);
+        d.mark(13, &some, 14);
+        assert_eq!((d.next, d.metadata()), (10, "v1:11,13".to_owned()));
+        d.mark(10, &some, 14);
+        assert_eq!((d.next, d.metadata()), (14, String::new()));
+    }
+
+    #[test]
+    fn bad_metadata_is_an_error_and_offsets_below_the_log_start_are_done() {
+        assert!(Done::parse(Offset::Offset(1), "garbage", 0).is_err());
+        assert!(Done::parse(Offset::Offset(1), "v1:9-3", 0).is_err());
+        assert!(Done::parse(Offset::Offset(1), "v1:x", 0).is_err());
+        let d = Done::parse(Offset::Offset(1), "v1:2,8", 5).unwrap();
+        assert_eq!((d.next, d.metadata()), (5, "v1:8".to_owned()));
+    }
+}

@@ -1,0 +1,143 @@
+//! Dead letters: the messages a processor gave up on, and how to look at them, send them back to
+//! their topic (redrive) or drop them (purge).
+//!
+//! A processor publishes a message it gives up on to its group's dead-letter topic with the
+//! headers of [`headers`]. A backend that can manage those topics implements
+//! [`DeadLetterStore`]; the `cqrs` command-line tool is built on it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use crate::{Message, Result};
+
+/// The headers a processor writes on a dead letter, beside the message's own.
+pub mod headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "x-dead-letter-reason";
+    /// The handler that failed.
+    pub const HANDLER: &str = "x-dead-letter-handler";
+    /// The consumer group.
+    pub const GROUP: &str = "x-dead-letter-group";
+    /// The topic the message came from.
+    pub const TOPIC: &str = "x-dead-letter-topic";
+    /// How many deliveries were made.
+    pub const ATTEMPTS: &str = "x-dead-letter-attempts";
+    /// When it was dead-lettered, in milliseconds since the Unix epoch.
+    pub const TIME: &str = "x-dead-letter-time";
+    /// The prefix every one of them starts with.
+    pub const PREFIX: &str = "x-dead-letter-";
+}
+
+/// The header a redriven message carries: the id of the dead letter it came from.
+pub const REDRIVEN_FROM: &str = "x-redriven-from";
+
+/// One message on a dead-letter topic, with what the processor wrote about its failure.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its id on the dead-letter topic: the Redis entry id, or `partition:offset` on Kafka.
+    pub id: String,
+    /// The message as it was dead-lettered (its headers hold the `x-dead-letter-*` fields).
+    pub message: Message,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    /// The handler that failed (empty when none took it).
+    pub handler: Option<String>,
+    /// The consumer group.
+    pub group: Option<String>,
+    /// The topic it came from, where a redrive publishes it.
+    pub topic: Option<String>,
+    /// Deliveries made before it was dead-lettered.
+    pub attempts: Option<u32>,
+    /// Time since it was dead-lettered.
+    pub age: Option<Duration>,
+}
+
+impl DeadLetter {
+    /// Reads the processor's headers of `message`, found on a dead-letter topic under `id`.
+    /// `stored_at_ms` (milliseconds since the Unix epoch) is when the broker took it, for dead
+    /// letters written before processors stamped [`headers::TIME`].
+    pub fn new(id: impl Into<String>, message: Message, stored_at_ms: Option<u64>) -> Self {
+        let header = |k: &str| message.metadata.headers.get(k).cloned();
+        let at_ms = header(headers::TIME)
+            .and_then(|t| t.parse().ok())
+            .or(stored_at_ms);
+        let age = at_ms.and_then(|ms| {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+            now.checked_sub(Duration::from_millis(ms))
+        });
+        DeadLetter {
+            id: id.into(),
+            reason: header(headers::REASON),
+            handler: header(headers::HANDLER),
+            group: header(headers::GROUP),
+            topic: header(headers::TOPIC),
+            attempts: header(headers::ATTEMPTS).and_then(|a| a.parse().ok()),
+            age,
+            message,
+        }
+    }
+
+    /// The message a redrive publishes: this one without its `x-dead-letter-*` headers, with
+    /// [`REDRIVEN_FROM`] set to the dead letter's id.
+    pub fn redriven(&self) -> Message {
+        let mut message = self.message.clone();
+        let headers = &mut message.metadata.headers;
+        headers.retain(|k, _| !k.starts_with(headers::PREFIX));
+        headers.insert(REDRIVEN_FROM.to_owned(), self.id.clone());
+        message
+    }
+}
+
+/// A backend whose dead-letter topics can be listed, redriven and purged.
+///
+/// Implemented by the Redis backend (entries are deleted from the stream) and the Kafka backend
+/// (records cannot be deleted, so what was redriven or purged is recorded as the committed
+/// offsets of a consumer group of its own).
+#[async_trait]
+pub trait DeadLetterStore: Send + Sync {
+    /// Whether the dead-letter topic `topic` exists.
+    async fn has_dead_letters(&self, topic: &str) -> Result<bool>;
+
+    /// The dead letters on `topic` that were neither redriven nor purged, oldest first (on Kafka:
+    /// by partition, then offset).
+    async fn dead_letters(&self, topic: &str) -> Result<Vec<DeadLetter>>;
+
+    /// Publishes each dead letter of `topic` (those with an id in `ids`, or all) back to the
+    /// topic it came from as [`DeadLetter::redriven`] makes it, then removes it from `topic`.
+    /// One at a time, in that order: a failure leaves a message either not yet redriven or
+    /// redriven and still listed (redriven again next time), never lost. A dead letter without
+    /// its original topic is an error before anything moves. Returns what was redriven.
+    async fn redrive(&self, topic: &str, ids: Option<&[String]>) -> Result<Vec<DeadLetter>>;
+
+    /// Removes the dead letters of `topic` with an id in `ids`, or all of them; returns how many
+    /// went.
+    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_headers_and_redrives_without_them() {
+        let mut m = Message::new("tickets.Booked", b"{}".to_vec());
+        let h = &mut m.metadata.headers;
+        h.insert(headers::REASON.into(), "refused".into());
+        h.insert(headers::TOPIC.into(), "tickets".into());
+        h.insert(headers::ATTEMPTS.into(), "3".into());
+        h.insert(headers::TIME.into(), "1".into());
+        h.insert("traceparent".into(), "00-abc".into());
+        let d = DeadLetter::new("0:7", m, None);
+        assert_eq!(d.reason.as_deref(), Some("refused"));
+        assert_eq!(d.topic.as_deref(), Some("tickets"));
+        assert_eq!(d.attempts, Some(3));
+        assert!(d.age.is_some_and(|a| a > Duration::from_secs(3600)));
+        let back = d.redriven();
+        let keys: Vec<&str> = back.metadata.headers.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["traceparent", REDRIVEN_FROM]);
+        assert_eq!(back.metadata.headers[REDRIVEN_FROM], "0:7");
+        assert_eq!(back.payload, d.message.payload);
+    }
+}
