@@ -10,10 +10,7 @@ mod support;
 use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 
 fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+    support::kafka_brokers()
 }
 
 /// Test settings. `batch.num.messages=1`: tansu 0.6 answers a fetch from an offset inside a

@@ -1,5 +1,6 @@
 //! Metrics (feature `prometheus`): a processor and a bus record to a Prometheus exporter, and a
-//! scrape of its HTTP endpoint shows the counters moved, on the in-memory broker and on Redis.
+//! scrape of its HTTP endpoint shows the counters moved, on the in-memory broker, Redis and
+//! Kafka.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,6 +8,7 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use cqrs::backend::Backend;
 use cqrs::prometheus::PrometheusBuilder;
@@ -90,7 +92,8 @@ async fn counters_move(backend: impl Backend + Clone, system: &str) {
         }
     })
     .unwrap()
-    .retry(RetryPolicy::attempts(1));
+    .retry(RetryPolicy::attempts(1))
+    .sample_backlog_every(Some(Duration::from_millis(200)));
     let running = p.start(CancellationToken::new()).await.unwrap();
     let events: Vec<Booked> = (0..5)
         .map(|n| Booked {
@@ -110,7 +113,7 @@ async fn counters_move(backend: impl Backend + Clone, system: &str) {
         ("topic", topic.as_str()),
     ];
     eventually(
-        "five consumed and two dead-lettered, as scraped",
+        "five consumed, two dead-lettered and no lag, as scraped",
         || async {
             let body = scrape().await;
             let dead = |reason: &str| {
@@ -118,9 +121,12 @@ async fn counters_move(backend: impl Backend + Clone, system: &str) {
                 l.push(("reason", reason));
                 value(&body, "cqrs_dead_lettered", &l)
             };
+            // The broker's view, sampled: the group has nothing left.
+            let lag = value(&body, "cqrs_consumer_lag", &[("group", group.as_str())]);
             value(&body, "messaging_client_consumed_messages", &labels) == Some(5.0)
                 && dead("permanent") == Some(1.0)
                 && dead("attempts_exhausted") == Some(1.0)
+                && lag == Some(0.0)
         },
     )
     .await;
@@ -168,4 +174,57 @@ async fn counters_move_on_redis() {
         .await
         .unwrap();
     counters_move(backend, "redis").await;
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_on_kafka() {
+    use cqrs::kafka::{KafkaBackend, KafkaConfig};
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(support::kafka_brokers())
+            .partitions(1)
+            .fetch_wait(Duration::from_millis(10))
+            .commit_interval(Duration::from_millis(100))
+            // tansu answers a fetch from inside a record batch with nothing: one record each.
+            .set("batch.num.messages", "1"),
+    )
+    .await
+    .unwrap();
+    counters_move(backend, "kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_sampling_off_has_no_backlog_gauges() {
+    exporter();
+    let backend = cqrs::memory::MemoryBroker::new();
+    let topic = unique("metrics-off");
+    let service = unique("svc");
+    let group = format!("{service}.book");
+    let mut p =
+        EventProcessor::new(backend.clone(), service.as_str()).topics(support::one_topic(&topic));
+    p.handle("book", |_: Booked| async { Ok::<_, String>(()) })
+        .unwrap()
+        .sample_backlog_every(None);
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(backend)
+        .topics(support::one_topic(&topic))
+        .publish(&Booked {
+            ticket: "t".into(),
+            n: 0,
+        })
+        .await
+        .unwrap();
+    let consumed = [("group", group.as_str())];
+    eventually("one consumed, as scraped", || async {
+        value(
+            &scrape().await,
+            "messaging_client_consumed_messages",
+            &consumed,
+        ) == Some(1.0)
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let body = scrape().await;
+    assert_eq!(value(&body, "cqrs_consumer_lag", &consumed), None, "{body}");
+    assert_eq!(value(&body, "cqrs_consumer_pending", &consumed), None);
 }

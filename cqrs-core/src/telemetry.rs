@@ -35,13 +35,14 @@ pub mod names {
     /// Gauge: messages being handled now, per group and handler.
     pub const IN_FLIGHT: &str = "cqrs.in_flight";
     /// Gauge: messages on the topic the group has not been given yet, sampled from the broker
-    /// every [`super::SAMPLE_EVERY`] (absent where the broker cannot tell).
+    /// every [`super::SAMPLE_EVERY`] unless the handler's options say otherwise
+    /// ([`crate::HandlerOptions::sample_backlog_every`]; absent where the broker cannot tell).
     pub const LAG: &str = "cqrs.consumer.lag";
     /// Gauge: messages given to the group and not acked, sampled from the broker.
     pub const PENDING: &str = "cqrs.consumer.pending";
 }
 
-/// How often a running processor samples each group's lag and pending entries.
+/// How often a running processor samples each group's lag and pending entries, by default.
 pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a message went to the dead-letter topic, as the `reason` label says it.
@@ -186,14 +187,15 @@ mod imp {
 
 pub(crate) use imp::*;
 
-/// Samples the lag and pending entries of `group` on each of `topics` every [`SAMPLE_EVERY`]
-/// until `token` is cancelled (only with the feature on).
+/// Samples the lag and pending entries of `group` on each of `topics` every `every` until
+/// `token` is cancelled (only with the feature on).
 #[cfg(feature = "metrics")]
 pub(crate) async fn sample_backlog(
     subscriber: std::sync::Arc<dyn crate::backend::Subscriber>,
     backend: &'static str,
     group: std::sync::Arc<str>,
     topics: Vec<String>,
+    every: std::time::Duration,
     token: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -211,7 +213,7 @@ pub(crate) async fn sample_backlog(
         }
         tokio::select! {
             _ = token.cancelled() => return,
-            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

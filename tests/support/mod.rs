@@ -170,6 +170,14 @@ async fn ping(url: &str) -> bool {
         .is_ok()
 }
 
+/// The shared Kafka broker of the test run: `KAFKA_BROKERS`, or 127.0.0.1:9092.
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+}
+
 /// The shared Redis of the test run: `REDIS_URL`, or database 15 on 127.0.0.1:6379.
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL")

@@ -131,17 +131,18 @@ pub(crate) async fn run_group(
     // (the processor decides that).
     let token = token.child_token();
     #[cfg(feature = "metrics")]
-    let _stop_sampling = {
+    let _stop_sampling = spec.options.sample_backlog.map(|every| {
         let sampling = token.child_token();
         tokio::spawn(crate::telemetry::sample_backlog(
             spec.subscriber.clone(),
             spec.publisher.system(),
             spec.group.clone(),
             spec.topics.clone(),
+            every,
             sampling.clone(),
         ));
         sampling.drop_guard()
-    };
+    });
     let lanes_n = if spec.batch.is_some() {
         1
     } else {

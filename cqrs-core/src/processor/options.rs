@@ -231,6 +231,7 @@ pub struct HandlerOptions {
     pub(crate) on_unknown: UnknownEvent,
     pub(crate) trace_as_child: bool,
     pub(crate) restart: Option<RestartPolicy>,
+    pub(crate) sample_backlog: Option<Duration>,
     pub(crate) layers: Vec<LayerFn>,
     pub(crate) backend: Option<(Arc<dyn Publisher>, Arc<dyn Subscriber>)>,
 }
@@ -250,6 +251,7 @@ impl Default for HandlerOptions {
             on_unknown: UnknownEvent::Ack,
             trace_as_child: false,
             restart: None,
+            sample_backlog: Some(crate::telemetry::SAMPLE_EVERY),
             layers: Vec::new(),
             backend: None,
         }
@@ -271,6 +273,7 @@ impl fmt::Debug for HandlerOptions {
             .field("on_unknown", &self.on_unknown)
             .field("trace_as_child", &self.trace_as_child)
             .field("restart", &self.restart)
+            .field("sample_backlog", &self.sample_backlog)
             .field("layers", &self.layers.len())
             .field("own_backend", &self.backend.is_some())
             .finish()
@@ -353,6 +356,16 @@ impl HandlerOptions {
     /// default, as OpenTelemetry's messaging conventions advise). Batch handlers always link.
     pub fn trace_as_child(&mut self) -> &mut Self {
         self.trace_as_child = true;
+        self
+    }
+
+    /// With the `metrics` feature, how often the group's lag and pending entries are read from
+    /// the broker for the `cqrs.consumer.lag` and `cqrs.consumer.pending` gauges (default
+    /// [`crate::telemetry::SAMPLE_EVERY`], 5 s; `None`: never). Each sample asks the broker
+    /// about every topic of the group: on Kafka it lists the groups and fetches this one's
+    /// offsets with short-lived clients, so many groups may want a longer period.
+    pub fn sample_backlog_every(&mut self, every: Option<Duration>) -> &mut Self {
+        self.sample_backlog = every;
         self
     }
 
