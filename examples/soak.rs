@@ -144,7 +144,9 @@ macro_rules! with_backend {
             }
             "kafka" => {
                 let commit = Duration::from_millis($args.get("commit-interval-ms", 1000)?);
-                let $b = KafkaBackend::connect(kafka_config(&url, commit)).await?;
+                let config =
+                    kafka_config(&url, commit).commit_every($args.get("commit-every", 1000)?);
+                let $b = KafkaBackend::connect(config).await?;
                 $body
             }
             other => Err(BoxError::from(format!("unknown backend `{other}`"))),
@@ -284,6 +286,8 @@ struct Plan {
     conn_kill_every: Duration,
     claim_idle_ms: u64,
     commit_interval_ms: u64,
+    commit_every: usize,
+    max_unrecorded: usize,
     max_duplicates_pct: f64,
     drain_timeout: Duration,
     dir: PathBuf,
@@ -309,6 +313,8 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         conn_kill_every: Duration::from_secs_f64(args.get("conn-kill-every", 5.0)?),
         claim_idle_ms: args.get("claim-idle-ms", 10_000)?,
         commit_interval_ms: args.get("commit-interval-ms", 1_000)?,
+        commit_every: args.get("commit-every", 1_000)?,
+        max_unrecorded: args.get("max-unrecorded", 4_000)?,
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
         drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
         dir,
@@ -530,6 +536,8 @@ fn spawn_consumer(
         .arg(out)
         .args(["--claim-idle-ms", &plan.claim_idle_ms.to_string()])
         .args(["--commit-interval-ms", &plan.commit_interval_ms.to_string()])
+        .args(["--commit-every", &plan.commit_every.to_string()])
+        .args(["--max-unrecorded", &plan.max_unrecorded.to_string()])
         .stdout(Stdio::piped())
         .stderr(err)
         .kill_on_drop(true)

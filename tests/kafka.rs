@@ -989,3 +989,109 @@ async fn publish_all_sends_the_events_before_one_that_does_not_encode_and_none_a
     running.shutdown().await.unwrap();
     assert_eq!(*seen.lock().unwrap(), BTreeSet::from([0, 1]));
 }
+
+/// With the interval far away, a member commits once it has handled `commit_every` messages:
+/// what the broker holds moves while the member runs (no rebalance happens here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_commits_every_n_handled_messages_between_intervals() {
+    let backend = KafkaBackend::connect(
+        config(&brokers())
+            .partitions(1)
+            .commit_interval(Duration::from_secs(600))
+            .commit_every(10),
+    )
+    .await
+    .unwrap();
+    let topic = unique("orders");
+    let service = unique("svc");
+    let group = format!("{service}.record");
+    let seen: Seen = Arc::default();
+    let running = recorder(&backend, &topic, &service, "only", &seen).await;
+    bus(&backend, &topic)
+        .publish_all(&orders(0..25))
+        .await
+        .unwrap();
+    wait_for(&seen, 25).await;
+    eventually("a commit while the member runs", || {
+        let brokers = brokers();
+        let (group, topic) = (group.clone(), topic.clone());
+        async move {
+            tokio::task::spawn_blocking(move || committed(&brokers, &group, &topic, 1))
+                .await
+                .unwrap()
+                >= 10
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(committed(&brokers(), &group, &topic, 1), 25);
+}
+
+/// librdkafka's mock cluster refuses commits while its group rebalances (Kafka accepts them from
+/// the current generation until the group completes the rebalance), so the commit at revocation
+/// fails there. A member that gets its partition back resumes where it had handled up to, not
+/// from the older committed offset, and records that position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was_handled() {
+    let (topic, other) = (unique("orders"), unique("other"));
+    let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
+    // Nothing is committed before the rebalance: no interval, no count.
+    let config = mock_config(&mock)
+        .commit_interval(Duration::from_secs(600))
+        .commit_every(0);
+    let backend = KafkaBackend::connect(config).await.unwrap();
+    backend
+        .publish(&topic, &cqrs::conformance::messages(30, |_| None))
+        .await
+        .unwrap();
+    let group = unique("g");
+    let mut member = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let handled = cqrs::conformance::receive_n(&mut *member, 10).await;
+    Delivery::ack_all(handled)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    // Another member on another topic: an eager rebalance revokes the partition (its commit is
+    // refused) and gives it back to this member.
+    let _other_member = backend
+        .subscribe(&Subscription::new(&group, [&other]))
+        .await
+        .unwrap();
+    let next = cqrs::conformance::receive_n(&mut *member, 1).await;
+    assert_eq!(
+        next[0].broker_id(),
+        "0:10",
+        "offsets 0..10 were handled and must not be read again"
+    );
+    Delivery::ack_all(next).await.map_err(|(e, _)| e).unwrap();
+    member.close().await.unwrap();
+    assert_eq!(committed(mock.brokers(), &group, &topic, 1), 11);
+}
+
+/// A member whose commits are refused stops handing out work once `max_unrecorded` handled
+/// messages are not recorded, instead of piling up work its partitions' next owner would redo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_commits_are_refused_stops_at_max_unrecorded() {
+    let topic = unique("orders");
+    let mock = support::MockKafka::start_refusing_commits(&[(topic.as_str(), 1)], 10_000).await;
+    let config = mock_config(&mock)
+        .commit_interval(Duration::from_secs(600))
+        .commit_every(5)
+        .max_unrecorded(20);
+    let backend = KafkaBackend::connect(config).await.unwrap();
+    backend
+        .publish(&topic, &cqrs::conformance::messages(60, |_| None))
+        .await
+        .unwrap();
+    let mut member = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let first = cqrs::conformance::receive_n(&mut *member, 20).await;
+    Delivery::ack_all(first).await.map_err(|(e, _)| e).unwrap();
+    // 20 handled, none recorded: nothing more, though 40 wait on the broker.
+    cqrs::conformance::receive_none(&mut *member).await;
+}

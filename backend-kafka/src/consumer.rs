@@ -44,6 +44,76 @@ impl PartitionState {
 
 type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 
+/// How far a member has run ahead of what its group recorded: messages acked (their offsets
+/// stored) against those covered by the last successful commit. It asks for a commit every
+/// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
+/// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
+/// of piling up work that its partitions' next owner would do again.
+pub(crate) struct CommitGate {
+    acked: AtomicU64,
+    recorded: AtomicU64,
+    /// An asked-for commit has not been answered yet.
+    asked: AtomicBool,
+    /// Woken when a commit succeeds or partitions are revoked.
+    changed: tokio::sync::Notify,
+    every: u64,
+    limit: u64,
+}
+
+impl CommitGate {
+    fn new(every: usize, limit: usize) -> Self {
+        CommitGate {
+            acked: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            asked: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            every: every as u64,
+            limit: limit as u64,
+        }
+    }
+
+    fn unrecorded(&self) -> u64 {
+        self.acked
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.recorded.load(Ordering::SeqCst))
+    }
+
+    /// Counts `n` acks; asks for a commit (without waiting) when `every` are unrecorded and none
+    /// is being asked for.
+    fn acked<C: ConsumerContext>(&self, n: usize, consumer: &BaseConsumer<C>) {
+        self.acked.fetch_add(n as u64, Ordering::SeqCst);
+        if self.every > 0 && self.unrecorded() >= self.every {
+            self.ask(consumer);
+        }
+    }
+
+    fn ask<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        if self.asked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Queued for librdkafka's thread: returns at once; `commit_callback` gets the answer.
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+            self.asked.store(false, Ordering::SeqCst);
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::debug!(error = %e, "asking for a commit failed");
+            }
+        }
+    }
+
+    /// Everything acked so far is recorded (a commit succeeded), or no longer this member's to
+    /// record (its partitions were revoked).
+    fn all_recorded(&self) {
+        self.recorded
+            .store(self.acked.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether new work must wait for a commit.
+    fn closed(&self) -> bool {
+        self.limit > 0 && self.unrecorded() >= self.limit
+    }
+}
+
 /// A nacked (or released) message waiting for its redelivery time. It shares the message with
 /// the delivery it came from; there is at most one per delivery handed out.
 struct Retry {
@@ -65,6 +135,12 @@ pub(crate) struct Ctx {
     rebalances: watch::Sender<u64>,
     start: StartFrom,
     timeout: Duration,
+    /// Per partition, the position this member had handled everything below when the commit
+    /// at its revocation was refused (a broker may refuse commits while its group rebalances):
+    /// if the next assignment gives the partition back, it resumes there, not from the older
+    /// committed offset.
+    unrecorded: Mutex<HashMap<(String, i32), i64>>,
+    gate: Arc<CommitGate>,
 }
 
 impl ClientContext for Ctx {}
@@ -73,12 +149,19 @@ impl Ctx {
     /// Gives every assigned partition an explicit start: its committed offset, or (when the group
     /// has none) the beginning or the current end. Resolving the end here, before the assignment
     /// completes, means nothing published after `subscribe` returns is skipped.
-    fn resolve_start(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+    ///
+    /// Returns the partitions resumed from a position this member handled beyond the committed
+    /// offset (see `unrecorded`), to be stored once assigned.
+    fn resolve_start(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) -> TopicPartitionList {
         let committed = match consumer.committed_offsets(tpl.clone(), self.timeout) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading committed offsets failed; using auto.offset.reset");
-                return;
+                return TopicPartitionList::new();
             }
         };
         let parts: Vec<(String, i32, Offset)> = committed
@@ -87,10 +170,30 @@ impl Ctx {
             .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
             .collect();
         drop(committed);
+        // Only the next assignment uses them: kept longer, a position could outlive its topic.
+        let mut unrecorded = std::mem::take(&mut *lock(&self.unrecorded));
+        let mut to_store = TopicPartitionList::new();
         for (topic, partition, offset) in parts {
-            let start = match (offset, self.start) {
-                (Offset::Offset(_), _) => offset,
-                (_, StartFrom::Latest) => {
+            let handled = unrecorded.remove(&(topic.clone(), partition));
+            // Handled further than the group recorded: resume there, and record it. Not past
+            // the partition's end (a topic deleted and made again starts over).
+            let resume = handled
+                .filter(|h| !matches!(offset, Offset::Offset(c) if c >= *h))
+                .filter(|h| {
+                    let end = consumer.fetch_watermarks(&topic, partition, self.timeout);
+                    matches!(end, Ok((_, high)) if *h <= high)
+                });
+            let start = match (resume, offset, self.start) {
+                (Some(h), _, _) => {
+                    if let Err(e) =
+                        to_store.add_partition_offset(&topic, partition, Offset::Offset(h))
+                    {
+                        tracing::warn!(error = %e, %topic, partition, "keeping the resumed position failed");
+                    }
+                    Offset::Offset(h)
+                }
+                (None, Offset::Offset(_), _) => offset,
+                (None, _, StartFrom::Latest) => {
                     match consumer.fetch_watermarks(&topic, partition, self.timeout) {
                         Ok((_, high)) => Offset::Offset(high),
                         Err(e) => {
@@ -101,10 +204,22 @@ impl Ctx {
                 }
                 _ => Offset::Beginning,
             };
-            tracing::debug!(%topic, partition, committed = ?offset, start = ?start, "partition start");
+            tracing::debug!(%topic, partition, committed = ?offset, ?handled, start = ?start, "partition start");
             if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
                 tracing::warn!(error = %e, %topic, partition, "setting the start offset failed");
             }
+        }
+        to_store
+    }
+
+    /// Stores (for the next commit) the positions `resolve_start` resumed from that the group
+    /// had not recorded; called once the partitions are assigned.
+    fn store_resumed(&self, consumer: &BaseConsumer<Self>, resumed: &TopicPartitionList) {
+        if resumed.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.store_offsets(resumed) {
+            tracing::warn!(error = %e, "storing the resumed positions failed");
         }
     }
 
@@ -113,16 +228,34 @@ impl Ctx {
         // assignment: they are dropped unhandled, and the partitions' state below is rebuilt from
         // the first record of the new assignment.
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
-                tracing::warn!(error = %e, "committing before a rebalance failed");
-            }
-        }
         let revoked: Vec<(String, i32)> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
+        // Everything below each position is settled (handled or dead-lettered).
+        let positions: Vec<((String, i32), i64)> = {
+            let offsets = lock(&self.offsets);
+            revoked
+                .iter()
+                .filter_map(|(t, p)| {
+                    let state = offsets.get(&(Arc::from(t.as_str()), *p))?;
+                    Some(((t.clone(), *p), state.position()))
+                })
+                .collect()
+        };
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "committing before a rebalance failed; the positions are kept in case the partitions come back");
+                let mut unrecorded = lock(&self.unrecorded);
+                for (key, position) in positions {
+                    let kept = unrecorded.entry(key).or_insert(position);
+                    *kept = (*kept).max(position);
+                }
+            }
+        }
+        self.gate.all_recorded();
         // Whatever was not handled is consumed again by the partition's next owner.
         lock(&self.offsets)
             .retain(|(t, p), _| !revoked.iter().any(|(rt, rp)| **t == **rt && p == rp));
@@ -135,6 +268,17 @@ impl Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// The answer to a commit: the periodic one, or one the gate asked for.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.gate.asked.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                self.gate.all_recorded()
+            }
+            Err(e) => tracing::debug!(error = %e, "a commit was refused"),
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -143,10 +287,11 @@ impl ConsumerContext for Ctx {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.resolve_start(consumer, tpl);
+                let resumed = self.resolve_start(consumer, tpl);
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions failed");
                 }
+                self.store_resumed(consumer, &resumed);
                 tracing::debug!(partitions = tpl.count(), "partitions assigned");
                 self.rebalances.send_modify(|n| *n += 1);
             }
@@ -201,6 +346,7 @@ impl KafkaConsumer {
         let offsets: Arc<Mutex<Offsets>> = Arc::default();
         let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
         let epoch = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(CommitGate::new(config.commit_every, config.max_unrecorded));
         let (rebalances, mut rebalanced) = watch::channel(0u64);
         let ctx = Ctx {
             offsets: offsets.clone(),
@@ -209,6 +355,8 @@ impl KafkaConsumer {
             rebalances,
             start: subscription.start,
             timeout: config.timeout,
+            unrecorded: Mutex::default(),
+            gate: gate.clone(),
         };
         let client_config = config.consumer_config(subscription);
         refuse_incremental(&client_config)?;
@@ -258,6 +406,7 @@ impl KafkaConsumer {
                 retries,
                 epoch: epoch.clone(),
                 of_epoch: 0,
+                gate,
             }),
             topics: HashMap::new(),
         })
@@ -463,7 +612,8 @@ impl Consumer for KafkaConsumer {
         loop {
             let mut out = Vec::new();
             let next_retry = self.due_retries(max, &mut out);
-            while out.len() < max {
+            let gate = self.acker.gate.clone();
+            while out.len() < max && !gate.closed() {
                 match self.rx.try_recv() {
                     Ok((Ok(m), epoch)) => out.extend(self.delivery((m, epoch))),
                     Ok((Err(e), _)) => {
@@ -482,6 +632,22 @@ impl Consumer for KafkaConsumer {
                 return Ok(out);
             }
             let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if gate.closed() {
+                // Registered before the check: a commit answered in between still wakes it.
+                let recorded = gate.changed.notified();
+                if gate.closed() {
+                    if let Some(consumer) = lock(&self.acker.consumer).clone() {
+                        gate.ask(&consumer);
+                    }
+                    // Ask again if this one is refused; a retry may come due meanwhile.
+                    let wait = wait.min(Instant::now() + Duration::from_millis(200));
+                    tokio::select! {
+                        _ = recorded => {}
+                        _ = tokio::time::sleep_until(wait) => {}
+                    }
+                }
+                continue;
+            }
             tokio::select! {
                 m = self.rx.recv() => match m {
                     Some((Ok(m), epoch)) => {
@@ -535,6 +701,8 @@ pub(crate) struct KafkaAcker {
     /// The consumer's rebalance epoch, and the one this acker's deliveries were made in.
     epoch: Arc<AtomicU64>,
     of_epoch: u64,
+    /// Shared by every epoch's acker.
+    gate: Arc<CommitGate>,
 }
 
 impl KafkaAcker {
@@ -545,6 +713,7 @@ impl KafkaAcker {
             retries: self.retries.clone(),
             epoch: self.epoch.clone(),
             of_epoch: epoch,
+            gate: self.gate.clone(),
         }
     }
 
@@ -616,11 +785,13 @@ impl Acknowledge for KafkaAcker {
             return Err(cqrs_core::Error::Closed);
         };
         match consumer.store_offsets(&tpl) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // Revoked between the check and the store: the next owner consumes it again.
-            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => Ok(()),
-            Err(e) => Err(Error::kafka("storing offsets", e).into()),
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => return Ok(()),
+            Err(e) => return Err(Error::kafka("storing offsets", e).into()),
         }
+        self.gate.acked(deliveries.len(), &consumer);
+        Ok(())
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {

@@ -10,8 +10,12 @@
 //!   naming it.
 //! - Each subscription is one consumer whose `group.id` is the processor's group. Offsets are
 //!   stored only for handled messages, and a partition's stored offset never passes a message
-//!   still being handled or waiting for a retry; stored offsets are committed periodically, when
-//!   partitions are revoked in a rebalance and when the consumer closes.
+//!   still being handled or waiting for a retry; stored offsets are committed periodically, every
+//!   [`KafkaConfig::commit_every`] handled messages, when partitions are revoked in a rebalance
+//!   and when the consumer closes. A consumer with [`KafkaConfig::max_unrecorded`] handled
+//!   messages not yet committed (its commits refused) hands out no more until a commit succeeds,
+//!   and a partition that comes back to it after a refused commit resumes where it had handled
+//!   up to.
 //! - Every librdkafka setting passes through ([`KafkaConfig::set`]); `Debug` hides secrets.
 //!
 //! ```no_run
@@ -64,6 +68,8 @@ pub struct KafkaConfig {
     replication: Option<i32>,
     fetch_wait: Duration,
     commit_interval: Duration,
+    commit_every: usize,
+    max_unrecorded: usize,
     timeout: Duration,
 }
 
@@ -78,6 +84,8 @@ impl KafkaConfig {
             replication: None,
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_secs(1),
+            commit_every: 1000,
+            max_unrecorded: 4000,
             timeout: Duration::from_secs(10),
         }
     }
@@ -118,6 +126,27 @@ impl KafkaConfig {
     /// How often stored offsets are committed (`auto.commit.interval.ms`, default 1 s).
     pub fn commit_interval(mut self, every: Duration) -> Self {
         self.commit_interval = every;
+        self
+    }
+
+    /// Also commit, without waiting, once a consumer has handled this many messages since its
+    /// last commit (default 1,000; 0: on the interval only). A member that dies, or whose
+    /// commit is refused while its group rebalances, leaves what it handled since its last
+    /// commit to be handled again: this bounds that by a count, where the interval alone lets
+    /// it grow with the rate (a member catching up on a backlog handles thousands a second).
+    pub fn commit_every(mut self, messages: usize) -> Self {
+        self.commit_every = messages;
+        self
+    }
+
+    /// How many handled messages a consumer may have that its group has not recorded (a commit
+    /// succeeded after them) before it hands out no more and waits for a commit (default 4,000;
+    /// 0: no limit). A broker refuses commits while the group rebalances (librdkafka's mock
+    /// cluster for the whole rebalance; Kafka only once the members have rejoined) and cannot
+    /// take them while its coordinator is away: without a limit the member keeps working, and
+    /// its partitions' next owner does all that work again.
+    pub fn max_unrecorded(mut self, messages: usize) -> Self {
+        self.max_unrecorded = messages;
         self
     }
 

@@ -16,11 +16,18 @@ pub struct MockKafka {
 impl MockKafka {
     /// Starts the cluster with `topics` (name, partitions) created.
     pub async fn start(topics: &[(&str, i32)]) -> Self {
+        Self::start_refusing_commits(topics, 0).await
+    }
+
+    /// Starts the cluster with `topics` created; it answers the first `commits` offset commits
+    /// with `REBALANCE_IN_PROGRESS`, as a group that is rebalancing does.
+    pub async fn start_refusing_commits(topics: &[(&str, i32)], commits: usize) -> Self {
         use std::io::BufRead;
         let spec: Vec<String> = topics.iter().map(|(t, p)| format!("{t}:{p}")).collect();
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args(["--ignored", "--exact", "mock_kafka_server", "--nocapture"])
             .env("CQRS_MOCK_KAFKA_TOPICS", spec.join(","))
+            .env("CQRS_MOCK_KAFKA_REFUSE_COMMITS", commits.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -63,6 +70,17 @@ pub fn serve_mock_kafka() {
         cluster
             .create_topic(name, partitions.parse().expect("partitions"), 1)
             .expect("create_topic");
+    }
+    let refused: usize = std::env::var("CQRS_MOCK_KAFKA_REFUSE_COMMITS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if refused > 0 {
+        use cqrs::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        cluster.request_errors(
+            RDKafkaApiKey::OffsetCommit,
+            &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; refused],
+        );
     }
     println!("mock-kafka-bootstrap={}", cluster.bootstrap_servers());
     std::io::stdout().flush().expect("stdout");
