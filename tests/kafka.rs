@@ -681,6 +681,25 @@ fn mock_config(mock: &support::MockKafka) -> KafkaConfig {
         .set("heartbeat.interval.ms", "500")
 }
 
+/// Publishes `n` messages to `topic`, then subscribes one member of a new group to it (no
+/// claiming); returns the group and the member.
+async fn published_then_joined(
+    backend: &KafkaBackend,
+    topic: &str,
+    n: usize,
+) -> (String, Box<dyn cqrs::backend::Consumer>) {
+    backend
+        .publish(topic, &cqrs::conformance::messages(n, |_| None))
+        .await
+        .unwrap();
+    let group = unique("g");
+    let member = backend
+        .subscribe(&Subscription::new(&group, [topic]).claim_idle(None))
+        .await
+        .unwrap();
+    (group, member)
+}
+
 /// Serves librdkafka's mock cluster for the tests that need consumer-group faults (tansu's
 /// group coordinator stalls when members leave mid-rebalance). Not a test: the tests run this
 /// binary again with `--ignored --exact mock_kafka_server` and `CQRS_MOCK_KAFKA_TOPICS`.
@@ -803,15 +822,7 @@ async fn after_a_rebalance_a_partition_resumes_from_its_committed_offset_not_its
     let (topic, other) = (unique("orders"), unique("other"));
     let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
     let backend = KafkaBackend::connect(mock_config(&mock)).await.unwrap();
-    backend
-        .publish(&topic, &cqrs::conformance::messages(100, |_| None))
-        .await
-        .unwrap();
-    let group = unique("g");
-    let mut member = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let (group, mut member) = published_then_joined(&backend, &topic, 100).await;
     let mut held = cqrs::conformance::receive_n(&mut *member, 10).await;
     assert_eq!(
         held.iter().map(Delivery::broker_id).collect::<Vec<_>>(),
@@ -865,15 +876,7 @@ async fn a_member_that_stops_reading_stays_in_its_group() {
     .await
     .unwrap();
     // More than the member buffers: its buffer fills up while it does not read.
-    backend
-        .publish(&topic, &cqrs::conformance::messages(3000, |_| None))
-        .await
-        .unwrap();
-    let group = unique("g");
-    let mut member = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let (group, mut member) = published_then_joined(&backend, &topic, 3000).await;
     let got = cqrs::conformance::receive_n(&mut *member, 10).await;
     // Handlers busy for longer than max.poll.interval.ms: nothing reads from the consumer.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -1040,15 +1043,7 @@ async fn a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was
         .commit_interval(Duration::from_secs(600))
         .commit_every(0);
     let backend = KafkaBackend::connect(config).await.unwrap();
-    backend
-        .publish(&topic, &cqrs::conformance::messages(30, |_| None))
-        .await
-        .unwrap();
-    let group = unique("g");
-    let mut member = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let (group, mut member) = published_then_joined(&backend, &topic, 30).await;
     let handled = cqrs::conformance::receive_n(&mut *member, 10).await;
     Delivery::ack_all(handled)
         .await
@@ -1082,14 +1077,7 @@ async fn a_member_whose_commits_are_refused_stops_at_max_unrecorded() {
         .commit_every(5)
         .max_unrecorded(20);
     let backend = KafkaBackend::connect(config).await.unwrap();
-    backend
-        .publish(&topic, &cqrs::conformance::messages(60, |_| None))
-        .await
-        .unwrap();
-    let mut member = backend
-        .subscribe(&Subscription::new(unique("g"), [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let (_, mut member) = published_then_joined(&backend, &topic, 60).await;
     let first = cqrs::conformance::receive_n(&mut *member, 20).await;
     Delivery::ack_all(first).await.map_err(|(e, _)| e).unwrap();
     // 20 handled, none recorded: nothing more, though 40 wait on the broker.

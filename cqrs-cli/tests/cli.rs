@@ -130,6 +130,38 @@ fn records(brokers: &str, topic: &str) -> Vec<(String, Vec<(String, String)>)> {
     out
 }
 
+/// Starts a processor of `service` on `topic` whose handler `book` refuses odd orders for good
+/// (each a dead letter of the group `<service>.book`), and publishes orders `0..n`.
+async fn refuse_odd_orders<B: cqrs::Backend + Clone>(
+    backend: &B,
+    topic: &str,
+    service: &str,
+    n: u32,
+) -> cqrs::RunningProcessor {
+    let mut p = EventProcessor::new(backend.clone(), service).topics(one_topic(topic));
+    p.handle("book", |o: Order| async move {
+        if o.n % 2 == 1 {
+            Err(permanent(format!("order {} is refused", o.n)))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let orders: Vec<Order> = (0..n).map(|n| Order { n }).collect();
+    EventBus::new(backend.clone())
+        .topics(one_topic(topic))
+        .publish_all(&orders)
+        .await
+        .unwrap();
+    running
+}
+
+fn one_topic(topic: &str) -> TopicNamer {
+    let topic = topic.to_owned();
+    TopicNamer::new(move |_| topic.clone())
+}
+
 /// The entries of `stream`, each as its field map.
 async fn entries(stream: &str) -> Vec<(String, Vec<(String, String)>)> {
     let client = redis::Client::open(redis_url()).unwrap();
@@ -150,30 +182,8 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     let group = format!("{service}.book");
     let dead_stream = format!("{group}.dead-letter");
     let backend = RedisBackend::connect(&redis_url()).await.unwrap();
-    let namer = {
-        let t = topic.clone();
-        move || {
-            let t = t.clone();
-            TopicNamer::new(move |_| t.clone())
-        }
-    };
     // Orders 1 and 3 are refused for good: two dead letters.
-    let mut p = EventProcessor::new(backend.clone(), service.as_str()).topics(namer());
-    p.handle("book", |o: Order| async move {
-        if o.n % 2 == 1 {
-            Err(permanent(format!("order {} is refused", o.n)))
-        } else {
-            Ok(())
-        }
-    })
-    .unwrap();
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    let orders: Vec<Order> = (0..4).map(|n| Order { n }).collect();
-    EventBus::new(backend.clone())
-        .topics(namer())
-        .publish_all(&orders)
-        .await
-        .unwrap();
+    let running = refuse_odd_orders(&backend, &topic, &service, 4).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while entries(&dead_stream).await.len() < 2 {
         assert!(tokio::time::Instant::now() < deadline, "no dead letters");
@@ -382,15 +392,8 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
     let (brokers, backend) = kafka().await;
     let topic = cqrs::conformance::unique("cli-kafka");
     let service = cqrs::conformance::unique("svc");
-    let namer = {
-        let t = topic.clone();
-        move || {
-            let t = t.clone();
-            TopicNamer::new(move |_| t.clone())
-        }
-    };
     let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut p = EventProcessor::new(backend.clone(), service.as_str()).topics(namer());
+    let mut p = EventProcessor::new(backend.clone(), service.as_str()).topics(one_topic(&topic));
     let h = handled.clone();
     p.handle("book", move |_: Order| {
         h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -398,7 +401,7 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
     })
     .unwrap();
     let running = p.start(CancellationToken::new()).await.unwrap();
-    let bus = EventBus::new(backend.clone()).topics(namer());
+    let bus = EventBus::new(backend.clone()).topics(one_topic(&topic));
     let orders: Vec<Order> = (0..3).map(|n| Order { n }).collect();
     bus.publish_all(&orders).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -441,29 +444,7 @@ async fn three_dead_letters(
     service: &str,
 ) -> String {
     let group = format!("{service}.book");
-    let namer = {
-        let t = topic.to_owned();
-        move || {
-            let t = t.clone();
-            TopicNamer::new(move |_| t.clone())
-        }
-    };
-    let mut p = EventProcessor::new(backend.clone(), service).topics(namer());
-    p.handle("book", |o: Order| async move {
-        if o.n % 2 == 1 {
-            Err(permanent(format!("order {} is refused", o.n)))
-        } else {
-            Ok(())
-        }
-    })
-    .unwrap();
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    let orders: Vec<Order> = (0..6).map(|n| Order { n }).collect();
-    EventBus::new(backend.clone())
-        .topics(namer())
-        .publish_all(&orders)
-        .await
-        .unwrap();
+    let running = refuse_odd_orders(backend, topic, service, 6).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = cqrs(&["--kafka", brokers, "--json", "dead-letters", "list", &group]);
