@@ -44,6 +44,9 @@ impl PartitionState {
 
 type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 
+/// How long the gate waits for the answer to a commit it asked for before asking again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// How far a member has run ahead of what its group recorded: messages acked (their offsets
 /// stored) against those covered by the last successful commit. It asks for a commit every
 /// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
@@ -52,8 +55,11 @@ type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 pub(crate) struct CommitGate {
     acked: AtomicU64,
     recorded: AtomicU64,
-    /// An asked-for commit has not been answered yet.
-    asked: AtomicBool,
+    /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
+    /// An answer that does not come (librdkafka may hold a refused one back) is given up on
+    /// after [`ASK_AGAIN_AFTER`].
+    asked_at: AtomicU64,
+    born: std::time::Instant,
     /// Woken when a commit succeeds or partitions are revoked.
     changed: tokio::sync::Notify,
     every: u64,
@@ -65,7 +71,8 @@ impl CommitGate {
         CommitGate {
             acked: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
-            asked: AtomicBool::new(false),
+            asked_at: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             changed: tokio::sync::Notify::new(),
             every: every as u64,
             limit: limit as u64,
@@ -78,8 +85,8 @@ impl CommitGate {
             .saturating_sub(self.recorded.load(Ordering::SeqCst))
     }
 
-    /// Counts `n` acks; asks for a commit (without waiting) when `every` are unrecorded and none
-    /// is being asked for.
+    /// Counts `n` acks; asks for a commit (without waiting) when `every` are unrecorded and no
+    /// asked-for commit is waiting for its answer.
     fn acked<C: ConsumerContext>(&self, n: usize, consumer: &BaseConsumer<C>) {
         self.acked.fetch_add(n as u64, Ordering::SeqCst);
         if self.every > 0 && self.unrecorded() >= self.every {
@@ -88,16 +95,29 @@ impl CommitGate {
     }
 
     fn ask<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
-        if self.asked.swap(true, Ordering::SeqCst) {
+        // Never 0: 0 means answered.
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let asked_at = self.asked_at.load(Ordering::SeqCst);
+        let waiting = asked_at != 0 && now - asked_at < ASK_AGAIN_AFTER.as_millis() as u64;
+        if waiting
+            || self
+                .asked_at
+                .compare_exchange(asked_at, now, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
             return;
         }
         // Queued for librdkafka's thread: returns at once; `commit_callback` gets the answer.
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
-            self.asked.store(false, Ordering::SeqCst);
+            self.answered();
             if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                 tracing::debug!(error = %e, "asking for a commit failed");
             }
         }
+    }
+
+    fn answered(&self) {
+        self.asked_at.store(0, Ordering::SeqCst);
     }
 
     /// Everything acked so far is recorded (a commit succeeded), or no longer this member's to
@@ -270,7 +290,7 @@ impl Ctx {
 impl ConsumerContext for Ctx {
     /// The answer to a commit: the periodic one, or one the gate asked for.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        self.gate.asked.store(false, Ordering::SeqCst);
+        self.gate.answered();
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                 self.gate.all_recorded()
