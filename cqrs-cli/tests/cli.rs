@@ -38,6 +38,16 @@ fn cqrs(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The element of the JSON array `list` whose `field` is `value`; panics naming what it saw.
+fn member(list: &Value, field: &str, value: &str) -> Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .find(|e| e[field] == value)
+        .unwrap_or_else(|| panic!("no {field} = {value} in {list}"))
+        .clone()
+}
+
 /// Runs `cqrs --redis URL --json args...` and parses what it printed; it must succeed.
 fn cqrs_json(args: &[&str]) -> Value {
     let url = redis_url();
@@ -201,13 +211,7 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     let first = dead[0]["id"].as_str().unwrap().to_owned();
 
     let inspected = cqrs_json(&["inspect"]);
-    let stream = inspected["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stream"] == topic.as_str())
-        .unwrap()
-        .clone();
+    let stream = member(&inspected["streams"], "stream", &topic);
     assert_eq!(stream["length"], 4);
     assert_eq!(stream["groups"][0]["name"], group.as_str());
     assert_eq!(stream["groups"][0]["pending"], 0);
@@ -262,13 +266,7 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     // Every group acked all five (the redriven one too, once a member reads it): trim
     // removes what all groups acknowledged, here the four the group handled.
     let trimmed = cqrs_json(&["trim"]);
-    let removed = trimmed["trimmed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["stream"] == topic.as_str())
-        .unwrap()["removed"]
-        .clone();
+    let removed = member(&trimmed["trimmed"], "stream", &topic)["removed"].clone();
     assert_eq!(removed, 4);
     assert_eq!(entries(&topic).await.len(), 1);
 
@@ -363,13 +361,7 @@ async fn inspect_shows_who_holds_the_pending_entries() {
         .await
         .unwrap();
     let inspected = cqrs_json(&["inspect", "--pending", "10"]);
-    let s = inspected["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stream"] == stream.as_str())
-        .unwrap()
-        .clone();
+    let s = member(&inspected["streams"], "stream", &stream);
     let g = &s["groups"][0];
     assert_eq!(g["pending"], 2, "{s}");
     assert_eq!(g["lag"], 1);
@@ -419,13 +411,7 @@ async fn inspect_on_kafka_shows_each_groups_lag() {
         String::from_utf8_lossy(&out.stderr)
     );
     let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let t = inspected["topics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["topic"] == topic.as_str())
-        .unwrap()
-        .clone();
+    let t = member(&inspected["topics"], "topic", &topic);
     assert_eq!(t["groups"][0]["name"], format!("{service}.book"), "{t}");
     assert_eq!(t["groups"][0]["lag"], 2, "{t}");
 
@@ -474,21 +460,13 @@ fn listed_ids(brokers: &str, group: &str) -> Vec<String> {
 /// The lag `cqrs inspect` shows for the dead letters' bookkeeping group: what is left.
 fn bookkeeping_lag(brokers: &str, dead_topic: &str) -> Value {
     let inspected = cqrs_kafka_json(brokers, &["inspect"]);
-    let t = inspected["topics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["topic"] == dead_topic)
-        .unwrap()
-        .clone();
-    let g = t["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["name"] == cqrs::kafka::bookkeeping_group(dead_topic).as_str())
-        .unwrap_or_else(|| panic!("no bookkeeping group: {t}"))
-        .clone();
-    g["lag"].clone()
+    let t = member(&inspected["topics"], "topic", dead_topic);
+    member(
+        &t["groups"],
+        "name",
+        &cqrs::kafka::bookkeeping_group(dead_topic),
+    )["lag"]
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
