@@ -1,11 +1,10 @@
 //! Benchmark: the memory of a processor while it drains a large backlog.
 //!
 //! Run with: `cargo run --release --example bench_backlog --features redis,kafka`
-//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else librdkafka's
-//! mock cluster in a process of its own, 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
+//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
+//! of its own started by `scripts/kafka`, 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
 //! consumer's `fetch.wait.max.ms`, default 100). `BENCH_N` sets the backlog (default
-//! 1,000,000 events of ~200 bytes; on Kafka `BENCH_KAFKA_N`, default 200,000, because the mock
-//! cluster serves ~5,000 events/s), `BENCH_BACKENDS` picks from `memory,redis,kafka` (default
+//! 1,000,000 events of ~200 bytes; on Kafka `BENCH_KAFKA_N`, default 200,000), `BENCH_BACKENDS` picks from `memory,redis,kafka` (default
 //! all three).
 //!
 //! Per backend the backlog is published first; then a process of its own (this program with
@@ -171,9 +170,6 @@ fn measure(
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(done) = support::kafka_broker_role(&args) {
-        return done;
-    }
     if args.first().map(String::as_str) == Some("drain") {
         return drain_role(&args[1..]).await;
     }
@@ -213,12 +209,9 @@ async fn main() -> Result<(), BoxError> {
                 result?;
             }
             "kafka" => {
-                // The mock cluster: tansu 0.6 keeps only part of the bulk batches a backlog is
-                // published in (see support::MockKafka), so its drain never ends.
                 let n = kafka_n;
                 let topic = cqrs::conformance::unique("bench-backlog");
-                // 16 partitions: the mock keeps 5 MiB per partition and deletes older records.
-                let (_mock, config) = support::bench_kafka(std::slice::from_ref(&topic), 16)?;
+                let (_broker, config) = support::bench_kafka(16)?;
                 let brokers = config.brokers().to_owned();
                 let backend = KafkaBackend::connect(config).await?;
                 backend.ensure_topics(std::slice::from_ref(&topic)).await?;

@@ -1,17 +1,12 @@
 //! Benchmark: plain `rdkafka` against our typed bus and processor, in one run, on the same
 //! Kafka-protocol broker.
 //!
-//! Run with: `cargo run --release --example bench_kafka --features kafka`, with a broker on
-//! `KAFKA_BROKERS` (default 127.0.0.1:9092; a fresh tansu is best, its memory grows with the data).
-//! `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
+//! Run with: `cargo run --release --example bench_kafka --features kafka`: on the broker at
+//! `KAFKA_BROKERS` if set, else on an Apache Kafka of its own (`scripts/kafka`, installed on first
+//! use). `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
 //! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
-//! `BENCH_FRESH_BROKER=1` starts a fresh tansu (`TANSU_BIN`, default
-//! `~/.cache/tansu-0.6.0/bin/tansu`) on a free port for every round instead of using
-//! `KAFKA_BROKERS`: tansu keeps everything in memory and slows down as it fills.
-//! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. On tansu 0.6 only that one finishes:
-//! our consumer pauses its partitions when the handlers fall behind, librdkafka then fetches from
-//! the next offset to handle, and tansu answers a fetch from inside a multi-record batch with
-//! nothing, so the consuming phases wait for ever. Run them against a real Kafka.
+//! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round.
+//! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone.
 //!
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
@@ -36,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::Tansu;
+use support::KafkaServer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 struct Reading {
@@ -200,11 +195,21 @@ async fn main() -> Result<(), BoxError> {
         .unwrap_or(3);
     let fresh = std::env::var("BENCH_FRESH_BROKER").is_ok();
     let publish_only = std::env::var("BENCH_PUBLISH_ONLY").is_ok();
-    let shared = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    // One broker for every round unless each round gets a fresh one.
+    let own = match std::env::var("KAFKA_BROKERS") {
+        Ok(_) => None,
+        Err(_) if fresh => None,
+        Err(_) => Some(KafkaServer::start(&[])?),
+    };
+    let shared = match (&own, std::env::var("KAFKA_BROKERS")) {
+        (Some(server), _) => server.brokers().to_owned(),
+        (None, Ok(brokers)) => brokers,
+        (None, Err(_)) => String::new(),
+    };
     let place = if fresh {
-        "a fresh tansu per round".to_owned()
+        "a fresh Apache Kafka per round".to_owned()
     } else {
-        format!("Kafka at {shared}")
+        format!("Apache Kafka at {shared}")
     };
     println!("{n} events of ~1 KiB of JSON on 4 partitions, {place}, {rounds} rounds");
     let names = [
@@ -216,13 +221,13 @@ async fn main() -> Result<(), BoxError> {
     let mut cpu_ms = Vec::new();
     for round in 1..=rounds {
         let broker = if fresh {
-            Some(Tansu::start().await?)
+            Some(KafkaServer::start(&[])?)
         } else {
             None
         };
         let brokers = broker
             .as_ref()
-            .map_or(shared.clone(), |t| t.brokers.clone());
+            .map_or(shared.clone(), |t| t.brokers().to_owned());
         let b = Bench {
             brokers: brokers.clone(),
             n,

@@ -4,8 +4,8 @@
 //! plus the in-memory broker.
 //!
 //! Run with: `cargo run --release --example bench_latency --features redis,kafka`
-//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else librdkafka's
-//! mock cluster in a process of its own, 4 partitions). `BENCH_SECS` sets each run's length
+//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
+//! of its own started by `scripts/kafka`, 4 partitions). `BENCH_SECS` sets each run's length
 //! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s), `BENCH_BACKENDS` the
 //! backends (default `redis,memory,kafka`), `BENCH_KAFKA_FETCH_WAIT_MS` Kafka's
 //! `fetch.wait.max.ms` for both clients (default 100, ours). Each run first sends one event and waits for it, so
@@ -332,10 +332,6 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(done) = support::kafka_broker_role(&args) {
-        return done;
-    }
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
@@ -384,8 +380,7 @@ async fn main() -> Result<(), BoxError> {
                         cqrs::conformance::unique("bench-latency-raw"),
                         cqrs::conformance::unique("bench-latency-ours"),
                     );
-                    let (_mock, config) =
-                        support::bench_kafka(&[raw_t.clone(), ours_t.clone()], 4)?;
+                    let (_broker, config) = support::bench_kafka(4)?;
                     let brokers = config.brokers().to_owned();
                     let config =
                         config.fetch_wait(Duration::from_millis(support::kafka_fetch_wait_ms()));

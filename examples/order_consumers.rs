@@ -1,11 +1,10 @@
 //! Two consumers in one Kafka consumer group, `order-consumer-group`, splitting one topic's
 //! partitions: each order is handled by exactly one of them.
 //!
-//! Run with: `cargo run --example order_consumers --features kafka`, with a Kafka-protocol broker
-//! on `KAFKA_BROKERS` (default 127.0.0.1:9092). Start one with:
-//! `~/.cache/tansu-0.6.0/bin/tansu broker --listener-url tcp://127.0.0.1:9092
-//! --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/`
-//! (`scripts/test` installs tansu).
+//! Run with: `cargo run --example order_consumers --features kafka`, with a Kafka broker on
+//! `KAFKA_BROKERS` (default 127.0.0.1:9092). Start an Apache Kafka with
+//! `scripts/kafka start /tmp/kafka-a --port 9092` (it installs Kafka from Maven Central on first
+//! use; `scripts/kafka stop /tmp/kafka-a` stops it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -3,17 +3,20 @@
 //!
 //! Run with: `scripts/soak redis [N]` or `scripts/soak kafka [N]` (the script builds this example
 //! with every feature and runs `soak run BACKEND --events N`). It needs `redis-server` (Redis) or
-//! nothing (Kafka: librdkafka's mock cluster, served from a process of its own over loopback TCP).
+//! a JDK and Maven (Kafka: an Apache Kafka of its own, started through `scripts/kafka`).
 //!
 //! One process plays the orchestrator. It starts the broker (its own `redis-server` with AOF and
-//! `appendfsync always` on a free port, or a mock Kafka cluster), a publisher process that
+//! `appendfsync always` on a free port, or its own Apache Kafka with its log on disk), a publisher
+//! process that
 //! publishes N keyed events with a sequence number at a steady rate, and three consumer processes
 //! of one service (one handler, concurrency 8). Each consumer appends every event it handled to a
 //! file of its own, outside the broker. Handlers fail 10% of the time (retried) and every
 //! hundredth event is poison (a permanent error, dead-lettered). While events flow the
 //! orchestrator SIGKILLs one consumer every `--kill-every` seconds and starts it again; on Redis it
-//! also kills every client connection every `--conn-kill-every` seconds and restarts the server
-//! once, halfway through publishing. When the publisher is done it waits until the group has
+//! also kills every client connection every `--conn-kill-every` seconds. The broker is restarted
+//! once, halfway through publishing (Redis: `SHUTDOWN`; Kafka: SIGKILL), unless
+//! `--broker-restart no`. On Kafka `--protocol classic|cooperative|consumer` picks the group
+//! protocol (the classic one with the eager or the cooperative-sticky assignor, or KIP-848's). When the publisher is done it waits until the group has
 //! nothing left, reads the dead-letter topic with the raw client and prints one line:
 //!
 //! `soak: backend=redis events=N lost=0 duplicates=D (P%) dead_lettered=X poison_missing=0 ...`
@@ -121,7 +124,6 @@ async fn main() -> Result<(), BoxError> {
         "run" => orchestrate(args).await,
         "publish" => publish(args).await,
         "consume" => consume(args).await,
-        "kafka-broker" => kafka_broker(),
         other => Err(format!(
             "unknown role `{other}`: use `soak run redis|kafka [--events N] [--rate R] \
              [--kill-every S] [--conn-kill-every S] [--claim-idle-ms MS] [--max-duplicates-pct P]`"
@@ -131,7 +133,7 @@ async fn main() -> Result<(), BoxError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Children: publisher, consumer, mock Kafka cluster.
+// Children: publisher, consumer.
 
 /// Connects the backend named `--backend` at `--url` and runs `f` with it.
 macro_rules! with_backend {
@@ -144,8 +146,10 @@ macro_rules! with_backend {
             }
             "kafka" => {
                 let commit = Duration::from_millis($args.get("commit-interval-ms", 1000)?);
-                let config =
-                    kafka_config(&url, commit).commit_every($args.get("commit-every", 1000)?);
+                let protocol: String = $args.get("protocol", "classic".to_owned())?;
+                let config = kafka_config(&url, commit, &protocol)?
+                    .commit_every($args.get("commit-every", 1000)?)
+                    .max_unrecorded($args.get("max-unrecorded", 4000)?);
                 let $b = KafkaBackend::connect(config).await?;
                 $body
             }
@@ -154,13 +158,30 @@ macro_rules! with_backend {
     }};
 }
 
-fn kafka_config(brokers: &str, commit_interval: Duration) -> KafkaConfig {
-    // The mock cluster has no CreateTopics: its process creates the topics.
-    KafkaConfig::new(brokers)
-        .create_topics(false)
-        .commit_interval(commit_interval)
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+/// The soak's Kafka settings for group protocol `protocol`. The session timeout is 6 s on every
+/// protocol (KIP-848's is the broker's `group.consumer.session.timeout.ms`, which
+/// `scripts/kafka` sets to 6 s).
+fn kafka_config(
+    brokers: &str,
+    commit_interval: Duration,
+    protocol: &str,
+) -> Result<KafkaConfig, BoxError> {
+    let config = KafkaConfig::new(brokers)
+        .partitions(KAFKA_PARTITIONS)
+        .commit_interval(commit_interval);
+    Ok(match protocol {
+        "classic" => config
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500"),
+        "cooperative" => config
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500"),
+        "consumer" => config.set("group.protocol", "consumer"),
+        other => {
+            return Err(format!("--protocol {other}: classic, cooperative or consumer").into())
+        }
+    })
 }
 
 /// Publishes `--events` ticks at `--rate` per second, retrying each batch until the broker takes
@@ -269,12 +290,6 @@ fn next_random(state: &AtomicU64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Serves a one-broker mock Kafka cluster with the soak's topics; prints its address and runs
-/// until killed.
-fn kafka_broker() -> Result<(), BoxError> {
-    support::serve_mock_kafka(&[TOPIC, DEAD_LETTER], KAFKA_PARTITIONS)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The orchestrator.
 
@@ -288,6 +303,8 @@ struct Plan {
     commit_interval_ms: u64,
     commit_every: usize,
     max_unrecorded: usize,
+    protocol: String,
+    broker_restart: bool,
     max_duplicates_pct: f64,
     drain_timeout: Duration,
     dir: PathBuf,
@@ -315,6 +332,8 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         commit_interval_ms: args.get("commit-interval-ms", 1_000)?,
         commit_every: args.get("commit-every", 1_000)?,
         max_unrecorded: args.get("max-unrecorded", 4_000)?,
+        protocol: args.get("protocol", "classic".to_owned())?,
+        broker_restart: args.get::<String>("broker-restart", "yes".to_owned())? != "no",
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
         drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
         dir,
@@ -329,7 +348,7 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
     );
     let mut broker = match plan.backend.as_str() {
         "redis" => Broker::start_redis(&plan.dir).await?,
-        "kafka" => Broker::start_kafka().await?,
+        "kafka" => Broker::start_kafka(&plan.protocol).await?,
         other => return Err(format!("unknown backend `{other}`").into()),
     };
     let result = soak(&plan, &mut broker).await;
@@ -373,7 +392,7 @@ impl Report {
         format!(
             "soak: backend={} events={} lost={} duplicates={} ({:.3}%) dead_lettered={} \
              poison_missing={} consumer_kills={} consumer_exits={} connection_kills={} \
-             broker_restarts={} seconds={:.0}",
+             broker_restarts={} seconds={:.0}{}",
             plan.backend,
             plan.events,
             self.lost,
@@ -385,7 +404,12 @@ impl Report {
             self.consumer_exits,
             self.connection_kills,
             self.broker_restarts,
-            self.seconds
+            self.seconds,
+            if plan.backend == "kafka" {
+                format!(" protocol={}", plan.protocol)
+            } else {
+                String::new()
+            }
         )
     }
 }
@@ -395,11 +419,10 @@ enum Broker {
     Redis {
         port: u16,
         dir: PathBuf,
-        child: Child,
+        child: Box<Child>,
     },
     Kafka {
-        bootstrap: String,
-        child: Child,
+        server: Arc<support::KafkaServer>,
     },
 }
 
@@ -412,7 +435,7 @@ fn free_port() -> Result<u16, BoxError> {
 impl Broker {
     async fn start_redis(dir: &Path) -> Result<Broker, BoxError> {
         let port = free_port()?;
-        let child = spawn_redis(port, dir)?;
+        let child = Box::new(spawn_redis(port, dir)?);
         let broker = Broker::Redis {
             port,
             dir: dir.to_owned(),
@@ -422,26 +445,30 @@ impl Broker {
         Ok(broker)
     }
 
-    async fn start_kafka() -> Result<Broker, BoxError> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("kafka-broker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let bootstrap = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| "the mock cluster did not start")??
-            .ok_or("the mock cluster exited")?;
-        Ok(Broker::Kafka { bootstrap, child })
+    /// An Apache Kafka of its own (`scripts/kafka`), with the soak's topics made.
+    async fn start_kafka(protocol: &str) -> Result<Broker, BoxError> {
+        let server = tokio::task::spawn_blocking(|| support::KafkaServer::start(&[])).await??;
+        eprintln!(
+            "soak: Apache Kafka on {} (its log: {}/server.log)",
+            server.brokers(),
+            server.dir().display()
+        );
+        let backend = KafkaBackend::connect(kafka_config(
+            server.brokers(),
+            Duration::from_secs(1),
+            protocol,
+        )?)
+        .await?;
+        backend.ensure_topics(&[TOPIC, DEAD_LETTER]).await?;
+        Ok(Broker::Kafka {
+            server: Arc::new(server),
+        })
     }
 
     fn url(&self) -> String {
         match self {
             Broker::Redis { port, .. } => format!("redis://127.0.0.1:{port}/0"),
-            Broker::Kafka { bootstrap, .. } => bootstrap.clone(),
+            Broker::Kafka { server } => server.brokers().to_owned(),
         }
     }
 
@@ -457,15 +484,42 @@ impl Broker {
         // The server closes the connection as it goes down: no reply to wait for.
         let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
         child.wait().await?;
-        *child = spawn_redis(*port, dir)?;
+        **child = spawn_redis(*port, dir)?;
         wait_for_redis(&url).await
     }
 
-    async fn stop(&mut self) {
-        let child = match self {
-            Broker::Redis { child, .. } | Broker::Kafka { child, .. } => child,
+    /// SIGKILL (its log is on disk, written before each acknowledgement with `acks=all`) and
+    /// start again from the same directory and ports.
+    async fn restart_kafka(&mut self) -> Result<(), BoxError> {
+        let Broker::Kafka { server } = self else {
+            return Ok(());
         };
-        let _ = child.kill().await;
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            server.kill()?;
+            server.restart()
+        })
+        .await??;
+        Ok(())
+    }
+
+    async fn restart(&mut self) -> Result<(), BoxError> {
+        match self {
+            Broker::Redis { .. } => self.restart_redis().await,
+            Broker::Kafka { .. } => self.restart_kafka().await,
+        }
+    }
+
+    async fn stop(&mut self) {
+        match self {
+            Broker::Redis { child, .. } => {
+                let _ = child.kill().await;
+            }
+            Broker::Kafka { server } => {
+                let server = server.clone();
+                let _ = tokio::task::spawn_blocking(move || server.kill()).await;
+            }
+        }
     }
 }
 
@@ -538,6 +592,7 @@ fn spawn_consumer(
         .args(["--commit-interval-ms", &plan.commit_interval_ms.to_string()])
         .args(["--commit-every", &plan.commit_every.to_string()])
         .args(["--max-unrecorded", &plan.max_unrecorded.to_string()])
+        .args(["--protocol", &plan.protocol])
         .stdout(Stdio::piped())
         .stderr(err)
         .kill_on_drop(true)
@@ -600,9 +655,11 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
                         .strip_prefix("published ")
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(0);
-                    if is_redis && report.broker_restarts == 0 && published * 2 >= plan.events {
-                        eprintln!("soak: restarting redis-server");
-                        broker.restart_redis().await?;
+                    if plan.broker_restart && report.broker_restarts == 0 && published * 2 >= plan.events {
+                        eprintln!("soak: restarting the broker");
+                        let down = Instant::now();
+                        broker.restart().await?;
+                        eprintln!("soak: the broker is back after {:.1} s", down.elapsed().as_secs_f64());
                         report.broker_restarts += 1;
                     }
                 }

@@ -2,10 +2,8 @@
 //!
 //! Run with: `cargo run --example two_clusters --features kafka`, with brokers on
 //! `KAFKA_BROKERS_A` (default 127.0.0.1:9092) and `KAFKA_BROKERS_B` (default 127.0.0.1:9093).
-//! Start two tansu brokers with:
-//! `~/.cache/tansu-0.6.0/bin/tansu broker --listener-url tcp://127.0.0.1:9092
-//! --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ &` and the same
-//! with 9093.
+//! Start two independent Apache Kafka brokers with
+//! `scripts/kafka start /tmp/kafka-a --port 9092` and `scripts/kafka start /tmp/kafka-b --port 9093`.
 //!
 //! The handler is registered twice in one processor: once on the processor's backend (cluster A)
 //! and once bound to cluster B with `.backend(..)`. Each registration is its own consumer group.

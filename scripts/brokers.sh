@@ -7,33 +7,44 @@ apt_install() {
   if [ "$(id -u)" != 0 ]; then
     log "need root to apt-get install $*"; return 1
   fi
+  local out
+  out="$(mktemp)"
   if [ -z "${APT_UPDATED:-}" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$out" 2>&1 || { cat "$out" >&2; rm -f "$out"; return 1; }
     APT_UPDATED=1
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >"$out" 2>&1 || { cat "$out" >&2; rm -f "$out"; return 1; }
+  rm -f "$out"
 }
 
-# Redis on REDIS_PORT (default 6379): reuse a running server, else start one.
+# Redis for the run: `REDIS_URL` if set, else a redis-server of the run's own on a free loopback
+# port (installed from Debian's packages when missing), stopped when the script exits.
+REDIS_PID=""
+stop_redis() {
+  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+}
+
 ensure_redis() {
-  local port="${REDIS_PORT:-6379}"
   if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     log "installing redis-server"
     apt_install redis-server redis-tools
   fi
-  if redis-cli -p "$port" ping >/dev/null 2>&1; then
-    log "redis already running on 127.0.0.1:$port"
-  else
-    log "starting redis-server on 127.0.0.1:$port"
-    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-      --logfile "${TMPDIR:-/tmp}/cqrs-redis-$port.log" >&2
-    for _ in $(seq 1 50); do
-      redis-cli -p "$port" ping >/dev/null 2>&1 && break
-      sleep 0.1
-    done
-    redis-cli -p "$port" ping >/dev/null
+  if [ -n "${REDIS_URL:-}" ]; then
+    log "using Redis at $REDIS_URL"
+    return 0
   fi
-  export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$port/15}"
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  log "starting redis-server on 127.0.0.1:$port"
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+    --logfile "${TMPDIR:-/tmp}/cqrs-redis-$port.log" >&2 &
+  REDIS_PID=$!
+  for _ in $(seq 1 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  redis-cli -p "$port" ping >/dev/null
+  export REDIS_URL="redis://127.0.0.1:$port/15"
 }
 
 # Deletes what the conformance suite left in the test database (its keys start with `conf-`).
@@ -105,24 +116,25 @@ PY
 }
 
 stop_brokers() {
-  stop_tansu
+  stop_kafka
   stop_redis_cluster
+  stop_redis
 }
 
-TANSU_VERSION=0.6.0
-export TANSU_BIN="${TANSU_BIN:-$HOME/.cache/tansu-$TANSU_VERSION/bin/tansu}"
-TANSU_PIDS=()
-
-stop_tansu() {
-  for pid in "${TANSU_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+# Apache Kafka brokers of the run (scripts/kafka), each from a directory of its own; stopped when
+# the script exits.
+KAFKA_DIRS=()
+stop_kafka() {
+  for dir in "${KAFKA_DIRS[@]}"; do scripts/kafka stop "$dir" || true; done
 }
 
-install_tansu() {
-  if [ ! -x "$TANSU_BIN" ]; then
-    log "installing tansu $TANSU_VERSION (a Kafka-compatible broker) into $(dirname "$(dirname "$TANSU_BIN")"), ~7 minutes"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-      --root "$(dirname "$(dirname "$TANSU_BIN")")" -j2 --debug --quiet
-  fi
+# Starts a fresh single-node Apache Kafka (KRaft, combined broker and controller) on free loopback
+# ports and prints its bootstrap address; extra arguments go to `scripts/kafka start`.
+start_kafka() {
+  local dir
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"
+  KAFKA_DIRS+=("$dir")
+  scripts/kafka start "$dir" "$@"
 }
 
 # The official AsyncAPI parser (npm @asyncapi/parser), for scripts/asyncapi-validate.mjs: installed
@@ -132,7 +144,7 @@ export ASYNCAPI_PARSER_DIR="${ASYNCAPI_PARSER_DIR:-$HOME/.cache/asyncapi-parser-
 install_asyncapi_parser() {
   if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     log "installing Node.js and npm (Debian packages)"
-    apt-get install -y -qq nodejs npm >/dev/null
+    apt_install nodejs npm
   fi
   if [ ! -f "$ASYNCAPI_PARSER_DIR/node_modules/@asyncapi/parser/package.json" ]; then
     log "installing @asyncapi/parser $ASYNCAPI_PARSER_VERSION into $ASYNCAPI_PARSER_DIR"
@@ -142,41 +154,39 @@ install_asyncapi_parser() {
   fi
 }
 
-# Starts a fresh tansu with in-memory storage on a free loopback port (stopped when the script
-# exits) and sets TANSU_ADDR to its address.
-start_tansu() {
-  local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"${TMPDIR:-/tmp}/cqrs-tansu-$port.log" 2>&1 &
-  TANSU_PIDS+=($!)
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      TANSU_ADDR="127.0.0.1:$port"
-      return 0
-    fi
-    sleep 0.1
-  done
-  log "tansu did not start on port $port"
-  return 1
-}
-
-# Kafka-protocol brokers for the run: `KAFKA_BROKERS` if set, else a fresh tansu (installed from
-# crates.io on first use); a second one for the two-cluster example.
+# Kafka brokers for the run: `KAFKA_BROKERS` if set, else a fresh Apache Kafka (installed from
+# Maven Central on first use); a second, independent one for the two-cluster example
+# (`KAFKA_BROKERS_B`).
 ensure_kafka() {
   trap stop_brokers EXIT
-  if [ -n "${KAFKA_BROKERS:-}" ]; then
-    log "using Kafka at $KAFKA_BROKERS"
-  else
-    install_tansu
-    start_tansu
-    export KAFKA_BROKERS="$TANSU_ADDR"
-    log "tansu $TANSU_VERSION on $KAFKA_BROKERS"
+  scripts/kafka install >/dev/null
+  local a_out b_out a_pid="" b_pid=""
+  a_out="$(mktemp)"; b_out="$(mktemp)"
+  # Both JVMs start at once: each takes seconds on 2 cores.
+  if [ -z "${KAFKA_BROKERS:-}" ]; then
+    local dir
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"; KAFKA_DIRS+=("$dir")
+    scripts/kafka start "$dir" >"$a_out" & a_pid=$!
   fi
   if [ -z "${KAFKA_BROKERS_B:-}" ]; then
-    install_tansu
-    start_tansu
-    export KAFKA_BROKERS_B="$TANSU_ADDR"
+    local dir_b
+    dir_b="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"; KAFKA_DIRS+=("$dir_b")
+    scripts/kafka start "$dir_b" >"$b_out" & b_pid=$!
   fi
+  if [ -n "$a_pid" ]; then
+    wait "$a_pid" || { log "starting Kafka failed"; return 1; }
+    KAFKA_BROKERS="$(cat "$a_out")"
+    export KAFKA_BROKERS KAFKA_DIR="${KAFKA_DIRS[0]}"
+    log "Apache Kafka on $KAFKA_BROKERS (its log: ${KAFKA_DIRS[0]}/server.log)"
+  else
+    log "using Kafka at $KAFKA_BROKERS"
+  fi
+  if [ -n "$b_pid" ]; then
+    wait "$b_pid" || { log "starting the second Kafka failed"; return 1; }
+    KAFKA_BROKERS_B="$(cat "$b_out")"
+    export KAFKA_BROKERS_B
+    log "a second Apache Kafka on $KAFKA_BROKERS_B"
+  fi
+  rm -f "$a_out" "$b_out"
   export KAFKA_BROKERS_A="$KAFKA_BROKERS"
 }

@@ -1,7 +1,8 @@
-//! The Kafka backend against a real Kafka-protocol broker (tansu).
+//! The Kafka backend against Apache Kafka (started by `scripts/test` through `scripts/kafka`).
 //!
-//! Uses `KAFKA_BROKERS` (default `127.0.0.1:9092`); the two-cluster test starts a second broker
-//! of its own (`TANSU_BIN`, default `~/.cache/tansu-0.6.0/bin/tansu`) on a free port.
+//! Uses `KAFKA_BROKERS` (default `127.0.0.1:9092`) and, for the two-cluster test, a second
+//! independent broker at `KAFKA_BROKERS_B`. Tests named `mock_cluster_*` run on librdkafka's mock
+//! cluster instead, for faults Kafka does not produce on demand (commits refused by injection).
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,16 +14,20 @@ fn brokers() -> String {
     support::kafka_brokers()
 }
 
-/// Test settings. `batch.num.messages=1`: tansu 0.6 answers a fetch from an offset inside a
-/// multi-record batch with nothing, so a member resuming mid-batch would wait forever; with one
-/// record per batch every committed offset starts a batch. (A real Kafka returns the batch and
-/// the client skips what precedes the offset.)
+/// Test settings: 4 partitions, short fetch waits and commit intervals.
 fn config(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers)
         .partitions(4)
         .fetch_wait(std::time::Duration::from_millis(10))
         .commit_interval(std::time::Duration::from_millis(200))
-        .set("batch.num.messages", "1")
+}
+
+/// [`config`] on the shared broker, with members that die noticed within seconds (classic
+/// protocol: `session.timeout.ms`).
+fn group_config() -> KafkaConfig {
+    config(&brokers())
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
 }
 
 async fn backend() -> KafkaBackend {
@@ -42,7 +47,7 @@ use cqrs::{
     Subscription,
 };
 use serde::{Deserialize, Serialize};
-use support::{eventually, unique, TansuServer};
+use support::{eventually, unique};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 struct Order {
@@ -297,10 +302,9 @@ async fn keyed_events_keep_their_order_with_concurrent_handlers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_handler_consumes_from_two_clusters() {
-    let second = TansuServer::start().await;
     let (a, b) = (
         backend().await,
-        KafkaBackend::connect(config(&second.brokers()))
+        KafkaBackend::connect(config(&support::kafka_brokers_b()))
             .await
             .unwrap(),
     );
@@ -671,7 +675,8 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
 }
 
 /// Settings for a mock cluster: it has no CreateTopics (topics are made when it starts), and
-/// members that die are noticed within a few seconds.
+/// members that die are noticed within a few seconds. Only the `mock_cluster_*` tests use it, for
+/// refused commits, which Apache Kafka does not produce on demand.
 fn mock_config(mock: &support::MockKafka) -> KafkaConfig {
     KafkaConfig::new(mock.brokers())
         .create_topics(false)
@@ -700,9 +705,9 @@ async fn published_then_joined(
     (group, member)
 }
 
-/// Serves librdkafka's mock cluster for the tests that need consumer-group faults (tansu's
-/// group coordinator stalls when members leave mid-rebalance). Not a test: the tests run this
-/// binary again with `--ignored --exact mock_kafka_server` and `CQRS_MOCK_KAFKA_TOPICS`.
+/// Serves librdkafka's mock cluster for the `mock_cluster_*` tests (commits refused by
+/// injection). Not a test: the tests run this binary again with
+/// `--ignored --exact mock_kafka_server` and `CQRS_MOCK_KAFKA_TOPICS`.
 #[test]
 #[ignore = "serves the mock cluster for other tests"]
 fn mock_kafka_server() {
@@ -712,8 +717,7 @@ fn mock_kafka_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
     let topic = unique("orders");
-    let mock = support::MockKafka::start(&[(topic.as_str(), 4)]).await;
-    let backend = KafkaBackend::connect(mock_config(&mock)).await.unwrap();
+    let backend = KafkaBackend::connect(group_config()).await.unwrap();
     let service = unique("svc");
     let handled: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
     // Slow handlers and small batches: most of what the first member fetched is still in its
@@ -801,8 +805,8 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
             .unwrap();
         metadata.topics()[0].partitions().len()
     };
-    // No partitions set: created with the broker's own default, which is 3 on tansu 0.6 (the
-    // backend used to force 1).
+    // No partitions set: created with the broker's own default, `num.partitions=3` on the
+    // test broker (scripts/kafka; the backend used to force 1).
     let plain = KafkaBackend::connect(KafkaConfig::new(brokers()))
         .await
         .unwrap();
@@ -820,8 +824,9 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rebalance_a_partition_resumes_from_its_committed_offset_not_its_buffer() {
     let (topic, other) = (unique("orders"), unique("other"));
-    let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
-    let backend = KafkaBackend::connect(mock_config(&mock)).await.unwrap();
+    let backend = KafkaBackend::connect(group_config().partitions(1))
+        .await
+        .unwrap();
     let (group, mut member) = published_then_joined(&backend, &topic, 100).await;
     let mut held = cqrs::conformance::receive_n(&mut *member, 10).await;
     assert_eq!(
@@ -867,9 +872,9 @@ async fn after_a_rebalance_a_partition_resumes_from_its_committed_offset_not_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_stops_reading_stays_in_its_group() {
     let topic = unique("orders");
-    let mock = support::MockKafka::start(&[(topic.as_str(), 1)]).await;
     let backend = KafkaBackend::connect(
-        mock_config(&mock)
+        group_config()
+            .partitions(1)
             .set("session.timeout.ms", "3000")
             .set("max.poll.interval.ms", "3000"),
     )
@@ -883,7 +888,7 @@ async fn a_member_that_stops_reading_stays_in_its_group() {
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     member.close().await.unwrap();
     // Still a member when it acked: its offsets were stored and committed at close.
-    assert_eq!(committed(mock.brokers(), &group, &topic, 1), 10);
+    assert_eq!(committed(&brokers(), &group, &topic, 1), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1030,14 +1035,16 @@ async fn a_member_commits_every_n_handled_messages_between_intervals() {
     assert_eq!(committed(&brokers(), &group, &topic, 1), 25);
 }
 
-/// librdkafka's mock cluster refuses commits while its group rebalances (Kafka accepts them from
-/// the current generation until the group completes the rebalance), so the commit at revocation
-/// fails there. A member that gets its partition back resumes where it had handled up to, not
-/// from the older committed offset, and records that position.
+/// A commit at revocation refused (the mock refuses the first commit by injection; Kafka refuses
+/// one from a member whose generation is gone): a member that gets its partition back resumes
+/// where it had handled up to, not from the older committed offset, and records that position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was_handled() {
+async fn mock_cluster_a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was_handled(
+) {
     let (topic, other) = (unique("orders"), unique("other"));
-    let mock = support::MockKafka::start(&[(topic.as_str(), 1), (other.as_str(), 1)]).await;
+    let mock =
+        support::MockKafka::start_refusing_commits(&[(topic.as_str(), 1), (other.as_str(), 1)], 1)
+            .await;
     // Nothing is committed before the rebalance: no interval, no count.
     let config = mock_config(&mock)
         .commit_interval(Duration::from_secs(600))
@@ -1056,6 +1063,12 @@ async fn a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was
         .await
         .unwrap();
     let next = cqrs::conformance::receive_n(&mut *member, 1).await;
+    // The commit at revocation was the first one, and it was refused: nothing is recorded yet.
+    assert_eq!(
+        committed(mock.brokers(), &group, &topic, 1),
+        0,
+        "the commit at revocation was refused"
+    );
     assert_eq!(
         next[0].broker_id(),
         "0:10",
@@ -1069,7 +1082,7 @@ async fn a_partition_that_comes_back_after_a_refused_commit_resumes_where_it_was
 /// A member whose commits are refused stops handing out work once `max_unrecorded` handled
 /// messages are not recorded, instead of piling up work its partitions' next owner would redo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_whose_commits_are_refused_stops_at_max_unrecorded() {
+async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded() {
     let topic = unique("orders");
     let mock = support::MockKafka::start_refusing_commits(&[(topic.as_str(), 1)], 10_000).await;
     let config = mock_config(&mock)

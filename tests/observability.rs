@@ -184,9 +184,7 @@ async fn counters_move_on_kafka() {
         KafkaConfig::new(support::kafka_brokers())
             .partitions(1)
             .fetch_wait(Duration::from_millis(10))
-            .commit_interval(Duration::from_millis(100))
-            // tansu answers a fetch from inside a record batch with nothing: one record each.
-            .set("batch.num.messages", "1"),
+            .commit_interval(Duration::from_millis(100)),
     )
     .await
     .unwrap();

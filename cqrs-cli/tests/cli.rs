@@ -12,8 +12,6 @@ use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{permanent, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
 
-#[path = "../../tests/support/mock_kafka.rs"]
-mod mock_kafka;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -74,9 +72,7 @@ async fn kafka() -> (String, KafkaBackend) {
     let backend = KafkaBackend::connect(
         KafkaConfig::new(&brokers)
             .partitions(1)
-            .fetch_wait(Duration::from_millis(10))
-            // tansu answers a fetch from inside a record batch with nothing: one record each.
-            .set("batch.num.messages", "1"),
+            .fetch_wait(Duration::from_millis(10)),
     )
     .await
     .unwrap();
@@ -495,26 +491,6 @@ async fn dead_letters_on_kafka_are_listed_redriven_and_purged() {
     assert_eq!(dry["redriven"].as_array().unwrap().len(), 3);
     assert_eq!(records(&brokers, &topic).len(), 6);
 
-    // tansu 0.6 drops the metadata of committed offsets, where a dead letter redriven ahead of
-    // older ones is recorded: refused before anything is published.
-    let ahead = cqrs(&[
-        "--kafka",
-        &brokers,
-        "dead-letters",
-        "redrive",
-        &group,
-        "--id",
-        "0:1",
-    ]);
-    assert_eq!(ahead.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&ahead.stderr).contains("does not keep the metadata"),
-        "{}",
-        String::from_utf8_lossy(&ahead.stderr)
-    );
-    assert_eq!(records(&brokers, &topic).len(), 6);
-    assert_eq!(listed_ids(&brokers, &group), ["0:0", "0:1", "0:2"]);
-
     // The oldest: back on its topic, clean and marked; the committed offset moves past it.
     let redriven = cqrs_kafka_json(
         &brokers,
@@ -565,32 +541,16 @@ async fn dead_letters_on_kafka_are_listed_redriven_and_purged() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no dead letters"));
 }
 
-/// Serves librdkafka's mock cluster for the test below (tests/support/mock_kafka.rs). Not a test.
-#[test]
-#[ignore = "serves the mock cluster for other tests"]
-fn mock_kafka_server() {
-    mock_kafka::serve_mock_kafka();
-}
-
-/// On a broker that keeps offset metadata (Kafka does; librdkafka's mock cluster too), a dead
-/// letter redriven or purged ahead of older ones is recorded there, and listing leaves it out.
+/// Kafka keeps offset metadata: a dead letter redriven or purged ahead of older ones is recorded
+/// there, and listing leaves it out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_dead_letters_redriven_out_of_order_are_recorded_in_the_offset_metadata() {
     use cqrs::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
     use cqrs::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    let topic = cqrs::conformance::unique("cli-mock-orders");
+    let (brokers, backend) = kafka().await;
+    let topic = cqrs::conformance::unique("cli-kafka-orders");
     let service = cqrs::conformance::unique("svc");
     let dead_topic = format!("{service}.book.dead-letter");
-    // The mock cluster has no CreateTopics: its process makes them.
-    let mock = mock_kafka::MockKafka::start(&[(topic.as_str(), 1), (dead_topic.as_str(), 1)]).await;
-    let brokers = mock.brokers().to_owned();
-    let backend = KafkaBackend::connect(
-        KafkaConfig::new(&brokers)
-            .create_topics(false)
-            .fetch_wait(Duration::from_millis(10)),
-    )
-    .await
-    .unwrap();
     let group = three_dead_letters(&brokers, &backend, &topic, &service).await;
     let committed = || {
         let client: BaseConsumer = ClientConfig::new()

@@ -14,6 +14,11 @@ mod mock_kafka;
 #[cfg(feature = "kafka")]
 #[allow(unused_imports)]
 pub use mock_kafka::{serve_mock_kafka, MockKafka};
+#[cfg(feature = "kafka")]
+mod kafka_server;
+#[cfg(feature = "kafka")]
+#[allow(unused_imports)]
+pub use kafka_server::KafkaServer;
 
 /// A topic namer that sends every event to `topic`.
 pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
@@ -222,54 +227,13 @@ impl Drop for Keys {
     }
 }
 
-/// A tansu broker of the test's own on a free port, with in-memory storage; stopped on drop.
-pub struct TansuServer {
-    pub port: u16,
-    child: Child,
-}
-
-impl TansuServer {
-    pub async fn start() -> Self {
-        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/tansu-0.6.0/bin/tansu",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (scripts/test installs it): {e}"));
-        eventually("tansu to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        TansuServer { port, child }
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TansuServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The second, independent Kafka broker of the test run (`KAFKA_BROKERS_B`, started by
+/// `scripts/test`), for the two-cluster test.
+pub fn kafka_brokers_b() -> String {
+    std::env::var("KAFKA_BROKERS_B")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:9093".to_owned())
 }
 
 /// Three versions of one event, as a service's history leaves them: version 3 reads 2 directly
