@@ -611,29 +611,207 @@ fn secrets_do_not_print() {
     assert!(!format!("{c:?}").contains("hunter2"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cooperative_rebalancing_is_refused_with_a_clear_error() {
-    for (key, value) in [
-        ("partition.assignment.strategy", "cooperative-sticky"),
-        ("group.protocol", "consumer"),
-    ] {
-        let backend = KafkaBackend::connect(config(&brokers()).set(key, value))
-            .await
-            .unwrap();
-        let topic = unique("orders");
-        let mut p = EventProcessor::new(backend, unique("svc")).topics(support::one_topic(&topic));
-        p.handle("h", |_: Order| async { Ok::<_, String>(()) })
-            .unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(20), p.start(CancellationToken::new()))
-            .await
-            .expect("refused at once")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("incremental (cooperative) rebalance protocol is not supported"),
-            "{key}={value}: {err}"
+/// `partition:offset` of a delivery.
+fn partition_offset(d: &Delivery) -> (i32, i64) {
+    let (p, o) = d.broker_id().split_once(':').unwrap();
+    (p.parse().unwrap(), o.parse().unwrap())
+}
+
+/// The committed offset of each of the topic's partitions (`None`: none).
+fn committed_each(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let out = (0..partitions)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
+        .collect();
+    drop(committed);
+    out
+}
+
+/// Under an incremental protocol a member that joins takes some partitions from the first one;
+/// the first keeps the others untouched: its deliveries there stay good and are acked, while
+/// those of the partitions it gave up turn stale, and what it handled there was committed at
+/// the revocation, so the new owner starts right after it.
+async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::GroupProtocol) {
+    let backend = KafkaBackend::connect(group_config().group_protocol(protocol))
+        .await
+        .unwrap();
+    let topic = unique("orders");
+    backend
+        .publish(
+            &topic,
+            &cqrs::conformance::messages(80, |i| Some(format!("k{i}"))),
+        )
+        .await
+        .unwrap();
+    let group = unique("g");
+    let mut first = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let got = cqrs::conformance::receive_n(&mut *first, 80).await;
+    // Per partition, everything is handled but the last delivery, which stays in flight.
+    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+    for d in &got {
+        let (p, o) = partition_offset(d);
+        let l = last.entry(p).or_insert(o);
+        *l = (*l).max(o);
+    }
+    assert_eq!(last.len(), 4, "the 80 keys reach all 4 partitions");
+    let (held, handled): (Vec<Delivery>, Vec<Delivery>) = got.into_iter().partition(|d| {
+        let (p, o) = partition_offset(d);
+        last[&p] == o
+    });
+    Delivery::ack_all(handled)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mut second = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    // The first member gives up some partitions, and only those.
+    eventually("a partition to move", || {
+        let moved = held.iter().any(|d| d.is_stale());
+        async move { moved }
+    })
+    .await;
+    let (moved, kept): (Vec<Delivery>, Vec<Delivery>) =
+        held.into_iter().partition(|d| d.is_stale());
+    assert!(
+        !kept.is_empty(),
+        "{protocol:?}: the first member kept none of its partitions"
+    );
+    // What it handled on the moved ones was committed when they were revoked: up to the one
+    // still in flight.
+    let committed = committed_each(&brokers(), &group, &topic, 4);
+    for d in &moved {
+        let (p, o) = partition_offset(d);
+        assert_eq!(
+            committed[p as usize],
+            Some(o),
+            "{protocol:?}: partition {p}"
         );
     }
+    // The new owner starts there: the in-flight one first, nothing before it.
+    let taken = cqrs::conformance::receive_n(&mut *second, moved.len()).await;
+    let mut firsts: BTreeMap<i32, i64> = BTreeMap::new();
+    for d in &taken {
+        let (p, o) = partition_offset(d);
+        let f = firsts.entry(p).or_insert(o);
+        *f = (*f).min(o);
+    }
+    let expected: BTreeMap<i32, i64> = moved.iter().map(partition_offset).collect();
+    assert_eq!(firsts, expected, "{protocol:?}");
+    // The kept ones are still the first member's: acked and committed at close.
+    let kept_at: Vec<(i32, i64)> = kept.iter().map(partition_offset).collect();
+    Delivery::ack_all(kept).await.map_err(|(e, _)| e).unwrap();
+    first.close().await.unwrap();
+    let committed = committed_each(&brokers(), &group, &topic, 4);
+    for (p, o) in kept_at {
+        assert_eq!(
+            committed[p as usize],
+            Some(o + 1),
+            "{protocol:?}: partition {p}"
+        );
+    }
+    drop(taken);
+    second.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_sticky_moves_only_the_partitions_that_change_owner() {
+    only_the_partitions_that_change_owner_move(cqrs::kafka::GroupProtocol::Cooperative).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_protocol_moves_only_the_partitions_that_change_owner() {
+    only_the_partitions_that_change_owner_move(cqrs::kafka::GroupProtocol::Consumer).await;
+}
+
+/// The eager protocol takes every partition away in a rebalance: every delivery in flight
+/// turns stale (this is what the incremental protocols avoid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_eager_protocol_revokes_every_partition() {
+    let backend =
+        KafkaBackend::connect(group_config().group_protocol(cqrs::kafka::GroupProtocol::Eager))
+            .await
+            .unwrap();
+    let topic = unique("orders");
+    backend
+        .publish(
+            &topic,
+            &cqrs::conformance::messages(40, |i| Some(format!("k{i}"))),
+        )
+        .await
+        .unwrap();
+    let group = unique("g");
+    let mut first = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let held = cqrs::conformance::receive_n(&mut *first, 40).await;
+    let _second = backend
+        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    eventually("every delivery to turn stale", || {
+        let all = held.iter().all(|d| d.is_stale());
+        async move { all }
+    })
+    .await;
+}
+
+/// The settings the delivery guarantees rest on cannot be changed through `set`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_the_guarantees_rest_on_are_refused() {
+    for key in ["group.id", "enable.auto.commit", "enable.auto.offset.store"] {
+        let err = KafkaBackend::connect(config(&brokers()).set(key, "x"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, cqrs::kafka::Error::Reserved(k) if k == key),
+            "{err}"
+        );
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}
+
+/// With topic creation off, a missing dead-letter topic is found at start, not when a message
+/// runs out of attempts (it would have nowhere to go, and its handler would run again and again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_fails_start() {
+    let topic = unique("orders");
+    backend().await.ensure_topics(&[&topic]).await.unwrap();
+    let backend = KafkaBackend::connect(config(&brokers()).create_topics(false))
+        .await
+        .unwrap();
+    let service = unique("svc");
+    let mut p = EventProcessor::new(backend, &service).topics(support::one_topic(&topic));
+    p.handle("h", |_: Order| async { Ok::<_, String>(()) })
+        .unwrap();
+    let err = p.start(CancellationToken::new()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("topic `{service}.h.dead-letter` does not exist")),
+        "{err}"
+    );
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
@@ -679,6 +857,7 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
 /// refused commits, which Apache Kafka does not produce on demand.
 fn mock_config(mock: &support::MockKafka) -> KafkaConfig {
     KafkaConfig::new(mock.brokers())
+        .group_protocol(cqrs::kafka::GroupProtocol::Eager)
         .create_topics(false)
         .fetch_wait(Duration::from_millis(10))
         .commit_interval(Duration::from_millis(100))
@@ -1095,4 +1274,21 @@ async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded
     Delivery::ack_all(first).await.map_err(|(e, _)| e).unwrap();
     // 20 handled, none recorded: nothing more, though 40 wait on the broker.
     cqrs::conformance::receive_none(&mut *member).await;
+    // Refused for a while: said as an error naming the refusal, which the processor shows as
+    // the group's last error while it asks again.
+    let err = tokio::time::timeout(Duration::from_secs(10), member.receive(10))
+        .await
+        .expect("the refusals are reported")
+        .err()
+        .expect("an error, not deliveries");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.report()
+            .contains("refuses this member's offset commits")
+            && err
+                .report()
+                .contains("20 handled messages are not recorded"),
+        "{}",
+        err.report()
+    );
 }

@@ -10,7 +10,9 @@ use cqrs_core::backend::{Acknowledge, Consumer, Delivery, Subscription};
 use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::Message;
 use cqrs_core::StartFrom;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Headers, Message as _, OwnedMessage};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
@@ -29,16 +31,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Per partition: offsets handed to handlers and not settled, and one past the highest handed out.
+/// Per assigned partition: when it was assigned, offsets handed to handlers and not settled, and
+/// one past the highest handed out.
 struct PartitionState {
+    /// The rebalance epoch it was assigned in. Records polled, and deliveries made, in an earlier
+    /// epoch belong to an earlier assignment of the partition (or to none): they are stale.
+    since: u64,
     pending: BTreeSet<i64>,
-    next: i64,
+    /// One past the highest offset handed out in this assignment (`None`: none yet).
+    next: Option<i64>,
 }
 
 impl PartitionState {
-    /// The offset to commit: the oldest unsettled one, else one past the last handed out.
-    fn position(&self) -> i64 {
-        self.pending.first().copied().unwrap_or(self.next)
+    fn new(since: u64) -> Self {
+        PartitionState {
+            since,
+            pending: BTreeSet::new(),
+            next: None,
+        }
+    }
+
+    /// The offset to commit: the oldest unsettled one, else one past the last handed out
+    /// (`None`: nothing handed out in this assignment).
+    fn position(&self) -> Option<i64> {
+        self.pending.first().copied().or(self.next)
+    }
+
+    /// Whether a record polled, or a delivery made, in rebalance epoch `epoch` belongs to this
+    /// assignment of the partition.
+    fn owns(&self, epoch: u64) -> bool {
+        self.since <= epoch
     }
 }
 
@@ -64,6 +86,8 @@ pub(crate) struct CommitGate {
     changed: tokio::sync::Notify,
     every: u64,
     limit: u64,
+    /// Why the last commit answered was refused (`None`: it succeeded).
+    refused: Mutex<Option<String>>,
 }
 
 impl CommitGate {
@@ -76,6 +100,7 @@ impl CommitGate {
             changed: tokio::sync::Notify::new(),
             every: every as u64,
             limit: limit as u64,
+            refused: Mutex::new(None),
         }
     }
 
@@ -98,8 +123,7 @@ impl CommitGate {
         // Never 0: 0 means answered.
         let now = self.born.elapsed().as_millis() as u64 + 1;
         let asked_at = self.asked_at.load(Ordering::SeqCst);
-        let waiting = asked_at != 0 && now - asked_at < ASK_AGAIN_AFTER.as_millis() as u64;
-        if waiting
+        if !should_ask(now, asked_at)
             || self
                 .asked_at
                 .compare_exchange(asked_at, now, Ordering::SeqCst, Ordering::SeqCst)
@@ -132,7 +156,44 @@ impl CommitGate {
     fn closed(&self) -> bool {
         self.limit > 0 && self.unrecorded() >= self.limit
     }
+
+    /// Takes the answer to a commit.
+    fn answer(&self, result: &KafkaResult<()>) {
+        self.answered();
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                *lock(&self.refused) = None;
+                self.all_recorded();
+            }
+            Err(e) => {
+                let first = lock(&self.refused).replace(e.to_string()).is_none();
+                // Refusals come in runs while a group rebalances: the first of a run is worth a
+                // warning; a closed gate reports a run that does not end (`receive`).
+                if first {
+                    tracing::warn!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
+                } else {
+                    tracing::debug!(error = %e, "a commit was refused");
+                }
+            }
+        }
+    }
+
+    /// Why commits are refused, while the last one was.
+    fn refusal(&self) -> Option<String> {
+        lock(&self.refused).clone()
+    }
 }
+
+/// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
+/// answered); both in milliseconds since the gate was made. `asked_at` may be later than `now`
+/// (another thread asked after `now` was read).
+fn should_ask(now: u64, asked_at: u64) -> bool {
+    asked_at == 0 || now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
+}
+
+/// How long the gate stays closed (no commit that would open it succeeds) before `receive`
+/// reports it as an error (the group shows as reconnecting, with the refusal).
+const REPORT_REFUSALS_AFTER: Duration = Duration::from_secs(3);
 
 /// A nacked (or released) message waiting for its redelivery time. It shares the message with
 /// the delivery it came from; there is at most one per delivery handed out.
@@ -150,8 +211,12 @@ struct Retry {
 pub(crate) struct Ctx {
     offsets: Arc<Mutex<Offsets>>,
     retries: Arc<Mutex<Vec<Retry>>>,
-    /// Raised on every revocation: records fetched before it are stale.
+    /// Raised on every assignment and revocation; each partition keeps the one it was assigned
+    /// in, and each polled record the one it was polled in.
     epoch: Arc<AtomicU64>,
+    /// Whether the poll thread has paused fetching (the handlers are behind): partitions
+    /// assigned meanwhile are paused too.
+    paused: Arc<AtomicBool>,
     rebalances: watch::Sender<u64>,
     start: StartFrom,
     timeout: Duration,
@@ -177,19 +242,30 @@ impl Ctx {
         consumer: &BaseConsumer<Self>,
         tpl: &mut TopicPartitionList,
     ) -> TopicPartitionList {
-        let committed = match consumer.committed_offsets(tpl.clone(), self.timeout) {
-            Ok(c) => c,
+        // Unreadable (the coordinator busy with the rebalance): librdkafka reads them itself
+        // (`Offset::Invalid`), but a position this member handled beyond them still counts.
+        let (parts, known): (Vec<(String, i32, Offset)>, bool) = match consumer
+            .committed_offsets(tpl.clone(), self.timeout)
+        {
+            Ok(committed) => {
+                let parts = committed
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
+                    .collect();
+                drop(committed);
+                (parts, true)
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "reading committed offsets failed; using auto.offset.reset");
-                return TopicPartitionList::new();
+                tracing::warn!(error = %e, "reading committed offsets failed; librdkafka reads them");
+                let parts = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition(), Offset::Invalid))
+                    .collect();
+                (parts, false)
             }
         };
-        let parts: Vec<(String, i32, Offset)> = committed
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
-            .collect();
-        drop(committed);
         // Only the next assignment uses them: kept longer, a position could outlive its topic.
         let mut unrecorded = std::mem::take(&mut *lock(&self.unrecorded));
         let mut to_store = TopicPartitionList::new();
@@ -213,6 +289,7 @@ impl Ctx {
                     Offset::Offset(h)
                 }
                 (None, Offset::Offset(_), _) => offset,
+                (None, _, _) if !known => Offset::Invalid,
                 (None, _, StartFrom::Latest) => {
                     match consumer.fetch_watermarks(&topic, partition, self.timeout) {
                         Ok((_, high)) => Offset::Offset(high),
@@ -243,28 +320,87 @@ impl Ctx {
         }
     }
 
-    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        // Records fetched before now, still queued for the handlers, belong to the old
-        // assignment: they are dropped unhandled, and the partitions' state below is rebuilt from
-        // the first record of the new assignment.
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+    /// Takes `tpl` (resolved by `resolve_start`) as this member's: eagerly (the whole
+    /// assignment) or incrementally (added to it), as the group's protocol says.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let incremental = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        {
+            // Under the lock: a record polled before this, of a partition it gives again, is
+            // seen as stale by `delivery`, which checks under the same lock.
+            let mut offsets = lock(&self.offsets);
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            if !incremental {
+                offsets.clear();
+            }
+            for e in tpl.elements() {
+                let mut state = PartitionState::new(epoch);
+                // A known start is the partition's position until a record is handed out: a
+                // revocation before then keeps it (a resumed position the group has not
+                // recorded must survive a second rebalance whose commit is refused too).
+                if let Offset::Offset(start) = e.offset() {
+                    state.next = Some(start);
+                }
+                offsets.insert((Arc::from(e.topic()), e.partition()), state);
+            }
+        }
+        let assigned = if incremental {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        if let Err(e) = assigned {
+            tracing::error!(error = %e, incremental, "assigning partitions failed");
+        }
+        // The poll thread pauses what is assigned when it pauses; these came after.
+        if self.paused.load(Ordering::SeqCst) {
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+            }
+        }
+    }
+
+    /// Gives up `tpl`: what was handled on them is committed (unless they are lost: the group
+    /// already gave them to another member), their state and waiting retries are dropped, and
+    /// they leave the assignment (all of it under the eager protocol).
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, lost: bool) {
+        let incremental = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let revoked: Vec<(String, i32)> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
-        // Everything below each position is settled (handled or dead-lettered).
+        let is_revoked = |t: &str, p: i32| revoked.iter().any(|(rt, rp)| rt == t && *rp == p);
+        // Everything below each position is settled (handled or dead-lettered). The states go
+        // first, under the lock: an ack from now on stores nothing for these partitions, and
+        // their records still queued for the handlers are stale.
         let positions: Vec<((String, i32), i64)> = {
-            let offsets = lock(&self.offsets);
-            revoked
+            let mut offsets = lock(&self.offsets);
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            let positions = offsets
                 .iter()
-                .filter_map(|(t, p)| {
-                    let state = offsets.get(&(Arc::from(t.as_str()), *p))?;
-                    Some(((t.clone(), *p), state.position()))
-                })
-                .collect()
+                .filter(|((t, p), _)| is_revoked(t, *p))
+                .filter_map(|((t, p), state)| Some(((t.to_string(), *p), state.position()?)))
+                .collect();
+            offsets.retain(|(t, p), _| !is_revoked(t, *p));
+            positions
         };
-        match consumer.commit_consumer_state(CommitMode::Sync) {
+        lock(&self.retries).retain(|r| !is_revoked(&r.topic, r.partition));
+        let committed = if lost {
+            tracing::warn!(
+                partitions = revoked.len(),
+                "partitions lost (this member was out of its group); what they handled since the last commit is handled again by their next owner"
+            );
+            Ok(())
+        } else {
+            consumer.commit_consumer_state(CommitMode::Sync)
+        };
+        match committed {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "committing before a rebalance failed; the positions are kept in case the partitions come back");
@@ -275,28 +411,23 @@ impl Ctx {
                 }
             }
         }
+        // What this member handled on them is recorded or no longer its to record.
         self.gate.all_recorded();
-        // Whatever was not handled is consumed again by the partition's next owner.
-        lock(&self.offsets)
-            .retain(|(t, p), _| !revoked.iter().any(|(rt, rp)| **t == **rt && p == rp));
-        lock(&self.retries).retain(|r| {
-            !revoked
-                .iter()
-                .any(|(rt, rp)| *r.topic == **rt && r.partition == *rp)
-        });
+        let unassigned = if incremental {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = unassigned {
+            tracing::error!(error = %e, incremental, "unassigning partitions failed");
+        }
     }
 }
 
 impl ConsumerContext for Ctx {
     /// The answer to a commit: the periodic one, or one the gate asked for.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        self.gate.answered();
-        match result {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                self.gate.all_recorded()
-            }
-            Err(e) => tracing::debug!(error = %e, "a commit was refused"),
-        }
+        self.gate.answer(&result);
     }
 
     fn rebalance(
@@ -308,24 +439,19 @@ impl ConsumerContext for Ctx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let resumed = self.resolve_start(consumer, tpl);
-                if let Err(e) = consumer.assign(tpl) {
-                    tracing::error!(error = %e, "assigning partitions failed");
-                }
+                self.assign(consumer, tpl);
                 self.store_resumed(consumer, &resumed);
                 tracing::debug!(partitions = tpl.count(), "partitions assigned");
                 self.rebalances.send_modify(|n| *n += 1);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.revoke(consumer, tpl);
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(error = %e, "unassigning partitions failed");
-                }
+                self.revoke(consumer, tpl, consumer.assignment_lost());
+                tracing::debug!(partitions = tpl.count(), "partitions revoked");
             }
             other => {
                 let code: RDKafkaErrorCode = other.into();
                 tracing::warn!(error = %code, "rebalance error");
-                self.revoke(consumer, tpl);
-                let _ = consumer.unassign();
+                self.revoke(consumer, tpl, true);
             }
         }
     }
@@ -341,21 +467,8 @@ pub(crate) struct KafkaConsumer {
     /// The acker of the newest rebalance epoch seen; it holds the consumer's epoch counter.
     acker: Arc<KafkaAcker>,
     topics: HashMap<String, Arc<str>>,
-}
-
-/// Settings that switch librdkafka to the incremental (cooperative) rebalance protocol, which the
-/// eager `assign`/`unassign` of this consumer would silently break.
-fn refuse_incremental(config: &rdkafka::ClientConfig) -> Result<(), Error> {
-    let strategy = config.get("partition.assignment.strategy").unwrap_or("");
-    let protocol = config.get("group.protocol").unwrap_or("classic");
-    if strategy.contains("cooperative") || protocol.eq_ignore_ascii_case("consumer") {
-        return Err(Error::Unsupported(format!(
-            "partition.assignment.strategy={strategy:?}, group.protocol={protocol:?}: the \
-             incremental (cooperative) rebalance protocol is not supported; use the eager \
-             strategies (range, roundrobin) and the classic group protocol"
-        )));
-    }
-    Ok(())
+    /// Since when `receive` has found the commit gate closed.
+    closed_since: Option<Instant>,
 }
 
 impl KafkaConsumer {
@@ -366,12 +479,14 @@ impl KafkaConsumer {
         let offsets: Arc<Mutex<Offsets>> = Arc::default();
         let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
         let epoch = Arc::new(AtomicU64::new(0));
+        let paused = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(CommitGate::new(config.commit_every, config.max_unrecorded));
         let (rebalances, mut rebalanced) = watch::channel(0u64);
         let ctx = Ctx {
             offsets: offsets.clone(),
             retries: retries.clone(),
             epoch: epoch.clone(),
+            paused: paused.clone(),
             rebalances,
             start: subscription.start,
             timeout: config.timeout,
@@ -379,7 +494,6 @@ impl KafkaConsumer {
             gate: gate.clone(),
         };
         let client_config = config.consumer_config(subscription);
-        refuse_incremental(&client_config)?;
         let consumer: BaseConsumer<Ctx> = client_config
             .create_with_context(ctx)
             .map_err(|e| Error::kafka("creating a consumer", e))?;
@@ -397,7 +511,7 @@ impl KafkaConsumer {
             let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
             std::thread::Builder::new()
                 .name(format!("cqrs-kafka-poll-{}", subscription.group))
-                .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch))
+                .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch, &paused))
                 .map_err(|e| Error::Io("starting the poll thread", e))?
         };
 
@@ -429,6 +543,7 @@ impl KafkaConsumer {
                 gate,
             }),
             topics: HashMap::new(),
+            closed_since: None,
         })
     }
 
@@ -441,11 +556,9 @@ impl KafkaConsumer {
         t
     }
 
-    /// The delivery of a fetched message; `None` for an offset this member already handed out
-    /// since it got the partition (some brokers answer a fetch with records before the fetch
-    /// offset).
     /// The acker of rebalance epoch `epoch`: deliveries keep the acker of the epoch they were
-    /// made in, which knows them as stale once a revocation raised the epoch.
+    /// made in, which knows them as stale once their partition is revoked (and maybe assigned
+    /// again, in a later epoch).
     fn acker(&mut self, epoch: u64) -> Arc<KafkaAcker> {
         if self.acker.of_epoch != epoch {
             self.acker = Arc::new(self.acker.for_epoch(epoch));
@@ -457,31 +570,32 @@ impl KafkaConsumer {
         self.acker.epoch.load(Ordering::SeqCst)
     }
 
+    /// The delivery of a polled record; `None` for a record of a partition revoked since it was
+    /// polled, or an offset this member already handed out since it got the partition (some
+    /// brokers answer a fetch with records before the fetch offset).
     fn delivery(&mut self, (m, epoch): (OwnedMessage, u64)) -> Option<Delivery> {
         let topic = self.topic(m.topic());
         let (partition, offset) = (m.partition(), m.offset());
-        if epoch != self.current_epoch() {
-            tracing::debug!(%topic, partition, offset, "dropping a record fetched before a rebalance");
-            return None;
-        }
-        // The record's own epoch: if a revocation comes between the check above and here, the
-        // delivery is stale from the start.
-        let acker = self.acker(epoch);
         {
+            // Under the lock the rebalance callback changes the assignment under: the record
+            // is this member's to hand out only if its partition was assigned before it was
+            // polled, and is still.
             let mut offsets = lock(&self.acker.offsets);
-            let state = offsets
-                .entry((topic.clone(), partition))
-                .or_insert_with(|| PartitionState {
-                    pending: BTreeSet::new(),
-                    next: offset,
-                });
-            if offset < state.next {
+            let Some(state) = offsets
+                .get_mut(&(topic.clone(), partition))
+                .filter(|s| s.owns(epoch))
+            else {
+                tracing::debug!(%topic, partition, offset, "dropping a record of a partition revoked since it was fetched");
+                return None;
+            };
+            if state.next.is_some_and(|next| offset < next) {
                 tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
                 return None;
             }
             state.pending.insert(offset);
-            state.next = offset + 1;
+            state.next = Some(offset + 1);
         }
+        let acker = self.acker(epoch);
         let (message, malformed) = decode(&m);
         // Every delivery carries its partition: unkeyed records of one partition keep their
         // order across the processor's workers.
@@ -561,6 +675,7 @@ fn poll_loop(
     tx: &mpsc::Sender<Polled>,
     stop: &AtomicBool,
     epoch: &AtomicU64,
+    paused_flag: &AtomicBool,
 ) {
     let tick = Duration::from_millis(100);
     let mut held: VecDeque<Polled> = VecDeque::new();
@@ -578,6 +693,8 @@ fn poll_loop(
         }
         let full = !held.is_empty() || tx.capacity() == 0;
         if full != paused {
+            // Set first: a partition assigned from here on is paused by the callback too.
+            paused_flag.store(full, Ordering::SeqCst);
             match consumer.assignment() {
                 Ok(assigned) => {
                     let switched = if full {
@@ -649,10 +766,31 @@ impl Consumer for KafkaConsumer {
                 }
             }
             if !out.is_empty() {
+                self.closed_since = None;
                 return Ok(out);
             }
             let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            if gate.closed() {
+            if !gate.closed() {
+                self.closed_since = None;
+            } else {
+                // Closed, and the commits that would open it refused for a while: the group
+                // does not take this member's commits (a coordinator that refuses them for
+                // good). Said as an error, so that the group shows it (reconnecting, with the
+                // refusal) while the commits are asked for again.
+                let since = *self.closed_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REPORT_REFUSALS_AFTER {
+                    self.closed_since = None;
+                    // librdkafka may hold the answer to a refused commit back: no answer in
+                    // that time is as good as a refusal.
+                    let reason = gate
+                        .refusal()
+                        .unwrap_or_else(|| "no commit succeeded in time".to_owned());
+                    return Err(Error::CommitsRefused {
+                        unrecorded: gate.unrecorded(),
+                        reason,
+                    }
+                    .into());
+                }
                 // Registered before the check: a commit answered in between still wakes it.
                 let recorded = gate.changed.notified();
                 if gate.closed() {
@@ -749,10 +887,18 @@ impl KafkaAcker {
         });
     }
 
-    /// A rebalance happened since the deliveries of this acker were made: their partitions were
-    /// revoked (and maybe assigned again, from the committed offset).
-    fn stale(&self) -> bool {
-        self.epoch.load(Ordering::SeqCst) != self.of_epoch
+    /// The state of `partition` of `topic` if the deliveries of this acker still belong to its
+    /// assignment: not revoked since they were made (and maybe assigned again, from the
+    /// committed offset).
+    fn owned<'a>(
+        &self,
+        offsets: &'a mut Offsets,
+        topic: &Arc<str>,
+        partition: i32,
+    ) -> Option<&'a mut PartitionState> {
+        offsets
+            .get_mut(&(topic.clone(), partition))
+            .filter(|s| s.owns(self.of_epoch))
     }
 }
 
@@ -771,81 +917,119 @@ fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
 #[async_trait]
 impl Acknowledge for KafkaAcker {
     async fn ack(&self, deliveries: &[Delivery]) -> cqrs_core::Result<()> {
-        if self.stale() {
-            // The partitions' next owner (maybe this member again) reads them from the
-            // committed offset.
-            return Ok(());
-        }
+        let Some(consumer) = lock(&self.consumer).clone() else {
+            return Err(cqrs_core::Error::Closed);
+        };
         let mut tpl = TopicPartitionList::new();
+        let mut acked = 0;
         {
             let mut offsets = lock(&self.offsets);
             let mut touched: Vec<(Arc<str>, i32)> = Vec::new();
             for d in deliveries {
                 let (partition, offset) = parse_id(d)?;
-                let key = (d.topic_arc().clone(), partition);
-                // A partition revoked meanwhile has a new owner, who consumes it again.
-                if let Some(state) = offsets.get_mut(&key) {
+                // A partition revoked since: its next owner (maybe this member again) reads it
+                // from the committed offset.
+                if let Some(state) = self.owned(&mut offsets, d.topic_arc(), partition) {
                     state.pending.remove(&offset);
+                    acked += 1;
+                    let key = (d.topic_arc().clone(), partition);
                     if !touched.contains(&key) {
                         touched.push(key);
                     }
                 }
             }
             for key in touched {
-                if let Some(state) = offsets.get(&key) {
-                    tpl.add_partition_offset(&key.0, key.1, Offset::Offset(state.position()))
+                if let Some(position) = offsets.get(&key).and_then(PartitionState::position) {
+                    tpl.add_partition_offset(&key.0, key.1, Offset::Offset(position))
                         .map_err(|e| Error::kafka("building the offsets to store", e))?;
                 }
             }
+            if tpl.count() == 0 {
+                return Ok(());
+            }
+            // Stored under the lock: a revocation (which takes it first) cannot come between
+            // the check above and the store, so nothing is stored for a partition given away.
+            match consumer.store_offsets(&tpl) {
+                Ok(()) => {}
+                Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => return Ok(()),
+                Err(e) => return Err(Error::kafka("storing offsets", e).into()),
+            }
         }
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        let Some(consumer) = lock(&self.consumer).clone() else {
-            return Err(cqrs_core::Error::Closed);
-        };
-        match consumer.store_offsets(&tpl) {
-            Ok(()) => {}
-            // Revoked between the check and the store: the next owner consumes it again.
-            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => return Ok(()),
-            Err(e) => return Err(Error::kafka("storing offsets", e).into()),
-        }
-        self.gate.acked(deliveries.len(), &consumer);
+        self.gate.acked(acked, &consumer);
         Ok(())
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
-        if self.stale() {
-            return Ok(());
-        }
         let (partition, offset) = parse_id(delivery)?;
-        // The offset stays pending, so nothing at or after it is committed until it is handled.
-        self.retry_at(
-            delivery,
-            partition,
-            offset,
-            Instant::now() + redeliver_after,
-        );
+        let owned = {
+            let mut offsets = lock(&self.offsets);
+            self.owned(&mut offsets, delivery.topic_arc(), partition)
+                .is_some()
+        };
+        if owned {
+            // The offset stays pending, so nothing at or after it is committed until it is
+            // handled.
+            self.retry_at(
+                delivery,
+                partition,
+                offset,
+                Instant::now() + redeliver_after,
+            );
+        }
         Ok(())
     }
 
-    fn is_stale(&self, _delivery: &Delivery) -> bool {
-        self.stale()
+    fn is_stale(&self, delivery: &Delivery) -> bool {
+        let Ok((partition, _)) = parse_id(delivery) else {
+            return false;
+        };
+        let mut offsets = lock(&self.offsets);
+        self.owned(&mut offsets, delivery.topic_arc(), partition)
+            .is_none()
     }
 
     fn release(&self, delivery: &Delivery) {
-        if self.stale() {
-            return;
-        }
         let Ok((partition, offset)) = parse_id(delivery) else {
             return;
         };
         // Only while this member still owns the partition; otherwise its new owner reads it.
-        let owned = lock(&self.offsets)
-            .get(&(delivery.topic_arc().clone(), partition))
-            .is_some_and(|s| s.pending.contains(&offset));
+        let owned = {
+            let mut offsets = lock(&self.offsets);
+            self.owned(&mut offsets, delivery.topic_arc(), partition)
+                .is_some_and(|s| s.pending.contains(&offset))
+        };
         if owned {
             self.retry_at(delivery, partition, offset, Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_asked_after_now_was_read_is_waited_for_not_an_underflow() {
+        let again = ASK_AGAIN_AFTER.as_millis() as u64;
+        assert!(should_ask(5_000, 0), "answered: ask");
+        assert!(!should_ask(5_000, 4_500), "asked 0.5 s ago: wait");
+        assert!(
+            should_ask(5_000 + again, 5_000),
+            "asked long ago: ask again"
+        );
+        // Another thread asked after this one read its clock: wait (no panic).
+        assert!(!should_ask(5_000, 5_003));
+    }
+
+    #[test]
+    fn a_partition_with_a_known_start_has_a_position_before_any_record() {
+        let mut state = PartitionState::new(3);
+        assert_eq!(state.position(), None);
+        state.next = Some(10);
+        assert_eq!(state.position(), Some(10));
+        state.pending.insert(10);
+        state.next = Some(11);
+        assert_eq!(state.position(), Some(10));
+        assert!(state.owns(3) && state.owns(4) && !state.owns(2));
     }
 }

@@ -57,6 +57,25 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// The group's coordinator refuses this member's commits: it hands out no more work until
+    /// one succeeds ([`crate::KafkaConfig::max_unrecorded`]). Retryable: commits are asked for
+    /// again.
+    #[error(
+        "the group refuses this member's offset commits ({reason}); {unrecorded} handled \
+         messages are not recorded, and no new work is taken until a commit succeeds"
+    )]
+    CommitsRefused {
+        /// Handled messages not covered by a successful commit.
+        unrecorded: u64,
+        /// The broker's answer to the last commit.
+        reason: String,
+    },
+    /// A setting the backend's guarantees rest on was given through [`crate::KafkaConfig::set`].
+    #[error(
+        "the setting `{0}` cannot be changed: the backend sets it (consumer groups are named by \
+         the processor; offsets are stored and committed only for handled messages)"
+    )]
+    Reserved(String),
     /// A Kafka operation failed.
     #[error("kafka {context} failed")]
     Kafka {
@@ -83,7 +102,9 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Io(..)
             | Error::DeadLetterWithoutTopic { .. }
-            | Error::Bookkeeping { .. } => false,
+            | Error::Bookkeeping { .. }
+            | Error::Reserved(_) => false,
+            Error::CommitsRefused { .. } => true,
             Error::Redrive { source, .. } => source.is_retryable(),
             Error::Unreachable { .. } => true,
             Error::Kafka { source, .. } => is_transient(source),
@@ -125,6 +146,7 @@ impl From<Error> for cqrs_core::Error {
             e @ (Error::MissingTopic(_)
             | Error::Unsupported(_)
             | Error::DeadLetterWithoutTopic { .. }
+            | Error::Reserved(_)
             | Error::Bookkeeping { .. }) => cqrs_core::Error::Config(e.to_string()),
             e => {
                 let retryable = e.is_retryable();

@@ -71,7 +71,29 @@ pub struct KafkaConfig {
     commit_every: usize,
     max_unrecorded: usize,
     timeout: Duration,
+    protocol: GroupProtocol,
+    instance_id: Option<String>,
 }
+
+/// How a consumer group shares out partitions when members join or leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GroupProtocol {
+    /// The classic protocol with an eager assignor (`range,roundrobin`): every rebalance takes
+    /// every partition from every member and hands them out again.
+    Eager,
+    /// The classic protocol with the `cooperative-sticky` assignor (KIP-429): a rebalance moves
+    /// only the partitions that change owner; the others are never stopped.
+    #[default]
+    Cooperative,
+    /// KIP-848's consumer protocol (`group.protocol=consumer`, Kafka 4.0+): the broker assigns
+    /// partitions incrementally and members heartbeat to it; session and heartbeat times are
+    /// the broker's `group.consumer.*` settings.
+    Consumer,
+}
+
+/// Settings the backend's guarantees rest on: [`KafkaConfig::set`] may not change them.
+const RESERVED: [&str; 3] = ["group.id", "enable.auto.commit", "enable.auto.offset.store"];
 
 impl KafkaConfig {
     /// Settings for the cluster at `brokers` (`host:port[,host:port...]`).
@@ -87,13 +109,35 @@ impl KafkaConfig {
             commit_every: 1000,
             max_unrecorded: 4000,
             timeout: Duration::from_secs(10),
+            protocol: GroupProtocol::default(),
+            instance_id: None,
         }
     }
 
     /// Passes a librdkafka setting to producers and consumers (`security.protocol`, `sasl.*`,
-    /// `ssl.*`, `enable.idempotence`, `linger.ms`, ...). Later settings win.
+    /// `enable.idempotence`, `linger.ms`, ...). Later settings win. `group.id`,
+    /// `enable.auto.commit` and `enable.auto.offset.store` are the backend's own (a processor
+    /// names its groups, and offsets are stored only for handled messages): `connect` refuses
+    /// them with [`Error::Reserved`].
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// The consumer group protocol (default [`GroupProtocol::Cooperative`]; see
+    /// `docs/reliability.md` for what each costs when a member dies). Settings given through
+    /// [`KafkaConfig::set`] (`group.protocol`, `partition.assignment.strategy`) win.
+    pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Static membership (KIP-345): each consumer joins as `group.instance.id = {id}.{group}`.
+    /// A member that restarts under the same id within the session timeout gets its partitions
+    /// back without a rebalance. `id` must be unique per process (a pod name, a host name) and
+    /// stable across its restarts.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
         self
     }
 
@@ -198,6 +242,20 @@ impl KafkaConfig {
             cqrs_core::StartFrom::Latest => "latest",
             _ => "earliest",
         };
+        match self.protocol {
+            GroupProtocol::Eager => {
+                c.set("partition.assignment.strategy", "range,roundrobin");
+            }
+            GroupProtocol::Cooperative => {
+                c.set("partition.assignment.strategy", "cooperative-sticky");
+            }
+            GroupProtocol::Consumer => {
+                c.set("group.protocol", "consumer");
+            }
+        }
+        if let Some(id) = &self.instance_id {
+            c.set("group.instance.id", format!("{id}.{}", subscription.group));
+        }
         c.set("group.id", &subscription.group)
             .set("client.id", &subscription.consumer)
             .set("enable.auto.commit", "true")
@@ -213,7 +271,27 @@ impl KafkaConfig {
         for key in ["enable.idempotence", "linger.ms", "message.timeout.ms"] {
             c.remove(key);
         }
+        // The consumer protocol takes no client-side assignor or session settings.
+        if c.get("group.protocol")
+            .is_some_and(|p| p.eq_ignore_ascii_case("consumer"))
+        {
+            for key in [
+                "partition.assignment.strategy",
+                "session.timeout.ms",
+                "heartbeat.interval.ms",
+            ] {
+                c.remove(key);
+            }
+        }
         c
+    }
+
+    /// Refuses settings the backend's guarantees rest on.
+    fn check(&self) -> Result<()> {
+        match RESERVED.iter().find(|k| self.settings.contains_key(**k)) {
+            Some(key) => Err(Error::Reserved((*key).to_owned())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -245,6 +323,8 @@ impl fmt::Debug for KafkaConfig {
             .field("create_topics", &self.create_topics)
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
+            .field("protocol", &self.protocol)
+            .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
     }
 }
@@ -274,6 +354,7 @@ impl fmt::Debug for KafkaBackend {
 impl KafkaBackend {
     /// Creates the clients and checks that the brokers answer.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.check()?;
         let producer: FutureProducer = config
             .producer_config()
             .create()
@@ -552,7 +633,10 @@ impl Subscriber for KafkaBackend {
                 subscription.group
             )));
         }
-        self.ensure_topics(&subscription.topics).await?;
+        // The dead-letter topic too: a message out of attempts must have somewhere to go.
+        let mut topics = subscription.topics.clone();
+        topics.extend(subscription.dead_letter.iter().cloned());
+        self.ensure_topics(&topics).await?;
         let consumer = consumer::KafkaConsumer::start(&self.inner.config, subscription).await?;
         Ok(Box::new(consumer))
     }
