@@ -1279,8 +1279,7 @@ async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded
     let err = tokio::time::timeout(Duration::from_secs(10), member.receive(10))
         .await
         .expect("the refusals are reported")
-        .err()
-        .expect("an error, not deliveries");
+        .expect_err("an error, not deliveries");
     assert!(err.is_retryable(), "{err}");
     assert!(
         err.report()
