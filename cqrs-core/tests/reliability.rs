@@ -485,3 +485,71 @@ async fn a_group_that_keeps_failing_stops_the_processor_once_its_restarts_run_ou
         .unwrap_err();
     assert!(err.to_string().contains("reading for svc.h"), "{err}");
 }
+
+/// The in-memory broker, refusing the first `refusals` publishes to dead-letter topics.
+#[derive(Clone)]
+struct RefusesDeadLetters {
+    inner: MemoryBroker,
+    refusals: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Publisher for RefusesDeadLetters {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+        if topic.ends_with(".dead-letter")
+            && self
+                .refusals
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(Error::retryable(
+                "publishing a dead letter",
+                BoxError::from("refused (injected)"),
+            ));
+        }
+        self.inner.publish(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for RefusesDeadLetters {
+    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        self.inner.subscribe(s).await
+    }
+}
+
+/// A dead letter that cannot be published is published again; the handler, done with the
+/// message, does not run again (it used to be nacked and handled from scratch, for ever while
+/// the dead-letter topic could not be written).
+#[tokio::test]
+async fn a_dead_letter_publish_that_fails_is_retried_not_the_handler() {
+    let backend = RefusesDeadLetters {
+        inner: MemoryBroker::new(),
+        refusals: Arc::new(AtomicUsize::new(3)),
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut p = EventProcessor::new(backend.clone(), "svc");
+    let c = calls.clone();
+    p.handle("h", move |_: Keyed| {
+        c.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err::<(), _>("always fails".to_owned()))
+    })
+    .unwrap()
+    .retry(RetryPolicy::attempts(2).backoff(Duration::from_millis(5), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(backend.clone())
+        .publish_all(&keyed(1, 1))
+        .await
+        .unwrap();
+    eventually("the dead letter", || {
+        backend.inner.messages("svc.h.dead-letter").len() == 1
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(backend.refusals.load(Ordering::SeqCst), 0, "three refused");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the handler ran its two attempts only"
+    );
+}

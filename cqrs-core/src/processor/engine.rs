@@ -971,15 +971,13 @@ async fn after_failure(
             DeadReason::AttemptsExhausted
         };
         return Failed::Settled(Some(
-            match dead_letter(spec, handler, d.topic(), d.message(), attempt, &reason).await {
+            match dead_letter_delivery(spec, handler, &d, attempt, &reason).await {
                 Ok(()) => {
                     telemetry::dead_lettered(&labels, why);
                     Settle::Ack(d)
                 }
-                Err(e) => {
-                    tracing::error!(error = %e.report(), "dead-letter publish failed; the message stays pending");
-                    Settle::Nack(d, spec.options.retry.delay(attempt))
-                }
+                // No longer this consumer's: its next owner has it.
+                Err(_) => Settle::Nack(d, Duration::ZERO),
             },
         ));
     }
@@ -1001,10 +999,13 @@ async fn reject(
     tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
     let labels = consuming(spec, "", &ctx.topic);
     telemetry::consumed(&labels, 1);
-    if let Err(e) = dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await {
+    let published = match &delivery {
+        Some(d) => dead_letter_delivery(spec, "", d, ctx.attempt, reason).await,
+        None => dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await,
+    };
+    if let Err(e) = published {
         tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish failed; the message stays pending");
-        let delay = spec.options.retry.delay(ctx.attempt);
-        return delivery.map(|d| Settle::Nack(d, delay));
+        return delivery.map(|d| Settle::Nack(d, Duration::ZERO));
     }
     telemetry::dead_lettered(&labels, why);
     delivery.map(Settle::Ack)
@@ -1028,6 +1029,37 @@ fn consuming<'a>(spec: &'a GroupSpec, handler: &'a str, topic: &'a str) -> Consu
         group: &spec.group,
         handler,
         topic,
+    }
+}
+
+/// Publishes the dead letter of `d`. A publish that fails is tried again (backoff doubling from
+/// 100 ms to 5 s), not the handler, which is done with the message: until it succeeds or `d`
+/// is no longer this consumer's (a rebalance gave it to another member; the error is then
+/// returned). Later messages of its key wait meanwhile, so order per key holds.
+async fn dead_letter_delivery(
+    spec: &GroupSpec,
+    handler: &str,
+    d: &Delivery,
+    attempts: u32,
+    reason: &str,
+) -> Result<()> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let e = match dead_letter(spec, handler, d.topic(), d.message(), attempts, reason).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if d.is_stale() {
+            return Err(e);
+        }
+        tracing::error!(
+            group = %spec.group,
+            message_id = %d.message().id,
+            error = %e.report(),
+            "dead-letter publish failed; publishing it again in {backoff:?}"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
