@@ -1291,3 +1291,34 @@ async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded
         err.report()
     );
 }
+
+/// A broker that cannot create a topic (librdkafka's mock cluster has no CreateTopics; a real
+/// one may refuse it): publishing fails within the configured timeout, naming the topic, instead
+/// of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_publishing_to_a_topic_that_cannot_be_created_fails_in_time() {
+    let existing = unique("orders");
+    let mock = support::MockKafka::start(&[(existing.as_str(), 1)]).await;
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(mock.brokers())
+            .timeout(Duration::from_secs(2))
+            .publish_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let topic = unique("missing");
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(15),
+        backend.publish(&topic, &cqrs::conformance::messages(10, |_| None)),
+    )
+    .await
+    .expect("an answer in time")
+    .unwrap_err();
+    assert!(err.report().contains(&topic), "{}", err.report());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -71,6 +71,7 @@ pub struct KafkaConfig {
     commit_every: usize,
     max_unrecorded: usize,
     timeout: Duration,
+    publish_timeout: Duration,
     protocol: GroupProtocol,
     instance_id: Option<String>,
 }
@@ -109,6 +110,7 @@ impl KafkaConfig {
             commit_every: 1000,
             max_unrecorded: 4000,
             timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
             protocol: GroupProtocol::default(),
             instance_id: None,
         }
@@ -194,9 +196,18 @@ impl KafkaConfig {
         self
     }
 
-    /// Timeout of admin and metadata calls (default 10 s).
+    /// Timeout of admin and metadata calls (default 10 s): creating a topic that gets no
+    /// answer in that time fails, naming the topic.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long a published message may wait for the broker's acknowledgement, retries
+    /// included (`message.timeout.ms`, default 30 s): past it, `publish` fails naming the topic
+    /// (a topic that does not exist and cannot be created, a partition without a leader).
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
         self
     }
 
@@ -221,7 +232,10 @@ impl KafkaConfig {
         let mut c = self.client();
         c.set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
+            .set(
+                "message.timeout.ms",
+                self.publish_timeout.as_millis().max(1).to_string(),
+            );
         self.apply(&mut c);
         c
     }
@@ -441,13 +455,25 @@ impl KafkaBackend {
                     )
                 })
                 .collect();
-            let opts = AdminOptions::new().operation_timeout(Some(config.timeout));
-            let results = self
-                .inner
-                .admin
-                .create_topics(&new, &opts)
-                .await
-                .map_err(|e| Error::kafka("creating topics", e))?;
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(config.timeout))
+                .request_timeout(Some(config.timeout));
+            // A broker without CreateTopics may leave the request unanswered.
+            let results = tokio::time::timeout(
+                config.timeout + Duration::from_secs(1),
+                self.inner.admin.create_topics(&new, &opts),
+            )
+            .await
+            .map_err(|_| {
+                Error::kafka(
+                    format!(
+                        "creating topics {to_create:?} (no answer in {:?})",
+                        config.timeout
+                    ),
+                    rdkafka::error::KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut),
+                )
+            })?
+            .map_err(|e| Error::kafka(format!("creating topics {to_create:?}"), e))?;
             for r in results {
                 match r {
                     Ok(_) => {}
