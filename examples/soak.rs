@@ -15,8 +15,9 @@
 //! orchestrator SIGKILLs one consumer every `--kill-every` seconds and starts it again; on Redis it
 //! also kills every client connection every `--conn-kill-every` seconds. The broker is restarted
 //! once, halfway through publishing (Redis: `SHUTDOWN`; Kafka: SIGKILL), unless
-//! `--broker-restart no`. On Kafka `--protocol classic|cooperative|consumer` picks the group
-//! protocol (the classic one with the eager or the cooperative-sticky assignor, or KIP-848's). When the publisher is done it waits until the group has
+//! `--broker-restart no`. On Kafka `--protocol eager|cooperative|consumer` picks the group
+//! protocol (the classic one with an eager or the cooperative-sticky assignor (the default), or
+//! KIP-848's). When the publisher is done it waits until the group has
 //! nothing left, reads the dead-letter topic with the raw client and prints one line:
 //!
 //! `soak: backend=redis events=N lost=0 duplicates=D (P%) dead_lettered=X poison_missing=0 ...`
@@ -32,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
+use cqrs::kafka::{rdkafka, GroupProtocol, KafkaBackend, KafkaConfig};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{
     permanent, Backend, BoxError, CancellationToken, Event, EventBus, EventProcessor, RetryPolicy,
@@ -146,7 +147,7 @@ macro_rules! with_backend {
             }
             "kafka" => {
                 let commit = Duration::from_millis($args.get("commit-interval-ms", 1000)?);
-                let protocol: String = $args.get("protocol", "classic".to_owned())?;
+                let protocol: String = $args.get("protocol", "cooperative".to_owned())?;
                 let config = kafka_config(&url, commit, &protocol)?
                     .commit_every($args.get("commit-every", 1000)?)
                     .max_unrecorded($args.get("max-unrecorded", 4000)?);
@@ -169,18 +170,17 @@ fn kafka_config(
     let config = KafkaConfig::new(brokers)
         .partitions(KAFKA_PARTITIONS)
         .commit_interval(commit_interval);
+    let classic = |config: KafkaConfig, protocol| {
+        config
+            .group_protocol(protocol)
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+    };
     Ok(match protocol {
-        "classic" => config
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500"),
-        "cooperative" => config
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500"),
-        "consumer" => config.set("group.protocol", "consumer"),
-        other => {
-            return Err(format!("--protocol {other}: classic, cooperative or consumer").into())
-        }
+        "eager" => classic(config, GroupProtocol::Eager),
+        "cooperative" => classic(config, GroupProtocol::Cooperative),
+        "consumer" => config.group_protocol(GroupProtocol::Consumer),
+        other => return Err(format!("--protocol {other}: eager, cooperative or consumer").into()),
     })
 }
 
@@ -305,6 +305,8 @@ struct Plan {
     max_unrecorded: usize,
     protocol: String,
     broker_restart: bool,
+    /// Kafka: brokers in the cluster (1, or 3 with replication factor 3).
+    cluster: usize,
     max_duplicates_pct: f64,
     drain_timeout: Duration,
     dir: PathBuf,
@@ -332,8 +334,9 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         commit_interval_ms: args.get("commit-interval-ms", 1_000)?,
         commit_every: args.get("commit-every", 1_000)?,
         max_unrecorded: args.get("max-unrecorded", 4_000)?,
-        protocol: args.get("protocol", "classic".to_owned())?,
+        protocol: args.get("protocol", "cooperative".to_owned())?,
         broker_restart: args.get::<String>("broker-restart", "yes".to_owned())? != "no",
+        cluster: args.get("cluster", 1)?,
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
         drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
         dir,
@@ -348,7 +351,7 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
     );
     let mut broker = match plan.backend.as_str() {
         "redis" => Broker::start_redis(&plan.dir).await?,
-        "kafka" => Broker::start_kafka(&plan.protocol).await?,
+        "kafka" => Broker::start_kafka(&plan.protocol, plan.cluster).await?,
         other => return Err(format!("unknown backend `{other}`").into()),
     };
     let result = soak(&plan, &mut broker).await;
@@ -422,7 +425,7 @@ enum Broker {
         child: Box<Child>,
     },
     Kafka {
-        server: Arc<support::KafkaServer>,
+        cluster: Arc<support::KafkaCluster>,
     },
 }
 
@@ -445,30 +448,53 @@ impl Broker {
         Ok(broker)
     }
 
-    /// An Apache Kafka of its own (`scripts/kafka`), with the soak's topics made.
-    async fn start_kafka(protocol: &str) -> Result<Broker, BoxError> {
-        let server = tokio::task::spawn_blocking(|| support::KafkaServer::start(&[])).await??;
+    /// An Apache Kafka of its own (`scripts/kafka`): one node, or a cluster of `nodes` with
+    /// replication factor 3 and `min.insync.replicas=2` (the producer is idempotent, so
+    /// `acks=all`); the soak's topics made.
+    async fn start_kafka(protocol: &str, nodes: usize) -> Result<Broker, BoxError> {
+        let cluster = tokio::task::spawn_blocking(move || {
+            if nodes > 1 {
+                support::KafkaCluster::start(
+                    nodes,
+                    &[
+                        "default.replication.factor=3",
+                        "min.insync.replicas=2",
+                        "transaction.state.log.min.isr=2",
+                    ],
+                )
+            } else {
+                support::KafkaServer::start(&[])
+                    .map(|node| support::KafkaCluster { nodes: vec![node] })
+            }
+        })
+        .await??;
         eprintln!(
-            "soak: Apache Kafka on {} (its log: {}/server.log)",
-            server.brokers(),
-            server.dir().display()
+            "soak: Apache Kafka on {} (logs: {})",
+            cluster.brokers(),
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("{}/server.log", n.dir().display()))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
-        let backend = KafkaBackend::connect(kafka_config(
-            server.brokers(),
-            Duration::from_secs(1),
-            protocol,
-        )?)
-        .await?;
-        backend.ensure_topics(&[TOPIC, DEAD_LETTER]).await?;
+        let mut config = kafka_config(&cluster.brokers(), Duration::from_secs(1), protocol)?;
+        if nodes > 1 {
+            config = config.replication(3);
+        }
+        KafkaBackend::connect(config)
+            .await?
+            .ensure_topics(&[TOPIC, DEAD_LETTER])
+            .await?;
         Ok(Broker::Kafka {
-            server: Arc::new(server),
+            cluster: Arc::new(cluster),
         })
     }
 
     fn url(&self) -> String {
         match self {
             Broker::Redis { port, .. } => format!("redis://127.0.0.1:{port}/0"),
-            Broker::Kafka { server } => server.brokers().to_owned(),
+            Broker::Kafka { cluster } => cluster.brokers(),
         }
     }
 
@@ -488,16 +514,26 @@ impl Broker {
         wait_for_redis(&url).await
     }
 
-    /// SIGKILL (its log is on disk, written before each acknowledgement with `acks=all`) and
-    /// start again from the same directory and ports.
-    async fn restart_kafka(&mut self) -> Result<(), BoxError> {
-        let Broker::Kafka { server } = self else {
+    /// SIGKILLs a broker (the leader of partition 0 of the soak's topic, in a cluster) and
+    /// starts it again from the same directory and ports. In a cluster the others take over
+    /// meanwhile; the node stays down for `down` first. Its log is on disk.
+    async fn restart_kafka(&mut self, down: Duration) -> Result<(), BoxError> {
+        let Broker::Kafka { cluster } = self else {
             return Ok(());
         };
-        let server = server.clone();
+        let victim = if cluster.nodes.len() > 1 {
+            let leader = partition_leader(&cluster.brokers(), TOPIC, 0)?;
+            usize::try_from(leader - 1).map_err(|_| format!("no leader: {leader}"))?
+        } else {
+            0
+        };
+        eprintln!("soak: SIGKILL of Kafka node {}", victim + 1);
+        let cluster = cluster.clone();
         tokio::task::spawn_blocking(move || {
-            server.kill()?;
-            server.restart()
+            let node = &cluster.nodes[victim];
+            node.kill()?;
+            std::thread::sleep(down);
+            node.restart()
         })
         .await??;
         Ok(())
@@ -506,7 +542,14 @@ impl Broker {
     async fn restart(&mut self) -> Result<(), BoxError> {
         match self {
             Broker::Redis { .. } => self.restart_redis().await,
-            Broker::Kafka { .. } => self.restart_kafka().await,
+            Broker::Kafka { cluster } => {
+                let down = if cluster.nodes.len() > 1 {
+                    Duration::from_secs(10)
+                } else {
+                    Duration::ZERO
+                };
+                self.restart_kafka(down).await
+            }
         }
     }
 
@@ -515,9 +558,14 @@ impl Broker {
             Broker::Redis { child, .. } => {
                 let _ = child.kill().await;
             }
-            Broker::Kafka { server } => {
-                let server = server.clone();
-                let _ = tokio::task::spawn_blocking(move || server.kill()).await;
+            Broker::Kafka { cluster } => {
+                let cluster = cluster.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for node in &cluster.nodes {
+                        let _ = node.kill();
+                    }
+                })
+                .await;
             }
         }
     }
@@ -917,6 +965,20 @@ fn kafka_client(brokers: &str, group: &str) -> Result<rdkafka::consumer::BaseCon
 }
 
 /// Records the group has not committed, over every partition of the topic.
+/// The node id of the leader of `partition` of `topic`.
+fn partition_leader(brokers: &str, topic: &str, partition: i32) -> Result<i32, BoxError> {
+    use rdkafka::consumer::Consumer;
+    let client = kafka_client(brokers, "soak-metadata")?;
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .find(|p| p.id() == partition)
+        .map(|p| p.leader())
+        .ok_or_else(|| format!("no partition {partition} of {topic}").into())
+}
+
 fn kafka_left(brokers: &str) -> Result<u64, BoxError> {
     use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};

@@ -1322,3 +1322,84 @@ async fn mock_cluster_publishing_to_a_topic_that_cannot_be_created_fails_in_time
         started.elapsed()
     );
 }
+
+/// Static membership: a member that stops and comes back under the same instance id within the
+/// session timeout gets its partitions back without a rebalance; meanwhile they wait for it, and
+/// the other member never takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_that_restarts_gets_its_partitions_back_without_a_rebalance() {
+    let topic = unique("orders");
+    let group = unique("g");
+    let member = |id: &'static str| {
+        let (topic, group) = (topic.clone(), group.clone());
+        async move {
+            let backend = KafkaBackend::connect(
+                config(&brokers())
+                    .instance_id(id)
+                    .set("session.timeout.ms", "20000"),
+            )
+            .await
+            .unwrap();
+            backend
+                .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+                .await
+                .unwrap()
+        }
+    };
+    let publisher = backend().await;
+    let keyed =
+        |from: usize| cqrs::conformance::messages(40, move |i| Some(format!("k{}", from + i)));
+    let mut a = member("a").await;
+    let mut b = member("b").await;
+    publisher.publish(&topic, &keyed(0)).await.unwrap();
+    // Between them, all 40; each from its own partitions.
+    let mut parts_of = BTreeMap::<&str, BTreeSet<i32>>::new();
+    let mut got = 0;
+    while got < 40 {
+        for (name, m) in [("a", &mut a), ("b", &mut b)] {
+            if let Ok(Ok(ds)) =
+                tokio::time::timeout(Duration::from_millis(200), m.receive(100)).await
+            {
+                got += ds.len();
+                parts_of
+                    .entry(name)
+                    .or_default()
+                    .extend(ds.iter().map(|d| partition_offset(d).0));
+                Delivery::ack_all(ds).await.map_err(|(e, _)| e).unwrap();
+            }
+        }
+    }
+    let (of_a, of_b) = (parts_of["a"].clone(), parts_of["b"].clone());
+    assert!(
+        of_a.is_disjoint(&of_b) && of_a.len() + of_b.len() == 4,
+        "{parts_of:?}"
+    );
+    // `a` stops; its partitions wait for it while `b` goes on with its own.
+    a.close().await.unwrap();
+    publisher.publish(&topic, &keyed(40)).await.unwrap();
+    let mut b_saw = BTreeSet::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        if let Ok(Ok(ds)) = tokio::time::timeout(Duration::from_millis(200), b.receive(100)).await {
+            b_saw.extend(ds.iter().map(|d| partition_offset(d).0));
+            Delivery::ack_all(ds).await.map_err(|(e, _)| e).unwrap();
+        }
+    }
+    assert!(
+        b_saw.is_subset(&of_b),
+        "b took a's partitions: {b_saw:?} (b's: {of_b:?})"
+    );
+    // Back under the same id: the same partitions, from where it left.
+    let mut a = member("a").await;
+    let mut a_saw = BTreeSet::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < until && a_saw.len() < of_a.len() {
+        if let Ok(Ok(ds)) = tokio::time::timeout(Duration::from_millis(200), a.receive(100)).await {
+            a_saw.extend(ds.iter().map(|d| partition_offset(d).0));
+            Delivery::ack_all(ds).await.map_err(|(e, _)| e).unwrap();
+        }
+    }
+    assert_eq!(a_saw, of_a, "a got its own partitions back");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

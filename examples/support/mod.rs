@@ -11,7 +11,7 @@ use cqrs::BoxError;
 #[path = "../../tests/support/kafka_server.rs"]
 mod kafka_server;
 #[cfg(feature = "kafka")]
-pub use kafka_server::KafkaServer;
+pub use kafka_server::{KafkaCluster, KafkaServer};
 
 /// This process's resident set size in KiB (`VmRSS` of `/proc/self/status`; 0 where there is
 /// none).

@@ -18,7 +18,7 @@ pub use mock_kafka::{serve_mock_kafka, MockKafka};
 mod kafka_server;
 #[cfg(feature = "kafka")]
 #[allow(unused_imports)]
-pub use kafka_server::KafkaServer;
+pub use kafka_server::{KafkaCluster, KafkaServer};
 
 /// A topic namer that sends every event to `topic`.
 pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
