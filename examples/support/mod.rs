@@ -11,6 +11,7 @@ use cqrs::BoxError;
 #[path = "../../tests/support/kafka_server.rs"]
 mod kafka_server;
 #[cfg(feature = "kafka")]
+#[allow(unused_imports)]
 pub use kafka_server::{KafkaCluster, KafkaServer};
 
 /// This process's resident set size in KiB (`VmRSS` of `/proc/self/status`; 0 where there is
