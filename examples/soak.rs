@@ -62,6 +62,9 @@ struct Tick {
     seq: u64,
     #[event(key)]
     key: String,
+    /// When it was published, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    at_ms: u64,
 }
 
 fn is_poison(seq: u64) -> bool {
@@ -206,6 +209,7 @@ async fn publish_on(backend: impl Backend, events: u64, rate: u64) -> Result<(),
         let batch: Vec<Tick> = (start..end)
             .map(|seq| Tick {
                 seq,
+                at_ms: now_millis(),
                 key: format!("k{}", seq % 1000),
             })
             .collect();
@@ -256,7 +260,8 @@ async fn consume_on(
                 Err(BoxError::from("transient failure (injected)"))
             } else {
                 let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", t.seq).map_err(BoxError::from)
+                let waited = now_millis().saturating_sub(t.at_ms);
+                writeln!(f, "{} {waited}", t.seq).map_err(BoxError::from)
             };
             std::future::ready(result)
         })?
@@ -384,6 +389,8 @@ struct Report {
     connection_kills: u64,
     broker_restarts: u64,
     seconds: f64,
+    /// Publish to handled, first handling of each event: p50, p99, max (ms).
+    delay_ms: [u64; 3],
 }
 
 impl Report {
@@ -395,7 +402,7 @@ impl Report {
         format!(
             "soak: backend={} events={} lost={} duplicates={} ({:.3}%) dead_lettered={} \
              poison_missing={} consumer_kills={} consumer_exits={} connection_kills={} \
-             broker_restarts={} seconds={:.0}{}",
+             broker_restarts={} seconds={:.0} delay_ms_p50={} delay_ms_p99={} delay_ms_max={}{}",
             plan.backend,
             plan.events,
             self.lost,
@@ -408,6 +415,9 @@ impl Report {
             self.connection_kills,
             self.broker_restarts,
             self.seconds,
+            self.delay_ms[0],
+            self.delay_ms[1],
+            self.delay_ms[2],
             if plan.backend == "kafka" {
                 format!(" protocol={}", plan.protocol)
             } else {
@@ -767,7 +777,14 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
         let _ = slot.child.kill().await;
     }
 
-    let handled = read_handled(&plan.dir)?;
+    let (handled, delays) = read_handled(&plan.dir)?;
+    let at = |q: f64| {
+        delays
+            .get(((delays.len() as f64 * q) as usize).min(delays.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    report.delay_ms = [at(0.5), at(0.99), delays.last().copied().unwrap_or(0)];
     let dead = match broker {
         Broker::Redis { .. } => redis_dead_letters(&url).await?,
         Broker::Kafka { .. } => kafka_dead_letters(&url)?,
@@ -793,8 +810,12 @@ fn respawn_exited(plan: &Plan, url: &str, slots: &mut [Slot]) -> Result<u64, Box
 }
 
 /// Counts each sequence number handled, over every consumer's file.
-fn read_handled(dir: &Path) -> Result<HashMap<u64, u32>, BoxError> {
+/// Each line of a handled file: the event's sequence number and how long it took from publish to
+/// the handler's success, in milliseconds. Returns the counts per sequence number and every
+/// first handling's delay, sorted.
+fn read_handled(dir: &Path) -> Result<(HashMap<u64, u32>, Vec<u64>), BoxError> {
     let mut handled = HashMap::new();
+    let mut delays = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let is_log = path
@@ -805,12 +826,27 @@ fn read_handled(dir: &Path) -> Result<HashMap<u64, u32>, BoxError> {
             continue;
         }
         for line in std::fs::read_to_string(&path)?.lines() {
-            if let Ok(seq) = line.parse::<u64>() {
-                *handled.entry(seq).or_insert(0) += 1;
+            let mut fields = line.split(' ');
+            if let Some(Ok(seq)) = fields.next().map(str::parse::<u64>) {
+                let count = handled.entry(seq).or_insert(0);
+                *count += 1;
+                if *count == 1 {
+                    if let Some(Ok(delay)) = fields.next().map(str::parse::<u64>) {
+                        delays.push(delay);
+                    }
+                }
             }
         }
     }
-    Ok(handled)
+    delays.sort_unstable();
+    Ok((handled, delays))
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A dead letter: the event's sequence number and the reason header.
