@@ -16,8 +16,8 @@
 //! also kills every client connection every `--conn-kill-every` seconds. The broker is restarted
 //! once, halfway through publishing (Redis: `SHUTDOWN`; Kafka: SIGKILL), unless
 //! `--broker-restart no`. On Kafka `--protocol eager|cooperative|consumer` picks the group
-//! protocol (the classic one with an eager or the cooperative-sticky assignor (the default), or
-//! KIP-848's). When the publisher is done it waits until the group has
+//! protocol (the classic one with an eager or the cooperative-sticky assignor, or KIP-848's, the
+//! default); `--cluster 3` runs on a 3-node cluster and SIGKILLs a partition leader. When the publisher is done it waits until the group has
 //! nothing left, reads the dead-letter topic with the raw client and prints one line:
 //!
 //! `soak: backend=redis events=N lost=0 duplicates=D (P%) dead_lettered=X poison_missing=0 ...`
@@ -149,10 +149,10 @@ macro_rules! with_backend {
                 $body
             }
             "kafka" => {
-                let commit = Duration::from_millis($args.get("commit-interval-ms", 1000)?);
-                let protocol: String = $args.get("protocol", "cooperative".to_owned())?;
+                let commit = Duration::from_millis($args.get("commit-interval-ms", 100)?);
+                let protocol: String = $args.get("protocol", "consumer".to_owned())?;
                 let config = kafka_config(&url, commit, &protocol)?
-                    .commit_every($args.get("commit-every", 1000)?)
+                    .commit_every($args.get("commit-every", 250)?)
                     .max_unrecorded($args.get("max-unrecorded", 4000)?);
                 let $b = KafkaBackend::connect(config).await?;
                 $body
@@ -170,9 +170,13 @@ fn kafka_config(
     commit_interval: Duration,
     protocol: &str,
 ) -> Result<KafkaConfig, BoxError> {
-    let config = KafkaConfig::new(brokers)
+    let mut config = KafkaConfig::new(brokers)
         .partitions(KAFKA_PARTITIONS)
         .commit_interval(commit_interval);
+    // librdkafka's own debug contexts (`cgrp`, `protocol`, ...), for a run under investigation.
+    if let Ok(debug) = std::env::var("SOAK_KAFKA_DEBUG") {
+        config = config.set("debug", debug);
+    }
     let classic = |config: KafkaConfig, protocol| {
         config
             .group_protocol(protocol)
@@ -336,10 +340,10 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         kill_every: Duration::from_secs_f64(args.get("kill-every", 10.0)?),
         conn_kill_every: Duration::from_secs_f64(args.get("conn-kill-every", 5.0)?),
         claim_idle_ms: args.get("claim-idle-ms", 10_000)?,
-        commit_interval_ms: args.get("commit-interval-ms", 1_000)?,
-        commit_every: args.get("commit-every", 1_000)?,
+        commit_interval_ms: args.get("commit-interval-ms", 100)?,
+        commit_every: args.get("commit-every", 250)?,
         max_unrecorded: args.get("max-unrecorded", 4_000)?,
-        protocol: args.get("protocol", "cooperative".to_owned())?,
+        protocol: args.get("protocol", "consumer".to_owned())?,
         broker_restart: args.get::<String>("broker-restart", "yes".to_owned())? != "no",
         cluster: args.get("cluster", 1)?,
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,

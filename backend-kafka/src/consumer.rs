@@ -192,8 +192,12 @@ fn should_ask(now: u64, asked_at: u64) -> bool {
 }
 
 /// How long the gate stays closed (no commit that would open it succeeds) before `receive`
-/// reports it as an error (the group shows as reconnecting, with the refusal).
+/// reports it as an error (the group shows as reconnecting, with the refusal), and how often it
+/// says so again.
 const REPORT_REFUSALS_AFTER: Duration = Duration::from_secs(3);
+
+/// How long the gate holds new work back at most: then it lets a window more through.
+const GATE_HOLDS_AT_MOST: Duration = Duration::from_secs(30);
 
 /// A nacked (or released) message waiting for its redelivery time. It shares the message with
 /// the delivery it came from; there is at most one per delivery handed out.
@@ -391,19 +395,18 @@ impl Ctx {
             positions
         };
         lock(&self.retries).retain(|r| !is_revoked(&r.topic, r.partition));
+        // Lost (this member was out of its group, its coordinator away): a commit would be
+        // refused. What they handled since the last commit is handled again by their next
+        // owner, unless that is this member again (a broker restart), which resumes where it was.
         let committed = if lost {
-            tracing::warn!(
-                partitions = revoked.len(),
-                "partitions lost (this member was out of its group); what they handled since the last commit is handled again by their next owner"
-            );
-            Ok(())
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost))
         } else {
             consumer.commit_consumer_state(CommitMode::Sync)
         };
         match committed {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "committing before a rebalance failed; the positions are kept in case the partitions come back");
+                tracing::warn!(error = %e, partitions = revoked.len(), "partitions revoked without a commit; their positions are kept in case they come back");
                 let mut unrecorded = lock(&self.unrecorded);
                 for (key, position) in positions {
                     let kept = unrecorded.entry(key).or_insert(position);
@@ -469,6 +472,8 @@ pub(crate) struct KafkaConsumer {
     topics: HashMap<String, Arc<str>>,
     /// Since when `receive` has found the commit gate closed.
     closed_since: Option<Instant>,
+    /// When `receive` last reported refused commits.
+    reported_at: Option<Instant>,
 }
 
 impl KafkaConsumer {
@@ -544,6 +549,7 @@ impl KafkaConsumer {
             }),
             topics: HashMap::new(),
             closed_since: None,
+            reported_at: None,
         })
     }
 
@@ -778,8 +784,23 @@ impl Consumer for KafkaConsumer {
                 // good). Said as an error, so that the group shows it (reconnecting, with the
                 // refusal) while the commits are asked for again.
                 let since = *self.closed_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= REPORT_REFUSALS_AFTER {
+                if since.elapsed() >= GATE_HOLDS_AT_MOST {
+                    // The gate limits duplicates; it must not stop a member for good (a
+                    // coordinator that never answers, a rejoin that does not finish).
+                    tracing::warn!(
+                        unrecorded = gate.unrecorded(),
+                        "no commit succeeded for {GATE_HOLDS_AT_MOST:?}; taking new work again (what is not recorded is handled again if this member dies)"
+                    );
+                    gate.all_recorded();
                     self.closed_since = None;
+                    continue;
+                }
+                if since.elapsed() >= REPORT_REFUSALS_AFTER
+                    && self
+                        .reported_at
+                        .is_none_or(|at| at.elapsed() >= REPORT_REFUSALS_AFTER)
+                {
+                    self.reported_at = Some(Instant::now());
                     // librdkafka may hold the answer to a refused commit back: no answer in
                     // that time is as good as a refusal.
                     let reason = gate
