@@ -11,7 +11,8 @@
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
 //! Events are ~1 KiB of JSON, on topics of 4 partitions. Both sides use the same producer settings
-//! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`). Raw publishing
+//! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`, KIP-848's group
+//! protocol, offsets stored per record and committed every 100 ms). Raw publishing
 //! queues 1,000 `FutureRecord`s (JSON-encoded, keyed) and awaits their deliveries; ours calls
 //! `EventBus::publish_all` with 1,000 events. Raw consuming is a `StreamConsumer` that decodes
 //! each payload into the event type and stores its offset; ours is an `EventProcessor` handler.
@@ -125,22 +126,52 @@ impl Bench {
     }
 
     async fn raw_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", cqrs::conformance::unique("raw"))
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
+        self.raw_consume_members(topic, n, 1).await
+    }
+
+    /// `members` raw consumers of one new group read `n` records between them: our backend's
+    /// consumer settings (KIP-848's group protocol, offsets stored per handled record and
+    /// committed every 100 ms).
+    async fn raw_consume_members(
+        &self,
+        topic: &str,
+        n: usize,
+        members: usize,
+    ) -> Result<Duration, BoxError> {
+        let group = cqrs::conformance::unique("raw");
+        let got = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
-        consumer.subscribe(&[topic])?;
-        let mut got = 0;
-        while got < n {
-            let m = consumer.recv().await?;
-            let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
-            consumer.store_offset_from_message(&m)?;
-            got += 1;
+        let mut tasks = Vec::new();
+        for _ in 0..members {
+            let consumer: StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .set("group.id", &group)
+                .set("group.protocol", "consumer")
+                .set("enable.auto.commit", "true")
+                .set("auto.commit.interval.ms", "100")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "10")
+                .create()?;
+            consumer.subscribe(&[topic])?;
+            let got = got.clone();
+            tasks.push(tokio::spawn(async move {
+                while got.load(Ordering::Relaxed) < n {
+                    let m = match tokio::time::timeout(Duration::from_millis(50), consumer.recv())
+                        .await
+                    {
+                        Ok(m) => m?,
+                        Err(_) => continue,
+                    };
+                    let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                    consumer.store_offset_from_message(&m)?;
+                    got.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
         }
         Ok(start.elapsed())
     }
@@ -151,25 +182,42 @@ impl Bench {
         topic: &str,
         n: usize,
     ) -> Result<Duration, BoxError> {
+        self.ours_consume_members(backend, topic, n, 1).await
+    }
+
+    /// `members` processors of one service (one group) handle `n` events between them.
+    async fn ours_consume_members(
+        &self,
+        backend: &KafkaBackend,
+        topic: &str,
+        n: usize,
+        members: usize,
+    ) -> Result<Duration, BoxError> {
         let handled = Arc::new(AtomicUsize::new(0));
         let token = CancellationToken::new();
+        let service = cqrs::conformance::unique("ours");
         let start = Instant::now();
-        let t = topic.to_owned();
-        let mut p = EventProcessor::new(backend.clone(), cqrs::conformance::unique("ours"))
-            .topics(TopicNamer::new(move |_| t.clone()));
-        let h = handled.clone();
-        p.handle("count", move |_: Reading| {
-            h.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(Ok::<_, BoxError>(()))
-        })?
-        .batch_size(500);
-        let running = p.start(token.clone()).await?;
+        let mut running = Vec::new();
+        for _ in 0..members {
+            let t = topic.to_owned();
+            let mut p = EventProcessor::new(backend.clone(), &service)
+                .topics(TopicNamer::new(move |_| t.clone()));
+            let h = handled.clone();
+            p.handle("count", move |_: Reading| {
+                h.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(Ok::<_, BoxError>(()))
+            })?
+            .batch_size(500);
+            running.push(p.start(token.clone()).await?);
+        }
         while handled.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let elapsed = start.elapsed();
         token.cancel();
-        running.wait().await?;
+        for r in running {
+            r.wait().await?;
+        }
         Ok(elapsed)
     }
 }
@@ -215,6 +263,7 @@ async fn main() -> Result<(), BoxError> {
     let names = [
         "publish, batches of 1000",
         "consume, 1 member",
+        "consume, 2 members",
         "publish + consume, end to end",
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); names.len()];
@@ -280,6 +329,15 @@ async fn main() -> Result<(), BoxError> {
         } else {
             let r = b.raw_consume(&raw_t, n).await?;
             (r, b.ours_consume(&backend, &ours_t, n).await?)
+        };
+        figures.push((r, o));
+        // Two members of one new group on the same records.
+        let (r, o) = if ours_first {
+            let o = b.ours_consume_members(&backend, &ours_t, n, 2).await?;
+            (b.raw_consume_members(&raw_t, n, 2).await?, o)
+        } else {
+            let r = b.raw_consume_members(&raw_t, n, 2).await?;
+            (r, b.ours_consume_members(&backend, &ours_t, n, 2).await?)
         };
         figures.push((r, o));
         // End to end on fresh topics.

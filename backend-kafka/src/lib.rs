@@ -8,14 +8,18 @@
 //!   broker's default partitions and replication unless [`KafkaConfig::partitions`] and
 //!   [`KafkaConfig::replication`] set them; with creation off, a missing topic is an error
 //!   naming it.
-//! - Each subscription is one consumer whose `group.id` is the processor's group. Offsets are
-//!   stored only for handled messages, and a partition's stored offset never passes a message
-//!   still being handled or waiting for a retry; stored offsets are committed periodically, every
-//!   [`KafkaConfig::commit_every`] handled messages, when partitions are revoked in a rebalance
-//!   and when the consumer closes. A consumer with [`KafkaConfig::max_unrecorded`] handled
-//!   messages not yet committed (its commits refused) hands out no more until a commit succeeds,
-//!   and a partition that comes back to it after a refused commit resumes where it had handled
-//!   up to.
+//! - Each subscription is one consumer whose `group.id` is the processor's group, on KIP-848's
+//!   consumer group protocol by default ([`KafkaConfig::group_protocol`]: rebalances move only
+//!   the partitions that change owner; `cooperative-sticky` and the eager assignors on the
+//!   classic protocol are options), with static membership if [`KafkaConfig::instance_id`] is
+//!   set. Offsets are stored only for handled messages, and a partition's stored offset never
+//!   passes a message still being handled or waiting for a retry; stored offsets are committed
+//!   every 100 ms ([`KafkaConfig::commit_interval`]), every [`KafkaConfig::commit_every`]
+//!   handled messages, when partitions are revoked in a rebalance and when the consumer closes.
+//!   A consumer with [`KafkaConfig::max_unrecorded`] handled messages not yet committed (its
+//!   commits refused) hands out no more until a commit succeeds (30 s at most, saying so every
+//!   3 s), and a partition that comes back to it after a refused commit, or after it was lost,
+//!   resumes where it had handled up to.
 //! - Every librdkafka setting passes through ([`KafkaConfig::set`]); `Debug` hides secrets.
 //!
 //! ```no_run
@@ -111,7 +115,7 @@ impl KafkaConfig {
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_millis(100),
             commit_every: 250,
-            max_unrecorded: 4000,
+            max_unrecorded: 1000,
             timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             protocol: GroupProtocol::default(),
@@ -192,7 +196,7 @@ impl KafkaConfig {
     }
 
     /// How many handled messages a consumer may have that its group has not recorded (a commit
-    /// succeeded after them) before it hands out no more and waits for a commit (default 4,000;
+    /// succeeded after them) before it hands out no more and waits for a commit (default 1,000;
     /// 0: no limit). A broker refuses commits while the group rebalances (librdkafka's mock
     /// cluster for the whole rebalance; Kafka only once the members have rejoined) and cannot
     /// take them while its coordinator is away: without a limit the member keeps working, and
