@@ -222,6 +222,10 @@ impl Bench {
     }
 }
 
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -233,6 +237,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -281,12 +291,24 @@ async fn main() -> Result<(), BoxError> {
             brokers: brokers.clone(),
             n,
         };
-        let backend = KafkaBackend::connect(
-            KafkaConfig::new(&brokers)
-                .partitions(4)
-                .fetch_wait(Duration::from_millis(10)),
-        )
-        .await?;
+        let mut config = KafkaConfig::new(&brokers)
+            .partitions(4)
+            .fetch_wait(Duration::from_millis(10));
+        // For experiments: the commit gate's limit (0: off) and the commit count.
+        if let Some(n) = env_usize("BENCH_KAFKA_MAX_UNRECORDED") {
+            config = config.max_unrecorded(n);
+        }
+        if let Some(n) = env_usize("BENCH_KAFKA_COMMIT_EVERY") {
+            config = config.commit_every(n);
+        }
+        match std::env::var("BENCH_KAFKA_PROTOCOL").as_deref() {
+            Ok("eager") => config = config.group_protocol(cqrs::kafka::GroupProtocol::Eager),
+            Ok("cooperative") => {
+                config = config.group_protocol(cqrs::kafka::GroupProtocol::Cooperative)
+            }
+            _ => {}
+        }
+        let backend = KafkaBackend::connect(config).await?;
         let producer = b.producer()?;
         let (raw_t, ours_t) = (
             cqrs::conformance::unique("bench-raw"),

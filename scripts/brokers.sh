@@ -125,16 +125,7 @@ stop_brokers() {
 # the script exits.
 KAFKA_DIRS=()
 stop_kafka() {
-  for dir in "${KAFKA_DIRS[@]}"; do scripts/kafka stop "$dir" || true; done
-}
-
-# Starts a fresh single-node Apache Kafka (KRaft, combined broker and controller) on free loopback
-# ports and prints its bootstrap address; extra arguments go to `scripts/kafka start`.
-start_kafka() {
-  local dir
-  dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"
-  KAFKA_DIRS+=("$dir")
-  scripts/kafka start "$dir" "$@"
+  for dir in "${KAFKA_DIRS[@]}"; do scripts/kafka stop "$dir" || true; rm -rf "$dir"; done
 }
 
 # The official AsyncAPI parser (npm @asyncapi/parser), for scripts/asyncapi-validate.mjs: installed

@@ -115,7 +115,7 @@ impl KafkaConfig {
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_millis(100),
             commit_every: 250,
-            max_unrecorded: 1000,
+            max_unrecorded: 4000,
             timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             protocol: GroupProtocol::default(),
@@ -196,7 +196,7 @@ impl KafkaConfig {
     }
 
     /// How many handled messages a consumer may have that its group has not recorded (a commit
-    /// succeeded after them) before it hands out no more and waits for a commit (default 1,000;
+    /// succeeded after them) before it hands out no more and waits for a commit (default 4,000;
     /// 0: no limit). A broker refuses commits while the group rebalances (librdkafka's mock
     /// cluster for the whole rebalance; Kafka only once the members have rejoined) and cannot
     /// take them while its coordinator is away: without a limit the member keeps working, and
