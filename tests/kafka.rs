@@ -78,29 +78,9 @@ async fn recorder(
 
 /// The sum of `group`'s committed offsets over the topic's partitions, read from the broker.
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let offsets: Vec<rdkafka::Offset> = client
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .map(|e| e.offset())
-        .collect();
-    offsets
+    committed_each(brokers, group, topic, partitions)
         .into_iter()
-        .map(|o| match o {
-            rdkafka::Offset::Offset(n) => n,
-            _ => 0,
-        })
+        .map(|o| o.unwrap_or(0))
         .sum()
 }
 
@@ -644,11 +624,18 @@ fn committed_each(brokers: &str, group: &str, topic: &str, partitions: i32) -> V
     out
 }
 
-/// Under an incremental protocol a member that joins takes some partitions from the first one;
-/// the first keeps the others untouched: its deliveries there stay good and are acked, while
-/// those of the partitions it gave up turn stale, and what it handled there was committed at
-/// the revocation, so the new owner starts right after it.
-async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::GroupProtocol) {
+/// A member of a fresh group, on `protocol`, holding (unacked) all `n` keyed messages of a fresh
+/// topic: the backend, the topic, the group, the member and its deliveries.
+async fn one_member_holding(
+    protocol: cqrs::kafka::GroupProtocol,
+    n: usize,
+) -> (
+    KafkaBackend,
+    String,
+    String,
+    Box<dyn cqrs::backend::Consumer>,
+    Vec<Delivery>,
+) {
     let backend = KafkaBackend::connect(group_config().group_protocol(protocol))
         .await
         .unwrap();
@@ -656,16 +643,34 @@ async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::Group
     backend
         .publish(
             &topic,
-            &cqrs::conformance::messages(80, |i| Some(format!("k{i}"))),
+            &cqrs::conformance::messages(n, |i| Some(format!("k{i}"))),
         )
         .await
         .unwrap();
     let group = unique("g");
-    let mut first = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
+    let mut member = join(&backend, &group, &topic).await;
+    let got = cqrs::conformance::receive_n(&mut *member, n).await;
+    (backend, topic, group, member, got)
+}
+
+/// A new member of `group` on `topic`.
+async fn join(
+    backend: &KafkaBackend,
+    group: &str,
+    topic: &str,
+) -> Box<dyn cqrs::backend::Consumer> {
+    backend
+        .subscribe(&Subscription::new(group, [topic]).claim_idle(None))
         .await
-        .unwrap();
-    let got = cqrs::conformance::receive_n(&mut *first, 80).await;
+        .unwrap()
+}
+
+/// Under an incremental protocol a member that joins takes some partitions from the first one;
+/// the first keeps the others untouched: its deliveries there stay good and are acked, while
+/// those of the partitions it gave up turn stale, and what it handled there was committed at
+/// the revocation, so the new owner starts right after it.
+async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::GroupProtocol) {
+    let (backend, topic, group, mut first, got) = one_member_holding(protocol, 80).await;
     // Per partition, everything is handled but the last delivery, which stays in flight.
     let mut last: BTreeMap<i32, i64> = BTreeMap::new();
     for d in &got {
@@ -682,10 +687,7 @@ async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::Group
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    let mut second = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut second = join(&backend, &group, &topic).await;
     // The first member gives up some partitions, and only those.
     eventually("a partition to move", || {
         let moved = held.iter().any(|d| d.is_stale());
@@ -749,28 +751,9 @@ async fn the_consumer_protocol_moves_only_the_partitions_that_change_owner() {
 /// turns stale (this is what the incremental protocols avoid).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_eager_protocol_revokes_every_partition() {
-    let backend =
-        KafkaBackend::connect(group_config().group_protocol(cqrs::kafka::GroupProtocol::Eager))
-            .await
-            .unwrap();
-    let topic = unique("orders");
-    backend
-        .publish(
-            &topic,
-            &cqrs::conformance::messages(40, |i| Some(format!("k{i}"))),
-        )
-        .await
-        .unwrap();
-    let group = unique("g");
-    let mut first = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
-    let held = cqrs::conformance::receive_n(&mut *first, 40).await;
-    let _second = backend
-        .subscribe(&Subscription::new(&group, [&topic]).claim_idle(None))
-        .await
-        .unwrap();
+    let (backend, topic, group, _first, held) =
+        one_member_holding(cqrs::kafka::GroupProtocol::Eager, 40).await;
+    let _second = join(&backend, &group, &topic).await;
     eventually("every delivery to turn stale", || {
         let all = held.iter().all(|d| d.is_stale());
         async move { all }

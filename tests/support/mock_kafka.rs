@@ -1,7 +1,7 @@
-//! librdkafka's mock cluster served from a process of its own, for tests of consumer-group faults
-//! and of broker features tansu lacks. Shared by the root package's broker tests and the CLI's
-//! (`#[path]`): the test binary that uses it defines an ignored pseudo-test `mock_kafka_server`
-//! that calls [`serve_mock_kafka`].
+//! librdkafka's mock cluster served from a process of its own, for the faults Apache Kafka does
+//! not produce on demand (commits refused by injection, a broker without CreateTopics): the
+//! `mock_cluster_*` tests of `tests/kafka.rs`. The test binary that uses it defines an ignored
+//! pseudo-test `mock_kafka_server` that calls [`serve_mock_kafka`].
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
