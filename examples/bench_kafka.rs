@@ -6,7 +6,10 @@
 //! use). `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
 //! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
 //! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round.
-//! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone.
+//! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. `BENCH_TIMINGS=1` prints when our
+//! processors started, handled their first event and handled all of them;
+//! `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
+//! (`eager`, `cooperative`) change our backend's settings for experiments.
 //!
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
@@ -210,8 +213,19 @@ impl Bench {
             .batch_size(500);
             running.push(p.start(token.clone()).await?);
         }
+        let started = start.elapsed();
+        while handled.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let first = start.elapsed();
         while handled.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if std::env::var("BENCH_TIMINGS").is_ok() {
+            eprintln!(
+                "ours, {members} member(s): started after {started:?}, first handled after {first:?}, all after {:?}",
+                start.elapsed()
+            );
         }
         let elapsed = start.elapsed();
         token.cancel();
