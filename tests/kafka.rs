@@ -962,10 +962,19 @@ async fn created_topics_take_the_brokers_default_partitions_unless_set() {
             .set("bootstrap.servers", brokers())
             .create()
             .unwrap();
-        let metadata = client
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .unwrap();
-        metadata.topics()[0].partitions().len()
+        // A topic just created may not be in the broker's metadata yet: its partitions come
+        // within moments.
+        let deadline = std::time::Instant::now() + support::WAIT;
+        loop {
+            let metadata = client
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .unwrap();
+            let n = metadata.topics()[0].partitions().len();
+            if n > 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
     // No partitions set: created with the broker's own default, `num.partitions=3` on the
     // test broker (scripts/kafka; the backend used to force 1).

@@ -26,6 +26,10 @@ use crate::KafkaConfig;
 /// Messages fetched ahead of the handlers, per consumer.
 const PREFETCH: usize = 2000;
 
+/// How long the poll thread waits, without polling, for the handlers to make room before it
+/// pauses fetching and polls again (which serves rebalances and `max.poll.interval.ms`).
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update is a single insert or remove: a poisoned lock is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -132,9 +136,16 @@ impl CommitGate {
             return;
         }
         // Queued for librdkafka's thread: returns at once; `commit_callback` gets the answer.
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
-            self.answered();
-            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+        match consumer.commit_consumer_state(CommitMode::Async) {
+            Ok(()) => {}
+            // Nothing stored is uncommitted: what was acked is recorded (by a periodic commit
+            // whose answer may not have come yet).
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                self.answered();
+                self.all_recorded();
+            }
+            Err(e) => {
+                self.answered();
                 tracing::debug!(error = %e, "asking for a commit failed");
             }
         }
@@ -686,6 +697,7 @@ fn poll_loop(
     let tick = Duration::from_millis(100);
     let mut held: VecDeque<Polled> = VecDeque::new();
     let mut paused = false;
+    let mut full_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         while let Some(p) = held.pop_front() {
             match tx.try_send(p) {
@@ -697,7 +709,26 @@ fn poll_loop(
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        let full = !held.is_empty() || tx.capacity() == 0;
+        let queue_full = !held.is_empty() || tx.capacity() == 0;
+        // A full queue first waits without polling: librdkafka keeps what it fetched ahead.
+        // Pausing drops that (it fetches again from the last polled offset on resume), which
+        // cost consuming most of its speed; it is kept for handlers that stay behind, so that
+        // the poll goes on serving the group.
+        if queue_full {
+            let since = *full_since.get_or_insert_with(std::time::Instant::now);
+            if !paused && since.elapsed() < PAUSE_AFTER {
+                std::thread::sleep(Duration::from_millis(1));
+                // A poll that does not wait still serves the group's callbacks (commit answers,
+                // rebalances); what it returns is held: one record a millisecond at most.
+                if let Some(r) = consumer.poll(Duration::ZERO) {
+                    held.push_back((r.map(|m| m.detach()), epoch.load(Ordering::SeqCst)));
+                }
+                continue;
+            }
+        } else {
+            full_since = None;
+        }
+        let full = queue_full;
         if full != paused {
             // Set first: a partition assigned from here on is paused by the callback too.
             paused_flag.store(full, Ordering::SeqCst);
