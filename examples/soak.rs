@@ -849,10 +849,7 @@ fn read_handled(dir: &Path) -> Result<(HashMap<u64, u32>, Vec<u64>), BoxError> {
 }
 
 fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    now_nanos() / 1_000_000
 }
 
 /// A dead letter: the event's sequence number and the reason header.

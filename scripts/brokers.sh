@@ -151,33 +151,24 @@ install_asyncapi_parser() {
 ensure_kafka() {
   trap stop_brokers EXIT
   scripts/kafka install >/dev/null
-  local a_out b_out a_pid="" b_pid=""
-  a_out="$(mktemp)"; b_out="$(mktemp)"
   # Both JVMs start at once: each takes seconds on 2 cores.
-  if [ -z "${KAFKA_BROKERS:-}" ]; then
-    local dir
-    dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"; KAFKA_DIRS+=("$dir")
-    scripts/kafka start "$dir" >"$a_out" & a_pid=$!
-  fi
-  if [ -z "${KAFKA_BROKERS_B:-}" ]; then
-    local dir_b
-    dir_b="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"; KAFKA_DIRS+=("$dir_b")
-    scripts/kafka start "$dir_b" >"$b_out" & b_pid=$!
-  fi
-  if [ -n "$a_pid" ]; then
-    wait "$a_pid" || { log "starting Kafka failed"; return 1; }
-    KAFKA_BROKERS="$(cat "$a_out")"
-    export KAFKA_BROKERS KAFKA_DIR="${KAFKA_DIRS[0]}"
-    log "Apache Kafka on $KAFKA_BROKERS (its log: ${KAFKA_DIRS[0]}/server.log)"
-  else
-    log "using Kafka at $KAFKA_BROKERS"
-  fi
-  if [ -n "$b_pid" ]; then
-    wait "$b_pid" || { log "starting the second Kafka failed"; return 1; }
-    KAFKA_BROKERS_B="$(cat "$b_out")"
-    export KAFKA_BROKERS_B
-    log "a second Apache Kafka on $KAFKA_BROKERS_B"
-  fi
-  rm -f "$a_out" "$b_out"
+  local var dir pids=() vars=() dirs=() i
+  for var in KAFKA_BROKERS KAFKA_BROKERS_B; do
+    if [ -n "${!var:-}" ]; then
+      log "using Kafka at ${!var} ($var)"
+      continue
+    fi
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"
+    KAFKA_DIRS+=("$dir")
+    scripts/kafka start "$dir" >"$dir/address" &
+    pids+=($!); vars+=("$var"); dirs+=("$dir")
+  done
+  for i in "${!pids[@]}"; do
+    var="${vars[$i]}"
+    wait "${pids[$i]}" || { log "starting Kafka for $var failed"; return 1; }
+    printf -v "$var" '%s' "$(cat "${dirs[$i]}/address")"
+    export "${var?}"
+    log "Apache Kafka on ${!var} ($var; its log: ${dirs[$i]}/server.log)"
+  done
   export KAFKA_BROKERS_A="$KAFKA_BROKERS"
 }

@@ -245,6 +245,15 @@ pub(crate) struct Ctx {
 
 impl ClientContext for Ctx {}
 
+/// Whether the group's protocol changes assignments incrementally (cooperative-sticky, KIP-848)
+/// rather than all at once.
+fn incremental(consumer: &BaseConsumer<Ctx>) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
 impl Ctx {
     /// Gives every assigned partition an explicit start: its committed offset, or (when the group
     /// has none) the beginning or the current end. Resolving the end here, before the assignment
@@ -338,10 +347,7 @@ impl Ctx {
     /// Takes `tpl` (resolved by `resolve_start`) as this member's: eagerly (the whole
     /// assignment) or incrementally (added to it), as the group's protocol says.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let incremental = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        let incremental = incremental(consumer);
         {
             // Under the lock: a record polled before this, of a partition it gives again, is
             // seen as stale by `delivery`, which checks under the same lock.
@@ -381,10 +387,7 @@ impl Ctx {
     /// already gave them to another member), their state and waiting retries are dropped, and
     /// they leave the assignment (all of it under the eager protocol).
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, lost: bool) {
-        let incremental = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        let incremental = incremental(consumer);
         let revoked: Vec<(String, i32)> = tpl
             .elements()
             .iter()
@@ -709,12 +712,13 @@ fn poll_loop(
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        let queue_full = !held.is_empty() || tx.capacity() == 0;
-        // A full queue first waits without polling: librdkafka keeps what it fetched ahead.
+        let full = !held.is_empty() || tx.capacity() == 0;
+        // A full queue first waits, polling only what comes at once: librdkafka keeps what it
+        // fetched ahead.
         // Pausing drops that (it fetches again from the last polled offset on resume), which
         // cost consuming most of its speed; it is kept for handlers that stay behind, so that
         // the poll goes on serving the group.
-        if queue_full {
+        if full {
             let since = *full_since.get_or_insert_with(std::time::Instant::now);
             if !paused && since.elapsed() < PAUSE_AFTER {
                 std::thread::sleep(Duration::from_millis(1));
@@ -728,7 +732,6 @@ fn poll_loop(
         } else {
             full_since = None;
         }
-        let full = queue_full;
         if full != paused {
             // Set first: a partition assigned from here on is paused by the callback too.
             paused_flag.store(full, Ordering::SeqCst);
@@ -952,6 +955,19 @@ impl KafkaAcker {
             .get_mut(&(topic.clone(), partition))
             .filter(|s| s.owns(self.of_epoch))
     }
+
+    /// Whether `delivery`'s partition still belongs to this acker's assignment and `check`
+    /// holds for its state.
+    fn owns(
+        &self,
+        delivery: &Delivery,
+        partition: i32,
+        check: impl FnOnce(&PartitionState) -> bool,
+    ) -> bool {
+        let mut offsets = lock(&self.offsets);
+        self.owned(&mut offsets, delivery.topic_arc(), partition)
+            .is_some_and(|s| check(s))
+    }
 }
 
 fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
@@ -1013,12 +1029,7 @@ impl Acknowledge for KafkaAcker {
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
         let (partition, offset) = parse_id(delivery)?;
-        let owned = {
-            let mut offsets = lock(&self.offsets);
-            self.owned(&mut offsets, delivery.topic_arc(), partition)
-                .is_some()
-        };
-        if owned {
+        if self.owns(delivery, partition, |_| true) {
             // The offset stays pending, so nothing at or after it is committed until it is
             // handled.
             self.retry_at(
@@ -1035,9 +1046,7 @@ impl Acknowledge for KafkaAcker {
         let Ok((partition, _)) = parse_id(delivery) else {
             return false;
         };
-        let mut offsets = lock(&self.offsets);
-        self.owned(&mut offsets, delivery.topic_arc(), partition)
-            .is_none()
+        !self.owns(delivery, partition, |_| true)
     }
 
     fn release(&self, delivery: &Delivery) {
@@ -1045,12 +1054,7 @@ impl Acknowledge for KafkaAcker {
             return;
         };
         // Only while this member still owns the partition; otherwise its new owner reads it.
-        let owned = {
-            let mut offsets = lock(&self.offsets);
-            self.owned(&mut offsets, delivery.topic_arc(), partition)
-                .is_some_and(|s| s.pending.contains(&offset))
-        };
-        if owned {
+        if self.owns(delivery, partition, |s| s.pending.contains(&offset)) {
             self.retry_at(delivery, partition, offset, Instant::now());
         }
     }

@@ -27,14 +27,12 @@ impl KafkaServer {
     /// Formats a fresh directory and starts a broker from it; `settings` are extra server
     /// properties (`key=value`).
     pub fn start(settings: &[&str]) -> Result<Self, String> {
-        let dir =
-            std::env::temp_dir().join(format!("cqrs-kafka-{}-{}", std::process::id(), uuid_like()));
+        KafkaServer::start_in(fresh_dir("cqrs-kafka"), with_settings(Vec::new(), settings))
+    }
+
+    /// Starts a broker from `dir` (created if missing) with `args` for `scripts/kafka start`.
+    fn start_in(dir: PathBuf, args: Vec<String>) -> Result<Self, String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let mut args: Vec<String> = Vec::new();
-        for s in settings {
-            args.push("--set".into());
-            args.push((*s).into());
-        }
         let brokers = run_start(&dir, &args)?;
         Ok(KafkaServer { dir, brokers })
     }
@@ -49,37 +47,10 @@ impl KafkaServer {
         &self.dir
     }
 
-    /// The broker's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-    }
-
     /// SIGKILLs the broker and waits until it is gone.
     pub fn kill(&self) -> Result<(), String> {
-        self.stop_with(&["--kill"])
-    }
-
-    /// Stops the broker cleanly (SIGTERM) and waits until it is gone.
-    pub fn stop(&self) -> Result<(), String> {
-        self.stop_with(&[])
-    }
-
-    fn stop_with(&self, extra: &[&str]) -> Result<(), String> {
-        let status = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .status()
-            .map_err(|e| format!("running scripts/kafka stop: {e}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("scripts/kafka stop failed: {status}"))
-        }
+        let dir = self.dir.to_string_lossy();
+        run_script(&["stop", &dir, "--kill"]).map(|_| ())
     }
 
     /// Starts the broker again from its directory (same ports, same data); returns once it
@@ -90,33 +61,42 @@ impl KafkaServer {
 }
 
 fn run_start(dir: &Path, args: &[String]) -> Result<String, String> {
+    let dir = dir.to_string_lossy();
+    let mut all = vec!["start", &dir];
+    all.extend(args.iter().map(String::as_str));
+    run_script(&all)
+}
+
+/// Runs `scripts/kafka args...`; returns what it printed (its log goes to this stderr).
+fn run_script(args: &[&str]) -> Result<String, String> {
     let out = Command::new("bash")
         .arg(script())
-        .arg("start")
-        .arg(dir)
         .args(args)
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|e| format!("running scripts/kafka start: {e}"))?;
+        .map_err(|e| format!("running scripts/kafka {}: {e}", args[0]))?;
     if !out.status.success() {
         return Err(format!(
-            "scripts/kafka start {} failed: {}",
-            dir.display(),
+            "scripts/kafka {} failed: {}",
+            args.join(" "),
             out.status
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// A name part unique enough for a temporary directory.
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{nanos:x}-{}", N.fetch_add(1, Ordering::Relaxed))
+/// A fresh directory name under the temporary directory.
+fn fresh_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(cqrs::conformance::unique(prefix))
+}
+
+/// `args` and a `--set key=value` for each of `settings`.
+fn with_settings(mut args: Vec<String>, settings: &[&str]) -> Vec<String> {
+    for s in settings {
+        args.push("--set".into());
+        args.push((*s).into());
+    }
+    args
 }
 
 /// A KRaft cluster of `n` nodes (each a broker and a controller) on loopback, every node from a
@@ -144,28 +124,13 @@ impl KafkaCluster {
             .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
             .collect();
         let voters = voters.join(",");
-        // 16 random bytes, base64url without padding: a cluster id.
-        let cluster_id = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut bytes = Vec::with_capacity(16);
-            for i in 0..2u64 {
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u64(i);
-                bytes.extend_from_slice(&h.finish().to_le_bytes());
-            }
-            base64url(&bytes)
-        };
+        let cluster_id = run_script(&["cluster-id"])?;
         let starts: Vec<_> = ports
             .iter()
             .enumerate()
             .map(|(i, (port, cport))| {
-                let dir = std::env::temp_dir().join(format!(
-                    "cqrs-kafka-{}-{}-node{}",
-                    std::process::id(),
-                    uuid_like(),
-                    i + 1
-                ));
-                let mut args: Vec<String> = [
+                let dir = fresh_dir(&format!("cqrs-kafka-node{}", i + 1));
+                let args: Vec<String> = [
                     "--port",
                     &port.to_string(),
                     "--controller-port",
@@ -182,16 +147,8 @@ impl KafkaCluster {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-                for s in settings {
-                    args.push("--set".into());
-                    args.push((*s).into());
-                }
-                std::thread::spawn(move || {
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                    let brokers = run_start(&dir, &args)?;
-                    Ok::<_, String>(KafkaServer { dir, brokers })
-                })
+                let args = with_settings(args, settings);
+                std::thread::spawn(move || KafkaServer::start_in(dir, args))
             })
             .collect();
         let mut nodes = Vec::new();
@@ -218,27 +175,9 @@ impl KafkaCluster {
     }
 }
 
-fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 impl Drop for KafkaServer {
     fn drop(&mut self) {
-        let _ = self.stop_with(&["--kill"]);
+        let _ = self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
