@@ -14,17 +14,18 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Headers, Message as _, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::commit_gate::{spawn_committer, CommitGate};
 use crate::error::Error;
 use crate::KafkaConfig;
 
 /// Messages fetched ahead of the handlers, per consumer.
-const PREFETCH: usize = 2000;
+const PREFETCH: usize = 2048;
 
 /// How long the poll thread waits, without polling, for the handlers to make room before it
 /// pauses fetching and polls again (which serves rebalances and `max.poll.interval.ms`).
@@ -69,138 +70,6 @@ impl PartitionState {
 }
 
 type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
-
-/// How long the gate waits for the answer to a commit it asked for before asking again.
-const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
-
-/// How far a member has run ahead of what its group recorded: messages acked (their offsets
-/// stored) against those covered by the last successful commit. It asks for a commit every
-/// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
-/// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
-/// of piling up work that its partitions' next owner would do again.
-pub(crate) struct CommitGate {
-    acked: AtomicU64,
-    recorded: AtomicU64,
-    /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
-    /// An answer that does not come (librdkafka may hold a refused one back) is given up on
-    /// after [`ASK_AGAIN_AFTER`].
-    asked_at: AtomicU64,
-    born: std::time::Instant,
-    /// Woken when a commit succeeds or partitions are revoked.
-    changed: tokio::sync::Notify,
-    every: u64,
-    limit: u64,
-    /// Why the last commit answered was refused (`None`: it succeeded).
-    refused: Mutex<Option<String>>,
-}
-
-impl CommitGate {
-    fn new(every: usize, limit: usize) -> Self {
-        CommitGate {
-            acked: AtomicU64::new(0),
-            recorded: AtomicU64::new(0),
-            asked_at: AtomicU64::new(0),
-            born: std::time::Instant::now(),
-            changed: tokio::sync::Notify::new(),
-            every: every as u64,
-            limit: limit as u64,
-            refused: Mutex::new(None),
-        }
-    }
-
-    fn unrecorded(&self) -> u64 {
-        self.acked
-            .load(Ordering::SeqCst)
-            .saturating_sub(self.recorded.load(Ordering::SeqCst))
-    }
-
-    /// Counts `n` acks; asks for a commit (without waiting) when `every` are unrecorded and no
-    /// asked-for commit is waiting for its answer.
-    fn acked<C: ConsumerContext>(&self, n: usize, consumer: &BaseConsumer<C>) {
-        self.acked.fetch_add(n as u64, Ordering::SeqCst);
-        if self.every > 0 && self.unrecorded() >= self.every {
-            self.ask(consumer);
-        }
-    }
-
-    fn ask<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
-        // Never 0: 0 means answered.
-        let now = self.born.elapsed().as_millis() as u64 + 1;
-        let asked_at = self.asked_at.load(Ordering::SeqCst);
-        if !should_ask(now, asked_at)
-            || self
-                .asked_at
-                .compare_exchange(asked_at, now, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-        {
-            return;
-        }
-        // Queued for librdkafka's thread: returns at once; `commit_callback` gets the answer.
-        match consumer.commit_consumer_state(CommitMode::Async) {
-            Ok(()) => {}
-            // Nothing stored is uncommitted: what was acked is recorded (by a periodic commit
-            // whose answer may not have come yet).
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                self.answered();
-                self.all_recorded();
-            }
-            Err(e) => {
-                self.answered();
-                tracing::debug!(error = %e, "asking for a commit failed");
-            }
-        }
-    }
-
-    fn answered(&self) {
-        self.asked_at.store(0, Ordering::SeqCst);
-    }
-
-    /// Everything acked so far is recorded (a commit succeeded), or no longer this member's to
-    /// record (its partitions were revoked).
-    fn all_recorded(&self) {
-        self.recorded
-            .store(self.acked.load(Ordering::SeqCst), Ordering::SeqCst);
-        self.changed.notify_waiters();
-    }
-
-    /// Whether new work must wait for a commit.
-    fn closed(&self) -> bool {
-        self.limit > 0 && self.unrecorded() >= self.limit
-    }
-
-    /// Takes the answer to a commit.
-    fn answer(&self, result: &KafkaResult<()>) {
-        self.answered();
-        match result {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                *lock(&self.refused) = None;
-                self.all_recorded();
-            }
-            Err(e) => {
-                let first = lock(&self.refused).replace(e.to_string()).is_none();
-                // Refusals come in runs while a group rebalances: the first of a run is worth a
-                // warning; a closed gate reports a run that does not end (`receive`).
-                if first {
-                    tracing::warn!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
-                } else {
-                    tracing::debug!(error = %e, "a commit was refused");
-                }
-            }
-        }
-    }
-
-    /// Why commits are refused, while the last one was.
-    fn refusal(&self) -> Option<String> {
-        lock(&self.refused).clone()
-    }
-}
-
-/// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
-/// answered); both in milliseconds since the gate was made. `asked_at` may be later than `now`
-/// (another thread asked after `now` was read).
-fn should_ask(now: u64, asked_at: u64) -> bool {
-    asked_at == 0 || now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
-}
 
 /// How long the gate stays closed (no commit that would open it succeeds) before `receive`
 /// reports it as an error (the group shows as reconnecting, with the refusal), and how often it
@@ -442,9 +311,10 @@ impl Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    /// The answer to a commit: the periodic one, or one the gate asked for.
+    /// The answer to a commit librdkafka made on its own (the gate's are answered on its
+    /// committer thread).
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        self.gate.answer(&result);
+        self.gate.periodic_answer(&result);
     }
 
     fn rebalance(
@@ -474,16 +344,33 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// A polled record with the rebalance epoch it was polled in.
-type Polled = (KafkaResult<OwnedMessage>, u64);
+/// A record as the poll thread decoded it.
+struct Record {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    message: Message,
+    /// Why the message is malformed, if it is.
+    malformed: Option<String>,
+}
+
+/// A polled record (or a consumer error) with the rebalance epoch it was polled in.
+type Polled = (KafkaResult<Record>, u64);
+
+/// The most records the poll thread sends at once. They go in batches so that the thread
+/// handing them over and the one taking them wake each other once a batch, not once a record.
+const POLL_BATCH: usize = 256;
 
 pub(crate) struct KafkaConsumer {
-    rx: mpsc::Receiver<Polled>,
+    rx: mpsc::Receiver<Vec<Polled>>,
+    /// Taken from `rx` and not handed out yet.
+    polled: VecDeque<Polled>,
     poller: Option<std::thread::JoinHandle<()>>,
+    /// Makes the commits the gate asks for (see [`CommitGate`]).
+    committer: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     /// The acker of the newest rebalance epoch seen; it holds the consumer's epoch counter.
     acker: Arc<KafkaAcker>,
-    topics: HashMap<String, Arc<str>>,
     /// Since when `receive` has found the commit gate closed.
     closed_since: Option<Instant>,
     /// When `receive` last reported refused commits.
@@ -499,7 +386,8 @@ impl KafkaConsumer {
         let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
         let epoch = Arc::new(AtomicU64::new(0));
         let paused = Arc::new(AtomicBool::new(false));
-        let gate = Arc::new(CommitGate::new(config.commit_every, config.max_unrecorded));
+        let (gate, commit_requests) = CommitGate::new(config.commit_every, config.max_unrecorded);
+        let gate = Arc::new(gate);
         let (rebalances, mut rebalanced) = watch::channel(0u64);
         let ctx = Ctx {
             offsets: offsets.clone(),
@@ -524,7 +412,7 @@ impl KafkaConsumer {
 
         // Poll all the time on a thread of its own, so that rebalances (whose callback blocks on
         // the broker) are served even while handlers are busy, and never on a runtime worker.
-        let (tx, rx) = mpsc::channel(PREFETCH);
+        let (tx, rx) = mpsc::channel(PREFETCH / POLL_BATCH);
         let stop = Arc::new(AtomicBool::new(false));
         let poller = {
             let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
@@ -533,6 +421,13 @@ impl KafkaConsumer {
                 .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch, &paused))
                 .map_err(|e| Error::Io("starting the poll thread", e))?
         };
+        let committer = spawn_committer(
+            Arc::downgrade(&gate),
+            Arc::downgrade(&consumer),
+            commit_requests,
+            format!("cqrs-kafka-commit-{}", subscription.group),
+        )
+        .map_err(|e| Error::Io("starting the commit thread", e))?;
 
         // Wait until the group has given this member its partitions, with their start offsets
         // resolved (see `Ctx::resolve_start`).
@@ -552,6 +447,7 @@ impl KafkaConsumer {
         Ok(KafkaConsumer {
             rx,
             poller: Some(poller),
+            committer: Some(committer),
             stop,
             acker: Arc::new(KafkaAcker {
                 consumer: Arc::new(Mutex::new(Some(consumer))),
@@ -561,19 +457,10 @@ impl KafkaConsumer {
                 of_epoch: 0,
                 gate,
             }),
-            topics: HashMap::new(),
+            polled: VecDeque::new(),
             closed_since: None,
             reported_at: None,
         })
-    }
-
-    fn topic(&mut self, name: &str) -> Arc<str> {
-        if let Some(t) = self.topics.get(name) {
-            return t.clone();
-        }
-        let t: Arc<str> = Arc::from(name);
-        self.topics.insert(name.to_owned(), t.clone());
-        t
     }
 
     /// The acker of rebalance epoch `epoch`: deliveries keep the acker of the epoch they were
@@ -590,12 +477,31 @@ impl KafkaConsumer {
         self.acker.epoch.load(Ordering::SeqCst)
     }
 
+    /// The next polled record, taken already or from the poll thread, without waiting.
+    fn try_next(&mut self) -> cqrs_core::Result<Option<Polled>> {
+        if self.polled.is_empty() {
+            match self.rx.try_recv() {
+                Ok(batch) => self.polled.extend(batch),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(cqrs_core::Error::Closed)
+                }
+            }
+        }
+        Ok(self.polled.pop_front())
+    }
+
     /// The delivery of a polled record; `None` for a record of a partition revoked since it was
     /// polled, or an offset this member already handed out since it got the partition (some
     /// brokers answer a fetch with records before the fetch offset).
-    fn delivery(&mut self, (m, epoch): (OwnedMessage, u64)) -> Option<Delivery> {
-        let topic = self.topic(m.topic());
-        let (partition, offset) = (m.partition(), m.offset());
+    fn delivery(&mut self, record: Record, epoch: u64) -> Option<Delivery> {
+        let Record {
+            topic,
+            partition,
+            offset,
+            message,
+            malformed,
+        } = record;
         {
             // Under the lock the rebalance callback changes the assignment under: the record
             // is this member's to hand out only if its partition was assigned before it was
@@ -616,7 +522,6 @@ impl KafkaConsumer {
             state.next = Some(offset + 1);
         }
         let acker = self.acker(epoch);
-        let (message, malformed) = decode(&m);
         // Every delivery carries its partition: unkeyed records of one partition keep their
         // order across the processor's workers.
         let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
@@ -660,24 +565,26 @@ impl KafkaConsumer {
 /// The message a record carries, and why it is malformed if it is (`docs/wire-format.md`); a
 /// record without a message id gets `topic/partition/offset`.
 pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
-    let fallback_id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-    let fields = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .filter_map(|h| Some((h.key, h.value?)))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    Layout::KAFKA.decode(
+    let headers = m.headers();
+    let fields = headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .filter_map(|h| Some((h.key, h.value?)));
+    let (mut message, malformed) = Layout::KAFKA.decode(
         fields,
         Entry {
-            id: &fallback_id,
+            // Made below only when the record has no id: a record carries one in nearly every
+            // case, and formatting it for every record cost a tenth of the poll thread's time.
+            id: "",
             time_ms: record_time_ms(m),
         },
         m.key(),
         m.payload().map(<[u8]>::to_vec),
-    )
+    );
+    if message.id.is_empty() {
+        message.id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+    }
+    (message, malformed)
 }
 
 /// The record's timestamp, in milliseconds since the Unix epoch.
@@ -687,32 +594,53 @@ pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> 
         .and_then(|t| u64::try_from(t).ok())
 }
 
-/// Polls until `stop`: records go to `tx` tagged with the rebalance epoch. When the handlers fall
-/// behind and `tx` is full, the assigned partitions are paused and polling goes on, serving the
-/// group (rebalances, `max.poll.interval.ms`) without fetching more.
+/// Polls until `stop`: records go to `tx` decoded, in batches, tagged with the rebalance epoch.
+/// When the handlers fall behind and `tx` is full, the assigned partitions are paused and
+/// polling goes on, serving the group (rebalances, `max.poll.interval.ms`) without fetching more.
 fn poll_loop(
     consumer: &BaseConsumer<Ctx>,
-    tx: &mpsc::Sender<Polled>,
+    tx: &mpsc::Sender<Vec<Polled>>,
     stop: &AtomicBool,
     epoch: &AtomicU64,
     paused_flag: &AtomicBool,
 ) {
     let tick = Duration::from_millis(100);
-    let mut held: VecDeque<Polled> = VecDeque::new();
+    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    let mut polled = |r: KafkaResult<BorrowedMessage<'_>>| -> Polled {
+        let record = r.map(|m| {
+            let topic = match topics.get(m.topic()) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> = Arc::from(m.topic());
+                    topics.insert(m.topic().to_owned(), t.clone());
+                    t
+                }
+            };
+            let (message, malformed) = decode(&m);
+            Record {
+                topic,
+                partition: m.partition(),
+                offset: m.offset(),
+                message,
+                malformed,
+            }
+        });
+        // Read after the poll: a rebalance it served is in the epoch.
+        (record, epoch.load(Ordering::SeqCst))
+    };
+    // Polled and not sent yet: the queue had no room.
+    let mut held: Vec<Polled> = Vec::new();
     let mut paused = false;
     let mut full_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        while let Some(p) = held.pop_front() {
-            match tx.try_send(p) {
+        if !held.is_empty() {
+            match tx.try_send(std::mem::take(&mut held)) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(p)) => {
-                    held.push_front(p);
-                    break;
-                }
+                Err(mpsc::error::TrySendError::Full(batch)) => held = batch,
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        let full = !held.is_empty() || tx.capacity() == 0;
+        let full = !held.is_empty();
         // A full queue first waits, polling only what comes at once: librdkafka keeps what it
         // fetched ahead.
         // Pausing drops that (it fetches again from the last polled offset on resume), which
@@ -725,7 +653,7 @@ fn poll_loop(
                 // A poll that does not wait still serves the group's callbacks (commit answers,
                 // rebalances); what it returns is held: one record a millisecond at most.
                 if let Some(r) = consumer.poll(Duration::ZERO) {
-                    held.push_back((r.map(|m| m.detach()), epoch.load(Ordering::SeqCst)));
+                    held.push(polled(r));
                 }
                 continue;
             }
@@ -753,32 +681,37 @@ fn poll_loop(
         let Some(r) = consumer.poll(tick) else {
             continue;
         };
-        let polled = (r.map(|m| m.detach()), epoch.load(Ordering::SeqCst));
-        if paused || !held.is_empty() {
-            held.push_back(polled);
-            continue;
-        }
-        match tx.try_send(polled) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(p)) => held.push_back(p),
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        held.push(polled(r));
+        // Then what is there at once, up to a batch (paused: nothing more is fetched).
+        while !paused && held.len() < POLL_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                Some(r) => held.push(polled(r)),
+                None => break,
+            }
         }
     }
 }
 
 impl KafkaConsumer {
-    /// Stops the poll thread and waits for it.
+    /// Stops the poll and commit threads and waits for them, so that `close` holds the last
+    /// handle on the consumer.
     async fn stop_polling(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(poller) = self.poller.take() {
-            let _ = tokio::task::spawn_blocking(move || poller.join()).await;
-        }
+        self.acker.gate.stop_committer();
+        let threads = [self.poller.take(), self.committer.take()];
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads.into_iter().flatten() {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.acker.gate.stop_committer();
     }
 }
 
@@ -791,18 +724,15 @@ impl Consumer for KafkaConsumer {
             let next_retry = self.due_retries(max, &mut out);
             let gate = self.acker.gate.clone();
             while out.len() < max && !gate.closed() {
-                match self.rx.try_recv() {
-                    Ok((Ok(m), epoch)) => out.extend(self.delivery((m, epoch))),
-                    Ok((Err(e), _)) => {
+                match self.try_next()? {
+                    Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
+                    Some((Err(e), _)) => {
                         if out.is_empty() {
                             return Err(Error::kafka("consuming", e).into());
                         }
                         tracing::warn!(error = %e, "kafka consumer error");
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        return Err(cqrs_core::Error::Closed)
-                    }
+                    None => break,
                 }
             }
             if !out.is_empty() {
@@ -849,9 +779,7 @@ impl Consumer for KafkaConsumer {
                 // Registered before the check: a commit answered in between still wakes it.
                 let recorded = gate.changed.notified();
                 if gate.closed() {
-                    if let Some(consumer) = lock(&self.acker.consumer).clone() {
-                        gate.ask(&consumer);
-                    }
+                    gate.ask();
                     // Ask again if this one is refused; a retry may come due meanwhile.
                     let wait = wait.min(Instant::now() + Duration::from_millis(200));
                     tokio::select! {
@@ -862,20 +790,8 @@ impl Consumer for KafkaConsumer {
                 continue;
             }
             tokio::select! {
-                m = self.rx.recv() => match m {
-                    Some((Ok(m), epoch)) => {
-                        let mut out: Vec<Delivery> = self.delivery((m, epoch)).into_iter().collect();
-                        while out.len() < max {
-                            match self.rx.try_recv() {
-                                Ok((Ok(m), epoch)) => out.extend(self.delivery((m, epoch))),
-                                _ => break,
-                            }
-                        }
-                        if !out.is_empty() {
-                            return Ok(out);
-                        }
-                    }
-                    Some((Err(e), _)) => return Err(Error::kafka("consuming", e).into()),
+                batch = self.rx.recv() => match batch {
+                    Some(batch) => self.polled.extend(batch),
                     None => return Err(cqrs_core::Error::Closed),
                 },
                 _ = tokio::time::sleep_until(wait) => {}
@@ -1023,7 +939,7 @@ impl Acknowledge for KafkaAcker {
                 Err(e) => return Err(Error::kafka("storing offsets", e).into()),
             }
         }
-        self.gate.acked(acked, &consumer);
+        self.gate.acked(acked);
         Ok(())
     }
 
@@ -1063,19 +979,6 @@ impl Acknowledge for KafkaAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_commit_asked_after_now_was_read_is_waited_for_not_an_underflow() {
-        let again = ASK_AGAIN_AFTER.as_millis() as u64;
-        assert!(should_ask(5_000, 0), "answered: ask");
-        assert!(!should_ask(5_000, 4_500), "asked 0.5 s ago: wait");
-        assert!(
-            should_ask(5_000 + again, 5_000),
-            "asked long ago: ask again"
-        );
-        // Another thread asked after this one read its clock: wait (no panic).
-        assert!(!should_ask(5_000, 5_003));
-    }
 
     #[test]
     fn a_partition_with_a_known_start_has_a_position_before_any_record() {

@@ -241,7 +241,11 @@ impl Layout {
                     message.key = Some(text(name, value, &mut problems));
                 }
                 Some(Field::ContentType) => {
-                    message.metadata.content_type = Cow::Owned(text(name, value, &mut problems));
+                    message.metadata.content_type = if value == DEFAULT_CONTENT_TYPE.as_bytes() {
+                        Cow::Borrowed(DEFAULT_CONTENT_TYPE)
+                    } else {
+                        Cow::Owned(text(name, value, &mut problems))
+                    };
                 }
                 Some(Field::CorrelationId) => {
                     message.metadata.correlation_id = Some(text(name, value, &mut problems));

@@ -1,0 +1,247 @@
+//! How far a member may run ahead of what its group recorded, and the thread that asks for the
+//! commits that record it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// How long the gate waits for the answer to a commit it asked for before asking again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is a single assignment: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How far a member has run ahead of what its group recorded: messages acked (their offsets
+/// stored) against those covered by the last successful commit. It asks for a commit every
+/// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
+/// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
+/// of piling up work that its partitions' next owner would do again.
+///
+/// The commits it asks for are made by a thread of their own ([`spawn_committer`]), each
+/// waiting for its answer: the answer to an asynchronous commit comes through the consumer's
+/// queue, behind every record librdkafka fetched ahead (up to `queued.min.messages` per
+/// partition), so it came hundreds of milliseconds late and held the gate closed meanwhile.
+pub(crate) struct CommitGate {
+    acked: AtomicU64,
+    recorded: AtomicU64,
+    /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
+    /// An answer that does not come is given up on after [`ASK_AGAIN_AFTER`].
+    asked_at: AtomicU64,
+    born: std::time::Instant,
+    /// Woken when a commit succeeds or partitions are revoked.
+    pub(crate) changed: tokio::sync::Notify,
+    every: u64,
+    limit: u64,
+    /// Why the last commit answered was refused (`None`: it succeeded).
+    refused: Mutex<Option<String>>,
+    /// Wakes the committer thread; one request waits at most. Taken out to end the thread.
+    asks: Mutex<Option<SyncSender<()>>>,
+}
+
+impl CommitGate {
+    /// A gate and the receiving end of its requests, for [`spawn_committer`].
+    pub(crate) fn new(every: usize, limit: usize) -> (Self, Receiver<()>) {
+        let (asks, requests) = sync_channel(1);
+        let gate = CommitGate {
+            acked: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            asked_at: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+            changed: tokio::sync::Notify::new(),
+            every: every as u64,
+            limit: limit as u64,
+            refused: Mutex::new(None),
+            asks: Mutex::new(Some(asks)),
+        };
+        (gate, requests)
+    }
+
+    pub(crate) fn unrecorded(&self) -> u64 {
+        self.acked
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.recorded.load(Ordering::SeqCst))
+    }
+
+    /// Counts `n` acks; asks for a commit (without waiting) when `every` are unrecorded and no
+    /// asked-for commit is waiting for its answer.
+    pub(crate) fn acked(&self, n: usize) {
+        self.acked.fetch_add(n as u64, Ordering::SeqCst);
+        if self.every > 0 && self.unrecorded() >= self.every {
+            self.ask();
+        }
+    }
+
+    /// Asks the committer thread for a commit, unless one asked for less than
+    /// [`ASK_AGAIN_AFTER`] ago has not been answered yet.
+    pub(crate) fn ask(&self) {
+        // Never 0: 0 means answered.
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let asked_at = self.asked_at.load(Ordering::SeqCst);
+        if !should_ask(now, asked_at)
+            || self
+                .asked_at
+                .compare_exchange(asked_at, now, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        let sent = match lock(&self.asks).as_ref() {
+            Some(asks) => asks.try_send(()),
+            None => Err(TrySendError::Disconnected(())),
+        };
+        match sent {
+            // Full: a request waits already, and the commit it makes covers this one's acks.
+            Ok(()) | Err(TrySendError::Full(())) => {}
+            // The committer has ended (the consumer is closing).
+            Err(TrySendError::Disconnected(())) => self.asked_at.store(0, Ordering::SeqCst),
+        }
+    }
+
+    /// Ends the committer thread once the commit it is making, if any, is answered.
+    pub(crate) fn stop_committer(&self) {
+        lock(&self.asks).take();
+    }
+
+    /// Everything acked so far is recorded (a commit succeeded), or no longer this member's to
+    /// record (its partitions were revoked).
+    pub(crate) fn all_recorded(&self) {
+        self.recorded_up_to(self.acked.load(Ordering::SeqCst));
+    }
+
+    fn recorded_up_to(&self, acked: u64) {
+        self.recorded.fetch_max(acked, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether new work must wait for a commit.
+    pub(crate) fn closed(&self) -> bool {
+        self.limit > 0 && self.unrecorded() >= self.limit
+    }
+
+    /// Takes the answer to a commit made when `acked` acks had been counted: those are recorded
+    /// if it succeeded.
+    fn answer(&self, result: &KafkaResult<()>, acked: u64) {
+        self.asked_at.store(0, Ordering::SeqCst);
+        if self.refusal_of(result) {
+            self.recorded_up_to(acked);
+        }
+    }
+
+    /// Takes the answer to a commit librdkafka made on its own (`auto.commit.interval.ms`): it
+    /// says whether commits are refused, but not which acks it covers (it comes late, behind
+    /// the records fetched ahead).
+    pub(crate) fn periodic_answer(&self, result: &KafkaResult<()>) {
+        self.refusal_of(result);
+    }
+
+    /// Notes whether `result` refused a commit; true if it succeeded.
+    fn refusal_of(&self, result: &KafkaResult<()>) -> bool {
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                *lock(&self.refused) = None;
+                true
+            }
+            Err(e) => {
+                let first = lock(&self.refused).replace(e.to_string()).is_none();
+                // Refusals come in runs while a group rebalances: the first of a run is worth a
+                // warning; a closed gate reports a run that does not end (`receive`).
+                if first {
+                    tracing::warn!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
+                } else {
+                    tracing::debug!(error = %e, "a commit was refused");
+                }
+                false
+            }
+        }
+    }
+
+    /// Why commits are refused, while the last one was.
+    pub(crate) fn refusal(&self) -> Option<String> {
+        lock(&self.refused).clone()
+    }
+}
+
+/// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
+/// answered); both in milliseconds since the gate was made. `asked_at` may be later than `now`
+/// (another thread asked after `now` was read).
+fn should_ask(now: u64, asked_at: u64) -> bool {
+    asked_at == 0 || now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
+}
+
+/// Starts the thread that makes the commits `gate` asks for, one at a time, each waiting for
+/// its answer (a commit of the offsets stored so far, NoOffset when nothing stored is
+/// uncommitted). It holds neither the gate nor the consumer: it ends when either is gone, or
+/// when the gate's requests end.
+pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
+    gate: Weak<CommitGate>,
+    consumer: Weak<BaseConsumer<C>>,
+    requests: Receiver<()>,
+    name: String,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        while requests.recv().is_ok() {
+            let (Some(gate), Some(consumer)) = (gate.upgrade(), consumer.upgrade()) else {
+                return;
+            };
+            let acked = gate.acked.load(Ordering::SeqCst);
+            let result = consumer.commit_consumer_state(CommitMode::Sync);
+            gate.answer(&result, acked);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_asked_after_now_was_read_is_waited_for_not_an_underflow() {
+        let again = ASK_AGAIN_AFTER.as_millis() as u64;
+        assert!(should_ask(5_000, 0), "answered: ask");
+        assert!(!should_ask(5_000, 4_500), "asked 0.5 s ago: wait");
+        assert!(
+            should_ask(5_000 + again, 5_000),
+            "asked long ago: ask again"
+        );
+        // Another thread asked after this one read its clock: wait (no panic).
+        assert!(!should_ask(5_000, 5_003));
+    }
+
+    #[test]
+    fn a_commit_records_the_acks_counted_before_it_not_those_after() {
+        let (gate, requests) = CommitGate::new(2, 4);
+        gate.acked(3);
+        assert!(
+            requests.try_recv().is_ok(),
+            "3 unrecorded of every 2: asked"
+        );
+        gate.acked(2);
+        assert!(gate.closed(), "5 unrecorded of 4");
+        // The commit was made when 3 were acked.
+        gate.answer(&Ok(()), 3);
+        assert_eq!(gate.unrecorded(), 2);
+        assert!(!gate.closed());
+        // A late answer of an older commit does not move it back.
+        gate.answer(&Ok(()), 1);
+        assert_eq!(gate.unrecorded(), 2);
+        // A refusal records nothing and says why.
+        gate.answer(
+            &Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RebalanceInProgress,
+            )),
+            5,
+        );
+        assert_eq!(gate.unrecorded(), 2);
+        assert!(gate.refusal().is_some());
+        gate.periodic_answer(&Ok(()));
+        assert!(gate.refusal().is_none());
+        assert_eq!(gate.unrecorded(), 2, "a periodic answer records nothing");
+    }
+}
