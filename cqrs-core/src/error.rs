@@ -113,7 +113,7 @@ impl Error {
 
     /// The error with its causes, `error: cause: cause`, for logs.
     pub fn report(&self) -> String {
-        crate::processor::error_chain(self)
+        error_chain(self)
     }
 
     /// Whether trying the same operation again may succeed.
@@ -151,4 +151,19 @@ impl std::error::Error for CodecError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
     }
+}
+
+/// `error: cause: cause`, each source once.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }

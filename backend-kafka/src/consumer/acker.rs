@@ -1,0 +1,174 @@
+//! Settling deliveries: acks store offsets (never past one still pending), nacks wait for their
+//! redelivery time; a delivery of a partition revoked since is stale.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Acknowledge, Delivery};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use super::rebalance::Ctx;
+use super::state::{lock, Offsets, PartitionState, Retry};
+use crate::commit_gate::CommitGate;
+use crate::error::Error;
+
+pub(crate) struct KafkaAcker {
+    /// Taken out by `close`, so that the consumer leaves its group before `close` returns.
+    /// Shared by the ackers of every epoch.
+    pub(super) consumer: Arc<Mutex<Option<Arc<BaseConsumer<Ctx>>>>>,
+    pub(super) offsets: Arc<Mutex<Offsets>>,
+    pub(super) retries: Arc<Mutex<Vec<Retry>>>,
+    /// The consumer's rebalance epoch, and the one this acker's deliveries were made in.
+    pub(super) epoch: Arc<AtomicU64>,
+    pub(super) of_epoch: u64,
+    /// Shared by every epoch's acker.
+    pub(super) gate: Arc<CommitGate>,
+}
+
+impl KafkaAcker {
+    pub(super) fn for_epoch(&self, epoch: u64) -> Self {
+        KafkaAcker {
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            retries: self.retries.clone(),
+            epoch: self.epoch.clone(),
+            of_epoch: epoch,
+            gate: self.gate.clone(),
+        }
+    }
+
+    /// Delivers `delivery` again from `due` on.
+    pub(super) fn retry_at(&self, delivery: &Delivery, partition: i32, offset: i64, due: Instant) {
+        lock(&self.retries).push(Retry {
+            topic: delivery.topic_arc().clone(),
+            partition,
+            offset,
+            message: delivery.message_arc().clone(),
+            attempt: delivery.attempt(),
+            due,
+        });
+    }
+
+    /// The state of `partition` of `topic` if the deliveries of this acker still belong to its
+    /// assignment: not revoked since they were made (and maybe assigned again, from the
+    /// committed offset).
+    fn owned<'a>(
+        &self,
+        offsets: &'a mut Offsets,
+        topic: &Arc<str>,
+        partition: i32,
+    ) -> Option<&'a mut PartitionState> {
+        offsets
+            .get_mut(&(topic.clone(), partition))
+            .filter(|s| s.owns(self.of_epoch))
+    }
+
+    /// Whether `delivery`'s partition still belongs to this acker's assignment and `check`
+    /// holds for its state.
+    fn owns(
+        &self,
+        delivery: &Delivery,
+        partition: i32,
+        check: impl FnOnce(&PartitionState) -> bool,
+    ) -> bool {
+        let mut offsets = lock(&self.offsets);
+        self.owned(&mut offsets, delivery.topic_arc(), partition)
+            .is_some_and(|s| check(s))
+    }
+}
+
+fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
+    d.broker_id()
+        .split_once(':')
+        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+        .ok_or_else(|| {
+            cqrs_core::Error::fatal(
+                "delivery id is not `partition:offset`",
+                d.broker_id().to_owned(),
+            )
+        })
+}
+
+#[async_trait]
+impl Acknowledge for KafkaAcker {
+    async fn ack(&self, deliveries: &[Delivery]) -> cqrs_core::Result<()> {
+        let Some(consumer) = lock(&self.consumer).clone() else {
+            return Err(cqrs_core::Error::Closed);
+        };
+        let mut tpl = TopicPartitionList::new();
+        let mut acked = 0;
+        {
+            let mut offsets = lock(&self.offsets);
+            let mut touched: Vec<(Arc<str>, i32)> = Vec::new();
+            for d in deliveries {
+                let (partition, offset) = parse_id(d)?;
+                // A partition revoked since: its next owner (maybe this member again) reads it
+                // from the committed offset.
+                if let Some(state) = self.owned(&mut offsets, d.topic_arc(), partition) {
+                    state.pending.remove(&offset);
+                    acked += 1;
+                    let key = (d.topic_arc().clone(), partition);
+                    if !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
+            }
+            for key in touched {
+                if let Some(position) = offsets.get(&key).and_then(PartitionState::position) {
+                    tpl.add_partition_offset(&key.0, key.1, Offset::Offset(position))
+                        .map_err(|e| Error::kafka("building the offsets to store", e))?;
+                }
+            }
+            if tpl.count() == 0 {
+                return Ok(());
+            }
+            // Stored under the lock: a revocation (which takes it first) cannot come between
+            // the check above and the store, so nothing is stored for a partition given away.
+            match consumer.store_offsets(&tpl) {
+                Ok(()) => {}
+                Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => return Ok(()),
+                Err(e) => return Err(Error::kafka("storing offsets", e).into()),
+            }
+        }
+        self.gate.acked(acked);
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
+        let (partition, offset) = parse_id(delivery)?;
+        if self.owns(delivery, partition, |_| true) {
+            // The offset stays pending, so nothing at or after it is committed until it is
+            // handled.
+            self.retry_at(
+                delivery,
+                partition,
+                offset,
+                Instant::now() + redeliver_after,
+            );
+        }
+        Ok(())
+    }
+
+    fn is_stale(&self, delivery: &Delivery) -> bool {
+        let Ok((partition, _)) = parse_id(delivery) else {
+            return false;
+        };
+        !self.owns(delivery, partition, |_| true)
+    }
+
+    fn release(&self, delivery: &Delivery) {
+        let Ok((partition, offset)) = parse_id(delivery) else {
+            return;
+        };
+        // Only while this member still owns the partition; otherwise its new owner reads it.
+        if self.owns(delivery, partition, |s| s.pending.contains(&offset)) {
+            self.retry_at(delivery, partition, offset, Instant::now());
+        }
+    }
+}

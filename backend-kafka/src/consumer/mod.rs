@@ -1,0 +1,485 @@
+//! One member of a consumer group on Kafka.
+//!
+//! - [`poll`]: the poll thread, which hands decoded records over in batches;
+//! - [`rebalance`]: partitions assigned and revoked, commits at revocation;
+//! - [`acker`]: acks, nacks and stale deliveries;
+//! - [`state`]: what the member knows of each partition it holds.
+
+mod acker;
+mod poll;
+mod rebalance;
+mod state;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::backend::{Consumer, Delivery, Subscription};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub(crate) use acker::KafkaAcker;
+pub(crate) use poll::{decode, record_time_ms};
+
+use crate::commit_gate::{spawn_committer, CommitGate};
+use crate::error::Error;
+use crate::KafkaConfig;
+use poll::{poll_loop, Polled, Record, POLL_BATCH, PREFETCH};
+use rebalance::Ctx;
+use state::{lock, Offsets, Retry};
+
+/// How long the gate stays closed (no commit that would open it succeeds) before `receive`
+/// reports it as an error (the group shows as reconnecting, with the refusal), and how often it
+/// says so again.
+const REPORT_REFUSALS_AFTER: Duration = Duration::from_secs(3);
+
+/// How long the gate holds new work back at most: then it lets a window more through.
+const GATE_HOLDS_AT_MOST: Duration = Duration::from_secs(30);
+
+pub(crate) struct KafkaConsumer {
+    rx: mpsc::Receiver<Vec<Polled>>,
+    /// Taken from `rx` and not handed out yet.
+    polled: VecDeque<Polled>,
+    /// Whether the poll thread has paused fetching, and how many records it holds that `rx`
+    /// had no room for (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    paused: Arc<AtomicBool>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    held: Arc<AtomicUsize>,
+    poller: Option<std::thread::JoinHandle<()>>,
+    /// Makes the commits the gate asks for (see [`CommitGate`]).
+    committer: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    /// The acker of the newest rebalance epoch seen; it holds the consumer's epoch counter.
+    acker: Arc<KafkaAcker>,
+    /// Since when `receive` has found the commit gate closed.
+    closed_since: Option<Instant>,
+    /// When `receive` last reported refused commits.
+    reported_at: Option<Instant>,
+}
+
+impl KafkaConsumer {
+    pub(crate) async fn start(
+        config: &KafkaConfig,
+        subscription: &Subscription,
+    ) -> Result<Self, Error> {
+        let offsets: Arc<Mutex<Offsets>> = Arc::default();
+        let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (gate, commit_requests) = CommitGate::new(config.commit_every, config.max_unrecorded);
+        let gate = Arc::new(gate);
+        let (rebalances, mut rebalanced) = watch::channel(0u64);
+        let ctx = Ctx {
+            offsets: offsets.clone(),
+            retries: retries.clone(),
+            epoch: epoch.clone(),
+            paused: paused.clone(),
+            rebalances,
+            start: subscription.start,
+            timeout: config.timeout,
+            unrecorded: Mutex::default(),
+            gate: gate.clone(),
+        };
+        let client_config = config.consumer_config(subscription);
+        let consumer: BaseConsumer<Ctx> = client_config
+            .create_with_context(ctx)
+            .map_err(|e| Error::kafka("creating a consumer", e))?;
+        let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| Error::kafka(format!("subscribing to {topics:?}"), e))?;
+        let consumer = Arc::new(consumer);
+
+        // Poll all the time on a thread of its own, so that rebalances (whose callback blocks on
+        // the broker) are served even while handlers are busy, and never on a runtime worker.
+        let (tx, rx) = mpsc::channel(PREFETCH / POLL_BATCH);
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicUsize::new(0));
+        let poller = {
+            let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
+            let (paused, held) = (paused.clone(), held.clone());
+            std::thread::Builder::new()
+                .name(format!("cqrs-kafka-poll-{}", subscription.group))
+                .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch, &paused, &held))
+                .map_err(|e| Error::Io("starting the poll thread", e))?
+        };
+        let committer = spawn_committer(
+            Arc::downgrade(&gate),
+            Arc::downgrade(&consumer),
+            commit_requests,
+            format!("cqrs-kafka-commit-{}", subscription.group),
+        )
+        .map_err(|e| Error::Io("starting the commit thread", e))?;
+
+        // Wait until the group has given this member its partitions, with their start offsets
+        // resolved (see `Ctx::resolve_start`).
+        let ready = async {
+            while *rebalanced.borrow_and_update() == 0 {
+                if rebalanced.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(config.timeout * 3, ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!(group = %subscription.group, "no partition assignment yet; consuming anyway");
+        }
+        Ok(KafkaConsumer {
+            rx,
+            poller: Some(poller),
+            committer: Some(committer),
+            stop,
+            acker: Arc::new(KafkaAcker {
+                consumer: Arc::new(Mutex::new(Some(consumer))),
+                offsets,
+                retries,
+                epoch: epoch.clone(),
+                of_epoch: 0,
+                gate,
+            }),
+            polled: VecDeque::new(),
+            paused,
+            held,
+            closed_since: None,
+            reported_at: None,
+        })
+    }
+
+    /// The acker of rebalance epoch `epoch`: deliveries keep the acker of the epoch they were
+    /// made in, which knows them as stale once their partition is revoked (and maybe assigned
+    /// again, in a later epoch).
+    fn acker(&mut self, epoch: u64) -> Arc<KafkaAcker> {
+        if self.acker.of_epoch != epoch {
+            self.acker = Arc::new(self.acker.for_epoch(epoch));
+        }
+        self.acker.clone()
+    }
+
+    fn current_epoch(&self) -> u64 {
+        self.acker.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The next polled record, taken already or from the poll thread, without waiting.
+    fn try_next(&mut self) -> cqrs_core::Result<Option<Polled>> {
+        if self.polled.is_empty() {
+            match self.rx.try_recv() {
+                Ok(batch) => self.polled.extend(batch),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(cqrs_core::Error::Closed)
+                }
+            }
+        }
+        Ok(self.polled.pop_front())
+    }
+
+    /// The delivery of a polled record; `None` for a record of a partition revoked since it was
+    /// polled, or an offset this member already handed out since it got the partition (some
+    /// brokers answer a fetch with records before the fetch offset).
+    fn delivery(&mut self, record: Record, epoch: u64) -> Option<Delivery> {
+        let Record {
+            topic,
+            partition,
+            offset,
+            message,
+            malformed,
+        } = record;
+        {
+            // Under the lock the rebalance callback changes the assignment under: the record
+            // is this member's to hand out only if its partition was assigned before it was
+            // polled, and is still.
+            let mut offsets = lock(&self.acker.offsets);
+            let Some(state) = offsets
+                .get_mut(&(topic.clone(), partition))
+                .filter(|s| s.owns(epoch))
+            else {
+                tracing::debug!(%topic, partition, offset, "dropping a record of a partition revoked since it was fetched");
+                return None;
+            };
+            if state.next.is_some_and(|next| offset < next) {
+                tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
+                return None;
+            }
+            state.pending.insert(offset);
+            state.next = Some(offset + 1);
+        }
+        let acker = self.acker(epoch);
+        // Every delivery carries its partition: unkeyed records of one partition keep their
+        // order across the processor's workers.
+        let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
+            .with_shard(partition.unsigned_abs());
+        Some(match malformed {
+            Some(reason) => d.with_malformed(reason),
+            None => d,
+        })
+    }
+
+    /// Nacked messages whose time has come, as new deliveries.
+    fn due_retries(&mut self, max: usize, out: &mut Vec<Delivery>) -> Option<Instant> {
+        let acker = self.acker(self.current_epoch());
+        let now = Instant::now();
+        let mut retries = lock(&self.acker.retries);
+        let mut next = None;
+        let mut i = 0;
+        while i < retries.len() {
+            if retries[i].due <= now && out.len() < max {
+                let r = retries.swap_remove(i);
+                out.push(
+                    Delivery::shared(
+                        r.topic,
+                        r.message,
+                        r.attempt + 1,
+                        format!("{}:{}", r.partition, r.offset),
+                        acker.clone(),
+                    )
+                    .with_shard(r.partition.unsigned_abs()),
+                );
+            } else {
+                let due = retries[i].due;
+                next = Some(next.map_or(due, |n: Instant| n.min(due)));
+                i += 1;
+            }
+        }
+        next
+    }
+}
+
+impl KafkaConsumer {
+    /// Stops the poll and commit threads and waits for them, so that `close` holds the last
+    /// handle on the consumer.
+    async fn stop_polling(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.acker.gate.stop_committer();
+        let threads = [self.poller.take(), self.committer.take()];
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads.into_iter().flatten() {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.acker.gate.stop_committer();
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
+        let max = max.max(1);
+        loop {
+            let mut out = Vec::new();
+            let next_retry = self.due_retries(max, &mut out);
+            let gate = self.acker.gate.clone();
+            while out.len() < max && !gate.closed() {
+                match self.try_next()? {
+                    Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
+                    Some((Err(e), _)) => {
+                        if out.is_empty() {
+                            return Err(Error::kafka("consuming", e).into());
+                        }
+                        tracing::warn!(error = %e, "kafka consumer error");
+                    }
+                    None => break,
+                }
+            }
+            if !out.is_empty() {
+                self.closed_since = None;
+                return Ok(out);
+            }
+            let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if !gate.closed() {
+                self.closed_since = None;
+            } else {
+                // Closed, and the commits that would open it refused for a while: the group
+                // does not take this member's commits (a coordinator that refuses them for
+                // good). Said as an error, so that the group shows it (reconnecting, with the
+                // refusal) while the commits are asked for again.
+                let since = *self.closed_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= GATE_HOLDS_AT_MOST {
+                    // The gate limits duplicates; it must not stop a member for good (a
+                    // coordinator that never answers, a rejoin that does not finish).
+                    tracing::warn!(
+                        unrecorded = gate.unrecorded(),
+                        "no commit succeeded for {GATE_HOLDS_AT_MOST:?}; taking new work again (what is not recorded is handled again if this member dies)"
+                    );
+                    gate.all_recorded();
+                    self.closed_since = None;
+                    continue;
+                }
+                if since.elapsed() >= REPORT_REFUSALS_AFTER
+                    && self
+                        .reported_at
+                        .is_none_or(|at| at.elapsed() >= REPORT_REFUSALS_AFTER)
+                {
+                    self.reported_at = Some(Instant::now());
+                    // librdkafka may hold the answer to a refused commit back: no answer in
+                    // that time is as good as a refusal.
+                    let reason = gate
+                        .refusal()
+                        .unwrap_or_else(|| "no commit succeeded in time".to_owned());
+                    return Err(Error::CommitsRefused {
+                        unrecorded: gate.unrecorded(),
+                        reason,
+                    }
+                    .into());
+                }
+                // Registered before the check: a commit answered in between still wakes it.
+                let recorded = gate.changed.notified();
+                if gate.closed() {
+                    gate.ask();
+                    // Ask again if this one is refused; a retry may come due meanwhile.
+                    let wait = wait.min(Instant::now() + Duration::from_millis(200));
+                    tokio::select! {
+                        _ = recorded => {}
+                        _ = tokio::time::sleep_until(wait) => {}
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                batch = self.rx.recv() => match batch {
+                    Some(batch) => self.polled.extend(batch),
+                    None => return Err(cqrs_core::Error::Closed),
+                },
+                _ = tokio::time::sleep_until(wait) => {}
+            }
+        }
+    }
+
+    /// Commits what was handled and leaves the group before returning, so that the partitions
+    /// go to the other members at once.
+    async fn close(&mut self) -> cqrs_core::Result<()> {
+        self.stop_polling().await;
+        // Shared by every epoch's acker: taken out for all of them.
+        let Some(consumer) = lock(&self.acker.consumer).take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let committed = consumer.commit_consumer_state(CommitMode::Sync);
+            // The last handle: dropping it leaves the group, serving the revocation.
+            drop(consumer);
+            match committed {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                Err(e) => Err(Error::kafka("committing offsets at close", e).into()),
+            }
+        })
+        .await
+        .map_err(|e| cqrs_core::Error::fatal("closing the consumer", e))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state::PartitionState;
+    use super::*;
+    use cqrs_core::Message;
+
+    #[test]
+    fn a_partition_with_a_known_start_has_a_position_before_any_record() {
+        let mut state = PartitionState::new(3);
+        assert_eq!(state.position(), None);
+        state.next = Some(10);
+        assert_eq!(state.position(), Some(10));
+        state.pending.insert(10);
+        state.next = Some(11);
+        assert_eq!(state.position(), Some(10));
+        assert!(state.owns(3) && state.owns(4) && !state.owns(2));
+    }
+
+    /// Partitions given to a member while its poll thread has paused fetching (its handlers
+    /// behind, its queue full) are paused too; otherwise their records pile up in what the
+    /// thread holds, without bound. Then, taking again, it gets every record once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_assigned_while_fetching_is_paused_are_not_fetched() {
+        use cqrs_core::backend::Publisher as _;
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
+        let config = KafkaConfig::new(&brokers)
+            .partitions(4)
+            .fetch_wait(Duration::from_millis(10));
+        let backend = crate::KafkaBackend::connect(config.clone())
+            .await
+            .expect("connecting");
+        let topic = format!("paused-{}", cqrs_core::new_message_id());
+        backend.ensure_topics(&[&topic]).await.expect("topic");
+        let group = format!("{topic}.g");
+        let owned = |c: &KafkaConsumer| lock(&c.acker.offsets).len();
+        let within = |what: &str, check: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !check() {
+                assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+
+        // b holds all four partitions, then a joins and takes two; neither takes anything yet.
+        let mut b = KafkaConsumer::start(&config, &Subscription::new(&group, [&topic]))
+            .await
+            .expect("b");
+        let mut a = KafkaConsumer::start(&config, &Subscription::new(&group, [&topic]))
+            .await
+            .expect("a");
+        within("two partitions each", &|| owned(&a) == 2 && owned(&b) == 2);
+        let n = 8_000;
+        let messages: Vec<Message> = (0..n)
+            .map(|i| Message::new("t.E", vec![b'x'; 100]).with_key(Some(format!("k{}", i % 200))))
+            .collect();
+        backend
+            .publish(&topic, &messages)
+            .await
+            .expect("publishing");
+
+        // a's queue fills with its two partitions' records; it pauses fetching.
+        within("a paused", &|| a.paused.load(Ordering::SeqCst));
+        let held_when_paused = a.held.load(Ordering::SeqCst);
+        // b leaves: a gets b's two partitions (about 4,000 records) while paused.
+        b.close().await.expect("closing b");
+        within("a holds all four", &|| owned(&a) == 4);
+        // Time for fetches of the new partitions, if any were made (10 ms fetch waits).
+        std::thread::sleep(Duration::from_secs(2));
+        let held = a.held.load(Ordering::SeqCst);
+        assert!(
+            held <= held_when_paused + 10,
+            "a held {held_when_paused} records when it paused and {held} after it got b's partitions"
+        );
+
+        // Taking again, a gets every record once.
+        let mut seen = std::collections::HashSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "got {} of {n}",
+                seen.len()
+            );
+            let got = tokio::time::timeout(Duration::from_secs(1), a.receive(500)).await;
+            let Ok(got) = got else { continue };
+            let got = got.expect("receiving");
+            for d in &got {
+                assert!(
+                    seen.insert(d.broker_id().to_owned()),
+                    "{} twice",
+                    d.broker_id()
+                );
+            }
+            Delivery::ack_all(got)
+                .await
+                .map_err(|(e, _)| e)
+                .expect("acking");
+        }
+        a.close().await.expect("closing a");
+    }
+}

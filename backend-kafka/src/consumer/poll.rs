@@ -1,0 +1,172 @@
+//! The poll thread: polls all the time (serving rebalances and commit answers), decodes records
+//! and hands them over in batches; pauses fetching when the handlers fall behind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::wire::{Entry, Layout};
+use cqrs_core::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use tokio::sync::mpsc;
+
+use super::rebalance::Ctx;
+
+/// Messages fetched ahead of the handlers, per consumer.
+pub(super) const PREFETCH: usize = 2048;
+
+/// How long the poll thread waits, without polling, for the handlers to make room before it
+/// pauses fetching and polls again (which serves rebalances and `max.poll.interval.ms`).
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// A record as the poll thread decoded it.
+pub(super) struct Record {
+    pub(super) topic: Arc<str>,
+    pub(super) partition: i32,
+    pub(super) offset: i64,
+    pub(super) message: Message,
+    /// Why the message is malformed, if it is.
+    pub(super) malformed: Option<String>,
+}
+
+/// A polled record (or a consumer error) with the rebalance epoch it was polled in.
+pub(super) type Polled = (KafkaResult<Record>, u64);
+
+/// The most records the poll thread sends at once. They go in batches so that the thread
+/// handing them over and the one taking them wake each other once a batch, not once a record.
+pub(super) const POLL_BATCH: usize = 256;
+
+/// The message a record carries, and why it is malformed if it is (`docs/wire-format.md`); a
+/// record without a message id gets `topic/partition/offset`.
+pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
+    let headers = m.headers();
+    let fields = headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .filter_map(|h| Some((h.key, h.value?)));
+    let (mut message, malformed) = Layout::KAFKA.decode(
+        fields,
+        Entry {
+            // Made below only when the record has no id: a record carries one in nearly every
+            // case, and formatting it for every record cost a tenth of the poll thread's time.
+            id: "",
+            time_ms: record_time_ms(m),
+        },
+        m.key(),
+        m.payload().map(<[u8]>::to_vec),
+    );
+    if message.id.is_empty() {
+        message.id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+    }
+    (message, malformed)
+}
+
+/// The record's timestamp, in milliseconds since the Unix epoch.
+pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> {
+    m.timestamp()
+        .to_millis()
+        .and_then(|t| u64::try_from(t).ok())
+}
+
+/// Polls until `stop`: records go to `tx` decoded, in batches, tagged with the rebalance epoch.
+/// When the handlers fall behind and `tx` is full, the assigned partitions are paused and
+/// polling goes on, serving the group (rebalances, `max.poll.interval.ms`) without fetching more.
+pub(super) fn poll_loop(
+    consumer: &BaseConsumer<Ctx>,
+    tx: &mpsc::Sender<Vec<Polled>>,
+    stop: &AtomicBool,
+    epoch: &AtomicU64,
+    paused_flag: &AtomicBool,
+    held_count: &AtomicUsize,
+) {
+    let tick = Duration::from_millis(100);
+    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    let mut polled = |r: KafkaResult<BorrowedMessage<'_>>| -> Polled {
+        let record = r.map(|m| {
+            let topic = match topics.get(m.topic()) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> = Arc::from(m.topic());
+                    topics.insert(m.topic().to_owned(), t.clone());
+                    t
+                }
+            };
+            let (message, malformed) = decode(&m);
+            Record {
+                topic,
+                partition: m.partition(),
+                offset: m.offset(),
+                message,
+                malformed,
+            }
+        });
+        // Read after the poll: a rebalance it served is in the epoch.
+        (record, epoch.load(Ordering::SeqCst))
+    };
+    // Polled and not sent yet: the queue had no room.
+    let mut held: Vec<Polled> = Vec::new();
+    let mut paused = false;
+    let mut full_since: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::SeqCst) {
+        if !held.is_empty() {
+            match tx.try_send(std::mem::take(&mut held)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(batch)) => held = batch,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        held_count.store(held.len(), Ordering::Relaxed);
+        let full = !held.is_empty();
+        // A full queue first waits, polling only what comes at once: librdkafka keeps what it
+        // fetched ahead.
+        // Pausing drops that (it fetches again from the last polled offset on resume), which
+        // cost consuming most of its speed; it is kept for handlers that stay behind, so that
+        // the poll goes on serving the group.
+        if full {
+            let since = *full_since.get_or_insert_with(std::time::Instant::now);
+            if !paused && since.elapsed() < PAUSE_AFTER {
+                std::thread::sleep(Duration::from_millis(1));
+                // A poll that does not wait still serves the group's callbacks (commit answers,
+                // rebalances); what it returns is held: one record a millisecond at most.
+                if let Some(r) = consumer.poll(Duration::ZERO) {
+                    held.push(polled(r));
+                }
+                continue;
+            }
+        } else {
+            full_since = None;
+        }
+        if full != paused {
+            // Set first: a partition assigned from here on is paused by the callback too.
+            paused_flag.store(full, Ordering::SeqCst);
+            match consumer.assignment() {
+                Ok(assigned) => {
+                    let switched = if full {
+                        consumer.pause(&assigned)
+                    } else {
+                        consumer.resume(&assigned)
+                    };
+                    if let Err(e) = switched {
+                        tracing::warn!(error = %e, paused = full, "pausing or resuming fetching failed");
+                    }
+                    paused = full;
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),
+            }
+        }
+        let Some(r) = consumer.poll(tick) else {
+            continue;
+        };
+        held.push(polled(r));
+        // Then what is there at once, up to a batch (paused: nothing more is fetched).
+        while !paused && held.len() < POLL_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                Some(r) => held.push(polled(r)),
+                None => break,
+            }
+        }
+    }
+}

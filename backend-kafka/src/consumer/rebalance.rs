@@ -1,0 +1,273 @@
+//! The rebalance callbacks: partitions assigned (started where the subscription says, or where
+//! this member had handled up to) and revoked (committed first), and commit answers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs_core::StartFrom;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::state::{lock, Offsets, PartitionState, Retry};
+use crate::commit_gate::CommitGate;
+
+/// Commits what was handled before partitions go, starts new partitions where the subscription
+/// says, and reports finished rebalances.
+pub(crate) struct Ctx {
+    pub(super) offsets: Arc<Mutex<Offsets>>,
+    pub(super) retries: Arc<Mutex<Vec<Retry>>>,
+    /// Raised on every assignment and revocation; each partition keeps the one it was assigned
+    /// in, and each polled record the one it was polled in.
+    pub(super) epoch: Arc<AtomicU64>,
+    /// Whether the poll thread has paused fetching (the handlers are behind): partitions
+    /// assigned meanwhile are paused too.
+    pub(super) paused: Arc<AtomicBool>,
+    pub(super) rebalances: watch::Sender<u64>,
+    pub(super) start: StartFrom,
+    pub(super) timeout: Duration,
+    /// Per partition, the position this member had handled everything below when the commit
+    /// at its revocation was refused (a broker may refuse commits while its group rebalances):
+    /// if the next assignment gives the partition back, it resumes there, not from the older
+    /// committed offset.
+    pub(super) unrecorded: Mutex<HashMap<(String, i32), i64>>,
+    pub(super) gate: Arc<CommitGate>,
+}
+
+impl ClientContext for Ctx {}
+
+/// Whether the group's protocol changes assignments incrementally (cooperative-sticky, KIP-848)
+/// rather than all at once.
+fn incremental(consumer: &BaseConsumer<Ctx>) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
+impl Ctx {
+    /// Gives every assigned partition an explicit start: its committed offset, or (when the group
+    /// has none) the beginning or the current end. Resolving the end here, before the assignment
+    /// completes, means nothing published after `subscribe` returns is skipped.
+    ///
+    /// Returns the partitions resumed from a position this member handled beyond the committed
+    /// offset (see `unrecorded`), to be stored once assigned.
+    fn resolve_start(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) -> TopicPartitionList {
+        // Unreadable (the coordinator busy with the rebalance): librdkafka reads them itself
+        // (`Offset::Invalid`), but a position this member handled beyond them still counts.
+        let (parts, known): (Vec<(String, i32, Offset)>, bool) = match consumer
+            .committed_offsets(tpl.clone(), self.timeout)
+        {
+            Ok(committed) => {
+                let parts = committed
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
+                    .collect();
+                drop(committed);
+                (parts, true)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading committed offsets failed; librdkafka reads them");
+                let parts = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition(), Offset::Invalid))
+                    .collect();
+                (parts, false)
+            }
+        };
+        // Only the next assignment uses them: kept longer, a position could outlive its topic.
+        let mut unrecorded = std::mem::take(&mut *lock(&self.unrecorded));
+        let mut to_store = TopicPartitionList::new();
+        for (topic, partition, offset) in parts {
+            let handled = unrecorded.remove(&(topic.clone(), partition));
+            // Handled further than the group recorded: resume there, and record it. Not past
+            // the partition's end (a topic deleted and made again starts over).
+            let resume = handled
+                .filter(|h| !matches!(offset, Offset::Offset(c) if c >= *h))
+                .filter(|h| {
+                    let end = consumer.fetch_watermarks(&topic, partition, self.timeout);
+                    matches!(end, Ok((_, high)) if *h <= high)
+                });
+            let start = match (resume, offset, self.start) {
+                (Some(h), _, _) => {
+                    if let Err(e) =
+                        to_store.add_partition_offset(&topic, partition, Offset::Offset(h))
+                    {
+                        tracing::warn!(error = %e, %topic, partition, "keeping the resumed position failed");
+                    }
+                    Offset::Offset(h)
+                }
+                (None, Offset::Offset(_), _) => offset,
+                (None, _, _) if !known => Offset::Invalid,
+                (None, _, StartFrom::Latest) => {
+                    match consumer.fetch_watermarks(&topic, partition, self.timeout) {
+                        Ok((_, high)) => Offset::Offset(high),
+                        Err(e) => {
+                            tracing::warn!(error = %e, %topic, partition, "reading the end offset failed");
+                            Offset::End
+                        }
+                    }
+                }
+                _ => Offset::Beginning,
+            };
+            tracing::debug!(%topic, partition, committed = ?offset, ?handled, start = ?start, "partition start");
+            if let Err(e) = tpl.set_partition_offset(&topic, partition, start) {
+                tracing::warn!(error = %e, %topic, partition, "setting the start offset failed");
+            }
+        }
+        to_store
+    }
+
+    /// Stores (for the next commit) the positions `resolve_start` resumed from that the group
+    /// had not recorded; called once the partitions are assigned.
+    fn store_resumed(&self, consumer: &BaseConsumer<Self>, resumed: &TopicPartitionList) {
+        if resumed.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.store_offsets(resumed) {
+            tracing::warn!(error = %e, "storing the resumed positions failed");
+        }
+    }
+
+    /// Takes `tpl` (resolved by `resolve_start`) as this member's: eagerly (the whole
+    /// assignment) or incrementally (added to it), as the group's protocol says.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let incremental = incremental(consumer);
+        {
+            // Under the lock: a record polled before this, of a partition it gives again, is
+            // seen as stale by `delivery`, which checks under the same lock.
+            let mut offsets = lock(&self.offsets);
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            if !incremental {
+                offsets.clear();
+            }
+            for e in tpl.elements() {
+                let mut state = PartitionState::new(epoch);
+                // A known start is the partition's position until a record is handed out: a
+                // revocation before then keeps it (a resumed position the group has not
+                // recorded must survive a second rebalance whose commit is refused too).
+                if let Offset::Offset(start) = e.offset() {
+                    state.next = Some(start);
+                }
+                offsets.insert((Arc::from(e.topic()), e.partition()), state);
+            }
+        }
+        let assigned = if incremental {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        if let Err(e) = assigned {
+            tracing::error!(error = %e, incremental, "assigning partitions failed");
+        }
+        // The poll thread pauses what is assigned when it pauses; these came after.
+        if self.paused.load(Ordering::SeqCst) {
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+            }
+        }
+    }
+
+    /// Gives up `tpl`: what was handled on them is committed (unless they are lost: the group
+    /// already gave them to another member), their state and waiting retries are dropped, and
+    /// they leave the assignment (all of it under the eager protocol).
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, lost: bool) {
+        let incremental = incremental(consumer);
+        let revoked: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let is_revoked = |t: &str, p: i32| revoked.iter().any(|(rt, rp)| rt == t && *rp == p);
+        // Everything below each position is settled (handled or dead-lettered). The states go
+        // first, under the lock: an ack from now on stores nothing for these partitions, and
+        // their records still queued for the handlers are stale.
+        let positions: Vec<((String, i32), i64)> = {
+            let mut offsets = lock(&self.offsets);
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            let positions = offsets
+                .iter()
+                .filter(|((t, p), _)| is_revoked(t, *p))
+                .filter_map(|((t, p), state)| Some(((t.to_string(), *p), state.position()?)))
+                .collect();
+            offsets.retain(|(t, p), _| !is_revoked(t, *p));
+            positions
+        };
+        lock(&self.retries).retain(|r| !is_revoked(&r.topic, r.partition));
+        // Lost (this member was out of its group, its coordinator away): a commit would be
+        // refused. What they handled since the last commit is handled again by their next
+        // owner, unless that is this member again (a broker restart), which resumes where it was.
+        let committed = if lost {
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost))
+        } else {
+            consumer.commit_consumer_state(CommitMode::Sync)
+        };
+        match committed {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, partitions = revoked.len(), "partitions revoked without a commit; their positions are kept in case they come back");
+                let mut unrecorded = lock(&self.unrecorded);
+                for (key, position) in positions {
+                    let kept = unrecorded.entry(key).or_insert(position);
+                    *kept = (*kept).max(position);
+                }
+            }
+        }
+        // What this member handled on them is recorded or no longer its to record.
+        self.gate.all_recorded();
+        let unassigned = if incremental {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = unassigned {
+            tracing::error!(error = %e, incremental, "unassigning partitions failed");
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    /// The answer to a commit librdkafka made on its own (the gate's are answered on its
+    /// committer thread).
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.gate.periodic_answer(&result);
+    }
+
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let resumed = self.resolve_start(consumer, tpl);
+                self.assign(consumer, tpl);
+                self.store_resumed(consumer, &resumed);
+                tracing::debug!(partitions = tpl.count(), "partitions assigned");
+                self.rebalances.send_modify(|n| *n += 1);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, tpl, consumer.assignment_lost());
+                tracing::debug!(partitions = tpl.count(), "partitions revoked");
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(error = %code, "rebalance error");
+                self.revoke(consumer, tpl, true);
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Batch handlers: the events of a fetched batch go to the handler in one call; the failed ones
+//! are retried together.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::failure::{after_failure, Failed};
+use super::job::{consuming, handle_job};
+use super::settle::{ack_with_retries, nack};
+use super::{BatchRoute, GroupSpec, Job, Services, Settle};
+use crate::backend::Delivery;
+use crate::error::Result;
+use crate::handler::Context;
+use crate::middleware::HandlerPanicked;
+use crate::telemetry;
+
+/// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
+/// failed ones are retried together after the longest of their backoffs (as a smaller batch)
+/// until they succeed or are dead-lettered. Other messages (malformed, other events, stale)
+/// settle as with a one-at-a-time handler.
+pub(super) async fn handle_batch(
+    spec: &GroupSpec,
+    route: &BatchRoute,
+    services: &mut Services,
+    jobs: Vec<Job>,
+    token: &CancellationToken,
+) -> Result<()> {
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut todo: Vec<(Context, Option<Delivery>)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let ours = job.malformed.is_none()
+            && job.ctx.message.name == route.event
+            && !job.delivery.as_ref().is_some_and(Delivery::is_stale);
+        if !ours {
+            match handle_job(spec, services, job, token).await {
+                Some(Settle::Ack(d)) => acks.push(d),
+                Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+                None => {}
+            }
+            continue;
+        }
+        let Job {
+            mut ctx,
+            delivery,
+            unhandled,
+            ..
+        } = job;
+        if let Some(u) = unhandled {
+            u.disarm();
+        }
+        ctx.handler = route.handler.clone();
+        telemetry::consumed(&consuming(spec, &route.handler, &ctx.topic), 1);
+        todo.push((ctx, delivery));
+    }
+    while !todo.is_empty() {
+        if token.is_cancelled() {
+            // Not started: back to the broker (at-most-once ones were acked; they are lost,
+            // and said so).
+            for (ctx, delivery) in todo {
+                match delivery {
+                    Some(d) => nack(d, Duration::ZERO).await,
+                    None => {
+                        tracing::warn!(group = %spec.group, message_id = %ctx.message.id, "at-most-once message acked but not handled before shutdown; it is lost")
+                    }
+                }
+            }
+            break;
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "handle_batch",
+            handler = %route.handler,
+            group = %spec.group,
+            event = %route.event,
+            size = todo.len(),
+        );
+        #[cfg(feature = "otel")]
+        for (ctx, _) in &todo {
+            crate::otel::join(&span, &ctx.message.metadata.headers, false);
+        }
+        let contexts: Vec<Context> = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
+        let in_flight: Vec<_> = contexts.iter().map(|_| spec.health.enter()).collect();
+        let topic = contexts[0].topic.clone();
+        let labels = consuming(spec, &route.handler, &topic);
+        let metered =
+            telemetry::InFlight::enter(labels.backend, &spec.group, &route.handler, todo.len());
+        let started = Instant::now();
+        let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
+        telemetry::attempt(
+            &labels,
+            started.elapsed().as_secs_f64(),
+            outcomes.iter().all(Result::is_ok),
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(e) if e.is::<HandlerPanicked>())),
+        );
+        drop((in_flight, metered));
+        let mut retry = Vec::new();
+        let mut wait = Duration::ZERO;
+        for ((mut ctx, delivery), outcome) in todo.into_iter().zip(outcomes) {
+            let Err(error) = outcome else {
+                spec.health.handled();
+                acks.extend(delivery);
+                continue;
+            };
+            let attempt = ctx.attempt;
+            let (d, delay) = match after_failure(spec, &route.handler, &ctx, delivery, &error)
+                .instrument(span.clone())
+                .await
+            {
+                Failed::Retry(d, delay) => (d, delay),
+                Failed::Settled(Some(Settle::Ack(d))) => {
+                    acks.push(d);
+                    continue;
+                }
+                Failed::Settled(Some(Settle::Nack(d, delay))) => {
+                    nack(d, delay).await;
+                    continue;
+                }
+                Failed::Settled(None) => continue,
+            };
+            wait = wait.max(delay);
+            ctx.attempt = attempt + 1;
+            retry.push((ctx, Some(d)));
+        }
+        // What succeeded is acked before the retries wait.
+        if !acks.is_empty() {
+            ack_with_retries(std::mem::take(&mut acks)).await;
+        }
+        if !retry.is_empty() {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            retry.retain(|(_, d)| !d.as_ref().is_some_and(Delivery::is_stale));
+        }
+        todo = retry;
+    }
+    if !acks.is_empty() {
+        ack_with_retries(acks).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Runs one consumer group: a fetch loop ahead of the handling, jobs made of what it fetched,
+//! and the stop (running handlers get the shutdown deadline; what is left goes back).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::handle_batch;
+use super::inline::handle_inline;
+use super::lanes::Lanes;
+use super::settle::nack;
+use super::{context, GroupSpec, Job, Services, Unhandled};
+use crate::backend::{Consumer, Delivery};
+use crate::error::Result;
+use crate::processor::options::DeliveryMode;
+
+/// Runs the group until `token` is cancelled or the consumer fails for good.
+///
+/// With a concurrency of 1 each fetched batch is handled in order in this task and acked with one
+/// call, as a hand-written consumer loop would. With more, that many workers take messages from
+/// one queue (a key's next message waits until the one before it is done, so order per key
+/// holds) and a settler task acks in batches.
+pub(crate) async fn run_group(
+    spec: Arc<GroupSpec>,
+    consumer: Box<dyn Consumer>,
+    token: CancellationToken,
+) -> Result<()> {
+    // This group's own token: a group that fails stops its fetcher and lanes, not its siblings
+    // (the processor decides that).
+    let token = token.child_token();
+    #[cfg(feature = "metrics")]
+    let _stop_sampling = spec.options.sample_backlog.map(|every| {
+        let sampling = token.child_token();
+        tokio::spawn(crate::telemetry::sample_backlog(
+            spec.subscriber.clone(),
+            spec.publisher.system(),
+            spec.group.clone(),
+            spec.topics.clone(),
+            every,
+            sampling.clone(),
+        ));
+        sampling.drop_guard()
+    });
+    let lanes_n = if spec.batch.is_some() {
+        1
+    } else {
+        spec.options.concurrency.max(1)
+    };
+    let mut lanes = if lanes_n > 1 {
+        Some(Lanes::start(&spec, lanes_n, &token))
+    } else {
+        None
+    };
+    // The next batch is fetched while this one is handled.
+    let (batches_tx, mut batches) = mpsc::channel(1);
+    let fetcher = tokio::spawn(fetch_loop(
+        spec.clone(),
+        consumer,
+        batches_tx,
+        token.clone(),
+    ));
+
+    let mut services = Services::of(&spec);
+    let mut result = Ok(());
+    'fetch: loop {
+        let received = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            r = batches.recv() => r,
+        };
+        let deliveries = match received {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                result = Err(e);
+                break;
+            }
+            None => break,
+        };
+        let Some(jobs) = jobs(&spec, deliveries).await else {
+            continue;
+        };
+        match &mut lanes {
+            Some(lanes) => {
+                let mut jobs = jobs.into_iter();
+                while let Some(job) = jobs.next() {
+                    tokio::select! {
+                        biased;
+                        room = lanes.reserve() => match room {
+                            Some(room) => {
+                                lanes.push(job, room);
+                                continue;
+                            }
+                            None => break 'fetch,
+                        },
+                        _ = token.cancelled() => {}
+                    }
+                    // Stopping: jobs not queued that were acked first (at-most-once) still get
+                    // the shutdown deadline to run; the others are dropped, which hands them
+                    // back to the broker for redelivery.
+                    let deadline = tokio::time::Instant::now() + spec.options.shutdown_timeout;
+                    for job in std::iter::once(job).chain(jobs) {
+                        if job.unhandled.is_some() {
+                            let _ = tokio::time::timeout_at(deadline, lanes.send(job)).await;
+                        }
+                    }
+                    break 'fetch;
+                }
+            }
+            None => {
+                let handled = match &spec.batch {
+                    Some(route) => handle_batch(&spec, route, &mut services, jobs, &token).await,
+                    None => handle_inline(&spec, &mut services, jobs, &token).await,
+                };
+                if let Err(e) = handled {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+
+    // Stop: no new jobs; running handlers finish within the deadline, then their outcome is settled.
+    token.cancel();
+    if let Some(lanes) = lanes.take() {
+        if let Err(e) = lanes.finish(&spec).await {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    // A batch fetched ahead and not handled goes back for prompt redelivery.
+    batches.close();
+    while let Some(batch) = batches.recv().await {
+        for d in batch.into_iter().flatten() {
+            nack(d, Duration::ZERO).await;
+        }
+    }
+    match fetcher.await {
+        Ok(mut consumer) => {
+            if let Err(e) = consumer.close().await {
+                tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
+            }
+        }
+        Err(e) => tracing::error!(group = %spec.group, error = %e, "the fetch task failed"),
+    }
+    spec.health
+        .stopped(result.as_ref().err().map(crate::Error::report));
+    result
+}
+
+/// Fetches batches until `token` is cancelled or the consumer fails for good (the error is
+/// passed on); retries errors worth retrying with backoff. Hands the consumer back to be closed.
+async fn fetch_loop(
+    spec: Arc<GroupSpec>,
+    mut consumer: Box<dyn Consumer>,
+    batches: mpsc::Sender<Result<Vec<Delivery>>>,
+    token: CancellationToken,
+) -> Box<dyn Consumer> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            r = consumer.receive(spec.options.batch_size) => r,
+        };
+        match received {
+            Ok(d) => {
+                backoff = Duration::from_millis(100);
+                spec.health.running();
+                if let Err(unsent) = batches.send(Ok(d)).await {
+                    // The group stopped: hand them back.
+                    for d in unsent.0.into_iter().flatten() {
+                        nack(d, Duration::ZERO).await;
+                    }
+                    break;
+                }
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(group = %spec.group, error = %e.report(), "receive failed; retrying in {backoff:?}");
+                spec.health.reconnecting(e.report());
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(group = %spec.group, error = %e.report(), "receive failed; stopping the group");
+                let _ = batches.send(Err(e)).await;
+                break;
+            }
+        }
+    }
+    consumer
+}
+
+/// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
+/// the messages stay pending and come back).
+async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
+    match spec.options.delivery {
+        DeliveryMode::AtLeastOnce => Some(
+            deliveries
+                .into_iter()
+                .map(|d| Job {
+                    ctx: context(spec, &d),
+                    shard: d.shard(),
+                    malformed: d.malformed().map(str::to_owned),
+                    delivery: Some(d),
+                    unhandled: None,
+                })
+                .collect(),
+        ),
+        DeliveryMode::AtMostOnce => {
+            let jobs: Vec<Job> = deliveries
+                .iter()
+                .map(|d| Job {
+                    ctx: context(spec, d),
+                    shard: d.shard(),
+                    malformed: d.malformed().map(str::to_owned),
+                    delivery: None,
+                    unhandled: None,
+                })
+                .collect();
+            if let Err((e, back)) = Delivery::ack_all(deliveries).await {
+                // Not acked, so not handled: dropping them hands them back for redelivery.
+                tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
+                return None;
+            }
+            Some(
+                jobs.into_iter()
+                    .map(|mut j| {
+                        j.unhandled = Some(Unhandled {
+                            group: spec.group.clone(),
+                            message_id: j.ctx.message.id.clone(),
+                        });
+                        j
+                    })
+                    .collect(),
+            )
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Concurrency 1: a fetched batch handled in order in the group's task, then acked with one
+//! call, as a hand-written consumer loop would.
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::job::handle_job;
+use super::settle::{ack_with_retries, nack};
+use super::{GroupSpec, Job, Services, Settle};
+use crate::error::{Error, Result};
+
+/// Handles a batch in order in the calling task, then settles it: one ack call for the batch.
+/// After cancellation the running handler gets the shutdown deadline, and so do messages acked
+/// before handling (at-most-once); the rest of the batch is handed back.
+pub(super) async fn handle_inline(
+    spec: &GroupSpec,
+    services: &mut Services,
+    jobs: Vec<Job>,
+    token: &CancellationToken,
+) -> Result<()> {
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut deadline = None;
+    let mut timed_out = false;
+    for job in jobs {
+        if token.is_cancelled() || timed_out {
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + spec.options.shutdown_timeout);
+            match job.delivery {
+                // Not started: back to the broker.
+                Some(d) => nack(d, Duration::ZERO).await,
+                // Acked already: run it within the deadline (dropped, it logs its loss).
+                None if !timed_out => {
+                    if tokio::time::timeout_at(deadline, handle_job(spec, services, job, token))
+                        .await
+                        .is_err()
+                    {
+                        timed_out = true;
+                    }
+                }
+                None => drop(job),
+            }
+            continue;
+        }
+        let run = handle_job(spec, services, job, token);
+        tokio::pin!(run);
+        // Most handlers finish at their first poll: only a pending one waits on the token.
+        let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(o) => o,
+            Poll::Pending => tokio::select! {
+                biased;
+                o = &mut run => o,
+                _ = token.cancelled() => {
+                    let at = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + spec.options.shutdown_timeout
+                    });
+                    match tokio::time::timeout_at(at, &mut run).await {
+                        Ok(o) => o,
+                        Err(_) => {
+                            timed_out = true;
+                            None
+                        }
+                    }
+                }
+            },
+        };
+        match outcome {
+            Some(Settle::Ack(d)) => acks.push(d),
+            Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+            None => {}
+        }
+    }
+    if !acks.is_empty() {
+        ack_with_retries(acks).await;
+    }
+    if timed_out {
+        tracing::warn!(group = %spec.group, "shutdown deadline passed; the unfinished message stays pending");
+        return Err(Error::ShutdownTimeout(spec.options.shutdown_timeout));
+    }
+    Ok(())
+}

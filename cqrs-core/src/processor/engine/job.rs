@@ -1,0 +1,181 @@
+//! One message through its handler: stale and malformed deliveries, unknown events, the
+//! handler's span and metrics, a panic caught, and retries after the policy's backoff.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use super::failure::{after_failure, reject, Failed};
+use super::{GroupSpec, Job, Services, Settle};
+use crate::backend::Delivery;
+use crate::error::BoxError;
+use crate::handler::{is_permanent, Pipeline};
+use crate::middleware::{panic_message, HandlerPanicked};
+use crate::processor::options::UnknownEvent;
+use crate::telemetry::{self, Consuming, DeadReason};
+
+/// Runs a handler's future, turning a panic into an error.
+async fn caught(run: impl Future<Output = Result<(), BoxError>>) -> Result<(), BoxError> {
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic)))),
+    }
+}
+
+/// Runs one job; returns how to settle it with the broker (`None`: nothing to settle).
+///
+/// A failure worth retrying is retried here, after the policy's backoff, holding the job's lane:
+/// later messages of its key wait, so order per key survives retries. Cancellation ends the
+/// wait and hands the message back to the broker.
+pub(super) async fn handle_job(
+    spec: &GroupSpec,
+    services: &mut Services,
+    job: Job,
+    token: &CancellationToken,
+) -> Option<Settle> {
+    let Job {
+        mut ctx,
+        malformed,
+        mut delivery,
+        unhandled,
+        ..
+    } = job;
+    if let Some(u) = unhandled {
+        u.disarm();
+    }
+    if delivery.as_ref().is_some_and(Delivery::is_stale) {
+        // Its partition went to another member in a rebalance: that member handles it.
+        tracing::debug!(group = %spec.group, message_id = %ctx.message.id, "dropping a delivery whose partition was revoked");
+        return None;
+    }
+    if let Some(reason) = malformed {
+        return reject(spec, ctx, delivery, &reason, DeadReason::Malformed).await;
+    }
+    let Some((handler, pipeline)) = services.get(&ctx.message.name) else {
+        if spec.options.on_unknown == UnknownEvent::DeadLetter {
+            let reason = format!(
+                "no handler for event `{}` in group `{}`",
+                ctx.message.name, spec.group
+            );
+            return reject(spec, ctx, delivery, &reason, DeadReason::UnknownEvent).await;
+        }
+        telemetry::consumed(&consuming(spec, "", &ctx.topic), 1);
+        tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
+        return delivery.map(Settle::Ack);
+    };
+    ctx.handler = handler.clone();
+    let _in_flight = spec.health.enter();
+    let topic = ctx.topic.clone();
+    let labels = consuming(spec, handler, &topic);
+    telemetry::consumed(&labels, 1);
+    let _metered = telemetry::InFlight::enter(labels.backend, &spec.group, handler, 1);
+    loop {
+        // Each message's span is a root: spans of messages handled one after another (or side
+        // by side on one thread) never nest.
+        let span = tracing::info_span!(
+            parent: None,
+            "handle",
+            handler = %handler,
+            group = %spec.group,
+            event = %ctx.message.name,
+            message_id = %ctx.message.id,
+            attempt = ctx.attempt,
+            otel.name = %format_args!("process {}", ctx.topic),
+            otel.kind = "consumer",
+            messaging.system = labels.backend,
+            messaging.destination.name = %ctx.topic,
+            messaging.consumer.group.name = %spec.group,
+            messaging.message.id = %ctx.message.id,
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        if labels.backend == "kafka" && !span.is_disabled() {
+            // A Kafka delivery's broker id is `partition:offset`.
+            if let Some((partition, offset)) = ctx.broker_id.split_once(':') {
+                span.record("messaging.destination.partition.id", partition);
+                if let Ok(offset) = offset.parse::<i64>() {
+                    span.record("messaging.kafka.offset", offset);
+                }
+            }
+        }
+        #[cfg(feature = "otel")]
+        crate::otel::join(
+            &span,
+            &ctx.message.metadata.headers,
+            spec.options.trace_as_child,
+        );
+        let run = async {
+            match &mut *pipeline {
+                Pipeline::Direct(call) => call(ctx.clone()).await,
+                Pipeline::Tower(service) => {
+                    service.ready().await?;
+                    service.call(ctx.clone()).await
+                }
+            }
+        };
+        let started = Instant::now();
+        let result = caught(run).instrument(span.clone()).await;
+        telemetry::attempt(
+            &labels,
+            started.elapsed().as_secs_f64(),
+            result.is_ok(),
+            matches!(&result, Err(e) if e.is::<HandlerPanicked>()),
+        );
+        let Err(error) = result else {
+            spec.health.handled();
+            return delivery.map(Settle::Ack);
+        };
+        span.record("error.type", error_type(&error));
+        let attempt = ctx.attempt;
+        let (d, delay) = match after_failure(spec, handler, &ctx, delivery.take(), &error)
+            .instrument(span)
+            .await
+        {
+            Failed::Retry(d, delay) => (d, delay),
+            Failed::Settled(settle) => return settle,
+        };
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Some(Settle::Nack(d, Duration::ZERO)),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if d.is_stale() {
+            return None;
+        }
+        ctx.attempt = attempt + 1;
+        delivery = Some(d);
+    }
+}
+
+/// OpenTelemetry's `error.type` of a failed attempt: `panic`, `permanent` or `error`.
+fn error_type(error: &BoxError) -> &'static str {
+    if error.is::<HandlerPanicked>() {
+        "panic"
+    } else if is_permanent(error) {
+        "permanent"
+    } else {
+        "error"
+    }
+}
+
+/// The metric labels of a message of `topic` taken by `handler` of `spec`'s group.
+pub(super) fn consuming<'a>(
+    spec: &'a GroupSpec,
+    handler: &'a str,
+    topic: &'a str,
+) -> Consuming<'a> {
+    Consuming {
+        backend: spec.publisher.system(),
+        group: &spec.group,
+        handler,
+        topic,
+    }
+}

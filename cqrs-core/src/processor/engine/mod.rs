@@ -1,0 +1,153 @@
+//! The loop that runs one consumer group: fetch, dispatch to lanes, settle with the broker.
+//!
+//! One policy per file:
+//! - [`group`]: runs a group (its fetch loop, and jobs made of what it fetched);
+//! - [`inline`]: handles a fetched batch in order in the group's task (concurrency 1);
+//! - [`lanes`]: workers for concurrency above 1, order per key kept;
+//! - [`batch`]: batch handlers, a fetched batch per call;
+//! - [`job`]: one message through its handler, with its retries;
+//! - [`failure`]: what a failed attempt leads to, and dead letters;
+//! - [`settle`]: acks and nacks with the broker.
+
+mod batch;
+mod failure;
+mod group;
+mod inline;
+mod job;
+mod lanes;
+mod settle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::health::Health;
+use super::options::HandlerOptions;
+use crate::backend::{Delivery, Publisher, Subscriber, Subscription};
+use crate::handler::{BatchPipeline, Context, Pipeline};
+
+pub(crate) use group::run_group;
+
+/// The headers a processor writes on a dead letter ([`crate::dead_letter::headers`]).
+pub use crate::dead_letter::headers as dead_letter_headers;
+
+/// One handler inside a group, found by event name.
+pub(crate) struct Route {
+    pub handler: Arc<str>,
+    pub service: Pipeline,
+}
+
+/// A group's batch handler, for the events named `event`.
+pub(crate) struct BatchRoute {
+    pub event: String,
+    pub handler: Arc<str>,
+    pub pipeline: BatchPipeline,
+}
+
+/// Everything needed to run one consumer group.
+pub(crate) struct GroupSpec {
+    pub group: Arc<str>,
+    pub topics: Vec<String>,
+    pub routes: HashMap<String, Route>,
+    pub options: HandlerOptions,
+    pub publisher: Arc<dyn Publisher>,
+    pub subscriber: Arc<dyn Subscriber>,
+    pub consumer_name: String,
+    /// The handler name of a context before a handler took it.
+    pub no_handler: Arc<str>,
+    /// A batch handler: the group's one route, run a fetched batch at a time.
+    pub batch: Option<BatchRoute>,
+    /// What the group reports about itself.
+    pub health: Arc<Health>,
+}
+
+impl GroupSpec {
+    pub(crate) fn subscription(&self) -> Subscription {
+        Subscription::new(self.group.to_string(), self.topics.iter().cloned())
+            .consumer(self.consumer_name.clone())
+            .start(self.options.start)
+            .claim_idle(self.options.claim_idle)
+            .dead_letter(self.dead_letter_topic())
+    }
+
+    fn dead_letter_topic(&self) -> String {
+        self.options
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letter", self.group))
+    }
+}
+
+pub(super) struct Job {
+    ctx: Context,
+    /// The broker-side shard, which orders messages without a key.
+    shard: Option<u32>,
+    /// Why the entry could not be read as a message.
+    malformed: Option<String>,
+    /// `None` when the message was acked before handling (at-most-once).
+    delivery: Option<Delivery>,
+    /// Set for a message acked before handling: if the job is dropped before it runs (the
+    /// shutdown deadline passed), the loss is logged, never silent.
+    unhandled: Option<Unhandled>,
+}
+
+/// Logs an at-most-once message that was acked and will never be handled.
+pub(super) struct Unhandled {
+    group: Arc<str>,
+    message_id: String,
+}
+
+impl Drop for Unhandled {
+    fn drop(&mut self) {
+        tracing::error!(
+            group = %self.group,
+            message_id = %self.message_id,
+            "at-most-once message acked but not handled before the shutdown deadline; it is lost"
+        );
+    }
+}
+
+impl Unhandled {
+    /// The job runs: nothing to report.
+    pub(super) fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+pub(super) enum Settle {
+    Ack(Delivery),
+    Nack(Delivery, Duration),
+}
+
+/// Each runner's own handles on the handler pipelines, cloned once rather than per message.
+/// A group has a handful of handlers: a list compared by name beats hashing.
+pub(super) struct Services(Vec<(String, Arc<str>, Pipeline)>);
+
+impl Services {
+    pub(super) fn of(spec: &GroupSpec) -> Self {
+        Services(
+            spec.routes
+                .iter()
+                .map(|(name, r)| (name.clone(), r.handler.clone(), r.service.clone()))
+                .collect(),
+        )
+    }
+
+    pub(super) fn get(&mut self, event: &str) -> Option<(&Arc<str>, &mut Pipeline)> {
+        self.0
+            .iter_mut()
+            .find(|(name, _, _)| name == event)
+            .map(|(_, handler, pipeline)| (&*handler, pipeline))
+    }
+}
+
+pub(super) fn context(spec: &GroupSpec, d: &Delivery) -> Context {
+    Context {
+        message: d.message_arc().clone(),
+        topic: d.topic_arc().clone(),
+        group: spec.group.clone(),
+        handler: spec.no_handler.clone(),
+        attempt: d.attempt(),
+        broker_id: d.broker_id_arc().clone(),
+    }
+}

@@ -1,0 +1,56 @@
+//! Settling with the broker: acks in batches with a few retries, nacks one by one.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Settle;
+use crate::backend::Delivery;
+
+pub(super) async fn nack(d: Delivery, delay: Duration) {
+    if let Err((e, d)) = d.nack(delay).await {
+        tracing::warn!(error = %e.report(), message_id = %d.message().id, "nack failed; the message stays pending");
+    }
+}
+
+/// Acks in batches, nacks one by one; retries a failed ack a few times, then leaves the messages
+/// pending (they are redelivered: at-least-once).
+pub(super) async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
+    let mut acks = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Settle::Ack(d) => acks.push(d),
+                Settle::Nack(d, delay) => nack(d, delay).await,
+            }
+            if acks.len() < 1000 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !acks.is_empty() {
+            ack_with_retries(std::mem::take(&mut acks)).await;
+        }
+    }
+}
+
+pub(super) async fn ack_with_retries(mut batch: Vec<Delivery>) {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=5 {
+        match Delivery::ack_all(batch).await {
+            Ok(()) => return,
+            Err((e, back)) => {
+                if attempt == 5 {
+                    // Dropping them hands them back to their consumer, which delivers them
+                    // again (at-least-once) instead of holding them as in flight.
+                    tracing::error!(error = %e.report(), count = back.len(), "ack failed; the messages will be redelivered");
+                    return;
+                }
+                tracing::warn!(error = %e.report(), "ack failed; retrying");
+                batch = back;
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
