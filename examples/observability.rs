@@ -60,7 +60,7 @@ async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_span_events(FmtSpan::CLOSE)
         .with_target(false)
-        .with_env_filter("cqrs_core=info")
+        .with_env_filter("cqrs=info")
         .init();
     PrometheusBuilder::new()
         .with_http_listener(addr.parse::<std::net::SocketAddr>()?)

@@ -28,7 +28,34 @@
 //! | `#[event(key)]` on a field, or `#[event(key = "field")]` | the ordering / partition key (the field's `to_string()`) |
 //! | `#[event(crate = "path")]` | where the `cqrs` crate is, if renamed |
 
+// The contract (backend traits, envelope, errors, events, codecs, the in-memory broker) lives in
+// `cqrs-core`, which a backend author depends on alone; the runtime a user meets (buses,
+// processors, handlers, telemetry) lives here, where the user meets it (docs/architecture.md).
 pub use cqrs_core::*;
+
+#[cfg(feature = "asyncapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "asyncapi")))]
+pub mod asyncapi;
+pub mod bus;
+pub mod conformance;
+pub mod handler;
+pub mod middleware;
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod otel;
+pub mod processor;
+pub mod telemetry;
+mod versions;
+
+pub use bus::{CommandBus, EventBus, TopicNamer};
+pub use handler::{
+    permanent, retry_after, BatchError, BatchHandler, Context, Handler, Permanent, RetryAfter,
+};
+pub use processor::{
+    CommandProcessor, DeliveryMode, EventGroupProcessor, EventProcessor, GroupNamer, GroupState,
+    GroupStatus, HandlerOptions, Manifest, RestartPolicy, RetryPolicy, RunningProcessor,
+    UnknownEvent,
+};
 
 #[cfg(feature = "derive")]
 pub use cqrs_derive::{Command, Event};

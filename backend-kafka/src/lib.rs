@@ -28,11 +28,10 @@
 //! ```no_run
 //! # async fn run() -> Result<(), cqrs_core::BoxError> {
 //! use backend_kafka::{KafkaBackend, KafkaConfig};
-//! use cqrs_core::{EventBus, EventProcessor};
 //!
+//! // Through the `cqrs` crate (feature `kafka`) this is `cqrs::kafka`: `EventBus::new` and
+//! // `EventProcessor::new` take the backend as they take any other.
 //! let backend = KafkaBackend::connect(KafkaConfig::new("127.0.0.1:9092").partitions(4)).await?;
-//! let bus = EventBus::new(backend.clone());
-//! let processor = EventProcessor::new(backend, "svc-tickets");
 //! # Ok(()) }
 //! ```
 

@@ -2,7 +2,7 @@
 //!
 //! A backend is a broker client with consumer groups. The in-memory broker ([`crate::memory`]),
 //! Redis Streams and Kafka implement these traits and nothing else; buses and processors are written
-//! against them. [`crate::conformance`] checks that a backend behaves as the rest of the crate expects.
+//! against them. `cqrs::conformance` checks that a backend behaves as buses and processors expect.
 
 use std::fmt;
 use std::sync::Arc;

@@ -153,8 +153,9 @@ impl std::error::Error for CodecError {
     }
 }
 
-/// `error: cause: cause`, each source once.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its causes, `error: cause: cause`, each source once (for logs and dead-letter
+/// reasons).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {

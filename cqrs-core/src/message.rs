@@ -37,6 +37,26 @@ impl Message {
         }
     }
 
+    /// A message from all its parts, as a bus makes one from an encoded event (`Message` is
+    /// `#[non_exhaustive]`: fields may be added without breaking this).
+    pub fn from_parts(
+        id: String,
+        name: String,
+        version: u32,
+        key: Option<String>,
+        payload: Vec<u8>,
+        metadata: Metadata,
+    ) -> Self {
+        Message {
+            id,
+            name,
+            version,
+            key,
+            payload,
+            metadata,
+        }
+    }
+
     /// Sets the schema version.
     pub fn with_version(mut self, version: u32) -> Self {
         self.version = version;
@@ -125,7 +145,8 @@ pub fn new_message_id() -> String {
         .to_owned()
 }
 
-pub(crate) fn now_millis() -> u64 {
+/// Milliseconds since the Unix epoch, now (0 before 1970).
+pub fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

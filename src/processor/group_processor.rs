@@ -13,9 +13,10 @@ use super::{
 use crate::backend::{Backend, Subscriber};
 use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
-use crate::error::{Error, Result};
-use crate::event::{Descriptor, Event, Versions};
 use crate::handler::{Handler, HandlerService, Pipeline};
+use crate::versions::{Descriptor, Versions};
+use crate::Event;
+use crate::{Error, Result};
 
 /// Runs several event handlers in one consumer group, dispatching by event name.
 ///

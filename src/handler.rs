@@ -7,9 +7,9 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 use crate::codec::Codec;
-use crate::error::{BoxError, Error};
-use crate::event::Versions;
-use crate::message::{Message, Metadata};
+use crate::versions::Versions;
+use crate::{BoxError, Error};
+use crate::{Message, Metadata};
 
 /// What a handler knows about the message it is handling.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Context {
 /// retries.
 ///
 /// ```
-/// # use cqrs_core::{permanent, BoxError};
+/// # use cqrs::{permanent, BoxError};
 /// fn check(seats: u32) -> Result<(), BoxError> {
 ///     if seats == 0 {
 ///         return Err(permanent("a booking needs at least one seat"));
@@ -95,7 +95,7 @@ pub fn permanent(error: impl Into<BoxError>) -> BoxError {
 ///
 /// ```
 /// # use std::time::Duration;
-/// # use cqrs_core::{retry_after, BoxError};
+/// # use cqrs::{retry_after, BoxError};
 /// fn charge(status: u16) -> Result<(), BoxError> {
 ///     if status == 429 {
 ///         return Err(retry_after(Duration::from_secs(2), "payment API rate limit"));
@@ -302,7 +302,7 @@ fn read<T, C: Codec<T> + ?Sized>(codec: &C, v: &Versions<T>, ctx: &Context) -> R
 /// at once when the error is [`permanent`].
 ///
 /// ```
-/// use cqrs_core::{permanent, BatchError};
+/// use cqrs::{permanent, BatchError};
 ///
 /// fn check(amounts: &[i64]) -> Result<(), BatchError> {
 ///     let mut failed = BatchError::none();

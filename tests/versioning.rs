@@ -7,10 +7,10 @@
 use std::sync::{Arc, Mutex};
 
 use common::eventually;
-use cqrs_core::codec::{Codec, Json};
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::processor::dead_letter_headers as dlq;
-use cqrs_core::{CancellationToken, CodecError, Event, EventBus, EventProcessor};
+use cqrs::codec::{Codec, Json};
+use cqrs::memory::MemoryBroker;
+use cqrs::processor::dead_letter_headers as dlq;
+use cqrs::{CancellationToken, CodecError, Event, EventBus, EventProcessor};
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -106,7 +106,7 @@ impl Event for ShippedV1 {
 async fn start(
     broker: &MemoryBroker,
 ) -> (
-    cqrs_core::RunningProcessor,
+    cqrs::RunningProcessor,
     Arc<Mutex<Vec<Placed>>>,
     Arc<Mutex<Vec<String>>>,
 ) {

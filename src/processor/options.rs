@@ -7,8 +7,8 @@ use std::time::Duration;
 use tower::{Layer, Service};
 
 use crate::backend::{Backend, Publisher, StartFrom, Subscriber};
-use crate::error::BoxError;
 use crate::handler::{BoxHandlerService, Context};
+use crate::BoxError;
 
 /// When a message is acked relative to running its handler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -387,7 +387,7 @@ impl HandlerOptions {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// # use cqrs_core::{middleware::TimeoutLayer, processor::HandlerOptions};
+    /// # use cqrs::{middleware::TimeoutLayer, processor::HandlerOptions};
     /// HandlerOptions::default().layer(TimeoutLayer::new(Duration::from_secs(5)));
     /// ```
     pub fn layer<L>(&mut self, layer: L) -> &mut Self

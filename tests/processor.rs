@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, Keyed, WAIT};
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::middleware::TimeoutLayer;
-use cqrs_core::processor::dead_letter_headers as dlq;
-use cqrs_core::{
+use cqrs::memory::MemoryBroker;
+use cqrs::middleware::TimeoutLayer;
+use cqrs::processor::dead_letter_headers as dlq;
+use cqrs::{
     CancellationToken, Command, CommandBus, CommandProcessor, Context, Error, Event, EventBus,
     EventGroupProcessor, EventProcessor, GroupNamer, Metadata, RetryPolicy, UnknownEvent,
 };
@@ -637,7 +637,7 @@ async fn a_subscriber_constructor_picks_each_handlers_backend() {
 #[cfg(feature = "msgpack")]
 #[tokio::test]
 async fn msgpack_codec_round_trips_through_bus_and_processor() {
-    use cqrs_core::codec::MsgPack;
+    use cqrs::codec::MsgPack;
     let broker = MemoryBroker::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<Booked>();
     let mut p = EventProcessor::with_codec(broker.clone(), "svc", MsgPack);
@@ -691,7 +691,7 @@ async fn status_reports_what_each_group_handled_and_has_in_flight() {
     .await;
     assert!(running.is_ready());
     let s = &running.status()[0];
-    assert_eq!(s.state, cqrs_core::GroupState::Running);
+    assert_eq!(s.state, cqrs::GroupState::Running);
     assert!(s.last_handled_at.is_some());
     assert_eq!(s.last_error, None);
     release.notify_one();

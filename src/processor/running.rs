@@ -10,7 +10,7 @@ use super::engine::{self, GroupSpec};
 use super::health::Health;
 use super::{GroupState, GroupStatus};
 use crate::backend::Consumer;
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// Subscribes every group, then runs each in its own task.
 pub(super) async fn start(

@@ -7,9 +7,10 @@ use tracing::Instrument;
 
 use crate::backend::Publisher;
 use crate::codec::{Codec, DefaultCodec};
-use crate::error::{Error, Result};
-use crate::event::{Command, Descriptor, Event};
-use crate::message::{Message, Metadata};
+use crate::versions::Descriptor;
+use crate::{Command, Event};
+use crate::{Error, Result};
+use crate::{Message, Metadata};
 
 /// Maps event and command names to topics.
 ///
@@ -90,21 +91,21 @@ impl<C> Outbox<C> {
             source,
         })?;
         if metadata.created_at == 0 {
-            metadata.created_at = crate::message::now_millis();
+            metadata.created_at = crate::now_millis();
         }
         metadata.content_type = std::borrow::Cow::Borrowed(self.codec.content_type());
         #[cfg(feature = "otel")]
         crate::otel::inject(span, &mut metadata.headers);
         #[cfg(not(feature = "otel"))]
         let _ = span;
-        Ok(Message {
-            id: crate::message::new_message_id(),
-            name: d.name.to_owned(),
-            version: d.version,
+        Ok(Message::from_parts(
+            crate::new_message_id(),
+            d.name.to_owned(),
+            d.version,
             key,
             payload,
             metadata,
-        })
+        ))
     }
 
     /// The `send` span of publishing `n` messages to `topic` (OpenTelemetry's producer span).
@@ -233,8 +234,8 @@ macro_rules! bus_plumbing {
 /// Publishes typed events.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
-/// # use cqrs_core::{Event, EventBus, memory::MemoryBroker};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs::Result<()> {
+/// # use cqrs::{Event, EventBus, memory::MemoryBroker};
 /// #[derive(serde::Serialize, serde::Deserialize)]
 /// struct SeatReserved { seat: u32 }
 /// impl Event for SeatReserved { const NAME: &'static str = "SeatReserved"; }
@@ -310,8 +311,8 @@ impl<C> EventBus<C> {
 /// Sends typed commands to the one handler of each command type.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
-/// # use cqrs_core::{Command, CommandBus, memory::MemoryBroker};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs::Result<()> {
+/// # use cqrs::{Command, CommandBus, memory::MemoryBroker};
 /// #[derive(serde::Serialize, serde::Deserialize)]
 /// struct BookRoom { room: u32 }
 /// impl Command for BookRoom { const NAME: &'static str = "BookRoom"; }

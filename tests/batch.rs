@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, keyed, Keyed};
-use cqrs_core::backend::Publisher;
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::processor::dead_letter_headers as dlq;
-use cqrs_core::{
+use cqrs::backend::Publisher;
+use cqrs::memory::MemoryBroker;
+use cqrs::processor::dead_letter_headers as dlq;
+use cqrs::{
     permanent, BatchError, CancellationToken, EventBus, EventProcessor, Message, RetryPolicy,
 };
 

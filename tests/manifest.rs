@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use common::{keyed, Keyed};
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::processor::{GroupManifest, HandlerManifest};
-use cqrs_core::{
+use cqrs::memory::MemoryBroker;
+use cqrs::processor::{GroupManifest, HandlerManifest};
+use cqrs::{
     BatchError, CancellationToken, DeliveryMode, Error, EventBus, EventGroupProcessor,
     EventProcessor, GroupNamer,
 };
@@ -129,7 +129,7 @@ fn a_bus_declares_what_it_publishes_and_merges_with_the_processors() {
     let mut p = EventProcessor::new(broker.clone(), "svc");
     p.handle("count", ok).unwrap();
     let bus = EventBus::new(broker)
-        .topics(cqrs_core::TopicNamer::new(|name| format!("t.{name}")))
+        .topics(cqrs::TopicNamer::new(|name| format!("t.{name}")))
         .declare::<Keyed>()
         .declare::<Keyed>();
     let all = p.manifest().merge(bus.manifest());

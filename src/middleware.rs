@@ -14,7 +14,7 @@ use std::task::{Context as TaskContext, Poll};
 use futures_util::FutureExt;
 use tower::{Layer, Service};
 
-use crate::error::BoxError;
+use crate::BoxError;
 
 pub use tower::timeout::TimeoutLayer;
 

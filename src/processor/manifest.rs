@@ -11,7 +11,7 @@ use super::options::{DeliveryMode, HandlerOptions};
 /// same checks run at `start`. Its `Display` is a readable listing:
 ///
 /// ```
-/// # use cqrs_core::{Event, EventProcessor, memory::MemoryBroker};
+/// # use cqrs::{Event, EventProcessor, memory::MemoryBroker};
 /// # #[derive(serde::Serialize, serde::Deserialize)]
 /// # struct Booked { id: u32 }
 /// # impl Event for Booked { const NAME: &'static str = "tickets.Booked"; }
@@ -133,7 +133,7 @@ impl Manifest {
     /// topology from its processors and buses.
     ///
     /// ```
-    /// # use cqrs_core::{CommandBus, Event, EventBus, EventProcessor, memory::MemoryBroker};
+    /// # use cqrs::{CommandBus, Event, EventBus, EventProcessor, memory::MemoryBroker};
     /// # #[derive(serde::Serialize, serde::Deserialize)]
     /// # struct Booked { id: u32 }
     /// # impl Event for Booked { const NAME: &'static str = "tickets.Booked"; }

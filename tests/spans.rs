@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{eventually, keyed, Keyed};
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::{permanent, CancellationToken, EventBus, EventProcessor};
+use cqrs::memory::MemoryBroker;
+use cqrs::{permanent, CancellationToken, EventBus, EventProcessor};
 
 mod common;
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::job::handle_job;
 use super::settle::settle_loop;
 use super::{GroupSpec, Job, Services, Settle};
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// The workers for concurrency above 1, and a settler.
 ///

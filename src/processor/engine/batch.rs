@@ -11,10 +11,10 @@ use super::job::{consuming, handle_job};
 use super::settle::{ack_with_retries, nack};
 use super::{BatchRoute, GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
-use crate::error::Result;
 use crate::handler::Context;
 use crate::middleware::HandlerPanicked;
 use crate::telemetry;
+use crate::Result;
 
 /// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
 /// failed ones are retried together after the longest of their backoffs (as a smaller batch)

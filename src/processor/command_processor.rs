@@ -11,9 +11,10 @@ use super::{
 use crate::backend::{Backend, Subscriber};
 use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
-use crate::error::Result;
-use crate::event::{Command, Descriptor, Versions};
 use crate::handler::{Handler, HandlerService};
+use crate::versions::{Descriptor, Versions};
+use crate::Command;
+use crate::Result;
 
 /// Runs command handlers: exactly one per command type, each in its own consumer group named from
 /// the service and the command name.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cqrs_core::Event;
+use cqrs::Event;
 use serde::{Deserialize, Serialize};
 
 /// How long a test waits for something that should happen.

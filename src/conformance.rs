@@ -3,7 +3,7 @@
 //! A backend proves itself by running the whole suite in its tests:
 //!
 //! ```ignore
-//! cqrs_core::conformance_suite!(async { my_backend::connect("...").await.unwrap() });
+//! cqrs::conformance_suite!(async { my_backend::connect("...").await.unwrap() });
 //! ```
 //!
 //! A backend whose broker counts no deliveries (Kafka) says so, and its claimed messages are
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Backend, Consumer, Delivery, StartFrom, Subscription};
-use crate::message::Message;
+use crate::Message;
 
 /// How long a test waits for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(30);

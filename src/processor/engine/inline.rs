@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::job::handle_job;
 use super::settle::{ack_with_retries, nack};
 use super::{GroupSpec, Job, Services, Settle};
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// Handles a batch in order in the calling task, then settles it: one ack call for the batch.
 /// After cancellation the running handler gets the shutdown deadline, and so do messages acked

@@ -13,8 +13,8 @@ use super::lanes::Lanes;
 use super::settle::nack;
 use super::{context, GroupSpec, Job, Services, Unhandled};
 use crate::backend::{Consumer, Delivery};
-use crate::error::Result;
 use crate::processor::options::DeliveryMode;
+use crate::Result;
 
 /// Runs the group until `token` is cancelled or the consumer fails for good.
 ///

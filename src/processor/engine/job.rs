@@ -13,11 +13,11 @@ use tracing::Instrument;
 use super::failure::{after_failure, reject, Failed};
 use super::{GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
-use crate::error::BoxError;
 use crate::handler::{is_permanent, Pipeline};
 use crate::middleware::{panic_message, HandlerPanicked};
 use crate::processor::options::UnknownEvent;
 use crate::telemetry::{self, Consuming, DeadReason};
+use crate::BoxError;
 
 /// Runs a handler's future, turning a panic into an error.
 async fn caught(run: impl Future<Output = Result<(), BoxError>>) -> Result<(), BoxError> {

@@ -10,15 +10,16 @@ use super::{Core, EventRegistration, GroupNamer, Manifest, Registered, RunningPr
 use crate::backend::{Backend, Subscriber};
 use crate::bus::TopicNamer;
 use crate::codec::{Codec, DefaultCodec};
-use crate::error::Result;
-use crate::event::{Descriptor, Event, Versions};
 use crate::handler::{batch_pipeline, BatchHandler, Handler, HandlerService};
+use crate::versions::{Descriptor, Versions};
+use crate::Event;
+use crate::Result;
 
 /// Runs event handlers, each in its own consumer group.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs_core::Result<()> {
-/// use cqrs_core::{memory::MemoryBroker, BoxError, Event, EventBus, EventProcessor};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cqrs::Result<()> {
+/// use cqrs::{memory::MemoryBroker, BoxError, Event, EventBus, EventProcessor};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// #[derive(serde::Serialize, serde::Deserialize)]
@@ -105,11 +106,11 @@ impl<C> EventProcessor<C> {
     /// report that one as failed too.
     ///
     /// ```
-    /// # use cqrs_core::{BatchError, EventProcessor, Event, memory::MemoryBroker};
+    /// # use cqrs::{BatchError, EventProcessor, Event, memory::MemoryBroker};
     /// # #[derive(serde::Serialize, serde::Deserialize)]
     /// # struct Reading { sensor: String, value: f64 }
     /// # impl Event for Reading { const NAME: &'static str = "Reading"; }
-    /// # fn main() -> cqrs_core::Result<()> {
+    /// # fn main() -> cqrs::Result<()> {
     /// let mut processor = EventProcessor::new(MemoryBroker::new(), "svc-metrics");
     /// processor
     ///     .handle_batch("store", |readings: Vec<Reading>| async move {

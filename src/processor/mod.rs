@@ -77,9 +77,10 @@ pub use running::RunningProcessor;
 
 use crate::backend::{unique_consumer_name, Backend, Publisher, Subscriber};
 use crate::bus::TopicNamer;
-use crate::error::{Error, Result};
-use crate::event::{validate_topic, Descriptor};
 use crate::handler::{BatchPipeline, Pipeline};
+use crate::validate_topic;
+use crate::versions::Descriptor;
+use crate::{Error, Result};
 use engine::{BatchRoute, GroupSpec, Route};
 use running::start;
 

@@ -5,10 +5,10 @@ use std::time::Duration;
 use super::job::consuming;
 use super::{GroupSpec, Settle};
 use crate::backend::Delivery;
-use crate::error::{error_chain, BoxError, Result};
 use crate::handler::{is_permanent, requested_delay, Context};
-use crate::message::Message;
 use crate::telemetry::{self, DeadReason};
+use crate::Message;
+use crate::{error_chain, BoxError, Result};
 
 /// What a failed attempt leads to.
 pub(super) enum Failed {
@@ -142,7 +142,7 @@ async fn dead_letter(
     headers.insert(h::GROUP.into(), spec.group.to_string());
     headers.insert(h::TOPIC.into(), topic.into());
     headers.insert(h::ATTEMPTS.into(), attempts.to_string());
-    headers.insert(h::TIME.into(), crate::message::now_millis().to_string());
+    headers.insert(h::TIME.into(), crate::now_millis().to_string());
     spec.publisher
         .publish(&spec.dead_letter_topic(), std::slice::from_ref(&dead))
         .await

@@ -12,7 +12,7 @@
 //!
 //! ```
 //! # #[cfg(feature = "metrics")] {
-//! use cqrs_core::telemetry::names;
+//! use cqrs::telemetry::names;
 //! assert_eq!(names::SENT, "messaging.client.sent.messages");
 //! # }
 //! ```

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{eventually, keyed, Keyed, WAIT};
-use cqrs_core::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
-use cqrs_core::memory::MemoryBroker;
-use cqrs_core::processor::dead_letter_headers as dlq;
-use cqrs_core::{
+use cqrs::backend::{Consumer, Delivery, Publisher, Subscriber, Subscription};
+use cqrs::memory::MemoryBroker;
+use cqrs::processor::dead_letter_headers as dlq;
+use cqrs::{
     permanent, BoxError, CancellationToken, Context, Error, EventBus, EventProcessor, Message,
     RestartPolicy, RetryPolicy,
 };
@@ -168,14 +168,14 @@ struct Flaky {
 
 #[async_trait]
 impl Publisher for Flaky {
-    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs::Result<()> {
         self.inner.publish(topic, messages).await
     }
 }
 
 #[async_trait]
 impl Subscriber for Flaky {
-    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+    async fn subscribe(&self, s: &Subscription) -> cqrs::Result<Box<dyn Consumer>> {
         let left = self.failures_left.load(Ordering::SeqCst);
         if left > 0 {
             self.failures_left.store(left - 1, Ordering::SeqCst);
@@ -197,7 +197,7 @@ struct Failing(String);
 
 #[async_trait]
 impl Consumer for Failing {
-    async fn receive(&mut self, _max: usize) -> cqrs_core::Result<Vec<Delivery>> {
+    async fn receive(&mut self, _max: usize) -> cqrs::Result<Vec<Delivery>> {
         Err(Error::fatal(
             format!("reading for {}", self.0),
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
@@ -316,7 +316,7 @@ async fn a_handler_can_say_when_to_retry() {
     p.handle("rate-limited", move |_: Keyed, ctx: Context| {
         c.lock().unwrap().push(tokio::time::Instant::now());
         let r = if ctx.attempt() == 1 {
-            Err(cqrs_core::retry_after(
+            Err(cqrs::retry_after(
                 Duration::from_millis(300),
                 "429 Too Many Requests",
             ))
@@ -362,7 +362,7 @@ impl serde::Serialize for Fragile {
     }
 }
 
-impl cqrs_core::Event for Fragile {
+impl cqrs::Event for Fragile {
     const NAME: &'static str = "Fragile";
 }
 
@@ -396,14 +396,14 @@ struct FailsOnce {
 
 #[async_trait]
 impl Publisher for FailsOnce {
-    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs::Result<()> {
         self.inner.publish(topic, messages).await
     }
 }
 
 #[async_trait]
 impl Subscriber for FailsOnce {
-    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+    async fn subscribe(&self, s: &Subscription) -> cqrs::Result<Box<dyn Consumer>> {
         if s.group == self.group && self.subscribed.fetch_add(1, Ordering::SeqCst) == 0 {
             return Ok(Box::new(Failing(s.group.clone())));
         }
@@ -450,7 +450,7 @@ async fn a_failed_group_with_a_restart_policy_is_restarted_and_its_sibling_keeps
     let status = running.status();
     let flaky = status.iter().find(|s| s.group == "svc.flaky").unwrap();
     assert_eq!(flaky.restarts, 1);
-    assert_eq!(flaky.state, cqrs_core::GroupState::Running);
+    assert_eq!(flaky.state, cqrs::GroupState::Running);
     assert!(
         flaky
             .last_error
@@ -476,7 +476,7 @@ async fn a_group_that_keeps_failing_stops_the_processor_once_its_restarts_run_ou
     let running = p.start(CancellationToken::new()).await.unwrap();
     eventually("two restarts, then failed", || {
         let s = &running.status()[0];
-        s.restarts == 2 && s.state == cqrs_core::GroupState::Failed
+        s.restarts == 2 && s.state == cqrs::GroupState::Failed
     })
     .await;
     let err = tokio::time::timeout(WAIT, running.wait())
@@ -495,7 +495,7 @@ struct RefusesDeadLetters {
 
 #[async_trait]
 impl Publisher for RefusesDeadLetters {
-    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs_core::Result<()> {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> cqrs::Result<()> {
         if topic.ends_with(".dead-letter")
             && self
                 .refusals
@@ -513,7 +513,7 @@ impl Publisher for RefusesDeadLetters {
 
 #[async_trait]
 impl Subscriber for RefusesDeadLetters {
-    async fn subscribe(&self, s: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+    async fn subscribe(&self, s: &Subscription) -> cqrs::Result<Box<dyn Consumer>> {
         self.inner.subscribe(s).await
     }
 }

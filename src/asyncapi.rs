@@ -8,11 +8,11 @@
 //! extensions). An event without a schema gets an open object.
 //!
 //! ```
-//! use cqrs_core::asyncapi::{schemars, Document};
-//! use cqrs_core::{memory::MemoryBroker, Event, EventBus, EventProcessor};
+//! use cqrs::asyncapi::{schemars, Document};
+//! use cqrs::{memory::MemoryBroker, Event, EventBus, EventProcessor};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-//! #[schemars(crate = "cqrs_core::asyncapi::schemars")]
+//! #[schemars(crate = "cqrs::asyncapi::schemars")]
 //! struct Booked { seats: u32 }
 //! impl Event for Booked { const NAME: &'static str = "tickets.Booked"; }
 //!
@@ -39,8 +39,8 @@ use std::collections::BTreeMap;
 pub use schemars;
 use serde_json::{json, Map, Value};
 
-use crate::event::{Command, Event};
 use crate::processor::{DeliveryMode, Manifest};
+use crate::{Command, Event};
 
 /// An AsyncAPI 3.0 document being assembled.
 #[derive(Debug, Clone)]
