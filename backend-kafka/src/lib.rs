@@ -674,12 +674,7 @@ impl Subscriber for KafkaBackend {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
-        if subscription.topics.is_empty() {
-            return Err(cqrs_core::Error::Config(format!(
-                "group `{}` subscribes to no topic",
-                subscription.group
-            )));
-        }
+        subscription.check()?;
         // The dead-letter topic too: a message out of attempts must have somewhere to go.
         let mut topics = subscription.topics.clone();
         topics.extend(subscription.dead_letter.iter().cloned());

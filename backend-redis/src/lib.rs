@@ -346,11 +346,9 @@ impl Subscriber for RedisBackend {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        subscription.check()?;
         let Some(first) = subscription.topics.first() else {
-            return Err(cqrs_core::Error::Config(format!(
-                "group `{}` subscribes to no stream",
-                subscription.group
-            )));
+            return Err(cqrs_core::Error::Config("no topic".into()));
         };
         let pool = self.pool_for(first)?;
         if let Some(dead) = &subscription.dead_letter {

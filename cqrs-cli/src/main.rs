@@ -118,7 +118,7 @@ impl Group {
     fn topic(&self) -> String {
         self.dead_letter_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.dead-letter", self.group))
+            .unwrap_or_else(|| cqrs::dead_letter::topic_of(&self.group))
     }
 }
 

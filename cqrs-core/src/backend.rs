@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::message::Message;
 
 /// Sends messages to topics.
@@ -365,6 +365,18 @@ impl Subscription {
             claim_idle: Some(DEFAULT_CLAIM_IDLE),
             dead_letter: None,
         }
+    }
+
+    /// Checks what every backend needs of a subscription before it subscribes: at least one
+    /// topic. A backend calls it first in [`Subscriber::subscribe`].
+    pub fn check(&self) -> Result<()> {
+        if self.topics.is_empty() {
+            return Err(Error::Config(format!(
+                "group `{}` subscribes to no topic",
+                self.group
+            )));
+        }
+        Ok(())
     }
 
     /// Sets the consumer name.

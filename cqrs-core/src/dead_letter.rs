@@ -32,6 +32,12 @@ pub mod headers {
 /// The header a redriven message carries: the id of the dead letter it came from.
 pub const REDRIVEN_FROM: &str = "x-redriven-from";
 
+/// The dead-letter topic of `group` unless its handler names another: `{group}.dead-letter`.
+/// Processors publish there and the `cqrs` CLI reads there.
+pub fn topic_of(group: &str) -> String {
+    format!("{group}.dead-letter")
+}
+
 /// One message on a dead-letter topic, with what the processor wrote about its failure.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -253,12 +253,7 @@ impl Subscriber for MemoryBroker {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>> {
-        if subscription.topics.is_empty() {
-            return Err(Error::Config(format!(
-                "group `{}` subscribes to no topic",
-                subscription.group
-            )));
-        }
+        subscription.check()?;
         {
             let now = Instant::now();
             let mut state = self.lock();

@@ -90,7 +90,7 @@ impl GroupManifest {
             dead_letter_topic: options
                 .dead_letter_topic
                 .clone()
-                .unwrap_or_else(|| format!("{group}.dead-letter")),
+                .unwrap_or_else(|| crate::dead_letter::topic_of(&group)),
             group,
             topics,
             handlers,

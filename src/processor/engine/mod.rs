@@ -74,7 +74,7 @@ impl GroupSpec {
         self.options
             .dead_letter_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.dead-letter", self.group))
+            .unwrap_or_else(|| crate::dead_letter::topic_of(&self.group))
     }
 }
 
