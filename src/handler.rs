@@ -20,6 +20,7 @@ pub struct Context {
     pub(crate) handler: Arc<str>,
     pub(crate) attempt: u32,
     pub(crate) broker_id: Arc<str>,
+    pub(crate) position: Option<crate::LogPosition>,
 }
 
 impl Context {
@@ -63,6 +64,11 @@ impl Context {
     /// in-memory sequence number.
     pub fn broker_id(&self) -> &str {
         &self.broker_id
+    }
+
+    /// Where the message sits in a partitioned log (a Kafka partition and offset), if it does.
+    pub fn position(&self) -> Option<crate::LogPosition> {
+        self.position
     }
 
     /// How many times the group has been handed this message, starting at 1.

@@ -140,8 +140,18 @@ pub struct Delivery {
     acker: Arc<dyn Acknowledge>,
     malformed: Option<String>,
     shard: Option<u32>,
+    position: Option<LogPosition>,
     /// Acked or nacked: nothing to hand back when dropped.
     settled: bool,
+}
+
+/// Where an entry sits in a partitioned log: a Kafka partition and offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LogPosition {
+    /// The partition.
+    pub partition: i32,
+    /// The offset in the partition.
+    pub offset: i64,
 }
 
 /// A delivery dropped unsettled is handed back to its consumer ([`Acknowledge::release`]), so
@@ -184,6 +194,7 @@ impl Delivery {
             acker,
             malformed: None,
             shard: None,
+            position: None,
             settled: false,
         }
     }
@@ -200,6 +211,20 @@ impl Delivery {
     pub fn with_shard(mut self, shard: u32) -> Self {
         self.shard = Some(shard);
         self
+    }
+
+    /// Tells processors where the entry sits in a partitioned log (Kafka): its partition, which
+    /// is also its shard ([`Delivery::with_shard`]), and its offset, for spans and for the
+    /// backend's own acks (no id string parsed back).
+    pub fn with_position(mut self, position: LogPosition) -> Self {
+        self.shard = Some(position.partition.unsigned_abs());
+        self.position = Some(position);
+        self
+    }
+
+    /// Where the entry sits in a partitioned log, if the backend has one.
+    pub fn position(&self) -> Option<LogPosition> {
+        self.position
     }
 
     /// The broker-side shard, if the backend has them.

@@ -17,7 +17,7 @@ pub mod memory;
 mod message;
 pub mod wire;
 
-pub use backend::{Backend, Delivery, StartFrom, Subscription};
+pub use backend::{Backend, Delivery, LogPosition, StartFrom, Subscription};
 pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use error::{error_chain, BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};

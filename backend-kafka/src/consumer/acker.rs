@@ -83,13 +83,13 @@ impl KafkaAcker {
     }
 }
 
-fn parse_id(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
-    d.broker_id()
-        .split_once(':')
-        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+/// The partition and offset of a delivery this consumer made (each carries its position).
+fn position(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
+    d.position()
+        .map(|p| (p.partition, p.offset))
         .ok_or_else(|| {
             cqrs_core::Error::fatal(
-                "delivery id is not `partition:offset`",
+                "a Kafka delivery without a partition and offset",
                 d.broker_id().to_owned(),
             )
         })
@@ -107,7 +107,7 @@ impl Acknowledge for KafkaAcker {
             let mut offsets = lock(&self.offsets);
             let mut touched: Vec<(Arc<str>, i32)> = Vec::new();
             for d in deliveries {
-                let (partition, offset) = parse_id(d)?;
+                let (partition, offset) = position(d)?;
                 // A partition revoked since: its next owner (maybe this member again) reads it
                 // from the committed offset.
                 if let Some(state) = self.owned(&mut offsets, d.topic_arc(), partition) {
@@ -141,7 +141,7 @@ impl Acknowledge for KafkaAcker {
     }
 
     async fn nack(&self, delivery: &Delivery, redeliver_after: Duration) -> cqrs_core::Result<()> {
-        let (partition, offset) = parse_id(delivery)?;
+        let (partition, offset) = position(delivery)?;
         if self.owns(delivery, partition, |_| true) {
             // The offset stays pending, so nothing at or after it is committed until it is
             // handled.
@@ -156,14 +156,14 @@ impl Acknowledge for KafkaAcker {
     }
 
     fn is_stale(&self, delivery: &Delivery) -> bool {
-        let Ok((partition, _)) = parse_id(delivery) else {
+        let Ok((partition, _)) = position(delivery) else {
             return false;
         };
         !self.owns(delivery, partition, |_| true)
     }
 
     fn release(&self, delivery: &Delivery) {
-        let Ok((partition, offset)) = parse_id(delivery) else {
+        let Ok((partition, offset)) = position(delivery) else {
             return;
         };
         // Only while this member still owns the partition; otherwise its new owner reads it.

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
+use cqrs_core::LogPosition;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -212,10 +213,10 @@ impl KafkaConsumer {
             state.next = Some(offset + 1);
         }
         let acker = self.acker(epoch);
-        // Every delivery carries its partition: unkeyed records of one partition keep their
-        // order across the processor's workers.
+        // Every delivery carries its partition (its shard: unkeyed records of one partition
+        // keep their order across the processor's workers) and offset.
         let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
-            .with_shard(partition.unsigned_abs());
+            .with_position(LogPosition { partition, offset });
         Some(match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
@@ -240,7 +241,10 @@ impl KafkaConsumer {
                         format!("{}:{}", r.partition, r.offset),
                         acker.clone(),
                     )
-                    .with_shard(r.partition.unsigned_abs()),
+                    .with_position(LogPosition {
+                        partition: r.partition,
+                        offset: r.offset,
+                    }),
                 );
             } else {
                 let due = retries[i].due;

@@ -97,14 +97,10 @@ pub(super) async fn handle_job(
             messaging.kafka.offset = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        if labels.backend == "kafka" && !span.is_disabled() {
-            // A Kafka delivery's broker id is `partition:offset`.
-            if let Some((partition, offset)) = ctx.broker_id.split_once(':') {
-                span.record("messaging.destination.partition.id", partition);
-                if let Ok(offset) = offset.parse::<i64>() {
-                    span.record("messaging.kafka.offset", offset);
-                }
-            }
+        if let Some(position) = ctx.position.filter(|_| !span.is_disabled()) {
+            let partition = position.partition.to_string();
+            span.record("messaging.destination.partition.id", partition.as_str());
+            span.record("messaging.kafka.offset", position.offset);
         }
         #[cfg(feature = "otel")]
         crate::otel::join(

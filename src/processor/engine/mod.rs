@@ -149,5 +149,6 @@ pub(super) fn context(spec: &GroupSpec, d: &Delivery) -> Context {
         handler: spec.no_handler.clone(),
         attempt: d.attempt(),
         broker_id: d.broker_id_arc().clone(),
+        position: d.position(),
     }
 }
