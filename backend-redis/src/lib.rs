@@ -24,6 +24,7 @@
 mod admin;
 mod conn;
 mod consumer;
+mod dead_letters;
 mod error;
 mod topology;
 mod value;

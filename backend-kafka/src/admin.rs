@@ -1,0 +1,242 @@
+//! Topics (created on first use) and the consumer groups of a service with their backlog.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::Producer;
+
+use crate::error::{Error, Result};
+use crate::{KafkaBackend, KafkaConfig};
+
+impl KafkaBackend {
+    /// The topics the cluster has.
+    pub async fn topics_on_broker(&self) -> Result<Vec<String>> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.config.timeout;
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.topics().iter().map(|t| t.name().to_owned()).collect())
+        })
+        .await
+        .map_err(|_| Error::kafka("fetching metadata", rdkafka::error::KafkaError::Canceled))?
+        .map_err(|e| Error::kafka("fetching metadata", e))
+    }
+
+    /// Makes sure `topics` exist: creates the missing ones, or fails naming the first missing
+    /// one when creation is off.
+    pub async fn ensure_topics<T: AsRef<str>>(&self, topics: &[T]) -> Result<()> {
+        let missing: Vec<&str> = {
+            let known = self
+                .inner
+                .known_topics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            topics
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|t| !known.contains(*t))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let existing: HashSet<String> = self.topics_on_broker().await?.into_iter().collect();
+        let to_create: Vec<&str> = missing
+            .iter()
+            .copied()
+            .filter(|t| !existing.contains(*t))
+            .collect();
+        if !to_create.is_empty() {
+            if !self.inner.config.create_topics {
+                return Err(Error::MissingTopic(to_create[0].to_owned()));
+            }
+            let config = &self.inner.config;
+            let new: Vec<NewTopic<'_>> = to_create
+                .iter()
+                .map(|t| {
+                    NewTopic::new(
+                        t,
+                        // -1: the broker's default (CreateTopics v4, KIP-464).
+                        config.partitions.unwrap_or(-1),
+                        TopicReplication::Fixed(config.replication.unwrap_or(-1)),
+                    )
+                })
+                .collect();
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(config.timeout))
+                .request_timeout(Some(config.timeout));
+            // A broker without CreateTopics may leave the request unanswered.
+            let results = tokio::time::timeout(
+                config.timeout + Duration::from_secs(1),
+                self.inner.admin.create_topics(&new, &opts),
+            )
+            .await
+            .map_err(|_| {
+                Error::kafka(
+                    format!(
+                        "creating topics {to_create:?} (no answer in {:?})",
+                        config.timeout
+                    ),
+                    rdkafka::error::KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut),
+                )
+            })?
+            .map_err(|e| Error::kafka(format!("creating topics {to_create:?}"), e))?;
+            for r in results {
+                match r {
+                    Ok(_) => {}
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => {
+                        return Err(Error::kafka(
+                            format!("creating topic `{topic}`"),
+                            rdkafka::error::KafkaError::AdminOp(code),
+                        ))
+                    }
+                }
+            }
+            tracing::debug!(topics = ?to_create, "created topics");
+        }
+        self.inner
+            .known_topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(missing.iter().map(|t| (*t).to_owned()));
+        Ok(())
+    }
+}
+
+impl KafkaBackend {
+    /// For each of `topics`, the consumer groups named with `prefix` that have committed offsets
+    /// on it, with their lag ([`Subscriber::groups`] for many topics at once: the groups are
+    /// listed and each one's offsets fetched once for all of them). A topic whose partitions
+    /// cannot be read (being created or deleted) gets its own error; the others are answered.
+    pub async fn backlogs(
+        &self,
+        topics: Vec<String>,
+        prefix: &str,
+    ) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>>)>> {
+        let config = self.inner.config.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || group_backlogs(&config, topics, &prefix))
+            .await
+            .map_err(|_| {
+                Error::kafka(
+                    "listing consumer groups",
+                    rdkafka::error::KafkaError::Canceled,
+                )
+            })?
+    }
+}
+
+/// Drops a short-lived client on a thread of its own: librdkafka takes about 100 ms to destroy
+/// a client with a group id (measured), which the caller need not wait for (a processor's start
+/// read the groups of its service one client each, so it waited that long per group).
+fn drop_in_background<T: Send + 'static>(client: T) {
+    // If no thread can be started, the client is dropped here (the closure is).
+    let _ = std::thread::Builder::new()
+        .name("cqrs-kafka-drop".into())
+        .spawn(move || drop(client));
+}
+
+/// Per topic, the groups named with `prefix` that have committed offsets on it, with their lag:
+/// one probe client, one ListGroups, per topic its partitions and watermarks, per group one
+/// OffsetFetch for every topic.
+#[allow(clippy::type_complexity)]
+fn group_backlogs(
+    config: &KafkaConfig,
+    topics: Vec<String>,
+    prefix: &str,
+) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>, Error>)>, Error> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let timeout = config.timeout;
+    let client = |group: &str| -> Result<BaseConsumer, Error> {
+        let mut c = config.admin_config();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        c.create()
+            .map_err(|e| Error::kafka("creating a client to read consumer groups", e))
+    };
+    let probe = client(&format!("{prefix}cqrs-groups-probe"))?;
+    // Per topic: (partition, low, high) of each partition, or why they cannot be read.
+    let ends = |topic: &str| -> Result<Vec<(i32, i64, i64)>, Error> {
+        let context = |what: &str| format!("{what} for the groups of {topic}");
+        let metadata = probe
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| Error::kafka(context("reading metadata"), e))?;
+        let mut ends = Vec::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = probe
+                .fetch_watermarks(topic, p.id(), timeout)
+                .map_err(|e| Error::kafka(context("reading watermarks"), e))?;
+            ends.push((p.id(), low, high));
+        }
+        Ok(ends)
+    };
+    let mut out: Vec<(String, Result<Vec<_>, Error>, Vec<(i32, i64, i64)>)> = topics
+        .into_iter()
+        .map(|t| match ends(&t) {
+            Ok(e) => (t, Ok(Vec::new()), e),
+            Err(err) => (t, Err(err), Vec::new()),
+        })
+        .collect();
+    // After the metadata above: librdkafka's ListGroups on a client that has none yet waits
+    // for a broker state change first (1-2 s, measured), not for the metadata itself.
+    let listed = probe
+        .fetch_group_list(None, timeout)
+        .map_err(|e| Error::kafka("listing consumer groups", e))?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, _, ends) in &out {
+        for &(p, _, _) in ends {
+            tpl.add_partition(topic, p);
+        }
+    }
+    for g in listed.groups() {
+        // A group that only commits offsets (no member ever joined it) has no protocol type.
+        let consumer_group = matches!(g.protocol_type(), "consumer" | "");
+        if tpl.count() == 0 || !g.name().starts_with(prefix) || !consumer_group {
+            continue;
+        }
+        let reader = client(g.name())?;
+        let committed = reader.committed_offsets(tpl.clone(), timeout);
+        drop_in_background(reader);
+        let committed = committed.map_err(|e| {
+            Error::kafka(format!("reading the committed offsets of {}", g.name()), e)
+        })?;
+        for (topic, backlog, ends) in &mut out {
+            let Ok(backlog) = backlog else { continue };
+            let mut reads_topic = false;
+            let mut lag = 0;
+            for &(p, low, high) in ends.iter() {
+                let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => {
+                        reads_topic = true;
+                        o
+                    }
+                    _ => low,
+                };
+                lag += (high - at).max(0) as u64;
+            }
+            if reads_topic {
+                backlog.push(cqrs_core::backend::GroupBacklog {
+                    group: g.name().to_owned(),
+                    pending: 0,
+                    lag: Some(lag),
+                });
+            }
+        }
+    }
+    drop_in_background(probe);
+    Ok(out
+        .into_iter()
+        .map(|(topic, backlog, _)| {
+            let backlog = backlog.map(|mut b| {
+                b.sort_by(|x, y| x.group.cmp(&y.group));
+                b
+            });
+            (topic, backlog)
+        })
+        .collect())
+}

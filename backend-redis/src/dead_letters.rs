@@ -1,0 +1,111 @@
+//! The dead letters' store: list, redrive (publish first, then delete) and purge the entries of
+//! a dead-letter stream.
+
+use async_trait::async_trait;
+use cqrs_core::backend::Publisher;
+use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore};
+use redis::Value;
+
+use crate::error::Error;
+use crate::value::{self, parse_id};
+use crate::RedisBackend;
+
+#[async_trait]
+impl DeadLetterStore for RedisBackend {
+    async fn has_dead_letters(&self, topic: &str) -> cqrs_core::Result<bool> {
+        let pool = self.pool_for(topic)?;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(topic)
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("EXISTS {topic}"), e))?;
+        Ok(exists)
+    }
+
+    /// The entries of the dead-letter stream `topic`, oldest first.
+    async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let pool = self.pool_for(topic)?;
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(topic)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
+        Ok(value::entries(reply)
+            .into_iter()
+            .filter_map(dead_letter)
+            .collect())
+    }
+
+    /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`).
+    async fn redrive(
+        &self,
+        topic: &str,
+        ids: Option<&[String]>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let chosen: Vec<DeadLetter> = self
+            .dead_letters(topic)
+            .await?
+            .into_iter()
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .collect();
+        if let Some(d) = chosen.iter().find(|d| d.topic.is_none()) {
+            return Err(Error::DeadLetterWithoutTopic {
+                stream: topic.to_owned(),
+                id: d.id.clone(),
+            }
+            .into());
+        }
+        let pool = self.pool_for(topic)?;
+        for d in &chosen {
+            let to = d.topic.as_deref().unwrap_or_default();
+            self.publish(to, std::slice::from_ref(&d.redriven()))
+                .await
+                .map_err(|e| Error::Redrive {
+                    id: d.id.clone(),
+                    topic: to.to_owned(),
+                    source: Box::new(e),
+                })?;
+            redis::cmd("XDEL")
+                .arg(topic)
+                .arg(&d.id)
+                .query_async::<u64>(&mut pool.conn.clone())
+                .await
+                .map_err(|e| Error::redis(format!("XDEL {topic} {}", d.id), e))?;
+        }
+        Ok(chosen)
+    }
+
+    /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,
+    /// empty).
+    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
+        let pool = self.pool_for(topic)?;
+        let mut conn = pool.conn.clone();
+        let removed = match ids {
+            Some([]) => Ok(0),
+            Some(ids) => redis::cmd("XDEL")
+                .arg(topic)
+                .arg(ids)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(format!("XDEL {topic}"), e)),
+            None => redis::cmd("XTRIM")
+                .arg(topic)
+                .arg("MAXLEN")
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis(format!("XTRIM {topic} MAXLEN 0"), e)),
+        };
+        Ok(removed?)
+    }
+}
+
+/// A dead letter from its stream entry; its age counts from the entry id's time when the
+/// processor did not stamp one.
+fn dead_letter(entry: value::Entry) -> Option<DeadLetter> {
+    let (message, _) = crate::consumer::decode(&entry.id, entry.fields?);
+    let stored_at_ms = parse_id(&entry.id).map(|(ms, _)| ms);
+    Some(DeadLetter::new(entry.id, message, stored_at_ms))
+}
