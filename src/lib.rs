@@ -62,11 +62,11 @@ pub use cqrs_derive::{Command, Event};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use backend_redis as redis;
+pub use cqrs_redis as redis;
 
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
-pub use backend_kafka as kafka;
+pub use cqrs_kafka as kafka;
 
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]

@@ -147,3 +147,98 @@ mod tests {
         assert_eq!(back.payload, d.message.payload);
     }
 }
+
+/// Why a redrive stopped, the same on every backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedriveError {
+    /// A chosen dead letter has no `x-dead-letter-topic` header: where it goes back to is
+    /// unknown, and nothing was redriven.
+    #[error("dead letter {id} on {dead_letters} has no x-dead-letter-topic header: its topic is unknown")]
+    NoTopic {
+        /// The dead-letter topic.
+        dead_letters: String,
+        /// The dead letter's id on it.
+        id: String,
+    },
+    /// Publishing a dead letter back to its topic failed: it, and those after it, are still dead
+    /// letters.
+    #[error(
+        "redriving dead letter {id} of {dead_letters} to {topic} failed; it is still a dead letter"
+    )]
+    Publish {
+        /// The dead-letter topic.
+        dead_letters: String,
+        /// The dead letter's id on it.
+        id: String,
+        /// The topic it was going back to.
+        topic: String,
+        /// Why.
+        #[source]
+        source: Box<crate::Error>,
+    },
+}
+
+impl From<RedriveError> for crate::Error {
+    fn from(e: RedriveError) -> Self {
+        match e {
+            e @ RedriveError::NoTopic { .. } => crate::Error::Config(e.to_string()),
+            RedriveError::Publish { ref source, .. } => {
+                let retryable = source.is_retryable();
+                if retryable {
+                    crate::Error::retryable("redriving dead letters", e)
+                } else {
+                    crate::Error::fatal("redriving dead letters", e)
+                }
+            }
+        }
+    }
+}
+
+/// What a backend does for each dead letter [`redrive_each`] sends back.
+#[async_trait]
+pub trait Redrive: Send {
+    /// How the backend finds a dead letter again (a stream entry id, a partition and offset).
+    type Key: Send + Sync;
+
+    /// Publishes `message` to `topic`, returning once the broker took it.
+    async fn publish(&mut self, topic: &str, message: Message) -> Result<()>;
+
+    /// Deletes or records the dead letter `key`, once it is back on its topic.
+    async fn done(&mut self, key: &Self::Key, dead: &DeadLetter) -> Result<()>;
+}
+
+/// Redrives the `chosen` dead letters of `dead_letters`, in order, as every backend does: first
+/// checks that each names its original topic (if one does not, nothing is redriven); then, for
+/// each, publishes it back ([`DeadLetter::redriven`]) and only once that succeeded calls
+/// [`Redrive::done`] (delete it, record it), so a failure leaves it, and those after it, where
+/// they were. Returns the dead letters redriven.
+pub async fn redrive_each<R: Redrive>(
+    dead_letters: &str,
+    chosen: Vec<(R::Key, DeadLetter)>,
+    backend: &mut R,
+) -> Result<Vec<DeadLetter>> {
+    if let Some((_, d)) = chosen.iter().find(|(_, d)| d.topic.is_none()) {
+        return Err(RedriveError::NoTopic {
+            dead_letters: dead_letters.to_owned(),
+            id: d.id.clone(),
+        }
+        .into());
+    }
+    let mut redriven = Vec::with_capacity(chosen.len());
+    for (key, d) in chosen {
+        let to = d.topic.clone().unwrap_or_default();
+        if let Err(e) = backend.publish(&to, d.redriven()).await {
+            return Err(RedriveError::Publish {
+                dead_letters: dead_letters.to_owned(),
+                id: d.id.clone(),
+                topic: to,
+                source: Box::new(e),
+            }
+            .into());
+        }
+        backend.done(&key, &d).await?;
+        redriven.push(d);
+    }
+    Ok(redriven)
+}

@@ -1,4 +1,4 @@
-//! The error type of `backend-redis`.
+//! The error type of `cqrs-redis`.
 
 /// `Result` with [`Error`] as its default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -66,27 +66,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A dead letter lacks the `x-dead-letter-topic` header, so where to redrive it is unknown.
-    #[error(
-        "dead letter {id} on {stream} has no x-dead-letter-topic header: its topic is unknown"
-    )]
-    DeadLetterWithoutTopic {
-        /// The dead-letter stream.
-        stream: String,
-        /// The entry.
-        id: String,
-    },
-    /// Publishing a dead letter back to its topic failed; it stays on the dead-letter stream.
-    #[error("redriving dead letter {id} to {topic} failed; it stays on the dead-letter stream")]
-    Redrive {
-        /// The entry on the dead-letter stream.
-        id: String,
-        /// The topic it was going back to.
-        topic: String,
-        /// Why.
-        #[source]
-        source: Box<cqrs_core::Error>,
-    },
     /// A Redis command failed.
     #[error("redis {context} failed")]
     Redis {
@@ -146,12 +125,7 @@ impl From<Error> for cqrs_core::Error {
             | Error::InvalidPool { .. }
             | Error::InvalidStream(_)
             | Error::Yaml(_)
-            | Error::Io { .. }
-            | Error::DeadLetterWithoutTopic { .. }) => cqrs_core::Error::Config(e.to_string()),
-            Error::Redrive { id, topic, source } => cqrs_core::Error::fatal(
-                format!("redriving dead letter {id} to {topic} failed"),
-                source,
-            ),
+            | Error::Io { .. }) => cqrs_core::Error::Config(e.to_string()),
             Error::Redis { context, source } => {
                 let context = format!("redis {context} failed");
                 if is_transient(&source) {

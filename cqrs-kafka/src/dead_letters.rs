@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore};
+use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, Redrive};
+use cqrs_core::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
@@ -369,6 +370,34 @@ impl KafkaBackend {
     }
 }
 
+/// Redriving from a dead-letter topic: a dead letter is recorded as done (in the bookkeeping
+/// group) once it is back on its topic.
+struct Redriving<'a> {
+    backend: &'a KafkaBackend,
+    read: &'a mut Read,
+}
+
+#[async_trait]
+impl Redrive for Redriving<'_> {
+    type Key = (i32, i64);
+
+    async fn publish(&mut self, topic: &str, message: Message) -> cqrs_core::Result<()> {
+        self.backend
+            .send_all(topic, std::iter::once(Ok(message)))
+            .await
+    }
+
+    async fn done(
+        &mut self,
+        &(partition, offset): &(i32, i64),
+        _: &DeadLetter,
+    ) -> cqrs_core::Result<()> {
+        self.read.mark(partition, offset);
+        self.read.commit(&BTreeSet::from([partition])).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl DeadLetterStore for KafkaBackend {
     async fn has_dead_letters(&self, topic: &str) -> cqrs_core::Result<bool> {
@@ -391,27 +420,13 @@ impl DeadLetterStore for KafkaBackend {
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let mut read = self.read_dead_letters(topic).await?;
         let chosen = read.chosen(ids);
-        if let Some((_, _, d)) = chosen.iter().find(|(_, _, d)| d.topic.is_none()) {
-            return Err(Error::DeadLetterWithoutTopic {
-                topic: topic.to_owned(),
-                id: d.id.clone(),
-            }
-            .into());
-        }
         read.check_recordable(&chosen).await?;
-        for (p, o, d) in &chosen {
-            let to = d.topic.as_deref().unwrap_or_default();
-            self.send_all(to, std::iter::once(Ok(d.redriven())))
-                .await
-                .map_err(|e| Error::Redrive {
-                    id: d.id.clone(),
-                    topic: to.to_owned(),
-                    source: Box::new(e),
-                })?;
-            read.mark(*p, *o);
-            read.commit(&BTreeSet::from([*p])).await?;
-        }
-        Ok(chosen.into_iter().map(|(_, _, d)| d).collect())
+        let chosen = chosen.into_iter().map(|(p, o, d)| ((p, o), d)).collect();
+        let mut redrive = Redriving {
+            backend: self,
+            read: &mut read,
+        };
+        redrive_each(topic, chosen, &mut redrive).await
     }
 
     /// Records the chosen dead letters as done, in one commit of the bookkeeping group.

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 /// Stream names are unique across pools.
 ///
 /// ```
-/// use backend_redis::Topology;
+/// use cqrs_redis::Topology;
 ///
 /// let mut topology = Topology::new();
 /// topology
@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 ///     err.to_string(),
 ///     "stream with name stream-a already exists in pool `default` (registering it in pool `second`)"
 /// );
-/// # Ok::<(), backend_redis::Error>(())
+/// # Ok::<(), cqrs_redis::Error>(())
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Topology {
@@ -111,7 +111,7 @@ impl Topology {
     /// [`Topology::pool`], database 0: a cluster has no other).
     ///
     /// ```
-    /// use backend_redis::Topology;
+    /// use cqrs_redis::Topology;
     ///
     /// let mut topology = Topology::new();
     /// topology
@@ -122,7 +122,7 @@ impl Topology {
     ///     err.to_string(),
     ///     "invalid Redis address `redis://10.0.0.3:7000/2`: a Redis Cluster has only database 0"
     /// );
-    /// # Ok::<(), backend_redis::Error>(())
+    /// # Ok::<(), cqrs_redis::Error>(())
     /// ```
     pub fn cluster<A: AsRef<str>>(
         &mut self,

@@ -3,12 +3,43 @@
 
 use async_trait::async_trait;
 use cqrs_core::backend::Publisher;
-use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore};
+use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, Redrive};
+use cqrs_core::Message;
 use redis::Value;
 
 use crate::error::Error;
 use crate::value::{self, parse_id};
 use crate::RedisBackend;
+
+/// Redriving from the dead-letter stream `topic`: an entry is deleted (`XDEL`) once it is back
+/// on its stream.
+struct Redriving<'a> {
+    backend: &'a RedisBackend,
+    topic: &'a str,
+    conn: crate::conn::Conn,
+}
+
+#[async_trait]
+impl Redrive for Redriving<'_> {
+    type Key = ();
+
+    async fn publish(&mut self, topic: &str, message: Message) -> cqrs_core::Result<()> {
+        self.backend
+            .publish(topic, std::slice::from_ref(&message))
+            .await
+    }
+
+    async fn done(&mut self, _: &(), dead: &DeadLetter) -> cqrs_core::Result<()> {
+        let topic = self.topic;
+        redis::cmd("XDEL")
+            .arg(topic)
+            .arg(&dead.id)
+            .query_async::<u64>(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis(format!("XDEL {topic} {}", dead.id), e))?;
+        Ok(())
+    }
+}
 
 #[async_trait]
 impl DeadLetterStore for RedisBackend {
@@ -44,37 +75,20 @@ impl DeadLetterStore for RedisBackend {
         topic: &str,
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let chosen: Vec<DeadLetter> = self
+        let chosen: Vec<((), DeadLetter)> = self
             .dead_letters(topic)
             .await?
             .into_iter()
             .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .map(|d| ((), d))
             .collect();
-        if let Some(d) = chosen.iter().find(|d| d.topic.is_none()) {
-            return Err(Error::DeadLetterWithoutTopic {
-                stream: topic.to_owned(),
-                id: d.id.clone(),
-            }
-            .into());
-        }
-        let pool = self.pool_for(topic)?;
-        for d in &chosen {
-            let to = d.topic.as_deref().unwrap_or_default();
-            self.publish(to, std::slice::from_ref(&d.redriven()))
-                .await
-                .map_err(|e| Error::Redrive {
-                    id: d.id.clone(),
-                    topic: to.to_owned(),
-                    source: Box::new(e),
-                })?;
-            redis::cmd("XDEL")
-                .arg(topic)
-                .arg(&d.id)
-                .query_async::<u64>(&mut pool.conn.clone())
-                .await
-                .map_err(|e| Error::redis(format!("XDEL {topic} {}", d.id), e))?;
-        }
-        Ok(chosen)
+        let conn = self.pool_for(topic)?.conn.clone();
+        let mut redrive = Redriving {
+            backend: self,
+            topic,
+            conn,
+        };
+        redrive_each(topic, chosen, &mut redrive).await
     }
 
     /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,

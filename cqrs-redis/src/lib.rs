@@ -12,12 +12,11 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), cqrs_core::BoxError> {
-//! use backend_redis::RedisBackend;
-//! use cqrs_core::{EventBus, EventProcessor};
+//! use cqrs_redis::RedisBackend;
 //!
+//! // Through the `cqrs` crate (feature `redis`) this is `cqrs::redis`: `EventBus::new` and
+//! // `EventProcessor::new` take the backend as they take any other.
 //! let backend = RedisBackend::connect("redis://127.0.0.1:6379/0").await?;
-//! let bus = EventBus::new(backend.clone());
-//! let processor = EventProcessor::new(backend, "svc-tickets");
 //! # Ok(()) }
 //! ```
 

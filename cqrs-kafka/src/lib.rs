@@ -27,7 +27,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), cqrs_core::BoxError> {
-//! use backend_kafka::{KafkaBackend, KafkaConfig};
+//! use cqrs_kafka::{KafkaBackend, KafkaConfig};
 //!
 //! // Through the `cqrs` crate (feature `kafka`) this is `cqrs::kafka`: `EventBus::new` and
 //! // `EventProcessor::new` take the backend as they take any other.

@@ -1,4 +1,4 @@
-//! The error type of `backend-kafka`.
+//! The error type of `cqrs-kafka`.
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -27,25 +27,6 @@ pub enum Error {
     /// A system call failed (starting the poll thread).
     #[error("{0} failed")]
     Io(&'static str, #[source] std::io::Error),
-    /// A dead letter has no `x-dead-letter-topic` header: where to redrive it is unknown.
-    #[error("dead letter {id} on {topic} has no x-dead-letter-topic header: its topic is unknown")]
-    DeadLetterWithoutTopic {
-        /// The dead-letter topic.
-        topic: String,
-        /// The dead letter (`partition:offset`).
-        id: String,
-    },
-    /// Publishing a dead letter back to its topic failed; it is still listed.
-    #[error("redriving dead letter {id} to {topic} failed; it is still a dead letter")]
-    Redrive {
-        /// The dead letter (`partition:offset`).
-        id: String,
-        /// The topic it was going back to.
-        topic: String,
-        /// Why.
-        #[source]
-        source: Box<cqrs_core::Error>,
-    },
     /// The record of what was redriven or purged from a dead-letter topic (the offsets of its
     /// bookkeeping group) cannot be read or written.
     #[error("dead-letter bookkeeping of group {group}, partition {partition}: {why}")]
@@ -101,11 +82,9 @@ impl Error {
             Error::MissingTopic(_)
             | Error::Unsupported(_)
             | Error::Io(..)
-            | Error::DeadLetterWithoutTopic { .. }
             | Error::Bookkeeping { .. }
             | Error::Reserved(_) => false,
             Error::CommitsRefused { .. } => true,
-            Error::Redrive { source, .. } => source.is_retryable(),
             Error::Unreachable { .. } => true,
             Error::Kafka { source, .. } => is_transient(source),
         }
@@ -145,7 +124,6 @@ impl From<Error> for cqrs_core::Error {
         match e {
             e @ (Error::MissingTopic(_)
             | Error::Unsupported(_)
-            | Error::DeadLetterWithoutTopic { .. }
             | Error::Reserved(_)
             | Error::Bookkeeping { .. }) => cqrs_core::Error::Config(e.to_string()),
             e => {
