@@ -204,22 +204,14 @@ macro_rules! bus_plumbing {
                 }
             }
 
-            /// What this bus was declared to publish, with each topic (from the current topic
-            /// namer), as a [`crate::processor::Manifest`] to merge with the processors'.
-            pub fn manifest(&self) -> crate::processor::Manifest {
-                crate::processor::Manifest {
-                    publishes: self
-                        .outbox
-                        .declared
-                        .iter()
-                        .map(|d| crate::processor::Published {
-                            name: d.name.to_owned(),
-                            version: d.version,
-                            topic: self.outbox.topics.topic_of(d),
-                        })
-                        .collect(),
-                    ..Default::default()
-                }
+            /// What this bus was declared to publish: name, version and topic (from the
+            /// current topic namer), for its manifest (`processor/manifest.rs`).
+            pub(crate) fn declared(&self) -> Vec<(&'static str, u32, String)> {
+                self.outbox
+                    .declared
+                    .iter()
+                    .map(|d| (d.name, d.version, self.outbox.topics.topic_of(d)))
+                    .collect()
             }
 
             /// Replaces how topics are named.

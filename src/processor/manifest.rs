@@ -208,3 +208,38 @@ impl fmt::Display for Manifest {
         Ok(())
     }
 }
+
+impl Manifest {
+    /// The manifest of a bus: what it publishes, and nothing else.
+    fn publishing(declared: Vec<(&'static str, u32, String)>) -> Manifest {
+        Manifest {
+            publishes: declared
+                .into_iter()
+                .map(|(name, version, topic)| Published {
+                    name: name.to_owned(),
+                    version,
+                    topic,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+// The buses' manifests are made here, so that the bus does not depend on the processor (the
+// processor depends on the bus for the topic namer).
+impl<C> crate::EventBus<C> {
+    /// What this bus was declared to publish, with each topic (from the current topic namer), as
+    /// a [`Manifest`] to merge with the processors'.
+    pub fn manifest(&self) -> Manifest {
+        Manifest::publishing(self.declared())
+    }
+}
+
+impl<C> crate::CommandBus<C> {
+    /// What this bus was declared to send, with each topic (from the current topic namer), as a
+    /// [`Manifest`] to merge with the processors'.
+    pub fn manifest(&self) -> Manifest {
+        Manifest::publishing(self.declared())
+    }
+}
