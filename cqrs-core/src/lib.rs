@@ -15,6 +15,7 @@ mod error;
 mod event;
 pub mod memory;
 mod message;
+pub mod redelivery;
 pub mod wire;
 
 pub use backend::{Backend, Delivery, LogPosition, StartFrom, Subscription};

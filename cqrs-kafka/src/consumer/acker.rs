@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Acknowledge, Delivery};
+use cqrs_core::redelivery::Redeliveries;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -23,7 +24,7 @@ pub(crate) struct KafkaAcker {
     /// Shared by the ackers of every epoch.
     pub(super) consumer: Arc<Mutex<Option<Arc<BaseConsumer<Ctx>>>>>,
     pub(super) offsets: Arc<Mutex<Offsets>>,
-    pub(super) retries: Arc<Mutex<Vec<Retry>>>,
+    pub(super) retries: Arc<Mutex<Redeliveries<Retry>>>,
     /// The consumer's rebalance epoch, and the one this acker's deliveries were made in.
     pub(super) epoch: Arc<AtomicU64>,
     pub(super) of_epoch: u64,
@@ -45,14 +46,16 @@ impl KafkaAcker {
 
     /// Delivers `delivery` again from `due` on.
     pub(super) fn retry_at(&self, delivery: &Delivery, partition: i32, offset: i64, due: Instant) {
-        lock(&self.retries).push(Retry {
-            topic: delivery.topic_arc().clone(),
-            partition,
-            offset,
-            message: delivery.message_arc().clone(),
-            attempt: delivery.attempt(),
+        lock(&self.retries).push(
             due,
-        });
+            Retry {
+                topic: delivery.topic_arc().clone(),
+                partition,
+                offset,
+                message: delivery.message_arc().clone(),
+                attempt: delivery.attempt(),
+            },
+        );
     }
 
     /// The state of `partition` of `topic` if the deliveries of this acker still belong to its

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
+use cqrs_core::redelivery::Redeliveries;
 use cqrs_core::LogPosition;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
@@ -70,7 +71,7 @@ impl KafkaConsumer {
         subscription: &Subscription,
     ) -> Result<Self, Error> {
         let offsets: Arc<Mutex<Offsets>> = Arc::default();
-        let retries: Arc<Mutex<Vec<Retry>>> = Arc::default();
+        let retries: Arc<Mutex<Redeliveries<Retry>>> = Arc::default();
         let epoch = Arc::new(AtomicU64::new(0));
         let paused = Arc::new(AtomicBool::new(false));
         let (gate, commit_requests) = CommitGate::new(config.commit_every, config.max_unrecorded);
@@ -228,31 +229,22 @@ impl KafkaConsumer {
         let acker = self.acker(self.current_epoch());
         let now = Instant::now();
         let mut retries = lock(&self.acker.retries);
-        let mut next = None;
-        let mut i = 0;
-        while i < retries.len() {
-            if retries[i].due <= now && out.len() < max {
-                let r = retries.swap_remove(i);
-                out.push(
-                    Delivery::shared(
-                        r.topic,
-                        r.message,
-                        r.attempt + 1,
-                        format!("{}:{}", r.partition, r.offset),
-                        acker.clone(),
-                    )
-                    .with_position(LogPosition {
-                        partition: r.partition,
-                        offset: r.offset,
-                    }),
-                );
-            } else {
-                let due = retries[i].due;
-                next = Some(next.map_or(due, |n: Instant| n.min(due)));
-                i += 1;
-            }
+        for r in retries.take_due(now, max.saturating_sub(out.len())) {
+            out.push(
+                Delivery::shared(
+                    r.topic,
+                    r.message,
+                    r.attempt + 1,
+                    format!("{}:{}", r.partition, r.offset),
+                    acker.clone(),
+                )
+                .with_position(LogPosition {
+                    partition: r.partition,
+                    offset: r.offset,
+                }),
+            );
         }
-        next
+        retries.next_due()
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cqrs_core::redelivery::Redeliveries;
 use cqrs_core::StartFrom;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
@@ -22,7 +23,7 @@ use crate::commit_gate::CommitGate;
 /// says, and reports finished rebalances.
 pub(crate) struct Ctx {
     pub(super) offsets: Arc<Mutex<Offsets>>,
-    pub(super) retries: Arc<Mutex<Vec<Retry>>>,
+    pub(super) retries: Arc<Mutex<Redeliveries<Retry>>>,
     /// Raised on every assignment and revocation; each partition keeps the one it was assigned
     /// in, and each polled record the one it was polled in.
     pub(super) epoch: Arc<AtomicU64>,

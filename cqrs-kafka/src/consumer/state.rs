@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cqrs_core::Message;
-use tokio::time::Instant;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update is a single insert or remove: a poisoned lock is still consistent.
@@ -46,13 +45,13 @@ impl PartitionState {
 
 pub(super) type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 
-/// A nacked (or released) message waiting for its redelivery time. It shares the message with
-/// the delivery it came from; there is at most one per delivery handed out.
+/// A nacked (or released) message waiting for its redelivery time (in a
+/// [`cqrs_core::redelivery::Redeliveries`]). It shares the message with the delivery it came
+/// from; there is at most one per delivery handed out.
 pub(super) struct Retry {
     pub(super) topic: Arc<str>,
     pub(super) partition: i32,
     pub(super) offset: i64,
     pub(super) message: Arc<Message>,
     pub(super) attempt: u32,
-    pub(super) due: Instant,
 }

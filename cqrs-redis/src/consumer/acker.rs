@@ -51,13 +51,15 @@ impl Acknowledge for RedisAcker {
         let mut local = lock(&self.local);
         let key = entry_key(delivery.topic_arc(), delivery.broker_id());
         if local.inflight.remove(&key) {
-            local.retries.push(Retry {
-                stream: delivery.topic_arc().clone(),
-                id: delivery.broker_id().to_owned(),
-                attempt: delivery.attempt(),
-                due: Instant::now(),
-                min_idle: Duration::ZERO,
-            });
+            local.retries.push(
+                Instant::now(),
+                Retry {
+                    stream: delivery.topic_arc().clone(),
+                    id: delivery.broker_id().to_owned(),
+                    attempt: delivery.attempt(),
+                    min_idle: Duration::ZERO,
+                },
+            );
         }
     }
 
@@ -66,13 +68,15 @@ impl Acknowledge for RedisAcker {
         local
             .inflight
             .remove(&entry_key(delivery.topic_arc(), delivery.broker_id()));
-        local.retries.push(Retry {
-            stream: delivery.topic_arc().clone(),
-            id: delivery.broker_id().to_owned(),
-            attempt: delivery.attempt(),
-            due: Instant::now() + redeliver_after,
-            min_idle: redeliver_after,
-        });
+        local.retries.push(
+            Instant::now() + redeliver_after,
+            Retry {
+                stream: delivery.topic_arc().clone(),
+                id: delivery.broker_id().to_owned(),
+                attempt: delivery.attempt(),
+                min_idle: redeliver_after,
+            },
+        );
         Ok(())
     }
 }

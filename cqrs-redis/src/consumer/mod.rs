@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
+use cqrs_core::redelivery::Redeliveries;
 use cqrs_core::wire::{Entry, Layout};
 use cqrs_core::StartFrom;
 use redis::Value;
@@ -38,7 +39,7 @@ const MULTI_SLOT_BLOCK: Duration = Duration::from_millis(50);
 #[derive(Default)]
 struct Local {
     inflight: HashSet<EntryKey>,
-    retries: Vec<Retry>,
+    retries: Redeliveries<Retry>,
 }
 
 /// An entry: its stream and its id's two numbers.
@@ -64,7 +65,6 @@ struct Retry {
     stream: Arc<str>,
     id: String,
     attempt: u32,
-    due: Instant,
     min_idle: Duration,
 }
 
@@ -192,23 +192,18 @@ impl RedisConsumer {
     /// Redelivers nacked entries whose backoff has passed.
     async fn redeliver_due(&mut self, max: usize, out: &mut Vec<Delivery>) -> Result<(), Error> {
         let now = Instant::now();
-        let due: Vec<Retry> = {
-            let mut local = lock(&self.local);
-            let mut due = Vec::new();
-            let mut i = 0;
-            while i < local.retries.len() && due.len() + out.len() < max {
-                if local.retries[i].due <= now {
-                    due.push(local.retries.swap_remove(i));
-                } else {
-                    i += 1;
-                }
-            }
-            due
-        };
-        for r in due {
+        let due = lock(&self.local)
+            .retries
+            .take_due(now, max.saturating_sub(out.len()));
+        let mut due = due.into_iter();
+        while let Some(r) = due.next() {
             let ids = [(r.id.clone(), r.attempt + 1)];
             if let Err(e) = self.claim_ids(&r.stream, r.min_idle, &ids, out).await {
-                lock(&self.local).retries.push(r);
+                // Not claimed: they wait again, due at once.
+                let mut local = lock(&self.local);
+                for r in std::iter::once(r).chain(due) {
+                    local.retries.push(now, r);
+                }
                 return Err(e);
             }
         }
@@ -307,7 +302,7 @@ impl RedisConsumer {
     fn block_for(&self) -> Duration {
         let now = Instant::now();
         let mut until = now + self.options.block;
-        if let Some(r) = lock(&self.local).retries.iter().map(|r| r.due).min() {
+        if let Some(r) = lock(&self.local).retries.next_due() {
             until = until.min(r);
         }
         if self.claim_idle.is_some() {
@@ -441,7 +436,7 @@ async fn keep_fresh(
                     .or_default()
                     .push(format!("{ms}-{seq}"));
             }
-            for r in &local.retries {
+            for r in local.retries.iter() {
                 held.entry(r.stream.clone()).or_default().push(r.id.clone());
             }
             held
