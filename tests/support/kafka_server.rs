@@ -102,6 +102,7 @@ fn with_settings(mut args: Vec<String>, settings: &[&str]) -> Vec<String> {
 /// A KRaft cluster of `n` nodes (each a broker and a controller) on loopback, every node from a
 /// directory of its own; each node can be killed and restarted alone.
 pub struct KafkaCluster {
+    /// The nodes, in node id order.
     pub nodes: Vec<KafkaServer>,
 }
 

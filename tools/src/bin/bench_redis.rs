@@ -1,7 +1,7 @@
 //! Benchmark: the raw `redis` client against our typed bus and processor, in one run, on the same
 //! Redis server.
 //!
-//! Run with: `cargo run --release --example bench_redis --features redis`
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_redis`
 //! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`; `BENCH_N` sets the event count).
 //!
 //! Each figure is msg/s for 200-byte JSON events; `ratio` is ours / raw. The raw client encodes

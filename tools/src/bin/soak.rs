@@ -42,8 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 const TOPIC: &str = "soak.ticks";
 const SERVICE: &str = "soak";
 const HANDLER: &str = "record";

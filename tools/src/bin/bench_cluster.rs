@@ -1,7 +1,7 @@
 //! Benchmark: how the Redis backend's throughput changes with the number of Redis Cluster
 //! masters, on this machine.
 //!
-//! Run with: `cargo run --release --example bench_cluster --features redis`
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_cluster`
 //! (needs `redis-server` on the PATH; `BENCH_N` sets the event count, default 300,000;
 //! `BENCH_STREAMS` the streams, default 12; `BENCH_ROUNDS` the rounds, default 3).
 //!
@@ -21,8 +21,7 @@ use cqrs::backend::{Publisher, Subscriber};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{BoxError, Delivery, Message, Subscription};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 use support::cpu_time;
 
 /// redis-server processes, stopped (and their directory removed) on drop.

@@ -1,7 +1,7 @@
 //! Benchmark: the handler a user writes first (`async fn(E) -> Result<()>`, default options)
 //! beside the tuned one, on Redis Streams and the in-memory broker.
 //!
-//! Run with: `cargo run --release --example bench_handlers --features redis`
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_handlers`
 //! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`). `BENCH_N` sets the events of the runs
 //! without I/O (default 200,000); the runs whose handler awaits 1 ms get fewer events, sized to
 //! take a few seconds. `BENCH_BACKENDS` picks from `redis,memory` (default both).
@@ -20,8 +20,7 @@ use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{Backend, BoxError, CancellationToken, EventBus, EventProcessor};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 use support::Sample;
 
 /// One row of the table: a handler configuration and how many members run it.

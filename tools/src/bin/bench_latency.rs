@@ -3,7 +3,7 @@
 //! XACK) and `rdkafka` (a `FutureProducer` and a `StreamConsumer` with our backend's settings),
 //! plus the in-memory broker.
 //!
-//! Run with: `cargo run --release --example bench_latency --features redis,kafka`
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_latency`
 //! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
 //! of its own started by `scripts/kafka`, 4 partitions). `BENCH_SECS` sets each run's length
 //! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s), `BENCH_BACKENDS` the
@@ -28,8 +28,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 struct Ping {

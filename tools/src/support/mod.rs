@@ -1,17 +1,11 @@
-//! Helpers shared by the benchmarks (included with `#[path]`; not an example of its own).
-
-// Each benchmark uses some of them.
-#![allow(dead_code)]
+//! Helpers shared by the benchmarks and the soak.
 
 use std::time::Duration;
 
 use cqrs::BoxError;
 
-#[cfg(feature = "kafka")]
-#[path = "../../tests/support/kafka_server.rs"]
+#[path = "../../../tests/support/kafka_server.rs"]
 mod kafka_server;
-#[cfg(feature = "kafka")]
-#[allow(unused_imports)]
 pub use kafka_server::{KafkaCluster, KafkaServer};
 
 /// This process's resident set size in KiB (`VmRSS` of `/proc/self/status`; 0 where there is
@@ -44,7 +38,6 @@ pub fn cpu_time(pid: &str) -> Duration {
         .unwrap_or_default()
 }
 
-#[cfg(feature = "kafka")]
 /// Kafka for a benchmark: the cluster at `KAFKA_BROKERS` if set, else an Apache Kafka of its own
 /// (`scripts/kafka`), stopped when the guard drops; topics it creates get `partitions`.
 pub fn bench_kafka(
@@ -71,9 +64,12 @@ pub fn kafka_fetch_wait_ms() -> u64 {
 /// The event the benchmarks send: keyed over 1,000 keys, ~200 bytes of JSON.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs::Event)]
 pub struct Sample {
+    /// The ordering key (one of 1,000).
     #[event(key)]
     pub key: String,
+    /// Its number in the run.
     pub seq: u64,
+    /// Padding.
     pub note: String,
 }
 

@@ -1,7 +1,7 @@
 //! Benchmark: plain `rdkafka` against our typed bus and processor, in one run, on the same
 //! Kafka-protocol broker.
 //!
-//! Run with: `cargo run --release --example bench_kafka --features kafka`: on the broker at
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_kafka`: on the broker at
 //! `KAFKA_BROKERS` if set, else on an Apache Kafka of its own (`scripts/kafka`, installed on first
 //! use). `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
 //! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
@@ -33,8 +33,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 use support::KafkaServer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]

@@ -1,6 +1,6 @@
 //! Benchmark: the memory of a processor while it drains a large backlog.
 //!
-//! Run with: `cargo run --release --example bench_backlog --features redis,kafka`
+//! Run with: `cargo run --release -p cqrs-tools --bin bench_backlog`
 //! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
 //! of its own started by `scripts/kafka`, 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
 //! consumer's `fetch.wait.max.ms`, default 100). `BENCH_N` sets the backlog (default
@@ -26,8 +26,7 @@ use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{Backend, BoxError, CancellationToken, EventBus, EventProcessor};
 
-#[path = "support/mod.rs"]
-mod support;
+use cqrs_tools::support;
 
 /// Publishes `n` events in chunks of 1,000.
 async fn fill(backend: impl Backend, topic: &str, n: u64) -> Result<(), BoxError> {
