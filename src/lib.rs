@@ -1,20 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 //!
-//! # Cargo features
-//!
-//! | feature | default | what it adds |
-//! |---|---|---|
-//! | `derive` | yes | `#[derive(Event)]`, `#[derive(Command)]` |
-//! | `json` | yes | the JSON codec ([`codec::Json`]), the default codec |
-//! | `msgpack` | no | the MessagePack codec (`codec::MsgPack`) |
-//! | `redis` | no | the Redis Streams backend, as [`cqrs::redis`](crate) |
-//! | `kafka` | no | the Kafka backend, as [`cqrs::kafka`](crate) |
-//! | `asyncapi` | no | AsyncAPI 3.0 documents of buses and processors, payload schemas from `schemars` ([`asyncapi`]) |
-//! | `otel` | no | W3C trace context in message headers; `send`/`process` spans with OpenTelemetry's messaging attributes ([`otel`]) |
-//! | `metrics` | no | metrics through the `metrics` facade, for any exporter ([`telemetry`]) |
-//! | `prometheus` | no | `metrics` and the Prometheus exporter, as `cqrs::prometheus` |
-//!
 //! # Derive attributes
 //!
 //! `#[derive(Event)]` (and `#[derive(Command)]` with `#[command(...)]`) reads, all optional:
