@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use cqrs::BoxError;
 
-#[path = "../../../tests/support/kafka_server.rs"]
-mod kafka_server;
-pub use kafka_server::{KafkaCluster, KafkaServer};
+pub use cqrs_test_support::{KafkaCluster, KafkaServer};
 
 /// This process's resident set size in KiB (`VmRSS` of `/proc/self/status`; 0 where there is
 /// none).

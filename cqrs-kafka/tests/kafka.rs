@@ -6,9 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use cqrs_test_support as support;
 
-use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
+use cqrs_kafka::{rdkafka, KafkaBackend, KafkaConfig};
 
 fn brokers() -> String {
     support::kafka_brokers()
@@ -627,7 +627,7 @@ fn committed_each(brokers: &str, group: &str, topic: &str, partitions: i32) -> V
 /// A member of a fresh group, on `protocol`, holding (unacked) all `n` keyed messages of a fresh
 /// topic: the backend, the topic, the group, the member and its deliveries.
 async fn one_member_holding(
-    protocol: cqrs::kafka::GroupProtocol,
+    protocol: cqrs_kafka::GroupProtocol,
     n: usize,
 ) -> (
     KafkaBackend,
@@ -669,7 +669,7 @@ async fn join(
 /// the first keeps the others untouched: its deliveries there stay good and are acked, while
 /// those of the partitions it gave up turn stale, and what it handled there was committed at
 /// the revocation, so the new owner starts right after it.
-async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::GroupProtocol) {
+async fn only_the_partitions_that_change_owner_move(protocol: cqrs_kafka::GroupProtocol) {
     let (backend, topic, group, mut first, got) = one_member_holding(protocol, 80).await;
     // Per partition, everything is handled but the last delivery, which stays in flight.
     let mut last: BTreeMap<i32, i64> = BTreeMap::new();
@@ -739,12 +739,12 @@ async fn only_the_partitions_that_change_owner_move(protocol: cqrs::kafka::Group
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooperative_sticky_moves_only_the_partitions_that_change_owner() {
-    only_the_partitions_that_change_owner_move(cqrs::kafka::GroupProtocol::Cooperative).await;
+    only_the_partitions_that_change_owner_move(cqrs_kafka::GroupProtocol::Cooperative).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_protocol_moves_only_the_partitions_that_change_owner() {
-    only_the_partitions_that_change_owner_move(cqrs::kafka::GroupProtocol::Consumer).await;
+    only_the_partitions_that_change_owner_move(cqrs_kafka::GroupProtocol::Consumer).await;
 }
 
 /// The eager protocol takes every partition away in a rebalance: every delivery in flight
@@ -752,7 +752,7 @@ async fn the_consumer_protocol_moves_only_the_partitions_that_change_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_eager_protocol_revokes_every_partition() {
     let (backend, topic, group, _first, held) =
-        one_member_holding(cqrs::kafka::GroupProtocol::Eager, 40).await;
+        one_member_holding(cqrs_kafka::GroupProtocol::Eager, 40).await;
     let _second = join(&backend, &group, &topic).await;
     eventually("every delivery to turn stale", || {
         let all = held.iter().all(|d| d.is_stale());
@@ -769,7 +769,7 @@ async fn settings_the_guarantees_rest_on_are_refused() {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, cqrs::kafka::Error::Reserved(k) if k == key),
+            matches!(&err, cqrs_kafka::Error::Reserved(k) if k == key),
             "{err}"
         );
         assert!(err.to_string().contains(key), "{err}");
@@ -840,7 +840,7 @@ async fn unkeyed_records_of_a_partition_keep_their_order_with_concurrent_handler
 /// refused commits, which Apache Kafka does not produce on demand.
 fn mock_config(mock: &support::MockKafka) -> KafkaConfig {
     KafkaConfig::new(mock.brokers())
-        .group_protocol(cqrs::kafka::GroupProtocol::Eager)
+        .group_protocol(cqrs_kafka::GroupProtocol::Eager)
         .create_topics(false)
         .fetch_wait(Duration::from_millis(10))
         .commit_interval(Duration::from_millis(100))

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use cqrs_test_support as support;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use cqrs::backend::{Publisher, Subscriber};
 use cqrs::processor::dead_letter_headers as dlq;
-use cqrs::redis::{redis, RedisBackend, Topology};
 use cqrs::{
     CancellationToken, Context, Delivery, Event, EventBus, EventProcessor, Message, RetryPolicy,
     StartFrom, Subscription,
 };
+use cqrs_redis::{redis, RedisBackend, Topology};
 use serde::{Deserialize, Serialize};
 use support::{eventually, redis_url, unique, Keys, RedisServer};
 
@@ -1058,7 +1058,7 @@ async fn idle_consumers_without_pending_entries_are_removed_and_owners_are_kept(
         .unwrap();
     drop(holder);
 
-    let mut options = cqrs::redis::RedisOptions::default();
+    let mut options = cqrs_redis::RedisOptions::default();
     options.remove_idle_consumers_after = Duration::from_millis(100);
     options.block = Duration::from_millis(50);
     let mut topology = Topology::new();

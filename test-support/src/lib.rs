@@ -1,23 +1,26 @@
-//! Helpers shared by the broker tests.
-#![allow(dead_code)]
+//! What the broker tests of cqrs share (the backends' own tests, the root package's, the tools):
+//! servers the tests start, waiting for a condition, unique names, and scenarios every broker
+//! test file runs the same way.
+#![allow(missing_docs)]
+// Test code: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::future::Future;
 use std::net::TcpListener;
+#[cfg(feature = "redis")]
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[cfg(feature = "redis")]
-use cqrs::redis::redis;
+use cqrs_redis::redis;
 
 #[cfg(feature = "kafka")]
 mod mock_kafka;
 #[cfg(feature = "kafka")]
-#[allow(unused_imports)]
 pub use mock_kafka::{serve_mock_kafka, MockKafka};
 #[cfg(feature = "kafka")]
 mod kafka_server;
 #[cfg(feature = "kafka")]
-#[allow(unused_imports)]
 pub use kafka_server::{KafkaCluster, KafkaServer};
 
 /// A topic namer that sends every event to `topic`.

@@ -1,8 +1,7 @@
 //! librdkafka's mock cluster served from a process of its own, for the faults Apache Kafka does
 //! not produce on demand (commits refused by injection, a broker without CreateTopics): the
-//! `mock_cluster_*` tests of `tests/kafka.rs`. The test binary that uses it defines an ignored
+//! `mock_cluster_*` tests of `cqrs-kafka/tests/kafka.rs`. The test binary that uses it defines an ignored
 //! pseudo-test `mock_kafka_server` that calls [`serve_mock_kafka`].
-#![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
 
@@ -64,7 +63,7 @@ pub fn serve_mock_kafka() {
     let Ok(spec) = std::env::var("CQRS_MOCK_KAFKA_TOPICS") else {
         return;
     };
-    let cluster = cqrs::kafka::rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let cluster = cqrs_kafka::rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     for topic in spec.split(',').filter(|t| !t.is_empty()) {
         let (name, partitions) = topic.split_once(':').expect("topic:partitions");
         cluster
@@ -76,7 +75,7 @@ pub fn serve_mock_kafka() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     if refused > 0 {
-        use cqrs::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        use cqrs_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
         cluster.request_errors(
             RDKafkaApiKey::OffsetCommit,
             &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; refused],

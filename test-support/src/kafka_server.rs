@@ -1,7 +1,6 @@
 //! An Apache Kafka broker of a test's (or a benchmark's, or the soak's) own, started through
 //! `scripts/kafka` from a directory of its own on free loopback ports. Shared with `#[path]` by
 //! the root tests, the CLI's tests and the examples.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use cqrs_test_support as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cqrs::backend::{Publisher, Subscriber};
-use cqrs::redis::{redis, RedisBackend, Topology};
 use cqrs::{CancellationToken, Delivery, Event, EventBus, EventProcessor, Message, Subscription};
+use cqrs_redis::{redis, RedisBackend, Topology};
 use serde::{Deserialize, Serialize};
 use support::{eventually, one_topic, unique};
 
