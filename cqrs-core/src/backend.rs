@@ -167,6 +167,7 @@ impl Drop for Delivery {
 impl Delivery {
     /// Made by backends: `broker_id` is the backend's own id of the entry (a stream entry id, a
     /// `partition:offset`), `attempt` counts deliveries starting at 1.
+    #[inline]
     pub fn new(
         topic: Arc<str>,
         message: Message,
@@ -179,6 +180,7 @@ impl Delivery {
 
     /// Like [`Delivery::new`], with a message already shared (a backend redelivering a message
     /// it keeps).
+    #[inline]
     pub fn shared(
         topic: Arc<str>,
         message: Arc<Message>,
@@ -201,6 +203,7 @@ impl Delivery {
 
     /// Marks the delivery as an entry that could not be read as a message (see
     /// [`crate::wire::Layout::decode`]); processors dead-letter it with `reason` at once.
+    #[inline]
     pub fn with_malformed(mut self, reason: impl Into<String>) -> Self {
         self.malformed = Some(reason.into());
         self
@@ -208,6 +211,7 @@ impl Delivery {
 
     /// Tells processors which broker-side shard (a Kafka partition) the entry came from, so that
     /// entries without a key keep their shard's order when handled concurrently.
+    #[inline]
     pub fn with_shard(mut self, shard: u32) -> Self {
         self.shard = Some(shard);
         self
@@ -216,6 +220,7 @@ impl Delivery {
     /// Tells processors where the entry sits in a partitioned log (Kafka): its partition, which
     /// is also its shard ([`Delivery::with_shard`]), and its offset, for spans and for the
     /// backend's own acks (no id string parsed back).
+    #[inline]
     pub fn with_position(mut self, position: LogPosition) -> Self {
         self.shard = Some(position.partition.unsigned_abs());
         self.position = Some(position);
@@ -223,56 +228,67 @@ impl Delivery {
     }
 
     /// Where the entry sits in a partitioned log, if the backend has one.
+    #[inline]
     pub fn position(&self) -> Option<LogPosition> {
         self.position
     }
 
     /// The broker-side shard, if the backend has them.
+    #[inline]
     pub fn shard(&self) -> Option<u32> {
         self.shard
     }
 
     /// Why the entry could not be read as a message, if it could not.
+    #[inline]
     pub fn malformed(&self) -> Option<&str> {
         self.malformed.as_deref()
     }
 
     /// The topic the message was read from.
+    #[inline]
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
     /// The topic, shared.
+    #[inline]
     pub fn topic_arc(&self) -> &Arc<str> {
         &self.topic
     }
 
     /// The message.
+    #[inline]
     pub fn message(&self) -> &Message {
         &self.message
     }
 
     /// The message, shared.
+    #[inline]
     pub fn message_arc(&self) -> &Arc<Message> {
         &self.message
     }
 
     /// How many times this message has been delivered to the group, starting at 1.
+    #[inline]
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Whether the delivery no longer belongs to its consumer (see [`Acknowledge::is_stale`]).
+    #[inline]
     pub fn is_stale(&self) -> bool {
         self.acker.is_stale(self)
     }
 
     /// The backend's id of this entry.
+    #[inline]
     pub fn broker_id(&self) -> &str {
         &self.broker_id
     }
 
     /// The backend's id of this entry, shared.
+    #[inline]
     pub fn broker_id_arc(&self) -> &Arc<str> {
         &self.broker_id
     }

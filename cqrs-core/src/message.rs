@@ -39,6 +39,7 @@ impl Message {
 
     /// A message from all its parts, as a bus makes one from an encoded event (`Message` is
     /// `#[non_exhaustive]`: fields may be added without breaking this).
+    #[inline]
     pub fn from_parts(
         id: String,
         name: String,
@@ -137,6 +138,7 @@ impl Metadata {
 }
 
 /// A fresh unique, time-ordered message id.
+#[inline]
 pub fn new_message_id() -> String {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Uuid::now_v7()
@@ -146,6 +148,7 @@ pub fn new_message_id() -> String {
 }
 
 /// Milliseconds since the Unix epoch, now (0 before 1970).
+#[inline]
 pub fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
