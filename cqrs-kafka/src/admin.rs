@@ -110,7 +110,7 @@ impl KafkaBackend {
 
 impl KafkaBackend {
     /// For each of `topics`, the consumer groups named with `prefix` that have committed offsets
-    /// on it, with their lag ([`Subscriber::groups`] for many topics at once: the groups are
+    /// on it, with their lag ([`Subscriber::groups`](cqrs_core::backend::Subscriber::groups) for many topics at once: the groups are
     /// listed and each one's offsets fetched once for all of them). A topic whose partitions
     /// cannot be read (being created or deleted) gets its own error; the others are answered.
     pub async fn backlogs(
