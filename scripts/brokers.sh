@@ -119,6 +119,28 @@ stop_brokers() {
   stop_kafka
   stop_redis_cluster
   stop_redis
+  stop_postgres
+}
+
+# PostgreSQL for the outbox tests: `DATABASE_URL` if set, else a cluster of the run's own
+# (scripts/postgres: installed from Debian's packages when missing, a free loopback port),
+# stopped and removed when the script exits.
+PG_DIR=""
+stop_postgres() {
+  [ -n "$PG_DIR" ] || return 0
+  scripts/postgres stop "$PG_DIR" || true
+  rm -rf "$PG_DIR"
+}
+
+ensure_postgres() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    log "using PostgreSQL at ${DATABASE_URL##*@} (DATABASE_URL)"
+    return 0
+  fi
+  PG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-postgres.XXXXXX")"
+  DATABASE_URL="$(scripts/postgres start "$PG_DIR")" || { log "starting PostgreSQL failed"; return 1; }
+  export DATABASE_URL
+  log "PostgreSQL on ${DATABASE_URL##*@} (DATABASE_URL)"
 }
 
 # Apache Kafka brokers of the run (scripts/kafka), each from a directory of its own; stopped when

@@ -280,6 +280,22 @@ impl<C> EventBus<C> {
             .await
     }
 
+    /// The topic and the message [`EventBus::publish_with`] would send, without sending it: for
+    /// an outbox that stores the message in a database transaction and sends it after the
+    /// commit (`cqrs::postgres::Outbox`). With the `otel` feature the message carries the
+    /// current span's trace context.
+    pub fn encode<E: Event>(&self, event: &E, metadata: Metadata) -> Result<(String, Message)>
+    where
+        C: Codec<E>,
+    {
+        let d = Descriptor::event::<E>();
+        let topic = self.outbox.topics.topic_of(&d);
+        let message =
+            self.outbox
+                .encode(&d, event, event.key(), metadata, &tracing::Span::current())?;
+        Ok((topic, message))
+    }
+
     /// Publishes many events of one type in one broker round trip where the backend can.
     ///
     /// Events are encoded as they are handed to the backend, so on Kafka the first records are

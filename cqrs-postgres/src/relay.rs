@@ -1,0 +1,161 @@
+//! The relay: forwards committed messages to a backend, one relay at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::backend::Publisher;
+use cqrs_core::Message;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{OutboxStore, Stored};
+use crate::{Error, Result};
+
+/// Forwards the messages committed to an [`OutboxStore`] to a backend, in the order they were
+/// stored, and deletes each batch once the backend has taken it.
+pub struct OutboxRelay {
+    pool: PgPool,
+    store: OutboxStore,
+    publisher: Arc<dyn Publisher>,
+    batch: usize,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for OutboxRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxRelay")
+            .field("schema", &self.store.schema_name())
+            .field("batch", &self.batch)
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxRelay {
+    /// A relay from `store` (in `pool`'s database) to `publisher`: batches of 100, polling every
+    /// second besides notifications.
+    pub fn new(pool: PgPool, store: OutboxStore, publisher: impl Publisher) -> Self {
+        OutboxRelay {
+            pool,
+            store,
+            publisher: Arc::new(publisher),
+            batch: 100,
+            poll: Duration::from_secs(1),
+        }
+    }
+
+    /// The most messages sent and deleted at once.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+
+    /// How often the relay looks for messages when no notification came (and how often a relay
+    /// waiting for its turn asks for it).
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll = every;
+        self
+    }
+
+    /// Runs until `token` is cancelled: waits for its turn (another relay of the same outbox
+    /// may be sending), then sends. A database or broker error is retried with backoff
+    /// (1 s doubling to 30 s), taking a new connection; nothing is deleted that was not sent.
+    pub async fn run(self, token: CancellationToken) -> Result<()> {
+        let mut backoff = Duration::from_secs(1);
+        while !token.is_cancelled() {
+            match self.lead(&token).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(schema = %self.store.schema_name(), error = %cqrs_core::error_chain(&e), "outbox relay failed; starting again in {backoff:?}");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the relay's lock on a connection of its own (released by the server if this
+    /// process dies), then sends until cancelled.
+    async fn lead(&self, token: &CancellationToken) -> Result<()> {
+        let options = self.pool.connect_options();
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| Error::db("connecting the relay", e))?;
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| Error::db("connecting the relay's listener", e))?;
+        listener
+            .listen(&self.store.channel())
+            .await
+            .map_err(|e| Error::db("listening for stored messages", e))?;
+        let lock = format!(
+            "SELECT pg_try_advisory_lock({}, 0)",
+            self.store.lock_class()
+        );
+        loop {
+            let mine: bool = sqlx::query_scalar(&lock)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| Error::db("taking the relay's turn", e))?;
+            if mine {
+                break;
+            }
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+        tracing::debug!(schema = %self.store.schema_name(), "outbox relay sending");
+        loop {
+            let sent = self.send_batch(&mut conn).await?;
+            if sent == self.batch {
+                continue;
+            }
+            // Caught up: wait for a notification or the poll interval.
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                n = listener.try_recv() => {
+                    n.map_err(|e| Error::db("waiting for stored messages", e))?;
+                }
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Sends the oldest batch, one publish per run of messages of one topic, deleting each run
+    /// once the backend took it. Returns how many were sent.
+    async fn send_batch(&self, conn: &mut PgConnection) -> Result<usize> {
+        let stored = self.store.oldest(conn, self.batch).await?;
+        let n = stored.len();
+        let mut run: Vec<Stored> = Vec::new();
+        for s in stored {
+            if run.last().is_some_and(|r| r.topic != s.topic) {
+                self.send_run(conn, std::mem::take(&mut run)).await?;
+            }
+            run.push(s);
+        }
+        if !run.is_empty() {
+            self.send_run(conn, run).await?;
+        }
+        Ok(n)
+    }
+
+    async fn send_run(&self, conn: &mut PgConnection, run: Vec<Stored>) -> Result<()> {
+        let topic = run[0].topic.clone();
+        let seqs: Vec<i64> = run.iter().map(|s| s.seq).collect();
+        let messages: Vec<Message> = run.into_iter().map(|s| s.message).collect();
+        self.publisher
+            .publish(&topic, &messages)
+            .await
+            .map_err(|e| Error::Publish {
+                topic: topic.clone(),
+                source: Box::new(e),
+            })?;
+        self.store.delete(conn, &seqs).await
+    }
+}

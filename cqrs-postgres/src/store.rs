@@ -1,0 +1,268 @@
+//! The outbox table: migrations, storing a message in the caller's transaction, reading and
+//! deleting what was sent.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cqrs_core::{Message, Metadata};
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::{Error, Result};
+
+/// Where the outbox lives, and how messages are stored in it.
+#[derive(Debug, Clone)]
+pub struct OutboxStore {
+    schema: String,
+}
+
+impl Default for OutboxStore {
+    fn default() -> Self {
+        OutboxStore {
+            schema: "cqrs".to_owned(),
+        }
+    }
+}
+
+/// How far the relay is behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxStatus {
+    /// Messages committed and not yet sent.
+    pub depth: u64,
+    /// How long the oldest of them has waited (`None`: none waits).
+    pub oldest: Option<Duration>,
+}
+
+/// A stored message, read back by the relay.
+pub(crate) struct Stored {
+    pub seq: i64,
+    pub topic: String,
+    pub message: Message,
+}
+
+/// The migrations, in order; each runs once per schema (`{s}` is the schema).
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {s}.outbox (
+        seq BIGSERIAL PRIMARY KEY,
+        topic TEXT NOT NULL,
+        msg_key TEXT,
+        message_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        payload BYTEA NOT NULL,
+        correlation_id TEXT,
+        causation_id TEXT,
+        created_at_ms BIGINT NOT NULL,
+        content_type TEXT NOT NULL,
+        headers JSONB NOT NULL,
+        stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )"];
+
+impl OutboxStore {
+    /// The outbox in schema `cqrs`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The outbox in schema `name` (lowercase ASCII letters, digits and `_`, starting with a
+    /// letter; at most 63 characters).
+    pub fn schema(mut self, name: &str) -> Result<Self> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            return Err(Error::InvalidSchema(name.to_owned()));
+        }
+        self.schema = name.to_owned();
+        Ok(self)
+    }
+
+    /// The schema's name.
+    pub fn schema_name(&self) -> &str {
+        &self.schema
+    }
+
+    /// The channel the relay listens on.
+    pub(crate) fn channel(&self) -> String {
+        format!("{}_outbox", self.schema)
+    }
+
+    /// The first key of the advisory locks of this outbox (the second is a message key's hash,
+    /// or 0 for the relay's lock).
+    pub(crate) fn lock_class(&self) -> String {
+        format!("hashtext('{}.outbox')", self.schema)
+    }
+
+    /// Creates the schema and its tables, or brings them up to date. Safe to run from several
+    /// processes at once.
+    pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
+        let s = &self.schema;
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(|e| Error::db("starting the migration", e))?;
+        // One migrating process at a time.
+        sqlx::query(&format!(
+            "SELECT pg_advisory_xact_lock(hashtext('{s}.migrate'))"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| Error::db("locking the migration", e))?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Error::db(format!("creating schema {s}"), e))?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {s}.migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| Error::db("creating the migrations table", e))?;
+        let done: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {s}.migrations"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| Error::db("reading the migrations", e))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+            sqlx::query(&sql.replace("{s}", s))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db(format!("migration {} of schema {s}", i + 1), e))?;
+            sqlx::query(&format!("INSERT INTO {s}.migrations (version) VALUES ($1)"))
+                .bind(i as i32 + 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db("recording a migration", e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Error::db("committing the migration", e))
+    }
+
+    /// Stores `message` for `topic` in the caller's transaction (pass `&mut *tx`): it is sent
+    /// only if, and after, that transaction commits. Messages with a key wait for an earlier
+    /// uncommitted transaction that stored one with the same key, so that they are stored in
+    /// commit order.
+    pub async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        topic: &str,
+        message: &Message,
+    ) -> Result<()> {
+        let s = &self.schema;
+        if let Some(key) = &message.key {
+            sqlx::query(&format!(
+                "SELECT pg_advisory_xact_lock({}, hashtext($1))",
+                self.lock_class()
+            ))
+            .bind(format!("{topic}/{key}"))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| Error::db("locking the message key", e))?;
+        }
+        let m = &message.metadata;
+        let headers = serde_json::to_string(&m.headers).map_err(|e| Error::BadRow {
+            seq: 0,
+            why: format!("headers: {e}"),
+        })?;
+        sqlx::query(&format!(
+            "INSERT INTO {s}.outbox (topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)"
+        ))
+        .bind(topic)
+        .bind(message.key.as_deref())
+        .bind(&message.id)
+        .bind(&message.name)
+        .bind(message.version as i32)
+        .bind(&message.payload)
+        .bind(m.correlation_id.as_deref())
+        .bind(m.causation_id.as_deref())
+        .bind(m.created_at as i64)
+        .bind(m.content_type.as_ref())
+        .bind(headers)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::db(format!("storing message {} in {s}.outbox", message.id), e))?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.channel())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| Error::db("notifying the relay", e))?;
+        Ok(())
+    }
+
+    /// The oldest `limit` committed messages, in the order they were stored.
+    pub(crate) async fn oldest(
+        &self,
+        conn: &mut PgConnection,
+        limit: usize,
+    ) -> Result<Vec<Stored>> {
+        let s = &self.schema;
+        let rows = sqlx::query(&format!(
+            "SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
+             FROM {s}.outbox ORDER BY seq LIMIT $1"
+        ))
+        .bind(limit as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| Error::db(format!("reading {s}.outbox"), e))?;
+        rows.iter().map(stored).collect()
+    }
+
+    /// Deletes the sent messages up to and including `seq`.
+    pub(crate) async fn delete(&self, conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
+        let s = &self.schema;
+        sqlx::query(&format!("DELETE FROM {s}.outbox WHERE seq = ANY($1)"))
+            .bind(seqs)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
+        Ok(())
+    }
+
+    /// How far the relay is behind: messages waiting, and the age of the oldest.
+    pub async fn status(&self, pool: &PgPool) -> Result<OutboxStatus> {
+        let s = &self.schema;
+        let row = sqlx::query(&format!(
+            "SELECT count(*) AS depth, extract(epoch FROM now() - min(stored_at))::float8 AS oldest FROM {s}.outbox"
+        ))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| Error::db(format!("reading the status of {s}.outbox"), e))?;
+        let depth: i64 = row.get("depth");
+        let oldest: Option<f64> = row.get("oldest");
+        Ok(OutboxStatus {
+            depth: depth.max(0) as u64,
+            oldest: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+}
+
+fn stored(row: &sqlx::postgres::PgRow) -> Result<Stored> {
+    let seq: i64 = row.get("seq");
+    let bad = |why: String| Error::BadRow { seq, why };
+    let headers: String = row.get("headers");
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str(&headers).map_err(|e| bad(format!("headers: {e}")))?;
+    let mut metadata = Metadata::default();
+    metadata.correlation_id = row.get("correlation_id");
+    metadata.causation_id = row.get("causation_id");
+    metadata.created_at = row.get::<i64, _>("created_at_ms").max(0) as u64;
+    metadata.content_type = Cow::Owned(row.get("content_type"));
+    metadata.headers = headers;
+    let version: i32 = row.get("version");
+    Ok(Stored {
+        seq,
+        topic: row.get("topic"),
+        message: Message::from_parts(
+            row.get("message_id"),
+            row.get("name"),
+            u32::try_from(version).map_err(|_| bad(format!("version {version}")))?,
+            row.get("msg_key"),
+            row.get("payload"),
+            metadata,
+        ),
+    })
+}
