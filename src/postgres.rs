@@ -89,3 +89,84 @@ impl<C> Outbox<C> {
         Ok(())
     }
 }
+
+/// Makes a handler take effect once per consumer group, even when the broker delivers a message
+/// twice: the handler runs in a database transaction together with a row keyed by (group,
+/// message id), and a message whose row exists is acked without running the handler again.
+/// The handler's own writes (and events it stores through an [`Outbox`] in the same
+/// transaction) commit or roll back with that row. Rows older than the retention are purged by
+/// [`OutboxStore::purge_inbox`].
+///
+/// ```no_run
+/// # async fn run(pool: cqrs::postgres::sqlx::PgPool) -> Result<(), cqrs::BoxError> {
+/// use cqrs::postgres::{Inbox, OutboxStore};
+/// use cqrs::{memory::MemoryBroker, Event, EventProcessor};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Event)]
+/// struct SeatBooked { seat: u32 }
+///
+/// let inbox = Inbox::new(pool, OutboxStore::new());
+/// let mut processor = EventProcessor::new(MemoryBroker::new(), "svc-tickets");
+/// processor.handle("count-seats", inbox.once(|e: SeatBooked, mut tx, _ctx| async move {
+///     sqlx::query("UPDATE shows SET booked = booked + 1").execute(&mut *tx).await?;
+///     Ok(tx)
+/// }))?;
+/// # use cqrs::postgres::sqlx; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    pool: sqlx::PgPool,
+    store: OutboxStore,
+}
+
+/// A transaction of the pool an [`Inbox`] runs handlers in.
+pub type Transaction = sqlx::Transaction<'static, sqlx::Postgres>;
+
+impl Inbox {
+    /// An inbox in `store`'s schema (migrated by [`OutboxStore::migrate`]), its transactions
+    /// from `pool`.
+    pub fn new(pool: sqlx::PgPool, store: OutboxStore) -> Self {
+        Inbox { pool, store }
+    }
+
+    /// A handler (for `EventProcessor::handle` and the like) that runs `handler` once per
+    /// (group, message id): inside a transaction that also records the message, which
+    /// `handler` takes and hands back to be committed. An error from `handler` (or a dropped
+    /// transaction) rolls everything back, and the message is retried as any failure is.
+    pub fn once<E, F, Fut>(
+        &self,
+        handler: F,
+    ) -> impl Fn(
+        E,
+        crate::Context,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::BoxError>>
+           + Clone
+           + Send
+           + Sync
+           + 'static
+    where
+        E: Send + 'static,
+        F: Fn(E, Transaction, crate::Context) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Transaction, crate::BoxError>> + Send + 'static,
+    {
+        let inbox = self.clone();
+        move |event: E, ctx: crate::Context| {
+            let (inbox, handler) = (inbox.clone(), handler.clone());
+            Box::pin(async move {
+                let mut tx = inbox.pool.begin().await?;
+                let first = inbox
+                    .store
+                    .claim_inbox(&mut tx, ctx.group(), ctx.message_id())
+                    .await?;
+                if !first {
+                    tracing::debug!(group = %ctx.group(), message_id = %ctx.message_id(), "handled already (inbox); acked without running the handler");
+                    tx.rollback().await?;
+                    return Ok(());
+                }
+                let tx = handler(event, tx, ctx).await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        }
+    }
+}

@@ -232,3 +232,111 @@ async fn a_relay_that_dies_is_taken_over() {
     second.cancel();
     b.await.unwrap().unwrap();
 }
+
+/// A processor whose handler records each seat in a table of its own, through the inbox; it
+/// fails the first attempt at seat 2 after writing (that write must roll back).
+async fn seat_counter(
+    pool: &PgPool,
+    store: &OutboxStore,
+    broker: &MemoryBroker,
+    topic: &str,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> cqrs::RunningProcessor {
+    use cqrs::postgres::Inbox;
+    use std::sync::atomic::Ordering;
+    let table = format!("{}.seats", store.schema_name());
+    sqlx_query(
+        pool,
+        &format!("CREATE TABLE {table} (seat INTEGER NOT NULL)"),
+    )
+    .await;
+    let inbox = Inbox::new(pool.clone(), store.clone());
+    let t = topic.to_owned();
+    let mut p = cqrs::EventProcessor::new(broker.clone(), unique("svc"))
+        .topics(TopicNamer::new(move |_| t.clone()));
+    p.handle(
+        "count",
+        inbox.once(move |e: SeatBooked, mut tx, ctx: cqrs::Context| {
+            let (table, calls) = (table.clone(), calls.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                cqrs::postgres::sqlx::query(&format!("INSERT INTO {table} (seat) VALUES ($1)"))
+                    .bind(e.seat as i32)
+                    .execute(&mut *tx)
+                    .await?;
+                if e.seat == 2 && ctx.attempt() == 1 {
+                    return Err("the first attempt at seat 2 fails after its write".into());
+                }
+                Ok(tx)
+            }
+        }),
+    )
+    .unwrap()
+    .retry(cqrs::RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
+    p.start(CancellationToken::new()).await.unwrap()
+}
+
+async fn sqlx_query(pool: &PgPool, sql: &str) {
+    cqrs::postgres::sqlx::query(sql)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn seats_in(pool: &PgPool, store: &OutboxStore) -> Vec<i32> {
+    cqrs::postgres::sqlx::query_scalar(&format!(
+        "SELECT seat FROM {}.seats ORDER BY seat",
+        store.schema_name()
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_runs_a_handler_once_per_message_even_when_it_is_delivered_twice() {
+    use cqrs::backend::Publisher;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let topic = unique("seats");
+    let (store, _) = outbox(&pool, &broker, &topic).await;
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let running = seat_counter(&pool, &store, &broker, &topic, calls.clone()).await;
+    // Each message published twice with the same id: as a broker redelivers after a lost ack.
+    let bus = EventBus::new(broker.clone());
+    let mut messages = Vec::new();
+    for seat in 1..=3 {
+        let (_, m) = bus
+            .encode(
+                &SeatBooked {
+                    show: "s1".into(),
+                    seat,
+                },
+                cqrs::Metadata::now(),
+            )
+            .unwrap();
+        messages.push(m.clone());
+        messages.push(m);
+    }
+    broker.publish(&topic, &messages).await.unwrap();
+    eventually("every copy handled or skipped, and acked", || {
+        let (pool, store, broker, topic) =
+            (pool.clone(), store.clone(), broker.clone(), topic.clone());
+        async move {
+            use cqrs::backend::Subscriber;
+            let groups = broker.groups(&topic, "").await.unwrap();
+            seats_in(&pool, &store).await.len() >= 3
+                && !groups.is_empty()
+                && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    // Once each, though delivered twice; seat 2's failed first attempt left nothing behind.
+    assert_eq!(seats_in(&pool, &store).await, vec![1, 2, 3]);
+    // Seats 1 and 3 once, seat 2 twice (its failed attempt and its retry); the copies never.
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    let purged = store.purge_inbox(&pool, Duration::ZERO).await.unwrap();
+    assert_eq!(purged, 3);
+}

@@ -42,7 +42,8 @@ pub(crate) struct Stored {
 }
 
 /// The migrations, in order; each runs once per schema (`{s}` is the schema).
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {s}.outbox (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS {s}.outbox (
         seq BIGSERIAL PRIMARY KEY,
         topic TEXT NOT NULL,
         msg_key TEXT,
@@ -56,7 +57,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {s}.outbox (
         content_type TEXT NOT NULL,
         headers JSONB NOT NULL,
         stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
-    )"];
+    )",
+    "CREATE TABLE IF NOT EXISTS {s}.inbox (
+        consumer_group TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        handled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer_group, message_id)
+    )",
+];
 
 impl OutboxStore {
     /// The outbox in schema `cqrs`.
@@ -220,6 +228,41 @@ impl OutboxStore {
             .await
             .map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
         Ok(())
+    }
+
+    /// Records in the caller's transaction that `group` handled `message_id`; `false` if it
+    /// already had (the row exists, committed). A second transaction claiming the same message
+    /// waits until the first commits (then `false`) or rolls back (then `true`).
+    pub async fn claim_inbox(
+        &self,
+        conn: &mut PgConnection,
+        group: &str,
+        message_id: &str,
+    ) -> Result<bool> {
+        let s = &self.schema;
+        let done = sqlx::query(&format!(
+            "INSERT INTO {s}.inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        ))
+        .bind(group)
+        .bind(message_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::db(format!("recording message {message_id} in {s}.inbox"), e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes the inbox rows older than `age`: a message redelivered after that would run its
+    /// handler again. Returns how many went.
+    pub async fn purge_inbox(&self, pool: &PgPool, age: Duration) -> Result<u64> {
+        let s = &self.schema;
+        let done = sqlx::query(&format!(
+            "DELETE FROM {s}.inbox WHERE handled_at < now() - make_interval(secs => $1)"
+        ))
+        .bind(age.as_secs_f64())
+        .execute(pool)
+        .await
+        .map_err(|e| Error::db(format!("purging {s}.inbox"), e))?;
+        Ok(done.rows_affected())
     }
 
     /// How far the relay is behind: messages waiting, and the age of the oldest.
