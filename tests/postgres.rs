@@ -340,3 +340,95 @@ async fn the_inbox_runs_a_handler_once_per_message_even_when_it_is_delivered_twi
     let purged = store.purge_inbox(&pool, Duration::ZERO).await.unwrap();
     assert_eq!(purged, 3);
 }
+
+/// A backend that refuses one topic for good, as a broker refuses a topic it will not create.
+#[derive(Clone)]
+struct Refusing {
+    inner: MemoryBroker,
+    refused: String,
+}
+
+#[async_trait::async_trait]
+impl cqrs::backend::Publisher for Refusing {
+    async fn publish(&self, topic: &str, messages: &[cqrs::Message]) -> cqrs::Result<()> {
+        if topic == self.refused {
+            return Err(cqrs::Error::Config(format!("topic {topic} is refused")));
+        }
+        self.inner.publish(topic, messages).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_broker_refuses_for_good_go_to_the_dead_letters_and_the_others_go_on() {
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let (good, refused) = (unique("seats"), unique("refused"));
+    let (store, to_good) = outbox(&pool, &broker, &good).await;
+    let r = refused.clone();
+    let to_refused = Outbox::new(
+        EventBus::new(broker.clone()).topics(TopicNamer::new(move |_| r.clone())),
+        store.clone(),
+    );
+    let mut tx = pool.begin().await.unwrap();
+    for seat in 0..6 {
+        let e = SeatBooked {
+            show: "s1".into(),
+            seat,
+        };
+        let outbox = if seat % 3 == 1 { &to_refused } else { &to_good };
+        outbox.publish(&mut tx, &e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let token = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay::new(
+            pool.clone(),
+            store.clone(),
+            Refusing {
+                inner: broker.clone(),
+                refused: refused.clone(),
+            },
+        )
+        .poll_interval(Duration::from_millis(50))
+        .run(token.clone()),
+    );
+    eventually("the outbox emptied", || {
+        let (store, pool) = (store.clone(), pool.clone());
+        async move { store.status(&pool).await.unwrap().depth == 0 }
+    })
+    .await;
+    token.cancel();
+    relay.await.unwrap().unwrap();
+    assert_eq!(
+        seats(&broker, &good),
+        [0, 2, 3, 5].map(|s| ("s1".to_owned(), s)).to_vec()
+    );
+    assert!(broker.messages(&refused).is_empty());
+    let dead = store.dead_letters(&pool).await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (_, topic, reason) in &dead {
+        assert_eq!(topic, &refused);
+        assert!(reason.contains("is refused"), "{reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_does_not_encode_fails_publish_inside_the_transaction() {
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let (store, outbox) = outbox(&pool, &broker, &unique("seats")).await;
+    // JSON cannot encode a map with non-string keys.
+    #[derive(Serialize, Deserialize, Event)]
+    struct Odd {
+        map: BTreeMap<(u8, u8), u8>,
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let e = Odd {
+        map: BTreeMap::from([((1, 2), 3)]),
+    };
+    let err = outbox.publish(&mut tx, &e).await.unwrap_err();
+    assert!(matches!(err, cqrs::Error::Encode { .. }), "{err:?}");
+    // The transaction is still the caller's to roll back (or to go on with).
+    tx.rollback().await.unwrap();
+    assert_eq!(store.status(&pool).await.unwrap().depth, 0);
+}

@@ -149,13 +149,19 @@ impl OutboxRelay {
         let topic = run[0].topic.clone();
         let seqs: Vec<i64> = run.iter().map(|s| s.seq).collect();
         let messages: Vec<Message> = run.into_iter().map(|s| s.message).collect();
-        self.publisher
-            .publish(&topic, &messages)
-            .await
-            .map_err(|e| Error::Publish {
-                topic: topic.clone(),
+        match self.publisher.publish(&topic, &messages).await {
+            Ok(()) => self.store.delete(conn, &seqs).await,
+            // Refused for good (a topic the broker will not take, a message too large): the
+            // rows go to the dead letters with the reason, and the others go on.
+            Err(e) if !e.is_retryable() => {
+                let reason = e.report();
+                tracing::error!(schema = %self.store.schema_name(), %topic, count = seqs.len(), reason = %reason, "the broker refused outbox messages for good; they are moved to the dead letters");
+                self.store.bury(conn, &seqs, &reason).await
+            }
+            Err(e) => Err(Error::Publish {
+                topic,
                 source: Box::new(e),
-            })?;
-        self.store.delete(conn, &seqs).await
+            }),
+        }
     }
 }

@@ -64,6 +64,11 @@ const MIGRATIONS: &[&str] = &[
         handled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer_group, message_id)
     )",
+    "CREATE TABLE IF NOT EXISTS {s}.outbox_dead (
+        LIKE {s}.outbox,
+        reason TEXT NOT NULL,
+        buried_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )",
 ];
 
 impl OutboxStore {
@@ -263,6 +268,39 @@ impl OutboxStore {
         .await
         .map_err(|e| Error::db(format!("purging {s}.inbox"), e))?;
         Ok(done.rows_affected())
+    }
+
+    /// Moves rows the broker refused for good to `outbox_dead`, with the reason, in one
+    /// statement (they leave the outbox and arrive there together).
+    pub(crate) async fn bury(
+        &self,
+        conn: &mut PgConnection,
+        seqs: &[i64],
+        reason: &str,
+    ) -> Result<()> {
+        let s = &self.schema;
+        sqlx::query(&format!(
+            "WITH moved AS (DELETE FROM {s}.outbox WHERE seq = ANY($1) RETURNING *)
+             INSERT INTO {s}.outbox_dead SELECT moved.*, $2 FROM moved"
+        ))
+        .bind(seqs)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::db(format!("moving refused messages to {s}.outbox_dead"), e))?;
+        Ok(())
+    }
+
+    /// The messages the broker refused for good, with the reason, oldest first: (message id,
+    /// topic, reason).
+    pub async fn dead_letters(&self, pool: &PgPool) -> Result<Vec<(String, String, String)>> {
+        let s = &self.schema;
+        sqlx::query_as(&format!(
+            "SELECT message_id, topic, reason FROM {s}.outbox_dead ORDER BY seq"
+        ))
+        .fetch_all(pool)
+        .await
+        .map_err(|e| Error::db(format!("reading {s}.outbox_dead"), e))
     }
 
     /// How far the relay is behind: messages waiting, and the age of the oldest.
