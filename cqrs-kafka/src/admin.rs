@@ -8,7 +8,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::Producer;
 
 use crate::error::{Error, Result};
-use crate::{KafkaBackend, KafkaConfig};
+use crate::{lock, KafkaBackend, KafkaConfig};
 
 impl KafkaBackend {
     /// The topics the cluster has.
@@ -30,11 +30,7 @@ impl KafkaBackend {
     /// one when creation is off.
     pub async fn ensure_topics<T: AsRef<str>>(&self, topics: &[T]) -> Result<()> {
         let missing: Vec<&str> = {
-            let known = self
-                .inner
-                .known_topics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let known = lock(&self.inner.known_topics);
             topics
                 .iter()
                 .map(AsRef::as_ref)
@@ -99,11 +95,7 @@ impl KafkaBackend {
             }
             tracing::debug!(topics = ?to_create, "created topics");
         }
-        self.inner
-            .known_topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(missing.iter().map(|t| (*t).to_owned()));
+        lock(&self.inner.known_topics).extend(missing.iter().map(|t| (*t).to_owned()));
         Ok(())
     }
 }

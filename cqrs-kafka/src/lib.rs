@@ -61,6 +61,12 @@ pub use config::{GroupProtocol, KafkaConfig};
 pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
 pub use dead_letters::bookkeeping_group;
 pub use error::{Error, Result};
+/// Locks `m`. Every update under these locks leaves the state consistent, so a lock poisoned by
+/// a panic elsewhere is still used.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The `rdkafka` client crate this backend is built on, for raw clients beside it (admin tools,
 /// tests, librdkafka's mock cluster), at the version the backend uses.
 pub use rdkafka;

@@ -1,14 +1,11 @@
 //! What a member knows of each partition it holds, and the messages waiting for redelivery.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use cqrs_core::Message;
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is a single insert or remove: a poisoned lock is still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(super) use crate::lock;
 
 /// Per assigned partition: when it was assigned, offsets handed to handlers and not settled, and
 /// one past the highest handed out.
