@@ -432,3 +432,34 @@ async fn an_event_that_does_not_encode_fails_publish_inside_the_transaction() {
     tx.rollback().await.unwrap();
     assert_eq!(store.status(&pool).await.unwrap().depth, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_wakes_at_the_commit_not_at_its_poll() {
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let topic = unique("seats");
+    let (store, outbox) = outbox(&pool, &broker, &topic).await;
+    let token = CancellationToken::new();
+    // A poll longer than the test waits: only the notification can bring the events.
+    let relay = tokio::spawn(
+        OutboxRelay::new(pool.clone(), store.clone(), broker.clone())
+            .poll_interval(Duration::from_secs(600))
+            .run(token.clone()),
+    );
+    for seat in 1..=2 {
+        let mut tx = pool.begin().await.unwrap();
+        let e = SeatBooked {
+            show: "s1".into(),
+            seat,
+        };
+        outbox.publish(&mut tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        eventually("the event relayed after its commit", || {
+            let n = broker.messages(&topic).len();
+            async move { n == seat as usize }
+        })
+        .await;
+    }
+    token.cancel();
+    relay.await.unwrap().unwrap();
+}

@@ -182,7 +182,8 @@ impl OutboxStore {
         })?;
         sqlx::query(&format!(
             "INSERT INTO {s}.outbox (topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
+             RETURNING pg_notify($12, '')::text"
         ))
         .bind(topic)
         .bind(message.key.as_deref())
@@ -195,14 +196,11 @@ impl OutboxStore {
         .bind(m.created_at as i64)
         .bind(m.content_type.as_ref())
         .bind(headers)
+        // The relay's notification (delivered at commit) in the same round trip.
+        .bind(self.channel())
         .execute(&mut *conn)
         .await
         .map_err(|e| Error::db(format!("storing message {} in {s}.outbox", message.id), e))?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.channel())
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| Error::db("notifying the relay", e))?;
         Ok(())
     }
 
@@ -224,7 +222,7 @@ impl OutboxStore {
         rows.iter().map(stored).collect()
     }
 
-    /// Deletes the sent messages up to and including `seq`.
+    /// Deletes the sent messages `seqs`.
     pub(crate) async fn delete(&self, conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
         let s = &self.schema;
         sqlx::query(&format!("DELETE FROM {s}.outbox WHERE seq = ANY($1)"))
