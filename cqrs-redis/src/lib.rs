@@ -346,10 +346,9 @@ impl Subscriber for RedisBackend {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> cqrs_core::Result<Box<dyn Consumer>> {
+        // At least one topic, or an error naming the group.
         subscription.check()?;
-        let Some(first) = subscription.topics.first() else {
-            return Err(cqrs_core::Error::Config("no topic".into()));
-        };
+        let first = &subscription.topics[0];
         let pool = self.pool_for(first)?;
         if let Some(dead) = &subscription.dead_letter {
             if self.pool_for(dead).is_err() {
