@@ -43,6 +43,15 @@ async fn outbox(pool: &PgPool, broker: &MemoryBroker, topic: &str) -> (OutboxSto
     (store.clone(), Outbox::new(bus, store))
 }
 
+/// Waits until the relay has sent (and deleted) everything committed to `store`.
+async fn emptied(store: &OutboxStore, pool: &PgPool) {
+    eventually("the outbox emptied", || {
+        let (store, pool) = (store.clone(), pool.clone());
+        async move { store.status(&pool).await.unwrap().depth == 0 }
+    })
+    .await;
+}
+
 fn seats(broker: &MemoryBroker, topic: &str) -> Vec<(String, u32)> {
     broker
         .messages(topic)
@@ -96,11 +105,7 @@ async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_is_relayed_
         async move { n >= 5 }
     })
     .await;
-    eventually("the outbox emptied", || {
-        let (store, pool) = (store.clone(), pool.clone());
-        async move { store.status(&pool).await.unwrap().depth == 0 }
-    })
-    .await;
+    emptied(&store, &pool).await;
     assert_eq!(
         seats(&broker, &topic),
         (0..5).map(|s| ("s1".to_owned(), s)).collect::<Vec<_>>()
@@ -157,11 +162,7 @@ async fn two_relays_send_each_event_once_in_commit_order_per_key() {
         async move { n >= 300 }
     })
     .await;
-    eventually("the outbox emptied", || {
-        let (store, pool) = (store.clone(), pool.clone());
-        async move { store.status(&pool).await.unwrap().depth == 0 }
-    })
-    .await;
+    emptied(&store, &pool).await;
     let got = seats(&broker, &topic);
     let distinct: HashSet<_> = got.iter().collect();
     assert_eq!((got.len(), distinct.len()), (300, 300), "each once");
@@ -392,11 +393,7 @@ async fn rows_the_broker_refuses_for_good_go_to_the_dead_letters_and_the_others_
         .poll_interval(Duration::from_millis(50))
         .run(token.clone()),
     );
-    eventually("the outbox emptied", || {
-        let (store, pool) = (store.clone(), pool.clone());
-        async move { store.status(&pool).await.unwrap().depth == 0 }
-    })
-    .await;
+    emptied(&store, &pool).await;
     token.cancel();
     relay.await.unwrap().unwrap();
     assert_eq!(
