@@ -5,7 +5,7 @@
 //! against them. `cqrs::conformance` checks that a backend behaves as buses and processors expect.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -136,7 +136,8 @@ pub struct Delivery {
     topic: Arc<str>,
     message: Arc<Message>,
     attempt: u32,
-    broker_id: Arc<str>,
+    /// Given by the backend, or made from `position` when first asked for.
+    broker_id: OnceLock<Arc<str>>,
     acker: Arc<dyn Acknowledge>,
     malformed: Option<String>,
     shard: Option<u32>,
@@ -152,6 +153,20 @@ pub struct LogPosition {
     pub partition: i32,
     /// The offset in the partition.
     pub offset: i64,
+}
+
+impl LogPosition {
+    /// The entry's id, `partition:offset`.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.partition, self.offset)
+    }
+}
+
+/// An entry's id kept in `cell`, made from `position` (`partition:offset`) the first time it is
+/// asked for when the backend gave none (empty when there is no position either).
+#[inline]
+pub fn entry_id(cell: &OnceLock<Arc<str>>, position: Option<LogPosition>) -> &Arc<str> {
+    cell.get_or_init(|| position.map(|p| p.id()).unwrap_or_default().into())
 }
 
 /// A delivery dropped unsettled is handed back to its consumer ([`Acknowledge::release`]), so
@@ -192,13 +207,38 @@ impl Delivery {
             topic,
             message,
             attempt,
-            broker_id: broker_id.into(),
+            broker_id: OnceLock::from(broker_id.into()),
             acker,
             malformed: None,
             shard: None,
             position: None,
             settled: false,
         }
+    }
+
+    /// Made by backends of partitioned logs: the entry at `position`, whose id
+    /// ([`Delivery::broker_id`]) is `partition:offset`, made only if asked for (see
+    /// [`Delivery::with_position`] for what the position is used for).
+    #[inline]
+    pub fn at(
+        topic: Arc<str>,
+        message: Arc<Message>,
+        attempt: u32,
+        position: LogPosition,
+        acker: Arc<dyn Acknowledge>,
+    ) -> Self {
+        Delivery {
+            topic,
+            message,
+            attempt,
+            broker_id: OnceLock::new(),
+            acker,
+            malformed: None,
+            shard: None,
+            position: None,
+            settled: false,
+        }
+        .with_position(position)
     }
 
     /// Marks the delivery as an entry that could not be read as a message (see
@@ -284,13 +324,20 @@ impl Delivery {
     /// The backend's id of this entry.
     #[inline]
     pub fn broker_id(&self) -> &str {
-        &self.broker_id
+        self.broker_id_arc()
     }
 
     /// The backend's id of this entry, shared.
     #[inline]
     pub fn broker_id_arc(&self) -> &Arc<str> {
-        &self.broker_id
+        entry_id(&self.broker_id, self.position)
+    }
+
+    /// The backend's id of this entry if it was given or made already, and its position: what
+    /// a copy of its id needs, without making one (see [`entry_id`]).
+    #[inline]
+    pub fn broker_id_cell(&self) -> (OnceLock<Arc<str>>, Option<LogPosition>) {
+        (self.broker_id.clone(), self.position)
     }
 
     /// Marks the message as handled. On failure the delivery is handed back with the error.
@@ -350,7 +397,7 @@ impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
             .field("topic", &self.topic)
-            .field("broker_id", &self.broker_id)
+            .field("broker_id", &self.broker_id())
             .field("attempt", &self.attempt)
             .field("message", &self.message)
             .finish_non_exhaustive()

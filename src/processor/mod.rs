@@ -193,8 +193,10 @@ impl<C> Core<C> {
             .consumer_name
             .clone()
             .unwrap_or_else(|| self.consumer_name.clone());
+        let group: Arc<str> = Arc::from(group);
         Ok(GroupSpec {
-            group: Arc::from(group),
+            meters: crate::telemetry::Meters::new(publisher.system(), group.clone()),
+            group,
             topics,
             routes,
             options,

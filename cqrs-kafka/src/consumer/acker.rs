@@ -86,6 +86,41 @@ impl KafkaAcker {
     }
 }
 
+/// Says which partitions of `tpl` librdkafka refused to store offsets for (the others were
+/// stored), with what librdkafka holds as assigned: their progress is not recorded.
+fn warn_refused(consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+    let refused: Vec<String> = tpl
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let error = e.error().err()?;
+            Some(format!(
+                "{}[{}] at {:?}: {error}",
+                e.topic(),
+                e.partition(),
+                e.offset()
+            ))
+        })
+        .collect();
+    if refused.is_empty() {
+        return;
+    }
+    let assigned: Vec<String> = consumer
+        .assignment()
+        .map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default();
+    tracing::warn!(
+        ?refused,
+        ?assigned,
+        "storing some offsets refused: their progress is not recorded"
+    );
+}
+
 /// The partition and offset of a delivery this consumer made (each carries its position).
 fn position(d: &Delivery) -> cqrs_core::Result<(i32, i64)> {
     d.position()
@@ -134,7 +169,9 @@ impl Acknowledge for KafkaAcker {
             // Stored under the lock: a revocation (which takes it first) cannot come between
             // the check above and the store, so nothing is stored for a partition given away.
             match consumer.store_offsets(&tpl) {
-                Ok(()) => {}
+                // librdkafka answers an error only when it stored none of them: the others say
+                // theirs in the list itself.
+                Ok(()) => warn_refused(&consumer, &tpl),
                 Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
                     // librdkafka does not hold these partitions as assigned, though this
                     // member does: their progress is not recorded. Said, not silent: a soak
@@ -145,6 +182,7 @@ impl Acknowledge for KafkaAcker {
                         partitions = tpl.count(),
                         "storing offsets refused (Local: Erroneous state): this progress is not recorded"
                     );
+                    warn_refused(&consumer, &tpl);
                     return Ok(());
                 }
                 Err(e) => return Err(Error::kafka("storing offsets", e).into()),

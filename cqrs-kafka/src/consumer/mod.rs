@@ -216,8 +216,13 @@ impl KafkaConsumer {
         let acker = self.acker(epoch);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
         // keep their order across the processor's workers) and offset.
-        let d = Delivery::new(topic, message, 1, format!("{partition}:{offset}"), acker)
-            .with_position(LogPosition { partition, offset });
+        let d = Delivery::at(
+            topic,
+            Arc::new(message),
+            1,
+            LogPosition { partition, offset },
+            acker,
+        );
         Some(match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
@@ -230,19 +235,16 @@ impl KafkaConsumer {
         let now = Instant::now();
         let mut retries = lock(&self.acker.retries);
         for r in retries.take_due(now, max.saturating_sub(out.len())) {
-            out.push(
-                Delivery::shared(
-                    r.topic,
-                    r.message,
-                    r.attempt + 1,
-                    format!("{}:{}", r.partition, r.offset),
-                    acker.clone(),
-                )
-                .with_position(LogPosition {
+            out.push(Delivery::at(
+                r.topic,
+                r.message,
+                r.attempt + 1,
+                LogPosition {
                     partition: r.partition,
                     offset: r.offset,
-                }),
-            );
+                },
+                acker.clone(),
+            ));
         }
         retries.next_due()
     }

@@ -7,13 +7,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::failure::{after_failure, Failed};
-use super::job::{consuming, handle_job};
+use super::job::handle_job;
 use super::settle::{ack_with_retries, nack};
 use super::{BatchRoute, GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
 use crate::handler::Context;
 use crate::middleware::HandlerPanicked;
-use crate::telemetry;
 use crate::Result;
 
 /// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
@@ -51,7 +50,7 @@ pub(super) async fn handle_batch(
             u.disarm();
         }
         ctx.handler = route.handler.clone();
-        telemetry::consumed(&consuming(spec, &route.handler, &ctx.topic), 1);
+        spec.meters.of(&route.handler, &ctx.topic).consumed(1);
         todo.push((ctx, delivery));
     }
     while !todo.is_empty() {
@@ -83,13 +82,11 @@ pub(super) async fn handle_batch(
         let contexts: Vec<Context> = todo.iter().map(|(ctx, _)| ctx.clone()).collect();
         let in_flight: Vec<_> = contexts.iter().map(|_| spec.health.enter()).collect();
         let topic = contexts[0].topic.clone();
-        let labels = consuming(spec, &route.handler, &topic);
-        let metered =
-            telemetry::InFlight::enter(labels.backend, &spec.group, &route.handler, todo.len());
+        let meters = spec.meters.of(&route.handler, &topic);
+        let metered = meters.in_flight(todo.len());
         let started = Instant::now();
         let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
-        telemetry::attempt(
-            &labels,
+        meters.attempt(
             started.elapsed().as_secs_f64(),
             outcomes.iter().all(Result::is_ok),
             outcomes

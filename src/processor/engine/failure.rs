@@ -81,7 +81,7 @@ pub(super) async fn reject(
 ) -> Option<Settle> {
     tracing::warn!(group = %spec.group, message_id = %ctx.message.id, reason, "dead-lettering the message");
     let labels = consuming(spec, "", &ctx.topic);
-    telemetry::consumed(&labels, 1);
+    spec.meters.of("", &ctx.topic).consumed(1);
     let published = match &delivery {
         Some(d) => dead_letter_delivery(spec, "", d, ctx.attempt, reason).await,
         None => dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await,

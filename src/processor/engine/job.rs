@@ -16,7 +16,7 @@ use crate::backend::Delivery;
 use crate::handler::{is_permanent, Pipeline};
 use crate::middleware::{panic_message, HandlerPanicked};
 use crate::processor::options::UnknownEvent;
-use crate::telemetry::{self, Consuming, DeadReason};
+use crate::telemetry::{Consuming, DeadReason};
 use crate::BoxError;
 
 /// Runs a handler's future, turning a panic into an error.
@@ -64,7 +64,7 @@ pub(super) async fn handle_job(
             );
             return reject(spec, ctx, delivery, &reason, DeadReason::UnknownEvent).await;
         }
-        telemetry::consumed(&consuming(spec, "", &ctx.topic), 1);
+        spec.meters.of("", &ctx.topic).consumed(1);
         tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
         return delivery.map(Settle::Ack);
     };
@@ -72,8 +72,9 @@ pub(super) async fn handle_job(
     let _in_flight = spec.health.enter();
     let topic = ctx.topic.clone();
     let labels = consuming(spec, handler, &topic);
-    telemetry::consumed(&labels, 1);
-    let _metered = telemetry::InFlight::enter(labels.backend, &spec.group, handler, 1);
+    let meters = spec.meters.of(handler, &topic);
+    meters.consumed(1);
+    let _metered = meters.in_flight(1);
     loop {
         // Each message's span is a root: spans of messages handled one after another (or side
         // by side on one thread) never nest.
@@ -119,8 +120,7 @@ pub(super) async fn handle_job(
         };
         let started = Instant::now();
         let result = caught(run).instrument(span.clone()).await;
-        telemetry::attempt(
-            &labels,
+        meters.attempt(
             started.elapsed().as_secs_f64(),
             result.is_ok(),
             matches!(&result, Err(e) if e.is::<HandlerPanicked>()),

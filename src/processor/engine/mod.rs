@@ -59,6 +59,8 @@ pub(crate) struct GroupSpec {
     pub batch: Option<BatchRoute>,
     /// What the group reports about itself.
     pub health: Arc<Health>,
+    /// Its metrics' instruments, per handler and topic.
+    pub meters: crate::telemetry::Meters,
 }
 
 impl GroupSpec {
@@ -142,13 +144,14 @@ impl Services {
 }
 
 pub(super) fn context(spec: &GroupSpec, d: &Delivery) -> Context {
+    let (broker_id, position) = d.broker_id_cell();
     Context {
         message: d.message_arc().clone(),
         topic: d.topic_arc().clone(),
         group: spec.group.clone(),
         handler: spec.no_handler.clone(),
         attempt: d.attempt(),
-        broker_id: d.broker_id_arc().clone(),
-        position: d.position(),
+        broker_id,
+        position,
     }
 }
