@@ -8,7 +8,8 @@
 //! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round.
 //! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. `BENCH_TIMINGS=1` prints when our
 //! processors started, handled their first event and handled all of them;
-//! `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
+//! `BENCH_PROFILE_CONSUME=1` publishes, then runs our consumer alone after a 3 s pause (for a
+//! profiler attached by pid). `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
 //! (`eager`, `cooperative`) change our backend's settings for experiments.
 //!
 //! Each round also prints the CPU time this process spent publishing on each side.
@@ -143,6 +144,7 @@ impl Bench {
         let group = cqrs::conformance::unique("raw");
         let got = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
+        let cpu = support::cpu_time("self");
         let mut tasks = Vec::new();
         for _ in 0..members {
             let consumer: StreamConsumer = ClientConfig::new()
@@ -158,6 +160,7 @@ impl Bench {
             consumer.subscribe(&[topic])?;
             let got = got.clone();
             tasks.push(tokio::spawn(async move {
+                let mut first = None;
                 while got.load(Ordering::Relaxed) < n {
                     let m = match tokio::time::timeout(Duration::from_millis(50), consumer.recv())
                         .await
@@ -168,14 +171,24 @@ impl Bench {
                     let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
                     consumer.store_offset_from_message(&m)?;
                     got.fetch_add(1, Ordering::Relaxed);
+                    first.get_or_insert_with(|| start.elapsed());
                 }
-                Ok::<_, BoxError>(())
+                Ok::<_, BoxError>(first.unwrap_or_default())
             }));
         }
+        let mut first = None;
         for t in tasks {
-            t.await??;
+            let f = t.await??;
+            first = Some(first.map_or(f, |g: Duration| g.min(f)));
         }
-        Ok(start.elapsed())
+        let elapsed = start.elapsed();
+        if std::env::var("BENCH_TIMINGS").is_ok() {
+            eprintln!(
+                "raw, {members} member(s): first handled after {first:?}, all after {elapsed:?}, CPU {:?}",
+                support::cpu_time("self") - cpu
+            );
+        }
+        Ok(elapsed)
     }
 
     async fn ours_consume(
@@ -199,6 +212,7 @@ impl Bench {
         let token = CancellationToken::new();
         let service = cqrs::conformance::unique("ours");
         let start = Instant::now();
+        let cpu = support::cpu_time("self");
         // Started together, as the raw side's members are.
         let mut starting = Vec::new();
         for _ in 0..members {
@@ -231,8 +245,9 @@ impl Bench {
         }
         if std::env::var("BENCH_TIMINGS").is_ok() {
             eprintln!(
-                "ours, {members} member(s): first handled after {first:?}, all after {elapsed:?}, every member started after {:?}",
-                start.elapsed()
+                "ours, {members} member(s): first handled after {first:?}, all after {elapsed:?}, every member started after {:?}, CPU {:?}",
+                start.elapsed(),
+                support::cpu_time("self") - cpu
             );
         }
         token.cancel();
@@ -361,6 +376,14 @@ async fn main() -> Result<(), BoxError> {
         };
         figures.push((r, o));
         cpu_ms.push((raw_cpu.as_secs_f64() * 1e3, ours_cpu.as_secs_f64() * 1e3));
+        if std::env::var("BENCH_PROFILE_CONSUME").is_ok() {
+            // For a profiler attached to this process: our consumer alone, after a pause.
+            eprintln!("profile: consuming in 3 s (pid {})", std::process::id());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            b.ours_consume(&backend, &ours_t, n).await?;
+            eprintln!("profile: consumed");
+            return Ok(());
+        }
         if publish_only {
             print_round(round, n, &names, figures, &mut results);
             continue;
