@@ -1,7 +1,7 @@
 //! How far a member may run ahead of what its group recorded, and the thread that asks for the
 //! commits that record it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
@@ -38,6 +38,9 @@ pub(crate) struct CommitGate {
     limit: u64,
     /// Why the last commit answered was refused (`None`: it succeeded).
     refused: Mutex<Option<String>>,
+    /// The last commit answered was refused: the gate closes at `every` unrecorded acks, not
+    /// at `limit`.
+    failing: AtomicBool,
     /// Wakes the committer thread; one request waits at most. Taken out to end the thread.
     asks: Mutex<Option<SyncSender<()>>>,
 }
@@ -55,6 +58,7 @@ impl CommitGate {
             every: every as u64,
             limit: limit as u64,
             refused: Mutex::new(None),
+            failing: AtomicBool::new(false),
             asks: Mutex::new(Some(asks)),
         };
         (gate, requests)
@@ -117,9 +121,29 @@ impl CommitGate {
         self.changed.notify_waiters();
     }
 
-    /// Whether new work must wait for a commit.
+    /// Whether new work must wait for a commit: `limit` acks are unrecorded, or `every` are
+    /// while commits fail (the last one was refused, or asked for [`ASK_AGAIN_AFTER`] ago and
+    /// not answered: a broker away). Work handled while commits fail is handled again if the
+    /// member dies before one succeeds: a soak run lost the record of 2,000 messages in one
+    /// member killed a second after the broker restarted, its commits refused (stale member
+    /// epoch) until it rejoined.
     pub(crate) fn closed(&self) -> bool {
-        self.limit > 0 && self.unrecorded() >= self.limit
+        if self.limit == 0 {
+            return false;
+        }
+        let unrecorded = self.unrecorded();
+        unrecorded >= self.limit || (unrecorded >= self.every.max(1) && self.failing())
+    }
+
+    /// Whether commits fail: the last one answered was refused, or the one asked for has had no
+    /// answer for [`ASK_AGAIN_AFTER`].
+    fn failing(&self) -> bool {
+        if self.failing.load(Ordering::SeqCst) {
+            return true;
+        }
+        let asked_at = self.asked_at.load(Ordering::SeqCst);
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        asked_at != 0 && now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
     }
 
     /// Takes the answer to a commit made when `acked` acks had been counted: those are recorded
@@ -143,10 +167,12 @@ impl CommitGate {
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                 *lock(&self.refused) = None;
+                self.failing.store(false, Ordering::SeqCst);
                 true
             }
             Err(e) => {
                 let first = lock(&self.refused).replace(e.to_string()).is_none();
+                self.failing.store(true, Ordering::SeqCst);
                 // Refusals come in runs while a group rebalances: the first of a run is worth a
                 // warning; a closed gate reports a run that does not end (`receive`).
                 if first {
@@ -240,5 +266,42 @@ mod tests {
         gate.periodic_answer(&Ok(()));
         assert!(gate.refusal().is_none());
         assert_eq!(gate.unrecorded(), 2, "a periodic answer records nothing");
+    }
+
+    #[test]
+    fn while_commits_are_refused_the_gate_closes_at_every_not_at_the_limit() {
+        let (gate, _requests) = CommitGate::new(5, 1000);
+        gate.acked(5);
+        assert!(!gate.closed(), "commits not refused: open until 1000");
+        gate.answer(
+            &Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::StaleMemberEpoch,
+            )),
+            5,
+        );
+        assert!(gate.closed(), "refused with 5 unrecorded: closed");
+        // Revoked partitions: nothing left to record, so open, until `every` more.
+        gate.all_recorded();
+        assert!(!gate.closed());
+        gate.acked(5);
+        assert!(gate.closed(), "still refused: closed again at 5");
+        gate.answer(&Ok(()), 10);
+        assert!(!gate.closed(), "a commit succeeded");
+        gate.acked(5);
+        assert!(!gate.closed(), "commits succeed: open until 1000");
+    }
+
+    #[test]
+    fn a_commit_unanswered_for_a_while_counts_as_refused() {
+        let (gate, _requests) = CommitGate::new(5, 1000);
+        gate.acked(6);
+        assert!(!gate.closed(), "asked just now");
+        // Asked long ago, no answer (a broker away).
+        gate.asked_at.store(1, Ordering::SeqCst);
+        let again = ASK_AGAIN_AFTER.as_millis() as u64;
+        while gate.born.elapsed().as_millis() as u64 <= again {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gate.closed());
     }
 }
