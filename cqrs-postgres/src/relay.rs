@@ -111,10 +111,27 @@ impl OutboxRelay {
             }
         }
         tracing::debug!(schema = %self.store.schema_name(), "outbox relay sending");
+        // Sent and not deleted yet: deleted with the next read (one round trip a batch), or
+        // before waiting.
+        let mut sent: Vec<i64> = Vec::new();
         loop {
-            let sent = self.send_batch(&mut conn).await?;
-            if sent == self.batch {
+            let n = match self.send_batch(&mut conn, &mut sent).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // What the broker took before the failure is not sent again, if the
+                    // database still answers.
+                    if !sent.is_empty() {
+                        let _ = self.store.delete(&mut conn, &sent).await;
+                    }
+                    return Err(e);
+                }
+            };
+            if n == self.batch {
                 continue;
+            }
+            if !sent.is_empty() {
+                self.store.delete(&mut conn, &sent).await?;
+                sent.clear();
             }
             // Caught up: wait for a notification or the poll interval.
             tokio::select! {
@@ -127,30 +144,39 @@ impl OutboxRelay {
         }
     }
 
-    /// Sends the oldest batch, one publish per run of messages of one topic, deleting each run
-    /// once the backend took it. Returns how many were sent.
-    async fn send_batch(&self, conn: &mut PgConnection) -> Result<usize> {
-        let stored = self.store.oldest(conn, self.batch).await?;
+    /// Deletes `sent`, then sends the oldest batch, one publish per run of messages of one
+    /// topic; what the backend took goes into `sent`. Returns how many were read.
+    async fn send_batch(&self, conn: &mut PgConnection, sent: &mut Vec<i64>) -> Result<usize> {
+        let stored = self.store.oldest(conn, sent, self.batch).await?;
+        sent.clear();
         let n = stored.len();
         let mut run: Vec<Stored> = Vec::new();
         for s in stored {
             if run.last().is_some_and(|r| r.topic != s.topic) {
-                self.send_run(conn, std::mem::take(&mut run)).await?;
+                self.send_run(conn, std::mem::take(&mut run), sent).await?;
             }
             run.push(s);
         }
         if !run.is_empty() {
-            self.send_run(conn, run).await?;
+            self.send_run(conn, run, sent).await?;
         }
         Ok(n)
     }
 
-    async fn send_run(&self, conn: &mut PgConnection, run: Vec<Stored>) -> Result<()> {
+    async fn send_run(
+        &self,
+        conn: &mut PgConnection,
+        run: Vec<Stored>,
+        sent: &mut Vec<i64>,
+    ) -> Result<()> {
         let topic = run[0].topic.clone();
         let seqs: Vec<i64> = run.iter().map(|s| s.seq).collect();
         let messages: Vec<Message> = run.into_iter().map(|s| s.message).collect();
         match self.publisher.publish(&topic, &messages).await {
-            Ok(()) => self.store.delete(conn, &seqs).await,
+            Ok(()) => {
+                sent.extend(seqs);
+                Ok(())
+            }
             // Refused for good (a topic the broker will not take, a message too large): the
             // rows go to the dead letters with the reason, and the others go on.
             Err(e) if !e.is_retryable() => {

@@ -204,17 +204,23 @@ impl OutboxStore {
         Ok(())
     }
 
-    /// The oldest `limit` committed messages, in the order they were stored.
+    /// Deletes `sent` (messages the broker took), then reads the oldest `limit` committed
+    /// messages, in the order they were stored.
     pub(crate) async fn oldest(
         &self,
         conn: &mut PgConnection,
+        sent: &[i64],
         limit: usize,
     ) -> Result<Vec<Stored>> {
         let s = &self.schema;
+        // One round trip: the rows sent already go (the statement's snapshot still sees them,
+        // hence the filter), and the next ones are read.
         let rows = sqlx::query(&format!(
-            "SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
-             FROM {s}.outbox ORDER BY seq LIMIT $1"
+            "WITH gone AS (DELETE FROM {s}.outbox WHERE seq = ANY($1))
+             SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
+             FROM {s}.outbox WHERE seq <> ALL($1) ORDER BY seq LIMIT $2"
         ))
+        .bind(sent)
         .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await
