@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -365,7 +365,7 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         topic: format!("soak-outbox-{id}"),
         service: format!("svc-soak-{id}"),
     };
-    let dir = PathBuf::from(std::env::temp_dir()).join(format!("cqrs-soak-outbox-{id}"));
+    let dir = std::env::temp_dir().join(format!("cqrs-soak-outbox-{id}"));
     std::fs::create_dir_all(&dir)?;
     eprintln!("soak-outbox: files in {}", dir.display());
     // The schema: the outbox's tables, the accounts and the effects (no unique key: a second
