@@ -112,82 +112,131 @@ impl OutboxRelay {
         }
         tracing::debug!(schema = %self.store.schema_name(), "outbox relay sending");
         // Sent and not deleted yet: deleted with the next read (one round trip a batch), or
-        // before waiting.
+        // before waiting. Read and not sent yet: the next batch.
         let mut sent: Vec<i64> = Vec::new();
+        let mut ready: Vec<Stored> = Vec::new();
         loop {
-            let n = match self.send_batch(&mut conn, &mut sent).await {
-                Ok(n) => n,
-                Err(e) => {
-                    // What the broker took before the failure is not sent again, if the
-                    // database still answers.
-                    if !sent.is_empty() {
-                        let _ = self.store.delete(&mut conn, &sent).await;
-                    }
-                    return Err(e);
-                }
-            };
-            if n == self.batch {
-                continue;
-            }
-            if !sent.is_empty() {
-                self.store.delete(&mut conn, &sent).await?;
+            if ready.is_empty() {
+                ready = self.store.oldest(&mut conn, &sent, &[], self.batch).await?;
                 sent.clear();
             }
-            // Caught up: wait for a notification or the poll interval.
-            tokio::select! {
-                _ = token.cancelled() => return Ok(()),
-                n = listener.try_recv() => {
-                    n.map_err(|e| Error::db("waiting for stored messages", e))?;
+            if ready.is_empty() {
+                // Caught up: wait for a notification or the poll interval.
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    n = listener.try_recv() => {
+                        n.map_err(|e| Error::db("waiting for stored messages", e))?;
+                    }
+                    _ = tokio::time::sleep(self.poll) => {}
                 }
-                _ = tokio::time::sleep(self.poll) => {}
+                continue;
+            }
+            // A full batch: more may wait, so the next one is read (and the last one deleted)
+            // while the broker takes this one. It is sent only after this one is acknowledged,
+            // so a key's messages keep their order across batches.
+            let full = ready.len() == self.batch;
+            let sending: Vec<i64> = ready.iter().map(|r| r.seq).collect();
+            let deleting = std::mem::take(&mut sent);
+            let publishing = self.publish_batch(std::mem::take(&mut ready));
+            let (published, next) = if full {
+                let reading = self
+                    .store
+                    .oldest(&mut conn, &deleting, &sending, self.batch);
+                let (p, n) = tokio::join!(publishing, reading);
+                (p, Some(n))
+            } else {
+                (publishing.await, None)
+            };
+            let Published {
+                acked,
+                refused,
+                failed,
+            } = published;
+            match next {
+                Some(Ok(rows)) => ready = rows,
+                // Not deleted: they go with the next delete.
+                Some(Err(e)) => {
+                    sent = deleting;
+                    sent.extend(acked);
+                    let _ = self.store.delete(&mut conn, &sent).await;
+                    return Err(e);
+                }
+                None => sent = deleting,
+            }
+            sent.extend(acked);
+            for (seqs, reason) in refused {
+                self.store.bury(&mut conn, &seqs, &reason).await?;
+            }
+            if let Some(e) = failed {
+                // What the broker took before the failure is not sent again, if the database
+                // still answers.
+                if !sent.is_empty() {
+                    let _ = self.store.delete(&mut conn, &sent).await;
+                }
+                return Err(e);
+            }
+            if ready.is_empty() && !sent.is_empty() {
+                self.store.delete(&mut conn, &sent).await?;
+                sent.clear();
             }
         }
     }
 
-    /// Deletes `sent`, then sends the oldest batch, one publish per run of messages of one
-    /// topic; what the backend took goes into `sent`. Returns how many were read.
-    async fn send_batch(&self, conn: &mut PgConnection, sent: &mut Vec<i64>) -> Result<usize> {
-        let stored = self.store.oldest(conn, sent, self.batch).await?;
-        sent.clear();
-        let n = stored.len();
+    /// Sends `batch`, one publish per run of messages of one topic, stopping at the first
+    /// failure worth retrying.
+    async fn publish_batch(&self, batch: Vec<Stored>) -> Published {
+        let mut out = Published::default();
         let mut run: Vec<Stored> = Vec::new();
-        for s in stored {
-            if run.last().is_some_and(|r| r.topic != s.topic) {
-                self.send_run(conn, std::mem::take(&mut run), sent).await?;
+        for s in batch {
+            if run.last().is_some_and(|r| r.topic != s.topic)
+                && !self.send_run(std::mem::take(&mut run), &mut out).await
+            {
+                return out;
             }
             run.push(s);
         }
         if !run.is_empty() {
-            self.send_run(conn, run, sent).await?;
+            self.send_run(run, &mut out).await;
         }
-        Ok(n)
+        out
     }
 
-    async fn send_run(
-        &self,
-        conn: &mut PgConnection,
-        run: Vec<Stored>,
-        sent: &mut Vec<i64>,
-    ) -> Result<()> {
+    /// Publishes one run; false if it failed in a way worth retrying (said in `out.failed`).
+    async fn send_run(&self, run: Vec<Stored>, out: &mut Published) -> bool {
         let topic = run[0].topic.clone();
         let seqs: Vec<i64> = run.iter().map(|s| s.seq).collect();
         let messages: Vec<Message> = run.into_iter().map(|s| s.message).collect();
         match self.publisher.publish(&topic, &messages).await {
             Ok(()) => {
-                sent.extend(seqs);
-                Ok(())
+                out.acked.extend(seqs);
+                true
             }
             // Refused for good (a topic the broker will not take, a message too large): the
             // rows go to the dead letters with the reason, and the others go on.
             Err(e) if !e.is_retryable() => {
                 let reason = e.report();
                 tracing::error!(schema = %self.store.schema_name(), %topic, count = seqs.len(), reason = %reason, "the broker refused outbox messages for good; they are moved to the dead letters");
-                self.store.bury(conn, &seqs, &reason).await
+                out.refused.push((seqs, reason));
+                true
             }
-            Err(e) => Err(Error::Publish {
-                topic,
-                source: Box::new(e),
-            }),
+            Err(e) => {
+                out.failed = Some(Error::Publish {
+                    topic,
+                    source: Box::new(e),
+                });
+                false
+            }
         }
     }
+}
+
+/// What sending a batch came to.
+#[derive(Default)]
+struct Published {
+    /// Taken by the broker: to delete.
+    acked: Vec<i64>,
+    /// Refused for good, with the reason: to move to the dead letters.
+    refused: Vec<(Vec<i64>, String)>,
+    /// A failure worth retrying, after which nothing more was sent.
+    failed: Option<Error>,
 }

@@ -205,11 +205,12 @@ impl OutboxStore {
     }
 
     /// Deletes `sent` (messages the broker took), then reads the oldest `limit` committed
-    /// messages, in the order they were stored.
+    /// messages but those of `sending` (being sent now), in the order they were stored.
     pub(crate) async fn oldest(
         &self,
         conn: &mut PgConnection,
         sent: &[i64],
+        sending: &[i64],
         limit: usize,
     ) -> Result<Vec<Stored>> {
         let s = &self.schema;
@@ -218,9 +219,10 @@ impl OutboxStore {
         let rows = sqlx::query(&format!(
             "WITH gone AS (DELETE FROM {s}.outbox WHERE seq = ANY($1))
              SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
-             FROM {s}.outbox WHERE seq <> ALL($1) ORDER BY seq LIMIT $2"
+             FROM {s}.outbox WHERE seq <> ALL($1) AND seq <> ALL($2) ORDER BY seq LIMIT $3"
         ))
         .bind(sent)
+        .bind(sending)
         .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await
