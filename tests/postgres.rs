@@ -407,6 +407,29 @@ async fn rows_the_broker_refuses_for_good_go_to_the_dead_letters_and_the_others_
         assert_eq!(topic, &refused);
         assert!(reason.contains("is refused"), "{reason}");
     }
+    assert_eq!(store.dead_count(&pool).await.unwrap(), 2);
+
+    // The topic accepted now: one redriven by id, then the rest; a relay sends them in order.
+    let first = store
+        .redrive_dead(&pool, std::slice::from_ref(&dead[0].0))
+        .await
+        .unwrap();
+    assert_eq!(first, 1);
+    assert_eq!(store.dead_count(&pool).await.unwrap(), 1);
+    assert_eq!(store.redrive_dead(&pool, &[]).await.unwrap(), 1);
+    assert_eq!(store.dead_count(&pool).await.unwrap(), 0);
+    assert_eq!(store.status(&pool).await.unwrap().depth, 2);
+    let token = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay::new(pool.clone(), store.clone(), broker.clone()).run(token.clone()),
+    );
+    emptied(&store, &pool).await;
+    token.cancel();
+    relay.await.unwrap().unwrap();
+    assert_eq!(
+        seats(&broker, &refused),
+        [1, 4].map(|s| ("s1".to_owned(), s)).to_vec()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

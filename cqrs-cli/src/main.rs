@@ -75,6 +75,38 @@ enum Command {
     /// Deletes the entries every group of a stream has acknowledged, once, on every stream
     /// (Redis only).
     Trim,
+    /// A transactional outbox on PostgreSQL (`cqrs::postgres`): its relay's backlog and the
+    /// messages the broker refused for good.
+    Outbox(OutboxArgs),
+}
+
+#[derive(Args)]
+struct OutboxArgs {
+    /// The database (`postgres://user[:password]@host:port/db`); also `CQRS_DATABASE_URL`.
+    #[arg(long, env = "CQRS_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The outbox's schema.
+    #[arg(long, default_value = "cqrs")]
+    schema: String,
+    #[command(subcommand)]
+    command: OutboxCommand,
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Messages waiting for the relay, the oldest one's age, and the dead ones.
+    Status,
+    /// The messages the broker refused for good: message id, topic, reason.
+    DeadLetters,
+    /// Moves dead messages back into the outbox for the relay to send again.
+    Redrive {
+        /// The messages to move, by message id (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead message.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +184,10 @@ async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
 }
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
+    if let Command::Outbox(o) = &cli.command {
+        print!("{}", outbox(o, cli.json).await?);
+        return Ok(());
+    }
     if let Some(brokers) = &cli.kafka {
         let backend = KafkaBackend::connect(KafkaConfig::new(brokers).create_topics(false)).await?;
         let out = match &cli.command {
@@ -164,6 +200,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
                         .into(),
                 )
             }
+            Command::Outbox(_) => return Ok(()),
         };
         print!("{out}");
         return Ok(());
@@ -173,9 +210,69 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Inspect { pending } => inspect(&backend, *pending, cli.json).await?,
         Command::Trim => trim(&backend, cli.json).await?,
         Command::DeadLetters(d) => dead_letters(&backend, d, cli.json).await?,
+        Command::Outbox(_) => return Ok(()),
     };
     print!("{out}");
     Ok(())
+}
+
+async fn outbox(args: &OutboxArgs, as_json: bool) -> Result<String, BoxError> {
+    use cqrs::postgres::{sqlx::postgres::PgPoolOptions, OutboxStore};
+    let store = OutboxStore::new().schema(&args.schema)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&args.database_url)
+        .await
+        // sqlx's error, not the URL: it may hold a password.
+        .map_err(|e| format!("connecting to the database: {e}"))?;
+    match &args.command {
+        OutboxCommand::Status => {
+            let status = store.status(&pool).await?;
+            let dead = store.dead_count(&pool).await?;
+            if as_json {
+                return Ok(pretty(&json!({
+                    "schema": args.schema,
+                    "depth": status.depth,
+                    "oldest_ms": status.oldest.map(ms),
+                    "dead": dead,
+                })));
+            }
+            Ok(format!(
+                "outbox {}: {} waiting (oldest {}), {} dead\n",
+                args.schema,
+                status.depth,
+                status.oldest.map_or_else(|| "-".to_owned(), human),
+                dead
+            ))
+        }
+        OutboxCommand::DeadLetters => {
+            let dead = store.dead_letters(&pool).await?;
+            if as_json {
+                let rows: Vec<Value> = dead
+                    .iter()
+                    .map(|(id, topic, reason)| json!({"id": id, "topic": topic, "reason": reason}))
+                    .collect();
+                return Ok(pretty(&Value::Array(rows)));
+            }
+            let mut text = format!("outbox {}: {} dead\n", args.schema, dead.len());
+            for (id, topic, reason) in &dead {
+                text.push_str(&format!("  {id}  {topic}  {reason}\n"));
+            }
+            Ok(text)
+        }
+        OutboxCommand::Redrive { ids, all } => {
+            let ids: &[String] = if *all { &[] } else { ids };
+            let moved = store.redrive_dead(&pool, ids).await?;
+            if as_json {
+                return Ok(pretty(&json!({ "redriven": moved })));
+            }
+            Ok(format!(
+                "redriven {moved} dead message(s) into outbox {}\n",
+                args.schema
+            ))
+        }
+    }
 }
 
 async fn dead_letters(

@@ -593,3 +593,108 @@ async fn on_kafka_dead_letters_redriven_out_of_order_are_recorded_in_the_offset_
         .collect();
     assert_eq!(redriven, [r#"{"n":3}"#, r#"{"n":1}"#]);
 }
+
+/// `cqrs outbox`: the relay's backlog, the dead messages, and a redrive moving them back, on a
+/// real PostgreSQL (`DATABASE_URL`); a wrong password fails without printing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_dead_letters_and_redrive() {
+    use cqrs::postgres::sqlx::{self, postgres::PgPoolOptions};
+    use cqrs::postgres::{Outbox, OutboxStore};
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://cqrs@127.0.0.1:5432/postgres".to_owned());
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .expect("PostgreSQL at DATABASE_URL (scripts/test starts one)");
+    let schema = cqrs::conformance::unique("cli_outbox").replace('-', "_");
+    let store = OutboxStore::new().schema(&schema).unwrap();
+    store.migrate(&pool).await.unwrap();
+    let outbox = Outbox::new(
+        EventBus::new(cqrs::memory::MemoryBroker::new()),
+        store.clone(),
+    );
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..3 {
+        outbox.publish(&mut tx, &Order { n }).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Two of them refused for good, as the relay would record them.
+    sqlx::query(&format!(
+        "WITH moved AS (DELETE FROM {schema}.outbox WHERE seq IN (SELECT seq FROM {schema}.outbox ORDER BY seq LIMIT 2) RETURNING *)
+         INSERT INTO {schema}.outbox_dead SELECT moved.*, 'topic refused' FROM moved"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let run = |args: &[&str]| -> Value {
+        let out = cqrs(
+            &[
+                &[
+                    "--json",
+                    "outbox",
+                    "--database-url",
+                    url.as_str(),
+                    "--schema",
+                    schema.as_str(),
+                ],
+                args,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "cqrs outbox {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = run(&["status"]);
+    assert_eq!(
+        (status["depth"].as_u64(), status["dead"].as_u64()),
+        (Some(1), Some(2)),
+        "{status}"
+    );
+    let dead = run(&["dead-letters"]);
+    let ids: Vec<String> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["reason"], "topic refused", "{d}");
+            d["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{dead}");
+    assert_eq!(run(&["redrive", "--id", &ids[0]])["redriven"], 1);
+    let status = run(&["status"]);
+    assert_eq!(
+        (status["depth"].as_u64(), status["dead"].as_u64()),
+        (Some(2), Some(1)),
+        "{status}"
+    );
+    assert_eq!(run(&["redrive", "--all"])["redriven"], 1);
+    let status = run(&["status"]);
+    assert_eq!(
+        (status["depth"].as_u64(), status["dead"].as_u64()),
+        (Some(3), Some(0)),
+        "{status}"
+    );
+
+    // A password that is wrong (trust on loopback accepts any, so a user that does not exist)
+    // fails, and the password is not printed.
+    let bad = url.replacen("postgres://cqrs@", "postgres://nobody:s3cret-pw@", 1);
+    let out = cqrs(&["outbox", "--database-url", bad.as_str(), "status"]);
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!said.contains("s3cret-pw"), "{said}");
+    assert!(said.contains("connecting to the database"), "{said}");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

@@ -309,6 +309,50 @@ impl OutboxStore {
         .map_err(|e| Error::db(format!("reading {s}.outbox_dead"), e))
     }
 
+    /// Moves messages the broker refused for good back into the outbox, to be sent again (once
+    /// what refused them is fixed: the topic created, the size limit raised): those of
+    /// `message_ids`, or every one when it is empty. They go after the messages waiting, in the
+    /// order they were stored (a key's later messages, sent meanwhile, stay ahead of them, as
+    /// with a dead letter redriven). Returns how many moved; the relay is woken.
+    pub async fn redrive_dead(&self, pool: &PgPool, message_ids: &[String]) -> Result<u64> {
+        let s = &self.schema;
+        let columns = "topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers";
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(|e| Error::db("redriving dead outbox messages", e))?;
+        let moved = sqlx::query(&format!(
+            "WITH moved AS (
+                 DELETE FROM {s}.outbox_dead WHERE cardinality($1::text[]) = 0 OR message_id = ANY($1)
+                 RETURNING seq, {columns})
+             INSERT INTO {s}.outbox ({columns}) SELECT {columns} FROM moved ORDER BY seq"
+        ))
+        .bind(message_ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| Error::db(format!("moving {s}.outbox_dead back into {s}.outbox"), e))?
+        .rows_affected();
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.channel())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Error::db("waking the relay", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| Error::db("redriving dead outbox messages", e))?;
+        Ok(moved)
+    }
+
+    /// How many messages the broker refused for good wait in `outbox_dead`.
+    pub async fn dead_count(&self, pool: &PgPool) -> Result<u64> {
+        let s = &self.schema;
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {s}.outbox_dead"))
+            .fetch_one(pool)
+            .await
+            .map_err(|e| Error::db(format!("counting {s}.outbox_dead"), e))?;
+        Ok(n.max(0) as u64)
+    }
+
     /// How far the relay is behind: messages waiting, and the age of the oldest.
     pub async fn status(&self, pool: &PgPool) -> Result<OutboxStatus> {
         let s = &self.schema;
