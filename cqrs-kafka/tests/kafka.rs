@@ -1284,6 +1284,36 @@ async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded
     );
 }
 
+/// While commits are refused, a member stops taking new work once `commit_every` handled
+/// messages are unrecorded, long before `max_unrecorded`: what it handles meanwhile is handled
+/// again if it dies (a soak run lost the record of 2,000 messages of one member killed just
+/// after the broker's return, its commits refused until it rejoined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_a_member_whose_commits_fail_stops_at_commit_every() {
+    let topic = unique("orders");
+    let mock = support::MockKafka::start_refusing_commits(&[(topic.as_str(), 1)], 10_000).await;
+    let config = mock_config(&mock)
+        .commit_interval(Duration::from_secs(600))
+        .commit_every(5)
+        .max_unrecorded(1000);
+    let backend = KafkaBackend::connect(config).await.unwrap();
+    let (_, mut member) = published_then_joined(&backend, &topic, 60).await;
+    // Five at a time, each five taking a handler 50 ms, for 3 s (room for all 60): the first
+    // refusal closes the gate.
+    let mut handed_out = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Ok(got)) = tokio::time::timeout_at(until, member.receive(5)).await {
+        handed_out += got.len();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    }
+    // The first batches (acked before the refusal came back) and no more: not all 60.
+    assert!(
+        (5..=20).contains(&handed_out),
+        "{handed_out} handed out while commits were refused"
+    );
+}
+
 /// A broker that cannot create a topic (librdkafka's mock cluster has no CreateTopics; a real
 /// one may refuse it): publishing fails within the configured timeout, naming the topic, instead
 /// of hanging.
