@@ -99,12 +99,7 @@ impl RedisBackend {
     /// A comma-separated list of addresses (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) is
     /// the seed nodes of a Redis Cluster, as [`RedisBackend::connect_cluster`].
     pub async fn connect(url: &str) -> Result<Self> {
-        if url.contains(',') {
-            return Self::connect_cluster(url.split(',').map(str::trim)).await;
-        }
-        let mut topology = Topology::new();
-        topology.pool("default", url)?;
-        Self::from_topology(&topology).await
+        Self::from_topology(&Topology::of_address(url)?).await
     }
 
     /// Connects to a Redis Cluster through its seed `nodes` as the pool `default`: each stream

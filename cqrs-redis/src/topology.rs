@@ -100,6 +100,26 @@ impl Topology {
         Self::default()
     }
 
+    /// The pool `default` of one address as [`crate::RedisBackend::connect`] takes it: one
+    /// server, or a comma-separated list of a Redis Cluster's seed nodes. A comma that does not
+    /// separate addresses (one in a password) leaves the address whole; an error shows it
+    /// whole and redacted, never a fragment of it.
+    pub fn of_address(address: &str) -> Result<Self> {
+        let mut topology = Topology::new();
+        if address.contains(',') {
+            let nodes: Vec<&str> = address.split(',').map(str::trim).collect();
+            // A cluster's nodes are TCP addresses: a socket path is one server whose password
+            // holds the comma.
+            let tcp = |n: &&str| !(n.starts_with("unix:") || n.starts_with("redis+unix:"));
+            if nodes.iter().all(|n| tcp(n) && RedisUrl::parse(n).is_ok()) {
+                topology.cluster("default", nodes)?;
+                return Ok(topology);
+            }
+        }
+        topology.pool("default", address)?;
+        Ok(topology)
+    }
+
     /// Adds a pool on one server. `address` is a URL (`redis://`, `rediss://`) or
     /// `host:port[:db]`.
     pub fn pool(&mut self, name: &str, address: &str) -> Result<&mut Self> {
@@ -392,22 +412,63 @@ impl<'de> Deserialize<'de> for RedisUrl {
     }
 }
 
-/// `scheme://user:password@host` → `scheme://user:***@host`.
+/// An address with its secrets hidden: `scheme://user:password@host` → `scheme://user:***@host`,
+/// `user:password@host:port` → `user:***@host:port`, and the value of a `pass` or `password`
+/// query parameter (`unix:///run/redis.sock?pass=...`, which redis-rs reads) → `***`.
+///
+/// The user information ends at the *last* `@`: a password may hold `/`, `?`, `#`, `,` or `@`
+/// unencoded, and everything before that `@` is hidden but the user name.
 pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    // A scheme is letters, digits, `+`, `-` and `.`: a `://` after anything else is inside the
+    // user information.
+    let scheme = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+    let start = match url.find("://") {
+        Some(i) if scheme(&url[..i]) => i + 3,
+        _ => 0,
     };
-    let userinfo = &rest[..at];
-    let user = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => "***".to_owned(),
-    };
-    format!("{}://{}{}", &url[..scheme_end], user, &rest[at..])
+    // The parts to hide, as byte ranges: the password (all the user information but the user
+    // name), and each `pass` / `password` query value.
+    let mut hidden: Vec<(usize, usize)> = Vec::new();
+    if let Some(at) = url[start..].rfind('@').map(|at| start + at) {
+        let from = url[start..at]
+            .find(':')
+            .map_or(start, |colon| start + colon + 1);
+        hidden.push((from, at));
+    }
+    let lower = url.to_ascii_lowercase();
+    for key in ["pass=", "password="] {
+        for (i, _) in lower.match_indices(key) {
+            if !matches!(url[..i].chars().last(), Some('?' | '&')) {
+                continue;
+            }
+            let from = i + key.len();
+            // To the next parameter redis-rs knows, or the end: a password may hold `&`.
+            let to = ["&db=", "&user=", "&username=", "&protocol="]
+                .iter()
+                .filter_map(|next| lower[from..].find(next).map(|j| from + j))
+                .min()
+                .unwrap_or(url.len());
+            hidden.push((from, to));
+        }
+    }
+    hidden.sort_unstable();
+    let mut out = String::with_capacity(url.len());
+    let mut at = 0;
+    for (from, to) in hidden {
+        if to <= at {
+            continue;
+        }
+        let from = from.max(at);
+        out.push_str(&url[at..from]);
+        out.push_str("***");
+        at = to;
+    }
+    out.push_str(&url[at..]);
+    out
 }
 
 #[cfg(test)]
@@ -489,6 +550,84 @@ second:
             .unwrap_err()
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    /// Every URL shape with a password holding each character a URL gives a meaning to: no
+    /// piece of the password shows in `Display`, `Debug`, an error, or a topology (the pools a
+    /// backend reports and the manifest shows), whether the address parses or not.
+    #[test]
+    fn no_piece_of_a_password_prints_for_any_shape() {
+        // Two halves that must never show, around a character that cuts a naive parser.
+        let (a, b) = ("S3cAq", "T7kBz");
+        let separators = [
+            "",
+            "/",
+            "?",
+            "#",
+            "@",
+            ",",
+            ":",
+            "&",
+            "=",
+            "%",
+            "%2F",
+            " ",
+            "//",
+            "?pass=",
+            ",redis://",
+        ];
+        let shapes = [
+            "redis://app:{pw}@cache:6380/2",
+            "redis://:{pw}@cache:6380",
+            "rediss://app:{pw}@cache:6380/0",
+            "redis://app:{pw}@cache:notaport/2",
+            "redis://app:{pw}@",
+            "app:{pw}@cache:6379",
+            "unix:///run/redis.sock?pass={pw}",
+            "unix:///run/redis.sock?db=1&password={pw}",
+            "redis+unix:///run/redis.sock?db=2&pass={pw}",
+            "redis://:{pw}@10.0.0.1:7000,redis://10.0.0.2:7000",
+            "redis://10.0.0.1:7000,redis://:{pw}@10.0.0.2:7000",
+        ];
+        let mut checked = 0;
+        for shape in shapes {
+            for sep in separators {
+                let pw = format!("{a}{sep}{b}");
+                let url = shape.replace("{pw}", &pw);
+                let mut said = vec![redact(&url)];
+                match RedisUrl::parse(&url) {
+                    Ok(u) => {
+                        said.push(u.to_string());
+                        said.push(format!("{u:?}"));
+                    }
+                    Err(e) => said.push(e.to_string()),
+                }
+                match Topology::of_address(&url) {
+                    Ok(t) => {
+                        said.push(format!("{t:?}"));
+                        for pool in t.pools() {
+                            said.push(pool.servers.to_string());
+                        }
+                    }
+                    Err(e) => said.push(e.to_string()),
+                }
+                for text in said {
+                    assert!(
+                        !text.contains(a) && !text.contains(b),
+                        "{url:?} printed a piece of its password: {text}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, shapes.len() * separators.len());
+        // What is not secret still shows.
+        assert_eq!(
+            redact("unix:///run/redis.sock?db=1&pass=x"),
+            "unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(redact("redis://app:p/w?x@h:1/0"), "redis://app:***@h:1/0");
+        assert_eq!(redact("app:pw@h:1"), "app:***@h:1");
     }
 
     #[test]
