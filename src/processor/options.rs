@@ -144,11 +144,19 @@ impl RetryPolicy {
 
     /// The longest delay before retrying a message that failed on attempt `attempt` (1-based):
     /// `initial * multiplier^(attempt-1)`, at most `max_delay`.
+    ///
+    /// Never panics: a product past `max_delay` (or past what a `Duration` holds: `initial *
+    /// 10^21` at attempt 22 of a factor of 10; attempts count the broker's deliveries too) is
+    /// `max_delay`, and so is one that is not a number (a multiplier set to NaN or infinity).
     pub fn backoff_cap(&self, attempt: u32) -> Duration {
         let factor = self
             .multiplier
             .powi(attempt.saturating_sub(1).min(64) as i32);
-        self.initial.mul_f64(factor).min(self.max_delay)
+        let secs = self.initial.as_secs_f64() * factor;
+        if secs.is_nan() || secs >= self.max_delay.as_secs_f64() {
+            return self.max_delay;
+        }
+        Duration::try_from_secs_f64(secs).map_or(self.max_delay, |d| d.min(self.max_delay))
     }
 
     /// The delay before retrying a message that failed on attempt `attempt` (1-based): the
@@ -208,6 +216,27 @@ mod tests {
             mean > Duration::from_millis(120) && mean < Duration::from_millis(280),
             "full jitter averages half the cap: {mean:?}"
         );
+    }
+
+    #[test]
+    fn a_backoff_past_what_a_duration_holds_is_the_max_delay_not_a_panic() {
+        // 100 ms * 10^21 at attempt 22: more seconds than a Duration holds.
+        let policy = RetryPolicy::attempts(30).backoff(Duration::from_millis(100), 10.0);
+        let max = policy.max_delay;
+        for attempt in [21, 22, 30, 64, 65, u32::MAX] {
+            assert_eq!(policy.backoff_cap(attempt), max, "attempt {attempt}");
+            assert!(policy.delay(attempt) <= max);
+        }
+        // Fields set directly to what no builder gives.
+        for multiplier in [f64::INFINITY, f64::NAN, 1e308] {
+            let mut odd = policy;
+            odd.multiplier = multiplier;
+            assert_eq!(odd.backoff_cap(5), max, "multiplier {multiplier}");
+        }
+        let mut huge = policy;
+        huge.initial = Duration::MAX;
+        huge.max_delay = Duration::MAX;
+        assert_eq!(huge.backoff_cap(3), Duration::MAX);
     }
 }
 
