@@ -265,6 +265,44 @@ async fn at_most_once_acks_first_and_dead_letters_a_failure_without_retry() {
     );
 }
 
+/// An error as long as the input that caused it (500 KB here) is cut to about 1 KiB in the dead
+/// letter's reason: in full, it made a dead letter larger than a broker takes, which never
+/// published, and the message never settled.
+#[tokio::test]
+async fn a_huge_error_is_cut_in_the_dead_letters_reason() {
+    let broker = MemoryBroker::new();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("echo", move |_: Booked| async {
+        Err::<(), _>(cqrs::permanent(format!(
+            "bad input: {}",
+            "x".repeat(500_000)
+        )))
+    })
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    eventually("the dead letter", || {
+        broker.messages("svc.echo.dead-letter").len() == 1
+    })
+    .await;
+    let reason = &broker.messages("svc.echo.dead-letter")[0].metadata.headers[dlq::REASON];
+    assert!(reason.starts_with("bad input: xxx"), "{}", &reason[..40]);
+    assert!(
+        reason.len() <= cqrs::dead_letter::MAX_REASON + 40,
+        "{}",
+        reason.len()
+    );
+    assert!(
+        reason.ends_with("more bytes)"),
+        "{}",
+        &reason[reason.len() - 40..]
+    );
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_panicking_handler_is_retried_then_dead_lettered() {
     let broker = MemoryBroker::new();

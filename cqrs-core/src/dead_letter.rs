@@ -11,6 +11,34 @@ use async_trait::async_trait;
 
 use crate::{Message, Result};
 
+/// The longest reason a dead letter carries, in bytes (see [`bounded`]).
+pub const MAX_REASON: usize = 1024;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how much was cut: what a
+/// dead letter's reason or a log line may echo of input that came from outside. A reason that
+/// repeated a 500 KB header in full made a dead letter larger than the broker takes, so the
+/// message was never settled.
+///
+/// ```
+/// use cqrs_core::dead_letter::bounded;
+/// assert_eq!(bounded("short", 10), "short");
+/// assert_eq!(bounded(&"x".repeat(100), 10), "xxxxxxxxxx... (90 more bytes)");
+/// ```
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}... ({} more bytes)",
+        &text[..end],
+        text.len() - end
+    ))
+}
+
 /// The headers a processor writes on a dead letter, beside the message's own.
 pub mod headers {
     /// Why the message was dead-lettered.

@@ -209,7 +209,9 @@ impl Layout {
             let v = text(name, v, problems);
             let n = v.trim().parse().ok();
             if n.is_none() {
-                problems.push(format!("field `{name}` is not a number: `{v}`"));
+                // Echoed in part: the value came from outside and may be of any size.
+                let shown = crate::dead_letter::bounded(&v, 64);
+                problems.push(format!("field `{name}` is not a number: `{shown}`"));
             }
             n
         }
@@ -388,6 +390,25 @@ mod tests {
             ("1700-0", "Booked", 1)
         );
         assert_eq!(m.payload, b"{}");
+    }
+
+    #[test]
+    fn a_malformed_field_of_any_size_is_echoed_in_part() {
+        let huge = "9x".repeat(250_000);
+        let fields: Vec<(&str, &[u8])> = vec![
+            ("name", b"A"),
+            ("version", huge.as_bytes()),
+            ("payload", b"{}"),
+        ];
+        let entry = Entry {
+            id: "1-0",
+            time_ms: Some(1),
+        };
+        let (_, reason) = Layout::REDIS.decode(fields, entry, None, None);
+        let reason = reason.unwrap_or_default();
+        assert!(reason.len() < 200, "{} bytes", reason.len());
+        assert!(reason.contains("is not a number: `9x9x"), "{reason}");
+        assert!(reason.contains("(499936 more bytes)"), "{reason}");
     }
 
     #[test]

@@ -137,7 +137,10 @@ async fn dead_letter(
     use crate::dead_letter::headers as h;
     let mut dead = message.clone();
     let headers = &mut dead.metadata.headers;
-    headers.insert(h::REASON.into(), reason.into());
+    headers.insert(
+        h::REASON.into(),
+        crate::dead_letter::bounded(reason, crate::dead_letter::MAX_REASON).into_owned(),
+    );
     headers.insert(h::HANDLER.into(), handler.into());
     headers.insert(h::GROUP.into(), spec.group.to_string());
     headers.insert(h::TOPIC.into(), topic.into());
