@@ -43,9 +43,23 @@ struct Done {
 
 impl Done {
     /// The state a committed `offset` with `metadata` describes; `low` is the partition's first
-    /// record (those below it are gone anyway).
-    fn parse(offset: Offset, metadata: &str, low: i64) -> std::result::Result<Done, String> {
+    /// record (those below it are gone anyway), `high` one past its last. Offsets at or past
+    /// `high` hold no record: ranges are cut there (metadata such as `v1:0-9000000000000000000`
+    /// would otherwise be expanded offset by offset), and a committed offset past it means the
+    /// topic was made again since, so nothing of it is done.
+    fn parse(
+        offset: Offset,
+        metadata: &str,
+        low: i64,
+        high: i64,
+    ) -> std::result::Result<Done, String> {
         let next = match offset {
+            Offset::Offset(o) if o > high => {
+                return Ok(Done {
+                    next: low,
+                    above: BTreeSet::new(),
+                })
+            }
             Offset::Offset(o) => o.max(low),
             _ => low,
         };
@@ -62,7 +76,7 @@ impl Done {
                 if a > b {
                     return Err(bad());
                 }
-                above.extend((a..=b).filter(|o| *o >= next));
+                above.extend(a.max(next)..=b.min(high - 1));
             }
         }
         Ok(Done { next, above })
@@ -172,7 +186,12 @@ impl Read {
                 .fetch_watermarks(topic, p, timeout)
                 .map_err(|e| Error::kafka(context("reading the watermarks"), e))?;
             let done = match committed.find_partition(topic, p) {
-                Some(e) => Done::parse(e.offset(), e.metadata(), low),
+                Some(e) => {
+                    if matches!(e.offset(), Offset::Offset(o) if o > high) {
+                        tracing::warn!(topic, partition = p, committed = ?e.offset(), high, "the redrive bookkeeping is past the partition's end (the topic was made again?): every dead letter there counts as not done");
+                    }
+                    Done::parse(e.offset(), e.metadata(), low, high)
+                }
                 None => Ok(Done {
                     next: low,
                     above: BTreeSet::new(),
@@ -456,7 +475,7 @@ mod tests {
     #[test]
     fn marking_in_order_moves_the_offset_and_out_of_order_writes_ranges() {
         let all = records(10..20);
-        let mut d = Done::parse(Offset::Invalid, "", 10).unwrap();
+        let mut d = Done::parse(Offset::Invalid, "", 10, 100).unwrap();
         d.mark(10, &all, 20);
         assert_eq!((d.next, d.metadata()), (11, String::new()));
         for o in [13, 14, 15, 17] {
@@ -464,7 +483,7 @@ mod tests {
         }
         assert_eq!((d.next, d.metadata().as_str()), (11, "v1:13-15,17"));
         assert_eq!(
-            Done::parse(Offset::Offset(11), "v1:13-15,17", 0),
+            Done::parse(Offset::Offset(11), "v1:13-15,17", 0, 100),
             Ok(d.clone())
         );
         d.mark(12, &all, 20);
@@ -477,7 +496,7 @@ mod tests {
     fn offsets_without_a_record_do_not_hold_the_offset_back() {
         // 12 is a transaction marker: no record there.
         let some: BTreeSet<i64> = [10, 11, 13].into();
-        let mut d = Done::parse(Offset::Offset(10), "", 0).unwrap();
+        let mut d = Done::parse(Offset::Offset(10), "", 0, 100).unwrap();
         d.mark(11, &some, 14);
         d.mark(13, &some, 14);
         assert_eq!((d.next, d.metadata()), (10, "v1:11,13".to_owned()));
@@ -487,10 +506,25 @@ mod tests {
 
     #[test]
     fn bad_metadata_is_an_error_and_offsets_below_the_log_start_are_done() {
-        assert!(Done::parse(Offset::Offset(1), "garbage", 0).is_err());
-        assert!(Done::parse(Offset::Offset(1), "v1:9-3", 0).is_err());
-        assert!(Done::parse(Offset::Offset(1), "v1:x", 0).is_err());
-        let d = Done::parse(Offset::Offset(1), "v1:2,8", 5).unwrap();
+        assert!(Done::parse(Offset::Offset(1), "garbage", 0, 100).is_err());
+        assert!(Done::parse(Offset::Offset(1), "v1:9-3", 0, 100).is_err());
+        assert!(Done::parse(Offset::Offset(1), "v1:x", 0, 100).is_err());
+        let d = Done::parse(Offset::Offset(1), "v1:2,8", 5, 100).unwrap();
         assert_eq!((d.next, d.metadata()), (5, "v1:8".to_owned()));
+    }
+
+    /// Hostile or stale bookkeeping: a range to the end of time is cut at the partition's end
+    /// (it was expanded offset by offset: a hang), and an offset past the end (the topic made
+    /// again) counts nothing as done.
+    #[test]
+    fn ranges_stop_at_the_partitions_end_and_an_offset_past_it_is_a_new_topic() {
+        let started = std::time::Instant::now();
+        let d = Done::parse(Offset::Offset(1), "v1:0-9000000000000000000", 0, 100).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!((d.next, d.above.len()), (1, 99));
+        assert!(d.contains(99) && !d.contains(100));
+        let d = Done::parse(Offset::Offset(500), "v1:600-700", 0, 40).unwrap();
+        assert_eq!((d.next, d.above.len()), (0, 0));
+        assert!(!d.contains(0));
     }
 }
