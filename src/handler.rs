@@ -411,13 +411,21 @@ where
         let mut outcomes: Vec<Option<Result<(), BoxError>>> = Vec::with_capacity(contexts.len());
         let (mut values, mut positions) = (Vec::new(), Vec::new());
         for (i, ctx) in contexts.iter().enumerate() {
-            match read(&*codec, &versions, ctx) {
-                Ok(value) => {
+            // Decoding and upcasting run user code (a codec, an upcaster): a panic there fails
+            // that message, as a panicking handler does, not the group's worker.
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read(&*codec, &versions, ctx)
+            }));
+            match decoded {
+                Ok(Ok(value)) => {
                     values.push(value);
                     positions.push(i);
                     outcomes.push(None);
                 }
-                Err(e) => outcomes.push(Some(Err(Box::new(e)))),
+                Ok(Err(e)) => outcomes.push(Some(Err(Box::new(e)))),
+                Err(panic) => outcomes.push(Some(Err(Box::new(
+                    crate::middleware::HandlerPanicked(crate::middleware::panic_message(&*panic)),
+                )))),
             }
         }
         let handler = handler.clone();

@@ -23,6 +23,69 @@ fn fast_retries() -> RetryPolicy {
     RetryPolicy::attempts(3).backoff(Duration::from_millis(5), 1.0)
 }
 
+/// A codec that panics on one payload: decoding runs user code.
+#[derive(Clone, Copy)]
+struct PanicsOnSeven;
+
+impl cqrs::codec::Codec<Keyed> for PanicsOnSeven {
+    fn content_type(&self) -> &'static str {
+        "application/json"
+    }
+    fn encode(&self, value: &Keyed) -> Result<Vec<u8>, cqrs::CodecError> {
+        cqrs::codec::Json.encode(value)
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<Keyed, cqrs::CodecError> {
+        let k: Keyed = cqrs::codec::Json.decode(bytes)?;
+        assert!(k.seq != 7, "the codec cannot take seven");
+        Ok(k)
+    }
+}
+
+/// A panic while decoding a batch (a codec's, an upcaster's) fails that message, which is
+/// retried and dead-lettered as a panicking handler's would be; the others are handled, and the
+/// group goes on.
+#[tokio::test]
+async fn a_panic_while_decoding_a_batch_fails_that_message_not_the_group() {
+    let broker = MemoryBroker::new();
+    let calls: Calls = Arc::default();
+    let mut p = EventProcessor::with_codec(broker.clone(), "svc", PanicsOnSeven);
+    let c = calls.clone();
+    p.handle_batch("store", move |events: Vec<Keyed>| {
+        c.lock()
+            .unwrap()
+            .push(events.iter().map(|e| e.seq).collect());
+        async { Ok::<(), BatchError>(()) }
+    })
+    .unwrap()
+    .batch_size(10)
+    .retry(fast_retries());
+    EventBus::new(broker.clone())
+        .publish_all(&keyed(10, 10))
+        .await
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    eventually("seven dead-lettered", || {
+        broker.messages("svc.store.dead-letter").len() == 1
+    })
+    .await;
+    let dead = &broker.messages("svc.store.dead-letter")[0];
+    assert!(
+        dead.metadata.headers[dlq::REASON].contains("the codec cannot take seven"),
+        "{:?}",
+        dead.metadata.headers
+    );
+    // Published after the panics: the group still handles.
+    EventBus::new(broker.clone())
+        .publish_all(&keyed(1, 1))
+        .await
+        .unwrap();
+    eventually("everything handled", || {
+        calls.lock().unwrap().iter().flatten().count() >= 10
+    })
+    .await;
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_batch_handler_settles_each_event_by_its_outcome() {
     let broker = MemoryBroker::new();
