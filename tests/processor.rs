@@ -737,3 +737,65 @@ async fn status_reports_what_each_group_handled_and_has_in_flight() {
     assert_eq!(running.status()[0].in_flight, 0);
     running.shutdown().await.unwrap();
 }
+
+/// A broker whose consumers panic at their second `receive`: a bug in a backend.
+#[derive(Clone)]
+struct PanicsOnSecondReceive(MemoryBroker);
+
+#[async_trait::async_trait]
+impl cqrs::backend::Publisher for PanicsOnSecondReceive {
+    async fn publish(&self, topic: &str, messages: &[cqrs::Message]) -> cqrs::Result<()> {
+        self.0.publish(topic, messages).await
+    }
+}
+
+#[async_trait::async_trait]
+impl cqrs::backend::Subscriber for PanicsOnSecondReceive {
+    async fn subscribe(
+        &self,
+        subscription: &cqrs::backend::Subscription,
+    ) -> cqrs::Result<Box<dyn cqrs::backend::Consumer>> {
+        Ok(Box::new(Panicky {
+            inner: self.0.subscribe(subscription).await?,
+            calls: 0,
+        }))
+    }
+}
+
+struct Panicky {
+    inner: Box<dyn cqrs::backend::Consumer>,
+    calls: usize,
+}
+
+#[async_trait::async_trait]
+impl cqrs::backend::Consumer for Panicky {
+    async fn receive(&mut self, max: usize) -> cqrs::Result<Vec<cqrs::backend::Delivery>> {
+        self.calls += 1;
+        assert!(self.calls < 2, "the backend's receive panicked");
+        self.inner.receive(max).await
+    }
+}
+
+/// A group whose fetch task dies (a backend that panics) fails: `wait` returns the error and
+/// `status` says it, where the group used to end with `Ok` as if stopped.
+#[tokio::test]
+async fn a_group_whose_fetch_task_panics_fails_and_says_why() {
+    let broker = PanicsOnSecondReceive(MemoryBroker::new());
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("count", |_: Booked| async { Ok::<(), cqrs::BoxError>(()) })
+        .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(broker.clone())
+        .publish(&Booked { id: 1 })
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, running.wait())
+        .await
+        .expect("the group ends")
+        .expect_err("a failure, not Ok");
+    assert!(
+        err.report().contains("the backend's receive panicked"),
+        "{}",
+        err.report()
+    );
+}

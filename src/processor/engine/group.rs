@@ -143,7 +143,18 @@ pub(crate) async fn run_group(
                 tracing::warn!(group = %spec.group, error = %e.report(), "closing the consumer failed");
             }
         }
-        Err(e) => tracing::error!(group = %spec.group, error = %e, "the fetch task failed"),
+        // A task that dies is the group's failure, not a stop that reports success.
+        Err(e) => {
+            let why = if e.is_panic() {
+                crate::middleware::panic_message(&*e.into_panic())
+            } else {
+                e.to_string()
+            };
+            tracing::error!(group = %spec.group, error = %why, "the fetch task failed");
+            if result.is_ok() {
+                result = Err(crate::Error::fatal("the group's fetch task failed", why));
+            }
+        }
     }
     spec.health
         .stopped(result.as_ref().err().map(crate::Error::report));

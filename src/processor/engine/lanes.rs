@@ -4,7 +4,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -28,6 +28,8 @@ pub(super) struct Lanes {
     room: Arc<Semaphore>,
     tasks: JoinSet<()>,
     settler: tokio::task::JoinHandle<()>,
+    /// Why a worker panicked, if one did: the group's error.
+    failed: Arc<OnceLock<String>>,
 }
 
 /// A job, the ordering key it holds (its message key, else its shard; `None`: unordered) and
@@ -127,6 +129,7 @@ impl Lanes {
             state: std::sync::Mutex::default(),
             changed: Notify::new(),
         });
+        let failed = Arc::new(OnceLock::new());
         let mut tasks = JoinSet::new();
         for _ in 0..n {
             tasks.spawn(worker_loop(
@@ -134,6 +137,7 @@ impl Lanes {
                 ready.clone(),
                 settle_tx.clone(),
                 token.clone(),
+                failed.clone(),
             ));
         }
         Lanes {
@@ -141,6 +145,7 @@ impl Lanes {
             room: Arc::new(Semaphore::new(n * spec.options.batch_size.max(16))),
             tasks,
             settler,
+            failed,
         }
     }
 
@@ -198,7 +203,10 @@ impl Lanes {
             tracing::warn!(group = %spec.group, "shutdown deadline passed; unfinished messages stay pending");
             return Err(Error::ShutdownTimeout(deadline));
         }
-        Ok(())
+        match self.failed.get() {
+            Some(why) => Err(Error::fatal("a worker of the group panicked", why.clone())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -207,6 +215,7 @@ async fn worker_loop(
     ready: Arc<Ready>,
     settle: mpsc::Sender<Settle>,
     token: CancellationToken,
+    failed: Arc<OnceLock<String>>,
 ) {
     let mut services = Services::of(&spec);
     while let Some(Queued { job, order, _room }) = ready.next().await {
@@ -215,7 +224,24 @@ async fn worker_loop(
             // before handling (at-most-once) still runs, within the shutdown deadline.
             job.delivery.map(|d| Settle::Nack(d, Duration::ZERO))
         } else {
-            handle_job(&spec, &mut services, job, &token).await
+            // Handlers' panics are caught inside; one that escapes is the engine's or a
+            // backend's: its message goes back (dropped unsettled), its key is freed, and the
+            // group stops with the panic as its error instead of waiting on that key for ever.
+            use futures_util::FutureExt;
+            match std::panic::AssertUnwindSafe(handle_job(&spec, &mut services, job, &token))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    let why = crate::middleware::panic_message(&*panic);
+                    tracing::error!(group = %spec.group, error = %why, "a worker panicked; stopping the group");
+                    ready.done(order);
+                    failed.get_or_init(|| why);
+                    token.cancel();
+                    continue;
+                }
+            }
         };
         // Done (retries included): the key's next message may run.
         ready.done(order);
