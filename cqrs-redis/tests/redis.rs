@@ -556,6 +556,48 @@ async fn an_entry_waiting_for_its_retry_is_not_redelivered_early_after_a_connect
     assert_eq!(again.attempt(), 2);
 }
 
+/// A nack longer than the keeper's refresh period (a third of `claim_idle`) comes back after
+/// its delay: the keeper resets a waiting entry's idle time, and the redelivery asked for that
+/// much idle time, so it came back only when the entry was claimed as idle, `claim_idle` later.
+#[tokio::test]
+async fn a_nack_longer_than_the_keepers_period_comes_back_on_time() {
+    let server = RedisServer::start().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let stream = unique("long-nack");
+    backend
+        .publish(&stream, &[Message::new("X", b"x".to_vec())])
+        .await
+        .unwrap();
+    // The keeper refreshes every 2 s; the nack waits 3 s.
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]).claim_idle(Some(Duration::from_secs(6))))
+        .await
+        .unwrap();
+    let first = receive_n(&mut *consumer, 1).await.remove(0);
+    let nacked_at = tokio::time::Instant::now();
+    first
+        .nack(Duration::from_secs(3))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let mut got = consumer.receive(1).await.unwrap();
+            if !got.is_empty() {
+                return got.remove(0);
+            }
+        }
+    })
+    .await
+    .expect("the nacked entry came back");
+    let after = nacked_at.elapsed();
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(5),
+        "redelivered after {after:?}: its delay is 3 s"
+    );
+    assert_eq!(again.attempt(), 2);
+}
+
 #[tokio::test]
 async fn a_group_created_again_keeps_its_start_position() {
     let backend = backend().await;

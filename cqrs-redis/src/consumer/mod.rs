@@ -198,7 +198,15 @@ impl RedisConsumer {
         let mut due = due.into_iter();
         while let Some(r) = due.next() {
             let ids = [(r.id.clone(), r.attempt + 1)];
-            if let Err(e) = self.claim_ids(&r.stream, r.min_idle, &ids, out).await {
+            // The keeper, when there is one, has kept resetting the entry's idle time while it
+            // waited: its idle time is not its wait, and asking for that much claimed nothing
+            // (it then came back only by the claim of idle entries, `claim_idle` later).
+            let min_idle = if self.keeper.is_some() {
+                Duration::ZERO
+            } else {
+                r.min_idle
+            };
+            if let Err(e) = self.claim_ids(&r.stream, min_idle, &ids, out).await {
                 // Not claimed: they wait again, due at once.
                 let mut local = lock(&self.local);
                 for r in std::iter::once(r).chain(due) {
