@@ -542,7 +542,10 @@ async fn purge(store: &dyn DeadLetterStore, s: &Select, as_json: bool) -> Result
     let n = if s.dry_run {
         dead.len() as u64
     } else {
-        store.purge(&topic, ids(s)).await?
+        // What was listed, by id, with `--all` too: a letter dead-lettered since is not removed
+        // unseen.
+        let listed: Vec<String> = dead.iter().map(|d| d.id.clone()).collect();
+        store.purge(&topic, Some(&listed)).await?
     };
     let verb = if s.dry_run { "would remove" } else { "removed" };
     if as_json {

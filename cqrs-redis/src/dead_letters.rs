@@ -69,26 +69,53 @@ impl DeadLetterStore for RedisBackend {
             .collect())
     }
 
-    /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`).
+    /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`). One redrive of
+    /// a topic at a time: a second, while one runs, would publish the same letters again (it
+    /// lists them before the first deletes them), so it is refused, naming the lock
+    /// (`cqrs:redrive-lock:<topic>`, held for at most ten minutes).
     async fn redrive(
         &self,
         topic: &str,
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let chosen: Vec<((), DeadLetter)> = self
-            .dead_letters(topic)
-            .await?
-            .into_iter()
-            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
-            .map(|d| ((), d))
-            .collect();
-        let conn = self.pool_for(topic)?.conn.clone();
-        let mut redrive = Redriving {
-            backend: self,
-            topic,
-            conn,
-        };
-        redrive_each(topic, chosen, &mut redrive).await
+        let mut conn = self.pool_for(topic)?.conn.clone();
+        let lock = format!("cqrs:redrive-lock:{topic}");
+        let token = format!("{}-{}", std::process::id(), cqrs_core::now_millis());
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(format!("SET {lock} NX"), e))?;
+        if taken.is_none() {
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&lock)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(-1);
+            return Err(cqrs_core::Error::fatal(
+                format!("redriving {topic}"),
+                format!(
+                    "another redrive of {topic} is running (it holds {lock} for {left} ms more); a second one would publish the same letters again"
+                ),
+            ));
+        }
+        let result = self.redrive_locked(topic, ids).await;
+        // Released only if still this run's (it may have expired and been taken by another).
+        let released = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .arg(1)
+            .arg(&lock)
+            .arg(&token)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(%topic, error = %e, "releasing the redrive lock failed; it expires in ten minutes");
+        }
+        result
     }
 
     /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,
@@ -113,6 +140,30 @@ impl DeadLetterStore for RedisBackend {
                 .map_err(|e| Error::redis(format!("XTRIM {topic} MAXLEN 0"), e)),
         };
         Ok(removed?)
+    }
+}
+
+impl RedisBackend {
+    /// [`DeadLetterStore::redrive`] once its lock is held.
+    async fn redrive_locked(
+        &self,
+        topic: &str,
+        ids: Option<&[String]>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let chosen: Vec<((), DeadLetter)> = self
+            .dead_letters(topic)
+            .await?
+            .into_iter()
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
+            .map(|d| ((), d))
+            .collect();
+        let conn = self.pool_for(topic)?.conn.clone();
+        let mut redrive = Redriving {
+            backend: self,
+            topic,
+            conn,
+        };
+        redrive_each(topic, chosen, &mut redrive).await
     }
 }
 

@@ -1157,3 +1157,61 @@ async fn idle_consumers_without_pending_entries_are_removed_and_owners_are_kept(
     );
     drop(held);
 }
+
+/// One redrive of a dead-letter stream at a time: a second, while the first runs, would list
+/// the same letters before the first deletes them and publish them again. It is refused, naming
+/// the lock; once the lock is free the redrive runs.
+#[tokio::test]
+async fn a_second_redrive_of_a_topic_while_one_runs_is_refused() {
+    use cqrs::DeadLetterStore;
+    let backend = RedisBackend::connect(&redis_url()).await.unwrap();
+    let (topic, dead) = (unique("orders"), unique("orders-dead"));
+    let mut letter = Message::new("X", b"x".to_vec());
+    letter
+        .metadata
+        .headers
+        .insert(dlq::TOPIC.into(), topic.clone());
+    backend.publish(&dead, &[letter]).await.unwrap();
+    // Another run holds the lock.
+    let mut conn = raw(&redis_url()).await;
+    let lock = format!("cqrs:redrive-lock:{dead}");
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("another-run")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = backend.redrive(&dead, None).await.unwrap_err();
+    assert!(
+        err.report().contains("another redrive") && err.report().contains(&lock),
+        "{}",
+        err.report()
+    );
+    assert_eq!(
+        backend.dead_letters(&dead).await.unwrap().len(),
+        1,
+        "nothing redriven"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redriven = backend.redrive(&dead, None).await.unwrap();
+    assert_eq!(redriven.len(), 1);
+    assert!(backend.dead_letters(&dead).await.unwrap().is_empty());
+    let len: usize = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "back on its topic once");
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "the lock is released");
+}
