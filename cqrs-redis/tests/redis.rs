@@ -1351,3 +1351,93 @@ async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
     server.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Redis ACL users with key patterns: an authorized user works end to end; a wrong password
+/// fails at once with an error that says so and does not print it; a user without access to a
+/// stream gets an error naming the stream, and its messages stay where they are.
+#[tokio::test]
+async fn acl_users_work_a_wrong_password_fails_at_once_and_a_stream_without_access_is_named() {
+    let server = RedisServer::start().await;
+    let mut admin = raw(&server.url()).await;
+    for (user, pattern) in [("app", "~app-*"), ("other", "~other-*")] {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(user)
+            .arg("on")
+            .arg(">Pw-7x!q")
+            .arg(pattern)
+            .arg("+@all")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let url = |user: &str, password: &str| {
+        format!("redis://{user}:{password}@127.0.0.1:{}/0", server.port)
+    };
+    // Authorized: end to end on its own streams.
+    let app = RedisBackend::connect(&url("app", "Pw-7x!q")).await.unwrap();
+    let stream = unique("app-orders");
+    let mut member = app
+        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
+        .await
+        .unwrap();
+    app.publish(&stream, &[Message::new("X", b"mine".to_vec())])
+        .await
+        .unwrap();
+    let got = receive_n(&mut *member, 1).await;
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+
+    // A wrong password: refused at once, said, not printed.
+    let started = std::time::Instant::now();
+    let wrong = cqrs::Error::from(
+        RedisBackend::connect(&url("app", "Wrong-Secret-9"))
+            .await
+            .expect_err("a wrong password is refused"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let said = wrong.report();
+    assert!(!said.contains("Wrong-Secret-9"), "{said}");
+    assert!(
+        said.contains("WRONGPASS") || said.to_lowercase().contains("auth"),
+        "{said}"
+    );
+    assert!(
+        !wrong.is_retryable(),
+        "a wrong password is not worth retrying: {said}"
+    );
+
+    // No access to another user's streams: the error names the stream; nothing moves.
+    let theirs = unique("other-orders");
+    let other = RedisBackend::connect(&url("other", "Pw-7x!q"))
+        .await
+        .unwrap();
+    other
+        .publish(&theirs, &[Message::new("X", b"theirs".to_vec())])
+        .await
+        .unwrap();
+    let denied = app
+        .subscribe(&Subscription::new("g", [&theirs]).claim_idle(None))
+        .await
+        .err()
+        .map(cqrs::Error::from);
+    let denied = match denied {
+        Some(e) => e,
+        None => panic!("subscribing to a stream without access succeeded"),
+    };
+    assert!(denied.report().contains(&theirs), "{}", denied.report());
+    let denied = app
+        .publish(&theirs, &[Message::new("X", b"intruder".to_vec())])
+        .await
+        .expect_err("publishing without access is refused");
+    assert!(denied.report().contains(&theirs), "{}", denied.report());
+    let len: usize = redis::cmd("XLEN")
+        .arg(&theirs)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "only its owner's message");
+}
