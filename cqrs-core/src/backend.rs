@@ -203,11 +203,28 @@ impl Delivery {
         broker_id: impl Into<Arc<str>>,
         acker: Arc<dyn Acknowledge>,
     ) -> Self {
+        Delivery::with_id(
+            topic,
+            message,
+            attempt,
+            OnceLock::from(broker_id.into()),
+            acker,
+        )
+    }
+
+    #[inline]
+    fn with_id(
+        topic: Arc<str>,
+        message: Arc<Message>,
+        attempt: u32,
+        broker_id: OnceLock<Arc<str>>,
+        acker: Arc<dyn Acknowledge>,
+    ) -> Self {
         Delivery {
             topic,
             message,
             attempt,
-            broker_id: OnceLock::from(broker_id.into()),
+            broker_id,
             acker,
             malformed: None,
             shard: None,
@@ -227,18 +244,7 @@ impl Delivery {
         position: LogPosition,
         acker: Arc<dyn Acknowledge>,
     ) -> Self {
-        Delivery {
-            topic,
-            message,
-            attempt,
-            broker_id: OnceLock::new(),
-            acker,
-            malformed: None,
-            shard: None,
-            position: None,
-            settled: false,
-        }
-        .with_position(position)
+        Delivery::with_id(topic, message, attempt, OnceLock::new(), acker).with_position(position)
     }
 
     /// Marks the delivery as an entry that could not be read as a message (see

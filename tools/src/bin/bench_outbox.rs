@@ -421,12 +421,7 @@ where
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cqrs_tools::support::init_logs();
     let url = std::env::var("DATABASE_URL")
         .map_err(|_| "set DATABASE_URL (scripts/postgres start DIR prints one)")?;
     let s = Settings {

@@ -114,12 +114,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cqrs_tools::support::init_logs();
     let mut args = std::env::args().skip(1);
     let role = args.next().unwrap_or_default();
     let args = Args::parse(args)?;

@@ -85,3 +85,14 @@ pub fn one_topic(topic: &str) -> cqrs::TopicNamer {
     let topic = topic.to_owned();
     cqrs::TopicNamer::new(move |_| topic.clone())
 }
+
+/// Logs to stderr, at the level `RUST_LOG` says (`warn` by default): every binary of this
+/// package starts with it.
+pub fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
