@@ -799,3 +799,66 @@ async fn a_group_whose_fetch_task_panics_fails_and_says_why() {
         err.report()
     );
 }
+
+/// A broker that refuses every dead letter for good, as one refuses a record larger than it
+/// takes or a topic it will not create.
+#[derive(Clone)]
+struct RefusesDeadLetters(MemoryBroker);
+
+#[async_trait::async_trait]
+impl cqrs::backend::Publisher for RefusesDeadLetters {
+    async fn publish(&self, topic: &str, messages: &[cqrs::Message]) -> cqrs::Result<()> {
+        if topic.ends_with(".dead-letter") {
+            return Err(cqrs::Error::Config(format!("{topic}: record too large")));
+        }
+        self.0.publish(topic, messages).await
+    }
+}
+
+#[async_trait::async_trait]
+impl cqrs::backend::Subscriber for RefusesDeadLetters {
+    async fn subscribe(
+        &self,
+        subscription: &cqrs::backend::Subscription,
+    ) -> cqrs::Result<Box<dyn cqrs::backend::Consumer>> {
+        self.0.subscribe(subscription).await
+    }
+}
+
+/// A message whose dead letter the broker refuses for good stops its group with that error (one
+/// at a time and concurrently), and stays pending: it was published again every 5 s for ever,
+/// its key held meanwhile.
+#[tokio::test]
+async fn a_dead_letter_refused_for_good_stops_the_group_and_the_message_stays_pending() {
+    for concurrency in [1, 4] {
+        let inner = MemoryBroker::new();
+        let broker = RefusesDeadLetters(inner.clone());
+        let mut p = EventProcessor::new(broker.clone(), "svc");
+        p.handle("doomed", |_: Booked| async {
+            Err::<(), _>(cqrs::permanent("not this one"))
+        })
+        .unwrap()
+        .concurrency(concurrency);
+        let running = p.start(CancellationToken::new()).await.unwrap();
+        EventBus::new(broker.clone())
+            .publish(&Booked { id: 1 })
+            .await
+            .unwrap();
+        let err = tokio::time::timeout(WAIT, running.wait())
+            .await
+            .expect("the group stops")
+            .expect_err("with the refusal as its error");
+        assert!(
+            err.report().contains("could not be dead-lettered")
+                && err.report().contains("record too large"),
+            "concurrency {concurrency}: {}",
+            err.report()
+        );
+        assert!(inner.messages("svc.doomed.dead-letter").is_empty());
+        assert_eq!(
+            inner.pending("tickets", "svc.doomed").len(),
+            1,
+            "concurrency {concurrency}: the message stays pending"
+        );
+    }
+}

@@ -36,6 +36,13 @@ pub(super) async fn handle_batch(
             match handle_job(spec, services, job, token).await {
                 Some(Settle::Ack(d)) => acks.push(d),
                 Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+                Some(Settle::Fail(d, why)) => {
+                    drop(d);
+                    if !acks.is_empty() {
+                        ack_with_retries(acks).await;
+                    }
+                    return Err(Settle::failure(&why));
+                }
                 None => {}
             }
             continue;
@@ -115,6 +122,14 @@ pub(super) async fn handle_batch(
                 Failed::Settled(Some(Settle::Nack(d, delay))) => {
                     nack(d, delay).await;
                     continue;
+                }
+                Failed::Settled(Some(Settle::Fail(d, why))) => {
+                    // The rest of the batch goes back (dropped unsettled).
+                    drop(d);
+                    if !acks.is_empty() {
+                        ack_with_retries(acks).await;
+                    }
+                    return Err(Settle::failure(&why));
                 }
                 Failed::Settled(None) => continue,
             };

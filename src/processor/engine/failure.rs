@@ -59,8 +59,9 @@ pub(super) async fn after_failure(
                     telemetry::dead_lettered(&labels, why);
                     Settle::Ack(d)
                 }
+                Err(DeadLetterFailed::Refused(e)) => Settle::Fail(d, e.report()),
                 // No longer this consumer's: its next owner has it.
-                Err(_) => Settle::Nack(d, Duration::ZERO),
+                Err(DeadLetterFailed::Stale) => Settle::Nack(d, Duration::ZERO),
             },
         ));
     }
@@ -84,27 +85,44 @@ pub(super) async fn reject(
     spec.meters.of("", &ctx.topic).consumed(1);
     let published = match &delivery {
         Some(d) => dead_letter_delivery(spec, "", d, ctx.attempt, reason).await,
-        None => dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason).await,
+        None => dead_letter(spec, "", &ctx.topic, &ctx.message, ctx.attempt, reason)
+            .await
+            .map_err(DeadLetterFailed::Refused),
     };
-    if let Err(e) = published {
-        tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish failed; the message stays pending");
-        return delivery.map(|d| Settle::Nack(d, Duration::ZERO));
+    match published {
+        Ok(()) => {}
+        Err(DeadLetterFailed::Refused(e)) => {
+            tracing::error!(group = %spec.group, error = %e.report(), "dead-letter publish refused for good; the message stays pending and the group stops");
+            return delivery.map(|d| Settle::Fail(d, e.report()));
+        }
+        Err(DeadLetterFailed::Stale) => {
+            return delivery.map(|d| Settle::Nack(d, Duration::ZERO));
+        }
     }
     telemetry::dead_lettered(&labels, why);
     delivery.map(Settle::Ack)
 }
 
+/// Why a dead letter was not published.
+enum DeadLetterFailed {
+    /// Its delivery is no longer this consumer's.
+    Stale,
+    /// The broker refused it for good (an error not worth retrying).
+    Refused(crate::Error),
+}
+
 /// Publishes the dead letter of `d`. A publish that fails is tried again (backoff doubling from
-/// 100 ms to 5 s), not the handler, which is done with the message: until it succeeds or `d`
-/// is no longer this consumer's (a rebalance gave it to another member; the error is then
-/// returned). Later messages of its key wait meanwhile, so order per key holds.
+/// 100 ms to 5 s), not the handler, which is done with the message: until it succeeds, `d` is
+/// no longer this consumer's (a rebalance gave it to another member), or the broker refuses it
+/// for good (then the group stops: publishing it again would loop for ever). Later messages of
+/// its key wait meanwhile, so order per key holds.
 async fn dead_letter_delivery(
     spec: &GroupSpec,
     handler: &str,
     d: &Delivery,
     attempts: u32,
     reason: &str,
-) -> Result<()> {
+) -> std::result::Result<(), DeadLetterFailed> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let e = match dead_letter(spec, handler, d.topic(), d.message(), attempts, reason).await {
@@ -112,7 +130,11 @@ async fn dead_letter_delivery(
             Err(e) => e,
         };
         if d.is_stale() {
-            return Err(e);
+            return Err(DeadLetterFailed::Stale);
+        }
+        if !e.is_retryable() {
+            tracing::error!(group = %spec.group, message_id = %d.message().id, error = %e.report(), "dead-letter publish refused for good; the message stays pending and the group stops");
+            return Err(DeadLetterFailed::Refused(e));
         }
         tracing::error!(
             group = %spec.group,

@@ -70,6 +70,14 @@ pub(super) async fn handle_inline(
         match outcome {
             Some(Settle::Ack(d)) => acks.push(d),
             Some(Settle::Nack(d, delay)) => nack(d, delay).await,
+            Some(Settle::Fail(d, why)) => {
+                // What came before is settled; this one and the rest go back.
+                drop(d);
+                if !acks.is_empty() {
+                    ack_with_retries(acks).await;
+                }
+                return Err(Settle::failure(&why));
+            }
             None => {}
         }
     }

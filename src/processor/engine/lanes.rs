@@ -28,7 +28,7 @@ pub(super) struct Lanes {
     room: Arc<Semaphore>,
     tasks: JoinSet<()>,
     settler: tokio::task::JoinHandle<()>,
-    /// Why a worker panicked, if one did: the group's error.
+    /// Why a worker stopped the group (a panic, a message that could not be dead-lettered).
     failed: Arc<OnceLock<String>>,
 }
 
@@ -204,7 +204,7 @@ impl Lanes {
             return Err(Error::ShutdownTimeout(deadline));
         }
         match self.failed.get() {
-            Some(why) => Err(Error::fatal("a worker of the group panicked", why.clone())),
+            Some(why) => Err(Error::fatal("the group stopped", why.clone())),
             None => Ok(()),
         }
     }
@@ -237,7 +237,7 @@ async fn worker_loop(
                     let why = crate::middleware::panic_message(&*panic);
                     tracing::error!(group = %spec.group, error = %why, "a worker panicked; stopping the group");
                     ready.done(order);
-                    failed.get_or_init(|| why);
+                    failed.get_or_init(|| format!("a worker panicked: {why}"));
                     token.cancel();
                     continue;
                 }
@@ -245,8 +245,17 @@ async fn worker_loop(
         };
         // Done (retries included): the key's next message may run.
         ready.done(order);
-        if let Some(outcome) = outcome {
-            let _ = settle.send(outcome).await;
+        match outcome {
+            Some(Settle::Fail(d, why)) => {
+                // Neither handled nor dead-lettered: it goes back, and the group stops.
+                drop(d);
+                failed.get_or_init(|| format!("a message could not be dead-lettered: {why}"));
+                token.cancel();
+            }
+            Some(outcome) => {
+                let _ = settle.send(outcome).await;
+            }
+            None => {}
         }
     }
 }

@@ -119,6 +119,20 @@ impl Unhandled {
 pub(super) enum Settle {
     Ack(Delivery),
     Nack(Delivery, Duration),
+    /// Neither handled nor dead-lettered: its dead letter was refused for good (larger than
+    /// the broker takes, a topic it will not create). The group stops with this error rather
+    /// than handle the message again and again; the message stays pending.
+    Fail(Delivery, String),
+}
+
+impl Settle {
+    /// The group's error for a message that could not be dead-lettered.
+    pub(super) fn failure(why: &str) -> crate::Error {
+        crate::Error::fatal(
+            "a message could not be dead-lettered; stopping the group",
+            why.to_owned(),
+        )
+    }
 }
 
 /// Each runner's own handles on the handler pipelines, cloned once rather than per message.

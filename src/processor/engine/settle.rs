@@ -23,6 +23,8 @@ pub(super) async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
             match item {
                 Settle::Ack(d) => acks.push(d),
                 Settle::Nack(d, delay) => nack(d, delay).await,
+                // Workers stop the group on these before they come here; the message goes back.
+                Settle::Fail(d, _) => drop(d),
             }
             if acks.len() < 1000 {
                 next = rx.try_recv().ok();
