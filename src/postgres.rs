@@ -28,6 +28,47 @@
 
 pub use cqrs_postgres::*;
 
+/// Samples the status of `store`'s outbox every `every` until `token` is cancelled: with the
+/// `metrics` feature, as the gauges [`crate::telemetry::names::OUTBOX_DEPTH`] and
+/// [`crate::telemetry::names::OUTBOX_OLDEST`] (label `schema`); a sample that fails (the
+/// database away) is logged and tried again at the next tick. Without the feature it returns at
+/// once. The `cqrs outbox status` command reads the same figures.
+pub async fn sample_status(
+    pool: sqlx::PgPool,
+    store: OutboxStore,
+    every: std::time::Duration,
+    token: crate::CancellationToken,
+) {
+    #[cfg(feature = "metrics")]
+    {
+        use crate::telemetry::names;
+        let labels = [("schema", store.schema_name().to_owned())];
+        let depth = metrics::gauge!(names::OUTBOX_DEPTH, &labels);
+        let oldest = metrics::gauge!(names::OUTBOX_OLDEST, &labels);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match store.status(&pool).await {
+                Ok(status) => {
+                    depth.set(status.depth as f64);
+                    oldest.set(status.oldest.map_or(0.0, |d| d.as_secs_f64()));
+                }
+                Err(e) => {
+                    tracing::warn!(schema = %store.schema_name(), error = %cqrs_core::error_chain(&e), "sampling the outbox's status failed");
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "metrics"))]
+    {
+        let _ = (pool, store, every, token);
+    }
+}
+
 use crate::codec::{Codec, DefaultCodec};
 use crate::{Event, EventBus, Metadata};
 

@@ -42,6 +42,11 @@ pub mod names {
     pub const LAG: &str = "cqrs.consumer.lag";
     /// Gauge: messages given to the group and not acked, sampled from the broker.
     pub const PENDING: &str = "cqrs.consumer.pending";
+    /// Gauge: messages committed to a transactional outbox and not sent yet, per `schema`
+    /// (feature `postgres`, [`crate::postgres::sample_status`]).
+    pub const OUTBOX_DEPTH: &str = "cqrs.outbox.depth";
+    /// Gauge, seconds: how long the oldest of them has waited (0 when none waits).
+    pub const OUTBOX_OLDEST: &str = "cqrs.outbox.oldest";
 }
 
 /// How often a running processor samples each group's lag and pending entries, by default.

@@ -483,3 +483,58 @@ async fn the_relay_wakes_at_the_commit_not_at_its_poll() {
     token.cancel();
     relay.await.unwrap().unwrap();
 }
+
+/// The outbox's depth and the age of its oldest message as gauges (`sample_status`, feature
+/// `metrics`): 3 waiting with no relay, then 0 once a relay sent them.
+#[cfg(feature = "prometheus")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_depth_and_age_are_gauges() {
+    let handle = cqrs::prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let (store, outbox) = outbox(&pool, &broker, &unique("seats")).await;
+    let mut tx = pool.begin().await.unwrap();
+    for seat in 0..3 {
+        let e = SeatBooked {
+            show: "s1".into(),
+            seat,
+        };
+        outbox.publish(&mut tx, &e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let token = CancellationToken::new();
+    tokio::spawn(cqrs::postgres::sample_status(
+        pool.clone(),
+        store.clone(),
+        Duration::from_millis(20),
+        token.clone(),
+    ));
+    let depth = |n: u32| {
+        format!(
+            "cqrs_outbox_depth{{schema=\"{}\"}} {n}",
+            store.schema_name()
+        )
+    };
+    eventually("the depth shows 3", || {
+        let (handle, want) = (handle.clone(), depth(3));
+        async move { handle.render().contains(&want) }
+    })
+    .await;
+    assert!(
+        handle.render().contains(&format!(
+            "cqrs_outbox_oldest{{schema=\"{}\"}}",
+            store.schema_name()
+        )),
+        "{}",
+        handle.render()
+    );
+    tokio::spawn(OutboxRelay::new(pool.clone(), store.clone(), broker.clone()).run(token.clone()));
+    eventually("the depth back to 0", || {
+        let (handle, want) = (handle.clone(), depth(0));
+        async move { handle.render().contains(&want) }
+    })
+    .await;
+    token.cancel();
+}
