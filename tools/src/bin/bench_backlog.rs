@@ -172,14 +172,8 @@ async fn main() -> Result<(), BoxError> {
     if args.first().map(String::as_str) == Some("drain") {
         return drain_role(&args[1..]).await;
     }
-    let n: u64 = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let kafka_n: u64 = std::env::var("BENCH_KAFKA_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
+    let n: u64 = support::env_or("BENCH_N", 1_000_000);
+    let kafka_n: u64 = support::env_or("BENCH_KAFKA_N", 200_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "memory,redis,kafka".into());
     println!("| backend | handler | backlog | RSS at start MiB | peak MiB | end MiB | drain s | events/s |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");

@@ -221,12 +221,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let env = |name: &str, default: usize| -> usize {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let env = cqrs_tools::support::env_or::<usize>;
     let (n, streams, rounds) = (
         env("BENCH_N", 300_000),
         env("BENCH_STREAMS", 12),

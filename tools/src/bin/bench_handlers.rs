@@ -162,10 +162,7 @@ async fn sleep_ceiling(concurrency: usize) -> (f64, Duration) {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
+    let n: usize = support::env_or("BENCH_N", 200_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redis,memory".into());
     println!("| backend | handler | members | events | events/s | per member |");
     println!("|---|---|---:|---:|---:|---:|");

@@ -258,10 +258,6 @@ impl Bench {
     }
 }
 
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -274,14 +270,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     cqrs_tools::support::init_logs();
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let n: usize = support::env_or("BENCH_N", 100_000);
+    let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
     let fresh = std::env::var("BENCH_FRESH_BROKER").is_ok();
     let publish_only = std::env::var("BENCH_PUBLISH_ONLY").is_ok();
     // One broker for every round unless each round gets a fresh one.
@@ -326,10 +316,10 @@ async fn main() -> Result<(), BoxError> {
             .partitions(4)
             .fetch_wait(Duration::from_millis(10));
         // For experiments: the commit gate's limit (0: off) and the commit count.
-        if let Some(n) = env_usize("BENCH_KAFKA_MAX_UNRECORDED") {
+        if let Some(n) = support::env::<usize>("BENCH_KAFKA_MAX_UNRECORDED") {
             config = config.max_unrecorded(n);
         }
-        if let Some(n) = env_usize("BENCH_KAFKA_COMMIT_EVERY") {
+        if let Some(n) = support::env::<usize>("BENCH_KAFKA_COMMIT_EVERY") {
             config = config.commit_every(n);
         }
         match std::env::var("BENCH_KAFKA_PROTOCOL").as_deref() {

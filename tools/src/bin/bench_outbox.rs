@@ -30,6 +30,7 @@ use cqrs::postgres::sqlx::postgres::PgPoolOptions;
 use cqrs::postgres::sqlx::PgPool;
 use cqrs::postgres::{Outbox, OutboxRelay, OutboxStore};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use cqrs_tools::support::env_or;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
@@ -47,13 +48,6 @@ fn event(seq: u64) -> AccountOpened {
         seq,
         owner: "x".repeat(200),
     }
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// A backend under test: what the bus, the relay and the processor take.

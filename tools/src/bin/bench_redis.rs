@@ -320,14 +320,8 @@ impl Table {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let n: usize = cqrs_tools::support::env_or("BENCH_N", 200_000);
+    let rounds: usize = cqrs_tools::support::env_or("BENCH_ROUNDS", 3);
     let backend = RedisBackend::connect(&url).await?;
     println!(
         "{n} events of ~200 bytes of JSON, Redis at {}, {rounds} rounds",

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
-use cqrs_tools::support;
+use cqrs_tools::support::{self, Args};
 const TOPIC: &str = "soak.ticks";
 const SERVICE: &str = "soak";
 const HANDLER: &str = "record";
@@ -68,48 +68,6 @@ struct Tick {
 
 fn is_poison(seq: u64) -> bool {
     seq % POISON_EVERY == 0
-}
-
-/// `--name value` pairs after the role (and its positional arguments).
-struct Args {
-    positional: Vec<String>,
-    named: HashMap<String, String>,
-}
-
-impl Args {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Args, BoxError> {
-        let mut positional = Vec::new();
-        let mut named = HashMap::new();
-        let mut args = args.peekable();
-        while let Some(a) = args.next() {
-            match a.strip_prefix("--") {
-                Some(name) => {
-                    let value = args
-                        .next()
-                        .ok_or_else(|| format!("--{name} needs a value"))?;
-                    named.insert(name.to_owned(), value);
-                }
-                None => positional.push(a),
-            }
-        }
-        Ok(Args { positional, named })
-    }
-
-    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, BoxError> {
-        match self.named.get(name) {
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{name}: `{v}` is not valid").into()),
-            None => Ok(default),
-        }
-    }
-
-    fn text(&self, name: &str) -> Result<String, BoxError> {
-        self.named
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("--{name} is required").into())
-    }
 }
 
 #[tokio::main]

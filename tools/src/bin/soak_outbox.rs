@@ -30,6 +30,7 @@ use cqrs::postgres::sqlx::{self, postgres::PgPoolOptions, PgPool, Row};
 use cqrs::postgres::{Inbox, Outbox, OutboxRelay, OutboxStore};
 use cqrs::redis::RedisBackend;
 use cqrs::{BoxError, CancellationToken, Context, Event, EventBus, EventProcessor, TopicNamer};
+use cqrs_tools::support::Args;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
@@ -45,42 +46,6 @@ struct Deposited {
 }
 
 const ACCOUNTS: usize = 40;
-
-/// `--name value` options.
-struct Args(HashMap<String, String>);
-
-impl Args {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Self, BoxError> {
-        let mut map = HashMap::new();
-        let mut args = args.peekable();
-        while let Some(a) = args.next() {
-            let name = a
-                .strip_prefix("--")
-                .ok_or_else(|| format!("unexpected argument `{a}`"))?;
-            let value = args
-                .next()
-                .ok_or_else(|| format!("--{name} needs a value"))?;
-            map.insert(name.to_owned(), value);
-        }
-        Ok(Args(map))
-    }
-
-    fn text(&self, name: &str) -> Result<String, BoxError> {
-        self.0
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("--{name} is required").into())
-    }
-
-    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, BoxError> {
-        match self.0.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{name}: `{v}` is not valid").into()),
-        }
-    }
-}
 
 /// What every process of one run shares.
 #[derive(Clone)]
@@ -619,6 +584,9 @@ async fn main() -> Result<(), BoxError> {
     let mut argv = std::env::args().skip(1);
     let command = argv.next().unwrap_or_default();
     let args = Args::parse(argv)?;
+    if let Some(a) = args.positional.first() {
+        return Err(format!("unexpected argument `{a}`").into());
+    }
     match command.as_str() {
         "run" => run(&args).await,
         "write" => write(&args).await,

@@ -96,3 +96,60 @@ pub fn init_logs() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// The command line of a tool's role: `--name value` pairs and positional arguments (the
+/// soaks' processes take theirs this way).
+pub struct Args {
+    /// The arguments that are not `--name value` pairs, in order.
+    pub positional: Vec<String>,
+    named: std::collections::HashMap<String, String>,
+}
+
+impl Args {
+    /// Reads `args` (the command line after the role).
+    pub fn parse(args: impl Iterator<Item = String>) -> Result<Args, BoxError> {
+        let mut positional = Vec::new();
+        let mut named = std::collections::HashMap::new();
+        let mut args = args.peekable();
+        while let Some(a) = args.next() {
+            match a.strip_prefix("--") {
+                Some(name) => {
+                    let value = args
+                        .next()
+                        .ok_or_else(|| format!("--{name} needs a value"))?;
+                    named.insert(name.to_owned(), value);
+                }
+                None => positional.push(a),
+            }
+        }
+        Ok(Args { positional, named })
+    }
+
+    /// The value of `--name`, or `default` when it is absent.
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, BoxError> {
+        match self.named.get(name) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: `{v}` is not valid").into()),
+            None => Ok(default),
+        }
+    }
+
+    /// The value of `--name`, which is required.
+    pub fn text(&self, name: &str) -> Result<String, BoxError> {
+        self.named
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("--{name} is required").into())
+    }
+}
+
+/// The environment variable `name` parsed; `None` when it is unset or does not parse.
+pub fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// The environment variable `name` parsed, or `default` when it is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    env(name).unwrap_or(default)
+}
