@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::failure::{after_failure, Failed};
 use super::job::handle_job;
-use super::settle::{ack_with_retries, nack};
+use super::settle::{ack_with_retries, nack, stop_on_failure};
 use super::{BatchRoute, GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
 use crate::handler::Context;
@@ -36,13 +36,7 @@ pub(super) async fn handle_batch(
             match handle_job(spec, services, job, token).await {
                 Some(Settle::Ack(d)) => acks.push(d),
                 Some(Settle::Nack(d, delay)) => nack(d, delay).await,
-                Some(Settle::Fail(d, why)) => {
-                    drop(d);
-                    if !acks.is_empty() {
-                        ack_with_retries(acks).await;
-                    }
-                    return Err(Settle::failure(&why));
-                }
+                Some(Settle::Fail(d, why)) => return Err(stop_on_failure(d, acks, &why).await),
                 None => {}
             }
             continue;
@@ -123,13 +117,9 @@ pub(super) async fn handle_batch(
                     nack(d, delay).await;
                     continue;
                 }
+                // The rest of the batch goes back (dropped unsettled).
                 Failed::Settled(Some(Settle::Fail(d, why))) => {
-                    // The rest of the batch goes back (dropped unsettled).
-                    drop(d);
-                    if !acks.is_empty() {
-                        ack_with_retries(acks).await;
-                    }
-                    return Err(Settle::failure(&why));
+                    return Err(stop_on_failure(d, acks, &why).await)
                 }
                 Failed::Settled(None) => continue,
             };

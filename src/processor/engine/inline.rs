@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::job::handle_job;
-use super::settle::{ack_with_retries, nack};
+use super::settle::{ack_with_retries, nack, stop_on_failure};
 use super::{GroupSpec, Job, Services, Settle};
 use crate::{Error, Result};
 
@@ -70,14 +70,8 @@ pub(super) async fn handle_inline(
         match outcome {
             Some(Settle::Ack(d)) => acks.push(d),
             Some(Settle::Nack(d, delay)) => nack(d, delay).await,
-            Some(Settle::Fail(d, why)) => {
-                // What came before is settled; this one and the rest go back.
-                drop(d);
-                if !acks.is_empty() {
-                    ack_with_retries(acks).await;
-                }
-                return Err(Settle::failure(&why));
-            }
+            // What came before is settled; this one and the rest go back.
+            Some(Settle::Fail(d, why)) => return Err(stop_on_failure(d, acks, &why).await),
             None => {}
         }
     }

@@ -125,16 +125,6 @@ pub(super) enum Settle {
     Fail(Delivery, String),
 }
 
-impl Settle {
-    /// The group's error for a message that could not be dead-lettered.
-    pub(super) fn failure(why: &str) -> crate::Error {
-        crate::Error::fatal(
-            "a message could not be dead-lettered; stopping the group",
-            why.to_owned(),
-        )
-    }
-}
-
 /// Each runner's own handles on the handler pipelines, cloned once rather than per message.
 /// A group has a handful of handlers: a list compared by name beats hashing.
 pub(super) struct Services(Vec<(String, Arc<str>, Pipeline)>);

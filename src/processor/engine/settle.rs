@@ -36,6 +36,19 @@ pub(super) async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
     }
 }
 
+/// Stops a runner on a message that could not be dead-lettered ([`Settle::Fail`]): what was
+/// handled before it is acked, it goes back (dropped unsettled), and the group's error says why.
+pub(super) async fn stop_on_failure(d: Delivery, acks: Vec<Delivery>, why: &str) -> crate::Error {
+    drop(d);
+    if !acks.is_empty() {
+        ack_with_retries(acks).await;
+    }
+    crate::Error::fatal(
+        "a message could not be dead-lettered; stopping the group",
+        why.to_owned(),
+    )
+}
+
 pub(super) async fn ack_with_retries(mut batch: Vec<Delivery>) {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
