@@ -38,6 +38,21 @@ struct Reading {
     n: u32,
 }
 
+/// Waits until `stream` holds `n` entries (a dead letter arriving, say).
+async fn holds(backend: &RedisBackend, stream: &str, n: u64, what: &str) {
+    eventually(what, || {
+        let (backend, stream) = (backend.clone(), stream.to_owned());
+        async move {
+            backend
+                .stats(&stream)
+                .await
+                .map(|s| s.length == n)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
@@ -181,18 +196,7 @@ async fn nacks_redeliver_with_rising_count_then_dead_letter() {
         })
         .await
         .unwrap();
-    eventually("the dead letter", || {
-        let backend = backend.clone();
-        let dead = dead.clone();
-        async move {
-            backend
-                .stats(&dead)
-                .await
-                .map(|s| s.length == 1)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    holds(&backend, &dead, 1, "the dead letter").await;
     running.shutdown().await.unwrap();
     assert_eq!(*attempts.lock().unwrap(), [1, 2, 3]);
     let stats = backend.stats(&topic).await.unwrap();
@@ -766,18 +770,7 @@ async fn redis_cli_publishes_in_the_documented_format_and_malformed_entries_are_
             Some("from-cli".to_owned())
         )
     );
-    eventually("the malformed entry dead-lettered", || {
-        let backend = backend.clone();
-        let dead = dead.clone();
-        async move {
-            backend
-                .stats(&dead)
-                .await
-                .map(|s| s.length == 1)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    holds(&backend, &dead, 1, "the malformed entry dead-lettered").await;
     running.shutdown().await.unwrap();
     let mut reader = backend
         .subscribe(&Subscription::new("r", [&dead]))
@@ -850,17 +843,7 @@ async fn a_v1_message_written_by_redis_cli_reaches_a_v3_handler_and_a_v4_is_dead
             currency: "EUR".into()
         }
     );
-    eventually("the v4 entry dead-lettered", || {
-        let (backend, dead) = (backend.clone(), dead.clone());
-        async move {
-            backend
-                .stats(&dead)
-                .await
-                .map(|s| s.length == 1)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    holds(&backend, &dead, 1, "the v4 entry dead-lettered").await;
     eventually("both acked", || {
         let (backend, topic) = (backend.clone(), topic.clone());
         async move {
