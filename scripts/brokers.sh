@@ -173,16 +173,22 @@ install_asyncapi_parser() {
 ensure_kafka() {
   trap stop_brokers EXIT
   scripts/kafka install >/dev/null
-  # Both JVMs start at once: each takes seconds on 2 cores.
+  # The JVMs start at once: each takes seconds on 2 cores.
   local var dir pids=() vars=() dirs=() i
-  for var in KAFKA_BROKERS KAFKA_BROKERS_B; do
+  # The third: TLS, SASL and ACLs (scripts/kafka start --secure) for the security tests, which
+  # read its listeners and users from KAFKA_SECURE_DIR/secure.env.
+  for var in KAFKA_BROKERS KAFKA_BROKERS_B KAFKA_SECURE_DIR; do
     if [ -n "${!var:-}" ]; then
       log "using Kafka at ${!var} ($var)"
       continue
     fi
     dir="$(mktemp -d "${TMPDIR:-/tmp}/cqrs-kafka.XXXXXX")"
     KAFKA_DIRS+=("$dir")
-    scripts/kafka start "$dir" >"$dir/address" &
+    if [ "$var" = KAFKA_SECURE_DIR ]; then
+      scripts/kafka start "$dir" --secure >/dev/null && echo "$dir" >"$dir/address" &
+    else
+      scripts/kafka start "$dir" >"$dir/address" &
+    fi
     pids+=($!); vars+=("$var"); dirs+=("$dir")
   done
   for i in "${!pids[@]}"; do

@@ -9,6 +9,9 @@
 //! cqrs --topology topology.yaml trim --json
 //! cqrs --kafka 127.0.0.1:9092 inspect
 //! cqrs --kafka 127.0.0.1:9092 dead-letters redrive svc-tickets.print-receipt --id 0:42
+//! cqrs --kafka broker:9093 --kafka-config client.properties inspect
+//! cqrs --kafka broker:9093 -X security.protocol=SASL_SSL -X sasl.mechanism=SCRAM-SHA-512 \
+//!      -X sasl.username=ops -X sasl.password="$PASSWORD" inspect
 //! ```
 //!
 //! Tables for people, `--json` for scripts. Exit code 0 on success, 1 on an error (a message on
@@ -53,6 +56,26 @@ struct Cli {
         conflicts_with_all = ["redis", "topology"]
     )]
     kafka: Option<String>,
+    /// librdkafka settings for `--kafka` from a file of `key=value` lines (`#` starts a comment):
+    /// TLS and SASL (`security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
+    /// `ssl.ca.location`, ...); also `CQRS_KAFKA_CONFIG`. Values are never printed.
+    #[arg(
+        long,
+        global = true,
+        env = "CQRS_KAFKA_CONFIG",
+        value_name = "FILE",
+        requires = "kafka"
+    )]
+    kafka_config: Option<std::path::PathBuf>,
+    /// One librdkafka setting for `--kafka`, `key=value` (repeatable; after `--kafka-config`),
+    /// as kcat's `-X`. Values are never printed.
+    #[arg(
+        short = 'X',
+        global = true,
+        value_name = "KEY=VALUE",
+        requires = "kafka"
+    )]
+    kafka_setting: Vec<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -183,13 +206,44 @@ async fn connect(cli: &Cli) -> Result<RedisBackend, BoxError> {
     Ok(backend)
 }
 
+/// `config` with the settings of `--kafka-config` and then `-X`. An error names the file, the
+/// line or the key, never a value.
+fn kafka_settings(cli: &Cli, mut config: KafkaConfig) -> Result<KafkaConfig, BoxError> {
+    let mut settings: Vec<(String, String)> = Vec::new();
+    if let Some(path) = &cli.kafka_config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("{} line {}: expected key=value", path.display(), n + 1))?;
+            settings.push((key.trim().to_owned(), value.trim().to_owned()));
+        }
+    }
+    for setting in &cli.kafka_setting {
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or("-X takes key=value (the value is not shown)")?;
+        settings.push((key.trim().to_owned(), value.to_owned()));
+    }
+    for (key, value) in settings {
+        config = config.set(key, value);
+    }
+    Ok(config)
+}
+
 async fn run(cli: Cli) -> Result<(), BoxError> {
     if let Command::Outbox(o) = &cli.command {
         print!("{}", outbox(o, cli.json).await?);
         return Ok(());
     }
     if let Some(brokers) = &cli.kafka {
-        let backend = KafkaBackend::connect(KafkaConfig::new(brokers).create_topics(false)).await?;
+        let config = kafka_settings(&cli, KafkaConfig::new(brokers).create_topics(false))?;
+        let backend = KafkaBackend::connect(config).await?;
         let out = match &cli.command {
             Command::Inspect { .. } => inspect_kafka(&backend, cli.json).await?,
             Command::DeadLetters(d) => dead_letters(&backend, d, cli.json).await?,

@@ -11,6 +11,7 @@ use assert_cmd::Command;
 use cqrs::kafka::{KafkaBackend, KafkaConfig};
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{permanent, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use cqrs_test_support as support;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -101,9 +102,7 @@ fn records(brokers: &str, topic: &str) -> Vec<(String, Vec<(String, String)>)> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let (low, high) = client
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .unwrap();
+    let (low, high) = support::kafka_watermarks(brokers, topic, 0);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))
         .unwrap();
@@ -697,4 +696,176 @@ async fn outbox_status_dead_letters_and_redrive() {
         .execute(&pool)
         .await
         .unwrap();
+}
+
+/// The CLI on Kafka over SASL_SSL with ACLs (the secure broker of `scripts/test`): settings from
+/// `--kafka-config` and `-X`, dead letters listed and redriven as alice; a wrong password fails at
+/// once with exit code 1; no password is ever printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_sasl_ssl_takes_its_settings_from_a_file_and_x_and_prints_no_password() {
+    let broker = support::SecureKafka::shared();
+    let brokers = broker.get("SASL_SSL").to_owned();
+    let password = broker.get("ALICE_PASSWORD").to_owned();
+    let backend = KafkaBackend::connect(
+        KafkaConfig::new(&brokers)
+            .partitions(1)
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", "alice")
+            .set("sasl.password", &password)
+            .set("ssl.ca.location", broker.get("CA")),
+    )
+    .await
+    .unwrap();
+    let topic = cqrs::conformance::unique("ok-cli-orders");
+    let service = cqrs::conformance::unique("ok-svc");
+    let group = format!("{service}.book");
+
+    let file = std::env::temp_dir().join(cqrs::conformance::unique("client.properties"));
+    std::fs::write(
+        &file,
+        format!(
+            "# alice\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n\
+             sasl.username=alice\nsasl.password={password}\nssl.ca.location={}\n",
+            broker.get("CA")
+        ),
+    )
+    .unwrap();
+    let file = file.to_string_lossy().into_owned();
+    let from_file = |args: &[&str]| {
+        cqrs(
+            &[
+                &[
+                    "--kafka",
+                    brokers.as_str(),
+                    "--kafka-config",
+                    file.as_str(),
+                    "--json",
+                ],
+                args,
+            ]
+            .concat(),
+        )
+    };
+    let sasl_password = format!("sasl.password={password}");
+    let ca = format!("ssl.ca.location={}", broker.get("CA"));
+    let with_x = |args: &[&str]| {
+        cqrs(
+            &[
+                &[
+                    "--kafka",
+                    brokers.as_str(),
+                    "-X",
+                    "security.protocol=SASL_SSL",
+                    "-X",
+                    "sasl.mechanism=SCRAM-SHA-256",
+                    "-X",
+                    "sasl.username=alice",
+                    "-X",
+                    sasl_password.as_str(),
+                    "-X",
+                    ca.as_str(),
+                    "--json",
+                ],
+                args,
+            ]
+            .concat(),
+        )
+    };
+    let printed = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    let running = refuse_odd_orders(&backend, &topic, &service, 6).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = from_file(&["dead-letters", "list", &group]);
+        assert!(!printed(&out).contains(&password), "{}", printed(&out));
+        if out.status.success() {
+            let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if listed["dead_letters"].as_array().unwrap().len() == 3 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letters: {}",
+            printed(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await.unwrap();
+
+    let out = with_x(&["dead-letters", "redrive", &group, "--id", "0:0"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(!printed(&out).contains(&password));
+    let out = with_x(&["dead-letters", "list", &group]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = listed["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["0:1", "0:2"]);
+    let out = with_x(&["inspect"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(printed(&out).contains(&topic));
+
+    let wrong = "Wr0ng-but-close";
+    let started = std::time::Instant::now();
+    let out = cqrs(&[
+        "--kafka",
+        &brokers,
+        "--kafka-config",
+        &file,
+        "-X",
+        &format!("sasl.password={wrong}"),
+        "inspect",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        printed(&out).contains("authenticating"),
+        "{}",
+        printed(&out)
+    );
+    assert!(!printed(&out).contains(wrong) && !printed(&out).contains(&password));
+    let _ = std::fs::remove_file(&file);
+}
+
+/// A settings file line or a `-X` without `=` is refused naming the line or the option, never
+/// echoing what it holds (which may be a password pasted in the wrong place).
+#[test]
+fn a_malformed_kafka_setting_is_refused_without_echoing_it() {
+    let file = std::env::temp_dir().join(cqrs::conformance::unique("bad.properties"));
+    std::fs::write(&file, "security.protocol=SASL_SSL\nHunter2-pasted-here\n").unwrap();
+    let file = file.to_string_lossy().into_owned();
+    let out = cqrs(&["--kafka", "127.0.0.1:1", "--kafka-config", &file, "inspect"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("line 2: expected key=value"), "{err}");
+    assert!(!err.contains("Hunter2"), "{err}");
+    let out = cqrs(&[
+        "--kafka",
+        "127.0.0.1:1",
+        "-X",
+        "Hunter2-pasted-here",
+        "inspect",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("-X takes key=value") && !err.contains("Hunter2"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&file);
 }

@@ -13,8 +13,12 @@ use crate::{lock, KafkaBackend, KafkaConfig};
 impl KafkaBackend {
     /// The topics the cluster has.
     pub async fn topics_on_broker(&self) -> Result<Vec<String>> {
+        self.metadata_topics(self.inner.config.timeout).await
+    }
+
+    /// The topics the cluster has, asked with `timeout`.
+    pub(crate) async fn metadata_topics(&self, timeout: Duration) -> Result<Vec<String>> {
         let producer = self.inner.producer.clone();
-        let timeout = self.inner.config.timeout;
         tokio::task::spawn_blocking(move || {
             producer
                 .client()

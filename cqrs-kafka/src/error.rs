@@ -21,6 +21,27 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// The brokers refuse this client's credentials: a wrong password or user, a mechanism they
+    /// do not offer, a certificate one side does not trust, a TLS failure. Not retried: the
+    /// settings must change. The reason is librdkafka's; it never holds a credential.
+    #[error("authenticating with the Kafka brokers at {brokers} failed: {reason}")]
+    Authentication {
+        /// The bootstrap servers.
+        brokers: String,
+        /// librdkafka's reason.
+        reason: String,
+    },
+    /// The broker's ACLs do not let this client's principal do something (write to a topic,
+    /// read a group, create a topic). Not retried: the ACLs must change; nothing was consumed
+    /// or committed by the refused operation.
+    #[error("{what}: not authorized (the broker's ACLs refuse this principal)")]
+    NotAuthorized {
+        /// What was refused (`producing to t`, `reading group `g``), naming the topic or group.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
     /// A setting asks for something this backend does not do.
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -69,10 +90,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// `source` while doing `context`; an ACL refusal becomes [`Error::NotAuthorized`] to do
+    /// `context`.
     pub(crate) fn kafka(context: impl Into<String>, source: KafkaError) -> Self {
-        Error::Kafka {
-            context: context.into(),
-            source,
+        match crate::access::code(&source) {
+            Some(code) if crate::access::is_authorization(code) => Error::NotAuthorized {
+                what: context.into(),
+                source,
+            },
+            _ => Error::Kafka {
+                context: context.into(),
+                source,
+            },
         }
     }
 
@@ -83,7 +112,9 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Io(..)
             | Error::Bookkeeping { .. }
-            | Error::Reserved(_) => false,
+            | Error::Reserved(_)
+            | Error::Authentication { .. }
+            | Error::NotAuthorized { .. } => false,
             Error::CommitsRefused { .. } => true,
             Error::Unreachable { .. } => true,
             Error::Kafka { source, .. } => is_transient(source),
@@ -130,9 +161,9 @@ impl From<Error> for cqrs_core::Error {
                 let retryable = e.is_retryable();
                 let context = e.to_string();
                 let source: cqrs_core::BoxError = match e {
-                    Error::Kafka { source, .. } | Error::Unreachable { source, .. } => {
-                        Box::new(source)
-                    }
+                    Error::Kafka { source, .. }
+                    | Error::Unreachable { source, .. }
+                    | Error::NotAuthorized { source, .. } => Box::new(source),
                     other => Box::new(other),
                 };
                 if retryable {

@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod admin;
 mod commit_gate;
 mod config;
@@ -52,7 +53,6 @@ use cqrs_core::backend::{Consumer, Publisher, Subscriber, Subscription};
 use cqrs_core::wire::Layout;
 use cqrs_core::Message;
 use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -80,8 +80,8 @@ pub struct KafkaBackend {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<access::Watched>,
+    admin: AdminClient<access::Watched>,
     known_topics: Mutex<HashSet<String>>,
 }
 
@@ -97,13 +97,14 @@ impl KafkaBackend {
     /// Creates the clients and checks that the brokers answer.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.check()?;
-        let producer: FutureProducer = config
+        let watched = access::Watched::default();
+        let producer: FutureProducer<access::Watched> = config
             .producer_config()
-            .create()
+            .create_with_context(watched.clone())
             .map_err(|e| Error::kafka("creating the producer", e))?;
-        let admin: AdminClient<DefaultClientContext> = config
+        let admin: AdminClient<access::Watched> = config
             .admin_config()
-            .create()
+            .create_with_context(watched.clone())
             .map_err(|e| Error::kafka("creating the admin client", e))?;
         let backend = KafkaBackend {
             inner: Arc::new(Inner {
@@ -113,13 +114,27 @@ impl KafkaBackend {
                 known_topics: Mutex::new(HashSet::new()),
             }),
         };
-        backend.topics_on_broker().await.map_err(|e| match e {
-            Error::Kafka { source, .. } => Error::Unreachable {
-                brokers: backend.inner.config.brokers.clone(),
-                source,
-            },
-            other => other,
-        })?;
+        // The brokers answer a metadata request, or refuse this client (librdkafka reports that
+        // as an error and tries again until the request times out): asked in growing steps, so
+        // that a refusal ends `connect` at once and leaves no request waiting behind it.
+        let brokers = backend.inner.config.brokers.clone();
+        let deadline = tokio::time::Instant::now() + backend.inner.config.timeout;
+        let mut step = Duration::from_millis(250);
+        loop {
+            let now = tokio::time::Instant::now();
+            let answered = backend.metadata_topics(step.min(deadline - now)).await;
+            if let Some(refusal) = watched.refusals.last() {
+                return Err(refusal.into_error(&brokers, None, &[]));
+            }
+            match answered {
+                Ok(_) => break,
+                Err(Error::Kafka { source, .. }) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Unreachable { brokers, source })
+                }
+                Err(Error::Kafka { .. }) => step *= 2,
+                Err(other) => return Err(other),
+            }
+        }
         Ok(backend)
     }
 

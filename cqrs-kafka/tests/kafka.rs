@@ -31,6 +31,7 @@ fn group_config() -> KafkaConfig {
 }
 
 async fn backend() -> KafkaBackend {
+    support::logs();
     KafkaBackend::connect(config(&brokers())).await.unwrap()
 }
 
@@ -1119,16 +1120,9 @@ impl Event for Fragile {
 
 /// The records `topic` holds over its `partitions`, from the broker's watermarks.
 fn records_on(brokers: &str, topic: &str, partitions: i32) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
     (0..partitions)
         .map(|p| {
-            let (low, high) = client
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap();
+            let (low, high) = support::kafka_watermarks(brokers, topic, p);
             high - low
         })
         .sum()

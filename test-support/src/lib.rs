@@ -51,6 +51,16 @@ where
     }
 }
 
+/// Logs to the test's output as `RUST_LOG` says (nothing when it is unset); once per process.
+pub fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A fresh name with `prefix`.
 pub fn unique(prefix: &str) -> String {
     cqrs::conformance::unique(prefix)
@@ -184,6 +194,29 @@ pub fn kafka_brokers() -> String {
         .ok()
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+}
+
+/// The low and high watermarks of `topic`'s `partition` from a fresh client at `brokers`. A topic
+/// just created may answer "not leader" (or "unknown") until its partitions' leaders are known to
+/// every listener: asked again until [`WAIT`].
+#[cfg(feature = "kafka")]
+pub fn kafka_watermarks(brokers: &str, topic: &str, partition: i32) -> (i64, i64) {
+    use cqrs_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = cqrs_kafka::rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match client.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(marks) => return marks,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "the watermarks of {topic}/{partition}: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The shared Redis of the test run: `REDIS_URL`, or database 15 on 127.0.0.1:6379.
@@ -433,5 +466,41 @@ pub mod scenarios {
             waited >= Duration::from_millis(400),
             "the handler's delay, not the 5 ms backoff: {waited:?}"
         );
+    }
+}
+
+/// The secure Kafka broker of the test run (`scripts/kafka start DIR --secure`, started by
+/// `scripts/test` with `KAFKA_SECURE_DIR` naming its directory): its listeners, CA, client
+/// certificate and users' passwords, read from `DIR/secure.env`.
+#[cfg(feature = "kafka")]
+pub struct SecureKafka {
+    vars: std::collections::HashMap<String, String>,
+}
+
+#[cfg(feature = "kafka")]
+impl SecureKafka {
+    /// The broker `KAFKA_SECURE_DIR` names; panics, saying how to start one, when it is unset.
+    pub fn shared() -> Self {
+        let dir = std::env::var("KAFKA_SECURE_DIR").ok().filter(|d| !d.is_empty()).expect(
+            "KAFKA_SECURE_DIR is not set: run the tests through scripts/test, or start a broker \
+             with `scripts/kafka start DIR --secure` and set KAFKA_SECURE_DIR=DIR",
+        );
+        let path = std::path::Path::new(&dir).join("secure.env");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        SecureKafka { vars }
+    }
+
+    /// One of `PLAINTEXT` (the super user's listener), `SASL_SSL`, `SSL`, `CA`, `CLIENT_CERT`,
+    /// `CLIENT_KEY`, `ALICE_PASSWORD`, `MALLORY_PASSWORD`.
+    pub fn get(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .unwrap_or_else(|| panic!("secure.env has no {key}"))
     }
 }

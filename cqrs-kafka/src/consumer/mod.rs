@@ -28,6 +28,7 @@ use tokio::time::Instant;
 pub(crate) use acker::KafkaAcker;
 pub(crate) use poll::{decode, record_time_ms};
 
+use crate::access::{self, Refusals};
 use crate::commit_gate::{spawn_committer, CommitGate};
 use crate::error::Error;
 use crate::KafkaConfig;
@@ -63,6 +64,10 @@ pub(crate) struct KafkaConsumer {
     closed_since: Option<Instant>,
     /// When `receive` last reported refused commits.
     reported_at: Option<Instant>,
+    /// What the consumer works on, for its errors: the brokers, its group and its topics.
+    brokers: String,
+    group: String,
+    topics: Vec<String>,
 }
 
 impl KafkaConsumer {
@@ -87,7 +92,9 @@ impl KafkaConsumer {
             timeout: config.timeout,
             unrecorded: Mutex::default(),
             gate: gate.clone(),
+            refusals: Refusals::default(),
         };
+        let refusals = ctx.refusals.clone();
         let client_config = config.consumer_config(subscription);
         let consumer: BaseConsumer<Ctx> = client_config
             .create_with_context(ctx)
@@ -128,11 +135,34 @@ impl KafkaConsumer {
                 }
             }
         };
-        if tokio::time::timeout(config.timeout * 3, ready)
-            .await
-            .is_err()
-        {
-            tracing::warn!(group = %subscription.group, "no partition assignment yet; consuming anyway");
+        // Or the brokers refusing this member (its credentials, or READ on its group: librdkafka
+        // reports it and tries again for ever).
+        let refused = async {
+            loop {
+                if let Some(refusal) = refusals.last() {
+                    return refusal;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let refusal = tokio::select! {
+            ready = tokio::time::timeout(config.timeout * 3, ready) => {
+                if ready.is_err() {
+                    tracing::warn!(group = %subscription.group, "no partition assignment yet; consuming anyway");
+                }
+                None
+            }
+            refusal = refused => Some(refusal),
+        };
+        if let Some(refusal) = refusal {
+            // The poll and commit threads see `stop` and end; the consumer goes with them.
+            stop.store(true, Ordering::SeqCst);
+            gate.stop_committer();
+            return Err(refusal.into_error(
+                config.brokers(),
+                Some(&subscription.group),
+                &subscription.topics,
+            ));
         }
         Ok(KafkaConsumer {
             rx,
@@ -152,7 +182,24 @@ impl KafkaConsumer {
             held,
             closed_since: None,
             reported_at: None,
+            brokers: config.brokers().to_owned(),
+            group: subscription.group.clone(),
+            topics: subscription.topics.clone(),
         })
+    }
+
+    /// The error for `e`, polled: a refusal names what was refused (the group, the topics).
+    fn consume_error(&self, e: KafkaError) -> Error {
+        match e.rdkafka_error_code() {
+            Some(code) if access::is_authorization(code) || access::is_authentication(code) => {
+                access::Refusal {
+                    code,
+                    reason: e.to_string(),
+                }
+                .into_error(&self.brokers, Some(&self.group), &self.topics)
+            }
+            _ => Error::kafka("consuming", e),
+        }
     }
 
     /// The acker of rebalance epoch `epoch`: deliveries keep the acker of the epoch they were
@@ -286,7 +333,7 @@ impl Consumer for KafkaConsumer {
                     Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
                     Some((Err(e), _)) => {
                         if out.is_empty() {
-                            return Err(Error::kafka("consuming", e).into());
+                            return Err(self.consume_error(e).into());
                         }
                         tracing::warn!(error = %e, "kafka consumer error");
                     }

@@ -17,6 +17,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::state::{lock, Offsets, PartitionState, Retry};
+use crate::access::Refusals;
 use crate::commit_gate::CommitGate;
 
 /// Commits what was handled before partitions go, starts new partitions where the subscription
@@ -39,9 +40,15 @@ pub(crate) struct Ctx {
     /// committed offset.
     pub(super) unrecorded: Mutex<HashMap<(String, i32), i64>>,
     pub(super) gate: Arc<CommitGate>,
+    /// The brokers refusing this member (credentials, ACLs), for `KafkaConsumer::start`.
+    pub(super) refusals: Refusals,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.refusals.record(&error, reason);
+    }
+}
 
 /// Whether the group's protocol changes assignments incrementally (cooperative-sticky, KIP-848)
 /// rather than all at once.
