@@ -460,9 +460,37 @@ pub async fn concurrent_publishers<B: Backend + Clone>(backend: B) {
         t.await.expect("publisher task panicked");
     }
     let mut consumer = subscribe(&backend, Subscription::new(&group, [&topic])).await;
-    let got = receive_n(&mut *consumer, 200).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, async {
+        while got.len() < 200 {
+            got.extend(
+                consumer
+                    .receive(200 - got.len())
+                    .await
+                    .expect("receive failed"),
+            );
+        }
+    })
+    .await;
     let unique_payloads: HashSet<String> = got.iter().map(payload).collect();
-    assert_eq!(unique_payloads.len(), 200);
+    if unique_payloads.len() != 200 || got.len() != 200 {
+        // Which ones, and where the others came from: the tail of each publisher's, or the
+        // records of one place in the log (a partition's offsets)?
+        let missing: Vec<String> = (0..8)
+            .flat_map(|t| (0..25).map(move |i| format!("{t}-{i}")))
+            .filter(|p| !unique_payloads.contains(p))
+            .collect();
+        let mut seen: Vec<String> = got
+            .iter()
+            .map(|d| format!("{}@{}", payload(d), d.broker_id()))
+            .collect();
+        seen.sort();
+        panic!(
+            "{} deliveries, {} distinct, within {PATIENCE:?}; missing {missing:?}; received {seen:?}",
+            got.len(),
+            unique_payloads.len()
+        );
+    }
     ack(got).await;
     receive_none(&mut *consumer).await;
 }
