@@ -1,5 +1,6 @@
-//! A bank on the outbox and the inbox (docs/outbox.md): commands change the accounts and store
-//! their events in the same transaction; a relay sends the events after the commit; a
+//! A bank on the outbox and the inbox (docs/outbox.md): a command handler changes the accounts
+//! and stores its events in one transaction (which `Inbox::once` gives it, so a command
+//! delivered twice moves the money once); a relay sends the events after the commit; a
 //! projection keeps a read model through the inbox, so a redelivered event counts once.
 //!
 //! Run: `DATABASE_URL=postgres://... cargo run --example bank --features postgres`
@@ -9,9 +10,12 @@
 use std::time::Duration;
 
 use cqrs::memory::MemoryBroker;
-use cqrs::postgres::sqlx::{self, postgres::PgPoolOptions, PgPool};
+use cqrs::postgres::sqlx::{self, postgres::PgPoolOptions, PgConnection};
 use cqrs::postgres::{Inbox, Outbox, OutboxRelay, OutboxStore};
-use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor};
+use cqrs::{
+    permanent, BoxError, CancellationToken, Command, CommandBus, CommandProcessor, Event, EventBus,
+    EventProcessor, RetryPolicy,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
@@ -23,42 +27,43 @@ struct MoneyMoved {
     cents: i64,
 }
 
-/// The command: moves `cents` from one account to another, and says so, in one transaction.
-/// Fails (and changes nothing, sends nothing) when the money is not there.
+/// The command: move `cents` from one account to another.
+#[derive(Debug, Clone, Serialize, Deserialize, Command)]
+#[command(name = "bank.MoveMoney")]
+struct MoveMoney {
+    #[command(key)]
+    from: String,
+    to: String,
+    cents: i64,
+}
+
+/// The command's handler, inside the transaction `tx`: moves the money and says so. Fails for
+/// good (and `tx` rolls back: nothing changed, nothing will be sent) when the money is not there.
 async fn move_money(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     outbox: &Outbox,
     schema: &str,
-    from: &str,
-    to: &str,
-    cents: i64,
+    cmd: MoveMoney,
 ) -> Result<(), BoxError> {
-    let mut tx = pool.begin().await?;
+    let MoveMoney { from, to, cents } = cmd;
     let left: Option<i64> = sqlx::query_scalar(&format!(
         "UPDATE {schema}.accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1 RETURNING balance"
     ))
     .bind(cents)
-    .bind(from)
+    .bind(&from)
     .fetch_optional(&mut *tx)
     .await?;
     if left.is_none() {
-        // Dropping `tx` rolls it back: nothing changed, nothing will be sent.
-        return Err(format!("{from} cannot pay {cents}").into());
+        return Err(permanent(format!("{from} cannot pay {cents}")));
     }
     sqlx::query(&format!(
         "UPDATE {schema}.accounts SET balance = balance + $1 WHERE id = $2"
     ))
     .bind(cents)
-    .bind(to)
+    .bind(&to)
     .execute(&mut *tx)
     .await?;
-    let event = MoneyMoved {
-        from: from.into(),
-        to: to.into(),
-        cents,
-    };
-    outbox.publish(&mut tx, &event).await?;
-    tx.commit().await?;
+    outbox.publish(tx, &MoneyMoved { from, to, cents }).await?;
     Ok(())
 }
 
@@ -93,8 +98,24 @@ async fn main() -> Result<(), BoxError> {
             .run(token.clone()),
     );
 
-    // The read model: how much went out of each account, once per event.
     let inbox = Inbox::new(pool.clone(), store.clone());
+
+    // The commands: each one's writes and events in one transaction, once per command; one at a
+    // time (the default concurrency), in the order sent.
+    let mut commands = CommandProcessor::new(broker.clone(), "svc-bank");
+    let (o, sc) = (outbox.clone(), schema.clone());
+    commands
+        .handle(inbox.once(move |cmd: MoveMoney, mut tx, _ctx| {
+            let (outbox, schema) = (o.clone(), sc.clone());
+            async move {
+                move_money(&mut tx, &outbox, &schema, cmd).await?;
+                Ok(tx)
+            }
+        }))?
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(50), 2.0));
+    let commands = commands.start(token.clone()).await?;
+
+    // The read model: how much went out of each account, once per event.
     let mut processor = EventProcessor::new(broker.clone(), "svc-bank");
     let statements = format!("{schema}.statements");
     processor.handle(
@@ -116,12 +137,38 @@ async fn main() -> Result<(), BoxError> {
     )?;
     let running = processor.start(token.clone()).await?;
 
-    move_money(&pool, &outbox, &schema, "alice", "bob", 2500).await?;
-    move_money(&pool, &outbox, &schema, "bob", "alice", 1000).await?;
-    let refused = move_money(&pool, &outbox, &schema, "bob", "alice", 1_000_000).await;
+    let bus = CommandBus::new(broker.clone());
+    for (from, to, cents) in [
+        ("alice", "bob", 2500),
+        ("bob", "alice", 1000),
+        ("bob", "alice", 1_000_000),
+    ] {
+        bus.send(&MoveMoney {
+            from: from.into(),
+            to: to.into(),
+            cents,
+        })
+        .await?;
+    }
+    // The transfer bob cannot pay ends in the command's dead letters, with the reason.
+    let dead = "svc-bank.bank.MoveMoney.dead-letter";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        if let Some(m) = broker.messages(dead).first() {
+            break m
+                .metadata
+                .headers
+                .get(cqrs::processor::dead_letter_headers::REASON)
+                .cloned();
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     println!(
         "a transfer bob cannot pay: {}",
-        refused.err().map(|e| e.to_string()).unwrap_or_default()
+        refused.as_deref().unwrap_or("(not dead-lettered)")
     );
 
     // Wait for the read model to show both transfers (and only them).
@@ -152,12 +199,16 @@ async fn main() -> Result<(), BoxError> {
 
     token.cancel();
     running.wait().await?;
+    commands.wait().await?;
     relay.await??;
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&pool)
         .await?;
     if rows != [("alice".to_owned(), 2500), ("bob".to_owned(), 1000)] {
         return Err(format!("the read model shows {rows:?}").into());
+    }
+    if refused.is_none() {
+        return Err("the transfer bob cannot pay was not dead-lettered".into());
     }
     Ok(())
 }

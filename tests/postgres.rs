@@ -538,3 +538,116 @@ async fn the_outbox_depth_and_age_are_gauges() {
     .await;
     token.cancel();
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, cqrs::Command)]
+struct OpenAccount {
+    #[command(key)]
+    id: String,
+    /// Fails after writing its row and storing its event: both must roll back.
+    fail_after_write: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+struct AccountOpened {
+    #[event(key)]
+    id: String,
+}
+
+/// A command handler takes its transaction from `Inbox::once`: the aggregate's row and the events
+/// it stores through the outbox commit together, or not at all when the handler fails after
+/// writing; a command delivered twice (the same message) changes the state once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_handler_commits_its_row_and_its_events_together_once_per_command() {
+    use cqrs::backend::Publisher;
+    use cqrs::postgres::Inbox;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let events = unique("accounts");
+    let (store, outbox) = outbox(&pool, &broker, &events).await;
+    let accounts = format!("{}.accounts", store.schema_name());
+    sqlx_query(
+        &pool,
+        &format!("CREATE TABLE {accounts} (id TEXT PRIMARY KEY)"),
+    )
+    .await;
+
+    let commands = unique("open-account");
+    let namer = {
+        let commands = commands.clone();
+        TopicNamer::new(move |_| commands.clone())
+    };
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let inbox = Inbox::new(pool.clone(), store.clone());
+    let mut p =
+        cqrs::CommandProcessor::new(broker.clone(), unique("svc-accounts")).topics(namer.clone());
+    let (table, c) = (accounts.clone(), calls.clone());
+    p.handle(inbox.once(move |cmd: OpenAccount, mut tx, _ctx| {
+        let (table, outbox, calls) = (table.clone(), outbox.clone(), c.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            cqrs::postgres::sqlx::query(&format!("INSERT INTO {table} (id) VALUES ($1)"))
+                .bind(&cmd.id)
+                .execute(&mut *tx)
+                .await?;
+            outbox
+                .publish(&mut tx, &AccountOpened { id: cmd.id.clone() })
+                .await?;
+            if cmd.fail_after_write {
+                return Err(cqrs::permanent("the bank is closed"));
+            }
+            Ok(tx)
+        }
+    }))
+    .unwrap();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let token = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay::new(pool.clone(), store.clone(), broker.clone()).run(token.clone()),
+    );
+
+    let bus = cqrs::CommandBus::new(broker.clone()).topics(namer);
+    for (id, fail_after_write) in [("a", false), ("closed", true), ("b", false)] {
+        bus.send(&OpenAccount {
+            id: id.into(),
+            fail_after_write,
+        })
+        .await
+        .unwrap();
+    }
+    // The first command again, as a broker redelivers it after a lost ack.
+    let first = broker.messages(&commands)[0].clone();
+    broker.publish(&commands, &[first]).await.unwrap();
+
+    eventually("every command settled", || {
+        let (broker, commands) = (broker.clone(), commands.clone());
+        async move {
+            use cqrs::backend::Subscriber;
+            let groups = broker.groups(&commands, "").await.unwrap();
+            !groups.is_empty() && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
+        }
+    })
+    .await;
+    emptied(&store, &pool).await;
+    running.shutdown().await.unwrap();
+    token.cancel();
+    relay.await.unwrap().unwrap();
+
+    let rows: Vec<String> =
+        cqrs::postgres::sqlx::query_scalar(&format!("SELECT id FROM {accounts} ORDER BY id"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, ["a", "b"], "the failed command's row rolled back");
+    let opened: Vec<String> = broker
+        .messages(&events)
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<AccountOpened>(&m.payload)
+                .unwrap()
+                .id
+        })
+        .collect();
+    assert_eq!(opened, ["a", "b"], "its event too, and the copy made none");
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the copy never ran");
+}
