@@ -346,6 +346,25 @@ impl BatchError {
         self.items.iter().map(|(i, _)| *i)
     }
 
+    /// One error for the whole batch: its own, or one naming how many events failed and the
+    /// first one's error (for a batch whose transaction rolled back, so every event is retried).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn into_whole(self) -> BoxError {
+        match self.whole {
+            Some(whole) => whole,
+            None => {
+                let n = self.items.len();
+                let first = self
+                    .items
+                    .into_iter()
+                    .next()
+                    .map(|(i, e)| format!("; event {i}: {e}"))
+                    .unwrap_or_default();
+                format!("{n} events of the batch failed{first}").into()
+            }
+        }
+    }
+
     /// `Ok(())` if nothing was marked as failed.
     pub fn into_result(self) -> Result<(), BatchError> {
         if self.whole.is_none() && self.items.is_empty() {
@@ -372,23 +391,49 @@ impl<E: Into<BoxError>> From<E> for BatchError {
 pub(crate) struct BatchFailed(#[source] pub(crate) Arc<dyn std::error::Error + Send + Sync>);
 
 /// An async function or closure that handles a batch of `T`s at once; see
-/// `EventProcessor::handle_batch`.
+/// `EventProcessor::handle_batch`. It takes the values (`Fn(Vec<T>)`), or the values and their
+/// [`Context`]s (`Fn(Vec<T>, Vec<Context>)`, `contexts[i]` for `values[i]`: message ids,
+/// attempts, metadata; what `postgres::Inbox::once_batch` needs). `Args` tells the two apart;
+/// it is inferred.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a batch handler for `{T}`",
-    note = "a batch handler is an `async fn(Vec<T>) -> Result<(), BatchError>` (or a closure returning such a future) that is `Clone + Send + Sync + 'static`"
+    note = "a batch handler is an `async fn(Vec<T>) -> Result<(), BatchError>` or an `async fn(Vec<T>, Vec<Context>) -> Result<(), BatchError>` (or a closure returning such a future) that is `Clone + Send + Sync + 'static`"
 )]
-pub trait BatchHandler<T>: Clone + Send + Sync + 'static {
-    /// Handles the values of one batch, in the order the broker delivered them.
-    fn call(&self, values: Vec<T>) -> BoxFuture<'static, Result<(), BatchError>>;
+pub trait BatchHandler<T, Args = (Vec<T>,)>: Clone + Send + Sync + 'static {
+    /// Handles the values of one batch, in the order the broker delivered them; `contexts[i]`
+    /// is the context of `values[i]`.
+    fn call(
+        &self,
+        values: Vec<T>,
+        contexts: Vec<Context>,
+    ) -> BoxFuture<'static, Result<(), BatchError>>;
 }
 
-impl<F, Fut, T> BatchHandler<T> for F
+impl<F, Fut, T> BatchHandler<T, (Vec<T>,)> for F
 where
     F: Fn(Vec<T>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BatchError>> + Send + 'static,
 {
-    fn call(&self, values: Vec<T>) -> BoxFuture<'static, Result<(), BatchError>> {
+    fn call(
+        &self,
+        values: Vec<T>,
+        _contexts: Vec<Context>,
+    ) -> BoxFuture<'static, Result<(), BatchError>> {
         Box::pin(self(values))
+    }
+}
+
+impl<F, Fut, T> BatchHandler<T, (Vec<T>, Vec<Context>)> for F
+where
+    F: Fn(Vec<T>, Vec<Context>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BatchError>> + Send + 'static,
+{
+    fn call(
+        &self,
+        values: Vec<T>,
+        contexts: Vec<Context>,
+    ) -> BoxFuture<'static, Result<(), BatchError>> {
+        Box::pin(self(values, contexts))
     }
 }
 
@@ -397,29 +442,32 @@ where
 pub(crate) type BatchPipeline =
     Arc<dyn Fn(Vec<Context>) -> BoxFuture<'static, Vec<Result<(), BoxError>>> + Send + Sync>;
 
-pub(crate) fn batch_pipeline<T, H, C>(
+pub(crate) fn batch_pipeline<T, H, C, Args>(
     handler: H,
     codec: Arc<C>,
     versions: Versions<T>,
 ) -> BatchPipeline
 where
     T: Send + 'static,
-    H: BatchHandler<T>,
+    H: BatchHandler<T, Args>,
     C: Codec<T>,
+    Args: 'static,
 {
     Arc::new(move |contexts: Vec<Context>| {
         let mut outcomes: Vec<Option<Result<(), BoxError>>> = Vec::with_capacity(contexts.len());
         let (mut values, mut positions) = (Vec::new(), Vec::new());
-        for (i, ctx) in contexts.iter().enumerate() {
+        let mut kept = Vec::new();
+        for (i, ctx) in contexts.into_iter().enumerate() {
             // Decoding and upcasting run user code (a codec, an upcaster): a panic there fails
             // that message, as a panicking handler does, not the group's worker.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                read(&*codec, &versions, ctx)
+                read(&*codec, &versions, &ctx)
             }));
             match decoded {
                 Ok(Ok(value)) => {
                     values.push(value);
                     positions.push(i);
+                    kept.push(ctx);
                     outcomes.push(None);
                 }
                 Ok(Err(e)) => outcomes.push(Some(Err(Box::new(e)))),
@@ -436,7 +484,7 @@ where
                 use futures_util::FutureExt;
                 // The call inside the caught future: a closure that panics before its future
                 // exists is caught too.
-                match std::panic::AssertUnwindSafe(async move { handler.call(values).await })
+                match std::panic::AssertUnwindSafe(async move { handler.call(values, kept).await })
                     .catch_unwind()
                     .await
                 {

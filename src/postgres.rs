@@ -210,4 +210,91 @@ impl Inbox {
             })
         }
     }
+
+    /// [`Inbox::once`] for a batch handler (`EventProcessor::handle_batch`): one transaction per
+    /// batch records every message of it; `handler` gets those its group had not handled yet
+    /// (with their contexts, in order) and the transaction, and hands the transaction back to be
+    /// committed. The others are acked without reaching it.
+    ///
+    /// The batch commits or rolls back as one: an error from `handler` (a whole-batch one, or
+    /// events it marked as failed) rolls back every event's writes and records, so the whole
+    /// batch fails and each of its events is retried (then dead-lettered) as the retry policy
+    /// says.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: cqrs::postgres::sqlx::PgPool) -> Result<(), cqrs::BoxError> {
+    /// use cqrs::postgres::{Inbox, OutboxStore};
+    /// use cqrs::{memory::MemoryBroker, Context, Event, EventProcessor};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize, Event)]
+    /// struct SeatBooked { seat: i32 }
+    ///
+    /// let inbox = Inbox::new(pool, OutboxStore::new());
+    /// let mut processor = EventProcessor::new(MemoryBroker::new(), "svc-tickets");
+    /// processor.handle_batch(
+    ///     "seats",
+    ///     inbox.once_batch(|batch: Vec<(SeatBooked, Context)>, mut tx| async move {
+    ///         let seats: Vec<i32> = batch.iter().map(|(e, _)| e.seat).collect();
+    ///         sqlx::query("INSERT INTO seats SELECT unnest($1::int[])")
+    ///             .bind(&seats)
+    ///             .execute(&mut *tx)
+    ///             .await?;
+    ///         Ok(tx)
+    ///     }),
+    /// )?;
+    /// # use cqrs::postgres::sqlx; Ok(()) }
+    /// ```
+    pub fn once_batch<E, F, Fut>(
+        &self,
+        handler: F,
+    ) -> impl Fn(
+        Vec<E>,
+        Vec<crate::Context>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::BatchError>>
+           + Clone
+           + Send
+           + Sync
+           + 'static
+    where
+        E: Send + 'static,
+        F: Fn(Vec<(E, crate::Context)>, Transaction) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Transaction, crate::BatchError>> + Send + 'static,
+    {
+        let inbox = self.clone();
+        move |values: Vec<E>, contexts: Vec<crate::Context>| {
+            let (inbox, handler) = (inbox.clone(), handler.clone());
+            Box::pin(async move {
+                let batch: Vec<(E, crate::Context)> = values.into_iter().zip(contexts).collect();
+                let Some(group) = batch.first().map(|(_, ctx)| ctx.group().to_owned()) else {
+                    return Ok(());
+                };
+                let mut tx = inbox.pool.begin().await?;
+                let ids: Vec<&str> = batch.iter().map(|(_, ctx)| ctx.message_id()).collect();
+                let mut fresh = inbox.store.claim_inbox_many(&mut tx, &group, &ids).await?;
+                let seen = batch.len();
+                // The first copy of each message recorded now; later copies and messages
+                // handled before are acked.
+                let batch: Vec<(E, crate::Context)> = batch
+                    .into_iter()
+                    .filter(|(_, ctx)| fresh.remove(ctx.message_id()))
+                    .collect();
+                if batch.len() < seen {
+                    tracing::debug!(%group, skipped = seen - batch.len(), "handled already (inbox); acked without running the handler");
+                }
+                if batch.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(());
+                }
+                match handler(batch, tx).await {
+                    Ok(tx) => {
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                    // The transaction (dropped with the handler's future) rolled back: every
+                    // event of the batch failed, whatever the handler marked.
+                    Err(e) => Err(crate::BatchError::from(e.into_whole())),
+                }
+            })
+        }
+    }
 }

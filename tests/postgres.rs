@@ -651,3 +651,101 @@ async fn a_command_handler_commits_its_row_and_its_events_together_once_per_comm
     assert_eq!(opened, ["a", "b"], "its event too, and the copy made none");
     assert_eq!(calls.load(Ordering::SeqCst), 3, "the copy never ran");
 }
+
+/// `Inbox::once_batch`: a batch's events take effect once per group, though each is delivered
+/// twice (in one batch or two); a batch whose handler fails after its writes rolls back whole
+/// and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_inbox_runs_each_event_once_even_when_it_is_delivered_twice() {
+    use cqrs::backend::Publisher;
+    use cqrs::postgres::Inbox;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let topic = unique("seats");
+    let (store, _) = outbox(&pool, &broker, &topic).await;
+    let table = format!("{}.seats", store.schema_name());
+    sqlx_query(
+        &pool,
+        &format!("CREATE TABLE {table} (seat INTEGER NOT NULL)"),
+    )
+    .await;
+    let inbox = Inbox::new(pool.clone(), store.clone());
+    let t = topic.clone();
+    let mut p = cqrs::EventProcessor::new(broker.clone(), unique("svc"))
+        .topics(TopicNamer::new(move |_| t.clone()));
+    // Every event the handler got, and how many batches failed after writing.
+    let handled = std::sync::Arc::new(AtomicUsize::new(0));
+    let failed = std::sync::Arc::new(AtomicUsize::new(0));
+    let (h, f) = (handled.clone(), failed.clone());
+    p.handle_batch(
+        "count",
+        inbox.once_batch(move |batch: Vec<(SeatBooked, cqrs::Context)>, mut tx| {
+            let (table, handled, failed) = (table.clone(), h.clone(), f.clone());
+            async move {
+                handled.fetch_add(batch.len(), Ordering::SeqCst);
+                let seats: Vec<i32> = batch.iter().map(|(e, _)| e.seat as i32).collect();
+                cqrs::postgres::sqlx::query(&format!(
+                    "INSERT INTO {table} SELECT unnest($1::int[])"
+                ))
+                .bind(&seats)
+                .execute(&mut *tx)
+                .await?;
+                // The first batch holding seat 2 fails after its writes.
+                if seats.contains(&2) && failed.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut e = cqrs::BatchError::none();
+                    e.fail(0, "the first batch with seat 2 fails after its writes");
+                    return Err(e);
+                }
+                Ok(tx)
+            }
+        }),
+    )
+    .unwrap()
+    .batch_size(4)
+    .retry(cqrs::RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+
+    let bus = EventBus::new(broker.clone());
+    let mut messages = Vec::new();
+    for seat in 1..=5 {
+        let (_, m) = bus
+            .encode(
+                &SeatBooked {
+                    show: "s1".into(),
+                    seat,
+                },
+                cqrs::Metadata::now(),
+            )
+            .unwrap();
+        messages.push(m);
+    }
+    // 1 2 3 4 | 5 1 2 3 | 4 5 ...: copies in the same batch and in later ones.
+    let mut twice = messages.clone();
+    twice.extend(messages);
+    broker.publish(&topic, &twice).await.unwrap();
+    eventually("every copy handled or skipped, and acked", || {
+        let (broker, topic) = (broker.clone(), topic.clone());
+        async move {
+            use cqrs::backend::Subscriber;
+            let groups = broker.groups(&topic, "").await.unwrap();
+            !groups.is_empty() && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(seats_in(&pool, &store).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        2,
+        "seat 2's batch failed once, then passed"
+    );
+    let purged = store.purge_inbox(&pool, Duration::ZERO).await.unwrap();
+    assert_eq!(purged, 5);
+    // The copies never reached the handler: 5 events, and the failed batch's again.
+    let failed_batch = handled.load(Ordering::SeqCst) - 5;
+    assert!(
+        (1..=4).contains(&failed_batch),
+        "{failed_batch} handled twice"
+    );
+}

@@ -262,6 +262,35 @@ impl OutboxStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// [`OutboxStore::claim_inbox`] for many messages of `group` at once (a batch): the ids this
+    /// call recorded; the others `group` had handled already (an id given twice is recorded
+    /// once). Recorded in id order, so that two batches claiming some of the same ids wait on
+    /// each other instead of deadlocking.
+    pub async fn claim_inbox_many(
+        &self,
+        conn: &mut PgConnection,
+        group: &str,
+        message_ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>> {
+        let s = &self.schema;
+        let recorded: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {s}.inbox (consumer_group, message_id)
+             SELECT DISTINCT $1::text, id FROM unnest($2::text[]) AS t(id) ORDER BY id
+             ON CONFLICT DO NOTHING RETURNING message_id"
+        ))
+        .bind(group)
+        .bind(message_ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| {
+            Error::db(
+                format!("recording {} messages in {s}.inbox", message_ids.len()),
+                e,
+            )
+        })?;
+        Ok(recorded.into_iter().collect())
+    }
+
     /// Deletes the inbox rows older than `age`: a message redelivered after that would run its
     /// handler again. Returns how many went.
     pub async fn purge_inbox(&self, pool: &PgPool, age: Duration) -> Result<u64> {

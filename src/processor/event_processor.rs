@@ -122,11 +122,16 @@ impl<C> EventProcessor<C> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn handle_batch<E, H>(&mut self, name: &str, handler: H) -> Result<&mut HandlerOptions>
+    pub fn handle_batch<E, H, Args>(
+        &mut self,
+        name: &str,
+        handler: H,
+    ) -> Result<&mut HandlerOptions>
     where
         E: Event,
-        H: BatchHandler<E>,
+        H: BatchHandler<E, Args>,
         C: Codec<E>,
+        Args: 'static,
     {
         let pipeline = batch_pipeline(handler, self.core.codec.clone(), Versions::event());
         let d = Descriptor::event::<E>();
