@@ -34,6 +34,9 @@ pub mod otel;
 pub mod postgres;
 pub mod processor;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod versions;
 
 pub use bus::{CommandBus, EventBus, TopicNamer};

@@ -187,6 +187,35 @@ impl MemoryBroker {
             .collect()
     }
 
+    /// Every group of every topic with work left, read at one instant: messages not delivered to
+    /// it yet (`lag`) or delivered and not acked (`pending`, a nacked one waiting for its time
+    /// included), as `(topic, backlog)` sorted by topic and group. Empty when every group has
+    /// acked everything (what `cqrs::testing` waits for).
+    pub fn unfinished(&self) -> Vec<(String, crate::backend::GroupBacklog)> {
+        let state = self.lock();
+        let mut out: Vec<(String, crate::backend::GroupBacklog)> = state
+            .streams
+            .iter()
+            .flat_map(|(topic, stream)| {
+                stream.groups.iter().filter_map(move |(name, g)| {
+                    let lag = stream.last_seq.saturating_sub(g.last_delivered);
+                    (lag > 0 || !g.pending.is_empty()).then(|| {
+                        (
+                            topic.clone(),
+                            crate::backend::GroupBacklog {
+                                group: name.clone(),
+                                pending: g.pending.len() as u64,
+                                lag: Some(lag),
+                            },
+                        )
+                    })
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1.group).cmp(&(&b.0, &b.1.group)));
+        out
+    }
+
     /// The topics that exist, sorted.
     pub fn topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = self.lock().streams.keys().cloned().collect();

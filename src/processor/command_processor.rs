@@ -73,6 +73,14 @@ impl<C> CommandProcessor<C> {
         self.core.manifest_of(&self.handlers)
     }
 
+    /// Wraps every handler registered so far in `layer`, outermost (the test kit's probe).
+    #[cfg(feature = "testing")]
+    pub(crate) fn layer_every(&mut self, layer: super::options::LayerFn) {
+        for h in &mut self.handlers {
+            h.options.layers.push(layer.clone());
+        }
+    }
+
     /// Subscribes every command's group, then runs them until `token` is cancelled.
     pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
         self.core.start_each(self.handlers, token).await

@@ -138,6 +138,12 @@ impl<C> EventGroupProcessor<C> {
         }
     }
 
+    /// Wraps every handler registered so far in `layer`, outermost (the test kit's probe).
+    #[cfg(feature = "testing")]
+    pub(crate) fn layer_every(&mut self, layer: super::options::LayerFn) {
+        self.options.layers.push(layer);
+    }
+
     /// Subscribes the group, then runs it until `token` is cancelled.
     pub async fn start(self, token: CancellationToken) -> Result<RunningProcessor> {
         if self.handlers.is_empty() {

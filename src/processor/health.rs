@@ -56,6 +56,10 @@ pub(crate) struct Health {
     last_handled_ms: AtomicU64,
     in_flight: AtomicUsize,
     restarts: std::sync::atomic::AtomicU32,
+    /// Jobs (messages taken from the broker) made, and those not finished yet: what the test kit
+    /// reads to know nothing is in the group's hands.
+    jobs_made: AtomicU64,
+    jobs_alive: AtomicUsize,
 }
 
 impl Health {
@@ -65,6 +69,21 @@ impl Health {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         self.last_handled_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Counts a job (a message taken from the broker, acked or not) until the guard drops.
+    pub(crate) fn job(self: &std::sync::Arc<Self>) -> Outstanding {
+        self.jobs_made.fetch_add(1, Ordering::SeqCst);
+        self.jobs_alive.fetch_add(1, Ordering::SeqCst);
+        Outstanding(self.clone())
+    }
+
+    /// Jobs made so far, and those alive.
+    pub(crate) fn jobs(&self) -> (u64, usize) {
+        (
+            self.jobs_made.load(Ordering::SeqCst),
+            self.jobs_alive.load(Ordering::SeqCst),
+        )
     }
 
     /// Counts a message in flight until the guard drops.
@@ -125,6 +144,15 @@ impl Health {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             restarts: self.restarts.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A job not finished; see [`Health::job`].
+pub(crate) struct Outstanding(std::sync::Arc<Health>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.jobs_alive.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

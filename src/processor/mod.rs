@@ -72,6 +72,8 @@ pub use event_processor::EventProcessor;
 pub use group_processor::EventGroupProcessor;
 pub use health::{GroupState, GroupStatus};
 pub use manifest::{GroupManifest, HandlerManifest, Manifest, Published};
+#[cfg(feature = "testing")]
+pub(crate) use options::LayerFn;
 pub use options::{DeliveryMode, HandlerOptions, RestartPolicy, RetryPolicy, UnknownEvent};
 pub use running::RunningProcessor;
 

@@ -188,6 +188,15 @@ impl RunningProcessor {
             .collect()
     }
 
+    /// Jobs its groups made so far, and those not finished (the test kit's idleness).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn jobs(&self) -> (u64, usize) {
+        self.health.iter().fold((0, 0), |(made, alive), (_, h)| {
+            let (m, a) = h.jobs();
+            (made + m, alive + a)
+        })
+    }
+
     /// Whether every group is running (none reconnecting, stopped or failed).
     pub fn is_ready(&self) -> bool {
         self.status().iter().all(|s| s.state == GroupState::Running)

@@ -28,6 +28,8 @@ pub(super) async fn handle_batch(
 ) -> Result<()> {
     let mut acks = Vec::with_capacity(jobs.len());
     let mut todo: Vec<(Context, Option<Delivery>)> = Vec::with_capacity(jobs.len());
+    // The jobs count as unfinished until the batch is done with them.
+    let mut outstanding = Vec::with_capacity(jobs.len());
     for job in jobs {
         let ours = job.malformed.is_none()
             && job.ctx.message.name == route.event
@@ -45,8 +47,10 @@ pub(super) async fn handle_batch(
             mut ctx,
             delivery,
             unhandled,
+            outstanding: o,
             ..
         } = job;
+        outstanding.push(o);
         if let Some(u) = unhandled {
             u.disarm();
         }
@@ -144,5 +148,6 @@ pub(super) async fn handle_batch(
     if !acks.is_empty() {
         ack_with_retries(acks).await;
     }
+    drop(outstanding);
     Ok(())
 }

@@ -220,6 +220,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                     malformed: d.malformed().map(str::to_owned),
                     delivery: Some(d),
                     unhandled: None,
+                    outstanding: spec.health.job(),
                 })
                 .collect(),
         ),
@@ -232,6 +233,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
                     malformed: d.malformed().map(str::to_owned),
                     delivery: None,
                     unhandled: None,
+                    outstanding: spec.health.job(),
                 })
                 .collect();
             if let Err((e, back)) = Delivery::ack_all(deliveries).await {

@@ -43,6 +43,7 @@ pub(super) async fn handle_job(
         malformed,
         mut delivery,
         unhandled,
+        outstanding: _outstanding,
         ..
     } = job;
     if let Some(u) = unhandled {

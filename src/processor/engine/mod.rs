@@ -91,6 +91,8 @@ pub(super) struct Job {
     /// Set for a message acked before handling: if the job is dropped before it runs (the
     /// shutdown deadline passed), the loss is logged, never silent.
     unhandled: Option<Unhandled>,
+    /// Counts the job in its group's health until it is finished (the test kit's idleness).
+    outstanding: super::health::Outstanding,
 }
 
 /// Logs an at-most-once message that was acked and will never be handled.
