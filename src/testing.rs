@@ -283,7 +283,12 @@ pub struct TestKit {
     running: Vec<RunningProcessor>,
     probe: Arc<Probe>,
     patience: Duration,
+    /// More work the kit waits for (an outbox's rows not sent yet), by name.
+    also: Vec<(String, IdleCheck)>,
 }
+
+/// A condition [`TestKit::run_until_idle`] also waits for; see [`TestKit::idle_when`].
+type IdleCheck = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
 
 impl Default for TestKit {
     fn default() -> Self {
@@ -310,7 +315,27 @@ impl TestKit {
             running: Vec::new(),
             probe: Arc::default(),
             patience: Duration::from_secs(30),
+            also: Vec::new(),
         }
+    }
+
+    /// Makes [`TestKit::run_until_idle`] also wait until `check` holds: work the kit does not
+    /// see, such as an outbox whose relay has rows to send (`what` names it in a timeout's
+    /// message).
+    ///
+    /// ```no_run
+    /// # async fn f(kit: &mut cqrs::testing::TestKit, pool: cqrs::postgres::sqlx::PgPool, store: cqrs::postgres::OutboxStore) {
+    /// kit.idle_when("the outbox is sent", move || {
+    ///     let (pool, store) = (pool.clone(), store.clone());
+    ///     Box::pin(async move { store.status(&pool).await.is_ok_and(|s| s.depth == 0) })
+    /// });
+    /// # }
+    /// ```
+    pub fn idle_when<F>(&mut self, what: &str, check: F)
+    where
+        F: Fn() -> BoxFuture<'static, bool> + Send + Sync + 'static,
+    {
+        self.also.push((what.to_owned(), Arc::new(check)));
     }
 
     /// The broker: give it to the buses and processors the code under test builds.
@@ -361,10 +386,18 @@ impl TestKit {
             // Jobs made before the broker is read and after, the same and none alive: no
             // handler ran meanwhile, so the broker's picture holds (a handler publishes before
             // its message is acked, an at-most-once message is a job before it is acked).
+            // The other conditions first: what they wait for (an outbox's rows) becomes
+            // messages the broker's picture then shows.
+            let mut waiting = Vec::new();
+            for (what, check) in &self.also {
+                if !check().await {
+                    waiting.push(what.clone());
+                }
+            }
             let before = self.jobs();
             let unfinished = self.broker.unfinished();
             let after = self.jobs();
-            if unfinished.is_empty() && before == after && after.1 == 0 {
+            if waiting.is_empty() && unfinished.is_empty() && before == after && after.1 == 0 {
                 return Ok(());
             }
             let paused = clock.elapsed() > wall.elapsed() + Duration::from_secs(1);
@@ -383,6 +416,7 @@ impl TestKit {
                 if after.1 > 0 {
                     left.push(format!("{} messages in the handlers' hands", after.1));
                 }
+                left.extend(waiting.into_iter().map(|w| format!("not yet: {w}")));
                 return Err(NotIdle::Timeout {
                     waited: if paused {
                         clock.elapsed()

@@ -749,3 +749,89 @@ async fn the_batch_inbox_runs_each_event_once_even_when_it_is_delivered_twice() 
         "{failed_batch} handled twice"
     );
 }
+
+/// The test kit with the outbox: a command handler's events wait in the outbox until the relay
+/// sends them; `run_until_idle` waits for that too (`idle_when`), then for their handler.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_kit_waits_for_the_outbox_and_what_its_events_cause() {
+    use cqrs::postgres::Inbox;
+    use cqrs::testing::TestKit;
+    let pool = pool().await;
+    let mut kit = TestKit::new();
+    let schema = unique("kit").replace('-', "_");
+    let store = OutboxStore::new().schema(&schema).unwrap();
+    store.migrate(&pool).await.unwrap();
+    let accounts = format!("{schema}.accounts");
+    sqlx_query(
+        &pool,
+        &format!("CREATE TABLE {accounts} (id TEXT PRIMARY KEY)"),
+    )
+    .await;
+    let outbox = Outbox::new(EventBus::new(kit.broker()), store.clone());
+
+    let inbox = Inbox::new(pool.clone(), store.clone());
+    let mut commands = cqrs::CommandProcessor::new(kit.broker(), "svc-accounts");
+    let table = accounts.clone();
+    commands
+        .handle(inbox.once(move |cmd: OpenAccount, mut tx, _ctx| {
+            let (table, outbox) = (table.clone(), outbox.clone());
+            async move {
+                cqrs::postgres::sqlx::query(&format!("INSERT INTO {table} (id) VALUES ($1)"))
+                    .bind(&cmd.id)
+                    .execute(&mut *tx)
+                    .await?;
+                outbox
+                    .publish(&mut tx, &AccountOpened { id: cmd.id })
+                    .await?;
+                if cmd.fail_after_write {
+                    return Err(cqrs::permanent("the bank is closed"));
+                }
+                Ok(tx)
+            }
+        }))
+        .unwrap();
+    let mut events = cqrs::EventProcessor::new(kit.broker(), "svc-mail");
+    events
+        .handle("welcome", |_: AccountOpened| async { Ok::<_, String>(()) })
+        .unwrap();
+    kit.start(commands).await.unwrap();
+    kit.start(events).await.unwrap();
+    let token = CancellationToken::new();
+    // A relay that starts late (busy, or its replica restarting): the events wait in the
+    // outbox meanwhile, where only `idle_when` sees them.
+    let late = OutboxRelay::new(pool.clone(), store.clone(), kit.broker());
+    let t = token.clone();
+    let relay = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        late.run(t).await
+    });
+    let (p, s) = (pool.clone(), store.clone());
+    kit.idle_when("the outbox is sent", move || {
+        let (pool, store) = (p.clone(), s.clone());
+        Box::pin(async move { store.status(&pool).await.is_ok_and(|s| s.depth == 0) })
+    });
+
+    let bus = cqrs::CommandBus::new(kit.broker());
+    for (id, fail_after_write) in [("a", false), ("closed", true), ("b", false)] {
+        bus.send(&OpenAccount {
+            id: id.into(),
+            fail_after_write,
+        })
+        .await
+        .unwrap();
+    }
+    kit.run_until_idle().await;
+
+    let opened = |v: Vec<AccountOpened>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(opened(kit.published::<AccountOpened>()), ["a", "b"]);
+    assert_eq!(opened(kit.handled::<AccountOpened>("welcome")), ["a", "b"]);
+    assert_eq!(
+        kit.dead_letter("OpenAccount", "the bank is closed")
+            .attempts,
+        1
+    );
+    token.cancel();
+    relay.await.unwrap().unwrap();
+    kit.shutdown().await.unwrap();
+}
