@@ -274,9 +274,18 @@ where
 /// Reads a payload as the handler's version: decoded as it is, upcast from an older version, or
 /// refused (a newer version, or an older one with no upcast).
 fn read<T, C: Codec<T> + ?Sized>(codec: &C, v: &Versions<T>, ctx: &Context) -> Result<T, Error> {
-    let version = ctx.message.version;
+    read_message(codec, v, &ctx.message)
+}
+
+/// [`read`] of a message: what a handler of `T` gets from it.
+pub(crate) fn read_message<T, C: Codec<T> + ?Sized>(
+    codec: &C,
+    v: &Versions<T>,
+    message: &Message,
+) -> Result<T, Error> {
+    let version = message.version;
     let decoded = if version == v.current {
-        codec.decode(&ctx.message.payload)
+        codec.decode(&message.payload)
     } else if version > v.current {
         return Err(Error::UnknownVersion {
             name: v.name.to_owned(),
@@ -284,7 +293,7 @@ fn read<T, C: Codec<T> + ?Sized>(codec: &C, v: &Versions<T>, ctx: &Context) -> R
             known: v.current,
         });
     } else {
-        match (v.upcast)(version, &ctx.message.payload) {
+        match (v.upcast)(version, &message.payload) {
             Some(decoded) => decoded,
             None => {
                 return Err(Error::NoUpcast {
@@ -296,7 +305,7 @@ fn read<T, C: Codec<T> + ?Sized>(codec: &C, v: &Versions<T>, ctx: &Context) -> R
         }
     };
     decoded.map_err(|source| Error::Decode {
-        name: ctx.message.name.clone(),
+        name: message.name.clone(),
         codec: codec.content_type().to_owned(),
         source,
     })

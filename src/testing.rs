@@ -477,27 +477,28 @@ impl TestKit {
     }
 
     /// The events of type `E` published (by the test, by handlers, by an outbox's relay), on
-    /// any topic, in publish order per topic. Panics, naming the message, on one that does not
-    /// decode.
+    /// any topic, in publish order per topic: those of `E`'s name and version (an older or
+    /// newer version of the event is its own type's). Panics, naming the message, on one that
+    /// does not decode.
     pub fn published<E: Event>(&self) -> Vec<E>
     where
         DefaultCodec: Codec<E>,
     {
         self.all_messages()
             .into_iter()
-            .filter(|(_, m)| m.name == E::NAME)
+            .filter(|(_, m)| m.name == E::NAME && m.version == E::VERSION)
             .map(|(topic, m)| decode::<E>(&topic, &m))
             .collect()
     }
 
-    /// The commands of type `C` sent, in send order per topic.
+    /// The commands of type `C` sent (of its name and version), in send order per topic.
     pub fn sent<C: Command>(&self) -> Vec<C>
     where
         DefaultCodec: Codec<C>,
     {
         self.all_messages()
             .into_iter()
-            .filter(|(_, m)| m.name == C::NAME)
+            .filter(|(_, m)| m.name == C::NAME && m.version == C::VERSION)
             .map(|(topic, m)| decode::<C>(&topic, &m))
             .collect()
     }
@@ -521,16 +522,40 @@ impl TestKit {
         mine
     }
 
-    /// The values `handler` handled (its calls that succeeded), in order. Panics like
-    /// [`TestKit::calls`].
-    pub fn handled<E>(&self, handler: &str) -> Vec<E>
+    /// The events `handler` handled (its calls that succeeded), in order, as it got them (an
+    /// older version upcast). Panics like [`TestKit::calls`].
+    pub fn handled<E: Event>(&self, handler: &str) -> Vec<E>
     where
         DefaultCodec: Codec<E>,
+    {
+        self.handled_as(handler, &crate::versions::Versions::event())
+    }
+
+    /// The commands `handler` (a command handler: the command's name) handled, as it got them.
+    pub fn handled_commands<C: Command>(&self, handler: &str) -> Vec<C>
+    where
+        DefaultCodec: Codec<C>,
+    {
+        self.handled_as(handler, &crate::versions::Versions::command())
+    }
+
+    fn handled_as<T>(&self, handler: &str, versions: &crate::versions::Versions<T>) -> Vec<T>
+    where
+        DefaultCodec: Codec<T>,
     {
         self.calls(handler)
             .into_iter()
             .filter(|c| c.outcome.is_ok())
-            .map(|c| decode_value::<E>(handler, &c.message))
+            .map(|c| {
+                crate::handler::read_message(&DefaultCodec::default(), versions, &c.message)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "handler `{handler}` handled message {} ({} v{}), which does not \
+                             read as the type asked for: {e}",
+                            c.message.id, c.message.name, c.message.version
+                        )
+                    })
+            })
             .collect()
     }
 
@@ -688,20 +713,6 @@ where
             m.id,
             m.name,
             String::from_utf8_lossy(&m.payload)
-        ),
-    }
-}
-
-fn decode_value<T>(handler: &str, m: &Message) -> T
-where
-    DefaultCodec: Codec<T>,
-{
-    match DefaultCodec::default().decode(&m.payload) {
-        Ok(v) => v,
-        Err(e) => panic!(
-            "handler `{handler}` handled message {} ({}), which does not decode as the type \
-             asked for: {e}",
-            m.id, m.name
         ),
     }
 }

@@ -368,3 +368,89 @@ fn booking(id: &str) -> BookingConfirmed {
         seats: 1,
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "orders.OrderPlaced", topic = "orders", version = 1)]
+struct OrderPlacedV1 {
+    order_id: String,
+    total: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(
+    name = "orders.OrderPlaced",
+    topic = "orders",
+    version = 2,
+    upcast_from = "OrderPlacedV1"
+)]
+struct OrderPlaced {
+    order_id: String,
+    total_cents: u64,
+    #[serde(default)]
+    customer: Option<String>,
+}
+
+impl From<OrderPlacedV1> for OrderPlaced {
+    fn from(v1: OrderPlacedV1) -> Self {
+        OrderPlaced {
+            order_id: v1.order_id,
+            total_cents: (v1.total * 100.0).round() as u64,
+            customer: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "orders.OrderPlaced", topic = "orders", version = 3)]
+struct OrderPlacedV3 {
+    order_id: String,
+    lines: Vec<String>,
+}
+
+/// `examples/versioning.rs`'s behaviour: a handler of version 2 gets version 1 upcast and
+/// version 2 as it is; version 3 is dead-lettered with the reason.
+#[tokio::test(start_paused = true)]
+async fn the_versioning_example_upcasts_and_dead_letters_as_it_says() {
+    let mut kit = TestKit::new();
+    let bus = EventBus::new(kit.broker());
+    let mut billing = EventProcessor::new(kit.broker(), "svc-billing");
+    billing
+        .handle("invoice", |_: OrderPlaced| async { Ok::<_, String>(()) })
+        .unwrap();
+    kit.start(billing).await.unwrap();
+    let v1 = OrderPlacedV1 {
+        order_id: "o-1".into(),
+        total: 19.99,
+    };
+    let v2 = OrderPlaced {
+        order_id: "o-2".into(),
+        total_cents: 4500,
+        customer: Some("c-7".into()),
+    };
+    bus.publish(&v1).await.unwrap();
+    bus.publish(&v2).await.unwrap();
+    bus.publish(&OrderPlacedV3 {
+        order_id: "o-3".into(),
+        lines: vec!["book".into()],
+    })
+    .await
+    .unwrap();
+    kit.run_until_idle().await;
+
+    assert_eq!(kit.published::<OrderPlacedV1>(), [v1]);
+    assert_eq!(kit.published::<OrderPlaced>(), std::slice::from_ref(&v2));
+    assert_eq!(
+        kit.handled::<OrderPlaced>("invoice"),
+        [
+            OrderPlaced {
+                order_id: "o-1".into(),
+                total_cents: 1999,
+                customer: None
+            },
+            v2
+        ]
+    );
+    let dead = kit.dead_letter("invoice", "version 3");
+    assert_eq!((dead.message.version, dead.attempts), (3, 1));
+    kit.shutdown().await.unwrap();
+}
