@@ -149,6 +149,12 @@ impl CommitGate {
     /// Takes the answer to a commit made when `acked` acks had been counted: those are recorded
     /// if it succeeded.
     fn answer(&self, result: &KafkaResult<()>, acked: u64) {
+        tracing::debug!(
+            ?result,
+            acked,
+            unrecorded = self.unrecorded(),
+            "the answer to a commit the gate asked for"
+        );
         self.asked_at.store(0, Ordering::SeqCst);
         if self.refusal_of(result) {
             self.recorded_up_to(acked);
@@ -159,17 +165,38 @@ impl CommitGate {
     /// says whether commits are refused, but not which acks it covers (it comes late, behind
     /// the records fetched ahead).
     pub(crate) fn periodic_answer(&self, result: &KafkaResult<()>) {
+        tracing::debug!(
+            ?result,
+            unrecorded = self.unrecorded(),
+            "the answer to a periodic commit"
+        );
         self.refusal_of(result);
     }
 
-    /// Notes whether `result` refused a commit; true if it succeeded.
+    /// The connection to a broker failed (librdkafka reports it, then tries again): commits
+    /// may fail until one succeeds, so the gate closes at `every` unrecorded acks meanwhile. A
+    /// member far behind holds thousands of records fetched ahead; without this it handled
+    /// them all while the broker was away (a soak run: 4,000, the gate's limit, in one member,
+    /// all handled again when it died before the broker came back).
+    pub(crate) fn connection_lost(&self) {
+        if !self.failing.swap(true, Ordering::SeqCst) {
+            tracing::debug!(
+                unrecorded = self.unrecorded(),
+                "a broker connection failed; new work waits at every commit until one succeeds"
+            );
+        }
+    }
+
+    /// Notes whether `result` refused a commit; true if it succeeded. `NoOffset` (nothing new
+    /// to commit) records what was acked, and says nothing of whether commits fail.
     fn refusal_of(&self, result: &KafkaResult<()>) -> bool {
         match result {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+            Ok(()) => {
                 *lock(&self.refused) = None;
                 self.failing.store(false, Ordering::SeqCst);
                 true
             }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
             Err(e) => {
                 let first = lock(&self.refused).replace(e.to_string()).is_none();
                 self.failing.store(true, Ordering::SeqCst);
@@ -289,6 +316,29 @@ mod tests {
         assert!(!gate.closed(), "a commit succeeded");
         gate.acked(5);
         assert!(!gate.closed(), "commits succeed: open until 1000");
+    }
+
+    #[test]
+    fn a_lost_connection_closes_the_gate_at_every_until_a_commit_succeeds() {
+        let (gate, _requests) = CommitGate::new(5, 1000);
+        gate.connection_lost();
+        gate.acked(4);
+        assert!(!gate.closed(), "4 of every 5");
+        gate.acked(1);
+        assert!(
+            gate.closed(),
+            "the connection failed: closed at 5, not 1000"
+        );
+        // Nothing new to commit says nothing of the broker.
+        gate.answer(
+            &Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
+            5,
+        );
+        gate.acked(5);
+        assert!(gate.closed(), "closed again at 5");
+        gate.answer(&Ok(()), 10);
+        gate.acked(5);
+        assert!(!gate.closed(), "a commit succeeded: open until 1000");
     }
 
     #[test]

@@ -46,6 +46,12 @@ pub(crate) struct Ctx {
 
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.gate.connection_lost();
+        }
         self.refusals.record(&error, reason);
     }
 }
