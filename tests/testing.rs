@@ -454,3 +454,102 @@ async fn the_versioning_example_upcasts_and_dead_letters_as_it_says() {
     assert_eq!((dead.message.version, dead.attempts), (3, 1));
     kit.shutdown().await.unwrap();
 }
+
+#[derive(Debug, Clone, PartialEq, Command, Serialize, Deserialize)]
+#[command(name = "tickets.BookTicket")]
+struct BookTicketCmd {
+    ticket_id: String,
+    seats: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Event, Serialize, Deserialize)]
+#[event(name = "tickets.TicketBooked")]
+struct TicketBooked {
+    #[event(key)]
+    ticket_id: String,
+    seats: u32,
+}
+
+/// `examples/tickets.rs`'s behaviour (there on Redis; the registration does not change): the
+/// command publishes `TicketBooked`, each handler's group is named by the `GroupNamer`, and the
+/// receipt printer's first failure is retried.
+#[tokio::test(start_paused = true)]
+async fn the_tickets_example_books_notifies_and_retries_the_receipt() {
+    let mut kit = TestKit::new();
+    let events = EventBus::new(kit.broker());
+    let mut commands = CommandProcessor::new(kit.broker(), "svc-tickets");
+    let bus = events.clone();
+    commands
+        .handle(move |c: BookTicketCmd, ctx: Context| {
+            let bus = bus.clone();
+            async move {
+                let e = TicketBooked {
+                    ticket_id: c.ticket_id,
+                    seats: c.seats,
+                };
+                bus.publish_with(&e, ctx.caused_metadata()).await
+            }
+        })
+        .unwrap();
+    let mut processor = EventProcessor::new(kit.broker(), "tickets").group_names(
+        cqrs::GroupNamer::new(|service, handler| format!("svc-{service}.{handler}")),
+    );
+    processor
+        .handle("notify-on-booking", |_: TicketBooked| async {
+            Ok::<_, String>(())
+        })
+        .unwrap();
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    processor
+        .handle("print-receipt", move |_: TicketBooked| {
+            let first = !failed_once.swap(true, Ordering::SeqCst);
+            std::future::ready(if first {
+                Err("printer jammed".to_owned())
+            } else {
+                Ok(())
+            })
+        })
+        .unwrap()
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(200), 2.0));
+    kit.start(commands).await.unwrap();
+    kit.start(processor).await.unwrap();
+
+    let send = CommandBus::new(kit.broker());
+    for (id, seats) in [("t-1", 2), ("t-2", 1)] {
+        send.send(&BookTicketCmd {
+            ticket_id: id.into(),
+            seats,
+        })
+        .await
+        .unwrap();
+    }
+    kit.run_until_idle().await;
+
+    let booked = [
+        TicketBooked {
+            ticket_id: "t-1".into(),
+            seats: 2,
+        },
+        TicketBooked {
+            ticket_id: "t-2".into(),
+            seats: 1,
+        },
+    ];
+    assert_eq!(kit.published::<TicketBooked>(), booked);
+    assert_eq!(kit.handled::<TicketBooked>("notify-on-booking"), booked);
+    let receipts = kit.calls("print-receipt");
+    let seen: Vec<(&str, u32, bool)> = receipts
+        .iter()
+        .map(|c| (c.group.as_str(), c.attempt, c.outcome.is_ok()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("svc-tickets.print-receipt", 1, false),
+            ("svc-tickets.print-receipt", 2, true),
+            ("svc-tickets.print-receipt", 1, true)
+        ]
+    );
+    assert_eq!(kit.handled::<TicketBooked>("print-receipt").len(), 2);
+    kit.shutdown().await.unwrap();
+}

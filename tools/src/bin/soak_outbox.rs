@@ -3,7 +3,8 @@
 //! processes forward them to Redis; consumer processes apply each event's effect through the
 //! inbox. Relays and consumers are SIGKILLed in turn every `--kill-every` seconds (default 5: a
 //! relay every 10 s, a consumer every 10 s), PostgreSQL is
-//! restarted once (fast shutdown) and the broker's client connections are cut once. Then:
+//! restarted once (fast shutdown) and the broker's client connections are cut once (on Kafka,
+//! `--kafka-brokers`: the broker is SIGKILLed and started again). Then:
 //!
 //! - lost: events of committed commands with no effect (must be 0);
 //! - phantoms: effects of events whose transaction was rolled back (must be 0);
@@ -16,8 +17,10 @@
 //! - uncertain: commands whose commit's outcome the writer could not know (a connection cut at
 //!   the commit); their events may or may not arrive, and neither counts against the run.
 //!
-//! Run it with `scripts/soak outbox [N] [options]`, which starts PostgreSQL and Redis. By hand:
-//! `soak_outbox run --database-url URL --pg-dir DIR --redis-url URL --commands N`.
+//! Run it with `scripts/soak outbox [N] [options]`, which starts PostgreSQL and Redis, or
+//! `scripts/soak outbox-kafka [N] [options]` (PostgreSQL and Apache Kafka). By hand:
+//! `soak_outbox run --database-url URL --pg-dir DIR --redis-url URL --commands N`, or with
+//! `--kafka-brokers ADDR --kafka-dir DIR` in place of `--redis-url`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -26,10 +29,14 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cqrs::kafka::{KafkaBackend, KafkaConfig};
+use cqrs::memory::MemoryBroker;
 use cqrs::postgres::sqlx::{self, postgres::PgPoolOptions, PgPool, Row};
 use cqrs::postgres::{Inbox, Outbox, OutboxRelay, OutboxStore};
 use cqrs::redis::RedisBackend;
-use cqrs::{BoxError, CancellationToken, Context, Event, EventBus, EventProcessor, TopicNamer};
+use cqrs::{
+    Backend, BoxError, CancellationToken, Context, Event, EventBus, EventProcessor, TopicNamer,
+};
 use cqrs_tools::support::Args;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
@@ -51,7 +58,8 @@ const ACCOUNTS: usize = 40;
 #[derive(Clone)]
 struct Setup {
     database_url: String,
-    redis_url: String,
+    /// The broker: `redis://...`, or `kafka://host:port` for Apache Kafka.
+    broker: String,
     schema: String,
     topic: String,
     service: String,
@@ -61,7 +69,7 @@ impl Setup {
     fn from(args: &Args) -> Result<Self, BoxError> {
         Ok(Setup {
             database_url: args.text("database-url")?,
-            redis_url: args.text("redis-url")?,
+            broker: args.text("broker")?,
             schema: args.text("schema")?,
             topic: args.text("topic")?,
             service: args.text("service")?,
@@ -71,7 +79,7 @@ impl Setup {
     fn args(&self) -> Vec<String> {
         [
             ("--database-url", &self.database_url),
-            ("--redis-url", &self.redis_url),
+            ("--broker", &self.broker),
             ("--schema", &self.schema),
             ("--topic", &self.topic),
             ("--service", &self.service),
@@ -93,10 +101,31 @@ impl Setup {
         Ok(OutboxStore::new().schema(&self.schema)?)
     }
 
-    fn bus(&self, backend: &RedisBackend) -> EventBus {
+    /// The bus an outbox encodes with (it sends nothing: the relays do).
+    fn bus(&self) -> EventBus {
         let t = self.topic.clone();
-        EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()))
+        EventBus::new(MemoryBroker::new()).topics(TopicNamer::new(move |_| t.clone()))
     }
+
+    fn kafka(&self) -> Option<&str> {
+        self.broker.strip_prefix("kafka://")
+    }
+}
+
+/// Runs `$body` with `$b` bound to the run's backend (Redis or Kafka).
+macro_rules! with_backend {
+    ($setup:expr, $b:ident => $body:expr) => {
+        match $setup.kafka() {
+            Some(brokers) => {
+                let $b = KafkaBackend::connect(KafkaConfig::new(brokers).partitions(4)).await?;
+                $body
+            }
+            None => {
+                let $b = RedisBackend::connect(&$setup.broker).await?;
+                $body
+            }
+        }
+    };
 }
 
 /// A line-per-record log, flushed at each line (the process may be killed at any time).
@@ -124,8 +153,7 @@ async fn write(args: &Args) -> Result<(), BoxError> {
     let rollback_pct: u64 = args.get("rollback-pct", 10)?;
     let mut log = Log::create(Path::new(&args.text("out")?))?;
     let pool = setup.pool(4).await?;
-    let backend = RedisBackend::connect(&setup.redis_url).await?;
-    let outbox = Outbox::new(setup.bus(&backend), setup.store()?);
+    let outbox = Outbox::new(setup.bus(), setup.store()?);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for c in 0..commands {
@@ -177,20 +205,29 @@ async fn write(args: &Args) -> Result<(), BoxError> {
 async fn relay(args: &Args) -> Result<(), BoxError> {
     let setup = Setup::from(args)?;
     let pool = setup.pool(2).await?;
-    let backend = RedisBackend::connect(&setup.redis_url).await?;
-    println!("ready");
-    OutboxRelay::new(pool, setup.store()?, backend)
-        .poll_interval(Duration::from_millis(500))
-        .run(CancellationToken::new())
-        .await?;
+    let store = setup.store()?;
+    with_backend!(setup, backend => {
+        println!("ready");
+        OutboxRelay::new(pool, store, backend)
+            .poll_interval(Duration::from_millis(500))
+            .run(CancellationToken::new())
+            .await?;
+    });
     Ok(())
 }
 
 /// A consumer until killed: logs every delivery, applies each event's effect through the inbox.
 async fn consume(args: &Args) -> Result<(), BoxError> {
     let setup = Setup::from(args)?;
+    with_backend!(setup, backend => consume_on(args, &setup, backend).await)
+}
+
+async fn consume_on<B: Backend + Clone>(
+    args: &Args,
+    setup: &Setup,
+    backend: B,
+) -> Result<(), BoxError> {
     let pool = setup.pool(8).await?;
-    let backend = RedisBackend::connect(&setup.redis_url).await?;
     let log = Arc::new(Mutex::new(Log::create(Path::new(&args.text("out")?))?));
     let inbox = Inbox::new(pool.clone(), setup.store()?);
     let effects = format!("{}.effects", setup.schema);
@@ -267,6 +304,18 @@ async fn spawn(
     })
 }
 
+fn kafka_script(args: &[&str]) -> Result<(), BoxError> {
+    let status = std::process::Command::new("bash")
+        .arg("scripts/kafka")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err(format!("scripts/kafka {} failed", args.join(" ")).into());
+    }
+    Ok(())
+}
+
 fn pg_script(dir: &str, verb: &str) -> Result<(), BoxError> {
     let status = std::process::Command::new("bash")
         .arg("scripts/postgres")
@@ -323,9 +372,13 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     let pg_restart = args.get("pg-restart", "yes".to_owned())? == "yes";
     let pg_dir = args.text("pg-dir")?;
     let id = std::process::id();
+    let kafka_dir = args.text("kafka-dir").ok();
     let setup = Setup {
         database_url: args.text("database-url")?,
-        redis_url: args.text("redis-url")?,
+        broker: match args.text("kafka-brokers") {
+            Ok(brokers) => format!("kafka://{brokers}"),
+            Err(_) => args.text("redis-url")?,
+        },
         schema: format!("soak_{id}"),
         topic: format!("soak-outbox-{id}"),
         service: format!("svc-soak-{id}"),
@@ -405,11 +458,20 @@ async fn run(args: &Args) -> Result<(), BoxError> {
             pg_restarts += 1;
         }
         if conn_kills == 0 && elapsed >= expected.mul_f64(0.6) {
-            eprintln!("soak-outbox: cutting the broker's client connections");
-            let _ = std::process::Command::new("redis-cli")
-                .args(["-u", &setup.redis_url, "CLIENT", "KILL", "TYPE", "normal"])
-                .stdout(Stdio::null())
-                .status();
+            match &kafka_dir {
+                Some(dir) => {
+                    eprintln!("soak-outbox: SIGKILL of the Kafka broker, then started again");
+                    kafka_script(&["stop", dir, "--kill"])?;
+                    kafka_script(&["start", dir])?;
+                }
+                None => {
+                    eprintln!("soak-outbox: cutting the broker's client connections");
+                    let _ = std::process::Command::new("redis-cli")
+                        .args(["-u", &setup.broker, "CLIENT", "KILL", "TYPE", "normal"])
+                        .stdout(Stdio::null())
+                        .status();
+                }
+            }
             conn_kills += 1;
         }
         if Instant::now() >= next_kill {
@@ -518,7 +580,8 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         .filter(|id| applied.contains_key(*id))
         .count();
     println!(
-        "soak-outbox: committed={} rolled_back={} uncertain={} (arrived {uncertain_arrived}) failed_before_commit={} lost={lost} phantoms={phantoms} duplicate_effects={duplicate_effects} redelivered={redelivered} broker_out_of_order={stream_out_of_order} applied_out_of_order={out_of_order} relay_and_consumer_kills={kills} pg_restarts={pg_restarts} broker_connection_cuts={conn_kills} seconds={:.0}",
+        "soak-outbox: broker={} committed={} rolled_back={} uncertain={} (arrived {uncertain_arrived}) failed_before_commit={} lost={lost} phantoms={phantoms} duplicate_effects={duplicate_effects} redelivered={redelivered} broker_out_of_order={stream_out_of_order} applied_out_of_order={out_of_order} relay_and_consumer_kills={kills} pg_restarts={pg_restarts} broker_connection_cuts={conn_kills} seconds={:.0}",
+        if setup.kafka().is_some() { "kafka" } else { "redis" },
         outcomes.committed.len(),
         outcomes.rolled_back.len(),
         outcomes.uncertain.len(),
@@ -543,10 +606,77 @@ async fn run(args: &Args) -> Result<(), BoxError> {
 /// Events of one account that the stream holds out of their commit order (each event's first
 /// copy; a relay killed between sending and deleting sends a batch again, later).
 async fn broker_order(setup: &Setup) -> Result<usize, BoxError> {
-    use cqrs::redis::redis::{self, AsyncCommands};
-    let client = redis::Client::open(setup.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let events = match setup.kafka() {
+        Some(brokers) => kafka_events(brokers, &setup.topic)?,
+        None => redis_events(setup).await?,
+    };
     let (mut seen, mut last, mut out_of_order) = (HashSet::new(), HashMap::new(), 0);
+    for e in events {
+        if !seen.insert(e.id.clone()) {
+            continue;
+        }
+        let last = last.entry(e.account).or_insert(0i64);
+        if e.version < *last {
+            out_of_order += 1;
+        }
+        *last = (*last).max(e.version);
+    }
+    Ok(out_of_order)
+}
+
+/// The events the topic holds, partition after partition, each in its order (an account's
+/// events are in one partition: its key's).
+fn kafka_events(brokers: &str, topic: &str) -> Result<Vec<Deposited>, BoxError> {
+    use cqrs::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use cqrs::kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("soak-reader-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut events = Vec::new();
+    for p in partitions {
+        let (low, high) = client.fetch_watermarks(topic, p, timeout)?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        client.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut next = low;
+        while next < high {
+            if Instant::now() > deadline {
+                return Err(format!("reading {topic}/{p}: stuck at {next} of {high}").into());
+            }
+            let Some(m) = client.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m?;
+            next = m.offset() + 1;
+            if let Some(e) = m
+                .payload()
+                .and_then(|b| serde_json::from_slice::<Deposited>(b).ok())
+            {
+                events.push(e);
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// The events the stream holds, in order.
+async fn redis_events(setup: &Setup) -> Result<Vec<Deposited>, BoxError> {
+    use cqrs::redis::redis::{self, AsyncCommands};
+    let client = redis::Client::open(setup.broker.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
     // Read in pages: one reply of the whole stream outlasts the client's response timeout.
     let mut entries = Vec::new();
     let mut from = "-".to_owned();
@@ -559,23 +689,16 @@ async fn broker_order(setup: &Setup) -> Result<usize, BoxError> {
         from = next;
         entries.extend(page.ids);
     }
-    for entry in entries {
-        // The payload is the field that decodes as the event.
-        let event = entry.map.values().find_map(|v| match v {
-            redis::Value::BulkString(b) => serde_json::from_slice::<Deposited>(b).ok(),
-            _ => None,
-        });
-        let Some(e) = event else { continue };
-        if !seen.insert(e.id.clone()) {
-            continue;
-        }
-        let last = last.entry(e.account).or_insert(0i64);
-        if e.version < *last {
-            out_of_order += 1;
-        }
-        *last = (*last).max(e.version);
-    }
-    Ok(out_of_order)
+    // The payload is the field that decodes as the event.
+    Ok(entries
+        .into_iter()
+        .filter_map(|entry| {
+            entry.map.values().find_map(|v| match v {
+                redis::Value::BulkString(b) => serde_json::from_slice::<Deposited>(b).ok(),
+                _ => None,
+            })
+        })
+        .collect())
 }
 
 #[tokio::main]
