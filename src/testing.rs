@@ -484,11 +484,7 @@ impl TestKit {
     where
         DefaultCodec: Codec<E>,
     {
-        self.all_messages()
-            .into_iter()
-            .filter(|(_, m)| m.name == E::NAME && m.version == E::VERSION)
-            .map(|(topic, m)| decode::<E>(&topic, &m))
-            .collect()
+        self.of_type(E::NAME, E::VERSION)
     }
 
     /// The commands of type `C` sent (of its name and version), in send order per topic.
@@ -496,10 +492,18 @@ impl TestKit {
     where
         DefaultCodec: Codec<C>,
     {
+        self.of_type(C::NAME, C::VERSION)
+    }
+
+    /// The messages named `name` at `version` on any topic (dead letters left out), decoded.
+    fn of_type<T>(&self, name: &str, version: u32) -> Vec<T>
+    where
+        DefaultCodec: Codec<T>,
+    {
         self.all_messages()
             .into_iter()
-            .filter(|(_, m)| m.name == C::NAME && m.version == C::VERSION)
-            .map(|(topic, m)| decode::<C>(&topic, &m))
+            .filter(|(_, m)| m.name == name && m.version == version)
+            .map(|(topic, m)| decode::<T>(&topic, &m))
             .collect()
     }
 

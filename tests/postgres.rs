@@ -245,12 +245,7 @@ async fn seat_counter(
 ) -> cqrs::RunningProcessor {
     use cqrs::postgres::Inbox;
     use std::sync::atomic::Ordering;
-    let table = format!("{}.seats", store.schema_name());
-    sqlx_query(
-        pool,
-        &format!("CREATE TABLE {table} (seat INTEGER NOT NULL)"),
-    )
-    .await;
+    let table = table(pool, store, "seats", "seat INTEGER NOT NULL").await;
     let inbox = Inbox::new(pool.clone(), store.clone());
     let t = topic.to_owned();
     let mut p = cqrs::EventProcessor::new(broker.clone(), unique("svc"))
@@ -275,6 +270,26 @@ async fn seat_counter(
     .unwrap()
     .retry(cqrs::RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
     p.start(CancellationToken::new()).await.unwrap()
+}
+
+/// Waits until `topic` has groups and each has been delivered everything and acked it.
+async fn settled(broker: &MemoryBroker, topic: &str) {
+    eventually(&format!("every message of {topic} settled"), || {
+        let (broker, topic) = (broker.clone(), topic.to_owned());
+        async move {
+            use cqrs::backend::Subscriber;
+            let groups = broker.groups(&topic, "").await.unwrap();
+            !groups.is_empty() && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
+        }
+    })
+    .await;
+}
+
+/// Creates the table `name` (`columns`) in `store`'s schema; returns its qualified name.
+async fn table(pool: &PgPool, store: &OutboxStore, name: &str, columns: &str) -> String {
+    let table = format!("{}.{name}", store.schema_name());
+    sqlx_query(pool, &format!("CREATE TABLE {table} ({columns})")).await;
+    table
 }
 
 async fn sqlx_query(pool: &PgPool, sql: &str) {
@@ -565,12 +580,7 @@ async fn a_command_handler_commits_its_row_and_its_events_together_once_per_comm
     let broker = MemoryBroker::new();
     let events = unique("accounts");
     let (store, outbox) = outbox(&pool, &broker, &events).await;
-    let accounts = format!("{}.accounts", store.schema_name());
-    sqlx_query(
-        &pool,
-        &format!("CREATE TABLE {accounts} (id TEXT PRIMARY KEY)"),
-    )
-    .await;
+    let accounts = table(&pool, &store, "accounts", "id TEXT PRIMARY KEY").await;
 
     let commands = unique("open-account");
     let namer = {
@@ -619,15 +629,7 @@ async fn a_command_handler_commits_its_row_and_its_events_together_once_per_comm
     let first = broker.messages(&commands)[0].clone();
     broker.publish(&commands, &[first]).await.unwrap();
 
-    eventually("every command settled", || {
-        let (broker, commands) = (broker.clone(), commands.clone());
-        async move {
-            use cqrs::backend::Subscriber;
-            let groups = broker.groups(&commands, "").await.unwrap();
-            !groups.is_empty() && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
-        }
-    })
-    .await;
+    settled(&broker, &commands).await;
     emptied(&store, &pool).await;
     running.shutdown().await.unwrap();
     token.cancel();
@@ -664,12 +666,7 @@ async fn the_batch_inbox_runs_each_event_once_even_when_it_is_delivered_twice() 
     let broker = MemoryBroker::new();
     let topic = unique("seats");
     let (store, _) = outbox(&pool, &broker, &topic).await;
-    let table = format!("{}.seats", store.schema_name());
-    sqlx_query(
-        &pool,
-        &format!("CREATE TABLE {table} (seat INTEGER NOT NULL)"),
-    )
-    .await;
+    let table = table(&pool, &store, "seats", "seat INTEGER NOT NULL").await;
     let inbox = Inbox::new(pool.clone(), store.clone());
     let t = topic.clone();
     let mut p = cqrs::EventProcessor::new(broker.clone(), unique("svc"))
@@ -724,15 +721,7 @@ async fn the_batch_inbox_runs_each_event_once_even_when_it_is_delivered_twice() 
     let mut twice = messages.clone();
     twice.extend(messages);
     broker.publish(&topic, &twice).await.unwrap();
-    eventually("every copy handled or skipped, and acked", || {
-        let (broker, topic) = (broker.clone(), topic.clone());
-        async move {
-            use cqrs::backend::Subscriber;
-            let groups = broker.groups(&topic, "").await.unwrap();
-            !groups.is_empty() && groups.iter().all(|g| g.pending == 0 && g.lag == Some(0))
-        }
-    })
-    .await;
+    settled(&broker, &topic).await;
     running.shutdown().await.unwrap();
     assert_eq!(seats_in(&pool, &store).await, vec![1, 2, 3, 4, 5]);
     assert_eq!(
@@ -762,12 +751,7 @@ async fn the_test_kit_waits_for_the_outbox_and_what_its_events_cause() {
     let schema = unique("kit").replace('-', "_");
     let store = OutboxStore::new().schema(&schema).unwrap();
     store.migrate(&pool).await.unwrap();
-    let accounts = format!("{schema}.accounts");
-    sqlx_query(
-        &pool,
-        &format!("CREATE TABLE {accounts} (id TEXT PRIMARY KEY)"),
-    )
-    .await;
+    let accounts = table(&pool, &store, "accounts", "id TEXT PRIMARY KEY").await;
     let outbox = Outbox::new(EventBus::new(kit.broker()), store.clone());
 
     let inbox = Inbox::new(pool.clone(), store.clone());

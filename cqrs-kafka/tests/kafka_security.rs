@@ -47,6 +47,14 @@ fn mutual_tls(broker: &SecureKafka) -> KafkaConfig {
         .set("ssl.key.location", broker.get("CLIENT_KEY"))
 }
 
+/// alice, signed in over SASL_SSL with `mechanism`.
+async fn alice(broker: &SecureKafka, mechanism: &str) -> KafkaBackend {
+    let password = broker.get("ALICE_PASSWORD");
+    KafkaBackend::connect(sasl(broker, mechanism, "alice", password))
+        .await
+        .unwrap()
+}
+
 /// The super user, over the PLAINTEXT listener.
 async fn super_user(broker: &SecureKafka) -> KafkaBackend {
     KafkaBackend::connect(KafkaConfig::new(broker.get("PLAINTEXT")).partitions(2))
@@ -191,14 +199,7 @@ async fn publishing_without_write_on_the_topic_fails_naming_it() {
         .ensure_topics(&[&topic])
         .await
         .unwrap();
-    let alice = KafkaBackend::connect(sasl(
-        &broker,
-        "SCRAM-SHA-256",
-        "alice",
-        broker.get("ALICE_PASSWORD"),
-    ))
-    .await
-    .unwrap();
+    let alice = alice(&broker, "SCRAM-SHA-256").await;
     let err = alice
         .publish(&topic, &[Message::new("Ping", b"1".to_vec())])
         .await
@@ -220,14 +221,7 @@ async fn publishing_without_write_on_the_topic_fails_naming_it() {
 async fn consuming_without_read_on_the_group_fails_naming_it() {
     support::logs();
     let broker = SecureKafka::shared();
-    let alice = KafkaBackend::connect(sasl(
-        &broker,
-        "SCRAM-SHA-256",
-        "alice",
-        broker.get("ALICE_PASSWORD"),
-    ))
-    .await
-    .unwrap();
+    let alice = alice(&broker, "SCRAM-SHA-256").await;
     let topic = unique("ok-orders");
     alice.ensure_topics(&[&topic]).await.unwrap();
     let group = unique("other-team");
@@ -261,14 +255,7 @@ async fn consuming_without_read_on_the_group_fails_naming_it() {
 async fn a_dead_letter_topic_without_write_stops_the_group_and_loses_nothing() {
     support::logs();
     let broker = SecureKafka::shared();
-    let alice = KafkaBackend::connect(sasl(
-        &broker,
-        "SCRAM-SHA-512",
-        "alice",
-        broker.get("ALICE_PASSWORD"),
-    ))
-    .await
-    .unwrap();
+    let alice = alice(&broker, "SCRAM-SHA-512").await;
     let topic = unique("ok-refunds");
     let dead = unique("ro-refunds-dead");
     super_user(&broker)
