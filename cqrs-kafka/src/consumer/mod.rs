@@ -328,14 +328,17 @@ impl Consumer for KafkaConsumer {
             let mut out = Vec::new();
             let next_retry = self.due_retries(max, &mut out);
             let gate = self.acker.gate.clone();
+            // Errors librdkafka reported while polling (a broker away, every reconnect) are
+            // taken with the records around them, all at once: returned one per call, a backlog
+            // of them (queued while the broker was down) held the records behind it for the
+            // group's backoff each, minutes after the broker was back (the outbox soak on Kafka).
+            let mut failed = None;
             while out.len() < max && !gate.closed() {
                 match self.try_next()? {
                     Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
                     Some((Err(e), _)) => {
-                        if out.is_empty() {
-                            return Err(self.consume_error(e).into());
-                        }
-                        tracing::warn!(error = %e, "kafka consumer error");
+                        tracing::debug!(error = %e, "kafka consumer error");
+                        failed = Some(e);
                     }
                     None => break,
                 }
@@ -343,6 +346,10 @@ impl Consumer for KafkaConsumer {
             if !out.is_empty() {
                 self.closed_since = None;
                 return Ok(out);
+            }
+            if let Some(e) = failed {
+                // Nothing to hand out: the last error says why (the group shows it).
+                return Err(self.consume_error(e).into());
             }
             let wait = next_retry.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             if !gate.closed() {

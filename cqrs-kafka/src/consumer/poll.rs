@@ -152,6 +152,12 @@ pub(super) fn poll_loop(
                     if let Err(e) = switched {
                         tracing::warn!(error = %e, paused = full, "pausing or resuming fetching failed");
                     }
+                    tracing::debug!(
+                        paused = full,
+                        partitions = assigned.count(),
+                        held = held.len(),
+                        "fetching paused or resumed"
+                    );
                     paused = full;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the assignment failed"),

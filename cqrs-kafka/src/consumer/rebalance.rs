@@ -186,11 +186,18 @@ impl Ctx {
         if let Err(e) = assigned {
             tracing::error!(error = %e, incremental, "assigning partitions failed");
         }
-        // The poll thread pauses what is assigned when it pauses; these came after.
-        if self.paused.load(Ordering::SeqCst) {
-            if let Err(e) = consumer.pause(tpl) {
-                tracing::warn!(error = %e, "pausing newly assigned partitions failed");
-            }
+        // The poll thread pauses what is assigned when it pauses; these came after. Resumed
+        // otherwise: librdkafka keeps a partition's pause across its revocation, so a partition
+        // paused, then lost (the broker away), then assigned again was never fetched again (a
+        // member that caught up after a broker restart stalled for good on it).
+        let paused = self.paused.load(Ordering::SeqCst);
+        let switched = if paused {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = switched {
+            tracing::warn!(error = %e, paused, "pausing or resuming newly assigned partitions failed");
         }
     }
 

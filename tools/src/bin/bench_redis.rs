@@ -323,6 +323,31 @@ async fn main() -> Result<(), BoxError> {
     let n: usize = cqrs_tools::support::env_or("BENCH_N", 200_000);
     let rounds: usize = cqrs_tools::support::env_or("BENCH_ROUNDS", 3);
     let backend = RedisBackend::connect(&url).await?;
+    // One phase alone, for counting instructions (`perf stat -e instructions:u`, callgrind):
+    // `publish-one-raw` or `publish-one-ours` (one event per call from 64 tasks).
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        let b = Bench {
+            url: url.clone(),
+            n,
+            run: cqrs::conformance::unique("only"),
+        };
+        let stream = b.stream(&only);
+        let took = match only.as_str() {
+            "publish-one-raw" => b.raw_publish_one_by_one(&stream).await?,
+            "publish-one-ours" => {
+                b.ours_publish_one_by_one(&bus_for(&backend, &stream))
+                    .await?
+            }
+            other => {
+                return Err(
+                    format!("BENCH_ONLY={other}: publish-one-raw or publish-one-ours").into(),
+                )
+            }
+        };
+        println!("{only}: {n} events in {took:?}");
+        b.cleanup(&[stream]).await?;
+        return Ok(());
+    }
     println!(
         "{n} events of ~200 bytes of JSON, Redis at {}, {rounds} rounds",
         cqrs::redis::redact(&url)
