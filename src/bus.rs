@@ -108,8 +108,14 @@ impl<C> Outbox<C> {
         ))
     }
 
-    /// The `send` span of publishing `n` messages to `topic` (OpenTelemetry's producer span).
+    /// The `send` span of publishing `n` messages to `topic` (OpenTelemetry's producer span);
+    /// none when nothing records spans of its level. Made and entered for every publish, a span
+    /// nothing records still cost ~470 instructions a message (of ~21,600; `tracing`'s `log`
+    /// feature looks at the `log` crate's level at each step), `docs/benchmarks.md`.
     fn span(&self, topic: &str, n: usize) -> tracing::Span {
+        if !tracing::level_enabled!(tracing::Level::INFO) {
+            return tracing::Span::none();
+        }
         tracing::info_span!(
             "send",
             otel.name = %format_args!("send {topic}"),
