@@ -553,3 +553,114 @@ async fn the_tickets_example_books_notifies_and_retries_the_receipt() {
     assert_eq!(kit.handled::<TicketBooked>("print-receipt").len(), 2);
     kit.shutdown().await.unwrap();
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "shop.OrderPlaced", topic = "orders")]
+struct ShopOrder {
+    #[event(key)]
+    customer: String,
+    order: u32,
+}
+
+/// `examples/order_consumers.rs`'s behaviour (there on Kafka): two members of one group named by
+/// the `GroupNamer` share the orders, each order handled exactly once by the group.
+#[tokio::test(start_paused = true)]
+async fn the_order_consumers_example_handles_each_order_once_in_the_group() {
+    let mut kit = TestKit::new();
+    for _member in ["consumer-1", "consumer-2"] {
+        let mut p =
+            EventProcessor::new(kit.broker(), "shop").group_names(cqrs::GroupNamer::new(|_, _| {
+                "order-consumer-group".to_owned()
+            }));
+        p.handle("orders", |_: ShopOrder| async { Ok::<_, String>(()) })
+            .unwrap();
+        kit.start(p).await.unwrap();
+    }
+    let orders: Vec<ShopOrder> = (1..=20)
+        .map(|order| ShopOrder {
+            customer: format!("customer-{}", order % 6),
+            order,
+        })
+        .collect();
+    EventBus::new(kit.broker())
+        .publish_all(&orders)
+        .await
+        .unwrap();
+    kit.run_until_idle().await;
+
+    let calls = kit.calls("orders");
+    assert!(calls
+        .iter()
+        .all(|c| c.group == "order-consumer-group" && c.outcome.is_ok()));
+    let mut handled: Vec<u32> = kit
+        .handled::<ShopOrder>("orders")
+        .into_iter()
+        .map(|o| o.order)
+        .collect();
+    handled.sort_unstable();
+    assert_eq!(handled, (1..=20).collect::<Vec<_>>(), "each once");
+    kit.shutdown().await.unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "billing.PaymentReceived")]
+struct PaymentReceived {
+    #[event(key)]
+    invoice: String,
+    cents: u64,
+}
+
+/// `examples/delivery_semantics.rs`'s behaviour (there on Kafka), a handler failing its first
+/// attempt: at-least-once retries it and books the payment; at-most-once does not retry, and the
+/// payment goes to the dead-letter topic with the reason.
+#[tokio::test(start_paused = true)]
+async fn the_delivery_semantics_example_retries_at_least_once_and_dead_letters_at_most_once() {
+    let mut kit = TestKit::new();
+    let bus = EventBus::new(kit.broker());
+    for (name, mode) in [
+        ("post-commit", cqrs::DeliveryMode::AtLeastOnce),
+        ("pre-commit", cqrs::DeliveryMode::AtMostOnce),
+    ] {
+        let mut p = EventProcessor::new(kit.broker(), "svc-billing");
+        p.handle(name, |_: PaymentReceived, ctx: Context| {
+            std::future::ready(if ctx.attempt() == 1 {
+                Err("ledger locked")
+            } else {
+                Ok(())
+            })
+        })
+        .unwrap()
+        .delivery(mode)
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_millis(100), 2.0));
+        kit.start(p).await.unwrap();
+    }
+    let id = {
+        bus.publish(&PaymentReceived {
+            invoice: "inv-7".into(),
+            cents: 4200,
+        })
+        .await
+        .unwrap();
+        kit.run_until_idle().await;
+        kit.calls("post-commit")[0].message.id.clone()
+    };
+
+    let attempts = |h: &str| -> Vec<(u32, bool)> {
+        kit.calls(h)
+            .iter()
+            .map(|c| (c.attempt, c.outcome.is_ok()))
+            .collect()
+    };
+    assert_eq!(attempts("post-commit"), [(1, false), (2, true)]);
+    assert_eq!(
+        kit.outcome("svc-billing.post-commit", &id),
+        Outcome::Handled {
+            handler: "post-commit".into(),
+            attempts: 2
+        }
+    );
+    assert_eq!(attempts("pre-commit"), [(1, false)]);
+    let dead = kit.dead_letter("pre-commit", "ledger locked");
+    assert_eq!((dead.attempts, dead.message.id.as_str()), (1, id.as_str()));
+    kit.shutdown().await.unwrap();
+}
