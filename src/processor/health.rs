@@ -57,8 +57,11 @@ pub(crate) struct Health {
     in_flight: AtomicUsize,
     restarts: std::sync::atomic::AtomicU32,
     /// Jobs (messages taken from the broker) made, and those not finished yet: what the test kit
-    /// reads to know nothing is in the group's hands.
+    /// reads to know nothing is in the group's hands (counted with the `testing` feature only:
+    /// three atomic operations and a reference count a message that nothing else reads).
+    #[cfg(feature = "testing")]
     jobs_made: AtomicU64,
+    #[cfg(feature = "testing")]
     jobs_alive: AtomicUsize,
 }
 
@@ -72,13 +75,21 @@ impl Health {
     }
 
     /// Counts a job (a message taken from the broker, acked or not) until the guard drops.
+    #[cfg(feature = "testing")]
     pub(crate) fn job(self: &std::sync::Arc<Self>) -> Outstanding {
         self.jobs_made.fetch_add(1, Ordering::SeqCst);
         self.jobs_alive.fetch_add(1, Ordering::SeqCst);
         Outstanding(self.clone())
     }
 
+    /// Without the `testing` feature nothing reads the count: nothing to do.
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn job(self: &std::sync::Arc<Self>) -> Outstanding {
+        Outstanding
+    }
+
     /// Jobs made so far, and those alive.
+    #[cfg(feature = "testing")]
     pub(crate) fn jobs(&self) -> (u64, usize) {
         (
             self.jobs_made.load(Ordering::SeqCst),
@@ -148,8 +159,14 @@ impl Health {
 }
 
 /// A job not finished; see [`Health::job`].
+#[cfg(feature = "testing")]
 pub(crate) struct Outstanding(std::sync::Arc<Health>);
 
+/// A job not finished; see [`Health::job`] (nothing counted).
+#[cfg(not(feature = "testing"))]
+pub(crate) struct Outstanding;
+
+#[cfg(feature = "testing")]
 impl Drop for Outstanding {
     fn drop(&mut self) {
         self.0.jobs_alive.fetch_sub(1, Ordering::SeqCst);

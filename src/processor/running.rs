@@ -189,7 +189,7 @@ impl RunningProcessor {
     }
 
     /// Jobs its groups made so far, and those not finished (the test kit's idleness).
-    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    #[cfg(feature = "testing")]
     pub(crate) fn jobs(&self) -> (u64, usize) {
         self.health.iter().fold((0, 0), |(made, alive), (_, h)| {
             let (m, a) = h.jobs();
