@@ -461,8 +461,9 @@ impl TestKit {
         Ok(())
     }
 
-    /// Every message on every topic, oldest first per topic, dead letters left out.
-    fn all_messages(&self) -> Vec<(String, Message)> {
+    /// Every message on every topic with its topic, oldest first per topic, dead letters (those
+    /// with a dead-letter reason) only or left out.
+    fn messages_where(&self, dead: bool) -> Vec<(String, Message)> {
         self.broker
             .topics()
             .into_iter()
@@ -472,7 +473,7 @@ impl TestKit {
                     .into_iter()
                     .map(move |m| (topic.clone(), m))
             })
-            .filter(|(_, m)| !m.metadata.headers.contains_key(dlq::REASON))
+            .filter(|(_, m)| m.metadata.headers.contains_key(dlq::REASON) == dead)
             .collect()
     }
 
@@ -500,7 +501,7 @@ impl TestKit {
     where
         DefaultCodec: Codec<T>,
     {
-        self.all_messages()
+        self.messages_where(false)
             .into_iter()
             .filter(|(_, m)| m.name == name && m.version == version)
             .map(|(topic, m)| decode::<T>(&topic, &m))
@@ -565,27 +566,19 @@ impl TestKit {
 
     /// Every dead letter on any topic, oldest first per dead-letter topic.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.broker
-            .topics()
+        self.messages_where(true)
             .into_iter()
-            .flat_map(|topic| {
-                self.broker
-                    .messages(&topic)
-                    .into_iter()
-                    .filter(|m| m.metadata.headers.contains_key(dlq::REASON))
-                    .map(move |m| {
-                        let h = |k: &str| m.metadata.headers.get(k).cloned().unwrap_or_default();
-                        DeadLetter {
-                            topic: topic.clone(),
-                            from_topic: h(dlq::TOPIC),
-                            group: h(dlq::GROUP),
-                            handler: h(dlq::HANDLER),
-                            reason: h(dlq::REASON),
-                            attempts: h(dlq::ATTEMPTS).parse().unwrap_or(0),
-                            message: m,
-                        }
-                    })
-                    .collect::<Vec<_>>()
+            .map(|(topic, m)| {
+                let h = |k: &str| m.metadata.headers.get(k).cloned().unwrap_or_default();
+                DeadLetter {
+                    topic,
+                    from_topic: h(dlq::TOPIC),
+                    group: h(dlq::GROUP),
+                    handler: h(dlq::HANDLER),
+                    reason: h(dlq::REASON),
+                    attempts: h(dlq::ATTEMPTS).parse().unwrap_or(0),
+                    message: m,
+                }
             })
             .collect()
     }
