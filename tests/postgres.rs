@@ -272,6 +272,21 @@ async fn seat_counter(
     p.start(CancellationToken::new()).await.unwrap()
 }
 
+/// `SeatBooked` of show `s1` for each of `seats`, encoded as a bus publishes them (each with an
+/// id of its own), for a test to publish as it likes (twice, as a broker redelivers).
+fn seats_booked(seats: std::ops::RangeInclusive<u32>) -> Vec<cqrs::Message> {
+    let bus = EventBus::new(MemoryBroker::new());
+    seats
+        .map(|seat| {
+            let e = SeatBooked {
+                show: "s1".into(),
+                seat,
+            };
+            bus.encode(&e, cqrs::Metadata::now()).unwrap().1
+        })
+        .collect()
+}
+
 /// Waits until `topic` has groups and each has been delivered everything and acked it.
 async fn settled(broker: &MemoryBroker, topic: &str) {
     eventually(&format!("every message of {topic} settled"), || {
@@ -320,21 +335,10 @@ async fn the_inbox_runs_a_handler_once_per_message_even_when_it_is_delivered_twi
     let calls = std::sync::Arc::new(AtomicUsize::new(0));
     let running = seat_counter(&pool, &store, &broker, &topic, calls.clone()).await;
     // Each message published twice with the same id: as a broker redelivers after a lost ack.
-    let bus = EventBus::new(broker.clone());
-    let mut messages = Vec::new();
-    for seat in 1..=3 {
-        let (_, m) = bus
-            .encode(
-                &SeatBooked {
-                    show: "s1".into(),
-                    seat,
-                },
-                cqrs::Metadata::now(),
-            )
-            .unwrap();
-        messages.push(m.clone());
-        messages.push(m);
-    }
+    let messages: Vec<cqrs::Message> = seats_booked(1..=3)
+        .into_iter()
+        .flat_map(|m| [m.clone(), m])
+        .collect();
     broker.publish(&topic, &messages).await.unwrap();
     eventually("every copy handled or skipped, and acked", || {
         let (pool, store, broker, topic) =
@@ -703,20 +707,7 @@ async fn the_batch_inbox_runs_each_event_once_even_when_it_is_delivered_twice() 
     .retry(cqrs::RetryPolicy::attempts(3).backoff(Duration::from_millis(10), 1.0));
     let running = p.start(CancellationToken::new()).await.unwrap();
 
-    let bus = EventBus::new(broker.clone());
-    let mut messages = Vec::new();
-    for seat in 1..=5 {
-        let (_, m) = bus
-            .encode(
-                &SeatBooked {
-                    show: "s1".into(),
-                    seat,
-                },
-                cqrs::Metadata::now(),
-            )
-            .unwrap();
-        messages.push(m);
-    }
+    let messages = seats_booked(1..=5);
     // 1 2 3 4 | 5 1 2 3 | 4 5 ...: copies in the same batch and in later ones.
     let mut twice = messages.clone();
     twice.extend(messages);
