@@ -789,10 +789,7 @@ async fn a_group_whose_fetch_task_panics_fails_and_says_why() {
         .publish(&Booked { id: 1 })
         .await
         .unwrap();
-    let err = tokio::time::timeout(WAIT, running.wait())
-        .await
-        .expect("the group ends")
-        .expect_err("a failure, not Ok");
+    let err = cqrs_test_support::failure(running, WAIT).await;
     assert!(
         err.report().contains("the backend's receive panicked"),
         "{}",
@@ -844,10 +841,7 @@ async fn a_dead_letter_refused_for_good_stops_the_group_and_the_message_stays_pe
             .publish(&Booked { id: 1 })
             .await
             .unwrap();
-        let err = tokio::time::timeout(WAIT, running.wait())
-            .await
-            .expect("the group stops")
-            .expect_err("with the refusal as its error");
+        let err = cqrs_test_support::failure(running, WAIT).await;
         assert!(
             err.report().contains("could not be dead-lettered")
                 && err.report().contains("record too large"),

@@ -261,10 +261,7 @@ async fn wait_reports_every_failed_group() {
     })
     .unwrap();
     let running = p.start(CancellationToken::new()).await.unwrap();
-    let err = tokio::time::timeout(WAIT, running.wait())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = cqrs_test_support::failure(running, WAIT).await;
     let Error::Groups(groups) = &err else {
         panic!("expected every group's error, got {err}");
     };
@@ -479,10 +476,7 @@ async fn a_group_that_keeps_failing_stops_the_processor_once_its_restarts_run_ou
         s.restarts == 2 && s.state == cqrs::GroupState::Failed
     })
     .await;
-    let err = tokio::time::timeout(WAIT, running.wait())
-        .await
-        .expect("the processor did not stop")
-        .unwrap_err();
+    let err = cqrs_test_support::failure(running, WAIT).await;
     assert!(err.to_string().contains("reading for svc.h"), "{err}");
 }
 

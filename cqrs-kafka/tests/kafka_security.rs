@@ -276,10 +276,7 @@ async fn a_dead_letter_topic_without_write_stops_the_group_and_loses_nothing() {
         .publish(&Paid { n: 1 })
         .await
         .unwrap();
-    let err = tokio::time::timeout(WAIT, running.wait())
-        .await
-        .expect("the group stops")
-        .expect_err("with the refusal as its error");
+    let err = support::failure(running, WAIT).await;
     assert!(
         err.report().contains(&dead) && err.report().contains("not authorized"),
         "{}",

@@ -61,6 +61,15 @@ pub fn logs() {
     }
 }
 
+/// The error `running` ends with, within `within`; panics when it does not end in time, or ends
+/// with `Ok`.
+pub async fn failure(running: cqrs::RunningProcessor, within: Duration) -> cqrs::Error {
+    tokio::time::timeout(within, running.wait())
+        .await
+        .expect("the processor did not stop in time")
+        .expect_err("the processor stopped with Ok, not an error")
+}
+
 /// A fresh name with `prefix`.
 pub fn unique(prefix: &str) -> String {
     cqrs::conformance::unique(prefix)
