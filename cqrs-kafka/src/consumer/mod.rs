@@ -435,7 +435,7 @@ impl Consumer for KafkaConsumer {
 
 #[cfg(test)]
 mod tests {
-    use super::state::PartitionState;
+    use super::state::{self, PartitionState};
     use super::*;
     use cqrs_core::Message;
 
@@ -449,6 +449,101 @@ mod tests {
         state.next = Some(11);
         assert_eq!(state.position(), Some(10));
         assert!(state.owns(3) && state.owns(4) && !state.owns(2));
+    }
+
+    /// A record polled before its partition was revoked (and given straight back) is stale: its
+    /// delivery must not touch the new assignment's state. Were the epoch checked apart from the
+    /// lock the rebalance callback holds, a revocation landing in between would let it through:
+    /// its offset, far past the new start, would make the records from the committed offset up
+    /// to it look "fetched twice" (lost), and an old offset be committed later. Here one thread
+    /// revokes and reassigns a partition as the callbacks do, while this one hands out records
+    /// tagged with the epoch read before each, as the poll thread does; a record's offset says
+    /// which epoch it was polled in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_polled_before_a_revocation_never_enters_the_next_assignment() {
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
+        let config = KafkaConfig::new(&brokers);
+        let backend = crate::KafkaBackend::connect(config.clone())
+            .await
+            .expect("connecting");
+        let real = format!("race-{}", cqrs_core::new_message_id());
+        backend.ensure_topics(&[&real]).await.expect("topic");
+        let mut consumer = KafkaConsumer::start(&config, &Subscription::new(&real, [&real]))
+            .await
+            .expect("starting");
+        // A partition the broker knows nothing of: only this test changes its state.
+        let topic: Arc<str> = Arc::from(format!("{real}-raced").as_str());
+        const PER_EPOCH: i64 = 1 << 32;
+        let (offsets, epoch) = (consumer.acker.offsets.clone(), consumer.acker.epoch.clone());
+        let reassign = || {
+            state::assign(
+                &mut lock(&offsets),
+                &epoch,
+                true,
+                [(topic.clone(), 0, Some(0))],
+            );
+        };
+        reassign();
+        let stop = Arc::new(AtomicBool::new(false));
+        let rebalancer = {
+            let (offsets, epoch, topic, stop) =
+                (offsets.clone(), epoch.clone(), topic.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rebalances = 0u64;
+                let mut stale = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    {
+                        let mut offsets = lock(&offsets);
+                        if let Some(s) = offsets.get(&(topic.clone(), 0)) {
+                            let since = s.since;
+                            stale.extend(
+                                s.pending
+                                    .iter()
+                                    .filter(|o| ((**o / PER_EPOCH) as u64) < since)
+                                    .map(|o| (*o / PER_EPOCH, since)),
+                            );
+                        }
+                        state::revoke(&mut offsets, &epoch, |t, p| *t == *topic && p == 0);
+                    }
+                    // The partition comes straight back, from the committed offset 0.
+                    state::assign(
+                        &mut lock(&offsets),
+                        &epoch,
+                        true,
+                        [(topic.clone(), 0, Some(0))],
+                    );
+                    rebalances += 1;
+                }
+                (rebalances, stale)
+            })
+        };
+        let mut handed_out = 0u64;
+        for i in 0..50_000i64 {
+            let polled_in = consumer.current_epoch();
+            let record = Record {
+                topic: topic.clone(),
+                partition: 0,
+                offset: polled_in as i64 * PER_EPOCH + i,
+                message: Message::new("t.E", Vec::new()),
+                malformed: None,
+            };
+            handed_out += u64::from(consumer.delivery(record, polled_in).is_some());
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (rebalances, stale) = rebalancer.join().expect("the rebalancing thread");
+        assert!(
+            rebalances > 100 && handed_out > 100,
+            "the two sides did not overlap: {rebalances} rebalances, {handed_out} handed out"
+        );
+        assert!(
+            stale.is_empty(),
+            "{} records polled in an earlier epoch entered a later assignment \
+             (epoch polled in, epoch assigned in): {:?}",
+            stale.len(),
+            &stale[..stale.len().min(5)]
+        );
+        consumer.close().await.expect("closing");
     }
 
     /// Partitions given to a member while its poll thread has paused fetching (its handlers

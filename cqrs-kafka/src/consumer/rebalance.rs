@@ -16,7 +16,7 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::state::{lock, Offsets, PartitionState, Retry};
+use super::state::{self, lock, Offsets, Retry};
 use crate::access::Refusals;
 use crate::commit_gate::CommitGate;
 
@@ -159,25 +159,14 @@ impl Ctx {
     /// assignment) or incrementally (added to it), as the group's protocol says.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let incremental = incremental(consumer);
-        {
-            // Under the lock: a record polled before this, of a partition it gives again, is
-            // seen as stale by `delivery`, which checks under the same lock.
-            let mut offsets = lock(&self.offsets);
-            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-            if !incremental {
-                offsets.clear();
-            }
-            for e in tpl.elements() {
-                let mut state = PartitionState::new(epoch);
-                // A known start is the partition's position until a record is handed out: a
-                // revocation before then keeps it (a resumed position the group has not
-                // recorded must survive a second rebalance whose commit is refused too).
-                if let Offset::Offset(start) = e.offset() {
-                    state.next = Some(start);
-                }
-                offsets.insert((Arc::from(e.topic()), e.partition()), state);
-            }
-        }
+        let parts = tpl.elements().into_iter().map(|e| {
+            let start = match e.offset() {
+                Offset::Offset(start) => Some(start),
+                _ => None,
+            };
+            (Arc::from(e.topic()), e.partition(), start)
+        });
+        state::assign(&mut lock(&self.offsets), &self.epoch, incremental, parts);
         let assigned = if incremental {
             consumer.incremental_assign(tpl)
         } else {
@@ -212,20 +201,7 @@ impl Ctx {
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
         let is_revoked = |t: &str, p: i32| revoked.iter().any(|(rt, rp)| rt == t && *rp == p);
-        // Everything below each position is settled (handled or dead-lettered). The states go
-        // first, under the lock: an ack from now on stores nothing for these partitions, and
-        // their records still queued for the handlers are stale.
-        let positions: Vec<((String, i32), i64)> = {
-            let mut offsets = lock(&self.offsets);
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-            let positions = offsets
-                .iter()
-                .filter(|((t, p), _)| is_revoked(t, *p))
-                .filter_map(|((t, p), state)| Some(((t.to_string(), *p), state.position()?)))
-                .collect();
-            offsets.retain(|(t, p), _| !is_revoked(t, *p));
-            positions
-        };
+        let positions = state::revoke(&mut lock(&self.offsets), &self.epoch, is_revoked);
         lock(&self.retries).retain(|r| !is_revoked(&r.topic, r.partition));
         // Lost (this member was out of its group, its coordinator away): a commit would be
         // refused. What they handled since the last commit is handled again by their next

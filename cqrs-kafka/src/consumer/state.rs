@@ -1,6 +1,7 @@
 //! What a member knows of each partition it holds, and the messages waiting for redelivery.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cqrs_core::Message;
@@ -41,6 +42,48 @@ impl PartitionState {
 }
 
 pub(super) type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
+
+/// Takes `parts` (topic, partition, start if known) as this member's in a new rebalance epoch:
+/// the whole assignment, or (`incremental`) added to it. Called with `offsets` locked: a record
+/// polled before, of a partition given again, is stale for `KafkaConsumer::delivery`, which
+/// checks under the same lock.
+pub(super) fn assign(
+    offsets: &mut Offsets,
+    epoch: &AtomicU64,
+    incremental: bool,
+    parts: impl IntoIterator<Item = (Arc<str>, i32, Option<i64>)>,
+) {
+    let epoch = epoch.fetch_add(1, Ordering::SeqCst) + 1;
+    if !incremental {
+        offsets.clear();
+    }
+    for (topic, partition, start) in parts {
+        let mut state = PartitionState::new(epoch);
+        // A known start is the partition's position until a record is handed out: a revocation
+        // before then keeps it (a resumed position the group has not recorded must survive a
+        // second rebalance whose commit is refused too).
+        state.next = start;
+        offsets.insert((topic, partition), state);
+    }
+}
+
+/// Drops the states of the partitions `is_revoked` names, in a new rebalance epoch, and returns
+/// their positions (everything below each is settled). Called with `offsets` locked: from then
+/// on an ack stores nothing for them, and their records still queued are stale.
+pub(super) fn revoke(
+    offsets: &mut Offsets,
+    epoch: &AtomicU64,
+    is_revoked: impl Fn(&str, i32) -> bool,
+) -> Vec<((String, i32), i64)> {
+    epoch.fetch_add(1, Ordering::SeqCst);
+    let positions = offsets
+        .iter()
+        .filter(|((t, p), _)| is_revoked(t, *p))
+        .filter_map(|((t, p), state)| Some(((t.to_string(), *p), state.position()?)))
+        .collect();
+    offsets.retain(|(t, p), _| !is_revoked(t, *p));
+    positions
+}
 
 /// A nacked (or released) message waiting for its redelivery time (in a
 /// [`cqrs_core::redelivery::Redeliveries`]). It shares the message with the delivery it came
