@@ -64,6 +64,21 @@ pub use cqrs_kafka as kafka;
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use metrics_exporter_prometheus as prometheus;
 
+/// Entry points for the fuzz targets in `fuzz/`: decoders of what comes from outside.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Whether the W3C trace context in these header values reads as a valid remote context.
+    pub fn trace_context(traceparent: &str, tracestate: Option<&str>) -> bool {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert(crate::otel::TRACEPARENT.to_owned(), traceparent.to_owned());
+        if let Some(state) = tracestate {
+            headers.insert(crate::otel::TRACESTATE.to_owned(), state.to_owned());
+        }
+        crate::otel::extract(&headers).is_some()
+    }
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use cqrs_core::codec::{Codec, DefaultCodec};

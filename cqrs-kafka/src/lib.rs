@@ -37,6 +37,7 @@
 
 mod access;
 mod admin;
+mod bookkeeping;
 mod commit_gate;
 mod config;
 mod consumer;

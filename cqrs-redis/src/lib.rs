@@ -40,6 +40,20 @@ use cqrs_core::{Message, StartFrom};
 
 use crate::conn::{Conn, Connector};
 
+/// Entry points for the fuzz targets in `fuzz/`: decoders of what comes from the server.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The message in a stream entry (its id and fields as the server sent them), and why it is
+    /// malformed if it is.
+    pub fn decode_entry(
+        id: &str,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> (cqrs_core::Message, Option<String>) {
+        crate::consumer::decode(id, fields)
+    }
+}
+
 pub use admin::{ConsumerStats, GroupStats, PendingEntry, StreamStats};
 pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
 pub use error::{Error, Result};
