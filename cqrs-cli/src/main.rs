@@ -387,6 +387,12 @@ async fn inspect(
                 g.oldest_pending_idle.map_or("-".to_owned(), human),
                 g.last_delivered_id
             ));
+            if g.trimmed_unread > 0 {
+                text.push_str(&format!(
+                    "    WARNING: {} entries were trimmed (MAXLEN) before this group read them\n",
+                    g.trimmed_unread
+                ));
+            }
             for c in &consumers {
                 text.push_str(&format!(
                     "    consumer {:<38} pending {:>8}  idle {:>8}\n",
@@ -417,6 +423,7 @@ async fn inspect(
                 "pending": g.pending,
                 "oldest_pending_idle_ms": g.oldest_pending_idle.map(ms),
                 "last_delivered_id": g.last_delivered_id,
+                "trimmed_unread": g.trimmed_unread,
                 "consumers": consumers.iter().map(|c| json!({
                     "name": c.name, "pending": c.pending, "idle_ms": ms(c.idle),
                 })).collect::<Vec<_>>(),

@@ -38,6 +38,10 @@ pub struct GroupStats {
     pub consumers: u64,
     /// The last id delivered to the group.
     pub last_delivered_id: String,
+    /// Entries deleted from the stream before this group read them (`MAXLEN` trimming with the
+    /// group behind): lost to it. From the group's read counter (Redis 7 and later; 0 when Redis
+    /// cannot tell).
+    pub trimmed_unread: u64,
 }
 
 impl RedisBackend {
@@ -51,6 +55,7 @@ impl RedisBackend {
             .query_async(&mut conn)
             .await
             .map_err(|e| Error::redis(format!("XLEN {stream}"), e))?;
+        let added = added_and_length(&mut conn, stream).await?;
         let mut groups = Vec::new();
         for g in group_infos(&mut conn, stream).await? {
             let name = value::get(&g, "name")
@@ -74,7 +79,11 @@ impl RedisBackend {
             } else {
                 None
             };
+            let last_delivered_id = value::get(&g, "last-delivered-id")
+                .and_then(value::text)
+                .unwrap_or_default();
             groups.push(GroupStats {
+                trimmed_unread: group_deleted_unread(added, &g),
                 lag: value::get(&g, "lag")
                     .and_then(value::int)
                     .map(|l| l.max(0) as u64),
@@ -83,9 +92,7 @@ impl RedisBackend {
                 consumers: value::get(&g, "consumers")
                     .and_then(value::int)
                     .unwrap_or(0) as u64,
-                last_delivered_id: value::get(&g, "last-delivered-id")
-                    .and_then(value::text)
-                    .unwrap_or_default(),
+                last_delivered_id,
                 name,
             });
         }
@@ -191,7 +198,40 @@ impl RedisBackend {
     }
 }
 
-async fn group_infos(conn: &mut crate::conn::Conn, stream: &str) -> Result<Vec<Value>> {
+/// `entries-added` and `length` of `stream` (`XINFO STREAM`, Redis 7 and later: `None` before,
+/// or when the stream does not exist).
+pub(crate) async fn added_and_length(
+    conn: &mut crate::conn::Conn,
+    stream: &str,
+) -> Result<Option<(i64, i64)>> {
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok(v) => Ok(value::get(&v, "entries-added")
+            .and_then(value::int)
+            .zip(value::get(&v, "length").and_then(value::int))),
+        Err(e) if e.to_string().contains("no such key") => Ok(None),
+        Err(e) => Err(Error::redis(format!("XINFO STREAM {stream}"), e)),
+    }
+}
+
+/// How many entries deleted from `stream` the group `g` (a row of `XINFO GROUPS`) never read
+/// (see [`value::deleted_unread`]); 0 when Redis cannot tell.
+pub(crate) fn group_deleted_unread(added_and_length: Option<(i64, i64)>, g: &Value) -> u64 {
+    let Some((added, length)) = added_and_length else {
+        return 0;
+    };
+    let delivered = value::get(g, "last-delivered-id")
+        .and_then(value::text)
+        .unwrap_or_default();
+    let read = value::get(g, "entries-read").and_then(value::int);
+    value::deleted_unread(added, length, read, &delivered).unwrap_or(0)
+}
+
+pub(crate) async fn group_infos(conn: &mut crate::conn::Conn, stream: &str) -> Result<Vec<Value>> {
     let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)

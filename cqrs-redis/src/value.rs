@@ -127,3 +127,19 @@ pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
+
+/// How many entries deleted from a stream's head (`MAXLEN` trimming: `entries-added` less the
+/// length, from `XINFO STREAM`) a group never read, from its read counter (`entries-read` of
+/// `XINFO GROUPS`, Redis 7 and later; none yet when it was handed nothing). `None` when Redis
+/// does not keep the counter for the group. `cqrs trim` deletes only what every group read, so
+/// on this backend's topics only `MAXLEN` trimming with a group behind makes this more than 0.
+pub(crate) fn deleted_unread(
+    entries_added: i64,
+    length: i64,
+    entries_read: Option<i64>,
+    last_delivered: &str,
+) -> Option<u64> {
+    let read = entries_read.or_else(|| (last_delivered == "0-0").then_some(0))?;
+    let deleted = entries_added.saturating_sub(length);
+    Some(deleted.saturating_sub(read).max(0) as u64)
+}

@@ -1422,3 +1422,78 @@ async fn acl_users_work_a_wrong_password_fails_at_once_and_a_stream_without_acce
         .unwrap();
     assert_eq!(len, 1, "only its owner's message");
 }
+
+/// `MAXLEN` trimming with a group behind drops entries the group never got. Redis says nothing;
+/// the group's stats count them (`trimmed_unread`) and its member warns. A group made after them
+/// neither counts them nor warns.
+#[tokio::test]
+async fn trimming_past_a_group_shows_in_its_stats_and_its_member_warns() {
+    let (_guard, logs) = support::captured_warnings();
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let stream = keys.add(&unique("trimmed"));
+    let (behind, fresh) = (unique("behind"), unique("fresh"));
+    let mut topology = Topology::new();
+    topology
+        .pool("default", &url)
+        .unwrap()
+        .stream("default", &stream, Vec::<String>::new())
+        .unwrap()
+        .max_len(&stream, 10)
+        .unwrap();
+    let backend = RedisBackend::from_topology(&topology).await.unwrap();
+    const WARNING: &str = "deleted before this group read them";
+    let group = |name: &str| {
+        let backend = backend.clone();
+        let stream = stream.clone();
+        let name = name.to_owned();
+        async move {
+            let stats = backend.stats(&stream).await.unwrap();
+            stats.groups.into_iter().find(|g| g.name == name).unwrap()
+        }
+    };
+
+    // The group exists from the beginning; nobody reads while 1,000 entries come.
+    drop(
+        backend
+            .subscribe(&Subscription::new(&behind, [&stream]))
+            .await
+            .unwrap(),
+    );
+    for from in [0, 500] {
+        let batch: Vec<Message> = (from..from + 500)
+            .map(|i| Message::new("Ping", i.to_string().into_bytes()))
+            .collect();
+        backend.publish(&stream, &batch).await.unwrap();
+    }
+    let length = backend.stats(&stream).await.unwrap().length;
+    assert!(length < 1000, "{length} entries kept: not trimmed");
+    let lost = group(&behind).await.trimmed_unread;
+    assert_eq!(lost, 1000 - length, "entries lost to the group behind");
+
+    // A group made now, at the end, is behind nothing: no flag, and its member does not warn.
+    let mut latest = backend
+        .subscribe(&Subscription::new(&fresh, [&stream]).start(StartFrom::Latest))
+        .await
+        .unwrap();
+    cqrs::conformance::receive_none(&mut *latest).await;
+    assert_eq!(group(&fresh).await.trimmed_unread, 0);
+    assert!(!logs.text().contains(WARNING), "{}", logs.text());
+
+    // The group behind starts reading: its member warns, naming the stream and the group.
+    let mut late = backend
+        .subscribe(&Subscription::new(&behind, [&stream]))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *late, length as usize).await;
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    let text = logs.text();
+    let warning = text
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning; logged: {text}"));
+    assert!(
+        warning.contains(&stream) && warning.contains(&behind),
+        "{warning}"
+    );
+}

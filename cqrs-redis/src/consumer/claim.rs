@@ -181,4 +181,33 @@ impl RedisConsumer {
         }
         Ok(())
     }
+
+    /// Warns when a stream lost entries this group had not read: `MAXLEN` trimming
+    /// (`Topology::max_len`) with the group behind. Redis drops them whether or not groups read
+    /// them, and says nothing. Once per stream, and again if more are lost.
+    pub(super) async fn warn_if_trimmed_unread(&mut self) -> Result<(), Error> {
+        for stream in self.streams.clone() {
+            let added = crate::admin::added_and_length(&mut self.conn, &stream).await?;
+            if added.is_none_or(|(added, length)| added <= length) {
+                continue;
+            }
+            let groups = crate::admin::group_infos(&mut self.conn, &stream).await?;
+            let lost = groups
+                .iter()
+                .find(|g| {
+                    value::get(g, "name").and_then(value::text).as_deref() == Some(&self.group)
+                })
+                .map_or(0, |g| crate::admin::group_deleted_unread(added, g));
+            if lost > self.trim_warned.get(&stream).copied().unwrap_or(0) {
+                tracing::warn!(
+                    %stream,
+                    group = %self.group,
+                    lost,
+                    "entries of the stream were deleted before this group read them (MAXLEN trimming with the group behind): they are lost to it; set max_len above the longest backlog, or trim with `cqrs trim`"
+                );
+                self.trim_warned.insert(stream.clone(), lost);
+            }
+        }
+        Ok(())
+    }
 }

@@ -30,6 +30,10 @@ use crate::{create_group_at, start_id, RedisOptions};
 /// How often consumers look for members to remove.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
+/// How often a member looks whether its streams were trimmed past its group (see
+/// `warn_if_trimmed_unread`).
+const TRIM_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a read of a group whose streams are in several cluster slots blocks on one slot
 /// before looking at the others.
 const MULTI_SLOT_BLOCK: Duration = Duration::from_millis(50);
@@ -103,6 +107,9 @@ pub(crate) struct RedisConsumer {
     acker: Arc<RedisAcker>,
     next_claim: Instant,
     next_cleanup: Instant,
+    next_trim_check: Instant,
+    /// Per stream, how many entries lost to trimming this member last warned of.
+    trim_warned: HashMap<Arc<str>, u64>,
 }
 
 impl RedisConsumer {
@@ -148,6 +155,8 @@ impl RedisConsumer {
             local,
             next_claim: Instant::now(),
             next_cleanup: Instant::now(),
+            next_trim_check: Instant::now(),
+            trim_warned: HashMap::new(),
             streams,
             slots,
             next_slot: 0,
@@ -354,6 +363,12 @@ impl RedisConsumer {
             self.next_cleanup = now + CLEANUP_EVERY;
             if let Err(e) = self.remove_idle_consumers().await {
                 tracing::warn!(group = %self.group, error = %e, "removing idle consumers failed");
+            }
+        }
+        if now >= self.next_trim_check {
+            self.next_trim_check = now + TRIM_CHECK_EVERY;
+            if let Err(e) = self.warn_if_trimmed_unread().await {
+                tracing::debug!(group = %self.group, error = %e, "looking for trimmed entries failed");
             }
         }
         if out.len() < max {
