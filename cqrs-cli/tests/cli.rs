@@ -869,3 +869,88 @@ fn a_malformed_kafka_setting_is_refused_without_echoing_it() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+/// The CLI on Redis over TLS with ACL users (`rediss://user:password@`): it trusts the CA
+/// `SSL_CERT_FILE` names and refuses the certificate without it; an authorized user inspects; a
+/// wrong password fails at once and a user without access to a stream gets an error naming the
+/// stream; no password is ever printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_acl_users_inspects_and_refusals_are_clear_without_the_password() {
+    let (app_pw, limited_pw, wrong_pw) = ("App-pw_7x9Q", "Lim-pw_3k2Z", "Wrong-pw_5m1T");
+    let server = support::RedisServer::start_tls(&[
+        &format!("app on >{app_pw} ~app-* +@all"),
+        &format!("limited on >{limited_pw} ~nothing-* +@all"),
+    ])
+    .await;
+    let stream = cqrs::conformance::unique("app-orders");
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("name")
+        .arg("Order")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let run = |user: &str, password: &str, trust: bool, args: &[&str]| {
+        let url = server.tls_url(Some((user, password)));
+        let mut cmd = Command::cargo_bin("cqrs").unwrap();
+        cmd.args(["--redis", url.as_str()]).args(args);
+        if trust {
+            cmd.env("SSL_CERT_FILE", server.ca());
+        } else {
+            cmd.env_remove("SSL_CERT_FILE");
+        }
+        let started = std::time::Instant::now();
+        let out = cmd.output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        for secret in [app_pw, limited_pw, wrong_pw] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "a password printed: {stdout}{stderr}"
+            );
+        }
+        (out.status.code(), stdout, stderr, started.elapsed())
+    };
+
+    // The CA not trusted: the certificate is refused, and said.
+    let (code, _, err, _) = run("app", app_pw, false, &["inspect"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // Trusted, authorized: the stream and its group.
+    let (code, out, err, _) = run("app", app_pw, true, &["--json", "inspect"]);
+    assert_eq!(code, Some(0), "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    let shown = member(&json["streams"], "stream", &stream);
+    member(&shown["groups"], "name", "g");
+
+    // A wrong password: refused at once.
+    let (code, _, err, took) = run("app", wrong_pw, true, &["inspect"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("WRONGPASS") || err.to_lowercase().contains("auth"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // No access to the stream: the error names it.
+    let (code, _, err, _) = run("limited", limited_pw, true, &["inspect"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&stream), "{err}");
+}

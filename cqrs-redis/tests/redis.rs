@@ -1199,111 +1199,15 @@ async fn a_second_redrive_of_a_topic_while_one_runs_is_refused() {
     assert_eq!(held, None, "the lock is released");
 }
 
-/// Redis over TLS (`rediss://`, feature `tls`): a redis-server with only a TLS port and a
+/// Redis over TLS (`rediss://`, feature `tls`): a redis-server with a TLS port and a
 /// certificate from a CA of the test's own. Without that CA trusted, connecting fails (the
 /// certificate is refused, and the error says so); with it (`SSL_CERT_FILE`, which OpenSSL
 /// reads), events go through end to end.
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
-    let dir = std::env::temp_dir().join(unique("cqrs-redis-tls"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=cqrs-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--tls-port", &port.to_string()])
-        .args([
-            "--tls-cert-file",
-            "server.pem",
-            "--tls-key-file",
-            "server.key",
-        ])
-        .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server");
-    let url = format!("rediss://localhost:{port}/0");
-    // The port answers once the server is up.
-    eventually("the TLS port listening", || async move {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
+    let server = RedisServer::start_tls(&[]).await;
+    let url = server.tls_url(None);
 
     // The system's CAs do not know the test's: refused, and said.
     let refused = cqrs::Error::from(
@@ -1317,7 +1221,7 @@ async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
         refused.report()
     );
 
-    std::env::set_var("SSL_CERT_FILE", dir.join("ca.pem"));
+    std::env::set_var("SSL_CERT_FILE", server.ca());
     let backend = RedisBackend::connect(&url).await.unwrap();
     let stream = unique("tls");
     let mut member = backend
@@ -1331,8 +1235,6 @@ async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
     let got = receive_n(&mut *member, 1).await;
     assert_eq!(got[0].message().payload, b"over tls");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
-    server.kill().await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Redis ACL users with key patterns: an authorized user works end to end; a wrong password

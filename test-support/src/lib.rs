@@ -131,6 +131,10 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With an append-only file in this folder, fsynced on every write.
     aof: Option<std::path::PathBuf>,
+    /// A TLS port beside the plain one, with the certificates in this folder.
+    tls: Option<(u16, std::path::PathBuf)>,
+    /// ACL users, each a rule as `ACL SETUSER` takes it.
+    users: Vec<String>,
 }
 
 #[cfg(feature = "redis")]
@@ -141,9 +145,49 @@ impl RedisServer {
             port,
             child: None,
             aof: None,
+            tls: None,
+            users: Vec::new(),
         };
         server.spawn().await;
         server
+    }
+
+    /// A server with a TLS port beside its plain one (certificates made by `scripts/certs`, for
+    /// `localhost` and 127.0.0.1; clients need not present one) and the ACL users `users`, each
+    /// a rule as `ACL SETUSER` takes it (`app on >secret ~app-* +@all`; no spaces in a word).
+    /// The default user stays, without a password, for the test's own set-up on the plain port.
+    pub async fn start_tls(users: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique("cqrs-redis-tls"));
+        let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/certs");
+        let made = Command::new("bash")
+            .arg(certs)
+            .arg(&dir)
+            .arg("server")
+            .status()
+            .expect("bash");
+        assert!(made.success(), "scripts/certs failed");
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            aof: None,
+            tls: Some((free_port(), dir)),
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// `rediss://[user:password@]localhost:PORT/0` to the TLS port of [`RedisServer::start_tls`].
+    pub fn tls_url(&self, credentials: Option<(&str, &str)>) -> String {
+        let (port, _) = self.tls.as_ref().expect("a server started with start_tls");
+        let userinfo = credentials.map_or(String::new(), |(u, p)| format!("{u}:{p}@"));
+        format!("rediss://{userinfo}localhost:{port}/0")
+    }
+
+    /// The CA that signed the TLS port's certificate, for `SSL_CERT_FILE`.
+    pub fn ca(&self) -> std::path::PathBuf {
+        let (_, dir) = self.tls.as_ref().expect("a server started with start_tls");
+        dir.join("ca.pem")
     }
 
     /// A server that keeps every write in an append-only file (`appendfsync always`), so that
@@ -156,6 +200,8 @@ impl RedisServer {
             port,
             child: None,
             aof: Some(dir),
+            tls: None,
+            users: Vec::new(),
         };
         server.spawn().await;
         server
@@ -180,6 +226,18 @@ impl RedisServer {
             None => {
                 cmd.args(["--save", "", "--appendonly", "no"]);
             }
+        }
+        if let Some((port, dir)) = &self.tls {
+            cmd.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem"));
+        }
+        for user in &self.users {
+            cmd.arg("--user").args(user.split_whitespace());
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -219,6 +277,9 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         if let Some(dir) = &self.aof {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((_, dir)) = &self.tls {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
