@@ -65,9 +65,15 @@ pub fn logs() {
 /// What is logged at WARN and above on this thread while the guard lives, as text: for a test on
 /// tokio's current-thread runtime (its tasks run on this thread) that asserts a warning.
 pub fn captured_warnings() -> (tracing::subscriber::DefaultGuard, CapturedLogs) {
+    captured_logs(tracing::Level::WARN)
+}
+
+/// What is logged at `level` and above on this thread while the guard lives (spans' fields
+/// included), as text; see [`captured_warnings`].
+pub fn captured_logs(level: tracing::Level) -> (tracing::subscriber::DefaultGuard, CapturedLogs) {
     let logs = CapturedLogs::default();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(logs.clone())
         .finish();
@@ -147,6 +153,19 @@ impl RedisServer {
             aof: None,
             tls: None,
             users: Vec::new(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// A server with the ACL users `users` (see [`RedisServer::start_tls`]), without TLS.
+    pub async fn start_with_users(users: &[&str]) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            aof: None,
+            tls: None,
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
         };
         server.spawn().await;
         server
