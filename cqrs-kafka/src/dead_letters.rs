@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,116 @@ use crate::{KafkaBackend, KafkaConfig};
 /// dead-letter topic `topic`.
 pub fn bookkeeping_group(topic: &str) -> String {
     format!("cqrs-dead-letters.{topic}")
+}
+
+/// The consumer group a redrive or purge of the dead-letter topic `topic` is a member of while
+/// it runs: one run per topic at a time (see [`RunLock`]).
+pub fn run_lock_group(topic: &str) -> String {
+    format!("cqrs-dead-letters.{topic}.running")
+}
+
+/// Notes that the lock member has joined its group (a rebalance ended).
+#[derive(Default)]
+struct Joined(AtomicBool);
+
+impl rdkafka::ClientContext for Joined {}
+
+impl rdkafka::consumer::ConsumerContext for Joined {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &rdkafka::consumer::Rebalance<'_>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One redrive or purge of a dead-letter topic at a time. A second run, while one runs, would
+/// list the same letters and publish them again (Kafka keeps the bookkeeping as committed
+/// offsets: the last commit wins). Kafka has no lock, so a run joins a consumer group of its own
+/// ([`run_lock_group`]; classic protocol, reading nothing) and goes on only if it is the group's
+/// one member; a run that dies leaves it after its session times out (6 s). Two runs starting
+/// at the same instant may both see two members: both are refused, none publishes twice.
+struct RunLock {
+    stop: Arc<AtomicBool>,
+    member: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunLock {
+    fn take(config: &KafkaConfig, topic: &str) -> Result<RunLock> {
+        let group = run_lock_group(topic);
+        let timeout = config.timeout;
+        let context = |what: &str| format!("{what} {group}, the lock of the runs on {topic}");
+        let mut c = config.admin_config();
+        c.set("group.id", &group)
+            .set("group.protocol", "classic")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest");
+        let member: BaseConsumer<Joined> = c
+            .create_with_context(Joined::default())
+            .map_err(|e| Error::kafka(context("joining"), e))?;
+        member
+            .subscribe(&[topic])
+            .map_err(|e| Error::kafka(context("joining"), e))?;
+        let deadline = Instant::now() + timeout * 3;
+        while !member.context().0.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
+                return Err(Error::kafka(
+                    context("joining"),
+                    KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+            Self::idle(&member);
+        }
+        let members = member
+            .fetch_group_list(Some(&group), timeout)
+            .map_err(|e| Error::kafka(context("describing"), e))?
+            .groups()
+            .iter()
+            .find(|g| g.name() == group)
+            .map_or(0, |g| g.members().len());
+        if members > 1 {
+            return Err(Error::Busy {
+                topic: topic.to_owned(),
+                group,
+                members,
+            });
+        }
+        // Stays a member (heartbeats, rebalances) until the run ends.
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("cqrs-kafka-run-lock".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        Self::idle(&member);
+                    }
+                    member.unsubscribe();
+                })
+                .map_err(|e| Error::Io("starting the run lock's thread", e))?
+        };
+        Ok(RunLock {
+            stop,
+            member: Some(thread),
+        })
+    }
+
+    /// Polls the member (which serves its group) and keeps it from reading anything.
+    fn idle(member: &BaseConsumer<Joined>) {
+        let _ = member.poll(Duration::from_millis(100));
+        if let Ok(assigned) = member.assignment() {
+            if assigned.count() > 0 {
+                let _ = member.pause(&assigned);
+            }
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The member leaves its group on its thread, which is not waited for.
+        drop(self.member.take());
+    }
 }
 
 /// One partition of a dead-letter topic as read.
@@ -289,6 +400,14 @@ impl Read {
 }
 
 impl KafkaBackend {
+    async fn run_lock(&self, topic: &str) -> Result<RunLock> {
+        let config = self.inner.config.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || RunLock::take(&config, &topic))
+            .await
+            .map_err(|_| Error::kafka("taking the run lock", KafkaError::Canceled))?
+    }
+
     async fn read_dead_letters(&self, topic: &str) -> Result<Read> {
         let config = self.inner.config.clone();
         let topic = topic.to_owned();
@@ -346,6 +465,7 @@ impl DeadLetterStore for KafkaBackend {
         topic: &str,
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let _lock = self.run_lock(topic).await?;
         let mut read = self.read_dead_letters(topic).await?;
         let chosen = read.chosen(ids);
         read.check_recordable(&chosen).await?;
@@ -359,6 +479,7 @@ impl DeadLetterStore for KafkaBackend {
 
     /// Records the chosen dead letters as done, in one commit of the bookkeeping group.
     async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
+        let _lock = self.run_lock(topic).await?;
         let mut read = self.read_dead_letters(topic).await?;
         let chosen = read.chosen(ids);
         read.check_recordable(&chosen).await?;

@@ -48,6 +48,17 @@ pub enum Error {
     /// A system call failed (starting the poll thread).
     #[error("{0} failed")]
     Io(&'static str, #[source] std::io::Error),
+    /// Another redrive or purge of the dead-letter topic is running (its lock group has other
+    /// members): a second would publish the same letters again.
+    #[error("another redrive or purge of {topic} is running ({members} members in {group}); a second one would publish the same letters again")]
+    Busy {
+        /// The dead-letter topic.
+        topic: String,
+        /// The lock group ([`crate::dead_letters::run_lock_group`]).
+        group: String,
+        /// Its members, this run's included.
+        members: usize,
+    },
     /// The record of what was redriven or purged from a dead-letter topic (the offsets of its
     /// bookkeeping group) cannot be read or written.
     #[error("dead-letter bookkeeping of group {group}, partition {partition}: {why}")]
@@ -112,6 +123,7 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Io(..)
             | Error::Bookkeeping { .. }
+            | Error::Busy { .. }
             | Error::Reserved(_)
             | Error::Authentication { .. }
             | Error::NotAuthorized { .. } => false,

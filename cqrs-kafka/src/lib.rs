@@ -60,7 +60,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 pub use config::{GroupProtocol, KafkaConfig};
 pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
-pub use dead_letters::bookkeeping_group;
+pub use dead_letters::{bookkeeping_group, run_lock_group};
 pub use error::{Error, Result};
 /// Locks `m`. Every update under these locks leaves the state consistent, so a lock poisoned by
 /// a panic elsewhere is still used.

@@ -1526,3 +1526,114 @@ async fn records_published_to_a_new_topic_from_many_tasks_are_all_written() {
         tasks * each
     );
 }
+
+/// One redrive (or purge) of a dead-letter topic at a time: while another run is a member of the
+/// topic's lock group, a redrive is refused naming the group, and nothing moves; once that run
+/// is gone, it redrives. Two redrives started together publish each letter at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_redrive_of_a_dead_letter_topic_while_one_runs_is_refused() {
+    use cqrs::DeadLetterStore;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let backend = backend().await;
+    let (topic, dead) = (unique("orders"), unique("orders-dead"));
+    let letters: Vec<cqrs::Message> = (0..5)
+        .map(|i| {
+            let mut m = cqrs::Message::new("X", format!("{i}").into_bytes());
+            m.metadata.headers.insert(dlq::TOPIC.into(), topic.clone());
+            m
+        })
+        .collect();
+    backend.publish(&dead, &letters).await.unwrap();
+    backend.ensure_topics(&[&topic]).await.unwrap();
+
+    // Another run: a member of the lock group.
+    let lock = cqrs_kafka::run_lock_group(&dead);
+    let other: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &lock)
+        .set("group.protocol", "classic")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    other.subscribe(&[&dead]).unwrap();
+    let other = std::sync::Arc::new(other);
+    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poller = {
+        let (other, polling) = (other.clone(), polling.clone());
+        std::thread::spawn(move || {
+            while polling.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = other.poll(Duration::from_millis(50));
+            }
+        })
+    };
+    eventually("the other run in the lock group", || {
+        let other = other.clone();
+        async move { other.assignment().is_ok_and(|a| a.count() > 0) }
+    })
+    .await;
+    let refused = backend.redrive(&dead, None).await.unwrap_err();
+    assert!(
+        refused.report().contains("another redrive") && refused.report().contains(&lock),
+        "{}",
+        refused.report()
+    );
+    let refused = backend.purge(&dead, None).await.unwrap_err();
+    assert!(refused.report().contains(&lock), "{}", refused.report());
+    assert_eq!(backend.dead_letters(&dead).await.unwrap().len(), 5);
+    assert_eq!(topic_len(&topic), 0, "nothing redriven");
+
+    // The other run ends (leaves the group): this one redrives.
+    polling.store(false, std::sync::atomic::Ordering::SeqCst);
+    poller.join().unwrap();
+    other.unsubscribe();
+    drop(other);
+    let first = backend.dead_letters(&dead).await.unwrap()[0].id.clone();
+    let redriven = eventually_ok("redriving once the other run left", || {
+        let backend = backend.clone();
+        let (dead, first) = (dead.clone(), first.clone());
+        async move { backend.redrive(&dead, Some(&[first])).await }
+    })
+    .await;
+    assert_eq!(redriven.len(), 1);
+
+    // Two at once: each letter back on its topic at most once; any refusal says why.
+    let (a, b) = tokio::join!(backend.redrive(&dead, None), backend.redrive(&dead, None));
+    for r in [&a, &b] {
+        if let Err(e) = r {
+            assert!(e.report().contains("another redrive"), "{}", e.report());
+        }
+    }
+    let redriven = a.as_ref().map_or(0, Vec::len) + b.as_ref().map_or(0, Vec::len);
+    assert!(redriven <= 4, "{redriven} redriven of the 4 left");
+    assert_eq!(
+        topic_len(&topic),
+        1 + redriven as i64,
+        "a letter published twice"
+    );
+}
+
+/// The records `topic` (4 partitions) holds.
+fn topic_len(topic: &str) -> i64 {
+    (0..4)
+        .map(|p| {
+            let (low, high) = support::kafka_watermarks(&brokers(), topic, p);
+            high - low
+        })
+        .sum()
+}
+
+/// `f`'s first `Ok`, retried while it fails (for at most 30 s).
+async fn eventually_ok<T, E: std::fmt::Debug, F, Fut>(what: &str, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{what}: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
