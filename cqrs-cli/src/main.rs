@@ -135,7 +135,7 @@ enum OutboxCommand {
 #[derive(Subcommand)]
 enum DeadLetters {
     /// Each dead letter: id, reason, attempts, handler, original topic, age.
-    List(Group),
+    List(Listing),
     /// Publishes dead letters back to their original topic (without the dead-letter headers,
     /// with `x-redriven-from`), then removes them from the dead letters (on Kafka: records them
     /// as done in the group `cqrs-dead-letters.<dead-letter topic>`).
@@ -151,6 +151,18 @@ struct Group {
     /// Its dead-letter topic, when not `<group>.dead-letter`.
     #[arg(long)]
     dead_letter_topic: Option<String>,
+}
+
+#[derive(Args)]
+struct Listing {
+    #[command(flatten)]
+    group: Group,
+    /// The most dead letters to show (a page: only that many are read from the broker).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Show those after this id (the `next` a page ended with).
+    #[arg(long)]
+    after: Option<String>,
 }
 
 #[derive(Args)]
@@ -525,20 +537,37 @@ fn dead_line(d: &DeadLetter) -> String {
 
 async fn list(
     store: &dyn DeadLetterStore,
-    group: &Group,
+    listing: &Listing,
     as_json: bool,
 ) -> Result<String, BoxError> {
-    let topic = dead_letter_topic(store, group).await?;
-    let dead = store.dead_letters(&topic).await?;
+    let topic = dead_letter_topic(store, &listing.group).await?;
+    let limit = listing.limit.max(1);
+    // One more than shown: whether there is a next page.
+    let mut dead = store
+        .dead_letters_page(&topic, listing.after.as_deref(), limit + 1)
+        .await?;
+    let more = dead.len() > limit;
+    dead.truncate(limit);
+    let next = more.then(|| dead.last().map(|d| d.id.clone())).flatten();
     if as_json {
         return Ok(pretty(&json!({
             "topic": topic,
             "dead_letters": dead.iter().map(dead_json).collect::<Vec<_>>(),
+            "next": next,
         })));
     }
-    let mut text = format!("{} dead letters on {topic}\n", dead.len());
+    let mut text = match &next {
+        Some(_) => format!(
+            "{} dead letters on {topic} (a page; more follow)\n",
+            dead.len()
+        ),
+        None => format!("{} dead letters on {topic}\n", dead.len()),
+    };
     for d in &dead {
         text.push_str(&dead_line(d));
+    }
+    if let Some(next) = next {
+        text.push_str(&format!("next page: --after {next}\n"));
     }
     Ok(text)
 }

@@ -954,3 +954,71 @@ async fn redis_over_tls_with_acl_users_inspects_and_refusals_are_clear_without_t
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&stream), "{err}");
 }
+
+/// `dead-letters list` shows a page (`--limit`, 100 by default) and the id to go on from
+/// (`next`, then `--after`); the pages together are the whole list, each letter once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_in_pages() {
+    let group = cqrs::conformance::unique("svc.paged");
+    let dead = format!("{group}.dead-letter");
+    let backend = RedisBackend::connect(&redis_url()).await.unwrap();
+    let letters: Vec<cqrs::Message> = (0..5)
+        .map(|i| cqrs::Message::new("X", format!("{i}").into_bytes()))
+        .collect();
+    cqrs::backend::Publisher::publish(&backend, &dead, &letters)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for expected in [2, 2, 1] {
+        let mut args = vec!["dead-letters", "list", group.as_str(), "--limit", "2"];
+        if let Some(a) = &after {
+            args.extend(["--after", a.as_str()]);
+        }
+        let page = cqrs_json(&args);
+        let ids: Vec<String> = page["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), expected, "{page}");
+        after = page["next"].as_str().map(str::to_owned);
+        assert_eq!(after.is_some(), expected == 2, "{page}");
+        seen.extend(ids);
+    }
+    let whole = cqrs_json(&["dead-letters", "list", group.as_str()]);
+    let whole: Vec<String> = whole["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, whole);
+    // The text says where the next page starts.
+    let out = cqrs(&[
+        "--redis",
+        &redis_url(),
+        "dead-letters",
+        "list",
+        &group,
+        "--limit",
+        "3",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("next page: --after {}", whole[2])),
+        "{text}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&dead)
+        .query_async(
+            &mut redis::Client::open(redis_url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+}

@@ -138,6 +138,26 @@ pub trait DeadLetterStore: Send + Sync {
     /// by partition, then offset).
     async fn dead_letters(&self, topic: &str) -> Result<Vec<DeadLetter>>;
 
+    /// At most `limit` of [`DeadLetterStore::dead_letters`], in the same order, after the one
+    /// whose id is `after` (from the first when `None`): a page, for topics too large to read
+    /// whole. The backends read only the page; this default reads the whole list.
+    async fn dead_letters_page(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let all = self.dead_letters(topic).await?;
+        let from = match after {
+            None => 0,
+            Some(after) => all
+                .iter()
+                .position(|d| d.id == after)
+                .map_or(all.len(), |i| i + 1),
+        };
+        Ok(all.into_iter().skip(from).take(limit).collect())
+    }
+
     /// Publishes each dead letter of `topic` (those with an id in `ids`, or all) back to the
     /// topic it came from as [`DeadLetter::redriven`] makes it, then removes it from `topic`.
     /// One at a time, in that order: a failure leaves a message either not yet redriven or

@@ -167,6 +167,18 @@ fn id(partition: i32, offset: i64) -> String {
 impl Read {
     /// Reads every partition of `topic` from its committed offset to its end.
     fn new(config: &KafkaConfig, topic: &str) -> Result<Read> {
+        Self::window(config, topic, None, None)
+    }
+
+    /// Reads `topic` by partition, then offset, from after `after` (a partition and offset;
+    /// from each partition's committed offset when `None`) until `limit` dead letters are read
+    /// (every partition to its end when `None`).
+    fn window(
+        config: &KafkaConfig,
+        topic: &str,
+        after: Option<(i32, i64)>,
+        limit: Option<usize>,
+    ) -> Result<Read> {
         let timeout = config.timeout;
         let context = |what: &str| format!("{what} of the dead letters on {topic}");
         let mut c = config.admin_config();
@@ -194,8 +206,8 @@ impl Read {
             .committed_offsets(all, timeout)
             .map_err(|e| Error::kafka(context("reading what was done"), e))?;
         let mut partitions = BTreeMap::new();
-        let mut assign = TopicPartitionList::new();
-        // The partitions still to read, with their end.
+        // The partitions to read, with where they start and end.
+        let mut starts: Vec<(i32, i64)> = Vec::new();
         let mut left: BTreeMap<i32, i64> = BTreeMap::new();
         for p in ids {
             let (low, high) = client
@@ -222,27 +234,73 @@ impl Read {
                 partition: p,
                 why,
             })?;
-            if done.next < high {
-                assign
-                    .add_partition_offset(topic, p, Offset::Offset(done.next))
-                    .map_err(|e| Error::kafka(context("choosing the offsets"), e))?;
+            let start = match after {
+                Some((ap, _)) if p < ap => high,
+                Some((ap, ao)) if p == ap => done.next.max(ao + 1),
+                _ => done.next,
+            };
+            if start < high {
+                starts.push((p, start));
                 left.insert(p, high);
             }
             partitions.insert(
                 p,
                 Partition {
-                    end: done.next,
+                    end: start,
                     done,
                     records: BTreeSet::new(),
                     letters: Vec::new(),
                 },
             );
         }
-        client
-            .assign(&assign)
-            .map_err(|e| Error::kafka(context("assigning the partitions"), e))?;
+        starts.sort_unstable();
+        // Every partition at once, or (a page) one after the other, in order.
+        let batches: Vec<Vec<(i32, i64)>> = match limit {
+            None => vec![starts],
+            Some(_) => starts.into_iter().map(|s| vec![s]).collect(),
+        };
         let deadline = Instant::now() + timeout * 3;
-        while !left.is_empty() {
+        for batch in batches {
+            let mut assign = TopicPartitionList::new();
+            for (p, start) in &batch {
+                assign
+                    .add_partition_offset(topic, *p, Offset::Offset(*start))
+                    .map_err(|e| Error::kafka(context("choosing the offsets"), e))?;
+            }
+            client
+                .assign(&assign)
+                .map_err(|e| Error::kafka(context("assigning the partitions"), e))?;
+            let mut left: BTreeMap<i32, i64> = batch
+                .iter()
+                .filter_map(|(p, _)| Some((*p, *left.get(p)?)))
+                .collect();
+            Self::read_until(&client, topic, &mut left, &mut partitions, limit, deadline)?;
+            let read: usize = partitions.values().map(|p| p.letters.len()).sum();
+            if limit.is_some_and(|l| read >= l) {
+                break;
+            }
+        }
+        Ok(Read {
+            topic: topic.to_owned(),
+            client: Arc::new(client),
+            partitions,
+            timeout,
+        })
+    }
+
+    /// Polls the assigned partitions until each of `left` reached its end (the offset given),
+    /// or `limit` dead letters are read in all.
+    fn read_until(
+        client: &BaseConsumer,
+        topic: &str,
+        left: &mut BTreeMap<i32, i64>,
+        partitions: &mut BTreeMap<i32, Partition>,
+        limit: Option<usize>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let context = |what: &str| format!("{what} of the dead letters on {topic}");
+        let mut read: usize = partitions.values().map(|p| p.letters.len()).sum();
+        while !left.is_empty() && limit.is_none_or(|l| read < l) {
             if Instant::now() > deadline {
                 return Err(Error::kafka(
                     context(&format!("reading partitions {:?}", left.keys())),
@@ -277,13 +335,9 @@ impl Read {
             let stored_at = crate::consumer::record_time_ms(&m);
             part.letters
                 .push((offset, DeadLetter::new(id(p, offset), message, stored_at)));
+            read += 1;
         }
-        Ok(Read {
-            topic: topic.to_owned(),
-            client: Arc::new(client),
-            partitions,
-            timeout,
-        })
+        Ok(())
     }
 
     fn letters(&self) -> impl Iterator<Item = (i32, i64, &DeadLetter)> {
@@ -456,6 +510,44 @@ impl DeadLetterStore for KafkaBackend {
     async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
         let read = self.read_dead_letters(topic).await?;
         Ok(read.letters().map(|(_, _, d)| d.clone()).collect())
+    }
+
+    /// Reads partitions one after the other, from after `after` (`partition:offset`), until
+    /// `limit` dead letters are read: what a page costs is bounded by it, not by the topic.
+    async fn dead_letters_page(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let after = match after {
+            None => None,
+            Some(id) => Some(
+                id.split_once(':')
+                    .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+                    .ok_or_else(|| {
+                        cqrs_core::Error::fatal(
+                            format!("listing the dead letters on {topic}"),
+                            format!(
+                                "`{}` is not a Kafka dead letter's id (partition:offset)",
+                                cqrs_core::dead_letter::bounded(id, 64)
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        let config = self.inner.config.clone();
+        let owned = topic.to_owned();
+        let read = tokio::task::spawn_blocking(move || {
+            Read::window(&config, &owned, after, Some(limit.max(1)))
+        })
+        .await
+        .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))??;
+        Ok(read
+            .letters()
+            .map(|(_, _, d)| d.clone())
+            .take(limit)
+            .collect())
     }
 
     /// Publishes each chosen dead letter back and waits for the broker's acknowledgement, then

@@ -53,6 +53,31 @@ impl DeadLetterStore for RedisBackend {
         Ok(exists)
     }
 
+    /// `XRANGE` from after `after` (exclusive), `COUNT limit`.
+    async fn dead_letters_page(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let pool = self.pool_for(topic)?;
+        let from = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(topic)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
+        Ok(value::entries(reply)
+            .into_iter()
+            .filter_map(dead_letter)
+            .take(limit)
+            .collect())
+    }
+
     /// The entries of the dead-letter stream `topic`, oldest first.
     async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
         let pool = self.pool_for(topic)?;

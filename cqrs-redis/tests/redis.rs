@@ -1399,3 +1399,20 @@ async fn trimming_past_a_group_shows_in_its_stats_and_its_member_warns() {
         "{warning}"
     );
 }
+
+/// Dead letters listed in pages (`XRANGE` from after the last one, `COUNT`) come out as the whole
+/// list does, each once.
+#[tokio::test]
+async fn dead_letters_read_in_pages_are_the_whole_list() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let dead = keys.add(&unique("paged-dead"));
+    let backend = RedisBackend::connect(&url).await.unwrap();
+    let letters: Vec<Message> = (0..11)
+        .map(|i| Message::new("X", format!("{i}").into_bytes()))
+        .collect();
+    backend.publish(&dead, &letters).await.unwrap();
+    for size in [1, 3, 4, 11, 20] {
+        support::pages_match_the_whole_list(&backend, &dead, size).await;
+    }
+}

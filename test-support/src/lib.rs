@@ -634,3 +634,39 @@ impl SecureKafka {
             .unwrap_or_else(|| panic!("secure.env has no {key}"))
     }
 }
+
+/// Reads the dead letters of `topic` in pages of `size` and checks them against the whole list:
+/// the same letters in the same order, none twice, each page full but the last; returns how many
+/// pages it took.
+pub async fn pages_match_the_whole_list(
+    store: &dyn cqrs::DeadLetterStore,
+    topic: &str,
+    size: usize,
+) -> usize {
+    let whole: Vec<String> = store
+        .dead_letters(topic)
+        .await
+        .expect("listing")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    let (mut paged, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = store
+            .dead_letters_page(topic, after.as_deref(), size)
+            .await
+            .expect("a page");
+        assert!(page.len() <= size, "a page of {} for {size}", page.len());
+        pages += 1;
+        assert!(pages <= whole.len() + 1, "paging does not end: {paged:?}");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        let full = page.len() == size;
+        paged.extend(page.into_iter().map(|d| d.id));
+        if !full {
+            break;
+        }
+    }
+    assert_eq!(paged, whole, "pages of {size} against the whole list");
+    pages
+}
