@@ -32,7 +32,7 @@ pub fn bookkeeping_group(topic: &str) -> String {
 }
 
 /// The consumer group a redrive or purge of the dead-letter topic `topic` is a member of while
-/// it runs: one run per topic at a time (see [`RunLock`]).
+/// it runs: one run per topic at a time (a second run, finding another member there, is refused).
 pub fn run_lock_group(topic: &str) -> String {
     format!("cqrs-dead-letters.{topic}.running")
 }

@@ -292,3 +292,110 @@ async fn a_dead_letter_topic_without_write_stops_the_group_and_loses_nothing() {
     let got = cqrs::conformance::receive_n(&mut *next, 1).await;
     assert_eq!(got[0].message().name, "Paid");
 }
+
+/// alice's READ on a topic taken away while her member consumes it (a DENY added by the super
+/// user): `receive` fails with an error naming the topic (the member stays, retrying); given
+/// back, the member goes on and every event is handled, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_taken_away_while_a_member_runs_is_an_error_naming_the_topic_and_loses_nothing() {
+    support::logs();
+    let broker = SecureKafka::shared();
+    let alice = alice(&broker, "SCRAM-SHA-256").await;
+    let topic = unique("ok-revoked");
+    alice.ensure_topics(&[&topic]).await.unwrap();
+    let group = unique("ok-revoked-g");
+    let mut member = alice
+        .subscribe(&Subscription::new(&group, [&topic]))
+        .await
+        .unwrap();
+    let publish = |from: u32| {
+        let alice = alice.clone();
+        let topic = topic.clone();
+        async move {
+            let batch: Vec<Message> = (from..from + 10)
+                .map(|n| Message::new("Paid", n.to_string().into_bytes()))
+                .collect();
+            alice.publish(&topic, &batch).await.unwrap();
+        }
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    publish(0).await;
+    while seen.len() < 10 {
+        let got = tokio::time::timeout(WAIT, member.receive(10))
+            .await
+            .expect("the first ten")
+            .unwrap();
+        seen.extend(
+            got.iter()
+                .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
+        );
+        cqrs::backend::Delivery::ack_all(got)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    let deny = [
+        "--deny-principal",
+        "User:alice",
+        "--operation",
+        "Read",
+        "--topic",
+        topic.as_str(),
+    ];
+    broker.acl(&[&["--add"][..], &deny[..]].concat());
+    publish(10).await;
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no error in {WAIT:?} without READ"
+        );
+        match tokio::time::timeout(Duration::from_secs(1), member.receive(10)).await {
+            Err(_) => {}
+            Ok(Err(e)) => break e,
+            // Fetched before the ACL changed, if any.
+            Ok(Ok(got)) => {
+                seen.extend(
+                    got.iter()
+                        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
+                );
+                cqrs::backend::Delivery::ack_all(got)
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+        }
+    };
+    assert!(
+        refused.report().contains(&topic) && refused.report().contains("not authorized"),
+        "{}",
+        refused.report()
+    );
+
+    broker.acl(&[&["--remove", "--force"][..], &deny[..]].concat());
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "after READ came back, only {seen:?}"
+        );
+        match tokio::time::timeout(Duration::from_secs(1), member.receive(10)).await {
+            Ok(Ok(got)) => {
+                seen.extend(
+                    got.iter()
+                        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
+                );
+                cqrs::backend::Delivery::ack_all(got)
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+            // Refused until the broker has the ACL back.
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+    let expected: std::collections::BTreeSet<String> = (0..20).map(|n| n.to_string()).collect();
+    assert_eq!(seen, expected);
+    member.close().await.unwrap();
+}

@@ -626,6 +626,24 @@ impl SecureKafka {
         SecureKafka { vars }
     }
 
+    /// Changes the broker's ACLs as the super user (`scripts/kafka acl`, Kafka's AclCommand:
+    /// `--add`/`--remove --force` and what it takes); panics if that fails.
+    pub fn acl(&self, args: &[&str]) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka");
+        let out = Command::new("bash")
+            .arg(script)
+            .args(["acl", self.get("PLAINTEXT")])
+            .args(args)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "scripts/kafka acl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// One of `PLAINTEXT` (the super user's listener), `SASL_SSL`, `SSL`, `CA`, `CLIENT_CERT`,
     /// `CLIENT_KEY`, `ALICE_PASSWORD`, `MALLORY_PASSWORD`.
     pub fn get(&self, key: &str) -> &str {
