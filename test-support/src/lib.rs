@@ -630,7 +630,7 @@ impl SecureKafka {
     /// `--add`/`--remove --force` and what it takes); panics if that fails.
     pub fn acl(&self, args: &[&str]) {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka");
-        let out = Command::new("bash")
+        let out = std::process::Command::new("bash")
             .arg(script)
             .args(["acl", self.get("PLAINTEXT")])
             .args(args)
