@@ -1,7 +1,8 @@
 //! [`EventBus`] publishes typed events; [`CommandBus`] sends typed commands.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use tracing::Instrument;
 
@@ -16,7 +17,8 @@ use crate::{Message, Metadata};
 ///
 /// A pinned topic (`#[event(topic = "...")]`) is used as it is; otherwise the name goes through the
 /// generator, which by default returns the name unchanged (Watermill's `GenerateTopic`). Give the
-/// same generator to buses and processors.
+/// same generator to buses and processors. A bus asks it once per event or command type, at the
+/// type's first publish, and keeps the answer: it must give the same topic every time.
 #[derive(Clone)]
 pub struct TopicNamer(Arc<dyn Fn(&str) -> String + Send + Sync>);
 
@@ -58,6 +60,16 @@ struct Outbox<C> {
     topics: TopicNamer,
     /// What the bus was told it publishes, for its manifest.
     declared: Vec<Descriptor>,
+    /// Per event or command type, where it goes, found at its first publish (the namer, a
+    /// user function, was called and its `String` made for every publish). Shared by clones;
+    /// a new namer starts a new one.
+    routes: Arc<RwLock<HashMap<(&'static str, Option<&'static str>), Arc<Route>>>>,
+}
+
+/// Where one type's messages go: its topic and the sent counter there.
+struct Route {
+    topic: String,
+    sent: crate::telemetry::Sent,
 }
 
 impl<C> Clone for Outbox<C> {
@@ -67,11 +79,36 @@ impl<C> Clone for Outbox<C> {
             codec: self.codec.clone(),
             topics: self.topics.clone(),
             declared: self.declared.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
 
 impl<C> Outbox<C> {
+    /// Where messages of `d` go.
+    fn route(&self, d: &Descriptor) -> Arc<Route> {
+        let key = (d.name, d.topic);
+        if let Some(route) = self
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return route.clone();
+        }
+        let topic = self.topics.topic_of(d);
+        let route = Arc::new(Route {
+            sent: crate::telemetry::Sent::new(self.publisher.system(), &topic),
+            topic,
+        });
+        self.routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(route)
+            .clone()
+    }
+
     /// Encodes `value` into a message; with the `otel` feature its headers carry the context of
     /// `span` (the `send` span).
     fn encode<T>(
@@ -137,16 +174,16 @@ impl<C> Outbox<C> {
         if events.is_empty() {
             return Ok(());
         }
-        let topic = self.topics.topic_of(d);
-        let span = self.span(&topic, events.len());
+        let route = self.route(d);
+        let span = self.span(&route.topic, events.len());
         let mut messages = events
             .iter()
             .map(|e| self.encode(d, *e, e.key(), Metadata::now(), &span));
         self.publisher
-            .publish_iter(&topic, &mut messages)
+            .publish_iter(&route.topic, &mut messages)
             .instrument(span.clone())
             .await?;
-        crate::telemetry::sent(self.publisher.system(), &topic, events.len());
+        route.sent.add(events.len());
         Ok(())
     }
 
@@ -161,14 +198,14 @@ impl<C> Outbox<C> {
     where
         C: Codec<T>,
     {
-        let topic = self.topics.topic_of(d);
-        let span = self.span(&topic, 1);
+        let route = self.route(d);
+        let span = self.span(&route.topic, 1);
         let message = self.encode(d, value, key, metadata, &span)?;
         self.publisher
-            .publish(&topic, std::slice::from_ref(&message))
+            .publish(&route.topic, std::slice::from_ref(&message))
             .instrument(span)
             .await?;
-        crate::telemetry::sent(self.publisher.system(), &topic, 1);
+        route.sent.add(1);
         Ok(())
     }
 }
@@ -206,6 +243,7 @@ macro_rules! bus_plumbing {
                         codec: Arc::new(codec),
                         topics: TopicNamer::default(),
                         declared: Vec::new(),
+                        routes: Arc::default(),
                     },
                 }
             }
@@ -223,6 +261,7 @@ macro_rules! bus_plumbing {
             /// Replaces how topics are named.
             pub fn topics(mut self, namer: TopicNamer) -> Self {
                 self.outbox.topics = namer;
+                self.outbox.routes = Arc::default();
                 self
             }
         }
