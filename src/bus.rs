@@ -63,8 +63,11 @@ struct Outbox<C> {
     /// Per event or command type, where it goes, found at its first publish (the namer, a
     /// user function, was called and its `String` made for every publish). Shared by clones;
     /// a new namer starts a new one.
-    routes: Arc<RwLock<HashMap<(&'static str, Option<&'static str>), Arc<Route>>>>,
+    routes: Arc<RwLock<Routes>>,
 }
+
+/// A type's route by its name and pinned topic.
+type Routes = HashMap<(&'static str, Option<&'static str>), Arc<Route>>;
 
 /// Where one type's messages go: its topic and the sent counter there.
 struct Route {
