@@ -79,9 +79,6 @@ impl RedisBackend {
             } else {
                 None
             };
-            let last_delivered_id = value::get(&g, "last-delivered-id")
-                .and_then(value::text)
-                .unwrap_or_default();
             groups.push(GroupStats {
                 trimmed_unread: group_deleted_unread(added, &g),
                 lag: value::get(&g, "lag")
@@ -92,7 +89,9 @@ impl RedisBackend {
                 consumers: value::get(&g, "consumers")
                     .and_then(value::int)
                     .unwrap_or(0) as u64,
-                last_delivered_id,
+                last_delivered_id: value::get(&g, "last-delivered-id")
+                    .and_then(value::text)
+                    .unwrap_or_default(),
                 name,
             });
         }
@@ -198,24 +197,31 @@ impl RedisBackend {
     }
 }
 
+/// `XINFO STREAM|GROUPS stream`; `None` when the stream does not exist.
+async fn xinfo(conn: &mut crate::conn::Conn, what: &str, stream: &str) -> Result<Option<Value>> {
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg(what)
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.to_string().contains("no such key") => Ok(None),
+        Err(e) => Err(Error::redis(format!("XINFO {what} {stream}"), e)),
+    }
+}
+
 /// `entries-added` and `length` of `stream` (`XINFO STREAM`, Redis 7 and later: `None` before,
 /// or when the stream does not exist).
 pub(crate) async fn added_and_length(
     conn: &mut crate::conn::Conn,
     stream: &str,
 ) -> Result<Option<(i64, i64)>> {
-    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async(conn)
-        .await;
-    match reply {
-        Ok(v) => Ok(value::get(&v, "entries-added")
+    Ok(xinfo(conn, "STREAM", stream).await?.and_then(|v| {
+        value::get(&v, "entries-added")
             .and_then(value::int)
-            .zip(value::get(&v, "length").and_then(value::int))),
-        Err(e) if e.to_string().contains("no such key") => Ok(None),
-        Err(e) => Err(Error::redis(format!("XINFO STREAM {stream}"), e)),
-    }
+            .zip(value::get(&v, "length").and_then(value::int))
+    }))
 }
 
 /// How many entries deleted from `stream` the group `g` (a row of `XINFO GROUPS`) never read
@@ -232,16 +238,9 @@ pub(crate) fn group_deleted_unread(added_and_length: Option<(i64, i64)>, g: &Val
 }
 
 pub(crate) async fn group_infos(conn: &mut crate::conn::Conn, stream: &str) -> Result<Vec<Value>> {
-    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await;
-    match reply {
-        Ok(v) => Ok(value::array(&v).to_vec()),
-        Err(e) if e.to_string().contains("no such key") => Ok(Vec::new()),
-        Err(e) => Err(Error::redis(format!("XINFO GROUPS {stream}"), e)),
-    }
+    Ok(xinfo(conn, "GROUPS", stream)
+        .await?
+        .map_or_else(Vec::new, |v| value::array(&v).to_vec()))
 }
 
 /// One member of a consumer group.

@@ -60,38 +60,14 @@ impl DeadLetterStore for RedisBackend {
         after: Option<&str>,
         limit: usize,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let pool = self.pool_for(topic)?;
         let from = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(topic)
-            .arg(&from)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit.max(1))
-            .query_async(&mut pool.conn.clone())
+        self.dead_letters_from(topic, &from, Some(limit.max(1)))
             .await
-            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
-        Ok(value::entries(reply)
-            .into_iter()
-            .filter_map(dead_letter)
-            .take(limit)
-            .collect())
     }
 
     /// The entries of the dead-letter stream `topic`, oldest first.
     async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let pool = self.pool_for(topic)?;
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(topic)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut pool.conn.clone())
-            .await
-            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
-        Ok(value::entries(reply)
-            .into_iter()
-            .filter_map(dead_letter)
-            .collect())
+        self.dead_letters_from(topic, "-", None).await
     }
 
     /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`). One redrive of
@@ -169,6 +145,30 @@ impl DeadLetterStore for RedisBackend {
 }
 
 impl RedisBackend {
+    /// The dead letters of `topic` from the id `from` (`XRANGE` syntax: `-`, or `(id` for after
+    /// it), at most `count` of them.
+    async fn dead_letters_from(
+        &self,
+        topic: &str,
+        from: &str,
+        count: Option<usize>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let pool = self.pool_for(topic)?;
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(topic).arg(from).arg("+");
+        if let Some(n) = count {
+            cmd.arg("COUNT").arg(n);
+        }
+        let reply: Value = cmd
+            .query_async(&mut pool.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XRANGE {topic}"), e))?;
+        Ok(value::entries(reply)
+            .into_iter()
+            .filter_map(dead_letter)
+            .collect())
+    }
+
     /// [`DeadLetterStore::redrive`] once its lock is held.
     async fn redrive_locked(
         &self,
