@@ -1,6 +1,6 @@
 //! Topics (created on first use) and the consumer groups of a service with their backlog.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
@@ -237,17 +237,20 @@ fn group_backlogs(
     // Asked in lists of at most 256 partitions: librdkafka matches each answer to its request by
     // walking the list, so one request for every partition of every topic is quadratic (`cqrs
     // inspect` took 98 s of CPU on a broker with a thousand topics and a few hundred groups).
-    let mut lists: Vec<TopicPartitionList> = Vec::new();
-    for (topic, _, ends) in &out {
-        for &(p, _, _) in ends {
-            if lists.last().is_none_or(|l| l.count() >= 256) {
-                lists.push(TopicPartitionList::new());
-            }
-            if let Some(list) = lists.last_mut() {
+    let partitions: Vec<(&str, i32)> = out
+        .iter()
+        .flat_map(|(topic, _, ends)| ends.iter().map(move |&(p, _, _)| (topic.as_str(), p)))
+        .collect();
+    let lists: Vec<TopicPartitionList> = partitions
+        .chunks(256)
+        .map(|chunk| {
+            let mut list = TopicPartitionList::new();
+            for &(topic, p) in chunk {
                 list.add_partition(topic, p);
             }
-        }
-    }
+            list
+        })
+        .collect();
     for g in listed.groups() {
         // A group that only commits offsets (no member ever joined it) has no protocol type.
         let consumer_group = matches!(g.protocol_type(), "consumer" | "");
@@ -255,35 +258,38 @@ fn group_backlogs(
             continue;
         }
         let reader = client(g.name())?;
-        let mut committed: std::collections::HashMap<(String, i32), Offset> =
-            std::collections::HashMap::new();
+        // By topic, then partition: looked up without making a key per partition.
+        let mut committed: HashMap<String, HashMap<i32, Offset>> = HashMap::new();
+        let mut failed = None;
         for list in &lists {
-            let answer = reader
-                .committed_offsets(list.clone(), timeout)
-                .map_err(|e| {
-                    Error::kafka(format!("reading the committed offsets of {}", g.name()), e)
-                });
-            let answer = match answer {
-                Ok(a) => a,
-                Err(e) => {
-                    drop_in_background(reader);
-                    return Err(e);
+            match reader.committed_offsets(list.clone(), timeout) {
+                Ok(answer) => {
+                    for e in answer.elements() {
+                        committed
+                            .entry(e.topic().to_owned())
+                            .or_default()
+                            .insert(e.partition(), e.offset());
+                    }
                 }
-            };
-            committed.extend(
-                answer
-                    .elements()
-                    .iter()
-                    .map(|e| ((e.topic().to_owned(), e.partition()), e.offset())),
-            );
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
         drop_in_background(reader);
+        if let Some(e) = failed {
+            return Err(Error::kafka(
+                format!("reading the committed offsets of {}", g.name()),
+                e,
+            ));
+        }
         for (topic, backlog, ends) in &mut out {
             let Ok(backlog) = backlog else { continue };
             let mut reads_topic = false;
             let mut lag = 0;
             for &(p, low, high) in ends.iter() {
-                let at = match committed.get(&(topic.clone(), p)) {
+                let at = match committed.get(topic.as_str()).and_then(|c| c.get(&p)) {
                     Some(Offset::Offset(o)) => {
                         reads_topic = true;
                         *o

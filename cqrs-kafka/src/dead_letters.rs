@@ -8,7 +8,6 @@
 //! the dead letters left.
 
 use std::collections::{BTreeMap, BTreeSet};
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +82,7 @@ impl RunLock {
             if Instant::now() >= deadline {
                 return Err(Error::kafka(
                     context("joining"),
-                    KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::OperationTimedOut),
+                    KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::OperationTimedOut),
                 ));
             }
             Self::idle(&member);
@@ -206,9 +205,8 @@ impl Read {
             .committed_offsets(all, timeout)
             .map_err(|e| Error::kafka(context("reading what was done"), e))?;
         let mut partitions = BTreeMap::new();
-        // The partitions to read, with where they start and end.
-        let mut starts: Vec<(i32, i64)> = Vec::new();
-        let mut left: BTreeMap<i32, i64> = BTreeMap::new();
+        // The partitions to read: (partition, start, end).
+        let mut starts: Vec<(i32, i64, i64)> = Vec::new();
         for p in ids {
             let (low, high) = client
                 .fetch_watermarks(topic, p, timeout)
@@ -240,8 +238,7 @@ impl Read {
                 _ => done.next,
             };
             if start < high {
-                starts.push((p, start));
-                left.insert(p, high);
+                starts.push((p, start, high));
             }
             partitions.insert(
                 p,
@@ -255,14 +252,14 @@ impl Read {
         }
         starts.sort_unstable();
         // Every partition at once, or (a page) one after the other, in order.
-        let batches: Vec<Vec<(i32, i64)>> = match limit {
+        let batches: Vec<Vec<(i32, i64, i64)>> = match limit {
             None => vec![starts],
             Some(_) => starts.into_iter().map(|s| vec![s]).collect(),
         };
         let deadline = Instant::now() + timeout * 3;
         for batch in batches {
             let mut assign = TopicPartitionList::new();
-            for (p, start) in &batch {
+            for (p, start, _) in &batch {
                 assign
                     .add_partition_offset(topic, *p, Offset::Offset(*start))
                     .map_err(|e| Error::kafka(context("choosing the offsets"), e))?;
@@ -270,10 +267,7 @@ impl Read {
             client
                 .assign(&assign)
                 .map_err(|e| Error::kafka(context("assigning the partitions"), e))?;
-            let mut left: BTreeMap<i32, i64> = batch
-                .iter()
-                .filter_map(|(p, _)| Some((*p, *left.get(p)?)))
-                .collect();
+            let mut left: BTreeMap<i32, i64> = batch.iter().map(|(p, _, end)| (*p, *end)).collect();
             Self::read_until(&client, topic, &mut left, &mut partitions, limit, deadline)?;
             let read: usize = partitions.values().map(|p| p.letters.len()).sum();
             if limit.is_some_and(|l| read >= l) {
