@@ -960,7 +960,8 @@ async fn redis_over_tls_with_acl_users_inspects_and_refusals_are_clear_without_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_in_pages() {
     let group = cqrs::conformance::unique("svc.paged");
-    let dead = format!("{group}.dead-letter");
+    let mut keys = support::Keys::new(&redis_url());
+    let dead = keys.add(&format!("{group}.dead-letter"));
     let backend = RedisBackend::connect(&redis_url()).await.unwrap();
     let letters: Vec<cqrs::Message> = (0..5)
         .map(|i| cqrs::Message::new("X", format!("{i}").into_bytes()))
@@ -1010,15 +1011,4 @@ async fn dead_letters_are_listed_in_pages() {
         text.contains(&format!("next page: --after {}", whole[2])),
         "{text}"
     );
-    let _: () = redis::cmd("DEL")
-        .arg(&dead)
-        .query_async(
-            &mut redis::Client::open(redis_url())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
 }

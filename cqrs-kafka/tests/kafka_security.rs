@@ -318,13 +318,11 @@ async fn read_taken_away_while_a_member_runs_is_an_error_naming_the_topic_and_lo
             alice.publish(&topic, &batch).await.unwrap();
         }
     };
-    let mut seen = std::collections::BTreeSet::new();
-    publish(0).await;
-    while seen.len() < 10 {
-        let got = tokio::time::timeout(WAIT, member.receive(10))
-            .await
-            .expect("the first ten")
-            .unwrap();
+    // Each payload seen, and the deliveries acked.
+    async fn take(
+        seen: &mut std::collections::BTreeSet<String>,
+        got: Vec<cqrs::backend::Delivery>,
+    ) {
         seen.extend(
             got.iter()
                 .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
@@ -333,6 +331,15 @@ async fn read_taken_away_while_a_member_runs_is_an_error_naming_the_topic_and_lo
             .await
             .map_err(|(e, _)| e)
             .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    publish(0).await;
+    while seen.len() < 10 {
+        let got = tokio::time::timeout(WAIT, member.receive(10))
+            .await
+            .expect("the first ten")
+            .unwrap();
+        take(&mut seen, got).await;
     }
 
     let deny = [
@@ -356,14 +363,7 @@ async fn read_taken_away_while_a_member_runs_is_an_error_naming_the_topic_and_lo
             Ok(Err(e)) => break e,
             // Fetched before the ACL changed, if any.
             Ok(Ok(got)) => {
-                seen.extend(
-                    got.iter()
-                        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
-                );
-                cqrs::backend::Delivery::ack_all(got)
-                    .await
-                    .map_err(|(e, _)| e)
-                    .unwrap();
+                take(&mut seen, got).await;
             }
         }
     };
@@ -383,14 +383,7 @@ async fn read_taken_away_while_a_member_runs_is_an_error_naming_the_topic_and_lo
         // Refused (an error) until the broker has the ACL back.
         if let Ok(Ok(got)) = tokio::time::timeout(Duration::from_secs(1), member.receive(10)).await
         {
-            seen.extend(
-                got.iter()
-                    .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned()),
-            );
-            cqrs::backend::Delivery::ack_all(got)
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            take(&mut seen, got).await;
         }
     }
     let expected: std::collections::BTreeSet<String> = (0..20).map(|n| n.to_string()).collect();

@@ -476,15 +476,12 @@ mod tests {
         let topic: Arc<str> = Arc::from(format!("{real}-raced").as_str());
         const PER_EPOCH: i64 = 1 << 32;
         let (offsets, epoch) = (consumer.acker.offsets.clone(), consumer.acker.epoch.clone());
-        let reassign = || {
-            state::assign(
-                &mut lock(&offsets),
-                &epoch,
-                true,
-                [(topic.clone(), 0, Some(0))],
-            );
-        };
-        reassign();
+        state::assign(
+            &mut lock(&offsets),
+            &epoch,
+            true,
+            [(topic.clone(), 0, Some(0))],
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let rebalancer = {
             let (offsets, epoch, topic, stop) =
