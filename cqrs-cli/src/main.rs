@@ -179,6 +179,10 @@ struct Select {
     /// Say what would be done and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// With `--all`, how many dead letters are read and acted on at a time: what the command
+    /// holds in memory is bounded by it, not by the topic.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    page: usize,
 }
 
 impl Group {
@@ -572,28 +576,110 @@ async fn list(
     Ok(text)
 }
 
-/// The chosen dead letters; an id that is not there is an error.
-async fn chosen(
-    store: &dyn DeadLetterStore,
-    s: &Select,
-) -> Result<(String, Vec<DeadLetter>), BoxError> {
-    let topic = dead_letter_topic(store, &s.group).await?;
-    let dead = store.dead_letters(&topic).await?;
-    if let Some(missing) = s.ids.iter().find(|id| !dead.iter().any(|d| &d.id == *id)) {
-        return Err(format!("no dead letter with id {missing} on {topic}").into());
-    }
-    let dead = dead
-        .into_iter()
-        .filter(|d| s.all || s.ids.contains(&d.id))
-        .collect();
-    Ok((topic, dead))
+/// The output of `redrive` and `purge`, written as it goes (a topic can hold more dead letters
+/// than fit in memory): a line per dead letter and a summary (text), or one JSON object whose
+/// list is written a dead letter at a time.
+struct Progress {
+    out: std::io::BufWriter<std::io::Stdout>,
+    json: bool,
+    items: u64,
+    /// The first write that failed; reported at [`Progress::finish`].
+    failed: Option<std::io::Error>,
 }
 
-fn ids(s: &Select) -> Option<&[String]> {
-    if s.all {
-        None
-    } else {
-        Some(&s.ids)
+impl Progress {
+    /// Starts the output; in JSON, the object up to its list `key`.
+    fn start(json: bool, topic: &str, dry_run: bool, key: &str) -> Progress {
+        let mut p = Progress {
+            out: std::io::BufWriter::new(std::io::stdout()),
+            json,
+            items: 0,
+            failed: None,
+        };
+        if json {
+            let head = format!(
+                "{{\"topic\": {}, \"dry_run\": {dry_run}, \"{key}\": [",
+                Value::from(topic)
+            );
+            p.write(&head);
+        }
+        p
+    }
+
+    fn write(&mut self, text: &str) {
+        use std::io::Write as _;
+        if self.failed.is_none() {
+            if let Err(e) = self.out.write_all(text.as_bytes()) {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    fn item(&mut self, d: &DeadLetter) {
+        let text = if self.json {
+            let sep = if self.items == 0 { "\n  " } else { ",\n  " };
+            format!("{sep}{}", dead_json(d))
+        } else {
+            dead_line(d)
+        };
+        self.items += 1;
+        self.write(&text);
+    }
+
+    /// Ends the output: in JSON, the list and `key: n`; in text, `summary`.
+    fn finish(mut self, key: &str, n: u64, summary: &str) -> Result<String, BoxError> {
+        use std::io::Write as _;
+        let tail = if self.json {
+            format!("\n], \"{key}\": {n}}}\n")
+        } else {
+            format!("{summary}\n")
+        };
+        self.write(&tail);
+        if let Err(e) = self.out.flush() {
+            self.failed.get_or_insert(e);
+        }
+        match self.failed {
+            Some(e) => Err(format!("writing the output: {e}").into()),
+            None => Ok(String::new()),
+        }
+    }
+}
+
+/// The dead letters chosen by id, each of which must be there.
+async fn by_id(
+    store: &dyn DeadLetterStore,
+    topic: &str,
+    ids: &[String],
+) -> Result<Vec<DeadLetter>, BoxError> {
+    let dead = store.dead_letters_by_id(topic, ids).await?;
+    if let Some(missing) = ids.iter().find(|id| !dead.iter().any(|d| &d.id == *id)) {
+        return Err(format!("no dead letter with id {missing} on {topic}").into());
+    }
+    Ok(dead)
+}
+
+/// Every dead letter of `topic`, a page at a time, to `each` (what a dry run of `--all` shows).
+async fn each_page(
+    store: &dyn DeadLetterStore,
+    topic: &str,
+    size: usize,
+    mut each: impl FnMut(&DeadLetter),
+) -> Result<u64, BoxError> {
+    let size = size.max(1);
+    let mut after: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let page = store
+            .dead_letters_page(topic, after.as_deref(), size)
+            .await?;
+        for d in &page {
+            each(d);
+            n += 1;
+        }
+        match page.last() {
+            Some(last) if page.len() == size => after = Some(last.id.clone()),
+            _ => return Ok(n),
+        }
     }
 }
 
@@ -602,48 +688,72 @@ async fn redrive(
     s: &Select,
     as_json: bool,
 ) -> Result<String, BoxError> {
-    let (topic, dead) = chosen(store, s).await?;
-    let done = if s.dry_run {
-        dead
+    let topic = dead_letter_topic(store, &s.group).await?;
+    // By id: each must be there before anything moves.
+    let chosen = if s.all {
+        None
     } else {
-        store.redrive(&topic, ids(s)).await?
+        Some(by_id(store, &topic, &s.ids).await?)
+    };
+    let mut out = Progress::start(as_json, &topic, s.dry_run, "redriven");
+    let n = match (chosen, s.dry_run) {
+        (Some(chosen), true) => {
+            chosen.iter().for_each(|d| out.item(d));
+            chosen.len() as u64
+        }
+        (Some(_), false) => {
+            let done = store.redrive(&topic, Some(&s.ids)).await?;
+            done.iter().for_each(|d| out.item(d));
+            done.len() as u64
+        }
+        (None, true) => each_page(store, &topic, s.page, |d| out.item(d)).await?,
+        (None, false) => {
+            store
+                .redrive_all(&topic, s.page, &mut |d| out.item(d))
+                .await?
+        }
     };
     let verb = if s.dry_run {
         "would redrive"
     } else {
         "redrove"
     };
-    if as_json {
-        return Ok(pretty(&json!({
-            "topic": topic,
-            "dry_run": s.dry_run,
-            "redriven": done.iter().map(dead_json).collect::<Vec<_>>(),
-        })));
-    }
-    let mut text = format!("{verb} {} dead letters from {topic}\n", done.len());
-    for d in &done {
-        text.push_str(&dead_line(d));
-    }
-    Ok(text)
+    out.finish("count", n, &format!("{verb} {n} dead letters from {topic}"))
 }
 
 async fn purge(store: &dyn DeadLetterStore, s: &Select, as_json: bool) -> Result<String, BoxError> {
-    let (topic, dead) = chosen(store, s).await?;
-    let n = if s.dry_run {
-        dead.len() as u64
+    let topic = dead_letter_topic(store, &s.group).await?;
+    let chosen = if s.all {
+        None
     } else {
-        // What was listed, by id, with `--all` too: a letter dead-lettered since is not removed
-        // unseen.
-        let listed: Vec<String> = dead.iter().map(|d| d.id.clone()).collect();
-        store.purge(&topic, Some(&listed)).await?
+        Some(by_id(store, &topic, &s.ids).await?)
+    };
+    let mut out = Progress::start(as_json, &topic, s.dry_run, "purged");
+    let n = match (chosen, s.dry_run) {
+        (Some(chosen), true) => {
+            chosen.iter().for_each(|d| out.item(d));
+            chosen.len() as u64
+        }
+        (Some(chosen), false) => {
+            let n = store.purge(&topic, Some(&s.ids)).await?;
+            chosen.iter().for_each(|d| out.item(d));
+            n
+        }
+        (None, true) => each_page(store, &topic, s.page, |d| out.item(d)).await?,
+        // Only what is there when it starts, a page at a time: a letter dead-lettered since
+        // is not removed unseen.
+        (None, false) => {
+            store
+                .purge_all(&topic, s.page, &mut |d| out.item(d))
+                .await?
+        }
     };
     let verb = if s.dry_run { "would remove" } else { "removed" };
-    if as_json {
-        return Ok(pretty(
-            &json!({ "topic": topic, "dry_run": s.dry_run, "removed": n }),
-        ));
-    }
-    Ok(format!("{verb} {n} dead letters from {topic}\n"))
+    out.finish(
+        "removed",
+        n,
+        &format!("{verb} {n} dead letters from {topic}"),
+    )
 }
 
 async fn trim(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {

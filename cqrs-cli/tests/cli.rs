@@ -215,6 +215,26 @@ async fn dead_letters_are_listed_redriven_and_purged() {
     // A dry run changes nothing.
     let dry = cqrs_json(&["dead-letters", "redrive", &group, "--all", "--dry-run"]);
     assert_eq!(dry["redriven"].as_array().unwrap().len(), 2);
+    let text = cqrs(&[
+        "--redis",
+        &redis_url(),
+        "dead-letters",
+        "redrive",
+        &group,
+        "--all",
+        "--dry-run",
+        "--page",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with(&first), "{text}");
+    assert!(lines[1].contains("order 3 is refused"), "{text}");
+    assert_eq!(
+        lines[2],
+        format!("would redrive 2 dead letters from {dead_stream}")
+    );
     assert_eq!(entries(&dead_stream).await.len(), 2);
     assert_eq!(entries(&topic).await.len(), 4);
 
@@ -482,12 +502,27 @@ async fn dead_letters_on_kafka_are_listed_redriven_and_purged() {
     assert_eq!(dead[0]["attempts"], 1);
     assert!(dead[0]["age_ms"].as_u64().unwrap() < 60_000, "{listed}");
 
-    // A dry run changes nothing.
+    // A dry run changes nothing (read in pages of 2: all three, each once).
     let dry = cqrs_kafka_json(
         &brokers,
-        &["dead-letters", "redrive", &group, "--all", "--dry-run"],
+        &[
+            "dead-letters",
+            "redrive",
+            &group,
+            "--all",
+            "--dry-run",
+            "--page",
+            "2",
+        ],
     );
-    assert_eq!(dry["redriven"].as_array().unwrap().len(), 3);
+    let ids: Vec<&str> = dry["redriven"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["0:0", "0:1", "0:2"], "{dry}");
+    assert_eq!(dry["count"], 3);
     assert_eq!(records(&brokers, &topic).len(), 6);
 
     // The oldest: back on its topic, clean and marked; the committed offset moves past it.
@@ -525,8 +560,12 @@ async fn dead_letters_on_kafka_are_listed_redriven_and_purged() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("no dead letter with id 0:0"));
     assert_eq!(records(&brokers, &topic).len(), 7);
 
-    let purged = cqrs_kafka_json(&brokers, &["dead-letters", "purge", &group, "--all"]);
+    let purged = cqrs_kafka_json(
+        &brokers,
+        &["dead-letters", "purge", &group, "--all", "--page", "1"],
+    );
     assert_eq!(purged["removed"], 2);
+    assert_eq!(purged["purged"][1]["id"], "0:2", "{purged}");
     assert!(listed_ids(&brokers, &group).is_empty());
     assert_eq!(bookkeeping_lag(&brokers, &dead_topic), 0);
     assert_eq!(

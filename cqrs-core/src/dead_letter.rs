@@ -158,6 +158,16 @@ pub trait DeadLetterStore: Send + Sync {
         Ok(all.into_iter().skip(from).take(limit).collect())
     }
 
+    /// The dead letters on `topic` with an id in `ids`, in the order of
+    /// [`DeadLetterStore::dead_letters`]; an id that is not there (redriven, purged, never was) is
+    /// left out. The backends read only what the ids point at; this default reads the whole
+    /// list.
+    async fn dead_letters_by_id(&self, topic: &str, ids: &[String]) -> Result<Vec<DeadLetter>> {
+        let mut all = self.dead_letters(topic).await?;
+        all.retain(|d| ids.contains(&d.id));
+        Ok(all)
+    }
+
     /// Publishes each dead letter of `topic` (those with an id in `ids`, or all) back to the
     /// topic it came from as [`DeadLetter::redriven`] makes it, then removes it from `topic`.
     /// One at a time, in that order: a failure leaves a message either not yet redriven or
@@ -168,6 +178,46 @@ pub trait DeadLetterStore: Send + Sync {
     /// Removes the dead letters of `topic` with an id in `ids`, or all of them; returns how many
     /// went.
     async fn purge(&self, topic: &str, ids: Option<&[String]>) -> Result<u64>;
+
+    /// Redrives, as [`DeadLetterStore::redrive`] does, every dead letter on `topic` that is
+    /// there when it starts, `page` at a time: what it holds is bounded by `page`, not by the
+    /// topic. A letter dead-lettered while it runs (a redriven message failing again) is left
+    /// for the next run, so it ends. `each` sees each letter once it is back on its topic.
+    /// Returns how many were redriven. The backends read a page at a time; this default reads
+    /// the whole list.
+    async fn redrive_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> Result<u64> {
+        let _ = page;
+        let done = self.redrive(topic, None).await?;
+        for d in &done {
+            each(d);
+        }
+        Ok(done.len() as u64)
+    }
+
+    /// Removes, as [`DeadLetterStore::purge`] does, every dead letter on `topic` that is there
+    /// when it starts, `page` at a time, and only those: a letter dead-lettered meanwhile stays.
+    /// `each` sees each letter removed. Returns how many went. The backends read a page at a
+    /// time; this default reads the whole list.
+    async fn purge_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> Result<u64> {
+        let _ = page;
+        let dead = self.dead_letters(topic).await?;
+        let ids: Vec<String> = dead.iter().map(|d| d.id.clone()).collect();
+        let removed = self.purge(topic, Some(&ids)).await?;
+        for d in &dead {
+            each(d);
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]

@@ -67,13 +67,14 @@ impl Done {
         offset < self.next || self.above.contains(&offset)
     }
 
-    /// Marks `offset` done, then moves `next` past every done offset and every offset below
-    /// `end` that holds no record (`records`: the partition's records from `next` to `end`).
+    /// Marks `offset` done, then moves `next` past every done offset (read up to `end` or not)
+    /// and every offset below `end` that holds no record (`records`: the partition's records
+    /// from `next` to `end`).
     pub(crate) fn mark(&mut self, offset: i64, records: &BTreeSet<i64>, end: i64) {
         if offset >= self.next {
             self.above.insert(offset);
         }
-        while self.next < end && (self.above.contains(&self.next) || !records.contains(&self.next))
+        while self.above.contains(&self.next) || (self.next < end && !records.contains(&self.next))
         {
             self.above.remove(&self.next);
             self.next += 1;
@@ -129,6 +130,14 @@ mod tests {
         d.mark(11, &all, 20);
         assert_eq!((d.next, d.metadata().as_str()), (16, "v1:17"));
         assert!(d.contains(17) && d.contains(3) && !d.contains(16));
+    }
+
+    #[test]
+    fn offsets_done_beyond_what_was_read_move_the_offset_too() {
+        // 11 and 12 were redriven ahead of 10; a read by id of 10 alone ends at 11.
+        let mut d = Done::parse(Some(10), "v1:11-12,14", 0, 100).unwrap();
+        d.mark(10, &records(10..11), 11);
+        assert_eq!((d.next, d.metadata()), (13, "v1:14".to_owned()));
     }
 
     #[test]

@@ -156,7 +156,28 @@ struct Read {
     topic: String,
     client: Arc<BaseConsumer>,
     partitions: BTreeMap<i32, Partition>,
+    /// Each partition's end (high watermark) when it was read.
+    highs: BTreeMap<i32, i64>,
     timeout: Duration,
+}
+
+/// How far [`Read::window`] reads.
+#[derive(Default)]
+struct Window {
+    /// From after this partition and offset (from each partition's committed offset when
+    /// `None`).
+    after: Option<(i32, i64)>,
+    /// Until this many dead letters are read (every partition to its end when `None`).
+    limit: Option<usize>,
+    /// Only these partitions, each until this offset (exclusive) or its end, whichever comes
+    /// first (every partition to its end when `None`).
+    until: Option<BTreeMap<i32, i64>>,
+}
+
+/// A Kafka dead letter's id, `partition:offset`, read back.
+fn parse_id(id: &str) -> Option<(i32, i64)> {
+    id.split_once(':')
+        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
 }
 
 fn id(partition: i32, offset: i64) -> String {
@@ -166,18 +187,16 @@ fn id(partition: i32, offset: i64) -> String {
 impl Read {
     /// Reads every partition of `topic` from its committed offset to its end.
     fn new(config: &KafkaConfig, topic: &str) -> Result<Read> {
-        Self::window(config, topic, None, None)
+        Self::window(config, topic, &Window::default())
     }
 
-    /// Reads `topic` by partition, then offset, from after `after` (a partition and offset;
-    /// from each partition's committed offset when `None`) until `limit` dead letters are read
-    /// (every partition to its end when `None`).
-    fn window(
-        config: &KafkaConfig,
-        topic: &str,
-        after: Option<(i32, i64)>,
-        limit: Option<usize>,
-    ) -> Result<Read> {
+    /// Reads `topic` by partition, then offset, as far as `window` says.
+    fn window(config: &KafkaConfig, topic: &str, window: &Window) -> Result<Read> {
+        let Window {
+            after,
+            limit,
+            ref until,
+        } = *window;
         let timeout = config.timeout;
         let context = |what: &str| format!("{what} of the dead letters on {topic}");
         let mut c = config.admin_config();
@@ -205,12 +224,14 @@ impl Read {
             .committed_offsets(all, timeout)
             .map_err(|e| Error::kafka(context("reading what was done"), e))?;
         let mut partitions = BTreeMap::new();
+        let mut highs = BTreeMap::new();
         // The partitions to read: (partition, start, end).
         let mut starts: Vec<(i32, i64, i64)> = Vec::new();
         for p in ids {
             let (low, high) = client
                 .fetch_watermarks(topic, p, timeout)
                 .map_err(|e| Error::kafka(context("reading the watermarks"), e))?;
+            highs.insert(p, high);
             let done = match committed.find_partition(topic, p) {
                 Some(e) => {
                     if matches!(e.offset(), Offset::Offset(o) if o > high) {
@@ -237,8 +258,12 @@ impl Read {
                 Some((ap, ao)) if p == ap => done.next.max(ao + 1),
                 _ => done.next,
             };
-            if start < high {
-                starts.push((p, start, high));
+            let end = match until {
+                None => high,
+                Some(until) => until.get(&p).map_or(start, |u| high.min(*u)),
+            };
+            if start < end {
+                starts.push((p, start, end));
             }
             partitions.insert(
                 p,
@@ -267,8 +292,8 @@ impl Read {
             client
                 .assign(&assign)
                 .map_err(|e| Error::kafka(context("assigning the partitions"), e))?;
-            let mut left: BTreeMap<i32, i64> = batch.iter().map(|(p, _, end)| (*p, *end)).collect();
-            Self::read_until(&client, topic, &mut left, &mut partitions, limit, deadline)?;
+            let ends: BTreeMap<i32, i64> = batch.iter().map(|(p, _, end)| (*p, *end)).collect();
+            Self::read_until(&client, topic, &ends, &mut partitions, limit, deadline)?;
             let read: usize = partitions.values().map(|p| p.letters.len()).sum();
             if limit.is_some_and(|l| read >= l) {
                 break;
@@ -278,21 +303,23 @@ impl Read {
             topic: topic.to_owned(),
             client: Arc::new(client),
             partitions,
+            highs,
             timeout,
         })
     }
 
-    /// Polls the assigned partitions until each of `left` reached its end (the offset given),
-    /// or `limit` dead letters are read in all.
+    /// Polls the assigned partitions until each of `ends` reached its end (the offset given,
+    /// exclusive: nothing from there on is taken), or `limit` dead letters are read in all.
     fn read_until(
         client: &BaseConsumer,
         topic: &str,
-        left: &mut BTreeMap<i32, i64>,
+        ends: &BTreeMap<i32, i64>,
         partitions: &mut BTreeMap<i32, Partition>,
         limit: Option<usize>,
         deadline: Instant,
     ) -> Result<()> {
         let context = |what: &str| format!("{what} of the dead letters on {topic}");
+        let mut left = ends.clone();
         let mut read: usize = partitions.values().map(|p| p.letters.len()).sum();
         while !left.is_empty() && limit.is_none_or(|l| read < l) {
             if Instant::now() > deadline {
@@ -317,7 +344,7 @@ impl Read {
             let Some(part) = partitions.get_mut(&p) else {
                 continue;
             };
-            if offset < part.end {
+            if offset < part.end || ends.get(&p).is_none_or(|end| offset >= *end) {
                 continue;
             }
             part.end = offset + 1;
@@ -463,6 +490,30 @@ impl KafkaBackend {
             .await
             .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))?
     }
+
+    /// Reads `topic` as far as a window made by `window` says (on a blocking thread).
+    async fn read_window(&self, topic: &str, window: Window) -> Result<Read> {
+        let config = self.inner.config.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || Read::window(&config, &topic, &window))
+            .await
+            .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))?
+    }
+
+    /// Reads what the dead letters `ids` of `topic` need: each partition they name, from its
+    /// committed offset to the highest offset named.
+    async fn read_ids(&self, topic: &str, ids: &[String]) -> Result<Read> {
+        let mut until: BTreeMap<i32, i64> = BTreeMap::new();
+        for (p, o) in ids.iter().filter_map(|id| parse_id(id)) {
+            let end = until.entry(p).or_insert(0);
+            *end = (*end).max(o.saturating_add(1));
+        }
+        let window = Window {
+            until: Some(until),
+            ..Window::default()
+        };
+        self.read_window(topic, window).await
+    }
 }
 
 /// Redriving from a dead-letter topic: a dead letter is recorded as done (in the bookkeeping
@@ -516,27 +567,22 @@ impl DeadLetterStore for KafkaBackend {
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let after = match after {
             None => None,
-            Some(id) => Some(
-                id.split_once(':')
-                    .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
-                    .ok_or_else(|| {
-                        cqrs_core::Error::fatal(
-                            format!("listing the dead letters on {topic}"),
-                            format!(
-                                "`{}` is not a Kafka dead letter's id (partition:offset)",
-                                cqrs_core::dead_letter::bounded(id, 64)
-                            ),
-                        )
-                    })?,
-            ),
+            Some(id) => Some(parse_id(id).ok_or_else(|| {
+                cqrs_core::Error::fatal(
+                    format!("listing the dead letters on {topic}"),
+                    format!(
+                        "`{}` is not a Kafka dead letter's id (partition:offset)",
+                        cqrs_core::dead_letter::bounded(id, 64)
+                    ),
+                )
+            })?),
         };
-        let config = self.inner.config.clone();
-        let owned = topic.to_owned();
-        let read = tokio::task::spawn_blocking(move || {
-            Read::window(&config, &owned, after, Some(limit.max(1)))
-        })
-        .await
-        .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))??;
+        let window = Window {
+            after,
+            limit: Some(limit.max(1)),
+            until: None,
+        };
+        let read = self.read_window(topic, window).await?;
         Ok(read
             .letters()
             .map(|(_, _, d)| d.clone())
@@ -544,38 +590,157 @@ impl DeadLetterStore for KafkaBackend {
             .collect())
     }
 
+    /// Reads each partition the ids name from its committed offset to the highest offset
+    /// named.
+    async fn dead_letters_by_id(
+        &self,
+        topic: &str,
+        ids: &[String],
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let read = self.read_ids(topic, ids).await?;
+        Ok(read
+            .chosen(Some(ids))
+            .into_iter()
+            .map(|(_, _, d)| d)
+            .collect())
+    }
+
     /// Publishes each chosen dead letter back and waits for the broker's acknowledgement, then
-    /// records it as done (a commit of the bookkeeping group).
+    /// records it as done (a commit of the bookkeeping group). With ids, reads only what they
+    /// name (see [`DeadLetterStore::dead_letters_by_id`]).
     async fn redrive(
         &self,
         topic: &str,
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let _lock = self.run_lock(topic).await?;
-        let mut read = self.read_dead_letters(topic).await?;
+        let mut read = match ids {
+            Some(ids) => self.read_ids(topic, ids).await?,
+            None => self.read_dead_letters(topic).await?,
+        };
+        Ok(self.redrive_read(topic, &mut read, ids).await?)
+    }
+
+    /// Records the chosen dead letters as done, in one commit of the bookkeeping group. With
+    /// ids, reads only what they name.
+    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
+        let _lock = self.run_lock(topic).await?;
+        let mut read = match ids {
+            Some(ids) => self.read_ids(topic, ids).await?,
+            None => self.read_dead_letters(topic).await?,
+        };
+        let chosen = read.chosen(ids);
+        Ok(purge_read(&mut read, &chosen).await?)
+    }
+
+    /// Pages read from the bookkeeping group's committed offsets, each up to the partitions'
+    /// ends when it started, each redriven as [`DeadLetterStore::redrive`] does, under one run
+    /// lock.
+    async fn redrive_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> cqrs_core::Result<u64> {
+        let _lock = self.run_lock(topic).await?;
+        let mut pages = Pages::new(page);
+        let mut done = 0;
+        while let Some(mut read) = pages.next(self, topic).await? {
+            for d in self.redrive_read(topic, &mut read, None).await? {
+                each(&d);
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Pages as [`DeadLetterStore::redrive_all`] reads them, each recorded as done in one
+    /// commit.
+    async fn purge_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> cqrs_core::Result<u64> {
+        let _lock = self.run_lock(topic).await?;
+        let mut pages = Pages::new(page);
+        let mut removed = 0;
+        while let Some(mut read) = pages.next(self, topic).await? {
+            let chosen = read.chosen(None);
+            removed += purge_read(&mut read, &chosen).await?;
+            for (_, _, d) in &chosen {
+                each(d);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl KafkaBackend {
+    /// Redrives the dead letters of `read` with an id in `ids` (all when `None`).
+    async fn redrive_read(
+        &self,
+        topic: &str,
+        read: &mut Read,
+        ids: Option<&[String]>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let chosen = read.chosen(ids);
         read.check_recordable(&chosen).await?;
         let chosen = chosen.into_iter().map(|(p, o, d)| ((p, o), d)).collect();
         let mut redrive = Redriving {
             backend: self,
-            read: &mut read,
+            read,
         };
         redrive_each(topic, chosen, &mut redrive).await
     }
+}
 
-    /// Records the chosen dead letters as done, in one commit of the bookkeeping group.
-    async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
-        let _lock = self.run_lock(topic).await?;
-        let mut read = self.read_dead_letters(topic).await?;
-        let chosen = read.chosen(ids);
-        read.check_recordable(&chosen).await?;
-        for (p, o, _) in &chosen {
-            read.mark(*p, *o);
+/// Records `chosen` of `read` as done, in one commit; returns how many.
+async fn purge_read(read: &mut Read, chosen: &[(i32, i64, DeadLetter)]) -> Result<u64> {
+    read.check_recordable(chosen).await?;
+    for (p, o, _) in chosen {
+        read.mark(*p, *o);
+    }
+    let touched: BTreeSet<i32> = chosen.iter().map(|(p, _, _)| *p).collect();
+    if !touched.is_empty() {
+        read.commit(&touched).await?;
+    }
+    Ok(chosen.len() as u64)
+}
+
+/// A dead-letter topic read a page at a time, up to where each partition ended when the first
+/// page was read, each page after the last one's last letter (so even a page whose bookkeeping
+/// did not move is not read twice).
+struct Pages {
+    size: usize,
+    until: Option<BTreeMap<i32, i64>>,
+    after: Option<(i32, i64)>,
+}
+
+impl Pages {
+    fn new(size: usize) -> Pages {
+        Pages {
+            size: size.max(1),
+            until: None,
+            after: None,
         }
-        let touched: BTreeSet<i32> = chosen.iter().map(|(p, _, _)| *p).collect();
-        if !touched.is_empty() {
-            read.commit(&touched).await?;
+    }
+
+    /// The next page, `None` once there are no dead letters left in the span.
+    async fn next(&mut self, backend: &KafkaBackend, topic: &str) -> Result<Option<Read>> {
+        let window = Window {
+            after: self.after,
+            limit: Some(self.size),
+            until: self.until.clone(),
+        };
+        let read = backend.read_window(topic, window).await?;
+        if self.until.is_none() {
+            self.until = Some(read.highs.clone());
         }
-        Ok(chosen.len() as u64)
+        let Some((p, o, _)) = read.letters().last() else {
+            return Ok(None);
+        };
+        self.after = Some((p, o));
+        Ok(Some(read))
     }
 }

@@ -1664,3 +1664,20 @@ async fn dead_letters_read_in_pages_are_the_whole_list() {
         bad.report()
     );
 }
+
+/// `redrive_all` and `purge_all` read a page at a time (across partitions), up to where each
+/// partition ended when they started: every letter there then is redriven or purged once, in
+/// the list's order, and one dead-lettered meanwhile stays. By id, only what the ids name is
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_redriven_and_purged_in_pages_are_those_there_at_the_start() {
+    let backend = backend().await;
+    for size in [2, 3] {
+        let dead = unique("paged-redrive-dead");
+        let origin = unique("paged-redrive-origin");
+        support::paged_redrive_and_purge_take_only_what_was_there(
+            &backend, &dead, &origin, size, "0:999999",
+        )
+        .await;
+    }
+}

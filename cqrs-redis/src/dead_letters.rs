@@ -70,6 +70,35 @@ impl DeadLetterStore for RedisBackend {
         self.dead_letters_from(topic, "-", None).await
     }
 
+    /// `XRANGE id id` for each id, in one pipeline; an id that is not an entry id matches
+    /// nothing.
+    async fn dead_letters_by_id(
+        &self,
+        topic: &str,
+        ids: &[String],
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        let mut ids: Vec<(u64, u64)> = ids.iter().filter_map(|id| parse_id(id)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (ms, seq) in &ids {
+            let id = format!("{ms}-{seq}");
+            pipe.cmd("XRANGE").arg(topic).arg(&id).arg(&id);
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.pool_for(topic)?.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XRANGE {topic} (by id)"), e))?;
+        Ok(replies
+            .into_iter()
+            .flat_map(value::entries)
+            .filter_map(dead_letter)
+            .collect())
+    }
+
     /// Publishes each chosen dead letter back, then deletes its entry (`XDEL`). One redrive of
     /// a topic at a time: a second, while one runs, would publish the same letters again (it
     /// lists them before the first deletes them), so it is refused, naming the lock
@@ -79,44 +108,82 @@ impl DeadLetterStore for RedisBackend {
         topic: &str,
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let mut conn = self.pool_for(topic)?.conn.clone();
-        let lock = format!("cqrs:redrive-lock:{topic}");
-        let token = format!("{}-{}", std::process::id(), cqrs_core::now_millis());
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(&lock)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(600_000)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis(format!("SET {lock} NX"), e))?;
-        if taken.is_none() {
-            let left: i64 = redis::cmd("PTTL")
-                .arg(&lock)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(-1);
-            return Err(cqrs_core::Error::fatal(
-                format!("redriving {topic}"),
-                format!(
-                    "another redrive of {topic} is running (it holds {lock} for {left} ms more); a second one would publish the same letters again"
-                ),
-            ));
+        let mut lock = RedriveLock::take(self, topic).await?;
+        let result = async {
+            let chosen = match ids {
+                Some(ids) => self.dead_letters_by_id(topic, ids).await?,
+                None => self.dead_letters(topic).await?,
+            };
+            self.redrive_chosen(topic, chosen).await
         }
-        let result = self.redrive_locked(topic, ids).await;
-        // Released only if still this run's (it may have expired and been taken by another).
-        let released = redis::cmd("EVAL")
-            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
-            .arg(1)
-            .arg(&lock)
-            .arg(&token)
-            .query_async::<i64>(&mut conn)
-            .await;
-        if let Err(e) = released {
-            tracing::warn!(%topic, error = %e, "releasing the redrive lock failed; it expires in ten minutes");
-        }
+        .await;
+        lock.release().await;
         result
+    }
+
+    /// Pages of `XRANGE` up to the last entry there was when it started, each redriven as
+    /// [`DeadLetterStore::redrive`] does, under the same lock (its ten minutes renewed at each
+    /// page).
+    async fn redrive_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> cqrs_core::Result<u64> {
+        let mut lock = RedriveLock::take(self, topic).await?;
+        let result = async {
+            let mut done = 0;
+            let Some(last) = self.last_id(topic).await? else {
+                return Ok(0);
+            };
+            let mut from = "-".to_owned();
+            loop {
+                let chosen = self
+                    .dead_letters_range(topic, &from, &last, Some(page.max(1)))
+                    .await?;
+                let Some(next) = chosen.last().map(|d| format!("({}", d.id)) else {
+                    return Ok(done);
+                };
+                for d in self.redrive_chosen(topic, chosen).await? {
+                    each(&d);
+                    done += 1;
+                }
+                lock.renew().await?;
+                from = next;
+            }
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+
+    /// Pages of `XRANGE` up to the last entry there was when it started, each deleted with
+    /// `XDEL`.
+    async fn purge_all(
+        &self,
+        topic: &str,
+        page: usize,
+        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+    ) -> cqrs_core::Result<u64> {
+        let mut removed = 0;
+        let Some(last) = self.last_id(topic).await? else {
+            return Ok(0);
+        };
+        let mut from = "-".to_owned();
+        loop {
+            let chosen = self
+                .dead_letters_range(topic, &from, &last, Some(page.max(1)))
+                .await?;
+            let Some(next) = chosen.last().map(|d| format!("({}", d.id)) else {
+                return Ok(removed);
+            };
+            let ids: Vec<String> = chosen.iter().map(|d| d.id.clone()).collect();
+            removed += self.purge(topic, Some(&ids)).await?;
+            for d in &chosen {
+                each(d);
+            }
+            from = next;
+        }
     }
 
     /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,
@@ -153,9 +220,20 @@ impl RedisBackend {
         from: &str,
         count: Option<usize>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
+        self.dead_letters_range(topic, from, "+", count).await
+    }
+
+    /// The dead letters of `topic` from `from` to `to` (`XRANGE` syntax), at most `count`.
+    async fn dead_letters_range(
+        &self,
+        topic: &str,
+        from: &str,
+        to: &str,
+        count: Option<usize>,
+    ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let pool = self.pool_for(topic)?;
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(topic).arg(from).arg("+");
+        cmd.arg(topic).arg(from).arg(to);
         if let Some(n) = count {
             cmd.arg("COUNT").arg(n);
         }
@@ -169,26 +247,123 @@ impl RedisBackend {
             .collect())
     }
 
-    /// [`DeadLetterStore::redrive`] once its lock is held.
-    async fn redrive_locked(
+    /// The id of the last entry of `topic` (`XREVRANGE + - COUNT 1`), `None` when it has none.
+    async fn last_id(&self, topic: &str) -> cqrs_core::Result<Option<String>> {
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(topic)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.pool_for(topic)?.conn.clone())
+            .await
+            .map_err(|e| Error::redis(format!("XREVRANGE {topic}"), e))?;
+        Ok(value::entries(reply).into_iter().next().map(|e| e.id))
+    }
+
+    /// Redrives `chosen`, in order, once the lock is held.
+    async fn redrive_chosen(
         &self,
         topic: &str,
-        ids: Option<&[String]>,
+        chosen: Vec<DeadLetter>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let chosen: Vec<((), DeadLetter)> = self
-            .dead_letters(topic)
-            .await?
-            .into_iter()
-            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.id)))
-            .map(|d| ((), d))
-            .collect();
         let conn = self.pool_for(topic)?.conn.clone();
         let mut redrive = Redriving {
             backend: self,
             topic,
             conn,
         };
+        let chosen = chosen.into_iter().map(|d| ((), d)).collect();
         redrive_each(topic, chosen, &mut redrive).await
+    }
+}
+
+/// The lock one redrive of a dead-letter stream holds (`SET cqrs:redrive-lock:<topic> NX PX`):
+/// ten minutes, renewed by a run that pages.
+struct RedriveLock {
+    conn: crate::conn::Conn,
+    topic: String,
+    key: String,
+    token: String,
+}
+
+/// How long the lock holds without a renewal.
+const LOCK_MS: u64 = 600_000;
+
+impl RedriveLock {
+    /// Takes the lock of `topic`, or says who holds it for how long.
+    async fn take(backend: &RedisBackend, topic: &str) -> cqrs_core::Result<RedriveLock> {
+        let mut conn = backend.pool_for(topic)?.conn.clone();
+        let key = format!("cqrs:redrive-lock:{topic}");
+        let token = format!("{}-{}", std::process::id(), cqrs_core::now_millis());
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_MS)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis(format!("SET {key} NX"), e))?;
+        if taken.is_none() {
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(-1);
+            return Err(cqrs_core::Error::fatal(
+                format!("redriving {topic}"),
+                format!(
+                    "another redrive of {topic} is running (it holds {key} for {left} ms more); a second one would publish the same letters again"
+                ),
+            ));
+        }
+        Ok(RedriveLock {
+            conn,
+            topic: topic.to_owned(),
+            key,
+            token,
+        })
+    }
+
+    /// Gives the lock its ten minutes again; fails if it is not this run's any more (it
+    /// expired, and another run may have taken it).
+    async fn renew(&mut self) -> cqrs_core::Result<()> {
+        let renewed: i64 = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.token)
+            .arg(LOCK_MS)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis(format!("PEXPIRE {}", self.key), e))?;
+        if renewed == 1 {
+            return Ok(());
+        }
+        Err(cqrs_core::Error::fatal(
+            format!("redriving {}", self.topic),
+            format!(
+                "the redrive lock {} expired between two pages; stopped so that two runs do not publish the same letters",
+                self.key
+            ),
+        ))
+    }
+
+    /// Releases the lock if it is still this run's (it may have expired and been taken by
+    /// another).
+    async fn release(&mut self) {
+        let released = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.token)
+            .query_async::<i64>(&mut self.conn)
+            .await;
+        if let Err(e) = released {
+            let topic = &self.topic;
+            tracing::warn!(%topic, error = %e, "releasing the redrive lock failed; it expires in ten minutes");
+        }
     }
 }
 

@@ -1416,3 +1416,21 @@ async fn dead_letters_read_in_pages_are_the_whole_list() {
         support::pages_match_the_whole_list(&backend, &dead, size).await;
     }
 }
+
+/// `redrive_all` and `purge_all` read `XRANGE` pages up to the last entry there was when they
+/// started: every letter there then is redriven or purged once, in order, and one dead-lettered
+/// meanwhile stays. By id, `XRANGE id id` reads only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_redriven_and_purged_in_pages_are_those_there_at_the_start() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let backend = RedisBackend::connect(&url).await.unwrap();
+    for size in [1, 3, 7] {
+        let dead = keys.add(&unique("paged-redrive-dead"));
+        let origin = keys.add(&unique("paged-redrive-origin"));
+        support::paged_redrive_and_purge_take_only_what_was_there(
+            &backend, &dead, &origin, size, "1-1",
+        )
+        .await;
+    }
+}

@@ -688,3 +688,116 @@ pub async fn pages_match_the_whole_list(
     assert_eq!(paged, whole, "pages of {size} against the whole list");
     pages
 }
+
+/// Dead letters for `dead`, each from `origin` (with the headers a processor writes), keyed
+/// `k0`, `k1`, ... so that a Kafka topic spreads them over its partitions.
+pub fn dead_letters_from(origin: &str, n: usize, tag: &str) -> Vec<cqrs::Message> {
+    use cqrs::dead_letter::headers;
+    (0..n)
+        .map(|i| {
+            let mut m = cqrs::Message::new("X", format!("{tag}{i}").into_bytes())
+                .with_key(Some(format!("k{i}")));
+            let h = &mut m.metadata.headers;
+            h.insert(headers::TOPIC.into(), origin.into());
+            h.insert(headers::REASON.into(), "refused".into());
+            m
+        })
+        .collect()
+}
+
+/// `publish` from inside a synchronous callback (the `each` of `redrive_all`): the test's
+/// runtime must be multi-threaded.
+fn publish_now<S: cqrs::backend::Publisher>(store: &S, topic: &str, messages: &[cqrs::Message]) {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current()
+            .block_on(store.publish(topic, messages))
+            .expect("publishing from inside the callback");
+    });
+}
+
+/// `redrive_all` and `purge_all` in pages of `size` act on the dead letters that were on `dead`
+/// when they started, each once, in the list's order; a letter dead-lettered while they run
+/// (here, from inside their first callback) stays listed. Redriven letters are on `origin`
+/// with `x-redriven-from`. `dead_letters_by_id` finds the ids asked for, in the list's order,
+/// and leaves out `absent` (an id of the backend's form that is not there) and one that is not
+/// an id at all. Each of `dead` and `origin` must be a new topic.
+pub async fn paged_redrive_and_purge_take_only_what_was_there<S>(
+    store: &S,
+    dead: &str,
+    origin: &str,
+    size: usize,
+    absent: &str,
+) where
+    S: cqrs::DeadLetterStore + cqrs::backend::Publisher,
+{
+    let ids = |list: Vec<cqrs::DeadLetter>| list.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    store
+        .publish(dead, &dead_letters_from(origin, 7, "first-"))
+        .await
+        .unwrap();
+    let before = ids(store.dead_letters(dead).await.unwrap());
+    assert_eq!(before.len(), 7);
+
+    let asked = [
+        before[4].clone(),
+        absent.to_owned(),
+        before[1].clone(),
+        "not an id".to_owned(),
+    ];
+    let found = ids(store.dead_letters_by_id(dead, &asked).await.unwrap());
+    assert_eq!(found, [before[1].clone(), before[4].clone()], "by id");
+
+    let mut seen = Vec::new();
+    let redriven = store
+        .redrive_all(dead, size, &mut |d| {
+            if seen.is_empty() {
+                publish_now(store, dead, &dead_letters_from(origin, 1, "late-"));
+            }
+            seen.push(d.id.clone());
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, before, "redrive_all in pages of {size}");
+    assert_eq!(redriven, 7);
+    let left = store.dead_letters(dead).await.unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the late letter stays: {:?}",
+        ids(left.clone())
+    );
+    assert_eq!(left[0].message.payload, b"late-0");
+    let mut back: Vec<String> = store
+        .dead_letters(origin)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.message.metadata.headers[cqrs::dead_letter::REDRIVEN_FROM].clone())
+        .collect();
+    back.sort();
+    let mut expected = before.clone();
+    expected.sort();
+    assert_eq!(back, expected, "what is back on {origin}");
+
+    store
+        .publish(dead, &dead_letters_from(origin, 4, "second-"))
+        .await
+        .unwrap();
+    let before = ids(store.dead_letters(dead).await.unwrap());
+    assert_eq!(before.len(), 5);
+    let mut seen = Vec::new();
+    let removed = store
+        .purge_all(dead, size, &mut |d| {
+            if seen.is_empty() {
+                publish_now(store, dead, &dead_letters_from(origin, 1, "later-"));
+            }
+            seen.push(d.id.clone());
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, before, "purge_all in pages of {size}");
+    assert_eq!(removed, 5);
+    let left = store.dead_letters(dead).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message.payload, b"later-0");
+}
