@@ -216,8 +216,10 @@ async fn consume_on(
                 Err(BoxError::from("transient failure (injected)"))
             } else {
                 let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-                let waited = now_millis().saturating_sub(t.at_ms);
-                writeln!(f, "{} {waited}", t.seq).map_err(BoxError::from)
+                let now = now_millis();
+                let waited = now.saturating_sub(t.at_ms);
+                // seq, delay, and when (ms since the epoch: the order of a run's handlings).
+                writeln!(f, "{} {waited} {now}", t.seq).map_err(BoxError::from)
             };
             std::future::ready(result)
         })?
