@@ -15,8 +15,10 @@ use crate::lock;
 /// How long the gate waits for the answer to a commit it asked for before asking again.
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// How far a member has run ahead of what its group recorded: messages acked (their offsets
-/// stored) against those covered by the last successful commit. It asks for a commit every
+/// How far a member has run ahead of what its group recorded: messages acked against those
+/// covered by the last successful commit. An ack above an offset still pending on its partition
+/// (a message waiting for a retry) is not covered by any commit until that one is settled: the
+/// committer counts such acks as unrecorded (see [`spawn_committer`]). It asks for a commit every
 /// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
 /// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
 /// of piling up work that its partitions' next owner would do again.
@@ -28,6 +30,9 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct CommitGate {
     acked: AtomicU64,
     recorded: AtomicU64,
+    /// Of the acks counted when the last commit was made, those held above an offset still
+    /// pending (not recorded by it).
+    held: AtomicU64,
     /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
     /// An answer that does not come is given up on after [`ASK_AGAIN_AFTER`].
     asked_at: AtomicU64,
@@ -52,6 +57,7 @@ impl CommitGate {
         let gate = CommitGate {
             acked: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             asked_at: AtomicU64::new(0),
             born: std::time::Instant::now(),
             changed: tokio::sync::Notify::new(),
@@ -146,9 +152,15 @@ impl CommitGate {
         asked_at != 0 && now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
     }
 
-    /// Takes the answer to a commit made when `acked` acks had been counted: those are recorded
-    /// if it succeeded.
-    fn answer(&self, result: &KafkaResult<()>, acked: u64) {
+    /// The acks counted so far.
+    pub(crate) fn acked_count(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Takes the answer to a commit made when `acked` acks had been counted, of which `held`
+    /// were above an offset still pending (their offsets not stored): the others are recorded if
+    /// it succeeded.
+    fn answer(&self, result: &KafkaResult<()>, acked: u64, held: u64) {
         tracing::debug!(
             ?result,
             acked,
@@ -156,8 +168,9 @@ impl CommitGate {
             "the answer to a commit the gate asked for"
         );
         self.asked_at.store(0, Ordering::SeqCst);
+        self.held.store(held, Ordering::SeqCst);
         if self.refusal_of(result) {
-            self.recorded_up_to(acked);
+            self.recorded_up_to(acked.saturating_sub(held));
         }
     }
 
@@ -216,6 +229,18 @@ impl CommitGate {
     pub(crate) fn refusal(&self) -> Option<String> {
         lock(&self.refused).clone()
     }
+
+    /// Why the gate holds when no commit was refused: acks held behind a message still pending
+    /// (one being retried), if the last commit found any.
+    pub(crate) fn held_behind(&self) -> Option<String> {
+        match self.held.load(Ordering::SeqCst) {
+            0 => None,
+            held => Some(format!(
+                "{held} messages handled after one still pending (being retried) on their \
+                 partition wait for it: a commit cannot record them before it"
+            )),
+        }
+    }
 }
 
 /// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
@@ -227,12 +252,18 @@ fn should_ask(now: u64, asked_at: u64) -> bool {
 
 /// Starts the thread that makes the commits `gate` asks for, one at a time, each waiting for
 /// its answer (a commit of the offsets stored so far, NoOffset when nothing stored is
-/// uncommitted). It holds neither the gate nor the consumer: it ends when either is gone, or
-/// when the gate's requests end.
+/// uncommitted). Before each, `snapshot` reads the acks counted and how many of them are held
+/// above an offset still pending, in one instant (under the lock the acker stores offsets
+/// with): a held ack is not recorded by the commit, however it is answered. A soak run re-did
+/// 861 messages a member had handled in 220 ms while catching up, its commits "recording"
+/// them while a message at its partition's head waited for a retry and held the stored offset
+/// back, until the broker died. It holds neither the gate nor the consumer: it ends when either
+/// is gone, or when the gate's requests end.
 pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
     gate: Weak<CommitGate>,
     consumer: Weak<BaseConsumer<C>>,
     requests: Receiver<()>,
+    snapshot: impl Fn(&CommitGate) -> (u64, u64) + Send + 'static,
     name: String,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(name).spawn(move || {
@@ -240,9 +271,9 @@ pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
             let (Some(gate), Some(consumer)) = (gate.upgrade(), consumer.upgrade()) else {
                 return;
             };
-            let acked = gate.acked.load(Ordering::SeqCst);
+            let (acked, held) = snapshot(&gate);
             let result = consumer.commit_consumer_state(CommitMode::Sync);
-            gate.answer(&result, acked);
+            gate.answer(&result, acked, held);
         }
     })
 }
@@ -275,11 +306,11 @@ mod tests {
         gate.acked(2);
         assert!(gate.closed(), "5 unrecorded of 4");
         // The commit was made when 3 were acked.
-        gate.answer(&Ok(()), 3);
+        gate.answer(&Ok(()), 3, 0);
         assert_eq!(gate.unrecorded(), 2);
         assert!(!gate.closed());
         // A late answer of an older commit does not move it back.
-        gate.answer(&Ok(()), 1);
+        gate.answer(&Ok(()), 1, 0);
         assert_eq!(gate.unrecorded(), 2);
         // A refusal records nothing and says why.
         gate.answer(
@@ -287,12 +318,39 @@ mod tests {
                 RDKafkaErrorCode::RebalanceInProgress,
             )),
             5,
+            0,
         );
         assert_eq!(gate.unrecorded(), 2);
         assert!(gate.refusal().is_some());
         gate.periodic_answer(&Ok(()));
         assert!(gate.refusal().is_none());
         assert_eq!(gate.unrecorded(), 2, "a periodic answer records nothing");
+    }
+
+    #[test]
+    fn acks_held_behind_a_pending_offset_stay_unrecorded_through_commits() {
+        let (gate, _requests) = CommitGate::new(2, 10);
+        gate.acked(8);
+        // The commit was made with 8 acked, 6 of them above a message waiting for a retry.
+        gate.answer(&Ok(()), 8, 6);
+        assert_eq!(gate.unrecorded(), 6);
+        assert!(gate
+            .held_behind()
+            .is_some_and(|why| why.starts_with("6 messages")));
+        gate.acked(4);
+        assert!(
+            gate.closed(),
+            "10 unrecorded of 10, though every commit succeeded"
+        );
+        // The retried message settled: the next commit records them all.
+        gate.answer(
+            &Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
+            12,
+            0,
+        );
+        assert_eq!(gate.unrecorded(), 0);
+        assert!(!gate.closed());
+        assert!(gate.held_behind().is_none());
     }
 
     #[test]
@@ -305,6 +363,7 @@ mod tests {
                 RDKafkaErrorCode::StaleMemberEpoch,
             )),
             5,
+            0,
         );
         assert!(gate.closed(), "refused with 5 unrecorded: closed");
         // Revoked partitions: nothing left to record, so open, until `every` more.
@@ -312,7 +371,7 @@ mod tests {
         assert!(!gate.closed());
         gate.acked(5);
         assert!(gate.closed(), "still refused: closed again at 5");
-        gate.answer(&Ok(()), 10);
+        gate.answer(&Ok(()), 10, 0);
         assert!(!gate.closed(), "a commit succeeded");
         gate.acked(5);
         assert!(!gate.closed(), "commits succeed: open until 1000");
@@ -333,10 +392,11 @@ mod tests {
         gate.answer(
             &Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
             5,
+            0,
         );
         gate.acked(5);
         assert!(gate.closed(), "closed again at 5");
-        gate.answer(&Ok(()), 10);
+        gate.answer(&Ok(()), 10, 0);
         gate.acked(5);
         assert!(!gate.closed(), "a commit succeeded: open until 1000");
     }

@@ -1244,6 +1244,51 @@ async fn mock_cluster_a_partition_that_comes_back_after_a_refused_commit_resumes
     assert_eq!(committed(mock.brokers(), &group, &topic, 1), 11);
 }
 
+/// A message waiting for a retry holds its partition's committed offset back: what is handled
+/// after it is recorded by no commit, though every commit succeeds. The member counts those
+/// against `max_unrecorded` and stops there (before, it went on: a soak run re-did 861 messages
+/// a member had handled behind one such message when the broker died), and takes work again
+/// once the retried message is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handled_behind_one_waiting_for_a_retry_count_against_max_unrecorded() {
+    let backend = KafkaBackend::connect(
+        config(&brokers())
+            .partitions(1)
+            .commit_interval(Duration::from_secs(600))
+            .commit_every(5)
+            .max_unrecorded(20),
+    )
+    .await
+    .unwrap();
+    let topic = unique("held");
+    let (group, mut member) = published_then_joined(&backend, &topic, 60).await;
+    let head = cqrs::conformance::receive_n(&mut *member, 1)
+        .await
+        .remove(0);
+    assert_eq!(head.broker_id(), "0:0");
+    head.nack(Duration::from_secs(3))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    // One at a time, each acked: 20 pass, then the gate holds.
+    for _ in 0..20 {
+        let d = cqrs::conformance::receive_n(&mut *member, 1).await;
+        Delivery::ack_all(d).await.map_err(|(e, _)| e).unwrap();
+    }
+    cqrs::conformance::receive_none(&mut *member).await;
+    assert_eq!(committed(&brokers(), &group, &topic, 1), 0, "held at 0:0");
+    // The retry comes due (retries pass the gate): once it is handled, everything is recorded
+    // and the other 39 come.
+    let again = cqrs::conformance::receive_n(&mut *member, 1).await;
+    assert_eq!(again[0].broker_id(), "0:0");
+    assert_eq!(again[0].attempt(), 2);
+    Delivery::ack_all(again).await.map_err(|(e, _)| e).unwrap();
+    let rest = cqrs::conformance::receive_n(&mut *member, 39).await;
+    Delivery::ack_all(rest).await.map_err(|(e, _)| e).unwrap();
+    member.close().await.unwrap();
+    assert_eq!(committed(&brokers(), &group, &topic, 1), 60);
+}
+
 /// A member whose commits are refused stops handing out work once `max_unrecorded` handled
 /// messages are not recorded, instead of piling up work its partitions' next owner would redo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,14 @@ impl KafkaConsumer {
             Arc::downgrade(&gate),
             Arc::downgrade(&consumer),
             commit_requests,
+            {
+                let offsets = offsets.clone();
+                move |gate: &CommitGate| {
+                    // Under the lock acks store offsets with, and count after.
+                    let offsets = lock(&offsets);
+                    (gate.acked_count(), state::held(&offsets))
+                }
+            },
             format!("cqrs-kafka-commit-{}", subscription.group),
         )
         .map_err(|e| Error::Io("starting the commit thread", e))?;
@@ -381,6 +389,7 @@ impl Consumer for KafkaConsumer {
                     // that time is as good as a refusal.
                     let reason = gate
                         .refusal()
+                        .or_else(|| gate.held_behind())
                         .unwrap_or_else(|| "no commit succeeded in time".to_owned());
                     return Err(Error::CommitsRefused {
                         unrecorded: gate.unrecorded(),

@@ -43,6 +43,22 @@ impl PartitionState {
 
 pub(super) type Offsets = HashMap<(Arc<str>, i32), PartitionState>;
 
+/// How many messages were acked above an offset still pending on their partition (a message
+/// being handled, or waiting for a retry): their offsets cannot be stored, so no commit records
+/// them yet. Offsets without a record (transaction markers) count as acked: an overcount, on
+/// the safe side.
+pub(super) fn held(offsets: &Offsets) -> u64 {
+    offsets
+        .values()
+        .map(|s| match (s.pending.first(), s.next) {
+            (Some(first), Some(next)) => u64::try_from(next - first)
+                .unwrap_or(0)
+                .saturating_sub(s.pending.len() as u64),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Takes `parts` (topic, partition, start if known) as this member's in a new rebalance epoch:
 /// the whole assignment, or (`incremental`) added to it. Called with `offsets` locked: a record
 /// polled before, of a partition given again, is stale for `KafkaConsumer::delivery`, which
@@ -94,4 +110,28 @@ pub(super) struct Retry {
     pub(super) offset: i64,
     pub(super) message: Arc<Message>,
     pub(super) attempt: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_above_a_pending_offset_are_held_and_none_once_it_settles() {
+        let mut offsets = Offsets::new();
+        let mut s = PartitionState::new(0);
+        // 10..20 handed out; 10 waits for a retry, 15 and 16 are being handled.
+        s.next = Some(20);
+        s.pending = [10, 15, 16].into();
+        offsets.insert((Arc::from("t"), 0), s);
+        let mut other = PartitionState::new(0);
+        other.next = Some(7);
+        offsets.insert((Arc::from("t"), 1), other);
+        assert_eq!(held(&offsets), 7, "11-14 and 17-19");
+        if let Some(s) = offsets.get_mut(&(Arc::from("t"), 0)) {
+            s.pending.remove(&10);
+        }
+        // 11-14 can be stored now; 17-19 wait behind 15 and 16.
+        assert_eq!(held(&offsets), 3);
+    }
 }
