@@ -118,6 +118,83 @@ async fn a_rolled_back_transaction_sends_nothing_and_a_committed_one_is_relayed_
     relay.await.unwrap().unwrap();
 }
 
+/// Rows become visible when their transaction commits, not in `seq` order, and the relay reads
+/// from a cursor: a row whose transaction commits after rows stored later were relayed is
+/// relayed too, once. Its transaction stays open past the cursor's settling time (the skipped
+/// `seq` must be kept while a transaction that may write it runs), and a rolled-back row's `seq`
+/// does not stop the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_after_later_rows_were_relayed_is_relayed_too() {
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let topic = unique("seats");
+    let (store, outbox) = outbox(&pool, &broker, &topic).await;
+    let token = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay::new(pool.clone(), store.clone(), broker.clone())
+            .poll_interval(Duration::from_millis(50))
+            .run(token.clone()),
+    );
+    let seat = |show: &str, seat| SeatBooked {
+        show: show.into(),
+        seat,
+    };
+    let relayed = |show: &'static str| {
+        let (broker, topic) = (broker.clone(), topic.clone());
+        move || {
+            let n = seats(&broker, &topic)
+                .iter()
+                .filter(|(s, _)| s == show)
+                .count();
+            async move { n }
+        }
+    };
+    let mut slow = pool.begin().await.unwrap();
+    outbox.publish(&mut slow, &seat("slow", 0)).await.unwrap();
+    let mut rolled = pool.begin().await.unwrap();
+    outbox.publish(&mut rolled, &seat("gone", 0)).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..3 {
+        outbox.publish(&mut tx, &seat("fast", n)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    eventually("the later rows relayed", || {
+        let count = relayed("fast")();
+        async move { count.await == 3 }
+    })
+    .await;
+    // The open transaction outlives the cursor's settling time (1 s): its row's `seq` must not
+    // be given up meanwhile. Time passing is the point here, not a wait for something.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rolled.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for n in 3..6 {
+        outbox.publish(&mut tx, &seat("fast", n)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    eventually("rows after a rolled-back one relayed", || {
+        let count = relayed("fast")();
+        async move { count.await == 6 }
+    })
+    .await;
+    slow.commit().await.unwrap();
+    eventually("the row committed last relayed", || {
+        let count = relayed("slow")();
+        async move { count.await == 1 }
+    })
+    .await;
+    emptied(&store, &pool).await;
+    let all = seats(&broker, &topic);
+    assert_eq!(
+        all.len(),
+        7,
+        "each once, the rolled-back one never: {all:?}"
+    );
+    assert!(!all.iter().any(|(show, _)| show == "gone"));
+    token.cancel();
+    relay.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_send_each_event_once_in_commit_order_per_key() {
     let pool = pool().await;

@@ -18,6 +18,7 @@
 //! - **Schema.** Tables live in a schema of their own (`cqrs` unless [`OutboxStore::schema`]
 //!   names another), created by [`OutboxStore::migrate`].
 
+mod cursor;
 mod relay;
 mod store;
 

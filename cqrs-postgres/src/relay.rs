@@ -1,7 +1,7 @@
 //! The relay: forwards committed messages to a backend, one relay at a time.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cqrs_core::backend::Publisher;
 use cqrs_core::Message;
@@ -9,6 +9,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use crate::cursor::Cursor;
 use crate::store::{OutboxStore, Stored};
 use crate::{Error, Result};
 
@@ -33,14 +34,14 @@ impl std::fmt::Debug for OutboxRelay {
 }
 
 impl OutboxRelay {
-    /// A relay from `store` (in `pool`'s database) to `publisher`: batches of 100, polling every
+    /// A relay from `store` (in `pool`'s database) to `publisher`: batches of 500, polling every
     /// second besides notifications.
     pub fn new(pool: PgPool, store: OutboxStore, publisher: impl Publisher) -> Self {
         OutboxRelay {
             pool,
             store,
             publisher: Arc::new(publisher),
-            batch: 100,
+            batch: 500,
             poll: Duration::from_secs(1),
         }
     }
@@ -115,9 +116,10 @@ impl OutboxRelay {
         // before waiting. Read and not sent yet: the next batch.
         let mut sent: Vec<i64> = Vec::new();
         let mut ready: Vec<Stored> = Vec::new();
+        let mut reads = Reads::default();
         loop {
             if ready.is_empty() {
-                ready = self.store.oldest(&mut conn, &sent, &[], self.batch).await?;
+                ready = self.read(&mut conn, &mut reads, &sent, &[]).await?;
                 sent.clear();
             }
             if ready.is_empty() {
@@ -139,9 +141,7 @@ impl OutboxRelay {
             let deleting = std::mem::take(&mut sent);
             let publishing = self.publish_batch(std::mem::take(&mut ready));
             let (published, next) = if full {
-                let reading = self
-                    .store
-                    .oldest(&mut conn, &deleting, &sending, self.batch);
+                let reading = self.read(&mut conn, &mut reads, &deleting, &sending);
                 let (p, n) = tokio::join!(publishing, reading);
                 (p, Some(n))
             } else {
@@ -180,6 +180,44 @@ impl OutboxRelay {
                 sent.clear();
             }
         }
+    }
+
+    /// Deletes `sent`, then reads the next batch from where `reads` says, leaving out
+    /// `sending`; the cursor takes what was read.
+    async fn read(
+        &self,
+        conn: &mut PgConnection,
+        reads: &mut Reads,
+        sent: &[i64],
+        sending: &[i64],
+    ) -> Result<Vec<Stored>> {
+        let cursor = &mut reads.cursor;
+        if cursor.has_gaps()
+            && reads
+                .horizon_at
+                .is_none_or(|at| at.elapsed() >= HORIZON_EVERY)
+        {
+            let (xmin, xmax) = self.store.horizon(conn).await?;
+            let now = Instant::now();
+            cursor.horizon(xmin, xmax, now);
+            reads.horizon_at = Some(now);
+        }
+        let from = cursor.from();
+        // Rows at or below the cursor were read: only a scan from below it (a gap) meets those
+        // still being sent or deleted.
+        let excluded: Vec<i64> = sent
+            .iter()
+            .chain(sending)
+            .copied()
+            .filter(|seq| *seq > from)
+            .collect();
+        let rows = self
+            .store
+            .oldest(conn, sent, from, &excluded, self.batch)
+            .await?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        cursor.read(&seqs, Instant::now());
+        Ok(rows)
     }
 
     /// Sends `batch`, one publish per run of messages of one topic, stopping at the first
@@ -228,6 +266,17 @@ impl OutboxRelay {
             }
         }
     }
+}
+
+/// How often the relay reads the database's transaction horizon while gaps wait.
+const HORIZON_EVERY: Duration = Duration::from_millis(100);
+
+/// Where a leading relay reads from.
+#[derive(Default)]
+struct Reads {
+    cursor: Cursor,
+    /// When the horizon was last read.
+    horizon_at: Option<Instant>,
 }
 
 /// What sending a batch came to.

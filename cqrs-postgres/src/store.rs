@@ -205,29 +205,48 @@ impl OutboxStore {
     }
 
     /// Deletes `sent` (messages the broker took), then reads the oldest `limit` committed
-    /// messages but those of `sending` (being sent now), in the order they were stored.
+    /// messages with a `seq` above `from`, but those of `excluded` (being sent now, or in `sent`:
+    /// the statement's snapshot still sees them), in the order they were stored.
     pub(crate) async fn oldest(
         &self,
         conn: &mut PgConnection,
         sent: &[i64],
-        sending: &[i64],
+        from: i64,
+        excluded: &[i64],
         limit: usize,
     ) -> Result<Vec<Stored>> {
         let s = &self.schema;
-        // One round trip: the rows sent already go (the statement's snapshot still sees them,
-        // hence the filter), and the next ones are read.
+        // One round trip: the rows sent already go, and the next ones are read. The scan starts
+        // at `from` (an index range), not at the table's first row: below the relay's cursor are
+        // the rows it deleted, which stay in the index until a vacuum, and walking them made a
+        // read cost ~30 us a row (10,000 rows relayed: 213 ms in the database, 52 ms from the
+        // cursor).
         let rows = sqlx::query(&format!(
             "WITH gone AS (DELETE FROM {s}.outbox WHERE seq = ANY($1))
              SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
-             FROM {s}.outbox WHERE seq <> ALL($1) AND seq <> ALL($2) ORDER BY seq LIMIT $3"
+             FROM {s}.outbox WHERE seq > $2 AND seq <> ALL($3) ORDER BY seq LIMIT $4"
         ))
         .bind(sent)
-        .bind(sending)
+        .bind(from)
+        .bind(excluded)
         .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| Error::db(format!("reading {s}.outbox"), e))?;
         rows.iter().map(stored).collect()
+    }
+
+    /// The database's transaction horizon now: the oldest transaction still running (`xmin`)
+    /// and the next transaction id to be given (`xmax`), as 64-bit ids.
+    pub(crate) async fn horizon(&self, conn: &mut PgConnection) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax
+             FROM pg_current_snapshot() AS s",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| Error::db("reading the transaction horizon", e))?;
+        Ok((row.get("xmin"), row.get("xmax")))
     }
 
     /// Deletes the sent messages `seqs`.
