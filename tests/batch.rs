@@ -18,6 +18,8 @@ use cqrs::{
 mod common;
 
 type Calls = Arc<Mutex<Vec<Vec<u32>>>>;
+/// Each call's events as (key, seq).
+type KeyedCalls = Arc<Mutex<Vec<Vec<(String, u32)>>>>;
 
 fn fast_retries() -> RetryPolicy {
     RetryPolicy::attempts(3).backoff(Duration::from_millis(5), 1.0)
@@ -259,4 +261,61 @@ async fn a_panicking_batch_handler_fails_its_batch_and_loses_nothing() {
     eventually("acked", || broker.pending("Keyed", "svc.store").is_empty()).await;
     running.shutdown().await.unwrap();
     assert!(broker.messages("svc.store.dead-letter").is_empty());
+}
+
+/// `concurrency(4)` on a batch handler: four batches' worth is fetched and split by key into 4
+/// parts handled at once (seen running together), each in batches of at most `batch_size`; a
+/// key's events stay in one part, so they reach the handler in the order published, across
+/// fetches too; each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_with_concurrency_runs_batches_of_different_keys_at_once_in_order_per_key()
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let broker = MemoryBroker::new();
+    let calls: KeyedCalls = Arc::default();
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    let (c, r, m) = (calls.clone(), running.clone(), most.clone());
+    p.handle_batch("store", move |events: Vec<Keyed>| {
+        let (c, r, m) = (c.clone(), r.clone(), m.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            c.lock()
+                .unwrap()
+                .push(events.iter().map(|e| (e.key.clone(), e.seq)).collect());
+            // A database call's time, so that the batches of one fetch overlap.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<(), BatchError>(())
+        }
+    })
+    .unwrap()
+    .batch_size(40)
+    .concurrency(4);
+    EventBus::new(broker.clone())
+        .publish_all(&keyed(200, 16))
+        .await
+        .unwrap();
+    let running_p = p.start(CancellationToken::new()).await.unwrap();
+    eventually("every event handled", || {
+        calls.lock().unwrap().iter().flatten().count() >= 200
+            && broker.pending("Keyed", "svc.store").is_empty()
+    })
+    .await;
+    running_p.shutdown().await.unwrap();
+
+    let calls = calls.lock().unwrap().clone();
+    let most = most.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&most), "{most} batches at once");
+    assert!(calls.iter().all(|b| b.len() <= 40));
+    let mut seqs: Vec<u32> = calls.iter().flatten().map(|(_, s)| *s).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "each once");
+    let mut last: std::collections::HashMap<String, u32> = Default::default();
+    for (key, seq) in calls.iter().flatten() {
+        if let Some(before) = last.insert(key.clone(), *seq) {
+            assert!(before < *seq, "{key}: {seq} after {before}");
+        }
+    }
 }

@@ -100,7 +100,9 @@ impl<C> EventProcessor<C> {
     /// The events it did not name as failed are acked; the failed ones are retried by the retry
     /// policy, alone, after the backoff, then dead-lettered; a payload that does not decode is
     /// dead-lettered without reaching the handler. Batches of a group run one after another, so
-    /// order per key holds across batches (`concurrency` does not apply; nor do tower layers).
+    /// order per key holds across batches; with `concurrency(n)`, `n` batches' worth is fetched
+    /// and split by key into `n` parts handled at once (each in batches of at most
+    /// `batch_size`), a key's events staying in one part (tower layers do not apply).
     /// Within a batch the handler sees events in order; an event it reports as failed is retried
     /// after the others of its batch, so if a later event of the same key must wait for it,
     /// report that one as failed too.

@@ -332,6 +332,12 @@ impl HandlerOptions {
     /// partition) are handled in order, one at a time; a slow or retrying message holds back only
     /// the later messages of its key. A handler that awaits I/O wants more than 1: a member
     /// handles about `n / handler time` messages per second.
+    ///
+    /// For a batch handler ([`EventProcessor::handle_batch`](crate::EventProcessor::handle_batch)):
+    /// `n` batches' worth (`n x batch_size`) is fetched at once and split by key (else
+    /// partition) into `n` parts handled at once, each in batches of at most `batch_size`; a
+    /// key's events stay in one part, in order, and the next fetch waits for all of them, so
+    /// order per key holds as with 1.
     pub fn concurrency(&mut self, n: usize) -> &mut Self {
         self.concurrency = n.max(1);
         self

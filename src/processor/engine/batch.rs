@@ -15,6 +15,54 @@ use crate::handler::Context;
 use crate::middleware::HandlerPanicked;
 use crate::Result;
 
+/// `concurrency(n)` for a batch handler: what was fetched (up to n batches' worth) is split by
+/// key (or shard) into `services.len()` parts handled at once, each in batches of at most
+/// `batch_size`, one after another. A key's events stay in one part, in the order fetched, and
+/// the next fetch waits until all parts are done, so order per key holds as with one. Events
+/// with neither key nor shard are spread over the parts. The first error is returned once every
+/// part has settled.
+pub(super) async fn handle_batches(
+    spec: &GroupSpec,
+    route: &BatchRoute,
+    services: &mut [Services],
+    jobs: Vec<Job>,
+    token: &CancellationToken,
+) -> Result<()> {
+    let n = services.len().max(1);
+    let mut parts: Vec<Vec<Job>> = (0..n).map(|_| Vec::new()).collect();
+    let mut spread = 0;
+    for job in jobs {
+        let i = match super::lanes::order_of(&job) {
+            Some(order) => (order % n as u64) as usize,
+            None => {
+                spread = (spread + 1) % n;
+                spread
+            }
+        };
+        parts[i].push(job);
+    }
+    let size = spec.options.batch_size.max(1);
+    let running = services
+        .iter_mut()
+        .zip(parts)
+        .filter(|(_, part)| !part.is_empty())
+        .map(|(services, part)| async move {
+            let mut part = part.into_iter();
+            loop {
+                let batch: Vec<Job> = part.by_ref().take(size).collect();
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                handle_batch(spec, route, services, batch, token).await?;
+            }
+        });
+    futures_util::future::join_all(running)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .map(|_| ())
+}
+
 /// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
 /// failed ones are retried together after the longest of their backoffs (as a smaller batch)
 /// until they succeed or are dead-lettered. Other messages (malformed, other events, stale)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::handle_batch;
+use super::batch::{handle_batch, handle_batches};
 use super::inline::handle_inline;
 use super::lanes::Lanes;
 use super::settle::nack;
@@ -21,7 +21,8 @@ use crate::Result;
 /// With a concurrency of 1 each fetched batch is handled in order in this task and acked with one
 /// call, as a hand-written consumer loop would. With more, that many workers take messages from
 /// one queue (a key's next message waits until the one before it is done, so order per key
-/// holds) and a settler task acks in batches.
+/// holds) and a settler task acks in batches. A batch handler with a concurrency of n fetches n
+/// batches' worth and splits it by key into n parts handled at once (`handle_batches`).
 pub(crate) async fn run_group(
     spec: Arc<GroupSpec>,
     consumer: Box<dyn Consumer>,
@@ -63,6 +64,13 @@ pub(crate) async fn run_group(
     ));
 
     let mut services = Services::of(&spec);
+    // A batch handler with `concurrency(n)`: n batches at once, each with its services.
+    let mut batch_services: Vec<Services> = match &spec.batch {
+        Some(_) if spec.options.concurrency > 1 => (0..spec.options.concurrency)
+            .map(|_| Services::of(&spec))
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut result = Ok(());
     'fetch: loop {
         let received = tokio::select! {
@@ -110,6 +118,9 @@ pub(crate) async fn run_group(
             }
             None => {
                 let handled = match &spec.batch {
+                    Some(route) if !batch_services.is_empty() => {
+                        handle_batches(&spec, route, &mut batch_services, jobs, &token).await
+                    }
                     Some(route) => handle_batch(&spec, route, &mut services, jobs, &token).await,
                     None => handle_inline(&spec, &mut services, jobs, &token).await,
                 };
@@ -170,11 +181,16 @@ async fn fetch_loop(
     token: CancellationToken,
 ) -> Box<dyn Consumer> {
     let mut backoff = Duration::from_millis(100);
+    // A batch handler with `concurrency(n)` handles up to n batches at once: fetched together.
+    let fetch = match spec.batch {
+        Some(_) => spec.options.batch_size * spec.options.concurrency.max(1),
+        None => spec.options.batch_size,
+    };
     loop {
         let received = tokio::select! {
             biased;
             _ = token.cancelled() => break,
-            r = consumer.receive(spec.options.batch_size) => r,
+            r = consumer.receive(fetch) => r,
         };
         match received {
             Ok(d) => {

@@ -121,6 +121,24 @@ impl Ready {
     }
 }
 
+/// What a job's order is kept within: a hash of its key, or of its shard (a broker's partition)
+/// when it has none; `None` when neither (no order to keep).
+pub(super) fn order_of(job: &Job) -> Option<u64> {
+    match (&job.ctx.message.key, job.shard) {
+        (Some(key), _) => {
+            let mut h = DefaultHasher::new();
+            key.hash(&mut h);
+            Some(h.finish())
+        }
+        (None, Some(shard)) => {
+            let mut h = DefaultHasher::new();
+            (u8::MAX, shard).hash(&mut h);
+            Some(h.finish())
+        }
+        (None, None) => None,
+    }
+}
+
 impl Lanes {
     pub(super) fn start(spec: &Arc<GroupSpec>, n: usize, token: &CancellationToken) -> Self {
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(4096);
@@ -156,19 +174,7 @@ impl Lanes {
 
     /// Queues a job with the room reserved for it.
     pub(super) fn push(&self, job: Job, room: OwnedSemaphorePermit) {
-        let order = match (&job.ctx.message.key, job.shard) {
-            (Some(key), _) => {
-                let mut h = DefaultHasher::new();
-                key.hash(&mut h);
-                Some(h.finish())
-            }
-            (None, Some(shard)) => {
-                let mut h = DefaultHasher::new();
-                (u8::MAX, shard).hash(&mut h);
-                Some(h.finish())
-            }
-            (None, None) => None,
-        };
+        let order = order_of(&job);
         self.ready.push(Queued {
             job,
             order,

@@ -29,6 +29,8 @@ struct Case {
     concurrency: Option<usize>,
     batch_size: Option<usize>,
     io: Option<Duration>,
+    /// A batch handler (`handle_batch`): `io` is awaited once per batch.
+    batch: bool,
     members: usize,
     /// Events per member (the run publishes `members` times this).
     per_member: usize,
@@ -41,10 +43,23 @@ fn cases(n: usize) -> Vec<Case> {
         concurrency,
         batch_size,
         io,
+        batch: false,
         members,
         per_member,
     };
+    // A batch handler whose batch awaits 5 ms (a multi-row insert), one batch at a time or 8.
+    let batches = |handler, concurrency| Case {
+        handler,
+        concurrency,
+        batch_size: None,
+        io: Some(Duration::from_millis(5)),
+        batch: true,
+        members: 1,
+        per_member: 20_000,
+    };
     vec![
+        batches("batch handler, 5 ms I/O a batch", None),
+        batches("batch handler, concurrency(8), 5 ms I/O a batch", Some(8)),
         case(
             "tuned: batch_size(500), no I/O",
             None,
@@ -102,17 +117,30 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
     for _ in 0..case.members {
         let mut p = EventProcessor::new(backend.clone(), "bench-handlers").topics(namer.clone());
         let (h, io) = (handled.clone(), case.io);
-        // The handler a user writes: an async fn of the event.
-        let options = p.handle("on-order", move |_sample: Sample| {
-            let h = h.clone();
-            async move {
-                if let Some(io) = io {
-                    tokio::time::sleep(io).await;
+        let options = if case.batch {
+            p.handle_batch("on-orders", move |samples: Vec<Sample>| {
+                let h = h.clone();
+                async move {
+                    if let Some(io) = io {
+                        tokio::time::sleep(io).await;
+                    }
+                    h.fetch_add(samples.len(), Ordering::Relaxed);
+                    Ok::<_, cqrs::BatchError>(())
                 }
-                h.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, BoxError>(())
-            }
-        })?;
+            })?
+        } else {
+            // The handler a user writes: an async fn of the event.
+            p.handle("on-order", move |_sample: Sample| {
+                let h = h.clone();
+                async move {
+                    if let Some(io) = io {
+                        tokio::time::sleep(io).await;
+                    }
+                    h.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, BoxError>(())
+                }
+            })?
+        };
         if let Some(c) = case.concurrency {
             options.concurrency(c);
         }
