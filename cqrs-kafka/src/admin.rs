@@ -1,14 +1,16 @@
 //! Topics (created on first use) and the consumer groups of a service with their backlog.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::Producer;
 
 use crate::error::{Error, Result};
-use crate::{lock, KafkaBackend, KafkaConfig};
+use crate::{lock, Inner, KafkaBackend, KafkaConfig};
 
 impl KafkaBackend {
     /// The topics the cluster has.
@@ -165,9 +167,9 @@ impl KafkaBackend {
         topics: Vec<String>,
         prefix: &str,
     ) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>>)>> {
-        let config = self.inner.config.clone();
+        let inner = self.inner.clone();
         let prefix = prefix.to_owned();
-        tokio::task::spawn_blocking(move || group_backlogs(&config, topics, &prefix))
+        tokio::task::spawn_blocking(move || group_backlogs(&inner, topics, &prefix))
             .await
             .map_err(|_| {
                 Error::kafka(
@@ -188,25 +190,95 @@ fn drop_in_background<T: Send + 'static>(client: T) {
         .spawn(move || drop(client));
 }
 
+/// Clients that read one consumer group's committed offsets, kept between calls. OffsetFetch is
+/// asked as the group (a client with its `group.id` that never joins it), and a metrics sampler
+/// asks every 5 s for each group: a client made each time (its connections, its metadata, ~100 ms
+/// to destroy) cost what `docs/benchmarks.md` shows with 50 groups. At most [`KEEP_READERS`] are
+/// kept, and one unused for [`READER_IDLE`] goes.
+#[derive(Default)]
+pub(crate) struct OffsetReaders {
+    clients: Mutex<HashMap<String, (Arc<BaseConsumer>, Instant)>>,
+}
+
+/// The most offset readers a backend keeps.
+const KEEP_READERS: usize = 256;
+
+/// How long an offset reader is kept unused.
+const READER_IDLE: Duration = Duration::from_secs(600);
+
+impl OffsetReaders {
+    /// The reader of `group`, made if there is none.
+    fn get(&self, config: &KafkaConfig, group: &str) -> Result<Arc<BaseConsumer>, Error> {
+        let now = Instant::now();
+        let mut clients = lock(&self.clients);
+        clients.retain(|_, (client, used)| {
+            let keep = now.duration_since(*used) < READER_IDLE;
+            if !keep {
+                drop_in_background(client.clone());
+            }
+            keep
+        });
+        if let Some((client, used)) = clients.get_mut(group) {
+            *used = now;
+            return Ok(client.clone());
+        }
+        if clients.len() >= KEEP_READERS {
+            let oldest = clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(g, _)| g.clone());
+            if let Some((client, _)) = oldest.and_then(|g| clients.remove(&g)) {
+                drop_in_background(client);
+            }
+        }
+        let mut c = config.admin_config();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        let client: Arc<BaseConsumer> = Arc::new(
+            c.create()
+                .map_err(|e| Error::kafka("creating a client to read consumer groups", e))?,
+        );
+        clients.insert(group.to_owned(), (client.clone(), now));
+        Ok(client)
+    }
+
+    /// Forgets the reader of `group` (it failed: the next call makes a new one).
+    fn forget(&self, group: &str) {
+        if let Some((client, _)) = lock(&self.clients).remove(group) {
+            drop_in_background(client);
+        }
+    }
+}
+
+impl Drop for OffsetReaders {
+    /// Each client is destroyed on a thread of its own (~100 ms each), not where the backend
+    /// is dropped.
+    fn drop(&mut self) {
+        for (_, (client, _)) in lock(&self.clients).drain() {
+            drop_in_background(client);
+        }
+    }
+}
+
+/// The group id of the kept client that lists groups and reads topics' partitions and
+/// watermarks. A consumer's, not the producer's: librdkafka lets a producer's metadata request
+/// create a topic it names (`allow.auto.create.topics` is true for producers), and a processor
+/// starting up asks about its topics before it creates them with their configured partitions
+/// (a CLI test found a topic made with the broker's default of 3 instead of 1).
+const PROBE: &str = "cqrs-groups-probe";
+
 /// Per topic, the groups named with `prefix` that have committed offsets on it, with their lag:
-/// one probe client, one ListGroups, per topic its partitions and watermarks, per group one
-/// OffsetFetch for every topic.
+/// with a kept probe client, one ListGroups and per topic its partitions and watermarks; per
+/// group one OffsetFetch for every topic, by its kept reader.
 #[allow(clippy::type_complexity)]
 fn group_backlogs(
-    config: &KafkaConfig,
+    inner: &Inner,
     topics: Vec<String>,
     prefix: &str,
 ) -> Result<Vec<(String, Result<Vec<cqrs_core::backend::GroupBacklog>, Error>)>, Error> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let config = &inner.config;
     let timeout = config.timeout;
-    let client = |group: &str| -> Result<BaseConsumer, Error> {
-        let mut c = config.admin_config();
-        c.set("group.id", group).set("enable.auto.commit", "false");
-        c.create()
-            .map_err(|e| Error::kafka("creating a client to read consumer groups", e))
-    };
-    let probe = client(&format!("{prefix}cqrs-groups-probe"))?;
+    let probe = inner.readers.get(config, PROBE)?;
     // Per topic: (partition, low, high) of each partition, or why they cannot be read.
     let ends = |topic: &str| -> Result<Vec<(i32, i64, i64)>, Error> {
         let context = |what: &str| format!("{what} for the groups of {topic}");
@@ -257,7 +329,7 @@ fn group_backlogs(
         if lists.is_empty() || !g.name().starts_with(prefix) || !consumer_group {
             continue;
         }
-        let reader = client(g.name())?;
+        let reader = inner.readers.get(config, g.name())?;
         // By topic, then partition: looked up without making a key per partition.
         let mut committed: HashMap<String, HashMap<i32, Offset>> = HashMap::new();
         let mut failed = None;
@@ -277,8 +349,8 @@ fn group_backlogs(
                 }
             }
         }
-        drop_in_background(reader);
         if let Some(e) = failed {
+            inner.readers.forget(g.name());
             return Err(Error::kafka(
                 format!("reading the committed offsets of {}", g.name()),
                 e,
@@ -307,7 +379,6 @@ fn group_backlogs(
             }
         }
     }
-    drop_in_background(probe);
     Ok(out
         .into_iter()
         .map(|(topic, backlog, _)| {

@@ -84,6 +84,8 @@ struct Inner {
     producer: FutureProducer<access::Watched>,
     admin: AdminClient<access::Watched>,
     known_topics: Mutex<HashSet<String>>,
+    /// The clients that read consumer groups' offsets (`backlogs`), kept between calls.
+    readers: admin::OffsetReaders,
 }
 
 impl fmt::Debug for KafkaBackend {
@@ -113,6 +115,7 @@ impl KafkaBackend {
                 producer,
                 admin,
                 known_topics: Mutex::new(HashSet::new()),
+                readers: admin::OffsetReaders::default(),
             }),
         };
         // The brokers answer a metadata request, or refuse this client (librdkafka reports that

@@ -1726,3 +1726,40 @@ async fn dead_letters_redriven_and_purged_in_pages_are_those_there_at_the_start(
         .await;
     }
 }
+
+/// The backlog `groups` reports follows the group's commits from one call to the next (the
+/// backend keeps the client that reads a group's offsets between calls; each call asks the
+/// broker again), and a group that commits nowhere on the topic is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_follows_the_groups_commits_call_after_call() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let backend = KafkaBackend::connect(config(&brokers()).partitions(1))
+        .await
+        .unwrap();
+    let topic = unique("backlog");
+    backend
+        .publish(&topic, &cqrs::conformance::messages(10, |_| None))
+        .await
+        .unwrap();
+    let group = unique("g");
+    let member: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let commit = |offset| {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(offset))
+            .unwrap();
+        member.commit(&tpl, CommitMode::Sync).unwrap();
+    };
+    let lag = || async {
+        let groups = backend.groups(&topic, &group).await.unwrap();
+        groups.iter().find(|g| g.group == group).and_then(|g| g.lag)
+    };
+    assert_eq!(lag().await, None, "no commit on the topic: not listed");
+    commit(4);
+    assert_eq!(lag().await, Some(6));
+    commit(10);
+    assert_eq!(lag().await, Some(0));
+}

@@ -397,8 +397,9 @@ impl HandlerOptions {
     /// With the `metrics` feature, how often the group's lag and pending entries are read from
     /// the broker for the `cqrs.consumer.lag` and `cqrs.consumer.pending` gauges (default
     /// [`crate::telemetry::SAMPLE_EVERY`], 5 s; `None`: never). Each sample asks the broker
-    /// about every topic of the group: on Kafka it lists the groups and fetches this one's
-    /// offsets with short-lived clients, so many groups may want a longer period.
+    /// about every topic of the group: on Kafka it lists the groups (ListGroups, metadata and
+    /// watermarks through the backend's producer) and fetches this one's offsets (OffsetFetch,
+    /// through a client per group the backend keeps between samples).
     pub fn sample_backlog_every(&mut self, every: Option<Duration>) -> &mut Self {
         self.sample_backlog = every;
         self

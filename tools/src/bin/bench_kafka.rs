@@ -290,6 +290,9 @@ async fn main() -> Result<(), BoxError> {
     } else {
         format!("Apache Kafka at {shared}")
     };
+    if let Some(groups) = support::env::<usize>("BENCH_SAMPLING_GROUPS") {
+        return sampling(&shared, groups, rounds).await;
+    }
     println!("{n} events of ~1 KiB of JSON on 4 partitions, {place}, {rounds} rounds");
     let names = [
         "publish, batches of 1000",
@@ -466,4 +469,48 @@ fn print_round(
         results[i].0.push(r);
         results[i].1.push(o);
     }
+}
+
+/// What the `metrics` feature's backlog sampling costs on Kafka: `groups` consumer groups with
+/// committed offsets on one topic, each asked for its backlog as its sampler does every 5 s
+/// (`Subscriber::groups(topic, group)`), `rounds` times; prints each round's wall and CPU time.
+async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), BoxError> {
+    use cqrs::backend::{Publisher, Subscriber};
+    use cqrs::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use cqrs::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let backend = KafkaBackend::connect(KafkaConfig::new(brokers).partitions(4)).await?;
+    let topic = format!("bench-sampling-{}", std::process::id());
+    let messages: Vec<cqrs::Message> = (0..100)
+        .map(|i| cqrs::Message::new("X", format!("{i}").into_bytes()))
+        .collect();
+    backend.publish(&topic, &messages).await?;
+    // Of one length: none is a prefix of another (a sampler asks by prefix).
+    let names: Vec<String> = (0..groups).map(|g| format!("{topic}.g{g:04}")).collect();
+    for name in &names {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", name)
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..4 {
+            tpl.add_partition_offset(&topic, p, Offset::Offset(1))?;
+        }
+        c.commit(&tpl, CommitMode::Sync)?;
+    }
+    println!("backlog sampling: {groups} groups on {topic}, each asked once a round");
+    for round in 1..=rounds {
+        let (start, cpu) = (Instant::now(), support::cpu_time("self"));
+        for name in &names {
+            let backlog = backend.groups(&topic, name).await?;
+            if !backlog.iter().any(|g| g.group == *name) {
+                return Err(format!("{name} not found on {topic}").into());
+            }
+        }
+        println!(
+            "round {round}: {:.0} ms, CPU {:.0} ms",
+            start.elapsed().as_secs_f64() * 1e3,
+            (support::cpu_time("self") - cpu).as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
 }
