@@ -124,6 +124,10 @@ impl DeadLetter {
     }
 }
 
+/// What [`DeadLetterStore::redrive_all`] and [`DeadLetterStore::purge_all`] call with each dead
+/// letter they moved or removed (to print it, say).
+pub type EachDeadLetter<'a> = dyn for<'d> FnMut(&'d DeadLetter) + Send + 'a;
+
 /// A backend whose dead-letter topics can be listed, redriven and purged.
 ///
 /// Implemented by the Redis backend (entries are deleted from the stream) and the Kafka backend
@@ -189,7 +193,7 @@ pub trait DeadLetterStore: Send + Sync {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> Result<u64> {
         let _ = page;
         let done = self.redrive(topic, None).await?;
@@ -207,7 +211,7 @@ pub trait DeadLetterStore: Send + Sync {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> Result<u64> {
         let _ = page;
         let dead = self.dead_letters(topic).await?;

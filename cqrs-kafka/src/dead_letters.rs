@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, Redrive};
+use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, EachDeadLetter, Redrive};
 use cqrs_core::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
@@ -640,7 +640,7 @@ impl DeadLetterStore for KafkaBackend {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> cqrs_core::Result<u64> {
         let _lock = self.run_lock(topic).await?;
         let mut pages = Pages::new(page);
@@ -660,7 +660,7 @@ impl DeadLetterStore for KafkaBackend {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> cqrs_core::Result<u64> {
         let _lock = self.run_lock(topic).await?;
         let mut pages = Pages::new(page);

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use cqrs_core::backend::Publisher;
-use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, Redrive};
+use cqrs_core::dead_letter::{redrive_each, DeadLetter, DeadLetterStore, EachDeadLetter, Redrive};
 use cqrs_core::Message;
 use redis::Value;
 
@@ -128,7 +128,7 @@ impl DeadLetterStore for RedisBackend {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> cqrs_core::Result<u64> {
         let mut lock = RedriveLock::take(self, topic).await?;
         let result = async {
@@ -163,7 +163,7 @@ impl DeadLetterStore for RedisBackend {
         &self,
         topic: &str,
         page: usize,
-        each: &mut (dyn for<'d> FnMut(&'d DeadLetter) + Send),
+        each: &mut EachDeadLetter<'_>,
     ) -> cqrs_core::Result<u64> {
         let mut removed = 0;
         let Some(last) = self.last_id(topic).await? else {
