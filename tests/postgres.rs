@@ -195,6 +195,44 @@ async fn a_row_committed_after_later_rows_were_relayed_is_relayed_too() {
     relay.await.unwrap().unwrap();
 }
 
+/// A row the relay cannot read (here a column whose type was changed by hand) is an error the
+/// relay reports (`BadRow`, naming the column) and retries, not a panic: the row stays in the
+/// outbox. Runs on the test's thread, so that its warning is captured.
+#[tokio::test]
+async fn a_row_the_relay_cannot_read_is_reported_and_stays() {
+    let pool = pool().await;
+    let broker = MemoryBroker::new();
+    let topic = unique("seats");
+    let (store, outbox) = outbox(&pool, &broker, &topic).await;
+    let schema = store.schema_name().to_owned();
+    sqlx_query(
+        &pool,
+        &format!("ALTER TABLE {schema}.outbox ALTER COLUMN version TYPE bigint"),
+    )
+    .await;
+    let mut tx = pool.begin().await.unwrap();
+    let e = SeatBooked {
+        show: "s1".into(),
+        seat: 1,
+    };
+    outbox.publish(&mut tx, &e).await.unwrap();
+    tx.commit().await.unwrap();
+    let (_guard, logs) = cqrs_test_support::captured_warnings();
+    let relay = OutboxRelay::new(pool.clone(), store.clone(), broker.clone())
+        .poll_interval(Duration::from_millis(50))
+        .run(CancellationToken::new());
+    // It keeps retrying (with backoff) for as long as the row cannot be read: stopped here.
+    let stopped = tokio::time::timeout(Duration::from_millis(1500), relay).await;
+    assert!(stopped.is_err(), "the relay ended: {stopped:?}");
+    let text = logs.text();
+    assert!(
+        text.contains("outbox relay failed") && text.contains("column 5 (version)"),
+        "{text}"
+    );
+    assert_eq!(store.status(&pool).await.unwrap().depth, 1, "the row stays");
+    assert!(broker.messages(&topic).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_send_each_event_once_in_commit_order_per_key() {
     let pool = pool().await;

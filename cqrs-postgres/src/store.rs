@@ -419,28 +419,43 @@ impl OutboxStore {
     }
 }
 
+/// A row of [`OutboxStore::oldest`]'s query, its columns taken by position (in the order that
+/// query selects them: cheaper than by name, per row) and each checked: a column of another type
+/// (a table altered by hand) is a [`Error::BadRow`], not a panic.
 fn stored(row: &sqlx::postgres::PgRow) -> Result<Stored> {
-    let seq: i64 = row.get("seq");
+    let seq: i64 = row.try_get(0).map_err(|e| Error::BadRow {
+        seq: 0,
+        why: format!("seq: {e}"),
+    })?;
     let bad = |why: String| Error::BadRow { seq, why };
-    let headers: String = row.get("headers");
+    let column = |i: usize, name: &'static str| {
+        move |e: sqlx::Error| Error::BadRow {
+            seq,
+            why: format!("column {i} ({name}): {e}"),
+        }
+    };
+    let headers: &str = row.try_get(11).map_err(column(11, "headers"))?;
     let headers: BTreeMap<String, String> =
-        serde_json::from_str(&headers).map_err(|e| bad(format!("headers: {e}")))?;
+        serde_json::from_str(headers).map_err(|e| bad(format!("headers: {e}")))?;
     let mut metadata = Metadata::default();
-    metadata.correlation_id = row.get("correlation_id");
-    metadata.causation_id = row.get("causation_id");
-    metadata.created_at = row.get::<i64, _>("created_at_ms").max(0) as u64;
-    metadata.content_type = Cow::Owned(row.get("content_type"));
+    metadata.correlation_id = row.try_get(7).map_err(column(7, "correlation_id"))?;
+    metadata.causation_id = row.try_get(8).map_err(column(8, "causation_id"))?;
+    metadata.created_at = row
+        .try_get::<i64, _>(9)
+        .map_err(column(9, "created_at_ms"))?
+        .max(0) as u64;
+    metadata.content_type = Cow::Owned(row.try_get(10).map_err(column(10, "content_type"))?);
     metadata.headers = headers;
-    let version: i32 = row.get("version");
+    let version: i32 = row.try_get(5).map_err(column(5, "version"))?;
     Ok(Stored {
         seq,
-        topic: row.get("topic"),
+        topic: row.try_get(1).map_err(column(1, "topic"))?,
         message: Message::from_parts(
-            row.get("message_id"),
-            row.get("name"),
+            row.try_get(3).map_err(column(3, "message_id"))?,
+            row.try_get(4).map_err(column(4, "name"))?,
             u32::try_from(version).map_err(|_| bad(format!("version {version}")))?,
-            row.get("msg_key"),
-            row.get("payload"),
+            row.try_get(2).map_err(column(2, "msg_key"))?,
+            row.try_get(6).map_err(column(6, "payload"))?,
             metadata,
         ),
     })
