@@ -185,11 +185,6 @@ fn id(partition: i32, offset: i64) -> String {
 }
 
 impl Read {
-    /// Reads every partition of `topic` from its committed offset to its end.
-    fn new(config: &KafkaConfig, topic: &str) -> Result<Read> {
-        Self::window(config, topic, &Window::default())
-    }
-
     /// Reads `topic` by partition, then offset, as far as `window` says.
     fn window(config: &KafkaConfig, topic: &str, window: &Window) -> Result<Read> {
         let Window {
@@ -483,14 +478,6 @@ impl KafkaBackend {
             .map_err(|_| Error::kafka("taking the run lock", KafkaError::Canceled))?
     }
 
-    async fn read_dead_letters(&self, topic: &str) -> Result<Read> {
-        let config = self.inner.config.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || Read::new(&config, &topic))
-            .await
-            .map_err(|_| Error::kafka("reading dead letters", KafkaError::Canceled))?
-    }
-
     /// Reads `topic` as far as a window made by `window` says (on a blocking thread).
     async fn read_window(&self, topic: &str, window: Window) -> Result<Read> {
         let config = self.inner.config.clone();
@@ -501,15 +488,18 @@ impl KafkaBackend {
     }
 
     /// Reads what the dead letters `ids` of `topic` need: each partition they name, from its
-    /// committed offset to the highest offset named.
-    async fn read_ids(&self, topic: &str, ids: &[String]) -> Result<Read> {
-        let mut until: BTreeMap<i32, i64> = BTreeMap::new();
-        for (p, o) in ids.iter().filter_map(|id| parse_id(id)) {
-            let end = until.entry(p).or_insert(0);
-            *end = (*end).max(o.saturating_add(1));
-        }
+    /// committed offset to the highest offset named; every partition to its end when `None`.
+    async fn read_chosen(&self, topic: &str, ids: Option<&[String]>) -> Result<Read> {
+        let until = ids.map(|ids| {
+            let mut until: BTreeMap<i32, i64> = BTreeMap::new();
+            for (p, o) in ids.iter().filter_map(|id| parse_id(id)) {
+                let end = until.entry(p).or_insert(0);
+                *end = (*end).max(o.saturating_add(1));
+            }
+            until
+        });
         let window = Window {
-            until: Some(until),
+            until,
             ..Window::default()
         };
         self.read_window(topic, window).await
@@ -553,7 +543,7 @@ impl DeadLetterStore for KafkaBackend {
     /// Reads every partition from the bookkeeping group's committed offset to its end, leaving
     /// out what was redriven or purged. Ids are `partition:offset`.
     async fn dead_letters(&self, topic: &str) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let read = self.read_dead_letters(topic).await?;
+        let read = self.read_chosen(topic, None).await?;
         Ok(read.letters().map(|(_, _, d)| d.clone()).collect())
     }
 
@@ -597,7 +587,7 @@ impl DeadLetterStore for KafkaBackend {
         topic: &str,
         ids: &[String],
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
-        let read = self.read_ids(topic, ids).await?;
+        let read = self.read_chosen(topic, Some(ids)).await?;
         Ok(read
             .chosen(Some(ids))
             .into_iter()
@@ -614,10 +604,7 @@ impl DeadLetterStore for KafkaBackend {
         ids: Option<&[String]>,
     ) -> cqrs_core::Result<Vec<DeadLetter>> {
         let _lock = self.run_lock(topic).await?;
-        let mut read = match ids {
-            Some(ids) => self.read_ids(topic, ids).await?,
-            None => self.read_dead_letters(topic).await?,
-        };
+        let mut read = self.read_chosen(topic, ids).await?;
         Ok(self.redrive_read(topic, &mut read, ids).await?)
     }
 
@@ -625,10 +612,7 @@ impl DeadLetterStore for KafkaBackend {
     /// ids, reads only what they name.
     async fn purge(&self, topic: &str, ids: Option<&[String]>) -> cqrs_core::Result<u64> {
         let _lock = self.run_lock(topic).await?;
-        let mut read = match ids {
-            Some(ids) => self.read_ids(topic, ids).await?,
-            None => self.read_dead_letters(topic).await?,
-        };
+        let mut read = self.read_chosen(topic, ids).await?;
         let chosen = read.chosen(ids);
         Ok(purge_read(&mut read, &chosen).await?)
     }

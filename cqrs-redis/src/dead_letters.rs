@@ -133,24 +133,15 @@ impl DeadLetterStore for RedisBackend {
         let mut lock = RedriveLock::take(self, topic).await?;
         let result = async {
             let mut done = 0;
-            let Some(last) = self.last_id(topic).await? else {
-                return Ok(0);
-            };
-            let mut from = "-".to_owned();
-            loop {
-                let chosen = self
-                    .dead_letters_range(topic, &from, &last, Some(page.max(1)))
-                    .await?;
-                let Some(next) = chosen.last().map(|d| format!("({}", d.id)) else {
-                    return Ok(done);
-                };
+            let mut pages = Pages::start(self, topic, page).await?;
+            while let Some(chosen) = pages.next(self, topic).await? {
                 for d in self.redrive_chosen(topic, chosen).await? {
                     each(&d);
                     done += 1;
                 }
                 lock.renew().await?;
-                from = next;
             }
+            Ok(done)
         }
         .await;
         lock.release().await;
@@ -166,24 +157,15 @@ impl DeadLetterStore for RedisBackend {
         each: &mut EachDeadLetter<'_>,
     ) -> cqrs_core::Result<u64> {
         let mut removed = 0;
-        let Some(last) = self.last_id(topic).await? else {
-            return Ok(0);
-        };
-        let mut from = "-".to_owned();
-        loop {
-            let chosen = self
-                .dead_letters_range(topic, &from, &last, Some(page.max(1)))
-                .await?;
-            let Some(next) = chosen.last().map(|d| format!("({}", d.id)) else {
-                return Ok(removed);
-            };
+        let mut pages = Pages::start(self, topic, page).await?;
+        while let Some(chosen) = pages.next(self, topic).await? {
             let ids: Vec<String> = chosen.iter().map(|d| d.id.clone()).collect();
             removed += self.purge(topic, Some(&ids)).await?;
             for d in &chosen {
                 each(d);
             }
-            from = next;
         }
+        Ok(removed)
     }
 
     /// Deletes the chosen entries (`XDEL`), or all of them (`XTRIM MAXLEN 0`: the stream stays,
@@ -275,6 +257,45 @@ impl RedisBackend {
         };
         let chosen = chosen.into_iter().map(|d| ((), d)).collect();
         redrive_each(topic, chosen, &mut redrive).await
+    }
+}
+
+/// A dead-letter stream read `size` entries at a time (`XRANGE` from after the last page's last
+/// entry), up to the last entry it had when the first page was asked for.
+struct Pages {
+    size: usize,
+    /// `(id` of the last entry read (`-` before the first page).
+    from: String,
+    /// The stream's last entry at the start; `None`: it had none.
+    last: Option<String>,
+}
+
+impl Pages {
+    async fn start(backend: &RedisBackend, topic: &str, size: usize) -> cqrs_core::Result<Pages> {
+        Ok(Pages {
+            size: size.max(1),
+            from: "-".to_owned(),
+            last: backend.last_id(topic).await?,
+        })
+    }
+
+    /// The next page, `None` once the span is read.
+    async fn next(
+        &mut self,
+        backend: &RedisBackend,
+        topic: &str,
+    ) -> cqrs_core::Result<Option<Vec<DeadLetter>>> {
+        let Some(last) = &self.last else {
+            return Ok(None);
+        };
+        let page = backend
+            .dead_letters_range(topic, &self.from, last, Some(self.size))
+            .await?;
+        let Some(end) = page.last() else {
+            return Ok(None);
+        };
+        self.from = format!("({}", end.id);
+        Ok(Some(page))
     }
 }
 
