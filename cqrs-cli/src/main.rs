@@ -352,8 +352,8 @@ async fn dead_letters(
 ) -> Result<String, BoxError> {
     match command {
         DeadLetters::List(g) => list(store, g, as_json).await,
-        DeadLetters::Redrive(s) => redrive(store, s, as_json).await,
-        DeadLetters::Purge(s) => purge(store, s, as_json).await,
+        DeadLetters::Redrive(s) => act(store, s, as_json, Act::Redrive).await,
+        DeadLetters::Purge(s) => act(store, s, as_json, Act::Purge).await,
     }
 }
 
@@ -683,77 +683,63 @@ async fn each_page(
     }
 }
 
-async fn redrive(
+/// What `redrive` and `purge` do to the dead letters they choose.
+#[derive(Clone, Copy)]
+enum Act {
+    Redrive,
+    Purge,
+}
+
+/// `redrive` or `purge`: the dead letters chosen by id (each must be there before anything
+/// moves) or all of them (a page at a time, only those there when it starts: a letter
+/// dead-lettered since is not touched unseen), each printed as it is done; a dry run lists them.
+async fn act(
     store: &dyn DeadLetterStore,
     s: &Select,
     as_json: bool,
+    what: Act,
 ) -> Result<String, BoxError> {
     let topic = dead_letter_topic(store, &s.group).await?;
-    // By id: each must be there before anything moves.
     let chosen = if s.all {
         None
     } else {
         Some(by_id(store, &topic, &s.ids).await?)
     };
-    let mut out = Progress::start(as_json, &topic, s.dry_run, "redriven");
-    let n = match (chosen, s.dry_run) {
-        (Some(chosen), true) => {
+    // The JSON's list and count, and the verb of the summary (dry run or not).
+    let (list, count, verbs) = match what {
+        Act::Redrive => ("redriven", "count", ("would redrive", "redrove")),
+        Act::Purge => ("purged", "removed", ("would remove", "removed")),
+    };
+    let mut out = Progress::start(as_json, &topic, s.dry_run, list);
+    let n = match (chosen, s.dry_run, what) {
+        (Some(chosen), true, _) => {
             chosen.iter().for_each(|d| out.item(d));
             chosen.len() as u64
         }
-        (Some(_), false) => {
+        (None, true, _) => each_page(store, &topic, s.page, |d| out.item(d)).await?,
+        (Some(_), false, Act::Redrive) => {
             let done = store.redrive(&topic, Some(&s.ids)).await?;
             done.iter().for_each(|d| out.item(d));
             done.len() as u64
         }
-        (None, true) => each_page(store, &topic, s.page, |d| out.item(d)).await?,
-        (None, false) => {
-            store
-                .redrive_all(&topic, s.page, &mut |d| out.item(d))
-                .await?
-        }
-    };
-    let verb = if s.dry_run {
-        "would redrive"
-    } else {
-        "redrove"
-    };
-    out.finish("count", n, &format!("{verb} {n} dead letters from {topic}"))
-}
-
-async fn purge(store: &dyn DeadLetterStore, s: &Select, as_json: bool) -> Result<String, BoxError> {
-    let topic = dead_letter_topic(store, &s.group).await?;
-    let chosen = if s.all {
-        None
-    } else {
-        Some(by_id(store, &topic, &s.ids).await?)
-    };
-    let mut out = Progress::start(as_json, &topic, s.dry_run, "purged");
-    let n = match (chosen, s.dry_run) {
-        (Some(chosen), true) => {
-            chosen.iter().for_each(|d| out.item(d));
-            chosen.len() as u64
-        }
-        (Some(chosen), false) => {
+        (Some(chosen), false, Act::Purge) => {
             let n = store.purge(&topic, Some(&s.ids)).await?;
             chosen.iter().for_each(|d| out.item(d));
             n
         }
-        (None, true) => each_page(store, &topic, s.page, |d| out.item(d)).await?,
-        // Only what is there when it starts, a page at a time: a letter dead-lettered since
-        // is not removed unseen.
-        (None, false) => {
+        (None, false, Act::Redrive) => {
+            store
+                .redrive_all(&topic, s.page, &mut |d| out.item(d))
+                .await?
+        }
+        (None, false, Act::Purge) => {
             store
                 .purge_all(&topic, s.page, &mut |d| out.item(d))
                 .await?
         }
     };
-    let verb = if s.dry_run { "would remove" } else { "removed" };
-    out.finish(
-        "removed",
-        n,
-        &format!("{verb} {n} dead letters from {topic}"),
-    )
+    let verb = if s.dry_run { verbs.0 } else { verbs.1 };
+    out.finish(count, n, &format!("{verb} {n} dead letters from {topic}"))
 }
 
 async fn trim(backend: &RedisBackend, as_json: bool) -> Result<String, BoxError> {
