@@ -239,14 +239,13 @@ impl OutboxStore {
     /// The database's transaction horizon now: the oldest transaction still running (`xmin`)
     /// and the next transaction id to be given (`xmax`), as 64-bit ids.
     pub(crate) async fn horizon(&self, conn: &mut PgConnection) -> Result<(i64, i64)> {
-        let row = sqlx::query(
-            "SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax
+        sqlx::query_as(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
              FROM pg_current_snapshot() AS s",
         )
         .fetch_one(&mut *conn)
         .await
-        .map_err(|e| Error::db("reading the transaction horizon", e))?;
-        Ok((row.get("xmin"), row.get("xmax")))
+        .map_err(|e| Error::db("reading the transaction horizon", e))
     }
 
     /// Deletes the sent messages `seqs`.
