@@ -15,7 +15,7 @@ use crate::handler::Context;
 use crate::middleware::HandlerPanicked;
 use crate::Result;
 
-/// `concurrency(n)` for a batch handler: what was fetched (up to n batches' worth) is split by
+/// A batch handler's fetch (up to n batches' worth for `concurrency(n)`; one by default) split by
 /// key (or shard) into `services.len()` parts handled at once, each in batches of at most
 /// `batch_size`, one after another. A key's events stay in one part, in the order fetched, and
 /// the next fetch waits until all parts are done, so order per key holds as with one. Events

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{handle_batch, handle_batches};
+use super::batch::handle_batches;
 use super::inline::handle_inline;
 use super::lanes::Lanes;
 use super::settle::nack;
@@ -64,12 +64,12 @@ pub(crate) async fn run_group(
     ));
 
     let mut services = Services::of(&spec);
-    // A batch handler with `concurrency(n)`: n batches at once, each with its services.
+    // A batch handler: `concurrency` batches at once (1 by default), each with its services.
     let mut batch_services: Vec<Services> = match &spec.batch {
-        Some(_) if spec.options.concurrency > 1 => (0..spec.options.concurrency)
+        Some(_) => (0..spec.options.concurrency.max(1))
             .map(|_| Services::of(&spec))
             .collect(),
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let mut result = Ok(());
     'fetch: loop {
@@ -118,10 +118,9 @@ pub(crate) async fn run_group(
             }
             None => {
                 let handled = match &spec.batch {
-                    Some(route) if !batch_services.is_empty() => {
+                    Some(route) => {
                         handle_batches(&spec, route, &mut batch_services, jobs, &token).await
                     }
-                    Some(route) => handle_batch(&spec, route, &mut services, jobs, &token).await,
                     None => handle_inline(&spec, &mut services, jobs, &token).await,
                 };
                 if let Err(e) = handled {
