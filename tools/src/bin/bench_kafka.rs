@@ -4,13 +4,19 @@
 //! Run with: `cargo run --release -p cqrs-tools --bin bench_kafka`: on the broker at
 //! `KAFKA_BROKERS` if set, else on an Apache Kafka of its own (`scripts/kafka`, installed on first
 //! use). `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
-//! `RAW_HEADERS=1` makes the raw producer send the two headers ours sends (`cqrs-id`, `cqrs-name`).
+//! The raw producer sends the two headers ours sends (`cqrs-id`, `cqrs-name`; `RAW_HEADERS=0`:
+//! none), and the raw consumer reads the name, as ours does to choose the handler.
 //! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round.
 //! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. `BENCH_TIMINGS=1` prints when our
 //! processors started, handled their first event and handled all of them;
 //! `BENCH_PROFILE_CONSUME=1` publishes, then runs our consumer alone after a 3 s pause (for a
 //! profiler attached by pid). `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
 //! (`eager`, `cooperative`) change our backend's settings for experiments.
+//!
+//! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours` with `BENCH_TOPIC=T` runs one
+//! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
+//! set-up cancels out): `publish-*` puts `BENCH_N` events on `T`; each `consume-*` reads
+//! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours).
 //!
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
@@ -29,7 +35,7 @@ use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -58,6 +64,11 @@ fn event(i: u64) -> Reading {
 
 const CHUNK: usize = 1000;
 
+/// Whether the raw side writes and reads the headers ours does (`RAW_HEADERS=0`: not).
+fn raw_headers() -> bool {
+    std::env::var("RAW_HEADERS").as_deref() != Ok("0")
+}
+
 struct Bench {
     brokers: String,
     n: usize,
@@ -79,13 +90,14 @@ impl Bench {
         topic: &str,
     ) -> Result<Duration, BoxError> {
         let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
+        let headers = raw_headers();
         let start = Instant::now();
         for chunk in events.chunks(CHUNK) {
             let mut pending = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let payload = serde_json::to_vec(e)?;
                 let mut record = FutureRecord::to(topic).key(&e.sensor).payload(&payload);
-                if std::env::var("RAW_HEADERS").is_ok() {
+                if headers {
                     let id = cqrs::new_message_id();
                     record = record.headers(
                         rdkafka::message::OwnedHeaders::new()
@@ -95,7 +107,7 @@ impl Bench {
                             })
                             .insert(rdkafka::message::Header {
                                 key: "cqrs-name",
-                                value: Some("Reading"),
+                                value: Some(<Reading as Event>::NAME),
                             }),
                     );
                 }
@@ -159,6 +171,7 @@ impl Bench {
                 .create()?;
             consumer.subscribe(&[topic])?;
             let got = got.clone();
+            let headers = raw_headers();
             tasks.push(tokio::spawn(async move {
                 let mut first = None;
                 while got.load(Ordering::Relaxed) < n {
@@ -168,7 +181,16 @@ impl Bench {
                         Ok(m) => m?,
                         Err(_) => continue,
                     };
-                    let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                    // The name chooses what to decode, as in ours.
+                    let named = m.headers().is_some_and(|h| {
+                        h.iter().any(|h| {
+                            h.key == "cqrs-name"
+                                && h.value == Some(<Reading as Event>::NAME.as_bytes())
+                        })
+                    });
+                    if named || !headers {
+                        let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                    }
                     consumer.store_offset_from_message(&m)?;
                     got.fetch_add(1, Ordering::Relaxed);
                     first.get_or_insert_with(|| start.elapsed());
@@ -292,6 +314,9 @@ async fn main() -> Result<(), BoxError> {
     };
     if let Some(groups) = support::env::<usize>("BENCH_SAMPLING_GROUPS") {
         return sampling(&shared, groups, rounds).await;
+    }
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        return one_phase(&shared, n, &only).await;
     }
     println!("{n} events of ~1 KiB of JSON on 4 partitions, {place}, {rounds} rounds");
     let names = [
@@ -512,5 +537,40 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
             (support::cpu_time("self") - cpu).as_secs_f64() * 1e3
         );
     }
+    Ok(())
+}
+
+/// One phase alone, on the topic `BENCH_TOPIC` (see the module's docs).
+async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> {
+    let topic = std::env::var("BENCH_TOPIC").map_err(|_| "BENCH_ONLY needs BENCH_TOPIC")?;
+    let b = Bench {
+        brokers: brokers.to_owned(),
+        n,
+    };
+    let config = KafkaConfig::new(brokers)
+        .partitions(4)
+        .fetch_wait(Duration::from_millis(10));
+    let backend = KafkaBackend::connect(config).await?;
+    let took = match only {
+        "publish-ours" => {
+            backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            let t = topic.clone();
+            let bus = EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()));
+            b.ours_publish(&bus).await?
+        }
+        "publish-raw" => {
+            backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            b.raw_publish(&b.producer()?, &topic).await?
+        }
+        "consume-raw" => b.raw_consume(&topic, n).await?,
+        "consume-ours" => b.ours_consume(&backend, &topic, n).await?,
+        other => {
+            return Err(format!(
+                "BENCH_ONLY={other}: publish-raw, publish-ours, consume-raw or consume-ours"
+            )
+            .into())
+        }
+    };
+    println!("{only}: {n} events on {topic} in {took:?}");
     Ok(())
 }
