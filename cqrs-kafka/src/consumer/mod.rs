@@ -10,7 +10,6 @@ mod poll;
 mod rebalance;
 mod state;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,8 +45,9 @@ const GATE_HOLDS_AT_MOST: Duration = Duration::from_secs(30);
 
 pub(crate) struct KafkaConsumer {
     rx: mpsc::Receiver<Vec<Polled>>,
-    /// Taken from `rx` and not handed out yet.
-    polled: VecDeque<Polled>,
+    /// The batch taken from `rx` last, as far as it was not handed out yet (taken from, not
+    /// copied into a queue: a record is a few hundred bytes).
+    polled: std::vec::IntoIter<Polled>,
     /// Whether the poll thread has paused fetching, and how many records it holds that `rx`
     /// had no room for (read by tests).
     #[cfg_attr(not(test), allow(dead_code))]
@@ -185,7 +185,7 @@ impl KafkaConsumer {
                 of_epoch: 0,
                 gate,
             }),
-            polled: VecDeque::new(),
+            polled: Vec::new().into_iter(),
             paused,
             held,
             closed_since: None,
@@ -226,16 +226,27 @@ impl KafkaConsumer {
 
     /// The next polled record, taken already or from the poll thread, without waiting.
     fn try_next(&mut self) -> cqrs_core::Result<Option<Polled>> {
-        if self.polled.is_empty() {
+        if self.polled.len() == 0 {
             match self.rx.try_recv() {
-                Ok(batch) => self.polled.extend(batch),
+                Ok(batch) => self.take(batch),
                 Err(mpsc::error::TryRecvError::Empty) => {}
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     return Err(cqrs_core::Error::Closed)
                 }
             }
         }
-        Ok(self.polled.pop_front())
+        Ok(self.polled.next())
+    }
+
+    /// Takes a batch from the poll thread, after what is left of the one before.
+    fn take(&mut self, batch: Vec<Polled>) {
+        if self.polled.len() == 0 {
+            self.polled = batch.into_iter();
+        } else {
+            let mut left: Vec<Polled> = self.polled.by_ref().collect();
+            left.extend(batch);
+            self.polled = left.into_iter();
+        }
     }
 
     /// The delivery of a polled record; `None` for a record of a partition revoked since it was
@@ -333,7 +344,9 @@ impl Consumer for KafkaConsumer {
     async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
         let max = max.max(1);
         loop {
-            let mut out = Vec::new();
+            // Sized for what is likely to come: grown from empty, it was copied a few times a
+            // call.
+            let mut out = Vec::with_capacity(max.min(POLL_BATCH));
             let next_retry = self.due_retries(max, &mut out);
             let gate = self.acker.gate.clone();
             // Errors librdkafka reported while polling (a broker away, every reconnect) are
@@ -412,7 +425,7 @@ impl Consumer for KafkaConsumer {
             }
             tokio::select! {
                 batch = self.rx.recv() => match batch {
-                    Some(batch) => self.polled.extend(batch),
+                    Some(batch) => self.take(batch),
                     None => return Err(cqrs_core::Error::Closed),
                 },
                 _ = tokio::time::sleep_until(wait) => {}
