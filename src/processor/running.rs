@@ -20,13 +20,34 @@ pub(super) async fn start(
 ) -> Result<RunningProcessor> {
     let token = token.child_token();
     let mut tasks = JoinSet::new();
-    let warnings = abandoned_groups(service, &specs).await;
-    for warning in &warnings {
-        tracing::warn!("{warning}");
-    }
     let mut health = Vec::with_capacity(specs.len());
+    // What the look for abandoned groups needs, taken before the specs go to their tasks.
+    let read: Vec<Read> = specs
+        .iter()
+        .map(|s| Read {
+            group: s.group.clone(),
+            topics: s.topics.clone(),
+            subscriber: s.subscriber.clone(),
+        })
+        .collect();
+    // Looked for while the groups subscribe and run, not before: on Kafka the listing takes
+    // 100-500 ms, which every start waited for, and members of one service started together
+    // began handling that far apart (docs/benchmarks.md).
+    let abandoned = abandoned_groups(service, &read);
+    tokio::pin!(abandoned);
+    let mut warnings = None;
     for spec in specs {
-        let consumer = match subscribe(&spec, &token).await {
+        let subscribed = {
+            let subscribing = subscribe(&spec, &token);
+            tokio::pin!(subscribing);
+            loop {
+                tokio::select! {
+                    c = &mut subscribing => break c,
+                    w = &mut abandoned, if warnings.is_none() => warnings = Some(w),
+                }
+            }
+        };
+        let consumer = match subscribed {
             Ok(c) => c,
             Err(e) => {
                 token.cancel();
@@ -40,6 +61,13 @@ pub(super) async fn start(
         let run = supervise(Arc::new(spec), consumer, token.clone());
         tasks.spawn(async move { (group, run.await) });
     }
+    let warnings = match warnings {
+        Some(w) => w,
+        None => abandoned.await,
+    };
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     Ok(RunningProcessor {
         tasks,
         token,
@@ -48,10 +76,17 @@ pub(super) async fn start(
     })
 }
 
+/// What [`abandoned_groups`] reads of a group's spec.
+struct Read {
+    group: Arc<str>,
+    topics: Vec<String>,
+    subscriber: Arc<dyn crate::backend::Subscriber>,
+}
+
 /// Groups named like this service's (`service.` then anything) on the topics of `specs` that no
 /// spec uses and that still hold messages, each described in a sentence naming the groups that
 /// read the topic now.
-async fn abandoned_groups(service: &str, specs: &[GroupSpec]) -> Vec<String> {
+async fn abandoned_groups(service: &str, specs: &[Read]) -> Vec<String> {
     let ours: std::collections::HashSet<&str> = specs.iter().map(|s| &*s.group).collect();
     let prefix = format!("{service}.");
     let mut seen = std::collections::HashSet::new();
