@@ -157,6 +157,13 @@ pub(super) fn poll_loop(
                     };
                     if let Err(e) = switched {
                         tracing::warn!(error = %e, paused = full, "pausing or resuming fetching failed");
+                    } else if !full {
+                        let resumed: Vec<(String, i32)> = assigned
+                            .elements()
+                            .iter()
+                            .map(|e| (e.topic().to_owned(), e.partition()))
+                            .collect();
+                        super::rebalance::wake_fetchers(consumer, &resumed);
                     }
                     tracing::debug!(
                         paused = full,

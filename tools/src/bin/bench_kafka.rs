@@ -11,7 +11,8 @@
 //! processors started, handled their first event and handled all of them;
 //! `BENCH_PROFILE_CONSUME=1` publishes, then runs our consumer alone after a 3 s pause (for a
 //! profiler attached by pid). `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
-//! (`eager`, `cooperative`) change our backend's settings for experiments.
+//! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
+//! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`).
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours` with `BENCH_TOPIC=T` runs one
 //! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
@@ -349,6 +350,9 @@ async fn main() -> Result<(), BoxError> {
         }
         if let Some(n) = support::env::<usize>("BENCH_KAFKA_COMMIT_EVERY") {
             config = config.commit_every(n);
+        }
+        if let Ok(debug) = std::env::var("BENCH_KAFKA_DEBUG") {
+            config = config.set("debug", debug);
         }
         match std::env::var("BENCH_KAFKA_PROTOCOL").as_deref() {
             Ok("eager") => config = config.group_protocol(cqrs::kafka::GroupProtocol::Eager),
