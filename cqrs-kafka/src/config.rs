@@ -190,8 +190,13 @@ impl KafkaConfig {
 
     pub(crate) fn producer_config(&self) -> ClientConfig {
         let mut c = self.client();
+        // No lingering: a publish waits for its acknowledgement, so librdkafka's default 5 ms
+        // only delayed each one; under load, records queued while requests are in flight go
+        // out together anyway. Measured (docs/benchmarks.md): 16 tasks publishing one event at
+        // a time 2,440/s -> 9,898/s, batches of 1,000 99-101k/s -> 124-130k/s, the outbox's
+        // commit-to-handler p99 at 1,000/s 23 ms -> 10 ms; at ~1.5x the CPU per record sent.
         c.set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            .set("linger.ms", "0")
             .set(
                 "message.timeout.ms",
                 self.publish_timeout.as_millis().max(1).to_string(),

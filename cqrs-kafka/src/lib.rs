@@ -220,10 +220,10 @@ impl Publisher for KafkaBackend {
         self.send_all(topic, messages.iter().map(Ok)).await
     }
 
-    /// Queues each message as soon as it comes: librdkafka's `linger.ms` clock of a partition
-    /// starts with its first record, so encoding the rest overlaps the wait instead of preceding
-    /// it. An error from `messages` stops the queueing and is returned once the records already
-    /// queued are delivered (they are sent).
+    /// Queues each message as soon as it comes: the first records are sent (or, with a
+    /// `linger.ms` set, its clock starts) while the rest are encoded. An error from `messages`
+    /// stops the queueing and is returned once the records already queued are delivered (they
+    /// are sent).
     async fn publish_iter(
         &self,
         topic: &str,

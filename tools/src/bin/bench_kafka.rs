@@ -22,7 +22,7 @@
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
 //! Events are ~1 KiB of JSON, on topics of 4 partitions. Both sides use the same producer settings
-//! (idempotent, `linger.ms=5`) and consumer settings (`fetch.wait.max.ms=10`, KIP-848's group
+//! (idempotent, `linger.ms=0`; `BENCH_KAFKA_LINGER_MS` sets it for both) and consumer settings (`fetch.wait.max.ms=10`, KIP-848's group
 //! protocol, offsets stored per record and committed every 100 ms). Raw publishing
 //! queues 1,000 `FutureRecord`s (JSON-encoded, keyed) and awaits their deliveries; ours calls
 //! `EventBus::publish_all` with 1,000 events. Raw consuming is a `StreamConsumer` that decodes
@@ -65,6 +65,11 @@ fn event(i: u64) -> Reading {
 
 const CHUNK: usize = 1000;
 
+/// The producers' `linger.ms`, both sides: `BENCH_KAFKA_LINGER_MS`, else 0 (ours's default).
+fn linger_ms() -> String {
+    std::env::var("BENCH_KAFKA_LINGER_MS").unwrap_or_else(|_| "0".to_owned())
+}
+
 /// Whether the raw side writes and reads the headers ours does (`RAW_HEADERS=0`: not).
 fn raw_headers() -> bool {
     std::env::var("RAW_HEADERS").as_deref() != Ok("0")
@@ -80,7 +85,7 @@ impl Bench {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            .set("linger.ms", linger_ms())
             .set("message.timeout.ms", "30000")
             .create()?)
     }
@@ -351,6 +356,7 @@ async fn main() -> Result<(), BoxError> {
         if let Some(n) = support::env::<usize>("BENCH_KAFKA_COMMIT_EVERY") {
             config = config.commit_every(n);
         }
+        config = config.set("linger.ms", linger_ms());
         if let Ok(debug) = std::env::var("BENCH_KAFKA_DEBUG") {
             config = config.set("debug", debug);
         }

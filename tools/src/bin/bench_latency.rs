@@ -261,7 +261,7 @@ fn row(name: &str, rate: u64, v: Vec<u64>) -> [u64; 4] {
     p
 }
 
-/// Raw Kafka: a `FutureProducer` with our producer settings (idempotent, `linger.ms=5`) sends
+/// Raw Kafka: a `FutureProducer` with our producer settings (idempotent, `linger.ms=0`) sends
 /// each tick's records and awaits their deliveries; a `StreamConsumer` with our consumer settings
 /// (`fetch.wait.max.ms` as ours, offsets stored after handling, auto commit every second) decodes
 /// each payload.
@@ -269,7 +269,7 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", "0")
         .set("message.timeout.ms", "30000")
         .create()?;
     let consumer: StreamConsumer = ClientConfig::new()
