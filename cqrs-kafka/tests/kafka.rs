@@ -383,6 +383,166 @@ async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
     assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
 }
 
+/// A record whose header name is not UTF-8 is dead-lettered, and the group goes on. rdkafka
+/// unwraps a header name as text, so reading such a record panicked the poll thread; the group,
+/// restarted, met the same record again: wedged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_a_header_name_that_is_not_utf8_is_dead_lettered() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let backend = backend().await;
+    let topic = unique("orders");
+    let service = unique("svc");
+    backend
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let running = recorder(&backend, &topic, &service, "r", &seen).await;
+    // Written by hand: librdkafka and its Rust API take header names as text.
+    produce_raw(
+        &brokers(),
+        &topic,
+        b"c",
+        br#"{"customer":"c","n":1}"#,
+        &[
+            (&b"cqrs-name"[..], &b"Order"[..]),
+            (&b"\xff\xfe"[..], &b"x"[..]),
+        ],
+    );
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "cqrs-name",
+        value: Some("Order"),
+    });
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("c")
+                .payload(r#"{"customer":"c","n":2}"#)
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    wait_for(&seen, 1).await;
+    let dead = format!("{service}.record.dead-letter");
+    let mut reader = backend
+        .subscribe(&Subscription::new(unique("r"), [&dead]))
+        .await
+        .unwrap();
+    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(seen.lock().unwrap().clone(), [("r".to_owned(), 2)]);
+    assert_eq!(
+        d[0].message().metadata.headers[dlq::REASON],
+        "malformed message: a header name is not UTF-8"
+    );
+    assert_eq!(d[0].message().name, "Order");
+    assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
+}
+
+/// Produces one record to partition 0 of `topic` on the single broker at `broker`, speaking
+/// Kafka's protocol (Produce v3, a record batch of magic 2) over a socket of its own.
+fn produce_raw(broker: &str, topic: &str, key: &[u8], value: &[u8], headers: &[(&[u8], &[u8])]) {
+    use std::io::{Read, Write};
+    fn varint(out: &mut Vec<u8>, v: i64) {
+        let mut z = ((v << 1) ^ (v >> 63)) as u64;
+        while z >= 0x80 {
+            out.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+    }
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        varint(out, b.len() as i64);
+        out.extend_from_slice(b);
+    }
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut record = vec![0u8]; // attributes
+    varint(&mut record, 0); // timestamp delta
+    varint(&mut record, 0); // offset delta
+    bytes(&mut record, key);
+    bytes(&mut record, value);
+    varint(&mut record, headers.len() as i64);
+    for (k, v) in headers {
+        bytes(&mut record, k);
+        bytes(&mut record, v);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // From the attributes on: what the CRC covers.
+    let mut tail = Vec::new();
+    tail.extend_from_slice(&0i16.to_be_bytes()); // attributes
+    tail.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    tail.extend_from_slice(&now.to_be_bytes()); // base timestamp
+    tail.extend_from_slice(&now.to_be_bytes()); // max timestamp
+    tail.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
+    tail.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
+    tail.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    tail.extend_from_slice(&1i32.to_be_bytes()); // records
+    varint(&mut tail, record.len() as i64);
+    tail.extend_from_slice(&record);
+    let mut batch = Vec::new();
+    batch.extend_from_slice(&0i64.to_be_bytes()); // base offset
+    batch.extend_from_slice(&((4 + 1 + 4 + tail.len()) as i32).to_be_bytes()); // batch length
+    batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend_from_slice(&crc32c(&tail).to_be_bytes());
+    batch.extend_from_slice(&tail);
+    let mut body = Vec::new();
+    body.extend_from_slice(&0i16.to_be_bytes()); // api key: Produce
+    body.extend_from_slice(&3i16.to_be_bytes()); // version
+    body.extend_from_slice(&7i32.to_be_bytes()); // correlation id
+    body.extend_from_slice(&4i16.to_be_bytes());
+    body.extend_from_slice(b"test"); // client id
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // no transactional id
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // acks: all
+    body.extend_from_slice(&10_000i32.to_be_bytes()); // timeout
+    body.extend_from_slice(&1i32.to_be_bytes()); // topics
+    body.extend_from_slice(&(topic.len() as i16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&1i32.to_be_bytes()); // partitions
+    body.extend_from_slice(&0i32.to_be_bytes()); // partition 0
+    body.extend_from_slice(&(batch.len() as i32).to_be_bytes());
+    body.extend_from_slice(&batch);
+    let address = broker.split(',').next().unwrap();
+    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(&(body.len() as i32).to_be_bytes())
+        .unwrap();
+    socket.write_all(&body).unwrap();
+    let mut size = [0u8; 4];
+    socket.read_exact(&mut size).unwrap();
+    let mut answer = vec![0u8; i32::from_be_bytes(size) as usize];
+    socket.read_exact(&mut answer).unwrap();
+    // Correlation id, topics (1), the topic's name, partitions (1), the partition, its error.
+    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+    let error = i16::from_be_bytes([answer[at], answer[at + 1]]);
+    assert_eq!(error, 0, "the broker refused the record (error {error})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_record_from_a_plain_producer_reaches_a_v3_handler_and_a_v4_is_dead_lettered() {
     use rdkafka::message::{Header, OwnedHeaders};

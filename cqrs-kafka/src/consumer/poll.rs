@@ -2,6 +2,7 @@
 //! and hands them over in batches; pauses fetching when the handlers fall behind.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,21 +44,40 @@ pub(super) const POLL_BATCH: usize = 256;
 /// record without a message id gets `topic/partition/offset`.
 pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
     let headers = m.headers();
-    let fields = headers
-        .iter()
-        .flat_map(|h| h.iter())
-        .filter_map(|h| Some((h.key, h.value?)));
-    let (mut message, malformed) = Layout::KAFKA.decode(
-        fields,
-        Entry {
-            // Made below only when the record has no id: a record carries one in nearly every
-            // case, and formatting it for every record cost a tenth of the poll thread's time.
-            id: "",
-            time_ms: record_time_ms(m),
-        },
-        m.key(),
-        m.payload().map(<[u8]>::to_vec),
-    );
+    let entry = || Entry {
+        // Made below only when the record has no id: a record carries one in nearly every
+        // case, and formatting it for every record cost a tenth of the poll thread's time.
+        id: "",
+        time_ms: record_time_ms(m),
+    };
+    let payload = || m.payload().map(<[u8]>::to_vec);
+    // rdkafka unwraps a header's name as text: a record whose header name is not UTF-8 (which
+    // any client speaking the protocol may write) panicked the poll thread, and the group,
+    // restarted, met it again. Caught, it is malformed: dead-lettered with its other headers.
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let fields = headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .filter_map(|h| Some((h.key, h.value?)));
+        Layout::KAFKA.decode(fields, entry(), m.key(), payload())
+    }));
+    let (mut message, malformed) = match decoded {
+        Ok(decoded) => decoded,
+        Err(_) => {
+            let readable = headers.into_iter().flat_map(|h| {
+                (0..h.count()).filter_map(move |i| {
+                    let header = std::panic::catch_unwind(AssertUnwindSafe(|| h.try_get(i)));
+                    let header = header.ok().flatten()?;
+                    Some((header.key, header.value?))
+                })
+            });
+            let (message, _) = Layout::KAFKA.decode(readable, entry(), m.key(), payload());
+            (
+                message,
+                Some("malformed message: a header name is not UTF-8".to_owned()),
+            )
+        }
+    };
     if message.id.is_empty() {
         message.id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
     }
