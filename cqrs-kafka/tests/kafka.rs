@@ -326,61 +326,93 @@ async fn one_handler_consumes_from_two_clusters() {
     );
 }
 
+/// A recorder of `Order`s (handler `r` of `service`) on a new topic, and a plain producer.
+struct Recording {
+    backend: KafkaBackend,
+    topic: String,
+    service: String,
+    seen: Seen,
+    running: cqrs::RunningProcessor,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl Recording {
+    async fn start() -> Self {
+        let backend = backend().await;
+        let topic = unique("orders");
+        let service = unique("svc");
+        backend
+            .ensure_topics(std::slice::from_ref(&topic))
+            .await
+            .unwrap();
+        let seen: Seen = Arc::default();
+        let running = recorder(&backend, &topic, &service, "r", &seen).await;
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        Recording {
+            backend,
+            topic,
+            service,
+            seen,
+            running,
+            producer,
+        }
+    }
+
+    /// Sends `Order { customer: "c", n }` written by hand per docs/wire-format.md and waits
+    /// until it is handled, as the only one; returns the one dead letter of handler `r`.
+    async fn one_good_order_and_the_dead_letter(self, n: u32) -> Delivery {
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "cqrs-name",
+            value: Some("Order"),
+        });
+        let payload = format!(r#"{{"customer":"c","n":{n}}}"#);
+        self.producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&self.topic)
+                    .key("c")
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        wait_for(&self.seen, 1).await;
+        let dead = format!("{}.record.dead-letter", self.service);
+        let mut reader = self
+            .backend
+            .subscribe(&Subscription::new(unique("r"), [&dead]))
+            .await
+            .unwrap();
+        let mut d = cqrs::conformance::receive_n(&mut *reader, 1).await;
+        self.running.shutdown().await.unwrap();
+        assert_eq!(self.seen.lock().unwrap().clone(), [("r".to_owned(), n)]);
+        d.remove(0)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let backend = backend().await;
-    let topic = unique("orders");
-    let service = unique("svc");
-    backend
-        .ensure_topics(std::slice::from_ref(&topic))
-        .await
-        .unwrap();
-    let seen: Seen = Arc::default();
-    let running = recorder(&backend, &topic, &service, "r", &seen).await;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
+    let r = Recording::start().await;
     // No `cqrs-name` header: not a message of ours.
-    producer
+    r.producer
         .send(
-            FutureRecord::<str, str>::to(&topic).payload(r#"{"customer":"c","n":1}"#),
+            rdkafka::producer::FutureRecord::<str, str>::to(&r.topic)
+                .payload(r#"{"customer":"c","n":1}"#),
             Duration::from_secs(5),
         )
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    // A well-formed one, written by hand per docs/wire-format.md.
-    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-        key: "cqrs-name",
-        value: Some("Order"),
-    });
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .key("c")
-                .payload(r#"{"customer":"c","n":2}"#)
-                .headers(headers),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    wait_for(&seen, 1).await;
-    let dead = format!("{service}.record.dead-letter");
-    let mut reader = backend
-        .subscribe(&Subscription::new(unique("r"), [&dead]))
-        .await
-        .unwrap();
-    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
-    running.shutdown().await.unwrap();
-    assert_eq!(seen.lock().unwrap().clone(), [("r".to_owned(), 2)]);
+    let d = r.one_good_order_and_the_dead_letter(2).await;
     assert_eq!(
-        d[0].message().metadata.headers[dlq::REASON],
+        d.message().metadata.headers[dlq::REASON],
         "malformed message: field `cqrs-name` is missing"
     );
-    assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
+    assert_eq!(d.message().payload, br#"{"customer":"c","n":1}"#);
 }
 
 /// A record whose header name is not UTF-8 is dead-lettered, and the group goes on. rdkafka
@@ -388,20 +420,11 @@ async fn a_malformed_record_from_a_plain_producer_is_dead_lettered() {
 /// restarted, met the same record again: wedged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_with_a_header_name_that_is_not_utf8_is_dead_lettered() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let backend = backend().await;
-    let topic = unique("orders");
-    let service = unique("svc");
-    backend
-        .ensure_topics(std::slice::from_ref(&topic))
-        .await
-        .unwrap();
-    let seen: Seen = Arc::default();
-    let running = recorder(&backend, &topic, &service, "r", &seen).await;
+    let r = Recording::start().await;
     // Written by hand: librdkafka and its Rust API take header names as text.
     produce_raw(
         &brokers(),
-        &topic,
+        &r.topic,
         b"c",
         br#"{"customer":"c","n":1}"#,
         &[
@@ -409,40 +432,13 @@ async fn a_record_with_a_header_name_that_is_not_utf8_is_dead_lettered() {
             (&b"\xff\xfe"[..], &b"x"[..]),
         ],
     );
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-        key: "cqrs-name",
-        value: Some("Order"),
-    });
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .key("c")
-                .payload(r#"{"customer":"c","n":2}"#)
-                .headers(headers),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    wait_for(&seen, 1).await;
-    let dead = format!("{service}.record.dead-letter");
-    let mut reader = backend
-        .subscribe(&Subscription::new(unique("r"), [&dead]))
-        .await
-        .unwrap();
-    let d = cqrs::conformance::receive_n(&mut *reader, 1).await;
-    running.shutdown().await.unwrap();
-    assert_eq!(seen.lock().unwrap().clone(), [("r".to_owned(), 2)]);
+    let d = r.one_good_order_and_the_dead_letter(2).await;
     assert_eq!(
-        d[0].message().metadata.headers[dlq::REASON],
+        d.message().metadata.headers[dlq::REASON],
         "malformed message: a header name is not UTF-8"
     );
-    assert_eq!(d[0].message().name, "Order");
-    assert_eq!(d[0].message().payload, br#"{"customer":"c","n":1}"#);
+    assert_eq!(d.message().name, "Order");
+    assert_eq!(d.message().payload, br#"{"customer":"c","n":1}"#);
 }
 
 /// Produces one record to partition 0 of `topic` on the single broker at `broker`, speaking

@@ -565,13 +565,9 @@ mod tests {
         consumer.close().await.expect("closing");
     }
 
-    /// A member whose handlers fell behind (its poll thread paused fetching) fetches again at
-    /// once when they catch up. librdkafka does not wake the thread fetching from a leader when
-    /// partitions are resumed; with all of them paused and no fetch in flight, that thread
-    /// looked again only after a second (`rebalance::wake_fetchers`).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_member_that_caught_up_fetches_again_at_once() {
-        use cqrs_core::backend::Publisher as _;
+    /// The test settings (short fetch waits) on the broker at `KAFKA_BROKERS`, a backend, and a
+    /// new topic of 4 partitions named from `prefix`.
+    async fn four_partitions(prefix: &str) -> (KafkaConfig, crate::KafkaBackend, String) {
         let brokers = std::env::var("KAFKA_BROKERS")
             .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
         let config = KafkaConfig::new(&brokers)
@@ -580,16 +576,29 @@ mod tests {
         let backend = crate::KafkaBackend::connect(config.clone())
             .await
             .expect("connecting");
-        let topic = format!("resumed-{}", cqrs_core::new_message_id());
+        let topic = format!("{prefix}-{}", cqrs_core::new_message_id());
         backend.ensure_topics(&[&topic]).await.expect("topic");
-        let n = 8_000;
+        (config, backend, topic)
+    }
+
+    /// Publishes `n` messages of 100 bytes on 200 keys.
+    async fn publish_small(backend: &crate::KafkaBackend, topic: &str, n: usize) {
+        use cqrs_core::backend::Publisher as _;
         let messages: Vec<Message> = (0..n)
             .map(|i| Message::new("t.E", vec![b'x'; 100]).with_key(Some(format!("k{}", i % 200))))
             .collect();
-        backend
-            .publish(&topic, &messages)
-            .await
-            .expect("publishing");
+        backend.publish(topic, &messages).await.expect("publishing");
+    }
+
+    /// A member whose handlers fell behind (its poll thread paused fetching) fetches again at
+    /// once when they catch up. librdkafka does not wake the thread fetching from a leader when
+    /// partitions are resumed; with all of them paused and no fetch in flight, that thread
+    /// looked again only after a second (`rebalance::wake_fetchers`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_that_caught_up_fetches_again_at_once() {
+        let (config, backend, topic) = four_partitions("resumed").await;
+        let n = 8_000;
+        publish_small(&backend, &topic, n).await;
         let mut c =
             KafkaConsumer::start(&config, &Subscription::new(format!("{topic}.g"), [&topic]))
                 .await
@@ -633,17 +642,7 @@ mod tests {
     /// thread holds, without bound. Then, taking again, it gets every record once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn partitions_assigned_while_fetching_is_paused_are_not_fetched() {
-        use cqrs_core::backend::Publisher as _;
-        let brokers = std::env::var("KAFKA_BROKERS")
-            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
-        let config = KafkaConfig::new(&brokers)
-            .partitions(4)
-            .fetch_wait(Duration::from_millis(10));
-        let backend = crate::KafkaBackend::connect(config.clone())
-            .await
-            .expect("connecting");
-        let topic = format!("paused-{}", cqrs_core::new_message_id());
-        backend.ensure_topics(&[&topic]).await.expect("topic");
+        let (config, backend, topic) = four_partitions("paused").await;
         let group = format!("{topic}.g");
         let owned = |c: &KafkaConsumer| lock(&c.acker.offsets).len();
         let within = |what: &str, check: &dyn Fn() -> bool| {
@@ -663,13 +662,7 @@ mod tests {
             .expect("a");
         within("two partitions each", &|| owned(&a) == 2 && owned(&b) == 2);
         let n = 8_000;
-        let messages: Vec<Message> = (0..n)
-            .map(|i| Message::new("t.E", vec![b'x'; 100]).with_key(Some(format!("k{}", i % 200))))
-            .collect();
-        backend
-            .publish(&topic, &messages)
-            .await
-            .expect("publishing");
+        publish_small(&backend, &topic, n).await;
 
         // a's queue fills with its two partitions' records; it pauses fetching.
         within("a paused", &|| a.paused.load(Ordering::SeqCst));
