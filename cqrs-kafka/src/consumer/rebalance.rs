@@ -265,17 +265,23 @@ const WAKE_AT_MOST: usize = 16;
 /// they kept for up to a second (two members of a new group on Kafka took 1.3 s for 100,000
 /// records instead of 0.5 s: docs/benchmarks.md); the poll thread's own pause, when handlers
 /// fall behind, ended the same way. A request to the leader wakes its thread, which then
-/// fetches: here each partition's offsets, for at most [`WAKE_AT_MOST`] partitions.
+/// fetches: here each partition's offsets, for at most [`WAKE_AT_MOST`] partitions. The first
+/// that goes unanswered ends it (the brokers away: the callers, a rebalance callback and the
+/// poll thread, must not wait a second per partition).
 pub(super) fn wake_fetchers<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     partitions: &[(String, i32)],
 ) {
     for (topic, partition) in partitions.iter().take(WAKE_AT_MOST) {
-        if let Err(e) = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1)) {
-            tracing::debug!(error = %e, %topic, partition, "waking a partition's fetcher failed");
+        if let Err(e) = consumer.fetch_watermarks(topic, *partition, WAKE_WAITS_AT_MOST) {
+            tracing::debug!(error = %e, %topic, partition, "waking a partition's fetcher failed; not waking the others");
+            return;
         }
     }
 }
+
+/// How long [`wake_fetchers`] waits for an answer.
+const WAKE_WAITS_AT_MOST: Duration = Duration::from_millis(500);
 
 impl ConsumerContext for Ctx {
     /// The answer to a commit librdkafka made on its own (the gate's are answered on its
