@@ -64,6 +64,8 @@ pub(crate) struct KafkaConsumer {
     closed_since: Option<Instant>,
     /// When `receive` last reported refused commits.
     reported_at: Option<Instant>,
+    /// An error polled together with records: said once nothing is left to hand out.
+    failed: Option<KafkaError>,
     /// What the consumer works on, for its errors: the brokers, its group and its topics.
     brokers: String,
     group: String,
@@ -190,6 +192,7 @@ impl KafkaConsumer {
             held,
             closed_since: None,
             reported_at: None,
+            failed: None,
             brokers: config.brokers().to_owned(),
             group: subscription.group.clone(),
             topics: subscription.topics.clone(),
@@ -366,9 +369,14 @@ impl Consumer for KafkaConsumer {
             }
             if !out.is_empty() {
                 self.closed_since = None;
+                // Not dropped: librdkafka may say it once (a topic's READ taken away, polled
+                // with the last records fetched before: the member then waited in silence).
+                if failed.is_some() {
+                    self.failed = failed;
+                }
                 return Ok(out);
             }
-            if let Some(e) = failed {
+            if let Some(e) = failed.or(self.failed.take()) {
                 // Nothing to hand out: the last error says why (the group shows it).
                 return Err(self.consume_error(e).into());
             }
