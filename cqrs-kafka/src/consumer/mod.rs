@@ -64,7 +64,7 @@ pub(crate) struct KafkaConsumer {
     closed_since: Option<Instant>,
     /// When `receive` last reported refused commits.
     reported_at: Option<Instant>,
-    /// An error polled together with records: said once nothing is left to hand out.
+    /// The last error polled and not said yet: said once nothing is left to hand out.
     failed: Option<KafkaError>,
     /// What the consumer works on, for its errors: the brokers, its group and its topics.
     brokers: String,
@@ -356,27 +356,24 @@ impl Consumer for KafkaConsumer {
             // taken with the records around them, all at once: returned one per call, a backlog
             // of them (queued while the broker was down) held the records behind it for the
             // group's backoff each, minutes after the broker was back (the outbox soak on Kafka).
-            let mut failed = None;
+            // The last is kept until a call has nothing to hand out, not dropped with the
+            // records: librdkafka may say it once (a topic's READ taken away, polled with the
+            // last records fetched before: the member then waited in silence).
             while out.len() < max && !gate.closed() {
                 match self.try_next()? {
                     Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
                     Some((Err(e), _)) => {
                         tracing::debug!(error = %e, "kafka consumer error");
-                        failed = Some(e);
+                        self.failed = Some(e);
                     }
                     None => break,
                 }
             }
             if !out.is_empty() {
                 self.closed_since = None;
-                // Not dropped: librdkafka may say it once (a topic's READ taken away, polled
-                // with the last records fetched before: the member then waited in silence).
-                if failed.is_some() {
-                    self.failed = failed;
-                }
                 return Ok(out);
             }
-            if let Some(e) = failed.or(self.failed.take()) {
+            if let Some(e) = self.failed.take() {
                 // Nothing to hand out: the last error says why (the group shows it).
                 return Err(self.consume_error(e).into());
             }
