@@ -178,12 +178,11 @@ pub(super) fn poll_loop(
                     if let Err(e) = switched {
                         tracing::warn!(error = %e, paused = full, "pausing or resuming fetching failed");
                     } else if !full {
-                        let resumed: Vec<(String, i32)> = assigned
-                            .elements()
-                            .iter()
-                            .map(|e| (e.topic().to_owned(), e.partition()))
-                            .collect();
-                        super::rebalance::wake_fetchers(consumer, &resumed);
+                        let resumed = assigned.elements();
+                        super::rebalance::wake_fetchers(
+                            consumer,
+                            resumed.iter().map(|e| (e.topic(), e.partition())),
+                        );
                     }
                     tracing::debug!(
                         paused = full,

@@ -244,13 +244,11 @@ fn wake_fetchers_of_kept(consumer: &BaseConsumer<Ctx>, added: &TopicPartitionLis
     let Ok(assigned) = consumer.assignment() else {
         return;
     };
+    let assigned = assigned.elements();
     let kept = assigned
-        .elements()
-        .into_iter()
-        .filter(|e| added.find_partition(e.topic(), e.partition()).is_none())
-        .map(|e| (e.topic().to_owned(), e.partition()))
-        .collect::<Vec<_>>();
-    wake_fetchers(consumer, &kept);
+        .iter()
+        .filter(|e| added.find_partition(e.topic(), e.partition()).is_none());
+    wake_fetchers(consumer, kept.map(|e| (e.topic(), e.partition())));
 }
 
 /// The most partitions [`wake_fetchers`] asks about: a round trip each.
@@ -268,12 +266,12 @@ const WAKE_AT_MOST: usize = 16;
 /// fetches: here each partition's offsets, for at most [`WAKE_AT_MOST`] partitions. The first
 /// that goes unanswered ends it (the brokers away: the callers, a rebalance callback and the
 /// poll thread, must not wait a second per partition).
-pub(super) fn wake_fetchers<C: ConsumerContext>(
+pub(super) fn wake_fetchers<'a, C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    partitions: &[(String, i32)],
+    partitions: impl IntoIterator<Item = (&'a str, i32)>,
 ) {
-    for (topic, partition) in partitions.iter().take(WAKE_AT_MOST) {
-        if let Err(e) = consumer.fetch_watermarks(topic, *partition, WAKE_WAITS_AT_MOST) {
+    for (topic, partition) in partitions.into_iter().take(WAKE_AT_MOST) {
+        if let Err(e) = consumer.fetch_watermarks(topic, partition, WAKE_WAITS_AT_MOST) {
             tracing::debug!(error = %e, %topic, partition, "waking a partition's fetcher failed; not waking the others");
             return;
         }
