@@ -33,23 +33,15 @@ pub(super) async fn start(
     // Looked for while the groups subscribe and run, not before: on Kafka the listing takes
     // 100-500 ms, which every start waited for, and members of one service started together
     // began handling that far apart (docs/benchmarks.md).
-    let abandoned = abandoned_groups(service, &read);
-    tokio::pin!(abandoned);
-    let mut warnings = None;
+    let abandoned = tokio::spawn({
+        let service = service.to_owned();
+        async move { abandoned_groups(&service, &read).await }
+    });
     for spec in specs {
-        let subscribed = {
-            let subscribing = subscribe(&spec, &token);
-            tokio::pin!(subscribing);
-            loop {
-                tokio::select! {
-                    c = &mut subscribing => break c,
-                    w = &mut abandoned, if warnings.is_none() => warnings = Some(w),
-                }
-            }
-        };
-        let consumer = match subscribed {
+        let consumer = match subscribe(&spec, &token).await {
             Ok(c) => c,
             Err(e) => {
+                abandoned.abort();
                 token.cancel();
                 while tasks.join_next().await.is_some() {}
                 return Err(e);
@@ -61,9 +53,10 @@ pub(super) async fn start(
         let run = supervise(Arc::new(spec), consumer, token.clone());
         tasks.spawn(async move { (group, run.await) });
     }
-    let warnings = match warnings {
-        Some(w) => w,
-        None => abandoned.await,
+    let warnings = match abandoned.await {
+        Ok(w) => w,
+        // A panic, as if it had run in this task (it is aborted only on the way out above).
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
     for warning in &warnings {
         tracing::warn!("{warning}");
