@@ -226,6 +226,32 @@ where
 
 /// Commit-to-handler latencies (microseconds) at `s.rate` per second for `s.seconds`, through
 /// the outbox (`pool` given) or directly.
+/// Writes `e` in a transaction of its own through `outbox` when there is one, else publishes it
+/// with `bus`; `mark` gets the instant its latency counts from (just before the commit, or the
+/// call to `publish`).
+async fn write(
+    bus: &EventBus,
+    outbox: Option<&Outbox>,
+    pool: Option<&PgPool>,
+    e: &AccountOpened,
+    mark: impl FnOnce(Instant),
+) -> Result<(), BoxError> {
+    match (outbox, pool) {
+        (Some(outbox), Some(pool)) => {
+            let mut tx = pool.begin().await?;
+            outbox.publish(&mut tx, e).await?;
+            // Marked before the commit: the relay may send it before `commit` returns.
+            mark(Instant::now());
+            tx.commit().await?;
+        }
+        _ => {
+            mark(Instant::now());
+            bus.publish(e).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn latency<B>(
     b: &Backend<B>,
     s: &Settings,
@@ -272,15 +298,7 @@ where
     // One event first, not counted, through the same path: the latency is that of a service
     // running, not of its relay connecting or its producer finding the leaders.
     {
-        let e = event(total as u64);
-        match (&outbox, pool) {
-            (Some(outbox), Some(pool)) => {
-                let mut tx = pool.begin().await?;
-                outbox.publish(&mut tx, &e).await?;
-                tx.commit().await?;
-            }
-            _ => bus.publish(&e).await?,
-        }
+        write(&bus, outbox.as_ref(), pool, &event(total as u64), |_| {}).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let arrived = {
@@ -310,25 +328,11 @@ where
         tick.tick().await;
         let (bus, outbox, pool, sent) = (bus.clone(), outbox.clone(), pool.cloned(), sent.clone());
         writes.spawn(async move {
-            let e = event(seq);
             let mark = |at: Instant| {
                 sent.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)[seq as usize] = Some(at);
             };
-            match (outbox, pool) {
-                (Some(outbox), Some(pool)) => {
-                    let mut tx = pool.begin().await?;
-                    outbox.publish(&mut tx, &e).await?;
-                    // Marked before the commit: the relay may send it before `commit` returns.
-                    mark(Instant::now());
-                    tx.commit().await?;
-                }
-                _ => {
-                    mark(Instant::now());
-                    bus.publish(&e).await?;
-                }
-            }
-            Ok::<_, BoxError>(())
+            write(&bus, outbox.as_ref(), pool.as_ref(), &event(seq), mark).await
         });
     }
     while let Some(w) = writes.join_next().await {
