@@ -326,6 +326,17 @@ async fn one_handler_consumes_from_two_clusters() {
     );
 }
 
+/// The shared broker's backend, a new `orders` topic made on it, and a new service name.
+async fn orders_topic() -> (KafkaBackend, String, String) {
+    let backend = backend().await;
+    let topic = unique("orders");
+    backend
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    (backend, topic, unique("svc"))
+}
+
 /// A recorder of `Order`s (handler `r` of `service`) on a new topic, and a plain producer.
 struct Recording {
     backend: KafkaBackend,
@@ -338,13 +349,7 @@ struct Recording {
 
 impl Recording {
     async fn start() -> Self {
-        let backend = backend().await;
-        let topic = unique("orders");
-        let service = unique("svc");
-        backend
-            .ensure_topics(std::slice::from_ref(&topic))
-            .await
-            .unwrap();
+        let (backend, topic, service) = orders_topic().await;
         let seen: Seen = Arc::default();
         let running = recorder(&backend, &topic, &service, "r", &seen).await;
         let producer = rdkafka::ClientConfig::new()
@@ -544,13 +549,7 @@ async fn a_v1_record_from_a_plain_producer_reaches_a_v3_handler_and_a_v4_is_dead
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use support::versions::{OrderPlaced, V4_REASON};
-    let backend = backend().await;
-    let topic = unique("orders");
-    let service = unique("svc");
-    backend
-        .ensure_topics(std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (backend, topic, service) = orders_topic().await;
     let got: Arc<Mutex<Vec<OrderPlaced>>> = Arc::default();
     let mut p = EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
     let g = got.clone();
