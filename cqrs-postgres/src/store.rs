@@ -221,17 +221,36 @@ impl OutboxStore {
         // the rows it deleted, which stay in the index until a vacuum, and walking them made a
         // read cost ~30 us a row (10,000 rows relayed: 213 ms in the database, 52 ms from the
         // cursor).
-        let rows = sqlx::query(&format!(
-            "WITH gone AS (DELETE FROM {s}.outbox WHERE seq = ANY($1))
-             SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
-             FROM {s}.outbox WHERE seq > $2 AND seq <> ALL($3) ORDER BY seq LIMIT $4"
-        ))
-        .bind(sent)
-        .bind(from)
-        .bind(excluded)
-        .bind(limit as i64)
-        .fetch_all(&mut *conn)
-        .await
+        let select = format!(
+            "SELECT seq, topic, msg_key, message_id, name, version, payload, correlation_id, causation_id, created_at_ms, content_type, headers::text AS headers
+             FROM {s}.outbox WHERE seq > $1 AND seq <> ALL($2) ORDER BY seq LIMIT $3"
+        );
+        // The sent rows as a range when they are one (see `delete`).
+        let rows = match contiguous(sent) {
+            Some((first, last)) => {
+                sqlx::query(&format!(
+                    "WITH gone AS (DELETE FROM {s}.outbox WHERE seq BETWEEN $4 AND $5) {select}"
+                ))
+                .bind(from)
+                .bind(excluded)
+                .bind(limit as i64)
+                .bind(first)
+                .bind(last)
+                .fetch_all(&mut *conn)
+                .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "WITH gone AS (DELETE FROM {s}.outbox WHERE seq = ANY($4)) {select}"
+                ))
+                .bind(from)
+                .bind(excluded)
+                .bind(limit as i64)
+                .bind(sent)
+                .fetch_all(&mut *conn)
+                .await
+            }
+        }
         .map_err(|e| Error::db(format!("reading {s}.outbox"), e))?;
         rows.iter().map(stored).collect()
     }
@@ -251,11 +270,27 @@ impl OutboxStore {
     /// Deletes the sent messages `seqs`.
     pub(crate) async fn delete(&self, conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
         let s = &self.schema;
-        sqlx::query(&format!("DELETE FROM {s}.outbox WHERE seq = ANY($1)"))
-            .bind(seqs)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
+        // Sent in a batch, they are nearly always every number of a range: deleted as a range
+        // (an index range), it costs half what it does as a list (an index search each: 1.9 ms
+        // against 1.0 ms for 500 rows, in `EXPLAIN ANALYZE`).
+        let done = match contiguous(seqs) {
+            Some((first, last)) => {
+                sqlx::query(&format!(
+                    "DELETE FROM {s}.outbox WHERE seq BETWEEN $1 AND $2"
+                ))
+                .bind(first)
+                .bind(last)
+                .execute(&mut *conn)
+                .await
+            }
+            None => {
+                sqlx::query(&format!("DELETE FROM {s}.outbox WHERE seq = ANY($1)"))
+                    .bind(seqs)
+                    .execute(&mut *conn)
+                    .await
+            }
+        };
+        done.map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
         Ok(())
     }
 
@@ -418,6 +453,24 @@ impl OutboxStore {
     }
 }
 
+/// The first and last of `seqs` when they are every number between the two (in any order, none
+/// twice), so that deleting the range deletes exactly them.
+fn contiguous(seqs: &[i64]) -> Option<(i64, i64)> {
+    let first = *seqs.iter().min()?;
+    let last = *seqs.iter().max()?;
+    if last - first + 1 != seqs.len() as i64 {
+        return None;
+    }
+    let mut seen = vec![false; seqs.len()];
+    for seq in seqs {
+        let slot = &mut seen[(seq - first) as usize];
+        if std::mem::replace(slot, true) {
+            return None;
+        }
+    }
+    Some((first, last))
+}
+
 /// A row of [`OutboxStore::oldest`]'s query, its columns taken by position (in the order that
 /// query selects them: cheaper than by name, per row) and each checked: a column of another type
 /// (a table altered by hand) is a [`Error::BadRow`], not a panic.
@@ -458,4 +511,21 @@ fn stored(row: &sqlx::postgres::PgRow) -> Result<Stored> {
             metadata,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contiguous;
+
+    #[test]
+    fn a_range_is_found_only_when_every_number_of_it_is_there_once() {
+        assert_eq!(contiguous(&[]), None);
+        assert_eq!(contiguous(&[7]), Some((7, 7)));
+        assert_eq!(contiguous(&[3, 4, 5, 6]), Some((3, 6)));
+        assert_eq!(contiguous(&[6, 4, 3, 5]), Some((3, 6)));
+        // A gap: 5 was not sent (a row committed after the read), so it must stay.
+        assert_eq!(contiguous(&[3, 4, 6]), None);
+        // As many numbers as the range holds, but one twice and one missing.
+        assert_eq!(contiguous(&[3, 4, 4, 6]), None);
+    }
 }
