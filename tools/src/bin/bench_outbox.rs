@@ -200,17 +200,21 @@ where
             .batch_size(s.batch)
             .run(token.clone()),
     );
-    // Asked every 5 ms whether a row is left (the first in `seq` order: what the relay reads
-    // too). A `count(*)` (`status`) scans the whole table, dead rows included: at 40,000 rows it
-    // took as long as the relay's batches and competed with them for the two cores.
-    let any_left = format!(
-        "SELECT EXISTS (SELECT 1 FROM {}.outbox)",
+    // Asked every 5 ms for the first row left, from the one found last time: an index range
+    // that starts past the rows deleted already. An `EXISTS` over the table (and `status`'s
+    // `count(*)`) scanned every row deleted so far at each ask, ~10% of the two cores' time
+    // while the relay ran (`perf record -a`), which the direct figure does not pay.
+    let first_left = format!(
+        "SELECT min(seq) FROM {}.outbox WHERE seq >= $1",
         store.schema_name()
     );
-    while cqrs::postgres::sqlx::query_scalar::<_, bool>(&any_left)
+    let mut from = 0_i64;
+    while let Some(first) = cqrs::postgres::sqlx::query_scalar::<_, Option<i64>>(&first_left)
+        .bind(from)
         .fetch_one(pool)
         .await?
     {
+        from = first;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let relay_time = start.elapsed();
