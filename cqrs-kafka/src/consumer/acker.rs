@@ -144,17 +144,26 @@ impl Acknowledge for KafkaAcker {
         {
             let mut offsets = lock(&self.offsets);
             let mut touched: Vec<(Arc<str>, i32)> = Vec::new();
-            for d in deliveries {
-                let (partition, offset) = position(d)?;
+            // Deliveries come in runs of one partition: its state is looked up once a run.
+            let partition_of = |d: &Delivery| d.position().map(|p| p.partition);
+            let runs = deliveries.chunk_by(|a, b| {
+                partition_of(a) == partition_of(b) && Arc::ptr_eq(a.topic_arc(), b.topic_arc())
+            });
+            for run in runs {
+                let (partition, _) = position(&run[0])?;
+                let topic = run[0].topic_arc();
                 // A partition revoked since: its next owner (maybe this member again) reads it
                 // from the committed offset.
-                if let Some(state) = self.owned(&mut offsets, d.topic_arc(), partition) {
-                    state.pending.remove(&offset);
+                let Some(state) = self.owned(&mut offsets, topic, partition) else {
+                    continue;
+                };
+                for d in run {
+                    state.pending.remove(&position(d)?.1);
                     acked += 1;
-                    let key = (d.topic_arc().clone(), partition);
-                    if !touched.contains(&key) {
-                        touched.push(key);
-                    }
+                }
+                let key = (topic.clone(), partition);
+                if !touched.contains(&key) {
+                    touched.push(key);
                 }
             }
             for key in touched {
