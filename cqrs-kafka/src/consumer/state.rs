@@ -57,28 +57,23 @@ pub(super) struct Pending {
 impl Pending {
     /// Adds `offset`.
     pub(super) fn insert(&mut self, offset: i64) {
-        match self.offsets.back() {
-            None => {}
-            Some((last, _)) if *last < offset => {}
-            _ => {
-                // Not above every offset here (never, as records are handed out).
-                match self.find(offset) {
-                    Ok(i) => {
-                        let slot = &mut self.offsets[i].1;
-                        if std::mem::replace(slot, false) {
-                            self.count += 1;
-                        }
-                    }
-                    Err(i) => {
-                        self.offsets.insert(i, (offset, false));
-                        self.count += 1;
-                    }
+        if self.offsets.back().is_none_or(|(last, _)| *last < offset) {
+            self.offsets.push_back((offset, false));
+            self.count += 1;
+            return;
+        }
+        // Not above every offset here (never, as records are handed out).
+        match self.find(offset) {
+            Ok(i) => {
+                if std::mem::replace(&mut self.offsets[i].1, false) {
+                    self.count += 1;
                 }
-                return;
+            }
+            Err(i) => {
+                self.offsets.insert(i, (offset, false));
+                self.count += 1;
             }
         }
-        self.offsets.push_back((offset, false));
-        self.count += 1;
     }
 
     /// Settles `offset`; false if it was not pending.
