@@ -444,16 +444,17 @@ async fn one_round(
     );
     b.cleanup(&[raw_s, ours_s]).await?;
 
-    // End to end: a consumer running while the publisher publishes.
+    // End to end: a consumer running while the publisher publishes (which goes first
+    // alternates too: it ran raw first in every round).
     let (raw_s, ours_s) = (b.stream("raw-e2e"), b.stream("ours-e2e"));
-    let raw = {
+    let raw = async {
         let start = Instant::now();
         let (c, p) = tokio::join!(b.raw_consume(&raw_s, 1, n), b.raw_fill(&raw_s));
         c?;
         p?;
-        start.elapsed()
+        Ok::<_, BoxError>(start.elapsed())
     };
-    let ours = {
+    let ours = async {
         let bus = bus_for(backend, &ours_s);
         let start = Instant::now();
         let (c, p) = tokio::join!(
@@ -462,8 +463,9 @@ async fn one_round(
         );
         c?;
         p?;
-        start.elapsed()
+        Ok(start.elapsed())
     };
+    let (raw, ours) = pair(ours_first, raw, ours).await?;
     table.add("publish + consume, end to end", n, raw, ours);
     b.cleanup(&[raw_s, ours_s]).await?;
     Ok(())
