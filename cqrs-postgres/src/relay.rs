@@ -259,7 +259,7 @@ impl OutboxRelay {
             }
             Err(e) => {
                 out.failed = Some(Error::Publish {
-                    topic,
+                    topic: topic.to_string(),
                     source: Box::new(e),
                 });
                 false
