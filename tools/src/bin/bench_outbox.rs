@@ -228,8 +228,6 @@ where
     })
 }
 
-/// Commit-to-handler latencies (microseconds) at `s.rate` per second for `s.seconds`, through
-/// the outbox (`pool` given) or directly.
 /// Writes `e` in a transaction of its own through `outbox` when there is one, else publishes it
 /// with `bus`; `mark` gets the instant its latency counts from (just before the commit, or the
 /// call to `publish`).
@@ -256,6 +254,8 @@ async fn write(
     Ok(())
 }
 
+/// Commit-to-handler latencies (microseconds) at `s.rate` per second for `s.seconds`, through
+/// the outbox (`pool` given) or directly.
 async fn latency<B>(
     b: &Backend<B>,
     s: &Settings,
