@@ -268,8 +268,10 @@ impl OutboxStore {
         let s = &self.schema;
         let gone = Gone::of(seqs);
         let sql = format!("DELETE FROM {s}.outbox WHERE {}", gone.condition(1));
-        let done = gone.bind(sqlx::query(&sql)).execute(&mut *conn).await;
-        done.map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
+        gone.bind(sqlx::query(&sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| Error::db(format!("deleting sent messages from {s}.outbox"), e))?;
         Ok(())
     }
 
