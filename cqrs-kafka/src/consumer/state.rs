@@ -129,6 +129,7 @@ impl Pending {
     }
 }
 
+#[cfg(test)]
 impl<const N: usize> From<[i64; N]> for Pending {
     fn from(offsets: [i64; N]) -> Self {
         let mut pending = Pending::default();
