@@ -1,7 +1,7 @@
 //! Settling deliveries: acks store offsets (never past one still pending), nacks wait for their
 //! redelivery time; a delivery of a partition revoked since is stale.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -217,6 +217,12 @@ impl Acknowledge for KafkaAcker {
     }
 
     fn is_stale(&self, delivery: &Delivery) -> bool {
+        // Every assignment and revocation starts an epoch: in the one its delivery was made in,
+        // the partition is still this member's (checked when the delivery was made), with no
+        // lock taken. Asked before every handler call, so this is the common case.
+        if self.epoch.load(Ordering::SeqCst) == self.of_epoch {
+            return false;
+        }
         let Ok((partition, _)) = position(delivery) else {
             return false;
         };
