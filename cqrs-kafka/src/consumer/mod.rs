@@ -287,7 +287,7 @@ impl KafkaConsumer {
         // keep their order across the processor's workers) and offset.
         let d = Delivery::at(
             topic,
-            Arc::new(message),
+            message,
             1,
             LogPosition { partition, offset },
             acker,
@@ -549,7 +549,7 @@ mod tests {
                 topic: topic.clone(),
                 partition: 0,
                 offset: polled_in as i64 * PER_EPOCH + i,
-                message: Message::new("t.E", Vec::new()),
+                message: Arc::new(Message::new("t.E", Vec::new())),
                 malformed: None,
             };
             handed_out += u64::from(consumer.delivery(record, polled_in).is_some());
