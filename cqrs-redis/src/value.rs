@@ -122,10 +122,26 @@ pub(crate) fn streams(v: Value) -> Vec<(String, Vec<Entry>)> {
         .collect()
 }
 
-/// `(ms, seq)` of a stream id.
+/// `(ms, seq)` of a stream id. Read per entry handled (three times a message once, with
+/// `split_once` and `str::parse`: ~1,250 instructions, callgrind), so digit by digit.
 pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
+    let id = id.as_bytes();
+    let dash = id.iter().position(|&c| c == b'-')?;
+    Some((number(&id[..dash])?, number(&id[dash + 1..])?))
+}
+
+/// A decimal number of at least one digit that fits a `u64`.
+fn number(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &c| {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// How many entries deleted from a stream's head (`MAXLEN` trimming: `entries-added` less the
@@ -142,4 +158,31 @@ pub(crate) fn deleted_unread(
     let read = entries_read.or_else(|| (last_delivered == "0-0").then_some(0))?;
     let deleted = entries_added.saturating_sub(length);
     Some(deleted.saturating_sub(read).max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_id;
+
+    #[test]
+    fn a_stream_id_is_two_decimal_numbers_around_a_dash() {
+        assert_eq!(parse_id("1700000000000-0"), Some((1_700_000_000_000, 0)));
+        assert_eq!(parse_id("0-18446744073709551615"), Some((0, u64::MAX)));
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1",
+            "1-2-3",
+            "a-1",
+            "1-b",
+            "+1-2",
+            "1- 2",
+            "0-18446744073709551616",
+            "18446744073709551616-0",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad:?}");
+        }
+    }
 }
