@@ -57,7 +57,7 @@ pub(super) async fn handle_job(
     if let Some(reason) = malformed {
         return reject(spec, ctx, delivery, &reason, DeadReason::Malformed).await;
     }
-    let Some((handler, pipeline)) = services.get(&ctx.message.name) else {
+    let Some((handler, pipeline, last)) = services.get(&ctx.message.name) else {
         if spec.options.on_unknown == UnknownEvent::DeadLetter {
             let reason = format!(
                 "no handler for event `{}` in group `{}`",
@@ -73,7 +73,7 @@ pub(super) async fn handle_job(
     let _in_flight = spec.health.enter();
     let topic = ctx.topic.clone();
     let labels = consuming(spec, handler, &topic);
-    let meters = spec.meters.of(handler, &topic);
+    let meters = spec.meters.of_cached(handler, &topic, last);
     meters.consumed(1);
     let _metered = meters.in_flight(1);
     loop {

@@ -25,6 +25,7 @@ use super::health::Health;
 use super::options::HandlerOptions;
 use crate::backend::{Delivery, Publisher, Subscriber, Subscription};
 use crate::handler::{BatchPipeline, Context, Pipeline};
+use crate::telemetry;
 
 pub(crate) use group::run_group;
 
@@ -127,25 +128,34 @@ pub(super) enum Settle {
     Fail(Delivery, String),
 }
 
-/// Each runner's own handles on the handler pipelines, cloned once rather than per message.
-/// A group has a handful of handlers: a list compared by name beats hashing.
-pub(super) struct Services(Vec<(String, Arc<str>, Pipeline)>);
+/// Each runner's own handles on the handler pipelines, cloned once rather than per message,
+/// with the instruments each handler used last. A group has a handful of handlers: a list
+/// compared by name beats hashing.
+pub(super) struct Services(Vec<(String, Arc<str>, Pipeline, telemetry::Last)>);
 
 impl Services {
     pub(super) fn of(spec: &GroupSpec) -> Self {
         Services(
             spec.routes
                 .iter()
-                .map(|(name, r)| (name.clone(), r.handler.clone(), r.service.clone()))
+                .map(|(name, r)| {
+                    let last = telemetry::Last::default();
+                    (name.clone(), r.handler.clone(), r.service.clone(), last)
+                })
                 .collect(),
         )
     }
 
-    pub(super) fn get(&mut self, event: &str) -> Option<(&Arc<str>, &mut Pipeline)> {
+    /// The handler of `event`, its pipeline and its instruments' memory
+    /// ([`telemetry::Meters::of_cached`]).
+    pub(super) fn get(
+        &mut self,
+        event: &str,
+    ) -> Option<(&Arc<str>, &mut Pipeline, &mut telemetry::Last)> {
         self.0
             .iter_mut()
-            .find(|(name, _, _)| name == event)
-            .map(|(_, handler, pipeline)| (&*handler, pipeline))
+            .find(|(name, ..)| name == event)
+            .map(|(_, handler, pipeline, last)| (&*handler, pipeline, last))
     }
 }
 
