@@ -285,13 +285,7 @@ impl KafkaConsumer {
         let acker = self.acker(epoch);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
         // keep their order across the processor's workers) and offset.
-        let d = Delivery::at(
-            topic,
-            message,
-            1,
-            LogPosition { partition, offset },
-            acker,
-        );
+        let d = Delivery::at(topic, message, 1, LogPosition { partition, offset }, acker);
         Some(match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
