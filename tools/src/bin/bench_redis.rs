@@ -97,6 +97,9 @@ impl Bench {
     }
 
     async fn raw_publish_one_by_one(&self, stream: &str) -> Result<Duration, BoxError> {
+        if let Ok(how) = std::env::var("BENCH_RAW_CM") {
+            return self.raw_cm(stream, &how).await;
+        }
         let c = self.conn().await?;
         let per_task = self.n / TASKS;
         let start = Instant::now();
@@ -137,7 +140,7 @@ impl Bench {
         members: usize,
         n: usize,
     ) -> Result<Duration, BoxError> {
-        let group = format!("raw-{members}");
+        let group = format!("raw-{members}-{}", self.run);
         let mut c = self.conn().await?;
         let _: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -201,6 +204,50 @@ impl Bench {
         Ok(start.elapsed())
     }
 
+    /// Raw's one-at-a-time publishing through a `ConnectionManager` (what our backend holds),
+    /// cloned per publish (`BENCH_RAW_CM=call`, as our bus does) or once per task
+    /// (`BENCH_RAW_CM=task`): whether the manager, not our code, costs what ours lacks.
+    async fn raw_cm(&self, stream: &str, how: &str) -> Result<Duration, BoxError> {
+        let cm = redis::Client::open(self.url.as_str())?
+            .get_connection_manager()
+            .await?;
+        let per_task = self.n / TASKS;
+        let per_call = how == "call";
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let mut c = cm.clone();
+            let cm = cm.clone();
+            let stream = stream.to_owned();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    if per_call {
+                        c = cm.clone();
+                    }
+                    let p = serde_json::to_vec(&event((t * per_task + i) as u64))?;
+                    redis::cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("id")
+                        .arg(message_id(&mut [0; 36]))
+                        .arg("name")
+                        .arg("Packet")
+                        .arg("content-type")
+                        .arg("application/json")
+                        .arg("payload")
+                        .arg(p)
+                        .query_async::<String>(&mut c)
+                        .await?;
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
     async fn ours_publish_one_by_one(&self, bus: &EventBus) -> Result<Duration, BoxError> {
         let per_task = self.n / TASKS;
         let start = Instant::now();
@@ -234,8 +281,9 @@ impl Bench {
         let mut running = Vec::new();
         for _ in 0..members {
             let topic = stream.to_owned();
-            let mut p = EventProcessor::new(backend.clone(), format!("ours-{members}"))
-                .topics(TopicNamer::new(move |_| topic.clone()));
+            let mut p =
+                EventProcessor::new(backend.clone(), format!("ours-{members}-{}", self.run))
+                    .topics(TopicNamer::new(move |_| topic.clone()));
             let h = handled.clone();
             p.handle("count", move |_: Packet| {
                 h.fetch_add(1, Ordering::Relaxed);
@@ -333,13 +381,30 @@ async fn main() -> Result<(), BoxError> {
     let rounds: usize = cqrs_tools::support::env_or("BENCH_ROUNDS", 3);
     let backend = RedisBackend::connect(&url).await?;
     // One phase alone, for counting instructions (`perf stat -e instructions:u`, callgrind):
-    // `publish-one-raw` or `publish-one-ours` (one event per call from 64 tasks).
+    // `publish-one-raw` or `publish-one-ours` (one event per call from 64 tasks); or, on the
+    // stream `BENCH_STREAM`, `fill` (ours, in batches of 100), then `consume-raw` or
+    // `consume-ours` (one member of a new group reads `BENCH_N` events, which stay).
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         let b = Bench {
             url: url.clone(),
             n,
             run: cqrs::conformance::unique("only"),
         };
+        if let Ok(stream) = std::env::var("BENCH_STREAM") {
+            let took = match only.as_str() {
+                "fill" => b.ours_publish_batched(&bus_for(&backend, &stream)).await?,
+                "consume-raw" => b.raw_consume(&stream, 1, n).await?,
+                "consume-ours" => b.ours_consume(&backend, &stream, 1, n).await?,
+                other => {
+                    return Err(format!(
+                        "BENCH_ONLY={other} with BENCH_STREAM: fill, consume-raw or consume-ours"
+                    )
+                    .into())
+                }
+            };
+            println!("{only}: {n} events on {stream} in {took:?}");
+            return Ok(());
+        }
         let stream = b.stream(&only);
         let took = match only.as_str() {
             "publish-one-raw" => b.raw_publish_one_by_one(&stream).await?,
