@@ -445,15 +445,19 @@ async fn main() -> Result<(), BoxError> {
         let raw_e2e = async {
             let start = Instant::now();
             let (c, p) = tokio::join!(b.raw_consume(&raw_e, n), b.raw_publish(&producer, &raw_e));
-            c?;
-            p?;
+            let (c, p) = (c?, p?);
+            if std::env::var("BENCH_TIMINGS").is_ok() {
+                eprintln!("raw end to end: published in {p:?}, consumed in {c:?}");
+            }
             Ok::<_, BoxError>(start.elapsed())
         };
         let ours_e2e = async {
             let start = Instant::now();
             let (c, p) = tokio::join!(b.ours_consume(&backend, &ours_e, n), b.ours_publish(&bus_e));
-            c?;
-            p?;
+            let (c, p) = (c?, p?);
+            if std::env::var("BENCH_TIMINGS").is_ok() {
+                eprintln!("ours end to end: published in {p:?}, consumed in {c:?}");
+            }
             Ok::<_, BoxError>(start.elapsed())
         };
         let (r, o) = if ours_first {
