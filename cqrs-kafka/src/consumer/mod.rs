@@ -284,11 +284,11 @@ impl KafkaConsumer {
         }
         let acker = self.acker(epoch);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
-        // keep their order across the processor's workers) and offset.
-        // The `Arc` is made here, on a runtime worker, and not on the poll thread: the poll
-        // thread is what limits one member's consuming, and an allocation there takes glibc's
-        // slow path (the thread frees nothing). Made there, the process ran ~400 instructions a
-        // record fewer but consumed ~5% slower (docs/benchmarks.md).
+        // keep their order across the processor's workers) and offset. Its message's `Arc` is
+        // made here, on a runtime worker, not on the poll thread: that thread is what limits
+        // one member's consuming, and an allocation there takes glibc's slow path (the thread
+        // frees nothing). Made there, the process ran ~400 instructions a record fewer but
+        // consumed ~5% slower (docs/benchmarks.md).
         let d = Delivery::at(
             topic,
             Arc::new(message),
