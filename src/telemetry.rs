@@ -330,7 +330,7 @@ mod imp {
         }
     }
     #[derive(Default)]
-    pub(crate) struct Last;
+    pub(crate) struct Last(());
     pub(crate) struct Instruments;
     impl Instruments {
         pub(crate) fn consumed(&self, _: usize) {}
