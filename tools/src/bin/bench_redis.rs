@@ -96,19 +96,47 @@ impl Bench {
         Ok(start.elapsed())
     }
 
+    /// One awaited `XADD` per event from `TASKS` tasks, each on its own clone of a multiplexed
+    /// connection. `BENCH_RAW_CM=task|call` publishes through a `ConnectionManager` instead
+    /// (what our backend holds), cloned once per task or per publish as our bus does: whether
+    /// the manager, not our code, costs what ours lacks.
     async fn raw_publish_one_by_one(&self, stream: &str) -> Result<Duration, BoxError> {
-        if let Ok(how) = std::env::var("BENCH_RAW_CM") {
-            return self.raw_cm(stream, &how).await;
+        let client = redis::Client::open(self.url.as_str())?;
+        match std::env::var("BENCH_RAW_CM").ok().as_deref() {
+            None => {
+                let c = client.get_multiplexed_async_connection().await?;
+                self.raw_one_by_one(stream, c, false).await
+            }
+            Some(how @ ("task" | "call")) => {
+                let c = client.get_connection_manager().await?;
+                self.raw_one_by_one(stream, c, how == "call").await
+            }
+            Some(other) => Err(format!("BENCH_RAW_CM={other}: task or call").into()),
         }
-        let c = self.conn().await?;
+    }
+
+    /// [`Bench::raw_publish_one_by_one`] on `conn`, cloned per task, or per publish when
+    /// `per_call`.
+    async fn raw_one_by_one<C>(
+        &self,
+        stream: &str,
+        conn: C,
+        per_call: bool,
+    ) -> Result<Duration, BoxError>
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + 'static,
+    {
         let per_task = self.n / TASKS;
         let start = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..TASKS {
-            let mut c = c.clone();
+            let (mut c, conn) = (conn.clone(), conn.clone());
             let stream = stream.to_owned();
             tasks.push(tokio::spawn(async move {
                 for i in 0..per_task {
+                    if per_call {
+                        c = conn.clone();
+                    }
                     let p = serde_json::to_vec(&event((t * per_task + i) as u64))?;
                     redis::cmd("XADD")
                         .arg(&stream)
@@ -200,50 +228,6 @@ impl Bench {
         let start = Instant::now();
         for chunk in events.chunks(100) {
             bus.publish_all(chunk).await?;
-        }
-        Ok(start.elapsed())
-    }
-
-    /// Raw's one-at-a-time publishing through a `ConnectionManager` (what our backend holds),
-    /// cloned per publish (`BENCH_RAW_CM=call`, as our bus does) or once per task
-    /// (`BENCH_RAW_CM=task`): whether the manager, not our code, costs what ours lacks.
-    async fn raw_cm(&self, stream: &str, how: &str) -> Result<Duration, BoxError> {
-        let cm = redis::Client::open(self.url.as_str())?
-            .get_connection_manager()
-            .await?;
-        let per_task = self.n / TASKS;
-        let per_call = how == "call";
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..TASKS {
-            let mut c = cm.clone();
-            let cm = cm.clone();
-            let stream = stream.to_owned();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per_task {
-                    if per_call {
-                        c = cm.clone();
-                    }
-                    let p = serde_json::to_vec(&event((t * per_task + i) as u64))?;
-                    redis::cmd("XADD")
-                        .arg(&stream)
-                        .arg("*")
-                        .arg("id")
-                        .arg(message_id(&mut [0; 36]))
-                        .arg("name")
-                        .arg("Packet")
-                        .arg("content-type")
-                        .arg("application/json")
-                        .arg("payload")
-                        .arg(p)
-                        .query_async::<String>(&mut c)
-                        .await?;
-                }
-                Ok::<_, BoxError>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
         }
         Ok(start.elapsed())
     }
