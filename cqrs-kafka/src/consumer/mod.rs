@@ -285,10 +285,10 @@ impl KafkaConsumer {
         let acker = self.acker(epoch);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
         // keep their order across the processor's workers) and offset. Its message's `Arc` is
-        // made here, on a runtime worker, not on the poll thread: that thread is what limits
-        // one member's consuming, and an allocation there takes glibc's slow path (the thread
-        // frees nothing). Made there, the process ran ~400 instructions a record fewer but
-        // consumed ~5% slower (docs/benchmarks.md).
+        // made here, on a runtime worker, not on the poll thread: made there, the process ran
+        // ~400 instructions a record fewer but consumed ~5% slower, in interleaved runs (an
+        // allocation on the poll thread takes glibc's slow path, as the thread frees nothing;
+        // docs/benchmarks.md).
         let d = Delivery::at(
             topic,
             Arc::new(message),
