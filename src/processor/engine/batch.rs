@@ -13,6 +13,7 @@ use super::{BatchRoute, GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
 use crate::handler::Context;
 use crate::middleware::HandlerPanicked;
+use crate::telemetry;
 use crate::Result;
 
 /// A batch handler's fetch (up to n batches' worth for `concurrency(n)`; one by default) split by
@@ -78,6 +79,8 @@ pub(super) async fn handle_batch(
     let mut todo: Vec<(Context, Option<Delivery>)> = Vec::with_capacity(jobs.len());
     // The jobs count as unfinished until the batch is done with them.
     let mut outstanding = Vec::with_capacity(jobs.len());
+    // The batch's messages nearly always share a topic: its instruments are looked up once.
+    let mut last = telemetry::Last::default();
     for job in jobs {
         let ours = job.malformed.is_none()
             && job.ctx.message.name == route.event
@@ -103,7 +106,9 @@ pub(super) async fn handle_batch(
             u.disarm();
         }
         ctx.handler = route.handler.clone();
-        spec.meters.of(&route.handler, &ctx.topic).consumed(1);
+        spec.meters
+            .of_cached(&route.handler, &ctx.topic, &mut last)
+            .consumed(1);
         todo.push((ctx, delivery));
     }
     while !todo.is_empty() {
