@@ -489,16 +489,24 @@ fn contiguous(seqs: &[i64]) -> Option<(i64, i64)> {
     Some((first, last))
 }
 
-/// Checks that the columns of [`OutboxStore::oldest`]'s query have the types [`stored`] decodes
-/// (a table altered by hand may not): a column of another type is a [`Error::BadRow`] naming it,
-/// not a panic. Once per read, as every row of it has the same columns: checked at each value,
-/// the types cost ~1,100 instructions a row (callgrind), a fifth of the relay's reading.
+/// Checks that the columns of [`OutboxStore::oldest`]'s query are, at each position, the one
+/// [`stored`] takes there (the query's column list and these positions are written apart), with
+/// a type it decodes (a table altered by hand may not have): otherwise a [`Error::BadRow`]
+/// naming it, not a panic. Once per read, as every row of it has the same columns: checked at
+/// each value, the types cost ~1,100 instructions a row (callgrind), a fifth of the relay's
+/// reading.
 fn check_columns(row: &PgRow) -> Result<()> {
     fn compatible<T: Type<Postgres>>(row: &PgRow, i: usize, name: &'static str) -> Result<()> {
         let column = row.columns().get(i).ok_or_else(|| Error::BadRow {
             seq: 0,
             why: format!("column {i} ({name}) missing"),
         })?;
+        if column.name() != name {
+            return Err(Error::BadRow {
+                seq: 0,
+                why: format!("column {i} is `{}`, read as {name}", column.name()),
+            });
+        }
         if T::compatible(column.type_info()) {
             return Ok(());
         }
