@@ -1,7 +1,7 @@
 # Sourced by scripts/test: makes sure the brokers the tests need are running on loopback,
 # installing them from the distribution's packages when missing.
 
-log() { printf '==> %s\n' "$*" >&2; }
+log() { printf '==> %s %s\n' "$(date +%T)" "$*" >&2; }
 
 apt_install() {
   if [ "$(id -u)" != 0 ]; then
