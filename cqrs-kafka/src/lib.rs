@@ -43,6 +43,7 @@ mod config;
 mod consumer;
 mod dead_letters;
 mod error;
+mod producer;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -56,7 +57,9 @@ use cqrs_core::Message;
 use rdkafka::admin::AdminClient;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::BaseRecord;
+
+use producer::{InFlight, Producer, Producing};
 
 pub use config::{GroupProtocol, KafkaConfig};
 pub use cqrs_core::dead_letter::{DeadLetter, DeadLetterStore, REDRIVEN_FROM};
@@ -81,7 +84,7 @@ pub struct KafkaBackend {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer<access::Watched>,
+    producer: Producer,
     admin: AdminClient<access::Watched>,
     known_topics: Mutex<HashSet<String>>,
     /// The clients that read consumer groups' offsets (`backlogs`), kept between calls.
@@ -101,9 +104,11 @@ impl KafkaBackend {
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.check()?;
         let watched = access::Watched::default();
-        let producer: FutureProducer<access::Watched> = config
+        let producer: Producer = config
             .producer_config()
-            .create_with_context(watched.clone())
+            .create_with_context(Producing {
+                watched: watched.clone(),
+            })
             .map_err(|e| Error::kafka("creating the producer", e))?;
         let admin: AdminClient<access::Watched> = config
             .admin_config()
@@ -165,9 +170,15 @@ pub(crate) fn headers(message: &Message) -> OwnedHeaders {
 }
 
 impl KafkaBackend {
-    /// Hands `m` to the producer's queue; a full queue waits for deliveries to make room.
-    async fn queue(&self, topic: &str, m: &Message) -> cqrs_core::Result<DeliveryFuture> {
-        let mut record = FutureRecord::to(topic)
+    /// Hands `m` to the producer's queue, counted in `in_flight`; a full queue waits for
+    /// deliveries to make room.
+    async fn queue(
+        &self,
+        topic: &str,
+        m: &Message,
+        in_flight: &Arc<InFlight>,
+    ) -> cqrs_core::Result<()> {
+        let mut record = BaseRecord::with_opaque_to(topic, in_flight.queued())
             .payload(&m.payload)
             .headers(headers(m))
             .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
@@ -175,35 +186,18 @@ impl KafkaBackend {
             record = record.key(key.as_str());
         }
         loop {
-            match self.inner.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
+            match self.inner.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(Error::kafka(format!("producing to {topic}"), e).into()),
-            }
-        }
-    }
-
-    /// Waits until the broker acknowledged every queued record.
-    async fn delivered(topic: &str, pending: Vec<DeliveryFuture>) -> cqrs_core::Result<()> {
-        for delivery in pending {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(Error::kafka(format!("producing to {topic}"), e).into())
-                }
-                Err(_) => {
-                    return Err(Error::kafka(
-                        format!("producing to {topic}"),
-                        rdkafka::error::KafkaError::Canceled,
-                    )
-                    .into())
+                Err((e, _)) => {
+                    in_flight.not_queued();
+                    return Err(Error::kafka(format!("producing to {topic}"), e).into());
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -242,18 +236,23 @@ impl KafkaBackend {
         messages: impl Iterator<Item = cqrs_core::Result<M>> + Send,
     ) -> cqrs_core::Result<()> {
         self.ensure_topics(&[topic]).await?;
-        let mut pending = Vec::with_capacity(messages.size_hint().0);
+        let in_flight = InFlight::new();
         let mut failed = None;
         for m in messages {
-            match m {
-                Ok(m) => pending.push(self.queue(topic, m.borrow()).await?),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            let queued = match m {
+                Ok(m) => self.queue(topic, m.borrow(), &in_flight).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = queued {
+                failed = Some(e);
+                break;
             }
         }
-        Self::delivered(topic, pending).await?;
+        // The records queued are delivered (or fail) whatever stopped the queueing.
+        in_flight
+            .wait()
+            .await
+            .map_err(|e| Error::kafka(format!("producing to {topic}"), e))?;
         failed.map_or(Ok(()), Err)
     }
 }

@@ -1918,3 +1918,57 @@ async fn the_backlog_follows_the_groups_commits_call_after_call() {
     commit(10);
     assert_eq!(lag().await, Some(0));
 }
+
+/// A record over the producer's `message.max.bytes` (refused as it is queued) and one over the
+/// topic's `max.message.bytes` (refused by the broker) are errors that say the record is too
+/// large; what was queued before them is written, and the backend goes on publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_are_clear_errors_and_the_records_before_them_are_written() {
+    use cqrs::Message;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let backend = backend().await;
+    let topic = unique("oversized");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let made = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "10000")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made[0].is_ok(), "{made:?}");
+    let blob = |len: usize| Message::new("Blob", vec![b'x'; len]);
+    // A record the producer never took is not waited for: the call returns.
+    let publish = |messages: Vec<Message>| {
+        let (backend, topic) = (backend.clone(), topic.clone());
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), backend.publish(&topic, &messages))
+                .await
+                .expect("the publish returned")
+        }
+    };
+
+    let err = publish(vec![blob(100), blob(2_000_000)]).await.unwrap_err();
+    assert!(
+        err.report().to_string().contains("MessageSizeTooLarge"),
+        "{}",
+        err.report()
+    );
+    assert_eq!(records_on(&brokers(), &topic, 1), 1);
+
+    let err = publish(vec![blob(20_000)]).await.unwrap_err();
+    assert!(
+        err.report().to_string().contains("MessageSizeTooLarge"),
+        "{}",
+        err.report()
+    );
+    publish(vec![blob(100)]).await.unwrap();
+    assert_eq!(records_on(&brokers(), &topic, 1), 2);
+}
