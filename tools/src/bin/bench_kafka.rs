@@ -278,9 +278,16 @@ impl Bench {
                 support::cpu_time("self") - cpu
             );
         }
+        let stopping = Instant::now();
         token.cancel();
         for r in running {
             r.wait().await?;
+        }
+        if std::env::var("BENCH_TIMINGS").is_ok() {
+            eprintln!(
+                "ours, {members} member(s): stopped in {:?}",
+                stopping.elapsed()
+            );
         }
         Ok(elapsed)
     }
