@@ -430,18 +430,55 @@ fn bus_for(backend: &RedisBackend, stream: &str) -> EventBus {
 }
 
 /// Runs `raw` and `ours` one after the other, `ours` first when `ours_first`; returns (raw, ours).
+/// With `BENCH_TIMINGS` set, prints the CPU each side used: this process's, and the server's when
+/// `BENCH_SERVER_PID` names it (redis-server is one thread: where it is the bottleneck, the
+/// commands a side sends decide its rate).
 async fn pair<R, O>(ours_first: bool, raw: R, ours: O) -> Result<(Duration, Duration), BoxError>
 where
     R: std::future::Future<Output = Result<Duration, BoxError>>,
     O: std::future::Future<Output = Result<Duration, BoxError>>,
 {
-    if ours_first {
-        let o = ours.await?;
-        Ok((raw.await?, o))
+    let (r, o, cpu) = if ours_first {
+        let (o, ours_cpu) = with_cpu(ours).await?;
+        let (r, raw_cpu) = with_cpu(raw).await?;
+        (r, o, [raw_cpu, ours_cpu])
     } else {
-        let r = raw.await?;
-        Ok((r, ours.await?))
+        let (r, raw_cpu) = with_cpu(raw).await?;
+        let (o, ours_cpu) = with_cpu(ours).await?;
+        (r, o, [raw_cpu, ours_cpu])
+    };
+    if std::env::var_os("BENCH_TIMINGS").is_some() {
+        let ms = |d: Duration| d.as_millis();
+        println!(
+            "    CPU ms, this process / the server: raw {} / {}, ours {} / {}",
+            ms(cpu[0].0),
+            ms(cpu[0].1),
+            ms(cpu[1].0),
+            ms(cpu[1].1)
+        );
     }
+    Ok((r, o))
+}
+
+/// Awaits `f`, with the CPU this process and the server (`BENCH_SERVER_PID`) used meanwhile.
+async fn with_cpu<T>(
+    f: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<(T, (Duration, Duration)), BoxError> {
+    let server = std::env::var("BENCH_SERVER_PID").ok();
+    let server_cpu = || {
+        server
+            .as_deref()
+            .map_or(Duration::ZERO, cqrs_tools::support::cpu_time)
+    };
+    let (me, them) = (cqrs_tools::support::cpu_time("self"), server_cpu());
+    let t = f.await?;
+    Ok((
+        t,
+        (
+            cqrs_tools::support::cpu_time("self") - me,
+            server_cpu() - them,
+        ),
+    ))
 }
 
 /// One round of every figure. Rounds alternate which of raw and ours goes first, so that neither
