@@ -28,6 +28,10 @@ pub const TRACESTATE: &str = "tracestate";
 
 /// Writes the context of `span` into `headers` (nothing when it has no valid context).
 pub(crate) fn inject(span: &tracing::Span, headers: &mut BTreeMap<String, String>) {
+    // A disabled span has no context (`context` would give an empty one): nothing to carry.
+    if span.is_none() {
+        return;
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     if !sc.is_valid() {

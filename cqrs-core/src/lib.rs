@@ -22,5 +22,5 @@ pub use backend::{Backend, Delivery, LogPosition, StartFrom, Subscription};
 pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use error::{error_chain, BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};
-pub use message::{new_message_id, now_millis, Message, Metadata};
+pub use message::{new_message_id, new_message_id_and_millis, now_millis, Message, Metadata};
 pub use tokio_util::sync::CancellationToken;
