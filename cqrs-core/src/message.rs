@@ -180,7 +180,10 @@ mod tests {
         let before = now_millis();
         let (id, millis) = new_message_id_and_millis();
         let after = now_millis();
-        assert!(before <= millis && millis <= after, "{before} <= {millis} <= {after}");
+        assert!(
+            before <= millis && millis <= after,
+            "{before} <= {millis} <= {after}"
+        );
         let uuid = uuid::Uuid::parse_str(&id).expect("a UUID");
         assert_eq!(uuid.get_version_num(), 7);
         let carried = u64::from_str_radix(&id.replace('-', "")[..12], 16).expect("hex");
