@@ -287,8 +287,10 @@ pub(crate) async fn create_group_at(
 
 /// The XADD of `message`.
 pub(crate) fn xadd(stream: &str, max_len: Option<usize>, message: &Message) -> redis::Cmd {
-    // Sized up front: grown from empty, a command's buffers were copied ~8 times as its fields
-    // went in (~600 instructions a publish). Reserved field names and numbers fit in the slack.
+    // Sized up front: grown from empty, the command's two buffers were reallocated ~10 times
+    // as its fields went in, copying the payload each time (`xadd` took 4,186 instructions a
+    // publish, 1,005 sized; docs/benchmarks.md). The slack holds the command's name, MAXLEN,
+    // the reserved field names and the numbers.
     let m = &message.metadata;
     let headers: usize = m.headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let data = 160
