@@ -192,16 +192,19 @@ impl OutboxRelay {
         sending: &[i64],
     ) -> Result<Vec<Stored>> {
         let cursor = &mut reads.cursor;
-        if cursor.has_gaps()
+        // Read before the rows and applied after them (`Cursor::horizon` says why).
+        let horizon = if cursor.has_gaps()
             && reads
                 .horizon_at
                 .is_none_or(|at| at.elapsed() >= HORIZON_EVERY)
         {
-            let (xmin, xmax) = self.store.horizon(conn).await?;
+            let read = self.store.horizon(conn).await?;
             let now = Instant::now();
-            cursor.horizon(xmin, xmax, now);
             reads.horizon_at = Some(now);
-        }
+            Some((read, now))
+        } else {
+            None
+        };
         let from = cursor.from();
         // Rows at or below the cursor were read: only a scan from below it (a gap) meets those
         // still being sent or deleted.
@@ -217,6 +220,14 @@ impl OutboxRelay {
             .await?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         cursor.read(&seqs, Instant::now());
+        if let Some(((xmin, xmax), at)) = horizon {
+            // A full batch may have stopped below some gaps.
+            let covered = match seqs.last() {
+                Some(last) if rows.len() >= self.batch => *last,
+                _ => i64::MAX,
+            };
+            cursor.horizon(xmin, xmax, at, covered);
+        }
         Ok(rows)
     }
 
