@@ -56,7 +56,7 @@ impl fmt::Debug for TopicNamer {
 /// and leaving one still cost ~140 instructions a publish (`tracing`'s `log` feature looks at the
 /// `log` crate's level at each step).
 async fn within<F: std::future::Future>(span: tracing::Span, f: F) -> F::Output {
-    if span.is_none() {
+    if span.is_disabled() {
         f.await
     } else {
         f.instrument(span).await

@@ -29,7 +29,7 @@ pub const TRACESTATE: &str = "tracestate";
 /// Writes the context of `span` into `headers` (nothing when it has no valid context).
 pub(crate) fn inject(span: &tracing::Span, headers: &mut BTreeMap<String, String>) {
     // A disabled span has no context (`context` would give an empty one): nothing to carry.
-    if span.is_none() {
+    if span.is_disabled() {
         return;
     }
     let cx = span.context();
@@ -78,6 +78,10 @@ pub(crate) fn extract(headers: &BTreeMap<String, String>) -> Option<SpanContext>
 /// Joins `span` to the publisher's context found in `headers`: as its child when `child`, and
 /// always by a link.
 pub(crate) fn join(span: &tracing::Span, headers: &BTreeMap<String, String>, child: bool) {
+    // A disabled span takes neither a parent nor a link: the headers need not be read.
+    if span.is_disabled() {
+        return;
+    }
     let Some(sc) = extract(headers) else { return };
     if child {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc.clone()));
