@@ -130,9 +130,11 @@ async fn a_row_committed_after_later_rows_were_relayed_is_relayed_too() {
     let topic = unique("seats");
     let (store, outbox) = outbox(&pool, &broker, &topic).await;
     let token = CancellationToken::new();
+    // Woken by the commits' notifications only (the poll is far away), so that what the relay
+    // reads, and when, follows the test's steps.
     let relay = tokio::spawn(
         OutboxRelay::new(pool.clone(), store.clone(), broker.clone())
-            .poll_interval(Duration::from_millis(50))
+            .poll_interval(Duration::from_secs(60))
             .run(token.clone()),
     );
     let seat = |show: &str, seat| SeatBooked {
@@ -177,6 +179,10 @@ async fn a_row_committed_after_later_rows_were_relayed_is_relayed_too() {
         async move { count.await == 6 }
     })
     .await;
+    // The relay reads the transaction horizon at most every 100 ms: past that, the read the
+    // commit wakes reads it too, and sees the slow transaction ended. Applied before that read
+    // (the bug fixed by fb641d7), it dropped the row's gap and the read started above the row.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     slow.commit().await.unwrap();
     eventually("the row committed last relayed", || {
         let count = relayed("slow")();
