@@ -3,7 +3,6 @@
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use tracing::Instrument;
 
 use crate::backend::Publisher;
 use crate::codec::{Codec, DefaultCodec};
@@ -49,17 +48,6 @@ impl Default for TopicNamer {
 impl fmt::Debug for TopicNamer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("TopicNamer(..)")
-    }
-}
-
-/// Awaits `f` in `span`. A disabled span (nothing records its level) is not entered: entering
-/// and leaving one still cost ~140 instructions a publish (`tracing`'s `log` feature looks at the
-/// `log` crate's level at each step).
-async fn within<F: std::future::Future>(span: tracing::Span, f: F) -> F::Output {
-    if span.is_disabled() {
-        f.await
-    } else {
-        f.instrument(span).await
     }
 }
 
@@ -196,7 +184,7 @@ impl<C> Outbox<C> {
         let mut messages = events
             .iter()
             .map(|e| self.encode(d, *e, e.key(), Metadata::default(), &span));
-        within(
+        crate::in_span(
             span.clone(),
             self.publisher.publish_iter(&route.topic, &mut messages),
         )
@@ -219,7 +207,7 @@ impl<C> Outbox<C> {
         let route = self.route(d);
         let span = self.span(&route.topic, 1);
         let message = self.encode(d, value, key, metadata, &span)?;
-        within(
+        crate::in_span(
             span,
             self.publisher
                 .publish(&route.topic, std::slice::from_ref(&message)),

@@ -120,13 +120,7 @@ pub(super) async fn handle_job(
             }
         };
         let started = Instant::now();
-        // A span that nothing records is not entered (~114 instructions a message, as on the
-        // bus's side).
-        let result = if span.is_disabled() {
-            caught(run).await
-        } else {
-            caught(run).instrument(span.clone()).await
-        };
+        let result = crate::in_span(span.clone(), caught(run)).await;
         meters.attempt(
             started.elapsed().as_secs_f64(),
             result.is_ok(),
