@@ -144,7 +144,7 @@ impl Metadata {
 /// A fresh unique, time-ordered message id.
 #[inline]
 pub fn new_message_id() -> String {
-    new_message_id_and_millis().0
+    hyphenated(uuid::Uuid::now_v7())
 }
 
 /// A fresh message id (as [`new_message_id`]) and the time it carries, in milliseconds since
@@ -156,8 +156,14 @@ pub fn new_message_id_and_millis() -> (String, u64) {
         let (secs, nanos) = t.to_unix();
         secs * 1000 + u64::from(nanos / 1_000_000)
     });
+    (hyphenated(id), millis)
+}
+
+/// `id` as a message id: hyphenated, lower case.
+#[inline]
+fn hyphenated(id: uuid::Uuid) -> String {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    (id.hyphenated().encode_lower(&mut buf).to_owned(), millis)
+    id.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
 /// Milliseconds since the Unix epoch, now (0 before 1970).
