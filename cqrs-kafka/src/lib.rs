@@ -156,7 +156,7 @@ impl KafkaBackend {
 /// The headers of `message` per the wire format.
 pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     let mut headers = Some(OwnedHeaders::new_with_capacity(
-        4 + message.metadata.headers.len(),
+        Layout::KAFKA.size_hint(message).0,
     ));
     Layout::KAFKA.write(message, |key, value| {
         headers = headers.take().map(|h| {
