@@ -3,7 +3,6 @@
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
-
 use crate::backend::Publisher;
 use crate::codec::{Codec, DefaultCodec};
 use crate::versions::Descriptor;
