@@ -65,7 +65,7 @@ impl KafkaConfig {
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_millis(100),
             commit_every: 250,
-            max_unrecorded: 4000,
+            max_unrecorded: 10_000,
             timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             protocol: GroupProtocol::default(),
@@ -146,11 +146,18 @@ impl KafkaConfig {
     }
 
     /// How many handled messages a consumer may have that its group has not recorded (a commit
-    /// succeeded after them) before it hands out no more and waits for a commit (default 4,000;
-    /// 0: no limit). A broker refuses commits while the group rebalances (librdkafka's mock
-    /// cluster for the whole rebalance; Kafka only once the members have rejoined) and cannot
-    /// take them while its coordinator is away: without a limit the member keeps working, and
-    /// its partitions' next owner does all that work again.
+    /// succeeded after them) before it hands out no more and waits for a commit (default
+    /// 10,000; 0: no limit). A broker refuses commits while the group rebalances (librdkafka's
+    /// mock cluster for the whole rebalance; Kafka only once the members have rejoined) and
+    /// cannot take them while its coordinator is away: without a limit the member keeps
+    /// working, and its partitions' next owner does all that work again. While commits fail the
+    /// limit is `commit_every`.
+    ///
+    /// Commits are made one at a time, and a member's unrecorded count peaks at what it handles
+    /// in about two of them. Kafka 4.1's group coordinator holds every commit for
+    /// `group.coordinator.append.linger.ms` (5 ms) before it answers, so each takes 6-7 ms on a
+    /// local broker: a limit of 4,000 (the default before) held one member to ~300,000
+    /// messages a second; 10,000 leaves room for ~750,000 (docs/benchmarks.md).
     pub fn max_unrecorded(mut self, messages: usize) -> Self {
         self.max_unrecorded = messages;
         self

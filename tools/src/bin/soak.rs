@@ -105,7 +105,7 @@ macro_rules! with_backend {
                 let protocol: String = $args.get("protocol", "consumer".to_owned())?;
                 let config = kafka_config(&url, commit, &protocol)?
                     .commit_every($args.get("commit-every", 250)?)
-                    .max_unrecorded($args.get("max-unrecorded", 4000)?);
+                    .max_unrecorded($args.get("max-unrecorded", 10_000)?);
                 let $b = KafkaBackend::connect(config).await?;
                 $body
             }
@@ -296,7 +296,7 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         claim_idle_ms: args.get("claim-idle-ms", 10_000)?,
         commit_interval_ms: args.get("commit-interval-ms", 100)?,
         commit_every: args.get("commit-every", 250)?,
-        max_unrecorded: args.get("max-unrecorded", 4_000)?,
+        max_unrecorded: args.get("max-unrecorded", 10_000)?,
         protocol: args.get("protocol", "consumer".to_owned())?,
         broker_restart: args.get::<String>("broker-restart", "yes".to_owned())? != "no",
         cluster: args.get("cluster", 1)?,
