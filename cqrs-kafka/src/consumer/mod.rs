@@ -260,8 +260,7 @@ impl KafkaConsumer {
             topic,
             partition,
             offset,
-            message,
-            malformed,
+            copied,
         } = record;
         {
             // Under the lock the rebalance callback changes the assignment under: the record
@@ -283,12 +282,12 @@ impl KafkaConsumer {
             state.next = Some(offset + 1);
         }
         let acker = self.acker(epoch);
+        // Decoded here, on a runtime worker, as its message's `Arc` is made here: an
+        // allocation on the poll thread takes glibc's slow path, as the thread frees nothing
+        // (docs/benchmarks.md).
+        let (message, malformed) = copied.decode(&topic, partition, offset);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
-        // keep their order across the processor's workers) and offset. Its message's `Arc` is
-        // made here, on a runtime worker, not on the poll thread: made there, the process ran
-        // ~400 instructions a record fewer but consumed ~5% slower, in interleaved runs (an
-        // allocation on the poll thread takes glibc's slow path, as the thread frees nothing;
-        // docs/benchmarks.md).
+        // keep their order across the processor's workers) and offset.
         let d = Delivery::at(
             topic,
             Arc::new(message),
@@ -553,8 +552,15 @@ mod tests {
                 topic: topic.clone(),
                 partition: 0,
                 offset: polled_in as i64 * PER_EPOCH + i,
-                message: Message::new("t.E", Vec::new()),
-                malformed: None,
+                copied: poll::Copied::of(&rdkafka::message::OwnedMessage::new(
+                    Some(Vec::new()),
+                    None,
+                    "t".to_owned(),
+                    rdkafka::Timestamp::NotAvailable,
+                    0,
+                    0,
+                    None,
+                )),
             };
             handed_out += u64::from(consumer.delivery(record, polled_in).is_some());
         }

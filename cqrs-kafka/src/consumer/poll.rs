@@ -29,14 +29,12 @@ const BUSY_TICK: Duration = Duration::from_millis(5);
 /// The poll thread's longest wait for records, reached while none come.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
-/// A record as the poll thread decoded it.
+/// A record as the poll thread copied it (decoded into a message on a runtime worker).
 pub(super) struct Record {
     pub(super) topic: Arc<str>,
     pub(super) partition: i32,
     pub(super) offset: i64,
-    pub(super) message: Message,
-    /// Why the message is malformed, if it is.
-    pub(super) malformed: Option<String>,
+    pub(super) copied: Copied,
 }
 
 /// A polled record (or a consumer error) with the rebalance epoch it was polled in.
@@ -46,48 +44,166 @@ pub(super) type Polled = (KafkaResult<Record>, u64);
 /// handing them over and the one taking them wake each other once a batch, not once a record.
 pub(super) const POLL_BATCH: usize = 256;
 
+/// What the message of a record is made of, copied out of librdkafka in one allocation: the
+/// payload, then the key, then each header (`u32` name length, name, `u32` value length or
+/// `u32::MAX` for none, value). [`Copied::decode`] makes the message, the buffer becoming its
+/// payload.
+///
+/// The poll thread copies; a runtime worker decodes. The message's fields decoded on the poll
+/// thread were four allocations there (payload, id, name, key), each freed on a worker: a
+/// thread that only allocates finds its glibc cache always empty and takes the allocator's
+/// slow path, under the lock of the arena the workers free into (docs/benchmarks.md).
+pub(crate) struct Copied {
+    buf: Vec<u8>,
+    /// The payload's length; `None` for a record without a payload.
+    payload: Option<usize>,
+    /// The key's length; `None` for a record without a key.
+    key: Option<usize>,
+    time_ms: Option<u64>,
+    /// Why the record is malformed, found while copying.
+    malformed: Option<&'static str>,
+}
+
+/// A header value's length in [`Copied`] when it has none.
+const NO_VALUE: u32 = u32::MAX;
+
+impl Copied {
+    /// Copies what `m`'s message is made of.
+    pub(crate) fn of(m: &impl rdkafka::message::Message) -> Copied {
+        let payload = m.payload();
+        let key = m.key();
+        let headers = m.headers();
+        let size = payload.map_or(0, <[u8]>::len)
+            + key.map_or(0, <[u8]>::len)
+            + headers.as_ref().map_or(0, |h| h.count() * 48);
+        let mut buf = Vec::with_capacity(size);
+        buf.extend_from_slice(payload.unwrap_or_default());
+        buf.extend_from_slice(key.unwrap_or_default());
+        let put = |buf: &mut Vec<u8>, name: &str, value: Option<&[u8]>| {
+            buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            buf.extend_from_slice(name.as_bytes());
+            match value {
+                Some(v) => {
+                    buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    buf.extend_from_slice(v);
+                }
+                None => buf.extend_from_slice(&NO_VALUE.to_le_bytes()),
+            }
+        };
+        let start = buf.len();
+        // rdkafka unwraps a header's name as text: a record whose header name is not UTF-8
+        // (which any client speaking the protocol may write) panicked the poll thread, and the
+        // group, restarted, met it again. Caught, it is malformed: dead-lettered with its other
+        // headers.
+        let copied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            for h in headers.iter().flat_map(|h| h.iter()) {
+                put(&mut buf, h.key, h.value);
+            }
+        }));
+        let malformed = match copied {
+            Ok(()) => None,
+            Err(_) => {
+                buf.truncate(start);
+                for h in headers.iter() {
+                    for i in 0..h.count() {
+                        let header = std::panic::catch_unwind(AssertUnwindSafe(|| h.try_get(i)));
+                        if let Some(header) = header.ok().flatten() {
+                            put(&mut buf, header.key, header.value);
+                        }
+                    }
+                }
+                Some("malformed message: a header name is not UTF-8")
+            }
+        };
+        Copied {
+            buf,
+            payload: payload.map(<[u8]>::len),
+            key: key.map(<[u8]>::len),
+            time_ms: record_time_ms(m),
+            malformed,
+        }
+    }
+
+    /// The message (`docs/wire-format.md`) and why it is malformed, if it is; a record without a
+    /// message id gets `topic/partition/offset`.
+    pub(crate) fn decode(
+        self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> (Message, Option<String>) {
+        let Copied {
+            mut buf,
+            payload,
+            key,
+            time_ms,
+            malformed,
+        } = self;
+        let payload_len = payload.unwrap_or(0);
+        let rest = &buf[payload_len..];
+        let (key_bytes, mut headers) = rest.split_at(key.unwrap_or(0).min(rest.len()));
+        let mut broken = false;
+        let fields = std::iter::from_fn(|| {
+            if headers.is_empty() {
+                return None;
+            }
+            let mut take = |n: usize| -> Option<&[u8]> {
+                let (taken, left) = headers.split_at_checked(n)?;
+                headers = left;
+                Some(taken)
+            };
+            let field = (|| {
+                let len = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
+                let name_len = len(take(4)?)?;
+                let name = take(name_len as usize)?;
+                let value = match len(take(4)?)? {
+                    NO_VALUE => None,
+                    n => Some(take(n as usize)?),
+                };
+                Some((std::str::from_utf8(name).ok()?, value))
+            })();
+            if field.is_none() {
+                // Not written by `of`: nothing more is read.
+                broken = true;
+                headers = &[];
+            }
+            field
+        })
+        .filter_map(|(name, value)| Some((name, value?)));
+        let entry = Entry {
+            // Made below only when the record has no id: a record carries one in nearly every
+            // case, and formatting it for every record cost a tenth of the poll thread's time.
+            id: "",
+            time_ms,
+        };
+        // The payload is put in after: `buf`, cut to it, becomes the message's payload (an
+        // empty `Vec` stands in meanwhile, allocating nothing).
+        let (mut message, mut why) = Layout::KAFKA.decode(
+            fields,
+            entry,
+            key.map(|_| key_bytes),
+            payload.map(|_| Vec::new()),
+        );
+        if payload.is_some() {
+            buf.truncate(payload_len);
+            message.payload = buf;
+        }
+        if let Some(m) = malformed {
+            why = Some(m.to_owned());
+        } else if broken && why.is_none() {
+            why = Some("malformed message: its headers could not be read".to_owned());
+        }
+        if message.id.is_empty() {
+            message.id = format!("{topic}/{partition}/{offset}");
+        }
+        (message, why)
+    }
+}
+
 /// The message a record carries, and why it is malformed if it is (`docs/wire-format.md`); a
 /// record without a message id gets `topic/partition/offset`.
 pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
-    let headers = m.headers();
-    let entry = || Entry {
-        // Made below only when the record has no id: a record carries one in nearly every
-        // case, and formatting it for every record cost a tenth of the poll thread's time.
-        id: "",
-        time_ms: record_time_ms(m),
-    };
-    let payload = || m.payload().map(<[u8]>::to_vec);
-    // rdkafka unwraps a header's name as text: a record whose header name is not UTF-8 (which
-    // any client speaking the protocol may write) panicked the poll thread, and the group,
-    // restarted, met it again. Caught, it is malformed: dead-lettered with its other headers.
-    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let fields = headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .filter_map(|h| Some((h.key, h.value?)));
-        Layout::KAFKA.decode(fields, entry(), m.key(), payload())
-    }));
-    let (mut message, malformed) = match decoded {
-        Ok(decoded) => decoded,
-        Err(_) => {
-            let readable = headers.into_iter().flat_map(|h| {
-                (0..h.count()).filter_map(move |i| {
-                    let header = std::panic::catch_unwind(AssertUnwindSafe(|| h.try_get(i)));
-                    let header = header.ok().flatten()?;
-                    Some((header.key, header.value?))
-                })
-            });
-            let (message, _) = Layout::KAFKA.decode(readable, entry(), m.key(), payload());
-            (
-                message,
-                Some("malformed message: a header name is not UTF-8".to_owned()),
-            )
-        }
-    };
-    if message.id.is_empty() {
-        message.id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-    }
-    (message, malformed)
+    Copied::of(m).decode(m.topic(), m.partition(), m.offset())
 }
 
 /// The record's timestamp, in milliseconds since the Unix epoch.
@@ -130,13 +246,11 @@ pub(super) fn poll_loop(
                     t
                 }
             };
-            let (message, malformed) = decode(&m);
             Record {
                 topic,
                 partition: m.partition(),
                 offset: m.offset(),
-                message,
-                malformed,
+                copied: Copied::of(&m),
             }
         });
         // Read after the poll: a rebalance it served is in the epoch.
@@ -219,5 +333,91 @@ pub(super) fn poll_loop(
                 None => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    fn record(payload: Option<&[u8]>, key: Option<&[u8]>, headers: OwnedHeaders) -> OwnedMessage {
+        OwnedMessage::new(
+            payload.map(<[u8]>::to_vec),
+            key.map(<[u8]>::to_vec),
+            "orders".to_owned(),
+            Timestamp::CreateTime(1_700_000_000_123),
+            3,
+            7,
+            Some(headers),
+        )
+    }
+
+    #[test]
+    fn a_copied_record_decodes_to_its_message_and_the_buffer_becomes_the_payload() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "cqrs-id",
+                value: Some("id-1"),
+            })
+            .insert(Header {
+                key: "cqrs-name",
+                value: Some("orders.Placed"),
+            })
+            .insert(Header {
+                key: "cqrs-version",
+                value: Some("2"),
+            })
+            .insert(Header {
+                key: "tenant",
+                value: Some("acme"),
+            })
+            .insert(Header::<&str> {
+                key: "empty",
+                value: None,
+            })
+            .insert(Header {
+                key: "cqrs-correlation-id",
+                value: Some("c-9"),
+            });
+        let m = record(Some(b"{\"n\":1}"), Some(b"k-1"), headers);
+        let (message, malformed) = decode(&m);
+        assert_eq!(malformed, None);
+        assert_eq!(message.id, "id-1");
+        assert_eq!(message.name, "orders.Placed");
+        assert_eq!(message.version, 2);
+        assert_eq!(message.key.as_deref(), Some("k-1"));
+        assert_eq!(message.payload, b"{\"n\":1}");
+        assert_eq!(message.metadata.correlation_id.as_deref(), Some("c-9"));
+        assert_eq!(message.metadata.created_at, 1_700_000_000_123);
+        assert_eq!(
+            message.metadata.headers.iter().collect::<Vec<_>>(),
+            [(&"tenant".to_owned(), &"acme".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_record_without_payload_key_or_id_is_malformed_and_named_by_its_position() {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "cqrs-name",
+            value: Some("orders.Placed"),
+        });
+        let (message, malformed) = decode(&record(None, None, headers));
+        assert_eq!(message.id, "orders/3/7");
+        assert_eq!(message.key, None);
+        assert!(message.payload.is_empty());
+        assert_eq!(
+            malformed.as_deref(),
+            Some("malformed message: field `cqrs-payload` is missing")
+        );
+        // An empty payload is a payload.
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "cqrs-name",
+            value: Some("orders.Placed"),
+        });
+        let (message, malformed) = decode(&record(Some(b""), Some(b""), headers));
+        assert_eq!((malformed, message.key.as_deref()), (None, Some("")));
     }
 }
