@@ -25,12 +25,14 @@ impl RedisConsumer {
         }
         let reply = self.query(&cmd, &format!("XCLAIM on {stream}")).await?;
         let attempts: HashMap<&str, u32> = ids.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+        let mut taken = Vec::new();
         for entry in value::entries(reply) {
             let attempt = attempts.get(entry.id.as_str()).copied().unwrap_or(2);
-            if let Some(d) = self.delivery(stream, entry, attempt) {
+            if let Some(d) = self.delivery(stream, entry, attempt, &mut taken) {
                 out.push(d);
             }
         }
+        lock(&self.local).inflight.extend(taken);
         Ok(())
     }
 

@@ -180,11 +180,19 @@ impl RedisConsumer {
         );
     }
 
-    fn delivery(&self, stream: &Arc<str>, entry: StreamEntry, attempt: u32) -> Option<Delivery> {
+    /// The delivery of `entry`; its key goes in `taken`, for the caller to put in `inflight`
+    /// under one lock for all the entries of a read.
+    fn delivery(
+        &self,
+        stream: &Arc<str>,
+        entry: StreamEntry,
+        attempt: u32,
+        taken: &mut Vec<EntryKey>,
+    ) -> Option<Delivery> {
         // Read once for the message's time and the entry's key.
         let id = value::parse_id(&entry.id);
         let (message, malformed) = decode_at(&entry.id, id.map(|(ms, _)| ms), entry.fields?);
-        lock(&self.local).inflight.insert(key_of(stream, id));
+        taken.push(key_of(stream, id));
         let d = Delivery::new(
             stream.clone(),
             message,
@@ -312,11 +320,13 @@ impl RedisConsumer {
             if let Some(last) = entries.last() {
                 self.last_read.insert(stream.clone(), last.id.clone());
             }
+            let mut taken = Vec::with_capacity(entries.len());
             for entry in entries {
-                if let Some(d) = self.delivery(&stream, entry, 1) {
+                if let Some(d) = self.delivery(&stream, entry, 1, &mut taken) {
                     out.push(d);
                 }
             }
+            lock(&self.local).inflight.extend(taken);
         }
         Ok(())
     }
