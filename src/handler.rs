@@ -20,7 +20,7 @@ pub struct Context {
     pub(crate) handler: Arc<str>,
     pub(crate) attempt: u32,
     /// Made from `position` when first asked for if the backend gave none.
-    pub(crate) broker_id: std::sync::OnceLock<Arc<str>>,
+    pub(crate) broker_id: cqrs_core::backend::EntryId,
     pub(crate) position: Option<crate::LogPosition>,
 }
 
@@ -64,7 +64,7 @@ impl Context {
     /// The broker's id of this delivery: a Redis stream entry id, a Kafka `partition:offset`, an
     /// in-memory sequence number.
     pub fn broker_id(&self) -> &str {
-        cqrs_core::backend::entry_id(&self.broker_id, self.position)
+        self.broker_id.get(self.position)
     }
 
     /// Where the message sits in a partitioned log (a Kafka partition and offset), if it does.
