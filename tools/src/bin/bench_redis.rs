@@ -375,7 +375,8 @@ async fn main() -> Result<(), BoxError> {
     // One phase alone, for counting instructions (`perf stat -e instructions:u`, callgrind):
     // `publish-one-raw` or `publish-one-ours` (one event per call from 64 tasks); or, on the
     // stream `BENCH_STREAM`, `fill` (ours, in batches of 100), then `consume-raw` or
-    // `consume-ours` (one member of a new group reads `BENCH_N` events, which stay).
+    // `consume-ours` (`BENCH_MEMBERS` members, default 1, of a new group read `BENCH_N` events,
+    // which stay).
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         let b = Bench {
             url: url.clone(),
@@ -383,10 +384,11 @@ async fn main() -> Result<(), BoxError> {
             run: cqrs::conformance::unique("only"),
         };
         if let Ok(stream) = std::env::var("BENCH_STREAM") {
+            let members = cqrs_tools::support::env_or("BENCH_MEMBERS", 1);
             let took = match only.as_str() {
                 "fill" => b.ours_publish_batched(&bus_for(&backend, &stream)).await?,
-                "consume-raw" => b.raw_consume(&stream, 1, n).await?,
-                "consume-ours" => b.ours_consume(&backend, &stream, 1, n).await?,
+                "consume-raw" => b.raw_consume(&stream, members, n).await?,
+                "consume-ours" => b.ours_consume(&backend, &stream, members, n).await?,
                 other => {
                     return Err(format!(
                         "BENCH_ONLY={other} with BENCH_STREAM: fill, consume-raw or consume-ours"
