@@ -70,6 +70,35 @@ pub struct Entry<'a> {
     pub time_ms: Option<u64>,
 }
 
+/// A field's value as [`Layout::decode`] takes it: borrowed bytes, copied where the message
+/// keeps them, or owned ones (a reply the backend owns already), moved into the message.
+pub trait FieldValue: AsRef<[u8]> + Sized {
+    /// The value as text (UTF-8), or the value back when it is not text.
+    fn into_text(self) -> Result<String, Self>;
+    /// The value as bytes.
+    fn into_bytes(self) -> Vec<u8>;
+}
+
+impl FieldValue for &[u8] {
+    fn into_text(self) -> Result<String, Self> {
+        std::str::from_utf8(self)
+            .map(str::to_owned)
+            .map_err(|_| self)
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self.to_vec()
+    }
+}
+
+impl FieldValue for Vec<u8> {
+    fn into_text(self) -> Result<String, Self> {
+        String::from_utf8(self).map_err(std::string::FromUtf8Error::into_bytes)
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self
+    }
+}
+
 /// The content type assumed when a message carries none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 
@@ -225,36 +254,43 @@ impl Layout {
     /// Returns the message and, when it is malformed (no name, no payload, a version that is not
     /// a number, text that is not UTF-8), the reason, beside the best message that could be made,
     /// so that it can be dead-lettered rather than lost.
-    pub fn decode<'a>(
+    ///
+    /// A field's value is borrowed bytes (copied where the message keeps them) or owned ones
+    /// (moved into the message's text without a copy): see [`FieldValue`].
+    pub fn decode<'a, V: FieldValue>(
         &self,
-        fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        fields: impl IntoIterator<Item = (&'a str, V)>,
         entry: Entry<'_>,
         key: Option<&[u8]>,
         payload: Option<Vec<u8>>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
-        fn text(name: &str, v: &[u8], problems: &mut Vec<String>) -> String {
-            match std::str::from_utf8(v) {
-                Ok(s) => s.to_owned(),
-                Err(_) => {
+        fn text<V: FieldValue>(name: &str, v: V, problems: &mut Vec<String>) -> String {
+            match v.into_text() {
+                Ok(s) => s,
+                Err(v) => {
                     problems.push(format!("field `{name}` is not UTF-8"));
-                    String::from_utf8_lossy(v).into_owned()
+                    String::from_utf8_lossy(v.as_ref()).into_owned()
                 }
             }
         }
-        fn number<N: std::str::FromStr>(
+        fn number<N: std::str::FromStr, V: FieldValue>(
             name: &str,
-            v: &[u8],
+            v: V,
             problems: &mut Vec<String>,
         ) -> Option<N> {
-            let v = text(name, v, problems);
-            let n = v.trim().parse().ok();
-            if n.is_none() {
-                // Echoed in part: the value came from outside and may be of any size.
-                let shown = crate::dead_letter::bounded(&v, 64);
-                problems.push(format!("field `{name}` is not a number: `{shown}`"));
+            // Parsed where it lies: made into text only to report it.
+            if let Some(n) = std::str::from_utf8(v.as_ref())
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                return Some(n);
             }
-            n
+            let v = text(name, v, problems);
+            // Echoed in part: the value came from outside and may be of any size.
+            let shown = crate::dead_letter::bounded(&v, 64);
+            problems.push(format!("field `{name}` is not a number: `{shown}`"));
+            None
         }
         let mut has_payload = payload.is_some();
         let mut message = Message {
@@ -284,11 +320,12 @@ impl Layout {
                     message.key = Some(text(name, value, &mut problems));
                 }
                 Some(Field::ContentType) => {
-                    message.metadata.content_type = if value == DEFAULT_CONTENT_TYPE.as_bytes() {
-                        Cow::Borrowed(DEFAULT_CONTENT_TYPE)
-                    } else {
-                        Cow::Owned(text(name, value, &mut problems))
-                    };
+                    message.metadata.content_type =
+                        if value.as_ref() == DEFAULT_CONTENT_TYPE.as_bytes() {
+                            Cow::Borrowed(DEFAULT_CONTENT_TYPE)
+                        } else {
+                            Cow::Owned(text(name, value, &mut problems))
+                        };
                 }
                 Some(Field::CorrelationId) => {
                     message.metadata.correlation_id = Some(text(name, value, &mut problems));
@@ -302,7 +339,7 @@ impl Layout {
                     }
                 }
                 Some(Field::Payload) if self.payload_in_fields => {
-                    message.payload = value.to_vec();
+                    message.payload = value.into_bytes();
                     has_payload = true;
                 }
                 _ => {
@@ -427,6 +464,62 @@ mod tests {
                 "cqrs-created-at",
                 "tenant"
             ]
+        );
+    }
+
+    #[test]
+    fn owned_values_decode_as_borrowed_ones_do() {
+        let m = sample();
+        for layout in [Layout::REDIS, Layout::KAFKA] {
+            let mut owned = written(layout, &m);
+            let (key, payload) = if layout.payload_in_fields {
+                (None, None)
+            } else {
+                (m.key.as_deref().map(str::as_bytes), Some(m.payload.clone()))
+            };
+            let entry = Entry {
+                id: "0-0",
+                time_ms: Some(m.metadata.created_at),
+            };
+            let fields = owned
+                .iter_mut()
+                .map(|(k, v)| (k.as_str(), std::mem::take(v)));
+            assert_eq!(
+                layout.decode(fields, entry, key, payload),
+                roundtrip(layout, &m),
+                "{layout:?}"
+            );
+        }
+        // Not text, or not a number: the same reasons, the value shown lossily.
+        let fields = |version: &[u8]| {
+            vec![
+                ("name", b"A\xff".to_vec()),
+                ("version", version.to_vec()),
+                ("payload", b"{}".to_vec()),
+            ]
+        };
+        let entry = || Entry {
+            id: "1-0",
+            time_ms: None,
+        };
+        let owned: Vec<(&str, Vec<u8>)> = fields(b"x\xff");
+        let (m, owned_reason) = Layout::REDIS.decode(owned.clone(), entry(), None, None);
+        let (_, borrowed_reason) =
+            Layout::REDIS.decode(owned.iter().map(|(k, v)| (*k, &v[..])), entry(), None, None);
+        assert_eq!(m.name, "A\u{fffd}");
+        assert_eq!(owned_reason, borrowed_reason);
+        assert_eq!(
+            owned_reason.as_deref(),
+            Some(
+                "malformed message: field `name` is not UTF-8; field `version` is not UTF-8; \
+                 field `version` is not a number: `x\u{fffd}`"
+            )
+        );
+        let (m, reason) = Layout::REDIS.decode(fields(b" 7 "), entry(), None, None);
+        assert_eq!(
+            (m.version, reason.is_some()),
+            (7, true),
+            "7 parsed, the name not UTF-8"
         );
     }
 

@@ -512,10 +512,12 @@ fn decode_at(
         .iter()
         .position(|(k, _)| k == b"payload")
         .map(|i| fields.swap_remove(i).1);
+    // The values are moved into the message, not copied: the reply's buffers become its id,
+    // name and key.
     Layout::REDIS.decode(
         fields
-            .iter()
-            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, &v[..]))),
+            .iter_mut()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, std::mem::take(v)))),
         Entry { id, time_ms },
         None,
         payload,
