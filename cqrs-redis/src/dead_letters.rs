@@ -391,7 +391,7 @@ impl RedriveLock {
 /// A dead letter from its stream entry; its age counts from the entry id's time when the
 /// processor did not stamp one.
 fn dead_letter(entry: value::Entry) -> Option<DeadLetter> {
-    let (message, _) = crate::consumer::decode(&entry.id, entry.fields?);
+    let (message, _) = crate::consumer::decode(&entry.id, &mut entry.fields?);
     let stored_at_ms = parse_id(&entry.id).map(|(ms, _)| ms);
     Some(DeadLetter::new(entry.id, message, stored_at_ms))
 }

@@ -50,7 +50,7 @@ pub mod fuzzing {
         id: &str,
         fields: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> (cqrs_core::Message, Option<String>) {
-        crate::consumer::decode(id, fields)
+        crate::consumer::decode_pairs(id, fields)
     }
 }
 

@@ -191,7 +191,11 @@ impl RedisConsumer {
     ) -> Option<Delivery> {
         // Read once for the message's time and the entry's key.
         let id = value::parse_id(&entry.id);
-        let (message, malformed) = decode_at(&entry.id, id.map(|(ms, _)| ms), entry.fields?);
+        let (message, malformed) = decode_at(
+            &entry.id,
+            id.map(|(ms, _)| ms),
+            value::fields(&mut entry.fields?),
+        );
         taken.push(key_of(stream, id));
         let d = Delivery::new(
             stream.clone(),
@@ -493,33 +497,34 @@ async fn keep_fresh(
     }
 }
 
-/// The message in a stream entry's fields (its payload taken out rather than copied), and the
-/// reason when it is malformed.
-pub(crate) fn decode(
+/// The message in a stream entry's fields as the server sent them (their values moved into it
+/// rather than copied), and the reason when it is malformed.
+pub(crate) fn decode(id: &str, fields: &mut redis::Value) -> (cqrs_core::Message, Option<String>) {
+    decode_at(
+        id,
+        value::parse_id(id).map(|(ms, _)| ms),
+        value::fields(fields),
+    )
+}
+
+/// [`decode`] of fields given as byte pairs (the fuzz targets').
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_pairs(
     id: &str,
-    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    mut fields: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> (cqrs_core::Message, Option<String>) {
+    let fields = fields
+        .iter_mut()
+        .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, std::mem::take(v))));
     decode_at(id, value::parse_id(id).map(|(ms, _)| ms), fields)
 }
 
-/// [`decode`] with the time of the entry's id, read already.
-fn decode_at(
+/// [`decode`] with the time of the entry's id, read already. The values are moved into the
+/// message, not copied: the reply's buffers become its id, name, key and payload.
+fn decode_at<'a>(
     id: &str,
     time_ms: Option<u64>,
-    mut fields: Vec<(Vec<u8>, Vec<u8>)>,
+    fields: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
 ) -> (cqrs_core::Message, Option<String>) {
-    let payload = fields
-        .iter()
-        .position(|(k, _)| k == b"payload")
-        .map(|i| fields.swap_remove(i).1);
-    // The values are moved into the message, not copied: the reply's buffers become its id,
-    // name and key.
-    Layout::REDIS.decode(
-        fields
-            .iter_mut()
-            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, std::mem::take(v)))),
-        Entry { id, time_ms },
-        None,
-        payload,
-    )
+    Layout::REDIS.decode(fields, Entry { id, time_ms }, None, None)
 }
