@@ -140,7 +140,7 @@ impl Copied {
             malformed,
         } = self;
         let payload_len = payload.unwrap_or(0);
-        let rest = &buf[payload_len..];
+        let rest = buf.get(payload_len..).unwrap_or_default();
         let (key_bytes, mut headers) = rest.split_at(key.unwrap_or(0).min(rest.len()));
         let mut broken = false;
         let fields = std::iter::from_fn(|| {
