@@ -22,7 +22,6 @@ pub(crate) type Producer = ThreadedProducer<Producing>;
 
 /// The producer's context: librdkafka's global errors go to [`Watched`] (refusals kept), delivery
 /// reports to the [`InFlight`] of the call that queued the record.
-#[derive(Clone, Default)]
 pub(crate) struct Producing {
     pub(crate) watched: Watched,
 }

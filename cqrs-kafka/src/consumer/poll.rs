@@ -75,6 +75,7 @@ impl Copied {
         let headers = m.headers();
         let size = payload.map_or(0, <[u8]>::len)
             + key.map_or(0, <[u8]>::len)
+            // A header: its two lengths (8 bytes) and a name and value of typical size.
             + headers.as_ref().map_or(0, |h| h.count() * 48);
         let mut buf = Vec::with_capacity(size);
         buf.extend_from_slice(payload.unwrap_or_default());
