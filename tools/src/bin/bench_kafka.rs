@@ -243,6 +243,10 @@ impl Bench {
         members: usize,
     ) -> Result<Duration, BoxError> {
         let handled = Arc::new(AtomicUsize::new(0));
+        let (first, all) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
         let token = CancellationToken::new();
         let service = cqrs::conformance::unique("ours");
         let start = Instant::now();
@@ -253,9 +257,17 @@ impl Bench {
             let t = topic.to_owned();
             let mut p = EventProcessor::new(backend.clone(), &service)
                 .topics(TopicNamer::new(move |_| t.clone()));
-            let h = handled.clone();
+            let (h, first, all) = (handled.clone(), first.clone(), all.clone());
             p.handle("count", move |_: Reading| {
-                h.fetch_add(1, Ordering::Relaxed);
+                // The handlers say when the first and the last event are handled: no polling,
+                // which would wake a thread every millisecond.
+                let before = h.fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    first.notify_one();
+                }
+                if before + 1 == n {
+                    all.notify_one();
+                }
                 std::future::ready(Ok::<_, BoxError>(()))
             })?
             .batch_size(500);
@@ -265,13 +277,9 @@ impl Bench {
         // Timed until every event is handled, as the raw side is: a member whose start waits
         // for its partitions (a group rebalancing for the second member) does not stop the
         // first from handling meanwhile.
-        while handled.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        first.notified().await;
         let first = start.elapsed();
-        while handled.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        all.notified().await;
         let elapsed = start.elapsed();
         let mut running = Vec::new();
         for s in starting {
