@@ -3,7 +3,9 @@
 //! - Publishing is `XADD` in the layout of `docs/wire-format.md`; a batch is one pipelined round
 //!   trip, and concurrent publishers share one multiplexed connection per pool.
 //! - Each consumer reads with `XREADGROUP ... BLOCK` on its own connection, first resuming its own
-//!   pending entries, acks in batches (`XACK` with many ids), redelivers nacked entries after their
+//!   pending entries. On one server over TCP or a Unix socket that connection is the backend's
+//!   own (RESP2, replies decoded where they lie in one buffer); on a cluster and over TLS it is
+//!   the `redis` crate's. It acks in batches (`XACK` with many ids), redelivers nacked entries after their
 //!   backoff (`XCLAIM`, which raises the delivery count the retry policy reads), and claims the
 //!   entries of dead members idle longer than the subscription's `claim_idle`.
 //! - Streams live in named pools ([`Topology`], in code or YAML); [`RedisBackend::stats`] reports
@@ -25,6 +27,7 @@ mod conn;
 mod consumer;
 mod dead_letters;
 mod error;
+mod resp;
 mod topology;
 mod value;
 
@@ -51,6 +54,12 @@ pub mod fuzzing {
         fields: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> (cqrs_core::Message, Option<String>) {
         crate::consumer::decode_pairs(id, fields)
+    }
+
+    /// Scans `bytes` as a reply arriving in two parts (cut at `cut`), checks that the parts
+    /// scan to the items the whole does, and walks them; the reply's length once complete.
+    pub fn scan_reply(bytes: &[u8], cut: usize) -> Option<usize> {
+        crate::resp::scan_in_two(bytes, cut)
     }
 }
 
@@ -388,18 +397,31 @@ impl Subscriber for RedisBackend {
             create_group(&mut conn, topic, &subscription.group, subscription.start).await?;
         }
         let options = &self.inner.options;
-        let own = pool
-            .connector
-            .connect(options.block + Duration::from_secs(5))
-            .await
-            .map_err(|e| {
-                Error::redis(
-                    format!("connect to pool `{}` at {}", pool.name, pool.servers),
-                    e,
-                )
-            })?;
+        let response_timeout = options.block + Duration::from_secs(5);
+        let failed = |e| {
+            Error::redis(
+                format!("connect to pool `{}` at {}", pool.name, pool.servers),
+                e,
+            )
+        };
+        // One server over TCP or a Unix socket: reads on a connection of the consumer's own
+        // whose replies are decoded where they lie (`resp`); other commands on the pool's.
+        // Otherwise the consumer's own connection of the client library does it all.
+        let (own, reader) = match &pool.connector {
+            Connector::One(client) if resp::Reader::serves(client.get_connection_info()) => {
+                let reader = resp::Reader::connect(client.get_connection_info(), response_timeout)
+                    .await
+                    .map_err(failed)?;
+                (pool.conn.clone(), Some(reader))
+            }
+            connector => (
+                connector.connect(response_timeout).await.map_err(failed)?,
+                None,
+            ),
+        };
         Ok(Box::new(consumer::RedisConsumer::new(
             own,
+            reader,
             pool.conn.clone(),
             subscription,
             options.clone(),

@@ -1434,3 +1434,78 @@ async fn dead_letters_redriven_and_purged_in_pages_are_those_there_at_the_start(
         .await;
     }
 }
+
+/// A consumer's read of many large entries, every field of the message set, reads them as they
+/// were published: replies far larger than one read from the socket, payloads that hold CRLF
+/// and bytes that are not UTF-8, a key, headers and correlation ids.
+#[tokio::test]
+async fn large_reads_with_every_field_come_back_as_published() {
+    let backend = backend().await;
+    let stream = unique("large-reads");
+    let sent: Vec<Message> = (0..1200u32)
+        .map(|i| {
+            let mut payload = format!("{i:05}\r\n*2\r\n$3\r\n").into_bytes();
+            payload.extend((0..2000u32).map(|b| (b * 7 + i) as u8));
+            Message::new(format!("Event{}", i % 3), payload)
+                .with_version(1 + i % 4)
+                .with_key((i % 5 != 0).then(|| format!("key-{}", i % 7)))
+                .with_metadata(
+                    cqrs::Metadata::now()
+                        .correlation_id(format!("corr-{i}"))
+                        .causation_id("cause")
+                        .header("tenant", format!("t{}", i % 2))
+                        .header("crlf", "a\r\nb"),
+                )
+        })
+        .collect();
+    for chunk in sent.chunks(100) {
+        backend.publish(&stream, chunk).await.unwrap();
+    }
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let read = tokio::time::timeout(Duration::from_secs(10), consumer.receive(1000))
+            .await
+            .expect("a read in time")
+            .unwrap();
+        assert!(read.len() <= 1000);
+        got.extend(read);
+    }
+    assert_eq!(got.len(), sent.len());
+    for (d, m) in got.iter().zip(&sent) {
+        let r = d.message();
+        assert_eq!(d.malformed(), None, "{}", m.id);
+        assert_eq!(
+            (&r.id, &r.name, r.version, &r.key, &r.payload),
+            (&m.id, &m.name, m.version, &m.key, &m.payload)
+        );
+        assert_eq!(r.metadata.correlation_id, m.metadata.correlation_id);
+        assert_eq!(r.metadata.causation_id, m.metadata.causation_id);
+        assert_eq!(r.metadata.headers, m.metadata.headers);
+        assert_eq!(d.attempt(), 1);
+    }
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut raw(&redis_url()).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        cqrs_redis::redis::from_redis_value::<(u64, Option<String>, Option<String>, redis::Value)>(
+            pending
+        )
+        .unwrap()
+        .0,
+        0,
+        "all acked"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut raw(&redis_url()).await)
+        .await
+        .unwrap();
+}

@@ -17,13 +17,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
 use cqrs_core::redelivery::Redeliveries;
-use cqrs_core::wire::{Entry, Layout};
+use cqrs_core::wire::{Entry, FieldValue, Layout};
 use cqrs_core::StartFrom;
 use redis::Value;
 use tokio::time::Instant;
 
 use crate::conn::{by_slot, Conn};
 use crate::error::Error;
+use crate::resp::{Reader, Reply};
 use crate::value::{self, Entry as StreamEntry};
 use crate::{create_group_at, start_id, RedisOptions};
 
@@ -84,7 +85,12 @@ fn lock(local: &Mutex<Local>) -> MutexGuard<'_, Local> {
 }
 
 pub(crate) struct RedisConsumer {
+    /// Every command but `XREADGROUP` when there is a `reader`; all of them otherwise.
     conn: Conn,
+    /// `XREADGROUP` on one server over TCP or a Unix socket: the consumer's own connection,
+    /// whose replies are decoded where they lie (`resp`). `None` on a cluster and over TLS,
+    /// where `conn` is the consumer's own connection and reads too.
+    reader: Option<Reader>,
     streams: Vec<Arc<str>>,
     /// The streams by cluster slot (one group on a single server): one `XREADGROUP` reads one
     /// slot's streams.
@@ -121,6 +127,7 @@ pub(crate) struct RedisConsumer {
 impl RedisConsumer {
     pub(crate) fn new(
         conn: Conn,
+        reader: Option<Reader>,
         shared: Conn,
         subscription: &Subscription,
         options: RedisOptions,
@@ -143,6 +150,7 @@ impl RedisConsumer {
         });
         let mut consumer = RedisConsumer {
             conn,
+            reader,
             group: subscription.group.clone(),
             me: subscription.consumer.clone(),
             start: subscription.start,
@@ -189,25 +197,14 @@ impl RedisConsumer {
         attempt: u32,
         taken: &mut Vec<EntryKey>,
     ) -> Option<Delivery> {
-        // Read once for the message's time and the entry's key.
-        let id = value::parse_id(&entry.id);
-        let (message, malformed) = decode_at(
+        Some(delivery(
+            &self.acker,
+            stream,
             &entry.id,
-            id.map(|(ms, _)| ms),
             value::fields(&mut entry.fields?),
-        );
-        taken.push(key_of(stream, id));
-        let d = Delivery::new(
-            stream.clone(),
-            message,
             attempt,
-            entry.id,
-            self.acker.clone(),
-        );
-        Some(match malformed {
-            Some(reason) => d.with_malformed(reason),
-            None => d,
-        })
+            taken,
+        ))
     }
 
     async fn query(&mut self, cmd: &redis::Cmd, what: &str) -> Result<Value, Error> {
@@ -304,18 +301,29 @@ impl RedisConsumer {
         for _ in streams {
             cmd.arg(">");
         }
+        if let Some(reader) = &mut self.reader {
+            self.read_in_flight = true;
+            let reply = reader.query(&cmd).await;
+            self.read_in_flight = false;
+            let read = reply.and_then(|mut reply| {
+                read_reply(
+                    &mut reply,
+                    &self.streams,
+                    &self.acker,
+                    &self.local,
+                    &mut self.last_read,
+                    out,
+                )
+            });
+            return self
+                .unblocked(read.map_err(|e| Error::redis("XREADGROUP", e)))
+                .map(drop);
+        }
         self.read_in_flight = true;
         let reply = self.query(&cmd, "XREADGROUP").await;
         self.read_in_flight = false;
-        let reply = match reply {
-            // The stream went away under the blocked read: deleted, or moved to another cluster
-            // master by a reshard. Nothing was read; the next read finds it (following `MOVED`)
-            // or creates the group again (`NOGROUP`).
-            Err(e) if e.redis_code() == Some("UNBLOCKED") => {
-                tracing::info!(group = %self.group, error = %e, "blocked read ended by the server; reading again");
-                return Ok(());
-            }
-            reply => reply?,
+        let Some(reply) = self.unblocked(reply)? else {
+            return Ok(());
         };
         for (name, entries) in value::streams(reply) {
             let Some(stream) = self.streams.iter().find(|s| ***s == *name).cloned() else {
@@ -333,6 +341,19 @@ impl RedisConsumer {
             lock(&self.local).inflight.extend(taken);
         }
         Ok(())
+    }
+
+    /// A read's result, `None` if the server ended the blocked read: the stream went away
+    /// under it (deleted, or moved to another cluster master by a reshard). Nothing was read;
+    /// the next read finds it (following `MOVED`) or creates the group again (`NOGROUP`).
+    fn unblocked<T>(&self, read: Result<T, Error>) -> Result<Option<T>, Error> {
+        match read {
+            Err(e) if e.redis_code() == Some("UNBLOCKED") => {
+                tracing::info!(group = %self.group, error = %e, "blocked read ended by the server; reading again");
+                Ok(None)
+            }
+            read => read.map(Some),
+        }
     }
 
     /// How long the next read may block: until the next redelivery or claim is due.
@@ -410,8 +431,12 @@ impl Consumer for RedisConsumer {
         let max = max.max(1);
         if self.read_in_flight {
             // The last receive was dropped mid-read. Its entries are pending for this member;
-            // re-read them (on this connection, so after the abandoned read has finished).
+            // re-read them (on this connection, so after the abandoned read has finished; with
+            // a reader of its own, once that has read the abandoned reply).
             self.read_in_flight = false;
+            if let Some(reader) = &mut self.reader {
+                reader.settle().await;
+            }
             self.restart_resume();
         }
         loop {
@@ -521,10 +546,131 @@ pub(crate) fn decode_pairs(
 
 /// [`decode`] with the time of the entry's id, read already. The values are moved into the
 /// message, not copied: the reply's buffers become its id, name, key and payload.
-fn decode_at<'a>(
+fn decode_at<'a, V: FieldValue>(
     id: &str,
     time_ms: Option<u64>,
-    fields: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    fields: impl IntoIterator<Item = (&'a str, V)>,
 ) -> (cqrs_core::Message, Option<String>) {
     Layout::REDIS.decode(fields, Entry { id, time_ms }, None, None)
+}
+
+/// The delivery of the entry `id` of `stream` with `fields`; its key goes in `taken`, for the
+/// caller to put in `inflight` under one lock for all the entries of a read.
+fn delivery<'a, V: FieldValue>(
+    acker: &Arc<RedisAcker>,
+    stream: &Arc<str>,
+    id: &str,
+    fields: impl IntoIterator<Item = (&'a str, V)>,
+    attempt: u32,
+    taken: &mut Vec<EntryKey>,
+) -> Delivery {
+    // Read once for the message's time and the entry's key.
+    let parsed = value::parse_id(id);
+    let (message, malformed) = decode_at(id, parsed.map(|(ms, _)| ms), fields);
+    taken.push(key_of(stream, parsed));
+    let d = Delivery::new(stream.clone(), message, attempt, id, acker.clone());
+    match malformed {
+        Some(reason) => d.with_malformed(reason),
+        None => d,
+    }
+}
+
+/// The deliveries of an `XREADGROUP` reply read by a [`Reader`]: `[[stream, [[id, [field,
+/// value, ...]], ...]], ...]`, nil when nothing came. Entries of streams not read and deleted
+/// entries (nil fields) are passed over; fields whose name is not text too.
+fn read_reply(
+    reply: &mut Reply<'_>,
+    streams: &[Arc<str>],
+    acker: &Arc<RedisAcker>,
+    local: &Mutex<Local>,
+    last_read: &mut HashMap<Arc<str>, String>,
+    out: &mut Vec<Delivery>,
+) -> redis::RedisResult<()> {
+    for _ in 0..reply.array()?.unwrap_or(0) {
+        if reply.array()? != Some(2) {
+            return Err(unexpected("a stream's entry is not [name, entries]"));
+        }
+        let name = reply.bulk()?.unwrap_or_default();
+        let stream = streams.iter().find(|s| s.as_bytes() == name).cloned();
+        let n = reply.array()?.unwrap_or(0);
+        let Some(stream) = stream else {
+            for _ in 0..n {
+                reply.skip()?;
+            }
+            continue;
+        };
+        let mut taken = Vec::with_capacity(n);
+        let mut last = None;
+        for _ in 0..n {
+            if reply.array()? != Some(2) {
+                return Err(unexpected("an entry is not [id, fields]"));
+            }
+            let id = std::str::from_utf8(reply.bulk()?.unwrap_or_default())
+                .map_err(|_| unexpected("an entry id that is not text"))?;
+            let Some(len) = reply.array()? else {
+                // Deleted since it was added to the group's pending list.
+                continue;
+            };
+            // Read where they lie, not gathered into a list first.
+            let mut fields = Fields {
+                reply: &mut *reply,
+                left: len,
+                failed: None,
+            };
+            let d = delivery(acker, &stream, id, &mut fields, 1, &mut taken);
+            fields.finish()?;
+            out.push(d);
+            last = Some(id);
+        }
+        if let Some(last) = last {
+            last_read.insert(stream.clone(), last.to_owned());
+        }
+        lock(local).inflight.extend(taken);
+    }
+    Ok(())
+}
+
+/// An entry's fields in a [`Reply`], `(name, value)`: those whose name is text and whose value
+/// is not nil.
+struct Fields<'r, 'a> {
+    reply: &'r mut Reply<'a>,
+    /// Items of the field list not read yet.
+    left: usize,
+    failed: Option<redis::RedisError>,
+}
+
+impl<'a> Iterator for Fields<'_, 'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.left >= 2 && self.failed.is_none() {
+            self.left -= 2;
+            match (self.reply.bulk(), self.reply.bulk()) {
+                (Ok(Some(k)), Ok(Some(v))) => match std::str::from_utf8(k) {
+                    Ok(k) => return Some((k, v)),
+                    Err(_) => continue,
+                },
+                (Err(e), _) | (_, Err(e)) => self.failed = Some(e),
+                _ => continue,
+            }
+        }
+        None
+    }
+}
+
+impl Fields<'_, '_> {
+    /// Passes over what the decoder did not read; the first error reading them, if any.
+    fn finish(mut self) -> redis::RedisResult<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        for _ in 0..self.left {
+            self.reply.skip()?;
+        }
+        Ok(())
+    }
+}
+
+fn unexpected(why: &'static str) -> redis::RedisError {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, why).into()
 }
