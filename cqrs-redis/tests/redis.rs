@@ -1509,3 +1509,81 @@ async fn large_reads_with_every_field_come_back_as_published() {
         .await
         .unwrap();
 }
+
+/// A server on a Unix socket with a password (`requirepass`) and a database other than 0: a
+/// consumer reads there on the backend's own connection (AUTH and SELECT as the `redis` crate
+/// sends them), and a wrong password fails at subscribe or before, not at the first read.
+#[tokio::test]
+async fn a_unix_socket_with_a_password_and_a_database() {
+    let dir = std::env::temp_dir().join(unique("cqrs-redis-unix"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("redis.sock");
+    let mut child = std::process::Command::new("redis-server")
+        .args(["--port", "0", "--save", "", "--appendonly", "no"])
+        .args(["--requirepass", "Sock-Pw-3"])
+        .arg("--unixsocket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let url = format!("unix://{}?db=3&pass=Sock-Pw-3", socket.display());
+    let backend = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(b) = RedisBackend::connect(&url).await {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the server listens on its socket");
+    let stream = unique("unix");
+    backend
+        .publish(&stream, &[Message::new("X", b"over a socket".to_vec())])
+        .await
+        .unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 1).await;
+    assert_eq!(got[0].message().payload, b"over a socket");
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    // In database 3, not 0.
+    let mut db3 = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let len: usize = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut db3)
+        .await
+        .unwrap();
+    assert_eq!(len, 1);
+    let wrong = format!("unix://{}?db=3&pass=Wrong-Pw-9", socket.display());
+    let refused = match RedisBackend::connect(&wrong).await {
+        Err(e) => cqrs::Error::from(e),
+        Ok(b) => match b
+            .subscribe(&Subscription::new("g2", [&stream]).claim_idle(None))
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("a wrong password was accepted"),
+        },
+    };
+    assert!(
+        !refused.report().contains("Wrong-Pw-9"),
+        "{}",
+        refused.report()
+    );
+    assert!(!refused.is_retryable(), "{}", refused.report());
+}
