@@ -21,6 +21,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most of its buffer a connection keeps between replies (a read of 500 entries of ~1 KB
+/// fits in it; larger replies get a larger buffer, given back after).
+const KEPT: usize = 1 << 20;
+
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
@@ -391,6 +395,11 @@ impl Wire {
             self.taken = 0;
             self.tokens.clear();
             self.scan = Scan::default();
+            // A read of large entries grew the buffer: not kept at that size for the next.
+            if self.buf.capacity() > KEPT && self.buf.len() < KEPT {
+                self.buf.shrink_to(KEPT);
+                self.tokens.shrink_to(KEPT / 64);
+            }
         }
         loop {
             if let Some(len) = tokenize(&self.buf, &mut self.tokens, &mut self.scan)? {
