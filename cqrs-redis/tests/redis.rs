@@ -1558,14 +1558,9 @@ async fn a_unix_socket_with_a_password_and_a_database() {
     assert_eq!(got[0].message().payload, b"over a socket");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     // In database 3, not 0.
-    let mut db3 = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let len: usize = redis::cmd("XLEN")
         .arg(&stream)
-        .query_async(&mut db3)
+        .query_async(&mut raw(&url).await)
         .await
         .unwrap();
     assert_eq!(len, 1);
