@@ -433,10 +433,11 @@ impl Consumer for RedisConsumer {
             // The last receive was dropped mid-read. Its entries are pending for this member;
             // re-read them (on this connection, so after the abandoned read has finished; with
             // a reader of its own, once that has read the abandoned reply).
-            self.read_in_flight = false;
             if let Some(reader) = &mut self.reader {
                 reader.settle().await;
             }
+            // Cleared after: a receive dropped during the settle settles again.
+            self.read_in_flight = false;
             self.restart_resume();
         }
         loop {
