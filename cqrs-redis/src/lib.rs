@@ -3,9 +3,9 @@
 //! - Publishing is `XADD` in the layout of `docs/wire-format.md`; a batch is one pipelined round
 //!   trip, and concurrent publishers share one multiplexed connection per pool.
 //! - Each consumer reads with `XREADGROUP ... BLOCK` on its own connection, first resuming its own
-//!   pending entries. On one server over TCP or a Unix socket that connection is the backend's
-//!   own (RESP2, replies decoded where they lie in one buffer); on a cluster and over TLS it is
-//!   the `redis` crate's. It acks in batches (`XACK` with many ids), redelivers nacked entries after their
+//!   pending entries. On one server (over TCP, a Unix socket, or TLS as a `rediss://` URL sets
+//!   it) that connection is the backend's own (RESP2, replies decoded where they lie in one
+//!   buffer); on a cluster it is the `redis` crate's. It acks in batches (`XACK` with many ids), redelivers nacked entries after their
 //!   backoff (`XCLAIM`, which raises the delivery count the retry policy reads), and claims the
 //!   entries of dead members idle longer than the subscription's `claim_idle`.
 //! - Streams live in named pools ([`Topology`], in code or YAML); [`RedisBackend::stats`] reports
@@ -404,11 +404,11 @@ impl Subscriber for RedisBackend {
                 e,
             )
         };
-        // One server over TCP or a Unix socket: reads on a connection of the consumer's own
-        // whose replies are decoded where they lie (`resp`); other commands on the pool's.
-        // Otherwise the consumer's own connection of the client library does it all.
+        // One server (TCP, a Unix socket, TLS with `tls`): reads on a connection of the
+        // consumer's own whose replies are decoded where they lie (`resp`); other commands on
+        // the pool's. Otherwise the consumer's own connection of the client library does it all.
         let (own, reader) = match &pool.connector {
-            Connector::One(client) if resp::Reader::serves(client.get_connection_info()) => {
+            Connector::One(client) if resp::Reader::serves(client.get_connection_info().addr()) => {
                 let reader = resp::Reader::connect(client.get_connection_info(), response_timeout)
                     .await
                     .map_err(failed)?;

@@ -1,4 +1,4 @@
-//! The consumer's own connection for `XREADGROUP` on one server (TCP or a Unix socket).
+//! The consumer's own connection for `XREADGROUP` on one server.
 //!
 //! The client library parses every reply into a tree of values: for a read of 500 entries,
 //! some 4,500 of them, each field and value in an allocation of its own, made on the
@@ -8,8 +8,9 @@
 //! connection, checks its framing once, and hands out its strings where they lie: the decoder
 //! copies only the message's id, name, key and payload out of it.
 //!
-//! It speaks RESP2 and nothing but the commands given to it; TLS and clusters stay with the
-//! client library (`conn`), as do all other commands of the consumer.
+//! It speaks RESP2 and nothing but the commands given to it, over TCP, a Unix socket or (feature
+//! `tls`) TLS as a `rediss://` URL sets it; clusters stay with the client library (`conn`), as
+//! do all other commands of the consumer.
 
 use std::io;
 use std::pin::Pin;
@@ -148,6 +149,12 @@ fn number(digits: &[u8]) -> io::Result<i64> {
     Ok(if negative { -n } else { n })
 }
 
+/// A TLS failure (a refused certificate, say) as a connection error that says what it was.
+#[cfg(feature = "tls")]
+fn tls_error(e: native_tls::Error) -> RedisError {
+    io::Error::new(io::ErrorKind::ConnectionRefused, format!("TLS: {e}")).into()
+}
+
 /// A reply read: its tokens over the connection's buffer, walked in order.
 pub(crate) struct Reply<'a> {
     buf: &'a [u8],
@@ -237,13 +244,17 @@ struct Wire {
 }
 
 impl Reader {
-    /// Whether a reader can serve `info`: TCP and Unix sockets (TLS stays with the client
-    /// library).
-    pub(crate) fn serves(info: &ConnectionInfo) -> bool {
-        match info.addr() {
+    /// Whether a reader can serve `info`: TCP, Unix sockets, and with the feature `tls` TLS
+    /// as a `rediss://` URL sets it (the system's CAs, or none checked with `#insecure`).
+    pub(crate) fn serves(info: &ConnectionAddr) -> bool {
+        match info {
             ConnectionAddr::Tcp(..) => true,
             #[cfg(unix)]
             ConnectionAddr::Unix(_) => true,
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls {
+                tls_params: None, ..
+            } => true,
             _ => false,
         }
     }
@@ -331,6 +342,26 @@ impl Wire {
             }
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => Box::pin(tokio::net::UnixStream::connect(path).await?),
+            // As the `redis` crate connects with native-tls.
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                tls_params: None,
+            } => {
+                let mut builder = native_tls::TlsConnector::builder();
+                if *insecure {
+                    builder
+                        .danger_accept_invalid_certs(true)
+                        .danger_accept_invalid_hostnames(true)
+                        .use_sni(false);
+                }
+                let tls = tokio_native_tls::TlsConnector::from(builder.build().map_err(tls_error)?);
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                Box::pin(tls.connect(host, tcp).await.map_err(tls_error)?)
+            }
             _ => {
                 return Err(
                     io::Error::new(io::ErrorKind::Unsupported, "not a TCP or Unix socket").into(),

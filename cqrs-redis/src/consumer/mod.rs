@@ -87,9 +87,9 @@ fn lock(local: &Mutex<Local>) -> MutexGuard<'_, Local> {
 pub(crate) struct RedisConsumer {
     /// Every command but `XREADGROUP` when there is a `reader`; all of them otherwise.
     conn: Conn,
-    /// `XREADGROUP` on one server over TCP or a Unix socket: the consumer's own connection,
-    /// whose replies are decoded where they lie (`resp`). `None` on a cluster and over TLS,
-    /// where `conn` is the consumer's own connection and reads too.
+    /// `XREADGROUP` on one server (TCP, a Unix socket, TLS with the feature `tls`): the
+    /// consumer's own connection, whose replies are decoded where they lie (`resp`). `None` on
+    /// a cluster, where `conn` is the consumer's own connection and reads too.
     reader: Option<Reader>,
     streams: Vec<Arc<str>>,
     /// The streams by cluster slot (one group on a single server): one `XREADGROUP` reads one
