@@ -5,9 +5,10 @@
 //! - Each consumer reads with `XREADGROUP ... BLOCK` on its own connection, first resuming its own
 //!   pending entries. On one server (over TCP, a Unix socket, or TLS as a `rediss://` URL sets
 //!   it) that connection is the backend's own (RESP2, replies decoded where they lie in one
-//!   buffer); on a cluster it is the `redis` crate's. It acks in batches (`XACK` with many ids), redelivers nacked entries after their
-//!   backoff (`XCLAIM`, which raises the delivery count the retry policy reads), and claims the
-//!   entries of dead members idle longer than the subscription's `claim_idle`.
+//!   buffer); on a cluster it is the `redis` crate's. It acks in batches (`XACK` with many ids),
+//!   redelivers nacked entries after their backoff (`XCLAIM`, which raises the delivery count the
+//!   retry policy reads), and claims the entries of dead members idle longer than the
+//!   subscription's `claim_idle`.
 //! - Streams live in named pools ([`Topology`], in code or YAML); [`RedisBackend::stats`] reports
 //!   lengths, lag and pending entries; [`RedisBackend::trim_acknowledged`] deletes what every group
 //!   has acked.

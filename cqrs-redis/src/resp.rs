@@ -44,8 +44,8 @@ pub(crate) enum Token {
     Int(i64),
 }
 
-/// Why a reply's bytes are not RESP2.
-fn malformed(why: &'static str) -> io::Error {
+/// Why a reply's bytes are not RESP2, or not the shape its command answers with.
+pub(crate) fn malformed(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
@@ -149,6 +149,13 @@ fn number(digits: &[u8]) -> io::Result<i64> {
     Ok(if negative { -n } else { n })
 }
 
+/// A TCP connection to `host:port`, without Nagle's delay (a command is one write).
+async fn tcp(host: &str, port: u16) -> io::Result<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// A TLS failure (a refused certificate, say) as a connection error that says what it was.
 #[cfg(feature = "tls")]
 fn tls_error(e: native_tls::Error) -> RedisError {
@@ -244,10 +251,10 @@ struct Wire {
 }
 
 impl Reader {
-    /// Whether a reader can serve `info`: TCP, Unix sockets, and with the feature `tls` TLS
+    /// Whether a reader can serve `addr`: TCP, Unix sockets, and with the feature `tls` TLS
     /// as a `rediss://` URL sets it (the system's CAs, or none checked with `#insecure`).
-    pub(crate) fn serves(info: &ConnectionAddr) -> bool {
-        match info {
+    pub(crate) fn serves(addr: &ConnectionAddr) -> bool {
+        match addr {
             ConnectionAddr::Tcp(..) => true,
             #[cfg(unix)]
             ConnectionAddr::Unix(_) => true,
@@ -308,7 +315,7 @@ impl Reader {
             }
         }
         match &self.wire {
-            Some(w) => Ok(Reply::new(&w.buf[..w.taken], &w.tokens)),
+            Some(w) => Ok(w.reply()),
             None => Err(io::Error::other("no connection").into()),
         }
     }
@@ -335,11 +342,7 @@ impl Reader {
 impl Wire {
     async fn open(info: &ConnectionInfo) -> RedisResult<Wire> {
         let io: Pin<Box<dyn Io>> = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                tcp.set_nodelay(true)?;
-                Box::pin(tcp)
-            }
+            ConnectionAddr::Tcp(host, port) => Box::pin(tcp(host, *port).await?),
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => Box::pin(tokio::net::UnixStream::connect(path).await?),
             // As the `redis` crate connects with native-tls.
@@ -358,14 +361,15 @@ impl Wire {
                         .use_sni(false);
                 }
                 let tls = tokio_native_tls::TlsConnector::from(builder.build().map_err(tls_error)?);
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                tcp.set_nodelay(true)?;
+                let tcp = tcp(host, *port).await?;
                 Box::pin(tls.connect(host, tcp).await.map_err(tls_error)?)
             }
             _ => {
-                return Err(
-                    io::Error::new(io::ErrorKind::Unsupported, "not a TCP or Unix socket").into(),
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "an address the consumer's own connection does not serve",
                 )
+                .into())
             }
         };
         let mut wire = Wire {
@@ -395,9 +399,14 @@ impl Wire {
         }
         for cmd in &hello {
             wire.exchange(cmd).await?;
-            Reply::new(&wire.buf[..wire.taken], &wire.tokens).bulk()?;
+            wire.reply().bulk()?;
         }
         Ok(wire)
+    }
+
+    /// The last reply read.
+    fn reply(&self) -> Reply<'_> {
+        Reply::new(&self.buf[..self.taken], &self.tokens)
     }
 
     /// Writes `cmd` and reads its reply into `buf[..taken]` and `tokens`.

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::conn::{by_slot, Conn};
 use crate::error::Error;
-use crate::resp::{Reader, Reply};
+use crate::resp::{malformed, Reader, Reply};
 use crate::value::{self, Entry as StreamEntry};
 use crate::{create_group_at, start_id, RedisOptions};
 
@@ -589,7 +589,7 @@ fn read_reply(
 ) -> redis::RedisResult<()> {
     for _ in 0..reply.array()?.unwrap_or(0) {
         if reply.array()? != Some(2) {
-            return Err(unexpected("a stream's entry is not [name, entries]"));
+            return Err(malformed("a stream's entry is not [name, entries]").into());
         }
         let name = reply.bulk()?.unwrap_or_default();
         let stream = streams.iter().find(|s| s.as_bytes() == name).cloned();
@@ -604,10 +604,12 @@ fn read_reply(
         let mut last = None;
         for _ in 0..n {
             if reply.array()? != Some(2) {
-                return Err(unexpected("an entry is not [id, fields]"));
+                return Err(malformed("an entry is not [id, fields]").into());
             }
             let id = std::str::from_utf8(reply.bulk()?.unwrap_or_default())
-                .map_err(|_| unexpected("an entry id that is not text"))?;
+                .map_err(|_| malformed("an entry id that is not text"))?;
+            // The newest read, deleted or not (as on the client library's path).
+            last = Some(id);
             let Some(len) = reply.array()? else {
                 // Deleted since it was added to the group's pending list.
                 continue;
@@ -621,7 +623,6 @@ fn read_reply(
             let d = delivery(acker, &stream, id, &mut fields, 1, &mut taken);
             fields.finish()?;
             out.push(d);
-            last = Some(id);
         }
         if let Some(last) = last {
             last_read.insert(stream.clone(), last.to_owned());
@@ -670,8 +671,4 @@ impl Fields<'_, '_> {
         }
         Ok(())
     }
-}
-
-fn unexpected(why: &'static str) -> redis::RedisError {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, why).into()
 }
