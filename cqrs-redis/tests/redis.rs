@@ -1515,36 +1515,17 @@ async fn large_reads_with_every_field_come_back_as_published() {
 /// sends them), and a wrong password fails at subscribe or before, not at the first read.
 #[tokio::test]
 async fn a_unix_socket_with_a_password_and_a_database() {
-    let dir = std::env::temp_dir().join(unique("cqrs-redis-unix"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("redis.sock");
-    let mut child = std::process::Command::new("redis-server")
-        .args(["--port", "0", "--save", "", "--appendonly", "no"])
-        .args(["--requirepass", "Sock-Pw-3"])
-        .arg("--unixsocket")
-        .arg(&socket)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kill = Kill(&mut child);
+    let server = RedisServer::start_unix().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("Sock-Pw-3")
+        .query_async(&mut raw(&server.url()).await)
+        .await
+        .unwrap();
+    let socket = server.unix_socket();
     let url = format!("unix://{}?db=3&pass=Sock-Pw-3", socket.display());
-    let backend = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(b) = RedisBackend::connect(&url).await {
-                return b;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the server listens on its socket");
+    let backend = RedisBackend::connect(&url).await.unwrap();
     let stream = unique("unix");
     backend
         .publish(&stream, &[Message::new("X", b"over a socket".to_vec())])

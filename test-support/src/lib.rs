@@ -141,6 +141,8 @@ pub struct RedisServer {
     tls: Option<(u16, std::path::PathBuf)>,
     /// ACL users, each a rule as `ACL SETUSER` takes it.
     users: Vec<String>,
+    /// A Unix socket beside the port, `redis.sock` in this folder.
+    unix: Option<std::path::PathBuf>,
 }
 
 #[cfg(feature = "redis")]
@@ -153,6 +155,7 @@ impl RedisServer {
             aof: None,
             tls: None,
             users: Vec::new(),
+            unix: None,
         };
         server.spawn().await;
         server
@@ -166,6 +169,7 @@ impl RedisServer {
             aof: None,
             tls: None,
             users: users.iter().map(|u| (*u).to_owned()).collect(),
+            unix: None,
         };
         server.spawn().await;
         server
@@ -191,9 +195,35 @@ impl RedisServer {
             aof: None,
             tls: Some((free_port(), dir)),
             users: users.iter().map(|u| (*u).to_owned()).collect(),
+            unix: None,
         };
         server.spawn().await;
         server
+    }
+
+    /// A server that listens on a Unix socket ([`RedisServer::unix_socket`]) beside its port.
+    pub async fn start_unix() -> Self {
+        let dir = std::env::temp_dir().join(unique("cqrs-redis-unix"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            aof: None,
+            tls: None,
+            users: Vec::new(),
+            unix: Some(dir),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The Unix socket of [`RedisServer::start_unix`].
+    pub fn unix_socket(&self) -> std::path::PathBuf {
+        let dir = self
+            .unix
+            .as_ref()
+            .expect("a server started with start_unix");
+        dir.join("redis.sock")
     }
 
     /// `rediss://[user:password@]localhost:PORT/0` to the TLS port of [`RedisServer::start_tls`].
@@ -221,6 +251,7 @@ impl RedisServer {
             aof: Some(dir),
             tls: None,
             users: Vec::new(),
+            unix: None,
         };
         server.spawn().await;
         server
@@ -257,6 +288,9 @@ impl RedisServer {
         }
         for user in &self.users {
             cmd.arg("--user").args(user.split_whitespace());
+        }
+        if let Some(dir) = &self.unix {
+            cmd.arg("--unixsocket").arg(dir.join("redis.sock"));
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -299,6 +333,9 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_dir_all(dir);
         }
         if let Some((_, dir)) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some(dir) = &self.unix {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
