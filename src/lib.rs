@@ -67,12 +67,18 @@ pub use metrics_exporter_prometheus as prometheus;
 /// Awaits `f` in `span`. A disabled span (nothing records its level) is not entered: entering
 /// and leaving one still cost ~140 instructions a message (`tracing`'s `log` feature looks at the
 /// `log` crate's level at each step). Buses publish and processors handle through it.
-pub(crate) async fn in_span<F: std::future::Future>(span: tracing::Span, f: F) -> F::Output {
+pub(crate) fn in_span<F: std::future::Future>(
+    span: tracing::Span,
+    f: F,
+) -> futures_util::future::Either<F, tracing::instrument::Instrumented<F>> {
+    // A function, not an `async fn`: that held `f` twice (as its argument and as the future it
+    // awaited), doubling the size of every future around it.
+    use futures_util::future::Either;
     use tracing::Instrument;
     if span.is_disabled() {
-        f.await
+        Either::Left(f)
     } else {
-        f.instrument(span).await
+        Either::Right(f.instrument(span))
     }
 }
 

@@ -719,6 +719,10 @@ async fn status_reports_what_each_group_handled_and_has_in_flight() {
     assert_eq!(before[0].handled, 0);
     assert_eq!(before[0].last_handled_at, None);
     let bus = EventBus::new(broker.clone());
+    // Time passes between the start and the messages (not a wait for anything): a time told
+    // from the wrong origin (the start) would fall before they were published.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let published_at = std::time::SystemTime::now();
     for id in 1..=3 {
         bus.publish(&Booked { id }).await.unwrap();
     }
@@ -730,7 +734,17 @@ async fn status_reports_what_each_group_handled_and_has_in_flight() {
     assert!(running.is_ready());
     let s = &running.status()[0];
     assert_eq!(s.state, cqrs::GroupState::Running);
-    assert!(s.last_handled_at.is_some());
+    // Told from the monotonic clock the handler was timed with: within the system clock's
+    // readings around it (to the millisecond it is kept in).
+    let at = s
+        .last_handled_at
+        .expect("a time for the last handled message");
+    let checked_at = std::time::SystemTime::now();
+    let ms = std::time::Duration::from_millis(1);
+    assert!(
+        at + ms >= published_at && at <= checked_at + ms,
+        "last handled at {at:?}, published at {published_at:?}, checked at {checked_at:?}"
+    );
     assert_eq!(s.last_error, None);
     release.notify_one();
     eventually("three handled", || running.status()[0].handled == 3).await;

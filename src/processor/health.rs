@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The state of one consumer group of a running processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,9 @@ pub(crate) struct Health {
     state: AtomicU8,
     last_error: Mutex<Option<String>>,
     handled: AtomicU64,
+    /// Milliseconds from `origin` to the last handled message, plus one (0: none yet).
     last_handled_ms: AtomicU64,
+    origin: Origin,
     in_flight: AtomicUsize,
     restarts: std::sync::atomic::AtomicU32,
     /// Jobs (messages taken from the broker) made, and those not finished yet: what the test kit
@@ -65,13 +67,24 @@ pub(crate) struct Health {
     jobs_alive: AtomicUsize,
 }
 
+/// When a group's health was made, on the monotonic clock and on the system's: a message's
+/// time is told from the monotonic reading its handler was timed with, not read again (the
+/// system clock, read once a message, was a tenth of the engine's own time on Kafka).
+#[derive(Debug)]
+struct Origin(Instant, SystemTime);
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin(Instant::now(), SystemTime::now())
+    }
+}
+
 impl Health {
-    pub(crate) fn handled(&self) {
+    /// Counts a message handled successfully at `at` (when its handler finished).
+    pub(crate) fn handled(&self, at: Instant) {
         self.handled.fetch_add(1, Ordering::Relaxed);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.last_handled_ms.store(now, Ordering::Relaxed);
+        let ms = at.saturating_duration_since(self.origin.0).as_millis() as u64;
+        self.last_handled_ms.store(ms + 1, Ordering::Relaxed);
     }
 
     /// Counts a job (a message taken from the broker, acked or not) until the guard drops.
@@ -151,7 +164,7 @@ impl Health {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             handled: self.handled.load(Ordering::Relaxed),
-            last_handled_at: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
+            last_handled_at: (ms > 0).then(|| self.origin.1 + Duration::from_millis(ms - 1)),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             restarts: self.restarts.load(Ordering::Relaxed),
         }

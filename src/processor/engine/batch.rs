@@ -144,8 +144,9 @@ pub(super) async fn handle_batch(
         let metered = meters.in_flight(todo.len());
         let started = Instant::now();
         let outcomes = (route.pipeline)(contexts).instrument(span.clone()).await;
+        let finished = Instant::now();
         meters.attempt(
-            started.elapsed().as_secs_f64(),
+            finished.saturating_duration_since(started).as_secs_f64(),
             outcomes.iter().all(Result::is_ok),
             outcomes
                 .iter()
@@ -156,7 +157,7 @@ pub(super) async fn handle_batch(
         let mut wait = Duration::ZERO;
         for ((mut ctx, delivery), outcome) in todo.into_iter().zip(outcomes) {
             let Err(error) = outcome else {
-                spec.health.handled();
+                spec.health.handled(finished);
                 acks.extend(delivery);
                 continue;
             };

@@ -11,7 +11,7 @@ use super::batch::handle_batches;
 use super::inline::handle_inline;
 use super::lanes::Lanes;
 use super::settle::nack;
-use super::{context, GroupSpec, Job, Services, Unhandled};
+use super::{GroupSpec, Job, Services, Unhandled};
 use crate::backend::{Consumer, Delivery};
 use crate::processor::options::DeliveryMode;
 use crate::Result;
@@ -86,7 +86,7 @@ pub(crate) async fn run_group(
             }
             None => break,
         };
-        let Some(jobs) = jobs(&spec, deliveries).await else {
+        let Some(jobs) = jobs(&spec, &mut services, deliveries).await else {
             continue;
         };
         match &mut lanes {
@@ -224,13 +224,17 @@ async fn fetch_loop(
 
 /// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
 /// the messages stay pending and come back).
-async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
+async fn jobs(
+    spec: &GroupSpec,
+    services: &mut Services,
+    deliveries: Vec<Delivery>,
+) -> Option<Vec<Job>> {
     match spec.options.delivery {
         DeliveryMode::AtLeastOnce => Some(
             deliveries
                 .into_iter()
                 .map(|d| Job {
-                    ctx: context(spec, &d),
+                    ctx: services.context(&d),
                     shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: Some(d),
@@ -243,7 +247,7 @@ async fn jobs(spec: &GroupSpec, deliveries: Vec<Delivery>) -> Option<Vec<Job>> {
             let jobs: Vec<Job> = deliveries
                 .iter()
                 .map(|d| Job {
-                    ctx: context(spec, d),
+                    ctx: services.context(d),
                     shard: d.shard(),
                     malformed: d.malformed().map(str::to_owned),
                     delivery: None,

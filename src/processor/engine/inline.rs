@@ -44,8 +44,7 @@ pub(super) async fn handle_inline(
             }
             continue;
         }
-        let run = handle_job(spec, services, job, token);
-        tokio::pin!(run);
+        let mut run = std::pin::pin!(handle_job(spec, services, job, token));
         // Most handlers finish at their first poll: only a pending one waits on the token.
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
         let outcome = match first {

@@ -131,19 +131,35 @@ pub(super) enum Settle {
 /// Each runner's own handles on the handler pipelines, cloned once rather than per message,
 /// with the instruments each handler used last. A group has a handful of handlers: a list
 /// compared by name beats hashing.
-pub(super) struct Services(Vec<(String, Arc<str>, Pipeline, telemetry::Last)>);
+///
+/// It holds its own copies of the names its contexts carry (the group, each handler, the
+/// topics): a context counts references on them, up when made and down when dropped, and on
+/// copies shared with the group's other tasks (the topic's, made by the backend's fetch) every
+/// count moved a cache line between cores, which cost more than the rest of making a context.
+pub(super) struct Services {
+    routes: Vec<(String, Arc<str>, Pipeline, telemetry::Last)>,
+    group: Arc<str>,
+    no_handler: Arc<str>,
+    /// A delivery's topic name and this runner's copy of it.
+    topics: Vec<(Arc<str>, Arc<str>)>,
+}
 
 impl Services {
     pub(super) fn of(spec: &GroupSpec) -> Self {
-        Services(
-            spec.routes
+        Services {
+            routes: spec
+                .routes
                 .iter()
                 .map(|(name, r)| {
                     let last = telemetry::Last::default();
-                    (name.clone(), r.handler.clone(), r.service.clone(), last)
+                    let handler = Arc::from(&*r.handler);
+                    (name.clone(), handler, r.service.clone(), last)
                 })
                 .collect(),
-        )
+            group: Arc::from(&*spec.group),
+            no_handler: Arc::from(&*spec.no_handler),
+            topics: Vec::new(),
+        }
     }
 
     /// The handler of `event`, its pipeline and its instruments' memory
@@ -152,10 +168,38 @@ impl Services {
         &mut self,
         event: &str,
     ) -> Option<(&Arc<str>, &mut Pipeline, &mut telemetry::Last)> {
-        self.0
+        self.routes
             .iter_mut()
             .find(|(name, ..)| name == event)
             .map(|(_, handler, pipeline, last)| (&*handler, pipeline, last))
+    }
+
+    /// The context of a delivery, before a handler takes it, on this runner's copies of the
+    /// names.
+    pub(super) fn context(&mut self, d: &Delivery) -> Context {
+        let (broker_id, position) = d.broker_id_cell();
+        let theirs = d.topic_arc();
+        let topic = match self
+            .topics
+            .iter()
+            .find(|(t, _)| Arc::ptr_eq(t, theirs) || **t == **theirs)
+        {
+            Some((_, ours)) => ours.clone(),
+            None => {
+                let ours: Arc<str> = Arc::from(&**theirs);
+                self.topics.push((theirs.clone(), ours.clone()));
+                ours
+            }
+        };
+        Context {
+            message: d.message_arc().clone(),
+            topic,
+            group: self.group.clone(),
+            handler: self.no_handler.clone(),
+            attempt: d.attempt(),
+            broker_id,
+            position,
+        }
     }
 }
 
