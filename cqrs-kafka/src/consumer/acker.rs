@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use super::rebalance::Ctx;
-use super::state::{lock, Offsets, PartitionState, Retry};
+use super::state::{lock, Offsets, Partition, PartitionState, Retry};
 use crate::commit_gate::CommitGate;
 use crate::error::Error;
 
@@ -68,7 +68,7 @@ impl KafkaAcker {
         partition: i32,
     ) -> Option<&'a mut PartitionState> {
         offsets
-            .get_mut(&(topic.clone(), partition))
+            .get_mut(&Partition(topic, partition))
             .filter(|s| s.owns(self.of_epoch))
     }
 

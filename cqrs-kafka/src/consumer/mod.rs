@@ -33,7 +33,7 @@ use crate::error::Error;
 use crate::KafkaConfig;
 use poll::{poll_loop, Polled, Record, POLL_BATCH, PREFETCH};
 use rebalance::Ctx;
-use state::{lock, Offsets, Retry};
+use state::{lock, Offsets, Partition, Retry};
 
 /// How long the gate stays closed (no commit that would open it succeeds) before `receive`
 /// reports it as an error (the group shows as reconnecting, with the refusal), and how often it
@@ -115,9 +115,14 @@ impl KafkaConsumer {
         let poller = {
             let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
             let (paused, held) = (paused.clone(), held.clone());
+            // librdkafka reads a name beginning with `^` as a pattern, which may match several.
+            let only = match topics[..] {
+                [one] if !one.starts_with('^') => Some(Arc::from(one)),
+                _ => None,
+            };
             std::thread::Builder::new()
                 .name(format!("cqrs-kafka-poll-{}", subscription.group))
-                .spawn(move || poll_loop(&consumer, &tx, &stop, &epoch, &paused, &held))
+                .spawn(move || poll_loop(&consumer, only, &tx, &stop, &epoch, &paused, &held))
                 .map_err(|e| Error::Io("starting the poll thread", e))?
         };
         let committer = spawn_committer(
@@ -268,7 +273,7 @@ impl KafkaConsumer {
             // polled, and is still.
             let mut offsets = lock(&self.acker.offsets);
             let Some(state) = offsets
-                .get_mut(&(topic.clone(), partition))
+                .get_mut(&Partition(&topic, partition))
                 .filter(|s| s.owns(epoch))
             else {
                 tracing::debug!(%topic, partition, offset, "dropping a record of a partition revoked since it was fetched");

@@ -214,11 +214,13 @@ pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> 
         .and_then(|t| u64::try_from(t).ok())
 }
 
-/// Polls until `stop`: records go to `tx` decoded, in batches, tagged with the rebalance epoch.
+/// Polls until `stop`: records go to `tx` decoded, in batches, tagged with the rebalance epoch;
+/// `only` is the topic when the subscription is to one (not a pattern).
 /// When the handlers fall behind and `tx` is full, the assigned partitions are paused and
 /// polling goes on, serving the group (rebalances, `max.poll.interval.ms`) without fetching more.
 pub(super) fn poll_loop(
     consumer: &BaseConsumer<Ctx>,
+    only: Option<Arc<str>>,
     tx: &mpsc::Sender<Vec<Polled>>,
     stop: &AtomicBool,
     epoch: &AtomicU64,
@@ -236,7 +238,12 @@ pub(super) fn poll_loop(
     let mut last: Option<Arc<str>> = None;
     let mut polled = |r: KafkaResult<BorrowedMessage<'_>>| -> Polled {
         let record = r.map(|m| {
-            let topic = match last.as_ref().filter(|t| ***t == *m.topic()) {
+            // Subscribed to one topic, every record is of it: its name is not read (the name,
+            // measured and compared with the last one's, cost a twentieth of this thread's time).
+            let known = only
+                .as_ref()
+                .or_else(|| last.as_ref().filter(|t| ***t == *m.topic()));
+            let topic = match known {
                 Some(t) => t.clone(),
                 None => {
                     let t = topics

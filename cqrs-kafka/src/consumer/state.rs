@@ -141,8 +141,20 @@ impl<const N: usize> From<[i64; N]> for Pending {
 }
 
 /// Looked up for every record handed out and every ack: with foldhash, not SipHash (which cost
-/// ~650 instructions a record).
-pub(super) type Offsets = foldhash::HashMap<(Arc<str>, i32), PartitionState>;
+/// ~650 instructions a record), and by [`Partition`], not by a key made for the lookup.
+pub(super) type Offsets =
+    hashbrown::HashMap<(Arc<str>, i32), PartitionState, foldhash::fast::RandomState>;
+
+/// A partition to look up in [`Offsets`] without making its key: the topic's name borrowed.
+/// It hashes as the key does (a tuple hashes its fields in turn).
+#[derive(Hash)]
+pub(super) struct Partition<'a>(pub(super) &'a str, pub(super) i32);
+
+impl hashbrown::Equivalent<(Arc<str>, i32)> for Partition<'_> {
+    fn equivalent(&self, key: &(Arc<str>, i32)) -> bool {
+        self.1 == key.1 && self.0 == &*key.0
+    }
+}
 
 /// How many messages were acked above an offset still pending on their partition (a message
 /// being handled, or waiting for a retry): their offsets cannot be stored, so no commit records
