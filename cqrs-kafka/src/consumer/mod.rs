@@ -10,6 +10,7 @@ mod poll;
 mod rebalance;
 mod state;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +32,7 @@ use crate::access::{self, Refusals};
 use crate::commit_gate::{spawn_committer, CommitGate};
 use crate::error::Error;
 use crate::KafkaConfig;
-use poll::{poll_loop, Polled, Record, POLL_BATCH, PREFETCH};
+use poll::{poll_loop, Batch, Buffers, Handover, Polled, Record, POLL_BATCH, PREFETCH};
 use rebalance::Ctx;
 use state::{lock, Offsets, Partition, Retry};
 
@@ -44,10 +45,12 @@ const REPORT_REFUSALS_AFTER: Duration = Duration::from_secs(3);
 const GATE_HOLDS_AT_MOST: Duration = Duration::from_secs(30);
 
 pub(crate) struct KafkaConsumer {
-    rx: mpsc::Receiver<Vec<Polled>>,
-    /// The batch taken from `rx` last, as far as it was not handed out yet (taken from, not
-    /// copied into a queue: a record is a few hundred bytes).
-    polled: std::vec::IntoIter<Polled>,
+    rx: mpsc::Receiver<Batch>,
+    /// The batches taken from `rx` and not handed out yet, the first maybe in part (taken from,
+    /// not copied into a queue: a record is a few hundred bytes).
+    taken: VecDeque<Taken>,
+    /// Where the buffers of the batches handed out go back to the poll thread.
+    buffers: Arc<Buffers>,
     /// Whether the poll thread has paused fetching, and how many records it holds that `rx`
     /// had no room for (read by tests).
     #[cfg_attr(not(test), allow(dead_code))]
@@ -112,9 +115,10 @@ impl KafkaConsumer {
         let (tx, rx) = mpsc::channel(PREFETCH / POLL_BATCH);
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicUsize::new(0));
+        let buffers = Arc::new(Buffers::default());
         let poller = {
             let (consumer, stop, epoch) = (consumer.clone(), stop.clone(), epoch.clone());
-            let (paused, held) = (paused.clone(), held.clone());
+            let (paused, held, buffers) = (paused.clone(), held.clone(), buffers.clone());
             // librdkafka reads a name beginning with `^` as a pattern, which may match several.
             let only = match topics[..] {
                 [one] if !one.starts_with('^') => Some(Arc::from(one)),
@@ -122,7 +126,14 @@ impl KafkaConsumer {
             };
             std::thread::Builder::new()
                 .name(format!("cqrs-kafka-poll-{}", subscription.group))
-                .spawn(move || poll_loop(&consumer, only, &tx, &stop, &epoch, &paused, &held))
+                .spawn(move || {
+                    let handover = Handover {
+                        tx: &tx,
+                        buffers: &buffers,
+                        held: &held,
+                    };
+                    poll_loop(&consumer, only, &handover, &stop, &epoch, &paused)
+                })
                 .map_err(|e| Error::Io("starting the poll thread", e))?
         };
         let committer = spawn_committer(
@@ -192,7 +203,8 @@ impl KafkaConsumer {
                 of_epoch: 0,
                 gate,
             }),
-            polled: Vec::new().into_iter(),
+            taken: VecDeque::new(),
+            buffers,
             paused,
             held,
             closed_since: None,
@@ -222,45 +234,62 @@ impl KafkaConsumer {
     /// made in, which knows them as stale once their partition is revoked (and maybe assigned
     /// again, in a later epoch).
     fn acker(&mut self, epoch: u64) -> Arc<KafkaAcker> {
-        if self.acker.of_epoch != epoch {
-            self.acker = Arc::new(self.acker.for_epoch(epoch));
-        }
-        self.acker.clone()
+        of_epoch(&mut self.acker, epoch)
     }
 
     fn current_epoch(&self) -> u64 {
         self.acker.epoch.load(Ordering::SeqCst)
     }
 
-    /// The next polled record, taken already or from the poll thread, without waiting.
-    fn try_next(&mut self) -> cqrs_core::Result<Option<Polled>> {
-        if self.polled.len() == 0 {
-            match self.rx.try_recv() {
-                Ok(batch) => self.take(batch),
-                Err(mpsc::error::TryRecvError::Empty) => {}
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(cqrs_core::Error::Closed)
+    /// The next polled record, taken already or from the poll thread, without waiting: its
+    /// delivery (`None`: stale, see [`KafkaConsumer::delivery`]) or the consumer's error.
+    fn try_next(&mut self) -> cqrs_core::Result<Option<Result<Option<Delivery>, KafkaError>>> {
+        loop {
+            let Some(front) = self.taken.front_mut() else {
+                match self.rx.try_recv() {
+                    Ok(batch) => {
+                        self.take(batch);
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Err(cqrs_core::Error::Closed)
+                    }
+                }
+            };
+            match front.polled.next() {
+                Some((Ok(record), epoch)) => {
+                    let d = Self::delivery(&mut self.acker, record, epoch, &front.bytes);
+                    return Ok(Some(Ok(d)));
+                }
+                Some((Err(e), _)) => return Ok(Some(Err(e))),
+                None => {
+                    if let Some(done) = self.taken.pop_front() {
+                        self.buffers.give(done.bytes);
+                    }
                 }
             }
         }
-        Ok(self.polled.next())
     }
 
-    /// Takes a batch from the poll thread, after what is left of the one before.
-    fn take(&mut self, batch: Vec<Polled>) {
-        if self.polled.len() == 0 {
-            self.polled = batch.into_iter();
-        } else {
-            let mut left: Vec<Polled> = self.polled.by_ref().collect();
-            left.extend(batch);
-            self.polled = left.into_iter();
-        }
+    /// Takes a batch from the poll thread, after what is left of those before.
+    fn take(&mut self, batch: Batch) {
+        self.taken.push_back(Taken {
+            bytes: batch.bytes,
+            polled: batch.polled.into_iter(),
+        });
     }
 
-    /// The delivery of a polled record; `None` for a record of a partition revoked since it was
+    /// The delivery of a polled record, its message in `bytes`, made with the acker of its epoch
+    /// (see [`KafkaConsumer::acker`]); `None` for a record of a partition revoked since it was
     /// polled, or an offset this member already handed out since it got the partition (some
     /// brokers answer a fetch with records before the fetch offset).
-    fn delivery(&mut self, record: Record, epoch: u64) -> Option<Delivery> {
+    fn delivery(
+        acker: &mut Arc<KafkaAcker>,
+        record: Record,
+        epoch: u64,
+        bytes: &[u8],
+    ) -> Option<Delivery> {
         let Record {
             topic,
             partition,
@@ -271,7 +300,7 @@ impl KafkaConsumer {
             // Under the lock the rebalance callback changes the assignment under: the record
             // is this member's to hand out only if its partition was assigned before it was
             // polled, and is still.
-            let mut offsets = lock(&self.acker.offsets);
+            let mut offsets = lock(&acker.offsets);
             let Some(state) = offsets
                 .get_mut(&Partition(&topic, partition))
                 .filter(|s| s.owns(epoch))
@@ -286,11 +315,11 @@ impl KafkaConsumer {
             state.pending.insert(offset);
             state.next = Some(offset + 1);
         }
-        let acker = self.acker(epoch);
+        let acker = of_epoch(acker, epoch);
         // Decoded here, on a runtime worker, as its message's `Arc` is made here: an
         // allocation on the poll thread takes glibc's slow path, as the thread frees nothing
         // (docs/benchmarks.md).
-        let (message, malformed) = copied.decode(&topic, partition, offset);
+        let (message, malformed) = copied.decode(bytes, &topic, partition, offset);
         // Every delivery carries its partition (its shard: unkeyed records of one partition
         // keep their order across the processor's workers) and offset.
         let d = Delivery::at(
@@ -325,6 +354,21 @@ impl KafkaConsumer {
         }
         retries.next_due()
     }
+}
+
+/// A batch taken from the poll thread: its records as far as not handed out yet, and the buffer
+/// their messages are in.
+struct Taken {
+    bytes: Vec<u8>,
+    polled: std::vec::IntoIter<Polled>,
+}
+
+/// The acker of rebalance epoch `epoch`, `acker` made that one first if it is of another.
+fn of_epoch(acker: &mut Arc<KafkaAcker>, epoch: u64) -> Arc<KafkaAcker> {
+    if acker.of_epoch != epoch {
+        *acker = Arc::new(acker.for_epoch(epoch));
+    }
+    acker.clone()
 }
 
 impl KafkaConsumer {
@@ -369,8 +413,8 @@ impl Consumer for KafkaConsumer {
             // last records fetched before: the member then waited in silence).
             while out.len() < max && !gate.closed() {
                 match self.try_next()? {
-                    Some((Ok(record), epoch)) => out.extend(self.delivery(record, epoch)),
-                    Some((Err(e), _)) => {
+                    Some(Ok(d)) => out.extend(d),
+                    Some(Err(e)) => {
                         tracing::debug!(error = %e, "kafka consumer error");
                         self.failed = Some(e);
                     }
@@ -551,23 +595,28 @@ mod tests {
             })
         };
         let mut handed_out = 0u64;
+        let mut bytes = Vec::new();
         for i in 0..50_000i64 {
             let polled_in = consumer.current_epoch();
             let record = Record {
                 topic: topic.clone(),
                 partition: 0,
                 offset: polled_in as i64 * PER_EPOCH + i,
-                copied: poll::Copied::of(&rdkafka::message::OwnedMessage::new(
-                    Some(Vec::new()),
-                    None,
-                    "t".to_owned(),
-                    rdkafka::Timestamp::NotAvailable,
-                    0,
-                    0,
-                    None,
-                )),
+                copied: poll::Copied::of(
+                    &rdkafka::message::OwnedMessage::new(
+                        Some(Vec::new()),
+                        None,
+                        "t".to_owned(),
+                        rdkafka::Timestamp::NotAvailable,
+                        0,
+                        0,
+                        None,
+                    ),
+                    &mut bytes,
+                ),
             };
-            handed_out += u64::from(consumer.delivery(record, polled_in).is_some());
+            let made = KafkaConsumer::delivery(&mut consumer.acker, record, polled_in, &bytes);
+            handed_out += u64::from(made.is_some());
         }
         stop.store(true, Ordering::SeqCst);
         let (rebalances, stale) = rebalancer.join().expect("the rebalancing thread");

@@ -44,21 +44,74 @@ pub(super) type Polled = (KafkaResult<Record>, u64);
 /// handing them over and the one taking them wake each other once a batch, not once a record.
 pub(super) const POLL_BATCH: usize = 256;
 
-/// What the message of a record is made of, copied out of librdkafka in one allocation: the
-/// payload, then the key, then each header (`u32` name length, name, `u32` value length or
-/// `u32::MAX` for none, value). [`Copied::decode`] makes the message, the buffer becoming its
-/// payload.
+/// The bytes after which the poll thread sends a batch before it holds [`POLL_BATCH`] records:
+/// a batch's buffer stays this size or a record's.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Records the poll thread sends at once, what their messages are made of in one buffer (see
+/// [`Copied`]). The buffer goes back to the poll thread once they are decoded ([`Buffers`]):
+/// the thread allocates nothing a record.
+///
+/// A buffer a record was the poll thread's allocation until then, freed on a runtime worker: a
+/// thread that only allocates finds glibc's cache always empty and takes the allocator's slow
+/// path, under the lock of the arena the workers free into (a fifth of the thread's time).
+pub(super) struct Batch {
+    pub(super) bytes: Vec<u8>,
+    pub(super) polled: Vec<Polled>,
+}
+
+/// Where the poll thread hands batches over: the queue, the buffers given back, and how many
+/// records it holds that the queue had no room for (read by tests).
+#[derive(Clone, Copy)]
+pub(super) struct Handover<'a> {
+    pub(super) tx: &'a mpsc::Sender<Batch>,
+    pub(super) buffers: &'a Buffers,
+    pub(super) held: &'a AtomicUsize,
+}
+
+/// Buffers given back by the consumer, for the poll thread's next batches.
+#[derive(Default)]
+pub(super) struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// As many as are in flight at most (the queue's batches, one held, one being taken).
+    const KEPT: usize = PREFETCH / POLL_BATCH + 2;
+
+    /// A buffer for the next batch: one given back, or a new one.
+    fn take(&self) -> Vec<u8> {
+        crate::lock(&self.0).pop().unwrap_or_default()
+    }
+
+    /// Gives `bytes` back, emptied; one grown past a batch's usual size (by a large record) is
+    /// dropped, not kept.
+    pub(super) fn give(&self, mut bytes: Vec<u8>) {
+        if bytes.capacity() > 2 * BATCH_BYTES {
+            return;
+        }
+        bytes.clear();
+        let mut kept = crate::lock(&self.0);
+        if kept.len() < Self::KEPT {
+            kept.push(bytes);
+        }
+    }
+}
+
+/// What the message of a record is made of, copied out of librdkafka into its batch's buffer at
+/// `at`: the payload, then the key, then each header (`u32` name length, name, `u32` value
+/// length or `u32::MAX` for none, value). [`Copied::decode`] makes the message.
 ///
 /// The poll thread copies; a runtime worker decodes. The message's fields decoded on the poll
 /// thread were four allocations there (payload, id, name, key), each freed on a worker: a
-/// thread that only allocates finds its glibc cache always empty and takes the allocator's
-/// slow path, under the lock of the arena the workers free into (docs/benchmarks.md).
+/// thread that only allocates finds its glibc cache always empty and takes the allocator's slow
+/// path, under the lock of the arena the workers free into (docs/benchmarks.md).
 pub(crate) struct Copied {
-    buf: Vec<u8>,
+    at: usize,
     /// The payload's length; `None` for a record without a payload.
     payload: Option<usize>,
     /// The key's length; `None` for a record without a key.
     key: Option<usize>,
+    /// The length of the headers' bytes.
+    headers: usize,
     time_ms: Option<u64>,
     /// Why the record is malformed, found while copying.
     malformed: Option<&'static str>,
@@ -68,16 +121,12 @@ pub(crate) struct Copied {
 const NO_VALUE: u32 = u32::MAX;
 
 impl Copied {
-    /// Copies what `m`'s message is made of.
-    pub(crate) fn of(m: &impl rdkafka::message::Message) -> Copied {
+    /// Copies what `m`'s message is made of to the end of `buf`.
+    pub(crate) fn of(m: &impl rdkafka::message::Message, buf: &mut Vec<u8>) -> Copied {
+        let at = buf.len();
         let payload = m.payload();
         let key = m.key();
         let headers = m.headers();
-        let size = payload.map_or(0, <[u8]>::len)
-            + key.map_or(0, <[u8]>::len)
-            // A header: its two lengths (8 bytes) and a name and value of typical size.
-            + headers.as_ref().map_or(0, |h| h.count() * 48);
-        let mut buf = Vec::with_capacity(size);
         buf.extend_from_slice(payload.unwrap_or_default());
         buf.extend_from_slice(key.unwrap_or_default());
         let put = |buf: &mut Vec<u8>, name: &str, value: Option<&[u8]>| {
@@ -98,7 +147,7 @@ impl Copied {
         // headers.
         let copied = std::panic::catch_unwind(AssertUnwindSafe(|| {
             for h in headers.iter().flat_map(|h| h.iter()) {
-                put(&mut buf, h.key, h.value);
+                put(buf, h.key, h.value);
             }
         }));
         let malformed = match copied {
@@ -109,7 +158,7 @@ impl Copied {
                     for i in 0..h.count() {
                         let header = std::panic::catch_unwind(AssertUnwindSafe(|| h.try_get(i)));
                         if let Some(header) = header.ok().flatten() {
-                            put(&mut buf, header.key, header.value);
+                            put(buf, header.key, header.value);
                         }
                     }
                 }
@@ -117,31 +166,36 @@ impl Copied {
             }
         };
         Copied {
-            buf,
+            at,
             payload: payload.map(<[u8]>::len),
             key: key.map(<[u8]>::len),
+            headers: buf.len() - start,
             time_ms: record_time_ms(m),
             malformed,
         }
     }
 
-    /// The message (`docs/wire-format.md`) and why it is malformed, if it is; a record without a
-    /// message id gets `topic/partition/offset`.
+    /// The message (`docs/wire-format.md`) and why it is malformed, if it is, from `buf`, the
+    /// buffer it was copied to; a record without a message id gets `topic/partition/offset`.
     pub(crate) fn decode(
         self,
+        buf: &[u8],
         topic: &str,
         partition: i32,
         offset: i64,
     ) -> (Message, Option<String>) {
         let Copied {
-            mut buf,
+            at,
             payload,
             key,
+            headers,
             time_ms,
             malformed,
         } = self;
         let payload_len = payload.unwrap_or(0);
-        let rest = buf.get(payload_len..).unwrap_or_default();
+        let len = payload_len + key.unwrap_or(0) + headers;
+        let bytes = buf.get(at..at + len).unwrap_or_default();
+        let (payload_bytes, rest) = bytes.split_at(payload_len.min(bytes.len()));
         let (key_bytes, mut headers) = rest.split_at(key.unwrap_or(0).min(rest.len()));
         let mut broken = false;
         let fields = std::iter::from_fn(|| {
@@ -177,18 +231,12 @@ impl Copied {
             id: "",
             time_ms,
         };
-        // The payload is put in after: `buf`, cut to it, becomes the message's payload (an
-        // empty `Vec` stands in meanwhile, allocating nothing).
         let (mut message, mut why) = Layout::KAFKA.decode(
             fields,
             entry,
             key.map(|_| key_bytes),
-            payload.map(|_| Vec::new()),
+            payload.map(|_| payload_bytes.to_vec()),
         );
-        if payload.is_some() {
-            buf.truncate(payload_len);
-            message.payload = buf;
-        }
         if let Some(m) = malformed {
             why = Some(m.to_owned());
         } else if broken && why.is_none() {
@@ -204,7 +252,8 @@ impl Copied {
 /// The message a record carries, and why it is malformed if it is (`docs/wire-format.md`); a
 /// record without a message id gets `topic/partition/offset`.
 pub(crate) fn decode(m: &impl rdkafka::message::Message) -> (Message, Option<String>) {
-    Copied::of(m).decode(m.topic(), m.partition(), m.offset())
+    let mut buf = Vec::new();
+    Copied::of(m, &mut buf).decode(&buf, m.topic(), m.partition(), m.offset())
 }
 
 /// The record's timestamp, in milliseconds since the Unix epoch.
@@ -221,12 +270,16 @@ pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> 
 pub(super) fn poll_loop(
     consumer: &BaseConsumer<Ctx>,
     only: Option<Arc<str>>,
-    tx: &mpsc::Sender<Vec<Polled>>,
+    handover: &Handover<'_>,
     stop: &AtomicBool,
     epoch: &AtomicU64,
     paused_flag: &AtomicBool,
-    held_count: &AtomicUsize,
 ) {
+    let Handover {
+        tx,
+        buffers,
+        held: held_count,
+    } = *handover;
     // How long a poll waits when nothing comes: short after records came, doubling up to
     // `IDLE_TICK` while none come. Closing waits for the poll thread to see `stop`, which it
     // does when its poll returns: with one tick of 100 ms throughout, a member stopped just
@@ -236,7 +289,7 @@ pub(super) fn poll_loop(
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     // The topic of the record before: records come in runs of one partition.
     let mut last: Option<Arc<str>> = None;
-    let mut polled = |r: KafkaResult<BorrowedMessage<'_>>| -> Polled {
+    let mut polled = |r: KafkaResult<BorrowedMessage<'_>>, bytes: &mut Vec<u8>| -> Polled {
         let record = r.map(|m| {
             // Subscribed to one topic, every record is of it: its name is not read (the name,
             // measured and compared with the last one's, cost a twentieth of this thread's time).
@@ -258,27 +311,31 @@ pub(super) fn poll_loop(
                 topic,
                 partition: m.partition(),
                 offset: m.offset(),
-                copied: Copied::of(&m),
+                copied: Copied::of(&m, bytes),
             }
         });
         // Read after the poll: a rebalance it served is in the epoch.
         (record, epoch.load(Ordering::SeqCst))
     };
-    // Polled and not sent yet: the queue had no room.
-    let mut held: Vec<Polled> = Vec::with_capacity(POLL_BATCH);
+    // Polled and not sent yet: the queue had no room. Sized for a batch: grown from empty, the
+    // list of records was copied eight times.
+    let new_batch = || Batch {
+        bytes: buffers.take(),
+        polled: Vec::with_capacity(POLL_BATCH),
+    };
+    let mut held = new_batch();
     let mut paused = false;
     let mut full_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        if !held.is_empty() {
-            match tx.try_send(std::mem::take(&mut held)) {
-                // Sized for a batch: grown from empty, the batch was copied eight times.
-                Ok(()) => held.reserve(POLL_BATCH),
-                Err(mpsc::error::TrySendError::Full(batch)) => held = batch,
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+        if !held.polled.is_empty() {
+            match tx.try_reserve() {
+                Ok(room) => room.send(std::mem::replace(&mut held, new_batch())),
+                Err(mpsc::error::TrySendError::Full(())) => {}
+                Err(mpsc::error::TrySendError::Closed(())) => return,
             }
         }
-        held_count.store(held.len(), Ordering::Relaxed);
-        let full = !held.is_empty();
+        held_count.store(held.polled.len(), Ordering::Relaxed);
+        let full = !held.polled.is_empty();
         // A full queue first waits, polling only what comes at once: librdkafka keeps what it
         // fetched ahead.
         // Pausing drops that (it fetches again from the last polled offset on resume), which
@@ -291,7 +348,7 @@ pub(super) fn poll_loop(
                 // A poll that does not wait still serves the group's callbacks (commit answers,
                 // rebalances); what it returns is held: one record a millisecond at most.
                 if let Some(r) = consumer.poll(Duration::ZERO) {
-                    held.push(polled(r));
+                    held.polled.push(polled(r, &mut held.bytes));
                 }
                 continue;
             }
@@ -320,7 +377,7 @@ pub(super) fn poll_loop(
                     tracing::debug!(
                         paused = full,
                         partitions = assigned.count(),
-                        held = held.len(),
+                        held = held.polled.len(),
                         "fetching paused or resumed"
                     );
                     paused = full;
@@ -333,11 +390,11 @@ pub(super) fn poll_loop(
             continue;
         };
         tick = BUSY_TICK;
-        held.push(polled(r));
+        held.polled.push(polled(r, &mut held.bytes));
         // Then what is there at once, up to a batch (paused: nothing more is fetched).
-        while !paused && held.len() < POLL_BATCH {
+        while !paused && held.polled.len() < POLL_BATCH && held.bytes.len() < BATCH_BYTES {
             match consumer.poll(Duration::ZERO) {
-                Some(r) => held.push(polled(r)),
+                Some(r) => held.polled.push(polled(r, &mut held.bytes)),
                 None => break,
             }
         }
@@ -404,6 +461,75 @@ mod tests {
             message.metadata.headers.iter().collect::<Vec<_>>(),
             [(&"tenant".to_owned(), &"acme".to_owned())]
         );
+    }
+
+    /// Records copied one after another into a batch's buffer each decode to their own message,
+    /// whatever came before them in it.
+    #[test]
+    fn records_copied_into_one_buffer_decode_each_to_its_own_message() {
+        let header = |key: &str, value: &str| {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "cqrs-id",
+                    value: Some(key),
+                })
+                .insert(Header {
+                    key: "cqrs-name",
+                    value: Some(value),
+                })
+        };
+        let records = [
+            record(
+                Some(b"{\"n\":1}"),
+                Some(b"k-1"),
+                header("id-1", "orders.Placed"),
+            ),
+            record(None, None, header("id-2", "orders.Empty")),
+            record(Some(&[0xff; 3000]), Some(b""), header("id-3", "orders.Big")),
+            record(Some(b""), None, OwnedHeaders::new()),
+        ];
+        let mut buf = Vec::new();
+        let copied: Vec<Copied> = records.iter().map(|r| Copied::of(r, &mut buf)).collect();
+        let decoded: Vec<_> = copied
+            .into_iter()
+            .map(|c| c.decode(&buf, "orders", 3, 7))
+            .collect();
+        let each = decoded
+            .iter()
+            .map(|(m, why)| {
+                (
+                    m.id.as_str(),
+                    m.name.as_str(),
+                    m.key.as_deref(),
+                    m.payload.len(),
+                    why.is_some(),
+                )
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            each,
+            [
+                ("id-1", "orders.Placed", Some("k-1"), 7, false),
+                ("id-2", "orders.Empty", None, 0, true),
+                ("id-3", "orders.Big", Some(""), 3000, false),
+                ("orders/3/7", "", None, 0, true),
+            ]
+        );
+        assert_eq!(decoded[0].0.payload, b"{\"n\":1}");
+        assert!(decoded[2].0.payload.iter().all(|b| *b == 0xff));
+    }
+
+    #[test]
+    fn buffers_given_back_are_kept_emptied_up_to_a_bound_and_never_when_grown_large() {
+        let buffers = Buffers::default();
+        buffers.give(Vec::with_capacity(4 * BATCH_BYTES));
+        assert_eq!(buffers.take().capacity(), 0, "a grown buffer is not kept");
+        for _ in 0..Buffers::KEPT + 3 {
+            buffers.give(vec![7; 100]);
+        }
+        assert_eq!(crate::lock(&buffers.0).len(), Buffers::KEPT);
+        let b = buffers.take();
+        assert!(b.is_empty() && b.capacity() >= 100);
     }
 
     #[test]
