@@ -82,9 +82,8 @@ pub(super) async fn handle_batch(
     // The batch's messages nearly always share a topic: its instruments are looked up once.
     let mut last = telemetry::Last::default();
     for job in jobs {
-        let ours = job.malformed.is_none()
-            && job.ctx.message.name == route.event
-            && !job.delivery.as_ref().is_some_and(Delivery::is_stale);
+        let ours =
+            job.malformed().is_none() && job.message().name == route.event && !job.is_stale();
         if !ours {
             match handle_job(spec, services, job, token).await {
                 Some(Settle::Ack(d)) => acks.push(d),
@@ -94,17 +93,8 @@ pub(super) async fn handle_batch(
             }
             continue;
         }
-        let Job {
-            mut ctx,
-            delivery,
-            unhandled,
-            outstanding: o,
-            ..
-        } = job;
+        let (mut ctx, _, delivery, o) = job.start(services);
         outstanding.push(o);
-        if let Some(u) = unhandled {
-            u.disarm();
-        }
         ctx.handler = route.handler.clone();
         spec.meters
             .of_cached(&route.handler, &ctx.topic, &mut last)

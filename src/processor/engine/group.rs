@@ -11,7 +11,7 @@ use super::batch::handle_batches;
 use super::inline::handle_inline;
 use super::lanes::Lanes;
 use super::settle::nack;
-use super::{GroupSpec, Job, Services, Unhandled};
+use super::{GroupSpec, Job, Services};
 use crate::backend::{Consumer, Delivery};
 use crate::processor::options::DeliveryMode;
 use crate::Result;
@@ -109,7 +109,7 @@ pub(crate) async fn run_group(
                     // back to the broker for redelivery.
                     let deadline = tokio::time::Instant::now() + spec.options.shutdown_timeout;
                     for job in std::iter::once(job).chain(jobs) {
-                        if job.unhandled.is_some() {
+                        if job.is_acked() {
                             let _ = tokio::time::timeout_at(deadline, lanes.send(job)).await;
                         }
                     }
@@ -223,7 +223,8 @@ async fn fetch_loop(
 }
 
 /// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
-/// the messages stay pending and come back).
+/// the messages stay pending and come back) and keeps their contexts (made on `services`'
+/// names).
 async fn jobs(
     spec: &GroupSpec,
     services: &mut Services,
@@ -233,26 +234,16 @@ async fn jobs(
         DeliveryMode::AtLeastOnce => Some(
             deliveries
                 .into_iter()
-                .map(|d| Job {
-                    ctx: services.context(&d),
-                    shard: d.shard(),
-                    malformed: d.malformed().map(str::to_owned),
-                    delivery: Some(d),
-                    unhandled: None,
-                    outstanding: spec.health.job(),
-                })
+                .map(|d| Job::delivered(d, spec))
                 .collect(),
         ),
         DeliveryMode::AtMostOnce => {
-            let jobs: Vec<Job> = deliveries
+            let kept: Vec<_> = deliveries
                 .iter()
-                .map(|d| Job {
-                    ctx: services.context(d),
-                    shard: d.shard(),
-                    malformed: d.malformed().map(str::to_owned),
-                    delivery: None,
-                    unhandled: None,
-                    outstanding: spec.health.job(),
+                .map(|d| {
+                    let malformed = d.malformed().map(str::to_owned);
+                    let outstanding = spec.health.job();
+                    (services.context(d), d.shard(), malformed, outstanding)
                 })
                 .collect();
             if let Err((e, back)) = Delivery::ack_all(deliveries).await {
@@ -261,13 +252,9 @@ async fn jobs(
                 return None;
             }
             Some(
-                jobs.into_iter()
-                    .map(|mut j| {
-                        j.unhandled = Some(Unhandled {
-                            group: spec.group.clone(),
-                            message_id: j.ctx.message.id.clone(),
-                        });
-                        j
+                kept.into_iter()
+                    .map(|(ctx, shard, malformed, outstanding)| {
+                        Job::acked(ctx, shard, malformed, outstanding, &spec.group)
                     })
                     .collect(),
             )

@@ -28,19 +28,19 @@ pub(super) async fn handle_inline(
         if token.is_cancelled() || timed_out {
             let deadline = *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + spec.options.shutdown_timeout);
-            match job.delivery {
+            if !job.is_acked() {
                 // Not started: back to the broker.
-                Some(d) => nack(d, Duration::ZERO).await,
-                // Acked already: run it within the deadline (dropped, it logs its loss).
-                None if !timed_out => {
-                    if tokio::time::timeout_at(deadline, handle_job(spec, services, job, token))
-                        .await
-                        .is_err()
-                    {
-                        timed_out = true;
-                    }
+                if let Some(d) = job.into_delivery() {
+                    nack(d, Duration::ZERO).await;
                 }
-                None => drop(job),
+            } else if !timed_out {
+                // Acked already: run it within the deadline (dropped past it, it logs its loss).
+                if tokio::time::timeout_at(deadline, handle_job(spec, services, job, token))
+                    .await
+                    .is_err()
+                {
+                    timed_out = true;
+                }
             }
             continue;
         }

@@ -12,7 +12,6 @@ use tracing::Instrument;
 
 use super::failure::{after_failure, reject, Failed};
 use super::{GroupSpec, Job, Services, Settle};
-use crate::backend::Delivery;
 use crate::handler::{is_permanent, Pipeline};
 use crate::middleware::{panic_message, HandlerPanicked};
 use crate::processor::options::UnknownEvent;
@@ -43,22 +42,12 @@ pub(super) async fn handle_job(
     job: Job,
     token: &CancellationToken,
 ) -> Option<Settle> {
-    let Job {
-        mut ctx,
-        malformed,
-        mut delivery,
-        unhandled,
-        outstanding: _outstanding,
-        ..
-    } = job;
-    if let Some(u) = unhandled {
-        u.disarm();
-    }
-    if delivery.as_ref().is_some_and(Delivery::is_stale) {
+    if job.is_stale() {
         // Its partition went to another member in a rebalance: that member handles it.
-        tracing::debug!(group = %spec.group, message_id = %ctx.message.id, "dropping a delivery whose partition was revoked");
+        tracing::debug!(group = %spec.group, message_id = %job.message().id, "dropping a delivery whose partition was revoked");
         return None;
     }
+    let (mut ctx, malformed, mut delivery, _outstanding) = job.start(services);
     // The rare paths' futures are boxed: held inline, they made this function's future (moved
     // once a message) ~2 KB, most of it never used.
     if let Some(reason) = malformed {

@@ -124,7 +124,7 @@ impl Ready {
 /// What a job's order is kept within: a hash of its key, or of its shard (a broker's partition)
 /// when it has none; `None` when neither (no order to keep).
 pub(super) fn order_of(job: &Job) -> Option<u64> {
-    match (&job.ctx.message.key, job.shard) {
+    match (&job.message().key, job.shard()) {
         (Some(key), _) => {
             let mut h = DefaultHasher::new();
             key.hash(&mut h);
@@ -225,10 +225,10 @@ async fn worker_loop(
 ) {
     let mut services = Services::of(&spec);
     while let Some(Queued { job, order, _room }) = ready.next().await {
-        let outcome = if token.is_cancelled() && job.unhandled.is_none() {
+        let outcome = if token.is_cancelled() && !job.is_acked() {
             // Queued but not started: hand it back for prompt redelivery. A message acked
             // before handling (at-most-once) still runs, within the shutdown deadline.
-            job.delivery.map(|d| Settle::Nack(d, Duration::ZERO))
+            job.into_delivery().map(|d| Settle::Nack(d, Duration::ZERO))
         } else {
             // Handlers' panics are caught inside; one that escapes is the engine's or a
             // backend's: its message goes back (dropped unsettled), its key is freed, and the

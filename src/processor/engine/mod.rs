@@ -81,23 +81,138 @@ impl GroupSpec {
     }
 }
 
+/// One message for a runner to handle.
 pub(super) struct Job {
-    ctx: Context,
-    /// The broker-side shard, which orders messages without a key.
-    shard: Option<u32>,
-    /// Why the entry could not be read as a message.
-    malformed: Option<String>,
-    /// `None` when the message was acked before handling (at-most-once).
-    delivery: Option<Delivery>,
-    /// Set for a message acked before handling: if the job is dropped before it runs (the
-    /// shutdown deadline passed), the loss is logged, never silent.
-    unhandled: Option<Unhandled>,
+    taken: Taken,
     /// Counts the job in its group's health until it is finished (the test kit's idleness).
     outstanding: super::health::Outstanding,
 }
 
+/// A job's message: its delivery, or (acked before handling) what was kept of it.
+///
+/// The context is made when the job runs, by the runner that runs it: a job made with it was
+/// ~350 bytes, moved several times a message (into the list of jobs, into the handling future).
+enum Taken {
+    Delivered(Delivery),
+    /// Boxed: at-most-once is the rarer mode, and a job moves as often as it runs.
+    Acked(Box<Acked>),
+}
+
+/// A message acked before handling (at-most-once): its delivery is settled, so its context,
+/// shard and malformation are kept, and what reports its loss if it is dropped before it runs
+/// (the shutdown deadline passed), so the loss is logged, never silent.
+struct Acked {
+    ctx: Context,
+    shard: Option<u32>,
+    malformed: Option<String>,
+    unhandled: Unhandled,
+}
+
+impl Job {
+    fn delivered(d: Delivery, spec: &GroupSpec) -> Job {
+        Job {
+            taken: Taken::Delivered(d),
+            outstanding: spec.health.job(),
+        }
+    }
+
+    /// A job of a message acked before handling, with the context its delivery gave.
+    fn acked(
+        ctx: Context,
+        shard: Option<u32>,
+        malformed: Option<String>,
+        outstanding: super::health::Outstanding,
+        group: &Arc<str>,
+    ) -> Job {
+        let unhandled = Unhandled {
+            group: group.clone(),
+            message_id: ctx.message.id.clone(),
+        };
+        Job {
+            taken: Taken::Acked(Box::new(Acked {
+                ctx,
+                shard,
+                malformed,
+                unhandled,
+            })),
+            outstanding,
+        }
+    }
+
+    pub(super) fn message(&self) -> &crate::Message {
+        match &self.taken {
+            Taken::Delivered(d) => d.message(),
+            Taken::Acked(a) => &a.ctx.message,
+        }
+    }
+
+    /// The broker-side shard, which orders messages without a key.
+    pub(super) fn shard(&self) -> Option<u32> {
+        match &self.taken {
+            Taken::Delivered(d) => d.shard(),
+            Taken::Acked(a) => a.shard,
+        }
+    }
+
+    /// Why the entry could not be read as a message.
+    pub(super) fn malformed(&self) -> Option<&str> {
+        match &self.taken {
+            Taken::Delivered(d) => d.malformed(),
+            Taken::Acked(a) => a.malformed.as_deref(),
+        }
+    }
+
+    /// Whether its delivery is stale (its partition went to another member since).
+    pub(super) fn is_stale(&self) -> bool {
+        matches!(&self.taken, Taken::Delivered(d) if d.is_stale())
+    }
+
+    /// Whether it was acked before handling (at-most-once).
+    pub(super) fn is_acked(&self) -> bool {
+        matches!(self.taken, Taken::Acked(_))
+    }
+
+    /// Its delivery, to hand back unhandled; `None` when it was acked before handling.
+    pub(super) fn into_delivery(self) -> Option<Delivery> {
+        match self.taken {
+            Taken::Delivered(d) => Some(d),
+            Taken::Acked(_) => None,
+        }
+    }
+
+    /// What runs it: its context (made on `services`' names for a delivery), why it is
+    /// malformed, its delivery, and its count in the group's health. A message acked before
+    /// handling no longer reports its loss: it runs.
+    pub(super) fn start(
+        self,
+        services: &mut Services,
+    ) -> (
+        Context,
+        Option<String>,
+        Option<Delivery>,
+        super::health::Outstanding,
+    ) {
+        match self.taken {
+            Taken::Delivered(d) => {
+                let malformed = d.malformed().map(str::to_owned);
+                (services.context(&d), malformed, Some(d), self.outstanding)
+            }
+            Taken::Acked(a) => {
+                let Acked {
+                    ctx,
+                    malformed,
+                    unhandled,
+                    ..
+                } = *a;
+                unhandled.disarm();
+                (ctx, malformed, None, self.outstanding)
+            }
+        }
+    }
+}
+
 /// Logs an at-most-once message that was acked and will never be handled.
-pub(super) struct Unhandled {
+struct Unhandled {
     group: Arc<str>,
     message_id: String,
 }
@@ -114,7 +229,7 @@ impl Drop for Unhandled {
 
 impl Unhandled {
     /// The job runs: nothing to report.
-    pub(super) fn disarm(self) {
+    fn disarm(self) {
         std::mem::forget(self);
     }
 }
