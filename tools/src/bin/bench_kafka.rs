@@ -14,10 +14,12 @@
 //! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
 //! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`).
 //!
-//! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours` with `BENCH_TOPIC=T` runs one
+//! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours|e2e-raw|e2e-ours` with `BENCH_TOPIC=T` runs one
 //! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
 //! set-up cancels out): `publish-*` puts `BENCH_N` events on `T`; each `consume-*` reads
-//! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours).
+//! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours);
+//! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
+//! and prints when the publishing ended and the last event was handled.
 //!
 //! Each round also prints the CPU time this process spent publishing on each side.
 //!
@@ -633,9 +635,30 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         "consume-raw" => b.raw_consume(&topic, n).await?,
         "consume-ours" => b.ours_consume(&backend, &topic, n).await?,
+        // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
+        // timed to the last event handled.
+        "e2e-raw" | "e2e-ours" => {
+            let topic = cqrs::conformance::unique(&topic);
+            backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            let (c, p) = if only == "e2e-raw" {
+                let producer = b.producer()?;
+                tokio::join!(b.raw_consume(&topic, n), b.raw_publish(&producer, &topic))
+            } else {
+                let t = topic.clone();
+                let bus = EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()));
+                tokio::join!(b.ours_consume(&backend, &topic, n), b.ours_publish(&bus))
+            };
+            let (c, p) = (c?, p?);
+            eprintln!(
+                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}",
+                support::cpu_time("self")
+            );
+            delete_topics(brokers, &[&topic]).await?;
+            c
+        }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, consume-raw or consume-ours"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, consume-raw, consume-ours, e2e-raw or e2e-ours"
             )
             .into())
         }
