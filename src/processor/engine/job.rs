@@ -75,7 +75,6 @@ pub(super) async fn handle_job(
     ctx.handler = handler.clone();
     let _in_flight = spec.health.enter();
     let topic = ctx.topic.clone();
-    let labels = consuming(spec, handler, &topic);
     let meters = spec.meters.of_cached(handler, &topic, last);
     meters.consumed(1);
     let _metered = meters.in_flight(1);
@@ -92,7 +91,7 @@ pub(super) async fn handle_job(
             attempt = ctx.attempt,
             otel.name = %format_args!("process {}", ctx.topic),
             otel.kind = "consumer",
-            messaging.system = labels.backend,
+            messaging.system = spec.publisher.system(),
             messaging.destination.name = %ctx.topic,
             messaging.consumer.group.name = %spec.group,
             messaging.message.id = %ctx.message.id,
@@ -117,7 +116,7 @@ pub(super) async fn handle_job(
         // again, a message). A retry or a dead letter makes it again from the delivery; only a
         // message acked before handling (no delivery) keeps a copy.
         let attempt = ctx.attempt;
-        let kept = delivery.is_none().then(|| ctx.clone());
+        let kept = delivery.is_none().then(|| Box::new(ctx.clone()));
         let run = async {
             match &mut *pipeline {
                 Pipeline::Direct(call) => call(ctx).await,
@@ -140,7 +139,7 @@ pub(super) async fn handle_job(
             return delivery.map(Settle::Ack);
         };
         span.record("error.type", error_type(&error));
-        let remade = kept.or_else(|| {
+        let remade = kept.map(|kept| *kept).or_else(|| {
             delivery.as_ref().map(|d| {
                 let mut made = super::context(spec, d);
                 made.handler = handler.clone();
