@@ -144,6 +144,79 @@ async fn duplicate_registrations_are_errors() {
     );
 }
 
+/// Ten events, each on a topic of its own, in one group: every handler's context names its own
+/// topic, group and handler. A runner keeps copies of the first topics' names for its contexts
+/// and gives the others the delivery's own; both kinds are here.
+#[tokio::test]
+async fn contexts_name_the_topic_group_and_handler_of_each_message_across_many_topics() {
+    macro_rules! events {
+        ($($ty:ident $name:literal $topic:literal),* $(,)?) => {
+            $(
+                #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+                struct $ty {
+                    id: u32,
+                }
+                impl Event for $ty {
+                    const NAME: &'static str = $name;
+                    const TOPIC: Option<&'static str> = Some($topic);
+                }
+            )*
+        };
+    }
+    events!(
+        E0 "E0" "t0", E1 "E1" "t1", E2 "E2" "t2", E3 "E3" "t3", E4 "E4" "t4",
+        E5 "E5" "t5", E6 "E6" "t6", E7 "E7" "t7", E8 "E8" "t8", E9 "E9" "t9",
+    );
+    let broker = MemoryBroker::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let mut g = EventGroupProcessor::new(broker.clone(), "svc-many", "all");
+    macro_rules! handle {
+        ($($ty:ident $handler:literal),* $(,)?) => {
+            $(
+                let t = tx.clone();
+                g.handle($handler, move |e: $ty, ctx: Context| {
+                    let seen = format!("{} {} {} {} {}", $handler, e.id, ctx.topic(), ctx.group(), ctx.handler());
+                    let r = t.send(seen).map_err(|e| e.to_string());
+                    async move { r }
+                })
+                .unwrap();
+            )*
+        };
+    }
+    handle!(
+        E0 "h0", E1 "h1", E2 "h2", E3 "h3", E4 "h4",
+        E5 "h5", E6 "h6", E7 "h7", E8 "h8", E9 "h9",
+    );
+    let running = g.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(broker.clone());
+    for round in 0..2 {
+        bus.publish(&E0 { id: round }).await.unwrap();
+        bus.publish(&E1 { id: round }).await.unwrap();
+        bus.publish(&E2 { id: round }).await.unwrap();
+        bus.publish(&E3 { id: round }).await.unwrap();
+        bus.publish(&E4 { id: round }).await.unwrap();
+        bus.publish(&E5 { id: round }).await.unwrap();
+        bus.publish(&E6 { id: round }).await.unwrap();
+        bus.publish(&E7 { id: round }).await.unwrap();
+        bus.publish(&E8 { id: round }).await.unwrap();
+        bus.publish(&E9 { id: round }).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(recv(&mut rx).await);
+    }
+    seen.sort();
+    let expected: Vec<String> = {
+        let mut e: Vec<String> = (0..10)
+            .flat_map(|i| (0..2).map(move |round| format!("h{i} {round} t{i} svc-many.all h{i}")))
+            .collect();
+        e.sort();
+        e
+    };
+    assert_eq!(seen, expected);
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn group_processor_dispatches_by_name_and_dead_letters_unknown_events() {
     let broker = MemoryBroker::new();

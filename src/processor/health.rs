@@ -69,7 +69,8 @@ pub(crate) struct Health {
 
 /// When a group's health was made, on the monotonic clock and on the system's: a message's
 /// time is told from the monotonic reading its handler was timed with, not read again (the
-/// system clock, read once a message, was a tenth of the engine's own time on Kafka).
+/// system clock, read once a message, was a tenth of the engine's own time on Kafka). A system
+/// clock set afterwards does not move the times reported.
 #[derive(Debug)]
 struct Origin(Instant, SystemTime);
 

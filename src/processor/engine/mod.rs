@@ -260,6 +260,9 @@ pub(super) struct Services {
 }
 
 impl Services {
+    /// The most topics whose names a runner keeps copies of.
+    const TOPICS_KEPT: usize = 8;
+
     pub(super) fn of(spec: &GroupSpec) -> Self {
         Services {
             routes: spec
@@ -300,11 +303,14 @@ impl Services {
             .find(|(t, _)| Arc::ptr_eq(t, theirs) || **t == **theirs)
         {
             Some((_, ours)) => ours.clone(),
-            None => {
+            None if self.topics.len() < Self::TOPICS_KEPT => {
                 let ours: Arc<str> = Arc::from(&**theirs);
                 self.topics.push((theirs.clone(), ours.clone()));
                 ours
             }
+            // A group reading many topics (a pattern): looked up in a list, they would cost
+            // more than they save.
+            None => theirs.clone(),
         };
         Context {
             message: d.message_arc().clone(),
