@@ -1972,3 +1972,64 @@ async fn oversized_records_are_clear_errors_and_the_records_before_them_are_writ
     publish(vec![blob(100)]).await.unwrap();
     assert_eq!(records_on(&brokers(), &topic, 1), 2);
 }
+
+/// Records near the broker's size limit come back whole, among small ones: the poll thread cuts
+/// a batch at 1 MiB of copied records, so a batch here holds one or two large records and the
+/// small ones between them, and its buffer, grown by them, is given back and reused for the
+/// next. Every payload, key and id is compared with what was published, in the partition's
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_larger_than_a_batch_buffer_come_back_whole_among_small_ones() {
+    let backend = backend().await;
+    let topic = unique("large");
+    backend.ensure_topics(&[&topic]).await.unwrap();
+    // One key: one partition, so the order to check is the publishing order.
+    let published: Vec<cqrs::Message> = (0..60u32)
+        .map(|i| {
+            let len = if i % 5 == 0 {
+                900_000
+            } else {
+                1 + (i as usize * 37) % 3000
+            };
+            let payload = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
+            cqrs::Message::new("Blob", payload).with_key(Some("one".to_owned()))
+        })
+        .collect();
+    for chunk in published.chunks(4) {
+        backend.publish(&topic, chunk).await.unwrap();
+    }
+    let mut member = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]).claim_idle(None))
+        .await
+        .unwrap();
+    let mut got: Vec<Delivery> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < published.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "got {} of {}",
+            got.len(),
+            published.len()
+        );
+        if let Ok(batch) = tokio::time::timeout(Duration::from_secs(1), member.receive(50)).await {
+            got.extend(batch.unwrap());
+        }
+    }
+    assert_eq!(got.len(), published.len());
+    for (d, m) in got.iter().zip(&published) {
+        let back = d.message();
+        assert_eq!(back.id, m.id);
+        assert_eq!(back.key, m.key);
+        assert_eq!(back.name, "Blob");
+        assert!(d.malformed().is_none(), "{:?}", d.malformed());
+        assert!(
+            back.payload == m.payload,
+            "message {} came back with {} bytes (published {}), or other bytes",
+            m.id,
+            back.payload.len(),
+            m.payload.len()
+        );
+    }
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    member.close().await.unwrap();
+}
