@@ -141,8 +141,8 @@ pub(super) async fn handle_job(
         span.record("error.type", error_type(&error));
         let remade = kept.map(|kept| *kept).or_else(|| {
             delivery.as_ref().map(|d| {
-                let mut made = super::context(spec, d);
-                made.handler = handler.clone();
+                let topic = d.topic_arc().clone();
+                let mut made = super::context(d, topic, spec.group.clone(), handler.clone());
                 made.attempt = attempt;
                 made
             })

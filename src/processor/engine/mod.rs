@@ -295,7 +295,6 @@ impl Services {
     /// The context of a delivery, before a handler takes it, on this runner's copies of the
     /// names.
     pub(super) fn context(&mut self, d: &Delivery) -> Context {
-        let (broker_id, position) = d.broker_id_cell();
         let theirs = d.topic_arc();
         let topic = match self
             .topics
@@ -312,25 +311,23 @@ impl Services {
             // more than they save.
             None => theirs.clone(),
         };
-        Context {
-            message: d.message_arc().clone(),
-            topic,
-            group: self.group.clone(),
-            handler: self.no_handler.clone(),
-            attempt: d.attempt(),
-            broker_id,
-            position,
-        }
+        context(d, topic, self.group.clone(), self.no_handler.clone())
     }
 }
 
-pub(super) fn context(spec: &GroupSpec, d: &Delivery) -> Context {
+/// The context of a delivery on the names given (`topic`, the group's and the handler's).
+pub(super) fn context(
+    d: &Delivery,
+    topic: Arc<str>,
+    group: Arc<str>,
+    handler: Arc<str>,
+) -> Context {
     let (broker_id, position) = d.broker_id_cell();
     Context {
         message: d.message_arc().clone(),
-        topic: d.topic_arc().clone(),
-        group: spec.group.clone(),
-        handler: spec.no_handler.clone(),
+        topic,
+        group,
+        handler,
         attempt: d.attempt(),
         broker_id,
         position,
