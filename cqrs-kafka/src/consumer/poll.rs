@@ -100,10 +100,8 @@ impl Buffers {
 /// `at`: the payload, then the key, then each header (`u32` name length, name, `u32` value
 /// length or `u32::MAX` for none, value). [`Copied::decode`] makes the message.
 ///
-/// The poll thread copies; a runtime worker decodes. The message's fields decoded on the poll
-/// thread were four allocations there (payload, id, name, key), each freed on a worker: a
-/// thread that only allocates finds its glibc cache always empty and takes the allocator's slow
-/// path, under the lock of the arena the workers free into (docs/benchmarks.md).
+/// The poll thread copies; a runtime worker decodes, allocating the message's parts where they
+/// are freed (why the poll thread allocates nothing: [`Batch`]).
 pub(crate) struct Copied {
     at: usize,
     /// The payload's length; `None` for a record without a payload.
@@ -263,7 +261,7 @@ pub(crate) fn record_time_ms(m: &impl rdkafka::message::Message) -> Option<u64> 
         .and_then(|t| u64::try_from(t).ok())
 }
 
-/// Polls until `stop`: records go to `tx` decoded, in batches, tagged with the rebalance epoch;
+/// Polls until `stop`: records go to `tx` copied, in batches, tagged with the rebalance epoch;
 /// `only` is the topic when the subscription is to one (not a pattern).
 /// When the handlers fall behind and `tx` is full, the assigned partitions are paused and
 /// polling goes on, serving the group (rebalances, `max.poll.interval.ms`) without fetching more.
