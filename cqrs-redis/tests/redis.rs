@@ -65,6 +65,14 @@ async fn receive_n(consumer: &mut dyn cqrs::backend::Consumer, n: usize) -> Vec<
     cqrs::conformance::receive_n(consumer, n).await
 }
 
+/// A member of group `g` on `stream`, reading from its start, with no claiming of idle entries.
+async fn member_of_g(backend: &RedisBackend, stream: &str) -> Box<dyn cqrs::backend::Consumer> {
+    backend
+        .subscribe(&Subscription::new("g", [stream]).claim_idle(None))
+        .await
+        .unwrap()
+}
+
 fn payloads(ds: &[Delivery]) -> Vec<String> {
     ds.iter()
         .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
@@ -524,10 +532,7 @@ async fn an_entry_waiting_for_its_retry_is_not_redelivered_early_after_a_connect
         .publish(&stream, &[Message::new("X", b"x".to_vec())])
         .await
         .unwrap();
-    let mut consumer = backend
-        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut consumer = member_of_g(&backend, &stream).await;
     let first = receive_n(&mut *consumer, 1).await.remove(0);
     let nacked_at = tokio::time::Instant::now();
     let backoff = Duration::from_secs(3);
@@ -1224,10 +1229,7 @@ async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
     std::env::set_var("SSL_CERT_FILE", server.ca());
     let backend = RedisBackend::connect(&url).await.unwrap();
     let stream = unique("tls");
-    let mut member = backend
-        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut member = member_of_g(&backend, &stream).await;
     backend
         .publish(&stream, &[Message::new("X", b"over tls".to_vec())])
         .await
@@ -1262,10 +1264,7 @@ async fn acl_users_work_a_wrong_password_fails_at_once_and_a_stream_without_acce
     // Authorized: end to end on its own streams.
     let app = RedisBackend::connect(&url("app", "Pw-7x!q")).await.unwrap();
     let stream = unique("app-orders");
-    let mut member = app
-        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut member = member_of_g(&app, &stream).await;
     app.publish(&stream, &[Message::new("X", b"mine".to_vec())])
         .await
         .unwrap();
@@ -1461,10 +1460,7 @@ async fn large_reads_with_every_field_come_back_as_published() {
     for chunk in sent.chunks(100) {
         backend.publish(&stream, chunk).await.unwrap();
     }
-    let mut consumer = backend
-        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut consumer = member_of_g(&backend, &stream).await;
     let mut got = Vec::new();
     while got.len() < sent.len() {
         let read = tokio::time::timeout(Duration::from_secs(10), consumer.receive(1000))
@@ -1531,10 +1527,7 @@ async fn a_unix_socket_with_a_password_and_a_database() {
         .publish(&stream, &[Message::new("X", b"over a socket".to_vec())])
         .await
         .unwrap();
-    let mut consumer = backend
-        .subscribe(&Subscription::new("g", [&stream]).claim_idle(None))
-        .await
-        .unwrap();
+    let mut consumer = member_of_g(&backend, &stream).await;
     let got = receive_n(&mut *consumer, 1).await;
     assert_eq!(got[0].message().payload, b"over a socket");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
