@@ -17,7 +17,8 @@
 //! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours|e2e-raw|e2e-ours` with `BENCH_TOPIC=T` runs one
 //! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
 //! set-up cancels out): `publish-*` puts `BENCH_N` events on `T`; each `consume-*` reads
-//! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours);
+//! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours),
+//! with `BENCH_MEMBERS` members (1 unless set);
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
 //! and prints when the publishing ended and the last event was handled.
 //!
@@ -614,6 +615,14 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
     Ok(())
 }
 
+/// The members of each group consuming alone: `BENCH_MEMBERS`, else 1.
+fn members() -> usize {
+    std::env::var("BENCH_MEMBERS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(1)
+}
+
 /// One phase alone, on the topic `BENCH_TOPIC` (see the module's docs).
 async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> {
     let topic = std::env::var("BENCH_TOPIC").map_err(|_| "BENCH_ONLY needs BENCH_TOPIC")?;
@@ -633,8 +642,11 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             b.raw_publish(&b.producer()?, &topic).await?
         }
-        "consume-raw" => b.raw_consume(&topic, n).await?,
-        "consume-ours" => b.ours_consume(&backend, &topic, n).await?,
+        "consume-raw" => b.raw_consume_members(&topic, n, members()).await?,
+        "consume-ours" => {
+            b.ours_consume_members(&backend, &topic, n, members())
+                .await?
+        }
         // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
         // timed to the last event handled.
         "e2e-raw" | "e2e-ours" => {
