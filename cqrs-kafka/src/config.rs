@@ -157,7 +157,9 @@ impl KafkaConfig {
     /// in about two of them. Kafka 4.1's group coordinator holds every commit for
     /// `group.coordinator.append.linger.ms` (5 ms) before it answers, so each takes 6-7 ms on a
     /// local broker: a limit of 4,000 (the default before) held one member to ~300,000
-    /// messages a second; 10,000 leaves room for ~750,000 (docs/benchmarks.md).
+    /// messages a second. At 10,000 a member handling a backlog at ~700,000 a second still
+    /// reaches the limit between answers and waits, a tenth of its time (docs/benchmarks.md);
+    /// a member that does not need the bound that tight may raise it.
     pub fn max_unrecorded(mut self, messages: usize) -> Self {
         self.max_unrecorded = messages;
         self
