@@ -615,14 +615,6 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
     Ok(())
 }
 
-/// The members of each group consuming alone: `BENCH_MEMBERS`, else 1.
-fn members() -> usize {
-    std::env::var("BENCH_MEMBERS")
-        .ok()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(1)
-}
-
 /// One phase alone, on the topic `BENCH_TOPIC` (see the module's docs).
 async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> {
     let topic = std::env::var("BENCH_TOPIC").map_err(|_| "BENCH_ONLY needs BENCH_TOPIC")?;
@@ -631,6 +623,8 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         n,
     };
     let backend = KafkaBackend::connect(config(brokers)).await?;
+    // The members of the group consuming alone.
+    let members: usize = support::env_or("BENCH_MEMBERS", 1);
     let took = match only {
         "publish-ours" => {
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
@@ -642,9 +636,9 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             b.raw_publish(&b.producer()?, &topic).await?
         }
-        "consume-raw" => b.raw_consume_members(&topic, n, members()).await?,
+        "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
         "consume-ours" => {
-            b.ours_consume_members(&backend, &topic, n, members())
+            b.ours_consume_members(&backend, &topic, n, members)
                 .await?
         }
         // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
