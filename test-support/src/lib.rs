@@ -148,31 +148,33 @@ pub struct RedisServer {
 #[cfg(feature = "redis")]
 impl RedisServer {
     pub async fn start() -> Self {
-        let port = free_port();
-        let mut server = RedisServer {
-            port,
+        Self::plain().started().await
+    }
+
+    /// A server on a free port with nothing beside it, not started yet: the constructors set
+    /// what they add, then start it ([`RedisServer::started`]).
+    fn plain() -> Self {
+        RedisServer {
+            port: free_port(),
             child: None,
             aof: None,
             tls: None,
             users: Vec::new(),
             unix: None,
-        };
-        server.spawn().await;
-        server
+        }
+    }
+
+    /// Starts the server and waits until it answers.
+    async fn started(mut self) -> Self {
+        self.spawn().await;
+        self
     }
 
     /// A server with the ACL users `users` (see [`RedisServer::start_tls`]), without TLS.
     pub async fn start_with_users(users: &[&str]) -> Self {
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-            aof: None,
-            tls: None,
-            users: users.iter().map(|u| (*u).to_owned()).collect(),
-            unix: None,
-        };
-        server.spawn().await;
-        server
+        let mut server = Self::plain();
+        server.users = users.iter().map(|u| (*u).to_owned()).collect();
+        server.started().await
     }
 
     /// A server with a TLS port beside its plain one (certificates made by `scripts/certs`, for
@@ -189,32 +191,19 @@ impl RedisServer {
             .status()
             .expect("bash");
         assert!(made.success(), "scripts/certs failed");
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-            aof: None,
-            tls: Some((free_port(), dir)),
-            users: users.iter().map(|u| (*u).to_owned()).collect(),
-            unix: None,
-        };
-        server.spawn().await;
-        server
+        let mut server = Self::plain();
+        server.tls = Some((free_port(), dir));
+        server.users = users.iter().map(|u| (*u).to_owned()).collect();
+        server.started().await
     }
 
     /// A server that listens on a Unix socket ([`RedisServer::unix_socket`]) beside its port.
     pub async fn start_unix() -> Self {
         let dir = std::env::temp_dir().join(unique("cqrs-redis-unix"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-            aof: None,
-            tls: None,
-            users: Vec::new(),
-            unix: Some(dir),
-        };
-        server.spawn().await;
-        server
+        let mut server = Self::plain();
+        server.unix = Some(dir);
+        server.started().await
     }
 
     /// The Unix socket of [`RedisServer::start_unix`].
@@ -242,19 +231,11 @@ impl RedisServer {
     /// A server that keeps every write in an append-only file (`appendfsync always`), so that
     /// a restart, even after SIGKILL, loses nothing it acknowledged.
     pub async fn start_durable() -> Self {
-        let port = free_port();
         let dir = std::env::temp_dir().join(unique("cqrs-redis-aof"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = RedisServer {
-            port,
-            child: None,
-            aof: Some(dir),
-            tls: None,
-            users: Vec::new(),
-            unix: None,
-        };
-        server.spawn().await;
-        server
+        let mut server = Self::plain();
+        server.aof = Some(dir);
+        server.started().await
     }
 
     async fn spawn(&mut self) {
