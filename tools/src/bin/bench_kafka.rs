@@ -405,10 +405,7 @@ async fn main() -> Result<(), BoxError> {
         backend
             .ensure_topics(&[raw_t.clone(), ours_t.clone()])
             .await?;
-        let bus = {
-            let t = ours_t.clone();
-            EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()))
-        };
+        let bus = bus_on(&backend, &ours_t);
         let ours_first = round % 2 == 0;
         let mut figures = Vec::new();
         // Publish, with the CPU time this process spent on each side.
@@ -467,10 +464,7 @@ async fn main() -> Result<(), BoxError> {
         backend
             .ensure_topics(&[raw_e.clone(), ours_e.clone()])
             .await?;
-        let bus_e = {
-            let t = ours_e.clone();
-            EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()))
-        };
+        let bus_e = bus_on(&backend, &ours_e);
         let raw_e2e = async {
             let start = Instant::now();
             let (c, p) = tokio::join!(b.raw_consume(&raw_e, n), b.raw_publish(&producer, &raw_e));
@@ -615,6 +609,12 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
     Ok(())
 }
 
+/// A bus of `backend` that puts every event on `topic`.
+fn bus_on(backend: &KafkaBackend, topic: &str) -> EventBus {
+    let topic = topic.to_owned();
+    EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| topic.clone()))
+}
+
 /// One phase alone, on the topic `BENCH_TOPIC` (see the module's docs).
 async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> {
     let topic = std::env::var("BENCH_TOPIC").map_err(|_| "BENCH_ONLY needs BENCH_TOPIC")?;
@@ -628,9 +628,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
     let took = match only {
         "publish-ours" => {
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
-            let t = topic.clone();
-            let bus = EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()));
-            b.ours_publish(&bus).await?
+            b.ours_publish(&bus_on(&backend, &topic)).await?
         }
         "publish-raw" => {
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
@@ -650,8 +648,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                 let producer = b.producer()?;
                 tokio::join!(b.raw_consume(&topic, n), b.raw_publish(&producer, &topic))
             } else {
-                let t = topic.clone();
-                let bus = EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| t.clone()));
+                let bus = bus_on(&backend, &topic);
                 tokio::join!(b.ours_consume(&backend, &topic, n), b.ours_publish(&bus))
             };
             let (c, p) = (c?, p?);
