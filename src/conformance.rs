@@ -540,7 +540,7 @@ pub async fn retries_then_dead_letter<B: Backend + Clone>(backend: B) {
     let got = receive_n(&mut *dead, 2).await;
     let failed = got
         .iter()
-        .find(|d| d.message().payload != b"{not json")
+        .find(|d| d.message().payload[..] != *b"{not json")
         .expect("the failing message is dead-lettered");
     let headers = &failed.message().metadata.headers;
     assert_eq!(headers[h::REASON], "the seat map is locked");
@@ -551,7 +551,7 @@ pub async fn retries_then_dead_letter<B: Backend + Clone>(backend: B) {
 
     let undecodable = got
         .iter()
-        .find(|d| d.message().payload == b"{not json")
+        .find(|d| d.message().payload[..] == *b"{not json")
         .expect("the undecodable message is dead-lettered");
     let headers = &undecodable.message().metadata.headers;
     assert_eq!(headers[h::ATTEMPTS], "1", "decode errors are not retried");

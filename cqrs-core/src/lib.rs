@@ -19,6 +19,8 @@ pub mod redelivery;
 pub mod wire;
 
 pub use backend::{Backend, Delivery, LogPosition, StartFrom, Subscription};
+/// The type of [`Message::payload`]: cheaply cloned, shared bytes (the `bytes` crate's).
+pub use bytes::Bytes;
 pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use error::{error_chain, BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};

@@ -4,6 +4,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 /// One message on the wire: an encoded event or command with its metadata.
 ///
 /// `docs/wire-format.md` says how each backend lays these fields out.
@@ -18,22 +20,24 @@ pub struct Message {
     pub version: u32,
     /// The partition / ordering key, if any.
     pub key: Option<String>,
-    /// The encoded payload.
-    pub payload: Vec<u8>,
+    /// The encoded payload. Shared, not copied: a backend may hand out the payloads of a batch
+    /// of records as parts of one buffer (Kafka does), and cloning a message does not copy it.
+    /// It reads as `&[u8]` (`&message.payload[..]`, or through `Deref`).
+    pub payload: Bytes,
     /// Correlation, causation, time, content type and user headers.
     pub metadata: Metadata,
 }
 
 impl Message {
     /// A new message with a fresh id and `created_at` set to now.
-    pub fn new(name: impl Into<String>, payload: Vec<u8>) -> Self {
+    pub fn new(name: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         let (id, created_at) = new_message_id_and_millis();
         Message {
             id,
             name: name.into(),
             version: 1,
             key: None,
-            payload,
+            payload: payload.into(),
             metadata: Metadata {
                 created_at,
                 ..Metadata::default()
@@ -49,7 +53,7 @@ impl Message {
         name: String,
         version: u32,
         key: Option<String>,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
         metadata: Metadata,
     ) -> Self {
         Message {
@@ -57,7 +61,7 @@ impl Message {
             name,
             version,
             key,
-            payload,
+            payload: payload.into(),
             metadata,
         }
     }

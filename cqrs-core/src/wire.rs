@@ -8,6 +8,8 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use crate::message::{Message, Metadata};
 
 /// Reserved field names, without prefix.
@@ -76,7 +78,7 @@ pub trait FieldValue: AsRef<[u8]> + Sized {
     /// The value as text (UTF-8), or the value back when it is not text.
     fn into_text(self) -> Result<String, Self>;
     /// The value as bytes.
-    fn into_bytes(self) -> Vec<u8>;
+    fn into_bytes(self) -> Bytes;
 }
 
 impl FieldValue for &[u8] {
@@ -85,8 +87,8 @@ impl FieldValue for &[u8] {
             .map(str::to_owned)
             .map_err(|_| self)
     }
-    fn into_bytes(self) -> Vec<u8> {
-        self.to_vec()
+    fn into_bytes(self) -> Bytes {
+        Bytes::copy_from_slice(self)
     }
 }
 
@@ -94,8 +96,8 @@ impl FieldValue for Vec<u8> {
     fn into_text(self) -> Result<String, Self> {
         String::from_utf8(self).map_err(std::string::FromUtf8Error::into_bytes)
     }
-    fn into_bytes(self) -> Vec<u8> {
-        self
+    fn into_bytes(self) -> Bytes {
+        Bytes::from(self)
     }
 }
 
@@ -262,7 +264,7 @@ impl Layout {
         fields: impl IntoIterator<Item = (&'a str, V)>,
         entry: Entry<'_>,
         key: Option<&[u8]>,
-        payload: Option<Vec<u8>>,
+        payload: Option<Bytes>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
         fn text<V: FieldValue>(name: &str, v: V, problems: &mut Vec<String>) -> String {
@@ -540,7 +542,7 @@ mod tests {
             (m.id.as_str(), m.name.as_str(), m.version),
             ("1700-0", "Booked", 1)
         );
-        assert_eq!(m.payload, b"{}");
+        assert_eq!(&m.payload[..], b"{}");
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl KafkaBackend {
         in_flight: &Arc<InFlight>,
     ) -> cqrs_core::Result<()> {
         let mut record = BaseRecord::with_opaque_to(topic, in_flight.queued())
-            .payload(&m.payload)
+            .payload(&m.payload[..])
             .headers(headers(m))
             .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
         if let Some(key) = &m.key {

@@ -193,7 +193,7 @@ impl OutboxStore {
         .bind(&message.id)
         .bind(&message.name)
         .bind(message.version as i32)
-        .bind(&message.payload)
+        .bind(&message.payload[..])
         .bind(m.correlation_id.as_deref())
         .bind(m.causation_id.as_deref())
         .bind(m.created_at as i64)
@@ -589,7 +589,8 @@ fn stored(row: &PgRow, topic: Option<&Arc<str>>) -> Result<Stored> {
             row.try_get_unchecked(4).map_err(column(4, "name"))?,
             u32::try_from(version).map_err(|_| bad(format!("version {version}")))?,
             row.try_get_unchecked(2).map_err(column(2, "msg_key"))?,
-            row.try_get_unchecked(6).map_err(column(6, "payload"))?,
+            row.try_get_unchecked::<Vec<u8>, _>(6)
+                .map_err(column(6, "payload"))?,
             metadata,
         ),
     })

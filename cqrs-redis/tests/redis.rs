@@ -786,7 +786,7 @@ async fn redis_cli_publishes_in_the_documented_format_and_malformed_entries_are_
         d[0].message().metadata.headers[dlq::REASON],
         "malformed message: field `name` is missing"
     );
-    assert_eq!(d[0].message().payload, br#"{"sensor":"s9","n":8}"#);
+    assert_eq!(&d[0].message().payload[..], br#"{"sensor":"s9","n":8}"#);
 }
 
 #[tokio::test]
@@ -1235,7 +1235,7 @@ async fn rediss_connects_through_tls_with_the_servers_ca_and_not_without() {
         .await
         .unwrap();
     let got = receive_n(&mut *member, 1).await;
-    assert_eq!(got[0].message().payload, b"over tls");
+    assert_eq!(&got[0].message().payload[..], b"over tls");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
 }
 
@@ -1529,7 +1529,7 @@ async fn a_unix_socket_with_a_password_and_a_database() {
         .unwrap();
     let mut consumer = member_of_g(&backend, &stream).await;
     let got = receive_n(&mut *consumer, 1).await;
-    assert_eq!(got[0].message().payload, b"over a socket");
+    assert_eq!(&got[0].message().payload[..], b"over a socket");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     // In database 3, not 0.
     let len: usize = redis::cmd("XLEN")

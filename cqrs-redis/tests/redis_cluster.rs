@@ -125,7 +125,7 @@ async fn a_group_reading_several_slots_gets_new_entries_of_each_while_it_waits()
             .await
             .unwrap();
         let got = receive_n(&mut *consumer, 1).await;
-        assert_eq!(got[0].message().payload, body.as_bytes());
+        assert_eq!(&got[0].message().payload[..], body.as_bytes());
         assert_eq!(got[0].topic(), stream.as_str());
         Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     }
@@ -332,7 +332,7 @@ async fn a_yaml_topology_with_a_cluster_pool_beside_a_single_server() {
         .await
         .unwrap();
     let got = receive_n(&mut *consumer, 1).await;
-    assert_eq!(got[0].message().payload, b"b");
+    assert_eq!(&got[0].message().payload[..], b"b");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     backend.delete_stream(&local).await.unwrap();
 }

@@ -27,7 +27,7 @@ fuzz_target!(|r: Record| {
             time_ms: r.time_ms,
         },
         r.key.as_deref(),
-        r.payload,
+        r.payload.map(Into::into),
     );
     let _ = message;
     if let Some(reason) = malformed {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
 use cqrs_core::redelivery::Redeliveries;
-use cqrs_core::LogPosition;
+use cqrs_core::{Bytes, LogPosition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -264,9 +264,8 @@ impl KafkaConsumer {
                 }
                 Some((Err(e), _)) => return Ok(Some(Err(e))),
                 None => {
-                    if let Some(done) = self.taken.pop_front() {
-                        self.buffers.give(done.bytes);
-                    }
+                    // Its buffer goes back when the last of its messages is dropped.
+                    self.taken.pop_front();
                 }
             }
         }
@@ -275,7 +274,7 @@ impl KafkaConsumer {
     /// Takes a batch from the poll thread, after what is left of those before.
     fn take(&mut self, batch: Batch) {
         self.taken.push_back(Taken {
-            bytes: batch.bytes,
+            bytes: Buffers::shared(&self.buffers, batch.bytes),
             polled: batch.polled.into_iter(),
         });
     }
@@ -288,7 +287,7 @@ impl KafkaConsumer {
         acker: &mut Arc<KafkaAcker>,
         record: Record,
         epoch: u64,
-        bytes: &[u8],
+        bytes: &Bytes,
     ) -> Option<Delivery> {
         let Record {
             topic,
@@ -359,7 +358,7 @@ impl KafkaConsumer {
 /// A batch taken from the poll thread: its records as far as not handed out yet, and the buffer
 /// their messages are in.
 struct Taken {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     polled: std::vec::IntoIter<Polled>,
 }
 
@@ -615,7 +614,12 @@ mod tests {
                     &mut bytes,
                 ),
             };
-            let made = KafkaConsumer::delivery(&mut consumer.acker, record, polled_in, &bytes);
+            let made = KafkaConsumer::delivery(
+                &mut consumer.acker,
+                record,
+                polled_in,
+                &Bytes::from(std::mem::take(&mut bytes)),
+            );
             handed_out += u64::from(made.is_some());
         }
         stop.store(true, Ordering::SeqCst);
