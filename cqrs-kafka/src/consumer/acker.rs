@@ -52,7 +52,7 @@ impl KafkaAcker {
                 topic: delivery.topic_arc().clone(),
                 partition,
                 offset,
-                message: delivery.message_arc().clone(),
+                message: super::poll::detached(delivery.message_arc()),
                 attempt: delivery.attempt(),
             },
         );

@@ -82,8 +82,9 @@ impl Buffers {
 
     /// `bytes` shared: given back to `buffers` when the last part of it is dropped.
     ///
-    /// A message kept (waiting for a retry, or behind one of its key) keeps its batch's buffer:
-    /// the commit gate bounds how far a member runs ahead of its oldest unsettled message
+    /// A message waiting for a retry is given a payload of its own ([`detached`]). One held
+    /// otherwise (behind another of its key, or by the handler) keeps its batch's buffer; the
+    /// commit gate bounds how far a member runs ahead of its oldest unsettled message
     /// (`KafkaConfig::max_unrecorded`), and so how many buffers are kept.
     pub(super) fn shared(buffers: &Arc<Buffers>, bytes: Vec<u8>) -> Bytes {
         /// Gives its buffer back when dropped.
@@ -118,6 +119,15 @@ impl Buffers {
             kept.push(bytes);
         }
     }
+}
+
+/// `message` with a payload of its own, not a part of its batch's buffer: a message kept for a
+/// retry (seconds, minutes) would keep the whole buffer (see [`Buffers::shared`]), one for each
+/// message waiting.
+pub(super) fn detached(message: &Arc<Message>) -> Arc<Message> {
+    let mut own = Message::clone(message);
+    own.payload = Bytes::copy_from_slice(&message.payload);
+    Arc::new(own)
 }
 
 /// What the message of a record is made of, copied out of librdkafka into its batch's buffer at
@@ -577,6 +587,30 @@ mod tests {
         drop(messages);
         let back = buffers.take();
         assert_eq!((back.as_ptr(), back.capacity(), back.len()), (at, 4096, 0));
+    }
+
+    /// A message kept for a retry does not keep its batch's buffer.
+    #[test]
+    fn a_detached_message_lets_its_batch_buffer_go_back() {
+        let buffers = Arc::new(Buffers::default());
+        let mut buf = Vec::with_capacity(4096);
+        let copied = Copied::of(
+            &record(Some(b"{}"), Some(b"k"), header("id-1", "a.B")),
+            &mut buf,
+        );
+        let at = buf.as_ptr();
+        let message = Arc::new(copied.decode(&Buffers::shared(&buffers, buf), "t", 0, 1).0);
+        let kept = detached(&message);
+        assert_eq!(*kept, *message);
+        assert_ne!(kept.payload.as_ptr(), message.payload.as_ptr());
+        drop(message);
+        let back = buffers.take();
+        assert_eq!(
+            back.as_ptr(),
+            at,
+            "given back while the detached one is kept"
+        );
+        assert_eq!(&kept.payload[..], b"{}");
     }
 
     #[test]
