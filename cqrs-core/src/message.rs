@@ -22,7 +22,9 @@ pub struct Message {
     pub key: Option<String>,
     /// The encoded payload. Shared, not copied: a backend may hand out the payloads of a batch
     /// of records as parts of one buffer (Kafka does), and cloning a message does not copy it.
-    /// It reads as `&[u8]` (`&message.payload[..]`, or through `Deref`).
+    /// It reads as `&[u8]` (`&message.payload[..]`, or through `Deref`). A part of a buffer
+    /// keeps the whole buffer: a message kept long after it is handled may keep its payload
+    /// alone with `Bytes::copy_from_slice(&message.payload)`.
     pub payload: Bytes,
     /// Correlation, causation, time, content type and user headers.
     pub metadata: Metadata,

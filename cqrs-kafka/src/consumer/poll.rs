@@ -123,8 +123,12 @@ impl Buffers {
 
 /// `message` with a payload of its own, not a part of its batch's buffer: a message kept for a
 /// retry (seconds, minutes) would keep the whole buffer (see [`Buffers::shared`]), one for each
-/// message waiting.
+/// message waiting. Copied once: a payload of its own already (a message retried before) is
+/// shared, not copied again.
 pub(super) fn detached(message: &Arc<Message>) -> Arc<Message> {
+    if message.payload.is_empty() || message.payload.is_unique() {
+        return message.clone();
+    }
     let mut own = Message::clone(message);
     own.payload = Bytes::copy_from_slice(&message.payload);
     Arc::new(own)
@@ -611,6 +615,10 @@ mod tests {
             "given back while the detached one is kept"
         );
         assert_eq!(&kept.payload[..], b"{}");
+        assert!(
+            Arc::ptr_eq(&detached(&kept), &kept),
+            "detached once, then shared"
+        );
     }
 
     #[test]
