@@ -2016,19 +2016,7 @@ async fn records_larger_than_a_batch_buffer_come_back_whole_among_small_ones() {
         .subscribe(&Subscription::new(unique("g"), [&topic]).claim_idle(None))
         .await
         .unwrap();
-    let mut got: Vec<Delivery> = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while got.len() < published.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "got {} of {}",
-            got.len(),
-            published.len()
-        );
-        if let Ok(batch) = tokio::time::timeout(Duration::from_secs(1), member.receive(50)).await {
-            got.extend(batch.unwrap());
-        }
-    }
+    let got = cqrs::conformance::receive_n(&mut *member, published.len()).await;
     assert_eq!(got.len(), published.len());
     for (d, m) in got.iter().zip(&published) {
         let back = d.message();
