@@ -1218,6 +1218,15 @@ async fn a_member_that_stops_reading_stays_in_its_group() {
     assert_eq!(committed(&brokers(), &group, &topic, 1), 10);
 }
 
+/// Nacks `d` (due again 10 ms later) and takes it again from `consumer`.
+async fn redelivered(consumer: &mut dyn cqrs::backend::Consumer, d: Delivery) -> Delivery {
+    d.nack(Duration::from_millis(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    cqrs::conformance::receive_n(consumer, 1).await.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_message_waits_with_a_payload_of_its_own_copied_once() {
     let backend = backend().await;
@@ -1234,28 +1243,14 @@ async fn a_nacked_message_waits_with_a_payload_of_its_own_copied_once() {
         .await
         .remove(0);
     let message = first.message_arc().clone();
-    first
-        .nack(Duration::from_millis(10))
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    let again = cqrs::conformance::receive_n(&mut *consumer, 1)
-        .await
-        .remove(0);
+    let again = redelivered(&mut *consumer, first).await;
     assert_eq!(again.attempt(), 2);
     // What waits has a payload of its own, not a part of the buffer of the batch it came in
     // (which it would keep whole)...
     assert_eq!(**again.message_arc(), *message);
     assert_ne!(again.message().payload.as_ptr(), message.payload.as_ptr());
     let waiting = again.message_arc().clone();
-    again
-        .nack(Duration::from_millis(10))
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    let third = cqrs::conformance::receive_n(&mut *consumer, 1)
-        .await
-        .remove(0);
+    let third = redelivered(&mut *consumer, again).await;
     assert_eq!(third.attempt(), 3);
     // ...copied once: the retry queue then shares it with the delivery.
     assert!(Arc::ptr_eq(third.message_arc(), &waiting));
