@@ -189,17 +189,13 @@ async fn contexts_name_the_topic_group_and_handler_of_each_message_across_many_t
     );
     let running = g.start(CancellationToken::new()).await.unwrap();
     let bus = EventBus::new(broker.clone());
+    macro_rules! publish {
+        ($round:expr; $($ty:ident),*) => {
+            $(bus.publish(&$ty { id: $round }).await.unwrap();)*
+        };
+    }
     for round in 0..2 {
-        bus.publish(&E0 { id: round }).await.unwrap();
-        bus.publish(&E1 { id: round }).await.unwrap();
-        bus.publish(&E2 { id: round }).await.unwrap();
-        bus.publish(&E3 { id: round }).await.unwrap();
-        bus.publish(&E4 { id: round }).await.unwrap();
-        bus.publish(&E5 { id: round }).await.unwrap();
-        bus.publish(&E6 { id: round }).await.unwrap();
-        bus.publish(&E7 { id: round }).await.unwrap();
-        bus.publish(&E8 { id: round }).await.unwrap();
-        bus.publish(&E9 { id: round }).await.unwrap();
+        publish!(round; E0, E1, E2, E3, E4, E5, E6, E7, E8, E9);
     }
     let mut seen = Vec::new();
     for _ in 0..20 {
