@@ -410,7 +410,11 @@ impl Consumer for KafkaConsumer {
             // The last is kept until a call has nothing to hand out, not dropped with the
             // records: librdkafka may say it once (a topic's READ taken away, polled with the
             // last records fetched before: the member then waited in silence).
-            while out.len() < max && !gate.closed() {
+            // Whether commits fail is read once a call: it reads the clock.
+            let mut failing = None;
+            while out.len() < max
+                && !gate.closed_with(|| *failing.get_or_insert_with(|| gate.failing()))
+            {
                 match self.try_next()? {
                     Some(Ok(d)) => out.extend(d),
                     Some(Err(e)) => {
