@@ -299,7 +299,11 @@ impl Layout {
             id: String::new(),
             name: String::new(),
             version: 1,
-            key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+            // Checked as text first: the lossy conversion walks a key byte by byte.
+            key: key.map(|k| match std::str::from_utf8(k) {
+                Ok(k) => k.to_owned(),
+                Err(_) => String::from_utf8_lossy(k).into_owned(),
+            }),
             payload: payload.unwrap_or_default(),
             metadata: Metadata {
                 correlation_id: None,
@@ -523,6 +527,21 @@ mod tests {
             (7, true),
             "7 parsed, the name not UTF-8"
         );
+    }
+
+    #[test]
+    fn a_key_beside_the_fields_is_taken_as_text_and_one_not_utf8_lossily() {
+        let fields: Vec<(&str, &[u8])> = vec![("name", b"Booked")];
+        let entry = || Entry {
+            id: "0:1",
+            time_ms: None,
+        };
+        let key = |k: &[u8]| {
+            let (m, _) = Layout::KAFKA.decode(fields.clone(), entry(), Some(k), Some(Bytes::new()));
+            m.key
+        };
+        assert_eq!(key(b"seat-12").as_deref(), Some("seat-12"));
+        assert_eq!(key(b"seat-\xff").as_deref(), Some("seat-\u{fffd}"));
     }
 
     #[test]
