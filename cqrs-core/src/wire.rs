@@ -232,8 +232,8 @@ impl Layout {
     }
 
     /// Which reserved field `name` is, comparing bytes only when the length fits.
-    fn classify(&self, name: &str) -> Option<Field> {
-        let rest = name.as_bytes().strip_prefix(self.prefix.as_bytes())?;
+    fn classify(&self, name: &[u8]) -> Option<Field> {
+        let rest = name.strip_prefix(self.prefix.as_bytes())?;
         let (field, expected) = match rest.len() {
             2 => (Field::Id, field::ID),
             3 => (Field::Key, field::KEY),
@@ -257,27 +257,30 @@ impl Layout {
     /// a number, text that is not UTF-8), the reason, beside the best message that could be made,
     /// so that it can be dead-lettered rather than lost.
     ///
-    /// A field's value is borrowed bytes (copied where the message keeps them) or owned ones
-    /// (moved into the message's text without a copy): see [`FieldValue`].
-    pub fn decode<'a, V: FieldValue>(
+    /// A field's name is text or bytes (`&str`, `&[u8]`): a reserved one is recognised by its
+    /// bytes, and only a header's name is checked as text. A field's value is borrowed bytes
+    /// (copied where the message keeps them) or owned ones (moved into the message's text without
+    /// a copy): see [`FieldValue`].
+    pub fn decode<N: AsRef<[u8]>, V: FieldValue>(
         &self,
-        fields: impl IntoIterator<Item = (&'a str, V)>,
+        fields: impl IntoIterator<Item = (N, V)>,
         entry: Entry<'_>,
         key: Option<&[u8]>,
         payload: Option<Bytes>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
-        fn text<V: FieldValue>(name: &str, v: V, problems: &mut Vec<String>) -> String {
+        fn text<V: FieldValue>(name: &[u8], v: V, problems: &mut Vec<String>) -> String {
             match v.into_text() {
                 Ok(s) => s,
                 Err(v) => {
+                    let name = String::from_utf8_lossy(name);
                     problems.push(format!("field `{name}` is not UTF-8"));
                     String::from_utf8_lossy(v.as_ref()).into_owned()
                 }
             }
         }
         fn number<N: std::str::FromStr, V: FieldValue>(
-            name: &str,
+            name: &[u8],
             v: V,
             problems: &mut Vec<String>,
         ) -> Option<N> {
@@ -291,6 +294,7 @@ impl Layout {
             let v = text(name, v, problems);
             // Echoed in part: the value came from outside and may be of any size.
             let shown = crate::dead_letter::bounded(&v, 64);
+            let name = String::from_utf8_lossy(name);
             problems.push(format!("field `{name}` is not a number: `{shown}`"));
             None
         }
@@ -314,6 +318,7 @@ impl Layout {
             },
         };
         for (name, value) in fields {
+            let name = name.as_ref();
             match self.classify(name) {
                 Some(Field::Id) => message.id = text(name, value, &mut problems),
                 Some(Field::Name) => message.name = text(name, value, &mut problems),
@@ -349,9 +354,17 @@ impl Layout {
                     has_payload = true;
                 }
                 _ => {
-                    if let Some(header) = name.strip_prefix(self.header_prefix) {
+                    if let Some(header) = name.strip_prefix(self.header_prefix.as_bytes()) {
                         let v = text(name, value, &mut problems);
-                        message.metadata.headers.insert(header.to_owned(), v);
+                        let header = match std::str::from_utf8(header) {
+                            Ok(header) => header.to_owned(),
+                            Err(_) => {
+                                let lossy = String::from_utf8_lossy(header).into_owned();
+                                problems.push(format!("header name `{lossy}` is not UTF-8"));
+                                lossy
+                            }
+                        };
+                        message.metadata.headers.insert(header, v);
                     }
                 }
             }
@@ -542,6 +555,40 @@ mod tests {
         };
         assert_eq!(key(b"seat-12").as_deref(), Some("seat-12"));
         assert_eq!(key(b"seat-\xff").as_deref(), Some("seat-\u{fffd}"));
+    }
+
+    #[test]
+    fn names_given_as_bytes_decode_as_text_does_and_a_header_name_not_utf8_is_said() {
+        let entry = || Entry {
+            id: "1-0",
+            time_ms: None,
+        };
+        let fields: Vec<(&[u8], &[u8])> = vec![
+            (b"name", b"Booked"),
+            (b"payload", b"{}"),
+            (b"h.tenant", b"acme"),
+        ];
+        let (m, reason) = Layout::REDIS.decode(fields, entry(), None, None);
+        assert_eq!(reason, None);
+        assert_eq!(m.name, "Booked");
+        assert_eq!(
+            m.metadata.headers.get("tenant").map(String::as_str),
+            Some("acme")
+        );
+        let fields: Vec<(&[u8], &[u8])> = vec![
+            (b"name", b"Booked"),
+            (b"payload", b"{}"),
+            (b"h.t\xff", b"v"),
+        ];
+        let (m, reason) = Layout::REDIS.decode(fields, entry(), None, None);
+        assert_eq!(
+            reason.as_deref(),
+            Some("malformed message: header name `t\u{fffd}` is not UTF-8")
+        );
+        assert_eq!(
+            m.metadata.headers.get("t\u{fffd}").map(String::as_str),
+            Some("v")
+        );
     }
 
     #[test]

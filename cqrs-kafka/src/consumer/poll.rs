@@ -251,7 +251,8 @@ impl Copied {
                     NO_VALUE => None,
                     n => Some(take(n as usize)?),
                 };
-                Some((std::str::from_utf8(name).ok()?, value))
+                // Taken as bytes: written from text by `of`, it is not checked again.
+                Some((name, value))
             })();
             if field.is_none() {
                 // Not written by `of`: nothing more is read.
