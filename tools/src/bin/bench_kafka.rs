@@ -13,7 +13,8 @@
 //! profiler attached by pid). `BENCH_KAFKA_MAX_UNRECORDED`, `BENCH_KAFKA_COMMIT_EVERY` and `BENCH_KAFKA_PROTOCOL`
 //! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
 //! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`);
-//! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours.
+//! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
+//! consumer).
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours|e2e-raw|e2e-ours` with `BENCH_TOPIC=T` runs one
 //! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
@@ -324,7 +325,7 @@ fn config(brokers: &str) -> KafkaConfig {
         config = config.commit_every(n);
     }
     config = config.set("linger.ms", linger_ms());
-    // For experiments: librdkafka settings of our consumer, `key=value,key=value`.
+    // For experiments: librdkafka settings of our producer and consumer, `key=value,key=value`.
     for kv in std::env::var("BENCH_KAFKA_SET")
         .unwrap_or_default()
         .split(',')
