@@ -140,10 +140,11 @@ impl<C> Outbox<C> {
         #[cfg(not(feature = "otel"))]
         let _ = span;
         Ok(Message::from_parts(
-            id,
-            d.name.to_owned(),
+            id.into(),
+            // Static: shared, not copied, into every message.
+            cqrs_core::Text::from_static(d.name),
             d.version,
-            key,
+            key.map(Into::into),
             payload,
             metadata,
         ))

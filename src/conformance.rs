@@ -39,7 +39,8 @@ pub fn unique(prefix: &str) -> String {
 pub fn messages(n: usize, key: impl Fn(usize) -> Option<String>) -> Vec<Message> {
     (0..n)
         .map(|i| {
-            let mut m = Message::new("Ping", i.to_string().into_bytes()).with_key(key(i));
+            let mut m =
+                Message::new("Ping", i.to_string().into_bytes()).with_key(key(i).map(Into::into));
             m.metadata.content_type = "application/json".into();
             m
         })
@@ -358,7 +359,7 @@ pub async fn order_kept_per_key<B: Backend>(backend: B) {
     for d in &got {
         let i: usize = payload(d).parse().expect("payload is a number");
         per_key
-            .entry(d.message().key.clone().unwrap_or_default())
+            .entry(d.message().key.as_deref().unwrap_or_default().to_owned())
             .or_default()
             .push(i);
     }
@@ -386,7 +387,7 @@ pub async fn start_positions<B: Backend>(backend: B) {
         Subscription::new(unique("late"), [&topic]).start(StartFrom::Latest),
     )
     .await;
-    let new = vec![Message::new("Ping", b"new".to_vec()).with_key(key())];
+    let new = vec![Message::new("Ping", b"new".to_vec()).with_key(key().map(Into::into))];
     backend.publish(&topic, &new).await.expect("publish failed");
 
     let got = receive_n(&mut *early, 4).await;
@@ -430,7 +431,7 @@ pub async fn close_and_reopen<B: Backend>(backend: B) {
     backend
         .publish(
             &topic,
-            &[Message::new("Ping", b"4".to_vec()).with_key(key())],
+            &[Message::new("Ping", b"4".to_vec()).with_key(key().map(Into::into))],
         )
         .await
         .expect("publish failed");

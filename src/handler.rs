@@ -305,7 +305,7 @@ pub(crate) fn read_message<T, C: Codec<T> + ?Sized>(
         }
     };
     decoded.map_err(|source| Error::Decode {
-        name: message.name.clone(),
+        name: message.name.to_string(),
         codec: codec.content_type().to_owned(),
         source,
     })

@@ -657,7 +657,7 @@ impl TestKit {
     ) -> Result<String> {
         use crate::backend::Publisher;
         let (topic, message) = bus.encode(event, crate::Metadata::now())?;
-        let id = message.id.clone();
+        let id = message.id.to_string();
         self.broker
             .publish(&topic, &[message.clone(), message])
             .await?;
@@ -672,7 +672,7 @@ impl TestKit {
         let mut message = Message::new(E::NAME, b"\xff not a payload".to_vec());
         message.version = E::VERSION;
         message.metadata.content_type = "application/json".into();
-        let id = message.id.clone();
+        let id = message.id.to_string();
         self.broker
             .publish(&bus.topic_of::<E>(), &[message])
             .await?;

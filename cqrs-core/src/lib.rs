@@ -16,6 +16,7 @@ mod event;
 pub mod memory;
 mod message;
 pub mod redelivery;
+mod text;
 pub mod wire;
 
 pub use backend::{Backend, Delivery, LogPosition, StartFrom, Subscription};
@@ -25,4 +26,5 @@ pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use error::{error_chain, BoxError, CodecError, Error, Result};
 pub use event::{validate_topic, Command, Event};
 pub use message::{new_message_id, new_message_id_and_millis, now_millis, Message, Metadata};
+pub use text::Text;
 pub use tokio_util::sync::CancellationToken;

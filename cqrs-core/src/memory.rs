@@ -179,7 +179,7 @@ impl MemoryBroker {
                 message_id: stream
                     .entries
                     .get(seq)
-                    .map(|m| m.id.clone())
+                    .map(|m| m.id.to_string())
                     .unwrap_or_default(),
                 consumer: p.consumer.clone(),
                 deliveries: p.deliveries,

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::text::Text;
 use bytes::Bytes;
 
 /// One message on the wire: an encoded event or command with its metadata.
@@ -13,13 +14,17 @@ use bytes::Bytes;
 #[non_exhaustive]
 pub struct Message {
     /// Unique, time-ordered id (a UUIDv7 in its hyphenated form).
-    pub id: String,
+    ///
+    /// The id, the name and the key are [`Text`]: they read as `&str` and are shared, not
+    /// copied, when a message is cloned; a backend may hand them out as parts of the buffer a
+    /// batch of records came in, as it does the payload.
+    pub id: Text,
     /// The event or command name, e.g. `tickets.BookingConfirmed`.
-    pub name: String,
+    pub name: Text,
     /// The schema version of the payload.
     pub version: u32,
     /// The partition / ordering key, if any.
-    pub key: Option<String>,
+    pub key: Option<Text>,
     /// The encoded payload. Shared, not copied: a backend may hand out the payloads of a batch
     /// of records as parts of one buffer (Kafka does), and cloning a message does not copy it.
     /// It reads as `&[u8]` (`&message.payload[..]`, or through `Deref`). A part of a buffer
@@ -32,10 +37,10 @@ pub struct Message {
 
 impl Message {
     /// A new message with a fresh id and `created_at` set to now.
-    pub fn new(name: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+    pub fn new(name: impl Into<Text>, payload: impl Into<Bytes>) -> Self {
         let (id, created_at) = new_message_id_and_millis();
         Message {
-            id,
+            id: id.into(),
             name: name.into(),
             version: 1,
             key: None,
@@ -51,10 +56,10 @@ impl Message {
     /// `#[non_exhaustive]`: fields may be added without breaking this).
     #[inline]
     pub fn from_parts(
-        id: String,
-        name: String,
+        id: Text,
+        name: Text,
         version: u32,
-        key: Option<String>,
+        key: Option<Text>,
         payload: impl Into<Bytes>,
         metadata: Metadata,
     ) -> Self {
@@ -75,7 +80,7 @@ impl Message {
     }
 
     /// Sets the ordering key.
-    pub fn with_key(mut self, key: Option<String>) -> Self {
+    pub fn with_key(mut self, key: Option<Text>) -> Self {
         self.key = key;
         self
     }
@@ -139,9 +144,9 @@ impl Metadata {
                     .metadata
                     .correlation_id
                     .clone()
-                    .unwrap_or_else(|| cause.id.clone()),
+                    .unwrap_or_else(|| cause.id.to_string()),
             ),
-            causation_id: Some(cause.id.clone()),
+            causation_id: Some(cause.id.to_string()),
             ..Metadata::now()
         }
     }

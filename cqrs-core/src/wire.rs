@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use crate::text::Text;
 use bytes::Bytes;
 
 use crate::message::{Message, Metadata};
@@ -79,6 +80,12 @@ pub trait FieldValue: AsRef<[u8]> + Sized {
     fn into_text(self) -> Result<String, Self>;
     /// The value as bytes.
     fn into_bytes(self) -> Bytes;
+    /// The value as shared text (a message's id, name and key), or the value back when it is
+    /// not text. By default the text made by [`into_text`](FieldValue::into_text), moved
+    /// without a copy; a value that is a part of a shared buffer may be kept as that part.
+    fn into_shared(self) -> Result<Text, Self> {
+        self.into_text().map(Text::from)
+    }
 }
 
 impl FieldValue for &[u8] {
@@ -151,7 +158,7 @@ impl Layout {
     /// message, copying the payload each time).
     pub fn size_hint(&self, message: &Message) -> (usize, usize) {
         let m = &message.metadata;
-        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let len = |s: Option<&str>| s.map_or(0, str::len);
         // Every reserved field, as if none were left out; numbers at their longest.
         let reserved = [
             field::ID,
@@ -167,10 +174,10 @@ impl Layout {
         let names: usize = reserved.iter().map(|f| self.prefix.len() + f.len()).sum();
         let values = message.id.len()
             + message.name.len()
-            + len(&message.key)
+            + len(message.key.as_deref())
             + m.content_type.len()
-            + len(&m.correlation_id)
-            + len(&m.causation_id)
+            + len(m.correlation_id.as_deref())
+            + len(m.causation_id.as_deref())
             + 10
             + 20
             + if self.payload_in_fields {
@@ -261,11 +268,11 @@ impl Layout {
     /// bytes, and only a header's name is checked as text. A field's value is borrowed bytes
     /// (copied where the message keeps them) or owned ones (moved into the message's text without
     /// a copy): see [`FieldValue`].
-    pub fn decode<N: AsRef<[u8]>, V: FieldValue>(
+    pub fn decode<N: AsRef<[u8]>, V: FieldValue, K: FieldValue>(
         &self,
         fields: impl IntoIterator<Item = (N, V)>,
         entry: Entry<'_>,
-        key: Option<&[u8]>,
+        key: Option<K>,
         payload: Option<Bytes>,
     ) -> (Message, Option<String>) {
         let mut problems: Vec<String> = Vec::new();
@@ -278,6 +285,11 @@ impl Layout {
                     String::from_utf8_lossy(v.as_ref()).into_owned()
                 }
             }
+        }
+        /// A message's id, name or key: shared, lossy when it is not text.
+        fn shared<V: FieldValue>(name: &[u8], v: V, problems: &mut Vec<String>) -> Text {
+            v.into_shared()
+                .unwrap_or_else(|v| text(name, v, problems).into())
         }
         fn number<N: std::str::FromStr, V: FieldValue>(
             name: &[u8],
@@ -300,13 +312,14 @@ impl Layout {
         }
         let mut has_payload = payload.is_some();
         let mut message = Message {
-            id: String::new(),
-            name: String::new(),
+            id: Text::new(),
+            name: Text::new(),
             version: 1,
-            // Checked as text first: the lossy conversion walks a key byte by byte.
-            key: key.map(|k| match std::str::from_utf8(k) {
-                Ok(k) => k.to_owned(),
-                Err(_) => String::from_utf8_lossy(k).into_owned(),
+            // Checked as text first: the lossy conversion walks a key byte by byte. A key that
+            // is not text is kept lossily, and not reported.
+            key: key.map(|k| {
+                k.into_shared()
+                    .unwrap_or_else(|k| String::from_utf8_lossy(k.as_ref()).into_owned().into())
             }),
             payload: payload.unwrap_or_default(),
             metadata: Metadata {
@@ -320,15 +333,15 @@ impl Layout {
         for (name, value) in fields {
             let name = name.as_ref();
             match self.classify(name) {
-                Some(Field::Id) => message.id = text(name, value, &mut problems),
-                Some(Field::Name) => message.name = text(name, value, &mut problems),
+                Some(Field::Id) => message.id = shared(name, value, &mut problems),
+                Some(Field::Name) => message.name = shared(name, value, &mut problems),
                 Some(Field::Version) => {
                     if let Some(n) = number(name, value, &mut problems) {
                         message.version = n;
                     }
                 }
                 Some(Field::Key) if self.payload_in_fields => {
-                    message.key = Some(text(name, value, &mut problems));
+                    message.key = Some(shared(name, value, &mut problems));
                 }
                 Some(Field::ContentType) => {
                     message.metadata.content_type =
@@ -370,7 +383,7 @@ impl Layout {
             }
         }
         if message.id.is_empty() {
-            message.id = entry.id.to_owned();
+            message.id = entry.id.into();
         }
         if message.metadata.content_type.is_empty() {
             message.metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
@@ -522,9 +535,13 @@ mod tests {
             time_ms: None,
         };
         let owned: Vec<(&str, Vec<u8>)> = fields(b"x\xff");
-        let (m, owned_reason) = Layout::REDIS.decode(owned.clone(), entry(), None, None);
-        let (_, borrowed_reason) =
-            Layout::REDIS.decode(owned.iter().map(|(k, v)| (*k, &v[..])), entry(), None, None);
+        let (m, owned_reason) = Layout::REDIS.decode(owned.clone(), entry(), None::<&[u8]>, None);
+        let (_, borrowed_reason) = Layout::REDIS.decode(
+            owned.iter().map(|(k, v)| (*k, &v[..])),
+            entry(),
+            None::<&[u8]>,
+            None,
+        );
         assert_eq!(m.name, "A\u{fffd}");
         assert_eq!(owned_reason, borrowed_reason);
         assert_eq!(
@@ -534,7 +551,7 @@ mod tests {
                  field `version` is not a number: `x\u{fffd}`"
             )
         );
-        let (m, reason) = Layout::REDIS.decode(fields(b" 7 "), entry(), None, None);
+        let (m, reason) = Layout::REDIS.decode(fields(b" 7 "), entry(), None::<&[u8]>, None);
         assert_eq!(
             (m.version, reason.is_some()),
             (7, true),
@@ -568,7 +585,7 @@ mod tests {
             (b"payload", b"{}"),
             (b"h.tenant", b"acme"),
         ];
-        let (m, reason) = Layout::REDIS.decode(fields, entry(), None, None);
+        let (m, reason) = Layout::REDIS.decode(fields, entry(), None::<&[u8]>, None);
         assert_eq!(reason, None);
         assert_eq!(m.name, "Booked");
         assert_eq!(
@@ -580,7 +597,7 @@ mod tests {
             (b"payload", b"{}"),
             (b"h.t\xff", b"v"),
         ];
-        let (m, reason) = Layout::REDIS.decode(fields, entry(), None, None);
+        let (m, reason) = Layout::REDIS.decode(fields, entry(), None::<&[u8]>, None);
         assert_eq!(
             reason.as_deref(),
             Some("malformed message: header name `t\u{fffd}` is not UTF-8")
@@ -600,14 +617,11 @@ mod tests {
                 id: "1700-0",
                 time_ms: Some(1700),
             },
-            None,
+            None::<&[u8]>,
             None,
         );
         assert_eq!(reason, None);
-        assert_eq!(
-            (m.id.as_str(), m.name.as_str(), m.version),
-            ("1700-0", "Booked", 1)
-        );
+        assert_eq!((&*m.id, &*m.name, m.version), ("1700-0", "Booked", 1));
         assert_eq!(&m.payload[..], b"{}");
     }
 
@@ -623,7 +637,7 @@ mod tests {
             id: "1-0",
             time_ms: Some(1),
         };
-        let (_, reason) = Layout::REDIS.decode(fields, entry, None, None);
+        let (_, reason) = Layout::REDIS.decode(fields, entry, None::<&[u8]>, None);
         let reason = reason.unwrap_or_default();
         assert!(reason.len() < 200, "{} bytes", reason.len());
         assert!(reason.contains("is not a number: `9x9x"), "{reason}");
@@ -639,7 +653,7 @@ mod tests {
                 id: "1-0",
                 time_ms: Some(1),
             },
-            None,
+            None::<&[u8]>,
             None,
         );
         assert_eq!(m.id, "1-0");
@@ -654,7 +668,7 @@ mod tests {
                 id: "1-0",
                 time_ms: Some(1),
             },
-            None,
+            None::<&[u8]>,
             None,
         );
         assert_eq!(

@@ -183,7 +183,7 @@ impl KafkaBackend {
             .headers(headers(m))
             .timestamp(i64::try_from(m.metadata.created_at).unwrap_or(i64::MAX));
         if let Some(key) = &m.key {
-            record = record.key(key.as_str());
+            record = record.key(&**key);
         }
         loop {
             match self.inner.producer.send(record) {

@@ -1849,7 +1849,8 @@ async fn dead_letters_read_in_pages_are_the_whole_list() {
     let dead = unique("paged-dead");
     let letters: Vec<cqrs::Message> = (0..11)
         .map(|i| {
-            cqrs::Message::new("X", format!("{i}").into_bytes()).with_key(Some(format!("k{i}")))
+            cqrs::Message::new("X", format!("{i}").into_bytes())
+                .with_key(Some(format!("k{i}").into()))
         })
         .collect();
     backend.publish(&dead, &letters).await.unwrap();
@@ -2001,7 +2002,7 @@ async fn records_larger_than_a_batch_buffer_come_back_whole_among_small_ones() {
                 1 + (i as usize * 37) % 3000
             };
             let payload: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
-            cqrs::Message::new("Blob", payload).with_key(Some("one".to_owned()))
+            cqrs::Message::new("Blob", payload).with_key(Some("one".into()))
         })
         .collect();
     for chunk in published.chunks(4) {

@@ -190,8 +190,8 @@ impl OutboxStore {
         ))
         .bind(topic)
         .bind(message.key.as_deref())
-        .bind(&message.id)
-        .bind(&message.name)
+        .bind(&*message.id)
+        .bind(&*message.name)
         .bind(message.version as i32)
         .bind(&message.payload[..])
         .bind(m.correlation_id.as_deref())
@@ -585,10 +585,16 @@ fn stored(row: &PgRow, topic: Option<&Arc<str>>) -> Result<Stored> {
         seq,
         topic,
         message: Message::from_parts(
-            row.try_get_unchecked(3).map_err(column(3, "message_id"))?,
-            row.try_get_unchecked(4).map_err(column(4, "name"))?,
+            row.try_get_unchecked::<String, _>(3)
+                .map_err(column(3, "message_id"))?
+                .into(),
+            row.try_get_unchecked::<String, _>(4)
+                .map_err(column(4, "name"))?
+                .into(),
             u32::try_from(version).map_err(|_| bad(format!("version {version}")))?,
-            row.try_get_unchecked(2).map_err(column(2, "msg_key"))?,
+            row.try_get_unchecked::<Option<String>, _>(2)
+                .map_err(column(2, "msg_key"))?
+                .map(Into::into),
             row.try_get_unchecked::<Vec<u8>, _>(6)
                 .map_err(column(6, "payload"))?,
             metadata,

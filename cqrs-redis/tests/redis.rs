@@ -1447,7 +1447,7 @@ async fn large_reads_with_every_field_come_back_as_published() {
             payload.extend((0..2000u32).map(|b| (b * 7 + i) as u8));
             Message::new(format!("Event{}", i % 3), payload)
                 .with_version(1 + i % 4)
-                .with_key((i % 5 != 0).then(|| format!("key-{}", i % 7)))
+                .with_key((i % 5 != 0).then(|| format!("key-{}", i % 7).into()))
                 .with_metadata(
                     cqrs::Metadata::now()
                         .correlation_id(format!("corr-{i}"))

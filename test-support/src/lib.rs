@@ -714,7 +714,7 @@ pub fn dead_letters_from(origin: &str, n: usize, tag: &str) -> Vec<cqrs::Message
     (0..n)
         .map(|i| {
             let mut m = cqrs::Message::new("X", format!("{tag}{i}").into_bytes())
-                .with_key(Some(format!("k{i}")));
+                .with_key(Some(format!("k{i}").into()));
             let h = &mut m.metadata.headers;
             h.insert(headers::TOPIC.into(), origin.into());
             h.insert(headers::REASON.into(), "refused".into());

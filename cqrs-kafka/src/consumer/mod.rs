@@ -662,7 +662,9 @@ mod tests {
     async fn publish_small(backend: &crate::KafkaBackend, topic: &str, n: usize) {
         use cqrs_core::backend::Publisher as _;
         let messages: Vec<Message> = (0..n)
-            .map(|i| Message::new("t.E", vec![b'x'; 100]).with_key(Some(format!("k{}", i % 200))))
+            .map(|i| {
+                Message::new("t.E", vec![b'x'; 100]).with_key(Some(format!("k{}", i % 200).into()))
+            })
             .collect();
         backend.publish(topic, &messages).await.expect("publishing");
     }

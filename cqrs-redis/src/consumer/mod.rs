@@ -552,7 +552,7 @@ fn decode_at<'a, V: FieldValue>(
     time_ms: Option<u64>,
     fields: impl IntoIterator<Item = (&'a str, V)>,
 ) -> (cqrs_core::Message, Option<String>) {
-    Layout::REDIS.decode(fields, Entry { id, time_ms }, None, None)
+    Layout::REDIS.decode(fields, Entry { id, time_ms }, None::<&[u8]>, None)
 }
 
 /// The delivery of the entry `id` of `stream` with `fields`; its key goes in `taken`, for the

@@ -214,7 +214,7 @@ impl Job {
 /// Logs an at-most-once message that was acked and will never be handled.
 struct Unhandled {
     group: Arc<str>,
-    message_id: String,
+    message_id: cqrs_core::Text,
 }
 
 impl Drop for Unhandled {
