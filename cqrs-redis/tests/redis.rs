@@ -789,6 +789,47 @@ async fn redis_cli_publishes_in_the_documented_format_and_malformed_entries_are_
     assert_eq!(&d[0].message().payload[..], br#"{"sensor":"s9","n":8}"#);
 }
 
+/// A header whose name is not UTF-8 (any client may write one) makes its entry malformed, said
+/// in the reason (so it is dead-lettered, as on Kafka), the header kept under its lossy name:
+/// not dropped in silence, as it was.
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_is_said_in_the_reason_not_dropped() {
+    let url = redis_url();
+    let mut keys = Keys::new(&url);
+    let stream = keys.add(&unique("binary-names"));
+    let backend = backend().await;
+    let mut conn = raw(&url).await;
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("name")
+        .arg("a.B")
+        .arg(&b"h.\xffx"[..])
+        .arg("v")
+        .arg("h.tenant")
+        .arg("acme")
+        .arg("payload")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut member = member_of_g(&backend, &stream).await;
+    let d = receive_n(&mut *member, 1).await;
+    assert_eq!(
+        d[0].malformed(),
+        Some("malformed message: header name `\u{fffd}x` is not UTF-8")
+    );
+    let m = d[0].message();
+    assert_eq!((&*m.name, &m.payload[..]), ("a.B", &b"{}"[..]));
+    assert_eq!(
+        m.metadata.headers.iter().collect::<Vec<_>>(),
+        [
+            (&"tenant".to_owned(), &"acme".to_owned()),
+            (&"\u{fffd}x".to_owned(), &"v".to_owned())
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_v1_message_written_by_redis_cli_reaches_a_v3_handler_and_a_v4_is_dead_lettered() {
     use support::versions::{OrderPlaced, V4_REASON};

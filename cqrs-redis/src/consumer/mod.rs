@@ -539,9 +539,7 @@ pub(crate) fn decode_pairs(
     id: &str,
     mut fields: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> (cqrs_core::Message, Option<String>) {
-    let fields = fields
-        .iter_mut()
-        .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, std::mem::take(v))));
+    let fields = fields.iter_mut().map(|(k, v)| (&k[..], std::mem::take(v)));
     decode_at(id, value::parse_id(id).map(|(ms, _)| ms), fields)
 }
 
@@ -550,7 +548,7 @@ pub(crate) fn decode_pairs(
 fn decode_at<'a, V: FieldValue>(
     id: &str,
     time_ms: Option<u64>,
-    fields: impl IntoIterator<Item = (&'a str, V)>,
+    fields: impl IntoIterator<Item = (&'a [u8], V)>,
 ) -> (cqrs_core::Message, Option<String>) {
     Layout::REDIS.decode(fields, Entry { id, time_ms }, None::<&[u8]>, None)
 }
@@ -561,7 +559,7 @@ fn delivery<'a, V: FieldValue>(
     acker: &Arc<RedisAcker>,
     stream: &Arc<str>,
     id: &str,
-    fields: impl IntoIterator<Item = (&'a str, V)>,
+    fields: impl IntoIterator<Item = (&'a [u8], V)>,
     attempt: u32,
     taken: &mut Vec<EntryKey>,
 ) -> Delivery {
@@ -632,8 +630,8 @@ fn read_reply(
     Ok(())
 }
 
-/// An entry's fields in a [`Reply`], `(name, value)`: those whose name is text and whose value
-/// is not nil.
+/// An entry's fields in a [`Reply`], `(name, value)`: those whose value is not nil (a name is
+/// not checked as text here: see [`value::fields`]).
 struct Fields<'r, 'a> {
     reply: &'r mut Reply<'a>,
     /// Items of the field list not read yet.
@@ -642,16 +640,13 @@ struct Fields<'r, 'a> {
 }
 
 impl<'a> Iterator for Fields<'_, 'a> {
-    type Item = (&'a str, &'a [u8]);
+    type Item = (&'a [u8], &'a [u8]);
 
     fn next(&mut self) -> Option<Self::Item> {
         while self.left >= 2 && self.failed.is_none() {
             self.left -= 2;
             match (self.reply.bulk(), self.reply.bulk()) {
-                (Ok(Some(k)), Ok(Some(v))) => match std::str::from_utf8(k) {
-                    Ok(k) => return Some((k, v)),
-                    Err(_) => continue,
-                },
+                (Ok(Some(k)), Ok(Some(v))) => return Some((k, v)),
                 (Err(e), _) | (_, Err(e)) => self.failed = Some(e),
                 _ => continue,
             }
