@@ -17,7 +17,8 @@ pub struct Message {
     ///
     /// The id, the name and the key are [`Text`]: they read as `&str` and are shared, not
     /// copied, when a message is cloned; a backend may hand them out as parts of the buffer a
-    /// batch of records came in, as it does the payload.
+    /// batch of records came in, as it does the payload (and, as with the payload, one kept long
+    /// after the message is handled keeps that buffer: see [`Text`]).
     pub id: Text,
     /// The event or command name, e.g. `tickets.BookingConfirmed`.
     pub name: Text,

@@ -15,6 +15,10 @@ use bytestring::ByteString;
 /// for its id, name and key (Kafka does this). `String::from(text)` or `text.to_string()` makes
 /// an owned copy.
 ///
+/// A part of a buffer keeps the whole buffer, as a payload does: text kept long after its
+/// message is handled (an id put in a map, say) may be kept as a copy of its own,
+/// `Text::from(text.as_str())` or a `String`.
+///
 /// ```
 /// use cqrs_core::{Message, Text};
 ///

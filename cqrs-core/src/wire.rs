@@ -8,10 +8,10 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use crate::text::Text;
 use bytes::Bytes;
 
 use crate::message::{Message, Metadata};
+use crate::text::Text;
 
 /// Reserved field names, without prefix.
 pub mod field {
