@@ -16,9 +16,10 @@
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
 //! consumer).
 //!
-//! `BENCH_ONLY=publish-raw|publish-ours|consume-raw|consume-ours|e2e-raw|e2e-ours` with `BENCH_TOPIC=T` runs one
-//! phase alone, for an instruction count (`valgrind --tool=callgrind`, at two sizes so that the
-//! set-up cancels out): `publish-*` puts `BENCH_N` events on `T`; each `consume-*` reads
+//! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|e2e-raw|e2e-ours`
+//! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
+//! --tool=callgrind`, at two sizes so that the set-up cancels out): `publish-*` puts `BENCH_N`
+//! events on `T` (`publish-one-*` one per call from 64 tasks); each `consume-*` reads
 //! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours),
 //! with `BENCH_MEMBERS` members (1 unless set);
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
@@ -30,7 +31,9 @@
 //! (idempotent, `linger.ms=0`; `BENCH_KAFKA_LINGER_MS` sets it for both) and consumer settings (`fetch.wait.max.ms=10`, KIP-848's group
 //! protocol, offsets stored per record and committed every 100 ms). Raw publishing
 //! queues 1,000 `FutureRecord`s (JSON-encoded, keyed) and awaits their deliveries; ours calls
-//! `EventBus::publish_all` with 1,000 events. Raw consuming is a `StreamConsumer` that decodes
+//! `EventBus::publish_all` with 1,000 events. Publishing one per call, 64 tasks each send one
+//! record and await its delivery (`FutureProducer::send`) before the next; ours, 64 tasks each
+//! call `EventBus::publish` (on fresh topics, after the other figures of the round). Raw consuming is a `StreamConsumer` that decodes
 //! each payload into the event type and stores its offset; ours is an `EventProcessor` handler.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +73,35 @@ fn event(i: u64) -> Reading {
 
 const CHUNK: usize = 1000;
 
+/// The tasks publishing one event per call (as a web service does, one per request).
+const TASKS: usize = 64;
+
+/// The raw side's record of `e`: keyed by its sensor, with the two headers ours writes
+/// (`cqrs-id`, `cqrs-name`) unless `headers` is off.
+fn raw_record<'a>(
+    topic: &'a str,
+    e: &'a Reading,
+    payload: &'a [u8],
+    headers: bool,
+) -> FutureRecord<'a, String, [u8]> {
+    let record = FutureRecord::to(topic).key(&e.sensor).payload(payload);
+    if !headers {
+        return record;
+    }
+    let id = cqrs::new_message_id();
+    record.headers(
+        rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "cqrs-id",
+                value: Some(id.as_str()),
+            })
+            .insert(rdkafka::message::Header {
+                key: "cqrs-name",
+                value: Some(<Reading as Event>::NAME),
+            }),
+    )
+}
+
 /// The producers' `linger.ms`, both sides: `BENCH_KAFKA_LINGER_MS`, else 0 (ours's default).
 fn linger_ms() -> String {
     std::env::var("BENCH_KAFKA_LINGER_MS").unwrap_or_else(|_| "0".to_owned())
@@ -107,21 +139,7 @@ impl Bench {
             let mut pending = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let payload = serde_json::to_vec(e)?;
-                let mut record = FutureRecord::to(topic).key(&e.sensor).payload(&payload);
-                if headers {
-                    let id = cqrs::new_message_id();
-                    record = record.headers(
-                        rdkafka::message::OwnedHeaders::new()
-                            .insert(rdkafka::message::Header {
-                                key: "cqrs-id",
-                                value: Some(id.as_str()),
-                            })
-                            .insert(rdkafka::message::Header {
-                                key: "cqrs-name",
-                                value: Some(<Reading as Event>::NAME),
-                            }),
-                    );
-                }
+                let mut record = raw_record(topic, e, &payload, headers);
                 loop {
                     match producer.send_result(record) {
                         Ok(d) => break pending.push(d),
@@ -138,6 +156,59 @@ impl Bench {
             for d in pending {
                 d.await?.map_err(|(e, _)| e)?;
             }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// One awaited send per event from [`TASKS`] tasks, on one producer: the record as in
+    /// [`Bench::raw_publish`], each task waiting for its record's delivery before the next.
+    async fn raw_publish_one_by_one(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+    ) -> Result<Duration, BoxError> {
+        let per_task = self.n / TASKS;
+        let headers = raw_headers();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let (producer, topic) = (producer.clone(), topic.to_owned());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    let e = event((t * per_task + i) as u64);
+                    let payload = serde_json::to_vec(&e)?;
+                    let record = raw_record(&topic, &e, &payload, headers);
+                    // Waits for room when librdkafka's queue is full, as ours does.
+                    producer
+                        .send(record, rdkafka::util::Timeout::Never)
+                        .await
+                        .map_err(|(e, _)| e)?;
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// One `EventBus::publish` per event from [`TASKS`] tasks.
+    async fn ours_publish_one_by_one(&self, bus: &EventBus) -> Result<Duration, BoxError> {
+        let per_task = self.n / TASKS;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let bus = bus.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    bus.publish(&event((t * per_task + i) as u64)).await?;
+                }
+                Ok::<_, BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
         }
         Ok(start.elapsed())
     }
@@ -391,6 +462,7 @@ async fn main() -> Result<(), BoxError> {
         "consume, 1 member",
         "consume, 2 members",
         "publish + consume, end to end",
+        "publish, 1 per call from 64 tasks",
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); names.len()];
     let mut cpu_ms = Vec::new();
@@ -510,9 +582,30 @@ async fn main() -> Result<(), BoxError> {
             (r, ours_e2e.await?)
         };
         figures.push((r, o));
+        // One event per call from 64 tasks, on fresh topics.
+        let (raw_one, ours_one) = (
+            cqrs::conformance::unique("bench-raw-one"),
+            cqrs::conformance::unique("bench-ours-one"),
+        );
+        backend
+            .ensure_topics(&[raw_one.clone(), ours_one.clone()])
+            .await?;
+        let bus_one = bus_on(&backend, &ours_one);
+        let (r, o) = if ours_first {
+            let o = b.ours_publish_one_by_one(&bus_one).await?;
+            (b.raw_publish_one_by_one(&producer, &raw_one).await?, o)
+        } else {
+            let r = b.raw_publish_one_by_one(&producer, &raw_one).await?;
+            (r, b.ours_publish_one_by_one(&bus_one).await?)
+        };
+        figures.push((r, o));
 
         // ~400 MB a round: kept, a few dozen runs filled the disk of a broker of its own.
-        delete_topics(&brokers, &[&raw_t, &ours_t, &raw_e, &ours_e]).await?;
+        delete_topics(
+            &brokers,
+            &[&raw_t, &ours_t, &raw_e, &ours_e, &raw_one, &ours_one],
+        )
+        .await?;
         drop((producer, backend, broker));
         print_round(round, n, &names, figures, &mut results);
     }
@@ -645,6 +738,15 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             b.raw_publish(&b.producer()?, &topic).await?
         }
+        "publish-one-ours" => {
+            backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            b.ours_publish_one_by_one(&bus_on(&backend, &topic))
+                .await?
+        }
+        "publish-one-raw" => {
+            backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            b.raw_publish_one_by_one(&b.producer()?, &topic).await?
+        }
         "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
         "consume-ours" => {
             b.ours_consume_members(&backend, &topic, n, members)
@@ -672,7 +774,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, consume-raw, consume-ours, e2e-raw or e2e-ours"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, e2e-raw or e2e-ours"
             )
             .into())
         }
