@@ -195,22 +195,7 @@ impl Bench {
 
     /// One `EventBus::publish` per event from [`TASKS`] tasks.
     async fn ours_publish_one_by_one(&self, bus: &EventBus) -> Result<Duration, BoxError> {
-        let per_task = self.n / TASKS;
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..TASKS {
-            let bus = bus.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per_task {
-                    bus.publish(&event((t * per_task + i) as u64)).await?;
-                }
-                Ok::<_, BoxError>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok(start.elapsed())
+        support::publish_one_by_one(bus, self.n, TASKS, event).await
     }
 
     async fn ours_publish(&self, bus: &EventBus) -> Result<Duration, BoxError> {

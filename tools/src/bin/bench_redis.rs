@@ -241,22 +241,7 @@ impl Bench {
     }
 
     async fn ours_publish_one_by_one(&self, bus: &EventBus) -> Result<Duration, BoxError> {
-        let per_task = self.n / TASKS;
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..TASKS {
-            let bus = bus.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per_task {
-                    bus.publish(&event((t * per_task + i) as u64)).await?;
-                }
-                Ok::<_, BoxError>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok(start.elapsed())
+        cqrs_tools::support::publish_one_by_one(bus, self.n, TASKS, event).await
     }
 
     /// `members` processors of one service drain `n` events.

@@ -153,3 +153,30 @@ pub fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     env(name).unwrap_or(default)
 }
+
+/// Publishes `event(0)`, ..., `event(n - 1)` (as many as divide evenly) with one
+/// `EventBus::publish` per event from `tasks` tasks, each awaiting its publish before the next:
+/// how a web service publishes, one event per request. Returns how long it took.
+pub async fn publish_one_by_one<E: cqrs::Event + serde::Serialize + serde::de::DeserializeOwned>(
+    bus: &cqrs::EventBus,
+    n: usize,
+    tasks: usize,
+    event: fn(u64) -> E,
+) -> Result<Duration, BoxError> {
+    let per_task = n / tasks;
+    let start = std::time::Instant::now();
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let bus = bus.clone();
+        running.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                bus.publish(&event((t * per_task + i) as u64)).await?;
+            }
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for r in running {
+        r.await??;
+    }
+    Ok(start.elapsed())
+}
