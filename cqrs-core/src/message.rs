@@ -4,8 +4,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::text::Text;
 use bytes::Bytes;
+
+use crate::text::Text;
 
 /// One message on the wire: an encoded event or command with its metadata.
 ///

@@ -322,9 +322,7 @@ impl AsRef<[u8]> for Part<'_> {
 
 impl FieldValue for Part<'_> {
     fn into_text(self) -> Result<String, Self> {
-        std::str::from_utf8(self.part)
-            .map(str::to_owned)
-            .map_err(|_| self)
+        self.part.into_text().map_err(|_| self)
     }
     fn into_bytes(self) -> Bytes {
         self.buf.slice_ref(self.part)
