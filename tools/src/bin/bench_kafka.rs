@@ -167,30 +167,23 @@ impl Bench {
         producer: &FutureProducer,
         topic: &str,
     ) -> Result<Duration, BoxError> {
-        let per_task = self.n / TASKS;
         let headers = raw_headers();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..TASKS {
-            let (producer, topic) = (producer.clone(), topic.to_owned());
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per_task {
-                    let e = event((t * per_task + i) as u64);
-                    let payload = serde_json::to_vec(&e)?;
-                    let record = raw_record(&topic, &e, &payload, headers);
-                    // Waits for room when librdkafka's queue is full, as ours does.
-                    producer
-                        .send(record, rdkafka::util::Timeout::Never)
-                        .await
-                        .map_err(|(e, _)| e)?;
-                }
-                Ok::<_, BoxError>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok(start.elapsed())
+        let (producer, topic) = (producer.clone(), topic.to_owned());
+        support::one_by_one(self.n, TASKS, move |i| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                let e = event(i);
+                let payload = serde_json::to_vec(&e)?;
+                let record = raw_record(&topic, &e, &payload, headers);
+                // Waits for room when librdkafka's queue is full, as ours does.
+                producer
+                    .send(record, rdkafka::util::Timeout::Never)
+                    .await
+                    .map_err(|(e, _)| e)?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// One `EventBus::publish` per event from [`TASKS`] tasks.
@@ -466,13 +459,7 @@ async fn main() -> Result<(), BoxError> {
         };
         let backend = KafkaBackend::connect(config(&brokers)).await?;
         let producer = b.producer()?;
-        let (raw_t, ours_t) = (
-            cqrs::conformance::unique("bench-raw"),
-            cqrs::conformance::unique("bench-ours"),
-        );
-        backend
-            .ensure_topics(&[raw_t.clone(), ours_t.clone()])
-            .await?;
+        let (raw_t, ours_t) = fresh_topics(&backend, "").await?;
         let bus = bus_on(&backend, &ours_t);
         let ours_first = round % 2 == 0;
         let mut figures = Vec::new();
@@ -525,13 +512,7 @@ async fn main() -> Result<(), BoxError> {
         };
         figures.push((r, o));
         // End to end on fresh topics.
-        let (raw_e, ours_e) = (
-            cqrs::conformance::unique("bench-raw-e2e"),
-            cqrs::conformance::unique("bench-ours-e2e"),
-        );
-        backend
-            .ensure_topics(&[raw_e.clone(), ours_e.clone()])
-            .await?;
+        let (raw_e, ours_e) = fresh_topics(&backend, "-e2e").await?;
         let bus_e = bus_on(&backend, &ours_e);
         let raw_e2e = async {
             let start = Instant::now();
@@ -568,13 +549,7 @@ async fn main() -> Result<(), BoxError> {
         };
         figures.push((r, o));
         // One event per call from 64 tasks, on fresh topics.
-        let (raw_one, ours_one) = (
-            cqrs::conformance::unique("bench-raw-one"),
-            cqrs::conformance::unique("bench-ours-one"),
-        );
-        backend
-            .ensure_topics(&[raw_one.clone(), ours_one.clone()])
-            .await?;
+        let (raw_one, ours_one) = fresh_topics(&backend, "-one").await?;
         let bus_one = bus_on(&backend, &ours_one);
         let (r, o) = if ours_first {
             let o = b.ours_publish_one_by_one(&bus_one).await?;
@@ -696,6 +671,17 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
         );
     }
     Ok(())
+}
+
+/// Two new topics for a figure, raw's and ours (`bench-raw<suffix>-...`, `bench-ours<suffix>-...`),
+/// made on the broker.
+async fn fresh_topics(backend: &KafkaBackend, suffix: &str) -> Result<(String, String), BoxError> {
+    let (raw, ours) = (
+        cqrs::conformance::unique(&format!("bench-raw{suffix}")),
+        cqrs::conformance::unique(&format!("bench-ours{suffix}")),
+    );
+    backend.ensure_topics(&[raw.clone(), ours.clone()]).await?;
+    Ok((raw, ours))
 }
 
 /// A bus of `backend` that puts every event on `topic`.

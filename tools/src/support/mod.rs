@@ -154,23 +154,22 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     env(name).unwrap_or(default)
 }
 
-/// Publishes `event(0)`, ..., `event(n - 1)` (as many as divide evenly) with one
-/// `EventBus::publish` per event from `tasks` tasks, each awaiting its publish before the next:
-/// how a web service publishes, one event per request. Returns how long it took.
-pub async fn publish_one_by_one<E: cqrs::Event + serde::Serialize + serde::de::DeserializeOwned>(
-    bus: &cqrs::EventBus,
-    n: usize,
-    tasks: usize,
-    event: fn(u64) -> E,
-) -> Result<Duration, BoxError> {
+/// Calls `call(0)`, ..., `call(n - 1)` (as many as divide evenly) from `tasks` tasks, each
+/// awaiting one call before its next: how a web service publishes, one event per request.
+/// Returns how long it took.
+pub async fn one_by_one<F, Fut>(n: usize, tasks: usize, call: F) -> Result<Duration, BoxError>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
     let per_task = n / tasks;
     let start = std::time::Instant::now();
     let mut running = Vec::new();
     for t in 0..tasks {
-        let bus = bus.clone();
+        let call = call.clone();
         running.push(tokio::spawn(async move {
             for i in 0..per_task {
-                bus.publish(&event((t * per_task + i) as u64)).await?;
+                call((t * per_task + i) as u64).await?;
             }
             Ok::<_, BoxError>(())
         }));
@@ -179,4 +178,19 @@ pub async fn publish_one_by_one<E: cqrs::Event + serde::Serialize + serde::de::D
         r.await??;
     }
     Ok(start.elapsed())
+}
+
+/// [`one_by_one`] with `EventBus::publish` of `event(i)`.
+pub async fn publish_one_by_one<E: cqrs::Event + serde::Serialize + serde::de::DeserializeOwned>(
+    bus: &cqrs::EventBus,
+    n: usize,
+    tasks: usize,
+    event: fn(u64) -> E,
+) -> Result<Duration, BoxError> {
+    let bus = bus.clone();
+    one_by_one(n, tasks, move |i| {
+        let bus = bus.clone();
+        async move { Ok(bus.publish(&event(i)).await?) }
+    })
+    .await
 }
