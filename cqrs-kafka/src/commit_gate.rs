@@ -43,6 +43,10 @@ pub(crate) struct CommitGate {
     limit: u64,
     /// Why the last commit answered was refused (`None`: it succeeded).
     refused: Mutex<Option<String>>,
+    /// The commits refused in a row since the last that succeeded, and whether the first of
+    /// them was refused for a stale member epoch (see [`CommitGate::refusal_of`]).
+    refused_in_row: AtomicU64,
+    first_refusal_stale: AtomicBool,
     /// The last commit answered was refused: the gate closes at `every` unrecorded acks, not
     /// at `limit`.
     failing: AtomicBool,
@@ -64,6 +68,8 @@ impl CommitGate {
             every: every as u64,
             limit: limit as u64,
             refused: Mutex::new(None),
+            refused_in_row: AtomicU64::new(0),
+            first_refusal_stale: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             asks: Mutex::new(Some(asks)),
         };
@@ -213,19 +219,26 @@ impl CommitGate {
         match result {
             Ok(()) => {
                 *lock(&self.refused) = None;
+                self.refused_in_row.store(0, Ordering::SeqCst);
                 self.failing.store(false, Ordering::SeqCst);
                 true
             }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
             Err(e) => {
-                let first = lock(&self.refused).replace(e.to_string()).is_none();
+                *lock(&self.refused) = Some(e.to_string());
                 self.failing.store(true, Ordering::SeqCst);
-                // Refusals come in runs while a group rebalances: the first of a run is worth a
-                // warning; a closed gate reports a run that does not end (`receive`).
-                if first {
+                let in_row = self.refused_in_row.fetch_add(1, Ordering::SeqCst) + 1;
+                let stale = matches!(
+                    e,
+                    KafkaError::ConsumerCommit(RDKafkaErrorCode::StaleMemberEpoch)
+                );
+                if in_row == 1 {
+                    self.first_refusal_stale.store(stale, Ordering::SeqCst);
+                }
+                if warns(in_row, self.first_refusal_stale.load(Ordering::SeqCst)) {
                     tracing::warn!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
                 } else {
-                    tracing::debug!(error = %e, "a commit was refused");
+                    tracing::debug!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
                 }
                 false
             }
@@ -248,6 +261,19 @@ impl CommitGate {
             )),
         }
     }
+}
+
+/// Whether the `in_row`th refusal in a row is said as a warning. Refusals come in runs while a
+/// group rebalances: the first of a run is worth one (a closed gate reports a run that does not
+/// end: `receive`), and the rest are not. Under KIP-848's protocol a commit sent just before the
+/// member's epoch moved on (the group gave it partitions or took some) is refused once for a
+/// stale member epoch, and the next, with the new epoch, succeeds: each member did so at every
+/// rebalance (two members joining one group: one such refusal a run, a commit 7 ms later
+/// succeeding). Such a first refusal is not warned of; a second in a row is (a member that lost
+/// its place: after a broker restart a soak's member had its commits refused so until it
+/// rejoined).
+fn warns(in_row: u64, first_stale: bool) -> bool {
+    in_row == 1 && !first_stale || in_row == 2 && first_stale
 }
 
 /// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
@@ -382,6 +408,35 @@ mod tests {
         assert!(!gate.closed(), "a commit succeeded");
         gate.acked(5);
         assert!(!gate.closed(), "commits succeed: open until 1000");
+    }
+
+    #[test]
+    fn a_stale_epoch_is_warned_of_from_its_second_refusal_in_a_row_other_refusals_at_their_first() {
+        let stale = || {
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::StaleMemberEpoch,
+            ))
+        };
+        let other = || {
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::GroupAuthorizationFailed,
+            ))
+        };
+        let (gate, _requests) = CommitGate::new(5, 1000);
+        let warned: Vec<bool> = [stale(), stale(), stale(), Ok(()), other(), other(), stale()]
+            .iter()
+            .map(|r| {
+                gate.refusal_of(r);
+                let n = gate.refused_in_row.load(Ordering::SeqCst);
+                n > 0 && warns(n, gate.first_refusal_stale.load(Ordering::SeqCst))
+            })
+            .collect();
+        assert_eq!(
+            warned,
+            [false, true, false, false, true, false, false],
+            "a stale epoch once is the rebalance; twice a member that lost its place"
+        );
+        assert!(gate.failing(), "refused: failing, warned or not");
     }
 
     #[test]
