@@ -57,6 +57,7 @@
 //! call `EventBus::publish` (on fresh topics, after the other figures of the round). Raw consuming is a `StreamConsumer` that decodes
 //! each payload into the event type and stores its offset; ours is an `EventProcessor` handler.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -522,44 +523,62 @@ async fn main() -> Result<(), BoxError> {
         };
         let backend = KafkaBackend::connect(config(&brokers)).await?;
         let producer = b.producer()?;
-        // Each figure is measured in both orders, ours then raw and raw then ours (the order of
-        // the two alternating by round), and each side's figure is its two runs together: the
-        // side measured second ran faster (see the module's docs).
+        // Each figure is measured in both orders ([`support::both_orders`]), which comes first
+        // alternating by round; each run that publishes does so on fresh topics.
         let ours_first = round % 2 == 0;
         let mut figures = Vec::new();
         let mut topics: Vec<String> = Vec::new();
-        // Publish on fresh topics, with the CPU time this process spent on each side; the
-        // topics of the last pair are the ones consumed next.
-        let cpu = || support::cpu_time("self");
-        let (mut r, mut o, mut rc, mut oc) = (
-            Duration::ZERO,
-            Duration::ZERO,
-            Duration::ZERO,
-            Duration::ZERO,
-        );
-        let (mut raw_t, mut ours_t) = (String::new(), String::new());
-        for ours_now in [ours_first, !ours_first] {
-            (raw_t, ours_t) = fresh_topics(&backend, "").await?;
-            topics.extend([raw_t.clone(), ours_t.clone()]);
-            let bus = bus_on(&backend, &ours_t);
-            for ours_turn in [ours_now, !ours_now] {
-                let c = cpu();
-                if ours_turn {
-                    o += b.ours_publish(&bus).await?;
-                    oc += cpu() - c;
-                } else {
-                    r += b.raw_publish(&producer, &raw_t).await?;
-                    rc += cpu() - c;
-                }
+        let mut fresh_pairs = async |suffix: &str| -> Result<[(String, String); 2], BoxError> {
+            let pairs = [
+                fresh_topics(&backend, suffix).await?,
+                fresh_topics(&backend, suffix).await?,
+            ];
+            for (r, o) in &pairs {
+                topics.extend([r.clone(), o.clone()]);
             }
-        }
-        figures.push((r / 2, o / 2));
-        cpu_ms.push((rc.as_secs_f64() * 5e2, oc.as_secs_f64() * 5e2));
+            Ok(pairs)
+        };
+        // Publish, with the CPU time this process spent on each side.
+        let published = fresh_pairs("").await?;
+        let cpu = || support::cpu_time("self");
+        let (raw_cpu, ours_cpu) = (Cell::new(Duration::ZERO), Cell::new(Duration::ZERO));
+        figures.push(
+            support::both_orders(
+                ours_first,
+                |run| {
+                    let (producer, topic, raw_cpu) = (&producer, &published[run].0, &raw_cpu);
+                    let b = &b;
+                    async move {
+                        let c = cpu();
+                        let t = b.raw_publish(producer, topic).await?;
+                        raw_cpu.set(raw_cpu.get() + (cpu() - c));
+                        Ok(t)
+                    }
+                },
+                |run| {
+                    let (backend, topic, ours_cpu) = (&backend, &published[run].1, &ours_cpu);
+                    let b = &b;
+                    async move {
+                        let c = cpu();
+                        let t = b.ours_publish(&bus_on(backend, topic)).await?;
+                        ours_cpu.set(ours_cpu.get() + (cpu() - c));
+                        Ok(t)
+                    }
+                },
+            )
+            .await?,
+        );
+        cpu_ms.push((
+            raw_cpu.get().as_secs_f64() * 5e2,
+            ours_cpu.get().as_secs_f64() * 5e2,
+        ));
+        // The topics of the second pair are consumed next.
+        let (raw_t, ours_t) = &published[1];
         if std::env::var("BENCH_PROFILE_CONSUME").is_ok() {
             // For a profiler attached to this process: our consumer alone, after a pause.
             eprintln!("profile: consuming in 3 s (pid {})", std::process::id());
             tokio::time::sleep(Duration::from_secs(3)).await;
-            b.ours_consume(&backend, &ours_t, n).await?;
+            b.ours_consume(&backend, ours_t, n).await?;
             eprintln!("profile: consumed");
             return Ok(());
         }
@@ -567,44 +586,44 @@ async fn main() -> Result<(), BoxError> {
             // Consume what was published: one member, then two of one group; each run a new
             // group.
             for members in [1, 2] {
-                let (mut r, mut o) = (Duration::ZERO, Duration::ZERO);
-                for ours_turn in [ours_first, !ours_first, !ours_first, ours_first] {
-                    if ours_turn {
-                        o += b
-                            .ours_consume_members(&backend, &ours_t, n, members)
-                            .await?;
-                    } else {
-                        r += b.raw_consume_members(&raw_t, n, members).await?;
-                    }
-                }
-                figures.push((r / 2, o / 2));
+                figures.push(
+                    support::both_orders(
+                        ours_first,
+                        |_| b.raw_consume_members(raw_t, n, members),
+                        |_| b.ours_consume_members(&backend, ours_t, n, members),
+                    )
+                    .await?,
+                );
             }
-            // End to end, each run on fresh topics.
-            let (mut r, mut o) = (Duration::ZERO, Duration::ZERO);
-            for ours_turn in [ours_first, !ours_first, !ours_first, ours_first] {
-                let (raw_e, ours_e) = fresh_topics(&backend, "-e2e").await?;
-                topics.extend([raw_e.clone(), ours_e.clone()]);
-                if ours_turn {
-                    o += b.ours_end_to_end(&backend, &ours_e).await?.0;
-                } else {
-                    r += b.raw_end_to_end(&producer, &raw_e).await?.0;
-                }
-            }
-            figures.push((r / 2, o / 2));
-            // One event per call from 64 tasks, each run on fresh topics.
-            let (mut r, mut o) = (Duration::ZERO, Duration::ZERO);
-            for ours_turn in [ours_first, !ours_first, !ours_first, ours_first] {
-                let (raw_one, ours_one) = fresh_topics(&backend, "-one").await?;
-                topics.extend([raw_one.clone(), ours_one.clone()]);
-                if ours_turn {
-                    o += b
-                        .ours_publish_one_by_one(&bus_on(&backend, &ours_one))
-                        .await?;
-                } else {
-                    r += b.raw_publish_one_by_one(&producer, &raw_one).await?;
-                }
-            }
-            figures.push((r / 2, o / 2));
+            // End to end: publishing and consuming at once, timed to the last event handled.
+            let e2e = fresh_pairs("-e2e").await?;
+            figures.push(
+                support::both_orders(
+                    ours_first,
+                    |run| {
+                        let (b, producer, topic) = (&b, &producer, &e2e[run].0);
+                        async move { Ok(b.raw_end_to_end(producer, topic).await?.0) }
+                    },
+                    |run| {
+                        let (b, backend, topic) = (&b, &backend, &e2e[run].1);
+                        async move { Ok(b.ours_end_to_end(backend, topic).await?.0) }
+                    },
+                )
+                .await?,
+            );
+            // One event per call from 64 tasks.
+            let one = fresh_pairs("-one").await?;
+            figures.push(
+                support::both_orders(
+                    ours_first,
+                    |run| b.raw_publish_one_by_one(&producer, &one[run].0),
+                    |run| {
+                        let (b, backend, topic) = (&b, &backend, &one[run].1);
+                        async move { b.ours_publish_one_by_one(&bus_on(backend, topic)).await }
+                    },
+                )
+                .await?,
+            );
         }
         // ~800 MB a round: kept, a few dozen runs filled the disk of a broker of its own.
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -11,7 +11,7 @@
 //! `XACK` per batch. Ours does the same work through `EventBus` and `EventProcessor` (which also
 //! read the version and creation time). Each round measures every figure in both orders (ours
 //! then raw, raw then ours) and gives each side the mean of its two runs: the side measured
-//! second ran faster ([`pair`]).
+//! second ran faster ([`cqrs_tools::support::both_orders`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -431,14 +431,10 @@ fn bus_for(backend: &RedisBackend, stream: &str) -> EventBus {
     EventBus::new(backend.clone()).topics(TopicNamer::new(move |_| s.clone()))
 }
 
-/// Runs `raw` and `ours` twice each, as A, B, B, A (A is `ours` when `ours_first`), and returns
-/// each side's mean time (raw, ours). Each is given which of its two runs it is (0, 1), for a
-/// stream of its own. Both orders, because the side measured second ran faster (on Kafka, and
-/// here: in 12 rounds measured once each, ours/raw publishing in batches was 0.99 in the rounds
-/// where ours went first and 1.11 where raw did; one per call 1.04 and 1.10).
-/// With `BENCH_TIMINGS` set, prints the CPU each side used: this process's, and the server's when
-/// `BENCH_SERVER_PID` names it (redis-server is one thread: where it is the bottleneck, the
-/// commands a side sends decide its rate).
+/// [`cqrs_tools::support::both_orders`] (each figure in both orders, each side the mean of its
+/// two runs), and with `BENCH_TIMINGS` set, prints the CPU each side used in a run: this
+/// process's, and the server's when `BENCH_SERVER_PID` names it (redis-server is one thread:
+/// where it is the bottleneck, the commands a side sends decide its rate).
 async fn pair<R, RF, O, OF>(
     ours_first: bool,
     mut raw: RF,
@@ -451,33 +447,43 @@ where
     O: std::future::Future<Output = Result<Duration, BoxError>>,
 {
     let zero = (Duration::ZERO, Duration::ZERO);
-    let (mut r, mut o, mut raw_cpu, mut ours_cpu) = (Duration::ZERO, Duration::ZERO, zero, zero);
-    let add = |a: (Duration, Duration), b: (Duration, Duration)| (a.0 + b.0, a.1 + b.1);
-    for (run, ours_turn) in [
-        (0, ours_first),
-        (0, !ours_first),
-        (1, !ours_first),
-        (1, ours_first),
-    ] {
-        if ours_turn {
-            let (t, cpu) = with_cpu(ours(run)).await?;
-            (o, ours_cpu) = (o + t, add(ours_cpu, cpu));
-        } else {
-            let (t, cpu) = with_cpu(raw(run)).await?;
-            (r, raw_cpu) = (r + t, add(raw_cpu, cpu));
-        }
-    }
+    let (raw_cpu, ours_cpu) = (std::cell::Cell::new(zero), std::cell::Cell::new(zero));
+    let add = |spent: &std::cell::Cell<(Duration, Duration)>, (a, b): (Duration, Duration)| {
+        let (x, y) = spent.get();
+        spent.set((x + a, y + b));
+    };
+    let times = cqrs_tools::support::both_orders(
+        ours_first,
+        |run| {
+            let (f, raw_cpu) = (raw(run), &raw_cpu);
+            async move {
+                let (t, cpu) = with_cpu(f).await?;
+                add(raw_cpu, cpu);
+                Ok(t)
+            }
+        },
+        |run| {
+            let (f, ours_cpu) = (ours(run), &ours_cpu);
+            async move {
+                let (t, cpu) = with_cpu(f).await?;
+                add(ours_cpu, cpu);
+                Ok(t)
+            }
+        },
+    )
+    .await?;
     if std::env::var_os("BENCH_TIMINGS").is_some() {
         let ms = |d: Duration| d.as_millis() / 2;
+        let (r, o) = (raw_cpu.get(), ours_cpu.get());
         println!(
             "    CPU ms a run, this process / the server: raw {} / {}, ours {} / {}",
-            ms(raw_cpu.0),
-            ms(raw_cpu.1),
-            ms(ours_cpu.0),
-            ms(ours_cpu.1)
+            ms(r.0),
+            ms(r.1),
+            ms(o.0),
+            ms(o.1)
         );
     }
-    Ok((r / 2, o / 2))
+    Ok(times)
 }
 
 /// Awaits `f`, with the CPU this process and the server (`BENCH_SERVER_PID`) used meanwhile.

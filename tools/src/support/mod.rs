@@ -149,6 +149,38 @@ pub fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// Measures `raw` and `ours` twice each, as A, B, B, A (A is `ours` when `ours_first`), and
+/// returns each side's mean time (raw, ours). Each call is told which of its side's two runs it
+/// is (0 or 1), for a topic or stream of its own; the first two runs and the last two are pairs.
+/// Both orders, because the side measured second in a pair ran faster (docs/benchmarks.md, "Both
+/// orders each round").
+pub async fn both_orders<R, RF, O, OF>(
+    ours_first: bool,
+    mut raw: RF,
+    mut ours: OF,
+) -> Result<(Duration, Duration), BoxError>
+where
+    RF: FnMut(usize) -> R,
+    OF: FnMut(usize) -> O,
+    R: std::future::Future<Output = Result<Duration, BoxError>>,
+    O: std::future::Future<Output = Result<Duration, BoxError>>,
+{
+    let (mut r, mut o) = (Duration::ZERO, Duration::ZERO);
+    for (run, ours_turn) in [
+        (0, ours_first),
+        (0, !ours_first),
+        (1, !ours_first),
+        (1, ours_first),
+    ] {
+        if ours_turn {
+            o += ours(run).await?;
+        } else {
+            r += raw(run).await?;
+        }
+    }
+    Ok((r / 2, o / 2))
+}
+
 /// The environment variable `name` parsed, or `default` when it is unset or does not parse.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     env(name).unwrap_or(default)
