@@ -25,16 +25,16 @@
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
 //! and prints when the publishing ended and the last event was handled.
 //!
-//! Each round measures every figure in both orders, each side's figure being its two runs
-//! together: publishing as two pairs on fresh topics (ours then raw, raw then ours; the order of
-//! the pairs alternating by round), the others as A, B, B, A (A being raw in odd rounds). The side
-//! measured second in a pair ran faster: in 21 rounds that measured once each, raw and ours
-//! taking turns to go first by round, ours/raw for publishing in batches was 0.92 in the rounds
-//! where ours went first and 1.23 where raw did; one per call 0.94 and 1.10; end to end 0.84 and
-//! 1.08; and three rounds gave the second place to ours twice. In pairs on fresh topics, raw
-//! published 100,000 in 506-643 ms and ours in 440-546 when raw went first, and both in ~450-630
-//! when ours did. Neither a pause of one second before each side (publishing 0.97 and 1.12 over
-//! 21 rounds; this process and the broker, sampled every 100 ms, were all but idle in it) nor a
+//! Each round measures every figure in both orders, A, B, B, A (A is raw in odd rounds), and
+//! gives each side the mean of its two runs (`support::both_orders`); a run that publishes does
+//! so on topics of its own, made with the others of its figure before the first run. The side
+//! measured second ran faster. In 21 rounds that measured each figure once, raw and ours taking
+//! turns to go first by round, ours/raw for publishing in batches was 0.92 in the rounds where
+//! ours went first and 1.23 where raw did; one per call 0.94 and 1.10; end to end 0.84 and 1.08;
+//! and three rounds gave the second place to ours twice. Publishing in pairs on fresh topics, six
+//! rounds each way, raw took 568 ms (median) and ours 502 with raw first, 571 and 549 with ours
+//! first. Neither a pause of one second before each side (publishing 0.97 and 1.12 over 21
+//! rounds; this process and the broker, sampled every 100 ms, were all but idle in it) nor a
 //! second between making the topics and publishing (1.06 and 1.21 over 12) nor a record written
 //! to every partition first removed it. What the first run leaves for the second is not known,
 //! so both orders are measured.
