@@ -111,6 +111,16 @@ impl FieldValue for Vec<u8> {
 /// The content type assumed when a message carries none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 
+/// The most problems a malformed message's reason lists; the rest are counted ("and 3 more").
+const PROBLEMS_LISTED: usize = 8;
+
+/// A field's name or value as a reason echoes it: at most 64 bytes of it. They come from any
+/// producer, of any size and number: a fuzzed entry of many headers, their names not UTF-8,
+/// made a reason of 4,212 bytes.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::dead_letter::bounded(text, 64)
+}
+
 impl Layout {
     /// Redis Streams: `name`, `payload`, ... and `h.<header>`.
     pub const REDIS: Layout = Layout {
@@ -281,7 +291,7 @@ impl Layout {
                 Ok(s) => s,
                 Err(v) => {
                     let name = String::from_utf8_lossy(name);
-                    problems.push(format!("field `{name}` is not UTF-8"));
+                    problems.push(format!("field `{}` is not UTF-8", shown(&name)));
                     String::from_utf8_lossy(v.as_ref()).into_owned()
                 }
             }
@@ -305,9 +315,12 @@ impl Layout {
             }
             let v = text(name, v, problems);
             // Echoed in part: the value came from outside and may be of any size.
-            let shown = crate::dead_letter::bounded(&v, 64);
             let name = String::from_utf8_lossy(name);
-            problems.push(format!("field `{name}` is not a number: `{shown}`"));
+            problems.push(format!(
+                "field `{}` is not a number: `{}`",
+                shown(&name),
+                shown(&v)
+            ));
             None
         }
         let mut has_payload = payload.is_some();
@@ -373,7 +386,8 @@ impl Layout {
                             Ok(header) => header.to_owned(),
                             Err(_) => {
                                 let lossy = String::from_utf8_lossy(header).into_owned();
-                                problems.push(format!("header name `{lossy}` is not UTF-8"));
+                                problems
+                                    .push(format!("header name `{}` is not UTF-8", shown(&lossy)));
                                 lossy
                             }
                         };
@@ -401,8 +415,14 @@ impl Layout {
                 field::PAYLOAD
             ));
         }
-        let reason =
-            (!problems.is_empty()).then(|| format!("malformed message: {}", problems.join("; ")));
+        let reason = (!problems.is_empty()).then(|| {
+            let listed = problems.len().min(PROBLEMS_LISTED);
+            let mut reason = format!("malformed message: {}", problems[..listed].join("; "));
+            if problems.len() > listed {
+                reason += &format!("; and {} more", problems.len() - listed);
+            }
+            reason
+        });
         (message, reason)
     }
 }
@@ -606,6 +626,40 @@ mod tests {
             m.metadata.headers.get("t\u{fffd}").map(String::as_str),
             Some("v")
         );
+    }
+
+    /// What a producer writes is of any size and number: the reason echoes 64 bytes of a name or
+    /// value and lists eight problems, then counts the rest (a fuzzed entry made one of 4,212
+    /// bytes). Every header is still kept.
+    #[test]
+    fn a_reason_echoes_bounded_parts_of_a_bounded_number_of_problems() {
+        let long = |i: usize| {
+            let mut name = b"h.".to_vec();
+            name.extend(std::iter::repeat_n(b'n', 500));
+            name.extend(i.to_string().as_bytes());
+            name.push(0xff);
+            name
+        };
+        let names: Vec<Vec<u8>> = (0..20).map(long).collect();
+        let mut fields: Vec<(&[u8], &[u8])> = vec![(b"name", b"Booked"), (b"payload", b"{}")];
+        fields.extend(names.iter().map(|n| (&n[..], &b"\xff"[..])));
+        fields.push((b"version", &[b'9'; 300]));
+        let entry = Entry {
+            id: "1-0",
+            time_ms: None,
+        };
+        let (m, reason) = Layout::REDIS.decode(fields, entry, None::<&[u8]>, None);
+        let reason = reason.expect("malformed");
+        assert!(reason.len() < 2_000, "{} bytes: {reason}", reason.len());
+        // Each header twice (its value, then its name, not UTF-8), and the version.
+        assert!(
+            reason.starts_with(
+                "malformed message: field `h.nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn... (442 more bytes)` is not UTF-8; header name `nnnn"
+            ),
+            "{reason}"
+        );
+        assert!(reason.ends_with("; and 33 more"), "{reason}");
+        assert_eq!(m.metadata.headers.len(), 20, "every header kept");
     }
 
     #[test]
