@@ -41,12 +41,8 @@ pub(crate) struct CommitGate {
     pub(crate) changed: tokio::sync::Notify,
     every: u64,
     limit: u64,
-    /// Why the last commit answered was refused (`None`: it succeeded).
-    refused: Mutex<Option<String>>,
-    /// The commits refused in a row since the last that succeeded, and whether the first of
-    /// them was refused for a stale member epoch (see [`CommitGate::refusal_of`]).
-    refused_in_row: AtomicU64,
-    first_refusal_stale: AtomicBool,
+    /// The refusals since the last commit that succeeded (`None`: it succeeded).
+    refused: Mutex<Option<Refusals>>,
     /// The last commit answered was refused: the gate closes at `every` unrecorded acks, not
     /// at `limit`.
     failing: AtomicBool,
@@ -68,8 +64,6 @@ impl CommitGate {
             every: every as u64,
             limit: limit as u64,
             refused: Mutex::new(None),
-            refused_in_row: AtomicU64::new(0),
-            first_refusal_stale: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             asks: Mutex::new(Some(asks)),
         };
@@ -219,23 +213,27 @@ impl CommitGate {
         match result {
             Ok(()) => {
                 *lock(&self.refused) = None;
-                self.refused_in_row.store(0, Ordering::SeqCst);
                 self.failing.store(false, Ordering::SeqCst);
                 true
             }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
             Err(e) => {
-                *lock(&self.refused) = Some(e.to_string());
                 self.failing.store(true, Ordering::SeqCst);
-                let in_row = self.refused_in_row.fetch_add(1, Ordering::SeqCst) + 1;
-                let stale = matches!(
-                    e,
-                    KafkaError::ConsumerCommit(RDKafkaErrorCode::StaleMemberEpoch)
-                );
-                if in_row == 1 {
-                    self.first_refusal_stale.store(stale, Ordering::SeqCst);
-                }
-                if warns(in_row, self.first_refusal_stale.load(Ordering::SeqCst)) {
+                let warns = {
+                    let mut refused = lock(&self.refused);
+                    let run = refused.get_or_insert_with(|| Refusals {
+                        in_row: 0,
+                        first_stale: matches!(
+                            e,
+                            KafkaError::ConsumerCommit(RDKafkaErrorCode::StaleMemberEpoch)
+                        ),
+                        last: String::new(),
+                    });
+                    run.in_row += 1;
+                    run.last = e.to_string();
+                    run.warns()
+                };
+                if warns {
                     tracing::warn!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
                 } else {
                     tracing::debug!(error = %e, unrecorded = self.unrecorded(), "a commit was refused");
@@ -247,7 +245,7 @@ impl CommitGate {
 
     /// Why commits are refused, while the last one was.
     pub(crate) fn refusal(&self) -> Option<String> {
-        lock(&self.refused).clone()
+        lock(&self.refused).as_ref().map(|r| r.last.clone())
     }
 
     /// Why the gate holds when no commit was refused: acks held behind a message still pending
@@ -263,17 +261,28 @@ impl CommitGate {
     }
 }
 
-/// Whether the `in_row`th refusal in a row is said as a warning. Refusals come in runs while a
-/// group rebalances: the first of a run is worth one (a closed gate reports a run that does not
-/// end: `receive`), and the rest are not. Under KIP-848's protocol a commit sent just before the
-/// member's epoch moved on (the group gave it partitions or took some) is refused once for a
-/// stale member epoch, and the next, with the new epoch, succeeds: each member did so at every
-/// rebalance (two members joining one group: one such refusal a run, a commit 7 ms later
-/// succeeding). Such a first refusal is not warned of; a second in a row is (a member that lost
-/// its place: after a broker restart a soak's member had its commits refused so until it
-/// rejoined).
-fn warns(in_row: u64, first_stale: bool) -> bool {
-    in_row == 1 && !first_stale || in_row == 2 && first_stale
+/// The commits refused in a row since the last that succeeded.
+struct Refusals {
+    in_row: u64,
+    /// The first of them was refused for a stale member epoch.
+    first_stale: bool,
+    /// Why the last of them was refused.
+    last: String,
+}
+
+impl Refusals {
+    /// Whether the last refusal is said as a warning. Refusals come in runs while a group
+    /// rebalances: the first of a run is worth one (a closed gate reports a run that does not end:
+    /// `receive`), and the rest are not. Under KIP-848's protocol a commit sent just before the
+    /// member's epoch moved on (the group gave it partitions or took some) is refused once for a
+    /// stale member epoch, and the next, with the new epoch, succeeds: each member did so at every
+    /// rebalance (two members joining one group: one such refusal a run, a commit 7 ms later
+    /// succeeding). Such a first refusal is not warned of; a second in a row is (a member that lost
+    /// its place: after a broker restart a soak's member had its commits refused so until it
+    /// rejoined).
+    fn warns(&self) -> bool {
+        self.in_row == 1 && !self.first_stale || self.in_row == 2 && self.first_stale
+    }
 }
 
 /// Whether a commit may be asked for at `now` when the last one was asked at `asked_at` (0:
