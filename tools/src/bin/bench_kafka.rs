@@ -540,30 +540,16 @@ async fn main() -> Result<(), BoxError> {
         };
         // Publish, with the CPU time this process spent on each side.
         let published = fresh_pairs("").await?;
-        let cpu = || support::cpu_time("self");
         let (raw_cpu, ours_cpu) = (Cell::new(Duration::ZERO), Cell::new(Duration::ZERO));
         figures.push(
             support::both_orders(
                 ours_first,
+                |run| support::adding_cpu(&raw_cpu, b.raw_publish(&producer, &published[run].0)),
                 |run| {
-                    let (producer, topic, raw_cpu) = (&producer, &published[run].0, &raw_cpu);
-                    let b = &b;
-                    async move {
-                        let c = cpu();
-                        let t = b.raw_publish(producer, topic).await?;
-                        raw_cpu.set(raw_cpu.get() + (cpu() - c));
-                        Ok(t)
-                    }
-                },
-                |run| {
-                    let (backend, topic, ours_cpu) = (&backend, &published[run].1, &ours_cpu);
-                    let b = &b;
-                    async move {
-                        let c = cpu();
-                        let t = b.ours_publish(&bus_on(backend, topic)).await?;
-                        ours_cpu.set(ours_cpu.get() + (cpu() - c));
-                        Ok(t)
-                    }
+                    let (b, backend, topic) = (&b, &backend, &published[run].1);
+                    support::adding_cpu(&ours_cpu, async move {
+                        b.ours_publish(&bus_on(backend, topic)).await
+                    })
                 },
             )
             .await?,

@@ -58,6 +58,12 @@ impl Bench {
         format!("bench-{}-{what}", self.run)
     }
 
+    /// The streams of a figure measured in both orders: raw's two, ours' two (one a run).
+    fn streams(&self, what: &str) -> ([String; 2], [String; 2]) {
+        let two = |side: &str| [0, 1].map(|run| self.stream(&format!("{side}-{what}{run}")));
+        (two("raw"), two("ours"))
+    }
+
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, BoxError> {
         Ok(redis::Client::open(self.url.as_str())?
             .get_multiplexed_async_connection()
@@ -448,28 +454,10 @@ where
 {
     let zero = (Duration::ZERO, Duration::ZERO);
     let (raw_cpu, ours_cpu) = (std::cell::Cell::new(zero), std::cell::Cell::new(zero));
-    let add = |spent: &std::cell::Cell<(Duration, Duration)>, (a, b): (Duration, Duration)| {
-        let (x, y) = spent.get();
-        spent.set((x + a, y + b));
-    };
     let times = cqrs_tools::support::both_orders(
         ours_first,
-        |run| {
-            let (f, raw_cpu) = (raw(run), &raw_cpu);
-            async move {
-                let (t, cpu) = with_cpu(f).await?;
-                add(raw_cpu, cpu);
-                Ok(t)
-            }
-        },
-        |run| {
-            let (f, ours_cpu) = (ours(run), &ours_cpu);
-            async move {
-                let (t, cpu) = with_cpu(f).await?;
-                add(ours_cpu, cpu);
-                Ok(t)
-            }
-        },
+        |run| adding_cpu(&raw_cpu, raw(run)),
+        |run| adding_cpu(&ours_cpu, ours(run)),
     )
     .await?;
     if std::env::var_os("BENCH_TIMINGS").is_some() {
@@ -507,6 +495,18 @@ async fn with_cpu<T>(
     ))
 }
 
+/// `f`'s result, with the CPU this process and the server used meanwhile ([`with_cpu`]) added
+/// to `spent`.
+async fn adding_cpu<T>(
+    spent: &std::cell::Cell<(Duration, Duration)>,
+    f: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let (t, (me, server)) = with_cpu(f).await?;
+    let (a, b) = spent.get();
+    spent.set((a + me, b + server));
+    Ok(t)
+}
+
 /// One round of every figure, each measured in both orders ([`pair`]); rounds alternate which
 /// order comes first.
 async fn one_round(
@@ -517,42 +517,44 @@ async fn one_round(
 ) -> Result<(), BoxError> {
     let n = b.n;
     // Publish, pipelined by 100, each run on a stream of its own.
-    let raw_s = |run: usize| b.stream(&format!("raw-pub{run}"));
-    let ours_s = |run: usize| b.stream(&format!("ours-pub{run}"));
+    let (raw_s, ours_s) = b.streams("pub");
     let (raw, ours) = pair(
         ours_first,
-        |run| async move { b.raw_fill(&raw_s(run)).await },
-        |run| async move {
-            b.ours_publish_batched(&bus_for(backend, &ours_s(run)))
-                .await
+        |run| b.raw_fill(&raw_s[run]),
+        |run| {
+            let ours_s = &ours_s;
+            async move {
+                b.ours_publish_batched(&bus_for(backend, &ours_s[run]))
+                    .await
+            }
         },
     )
     .await?;
     table.add("publish, batches of 100", n, raw, ours);
 
     // Consume what was just published: 1 member, then 2 members; each run a new group.
-    let (raw0, ours0) = (raw_s(0), ours_s(0));
     for (members, figure) in [(1, "consume, 1 member"), (2, "consume, 2 members")] {
         let (raw, ours) = pair(
             ours_first,
-            |_| b.raw_consume(&raw0, members, n),
-            |_| b.ours_consume(backend, &ours0, members, n),
+            |_| b.raw_consume(&raw_s[0], members, n),
+            |_| b.ours_consume(backend, &ours_s[0], members, n),
         )
         .await?;
         table.add(figure, n, raw, ours);
     }
-    b.cleanup(&[raw_s(0), raw_s(1), ours_s(0), ours_s(1)])
-        .await?;
+    b.cleanup(&[raw_s, ours_s].concat()).await?;
 
     // Publish one event per call from 64 tasks.
-    let raw_s = |run: usize| b.stream(&format!("raw-one{run}"));
-    let ours_s = |run: usize| b.stream(&format!("ours-one{run}"));
+    let (raw_s, ours_s) = b.streams("one");
     let (raw, ours) = pair(
         ours_first,
-        |run| async move { b.raw_publish_one_by_one(&raw_s(run)).await },
-        |run| async move {
-            b.ours_publish_one_by_one(&bus_for(backend, &ours_s(run)))
-                .await
+        |run| b.raw_publish_one_by_one(&raw_s[run]),
+        |run| {
+            let ours_s = &ours_s;
+            async move {
+                b.ours_publish_one_by_one(&bus_for(backend, &ours_s[run]))
+                    .await
+            }
         },
     )
     .await?;
@@ -562,35 +564,36 @@ async fn one_round(
         raw,
         ours,
     );
-    b.cleanup(&[raw_s(0), raw_s(1), ours_s(0), ours_s(1)])
-        .await?;
+    b.cleanup(&[raw_s, ours_s].concat()).await?;
 
     // End to end: a consumer running while the publisher publishes.
-    let raw_s = |run: usize| b.stream(&format!("raw-e2e{run}"));
-    let ours_s = |run: usize| b.stream(&format!("ours-e2e{run}"));
+    let (raw_s, ours_s) = b.streams("e2e");
     let (raw, ours) = pair(
         ours_first,
-        |run| async move {
-            let s = raw_s(run);
-            let (c, p) = tokio::join!(b.raw_consume(&s, 1, n), b.raw_fill(&s));
-            p?;
-            // From the first publish to the last event handled (both start at once).
-            c
+        |run| {
+            let s = &raw_s[run];
+            async move {
+                let (c, p) = tokio::join!(b.raw_consume(s, 1, n), b.raw_fill(s));
+                p?;
+                // From the first publish to the last event handled (both start at once).
+                c
+            }
         },
-        |run| async move {
-            let s = ours_s(run);
-            let bus = bus_for(backend, &s);
-            let (c, p) = tokio::join!(
-                b.ours_consume(backend, &s, 1, n),
-                b.ours_publish_batched(&bus)
-            );
-            p?;
-            c
+        |run| {
+            let s = &ours_s[run];
+            async move {
+                let bus = bus_for(backend, s);
+                let (c, p) = tokio::join!(
+                    b.ours_consume(backend, s, 1, n),
+                    b.ours_publish_batched(&bus)
+                );
+                p?;
+                c
+            }
         },
     )
     .await?;
     table.add("publish + consume, end to end", n, raw, ours);
-    b.cleanup(&[raw_s(0), raw_s(1), ours_s(0), ours_s(1)])
-        .await?;
+    b.cleanup(&[raw_s, ours_s].concat()).await?;
     Ok(())
 }

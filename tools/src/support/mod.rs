@@ -181,6 +181,18 @@ where
     Ok((r / 2, o / 2))
 }
 
+/// `f`'s result, with the CPU this process used while it ran added to `spent`: a side's CPU
+/// over its runs of [`both_orders`].
+pub async fn adding_cpu<T>(
+    spent: &std::cell::Cell<Duration>,
+    f: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let before = cpu_time("self");
+    let t = f.await?;
+    spent.set(spent.get() + (cpu_time("self") - before));
+    Ok(t)
+}
+
 /// The environment variable `name` parsed, or `default` when it is unset or does not parse.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     env(name).unwrap_or(default)
