@@ -271,6 +271,13 @@ impl KafkaConsumer {
         }
     }
 
+    /// How many records there are to hand out without waiting, at most: those taken from the
+    /// poll thread and not handed out yet, and a full batch for each in its queue.
+    fn ready(&self) -> usize {
+        let taken: usize = self.taken.iter().map(|t| t.polled.len()).sum();
+        taken + self.rx.len() * POLL_BATCH
+    }
+
     /// Takes a batch from the poll thread, after what is left of those before.
     fn take(&mut self, batch: Batch) {
         self.taken.push_back(Taken {
@@ -398,9 +405,10 @@ impl Consumer for KafkaConsumer {
     async fn receive(&mut self, max: usize) -> cqrs_core::Result<Vec<Delivery>> {
         let max = max.max(1);
         loop {
-            // Sized for what is likely to come: grown from empty, it was copied a few times a
-            // call.
-            let mut out = Vec::with_capacity(max.min(POLL_BATCH));
+            // Sized for what is there to take: grown, it was copied a few times a call (at a
+            // batch size of 500, from 256 to 512 deliveries once a call: ~60 instructions a
+            // record, docs/benchmarks.md).
+            let mut out = Vec::with_capacity(max.min(self.ready()).max(1));
             let next_retry = self.due_retries(max, &mut out);
             let gate = self.acker.gate.clone();
             // Errors librdkafka reported while polling (a broker away, every reconnect) are

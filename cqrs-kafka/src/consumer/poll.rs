@@ -402,18 +402,27 @@ pub(super) fn poll_loop(
         (record, epoch.load(Ordering::SeqCst))
     };
     // Polled and not sent yet: the queue had no room. Sized for a batch: grown from empty, the
-    // list of records was copied eight times.
-    let new_batch = || Batch {
-        bytes: buffers.take(),
-        polled: Vec::with_capacity(POLL_BATCH),
+    // list of records was copied eight times, and a new buffer (none given back yet) as often
+    // (~60 instructions a record, docs/benchmarks.md): it gets the largest batch's size so far.
+    let mut sized = 0;
+    let new_batch = |sized: usize| {
+        let mut bytes = buffers.take();
+        bytes.reserve(sized);
+        Batch {
+            bytes,
+            polled: Vec::with_capacity(POLL_BATCH),
+        }
     };
-    let mut held = new_batch();
+    let mut held = new_batch(sized);
     let mut paused = false;
     let mut full_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         if !held.polled.is_empty() {
             match tx.try_reserve() {
-                Ok(room) => room.send(std::mem::replace(&mut held, new_batch())),
+                Ok(room) => {
+                    sized = sized.max(held.bytes.len()).min(BATCH_BYTES);
+                    room.send(std::mem::replace(&mut held, new_batch(sized)))
+                }
                 Err(mpsc::error::TrySendError::Full(())) => {}
                 Err(mpsc::error::TrySendError::Closed(())) => return,
             }
