@@ -26,7 +26,14 @@ impl KafkaServer {
     /// Formats a fresh directory and starts a broker from it; `settings` are extra server
     /// properties (`key=value`).
     pub fn start(settings: &[&str]) -> Result<Self, String> {
-        KafkaServer::start_in(fresh_dir("cqrs-kafka"), with_settings(Vec::new(), settings))
+        KafkaServer::start_under(&std::env::temp_dir(), settings)
+    }
+
+    /// [`KafkaServer::start`] from a fresh directory under `parent`: a benchmark's broker on a
+    /// memory-backed file system (`/dev/shm`) writes no log to disk.
+    pub fn start_under(parent: &Path, settings: &[&str]) -> Result<Self, String> {
+        let dir = parent.join(cqrs::conformance::unique("cqrs-kafka"));
+        KafkaServer::start_in(dir, with_settings(Vec::new(), settings))
     }
 
     /// Starts a broker from `dir` (created if missing) with `args` for `scripts/kafka start`.

@@ -6,7 +6,9 @@
 //! use). `BENCH_N` sets the event count (default 100,000), `BENCH_ROUNDS` the rounds (default 3);
 //! The raw producer sends the two headers ours sends (`cqrs-id`, `cqrs-name`; `RAW_HEADERS=0`:
 //! none), and the raw consumer reads the name, as ours does to choose the handler.
-//! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round.
+//! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round. A broker of its own keeps
+//! its log in `/dev/shm` where there is one (`BENCH_KAFKA_DIR` sets the directory). Each run
+//! begins with `BENCH_WARMUP` rounds (default 1) that measure every figure and count none.
 //! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. `BENCH_TIMINGS=1` prints when our
 //! processors started, handled their first event and handled all of them;
 //! `BENCH_PROFILE_CONSUME=1` publishes, then runs our consumer alone after a 3 s pause (for a
@@ -64,6 +66,8 @@ use std::time::{Duration, Instant};
 
 use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
@@ -137,9 +141,22 @@ fn raw_headers() -> bool {
 struct Bench {
     brokers: String,
     n: usize,
+    /// Sets each group's settings ([`Bench::group_settings`]): one client for every group.
+    admin: AdminClient<DefaultClientContext>,
 }
 
 impl Bench {
+    fn new(brokers: &str, n: usize) -> Result<Self, BoxError> {
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        Ok(Bench {
+            brokers: brokers.to_owned(),
+            n,
+            admin,
+        })
+    }
+
     fn producer(&self) -> Result<FutureProducer, BoxError> {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -272,7 +289,7 @@ impl Bench {
         members: usize,
     ) -> Result<Duration, BoxError> {
         let group = cqrs::conformance::unique("raw");
-        group_settings(&self.brokers, &group).await?;
+        self.group_settings(&group).await?;
         let got = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
         let cpu = support::cpu_time("self");
@@ -366,7 +383,7 @@ impl Bench {
         );
         let token = CancellationToken::new();
         let service = cqrs::conformance::unique("ours");
-        group_settings(&self.brokers, &format!("{service}.count")).await?;
+        self.group_settings(&format!("{service}.count")).await?;
         let start = Instant::now();
         let cpu = support::cpu_time("self");
         // Started together, as the raw side's members are.
@@ -423,6 +440,39 @@ impl Bench {
         }
         Ok(elapsed)
     }
+
+    /// Sets the group settings (`BENCH_GROUP_SET`, else [`GROUP_SETTINGS`]; `key=value,...`, empty
+    /// for none) on `group` before its members start. A broker that refuses them (one without
+    /// KIP-848's group configs, or whose bounds exclude them) is said on stderr and the run goes on
+    /// without them.
+    async fn group_settings(&self, group: &str) -> Result<(), BoxError> {
+        use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+        let set = std::env::var("BENCH_GROUP_SET").unwrap_or_else(|_| GROUP_SETTINGS.to_owned());
+        if set.is_empty() {
+            return Ok(());
+        }
+        let mut alter = AlterConfig::new(ResourceSpecifier::Group(group));
+        for kv in set.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or("BENCH_GROUP_SET is key=value,...")?;
+            alter = alter.set(k, v);
+        }
+        let refused = match self
+            .admin
+            .alter_configs([&alter], &AdminOptions::new())
+            .await
+        {
+            Ok(results) => results
+                .into_iter()
+                .find_map(|r| r.err().map(|(_, e)| e.to_string())),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = refused {
+            eprintln!("the broker refused the group settings {set:?} ({e}): running without them");
+        }
+        Ok(())
+    }
 }
 
 /// Our backend's settings: the benchmark's, and those the environment sets for experiments.
@@ -469,24 +519,51 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+fn main() -> Result<(), BoxError> {
     cqrs_tools::support::init_logs();
-    let n: usize = support::env_or("BENCH_N", 100_000);
-    let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
     let fresh = std::env::var("BENCH_FRESH_BROKER").is_ok();
-    let publish_only = std::env::var("BENCH_PUBLISH_ONLY").is_ok();
     // One broker for every round unless each round gets a fresh one.
     let own = match std::env::var("KAFKA_BROKERS") {
         Ok(_) => None,
         Err(_) if fresh => None,
-        Err(_) => Some(KafkaServer::start(&[])?),
+        Err(_) => Some(own_broker()?),
     };
     let shared = match (&own, std::env::var("KAFKA_BROKERS")) {
         (Some(server), _) => server.brokers().to_owned(),
         (None, Ok(brokers)) => brokers,
         (None, Err(_)) => String::new(),
     };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(shared, fresh));
+    // The clients go first: stopped under them (closing on threads of their own, after the
+    // runtime), the broker had each log that all brokers were down.
+    drop(runtime);
+    if own.is_some() {
+        support::await_kafka_clients_gone(Duration::from_secs(5));
+    }
+    drop(own);
+    result
+}
+
+/// An Apache Kafka of the benchmark's own, its log under `BENCH_KAFKA_DIR`, else `/dev/shm`
+/// where there is one, else the temporary directory. In memory, the ~800 MB a round writes is
+/// not written back to disk while the next figure runs: on disk, the kernel wrote back up to
+/// 1.4 GB a second in bursts during a run (`vmstat 1`), beside both sides on the two cores.
+fn own_broker() -> Result<KafkaServer, BoxError> {
+    let shm = std::path::Path::new("/dev/shm");
+    let parent = match std::env::var_os("BENCH_KAFKA_DIR") {
+        Some(dir) => dir.into(),
+        None if shm.is_dir() => shm.to_owned(),
+        None => std::env::temp_dir(),
+    };
+    Ok(KafkaServer::start_under(&parent, &[])?)
+}
+
+async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
+    let n: usize = support::env_or("BENCH_N", 100_000);
+    let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
+    let warmup: usize = support::env_or("BENCH_WARMUP", 1);
+    let publish_only = std::env::var("BENCH_PUBLISH_ONLY").is_ok();
     let place = if fresh {
         "a fresh Apache Kafka per round".to_owned()
     } else {
@@ -498,7 +575,9 @@ async fn main() -> Result<(), BoxError> {
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         return one_phase(&shared, n, &only).await;
     }
-    println!("{n} events of ~1 KiB of JSON on 4 partitions, {place}, {rounds} rounds");
+    println!(
+        "{n} events of ~1 KiB of JSON on 4 partitions, {place}, {warmup} warm-up round(s), {rounds} rounds"
+    );
     let names = [
         "publish, batches of 1000",
         "consume, 1 member",
@@ -508,24 +587,20 @@ async fn main() -> Result<(), BoxError> {
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); names.len()];
     let mut cpu_ms = Vec::new();
-    for round in 1..=rounds {
-        let broker = if fresh {
-            Some(KafkaServer::start(&[])?)
-        } else {
-            None
-        };
+    // Warm-up rounds (numbered 0 and below) run every figure and count none: the first round
+    // on a broker just started ran at about half the rate of the next ones on both sides (its
+    // JVM compiling as it goes), and put a round of other conditions in the median.
+    for round in (1 - warmup as isize)..=rounds as isize {
+        let broker = if fresh { Some(own_broker()?) } else { None };
         let brokers = broker
             .as_ref()
             .map_or(shared.clone(), |t| t.brokers().to_owned());
-        let b = Bench {
-            brokers: brokers.clone(),
-            n,
-        };
+        let b = Bench::new(&brokers, n)?;
         let backend = KafkaBackend::connect(config(&brokers)).await?;
         let producer = b.producer()?;
         // Each figure is measured in both orders ([`support::both_orders`]), which comes first
         // alternating by round; each run that publishes does so on fresh topics.
-        let ours_first = round % 2 == 0;
+        let ours_first = round.rem_euclid(2) == 0;
         let mut figures = Vec::new();
         let mut topics: Vec<String> = Vec::new();
         let mut fresh_pairs = async |suffix: &str| -> Result<[(String, String); 2], BoxError> {
@@ -554,10 +629,12 @@ async fn main() -> Result<(), BoxError> {
             )
             .await?,
         );
-        cpu_ms.push((
-            raw_cpu.get().as_secs_f64() * 5e2,
-            ours_cpu.get().as_secs_f64() * 5e2,
-        ));
+        if round > 0 {
+            cpu_ms.push((
+                raw_cpu.get().as_secs_f64() * 5e2,
+                ours_cpu.get().as_secs_f64() * 5e2,
+            ));
+        }
         // The topics of the second pair are consumed next.
         let (raw_t, ours_t) = &published[1];
         if std::env::var("BENCH_PROFILE_CONSUME").is_ok() {
@@ -615,7 +692,18 @@ async fn main() -> Result<(), BoxError> {
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         delete_topics(&brokers, &topics).await?;
         drop((producer, backend, broker));
-        print_round(round, n, &names, figures, &mut results);
+        if round > 0 {
+            println!("round {round}");
+            print_round(n, &names, figures, &mut results);
+        } else {
+            println!("warm-up round (not counted)");
+            print_round(
+                n,
+                &names,
+                figures,
+                &mut vec![Default::default(); names.len()],
+            );
+        }
     }
     println!("\nmedian of the rounds");
     println!(
@@ -643,39 +731,6 @@ async fn main() -> Result<(), BoxError> {
 /// module's docs): heartbeats every 100 ms, not the test broker's 500 ms.
 const GROUP_SETTINGS: &str = "consumer.heartbeat.interval.ms=100";
 
-/// Sets the group settings (`BENCH_GROUP_SET`, else [`GROUP_SETTINGS`]; `key=value,...`, empty
-/// for none) on `group` before its members start. A broker that refuses them (one without
-/// KIP-848's group configs, or whose bounds exclude them) is said on stderr and the run goes on
-/// without them.
-async fn group_settings(brokers: &str, group: &str) -> Result<(), BoxError> {
-    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
-    use rdkafka::client::DefaultClientContext;
-    let set = std::env::var("BENCH_GROUP_SET").unwrap_or_else(|_| GROUP_SETTINGS.to_owned());
-    if set.is_empty() {
-        return Ok(());
-    }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let mut alter = AlterConfig::new(ResourceSpecifier::Group(group));
-    for kv in set.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or("BENCH_GROUP_SET is key=value,...")?;
-        alter = alter.set(k, v);
-    }
-    let refused = match admin.alter_configs([&alter], &AdminOptions::new()).await {
-        Ok(results) => results
-            .into_iter()
-            .find_map(|r| r.err().map(|(_, e)| e.to_string())),
-        Err(e) => Some(e.to_string()),
-    };
-    if let Some(e) = refused {
-        eprintln!("the broker refused the group settings {set:?} ({e}): running without them");
-    }
-    Ok(())
-}
-
 /// Deletes `topics` (those this run made, by name: nothing else on the broker).
 async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<(), BoxError> {
     use rdkafka::admin::{AdminClient, AdminOptions};
@@ -699,13 +754,11 @@ async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<(), BoxError> {
 
 /// Prints one round's figures (raw, ours, ratio; msg/s) and adds them to `results`.
 fn print_round(
-    round: usize,
     n: usize,
     names: &[&str],
     figures: Vec<(Duration, Duration)>,
     results: &mut [(Vec<f64>, Vec<f64>)],
 ) {
-    println!("round {round}");
     for (i, (r, o)) in figures.into_iter().enumerate() {
         let (r, o) = (rate(n, r), rate(n, o));
         println!("  {:<34} {r:>10.0} {o:>10.0} {:>6.2}", names[i], o / r);
@@ -778,10 +831,7 @@ fn bus_on(backend: &KafkaBackend, topic: &str) -> EventBus {
 /// One phase alone, on the topic `BENCH_TOPIC` (see the module's docs).
 async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> {
     let topic = std::env::var("BENCH_TOPIC").map_err(|_| "BENCH_ONLY needs BENCH_TOPIC")?;
-    let b = Bench {
-        brokers: brokers.to_owned(),
-        n,
-    };
+    let b = Bench::new(brokers, n)?;
     let backend = KafkaBackend::connect(config(brokers)).await?;
     // The members of the group consuming alone.
     let members: usize = support::env_or("BENCH_MEMBERS", 1);

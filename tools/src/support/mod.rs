@@ -50,6 +50,23 @@ pub fn bench_kafka(
     Ok((Some(server), config))
 }
 
+/// Waits, at most `timeout`, until this process has no librdkafka client left: none of its
+/// threads is one of librdkafka's (named `rdk:...`). Clients close on threads of their own (a
+/// consumer's poll thread, ours that drop clients), after whatever dropped them returned.
+pub fn await_kafka_clients_gone(timeout: Duration) {
+    let clients_left = || {
+        std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| {
+            tasks.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("rdk:"))
+            })
+        })
+    };
+    let start = std::time::Instant::now();
+    while clients_left() && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `fetch.wait.max.ms` for the benchmarks' Kafka clients: `BENCH_KAFKA_FETCH_WAIT_MS`, else our
 /// default (100 ms).
 pub fn kafka_fetch_wait_ms() -> u64 {
