@@ -8,7 +8,8 @@
 //! none), and the raw consumer reads the name, as ours does to choose the handler.
 //! `BENCH_FRESH_BROKER=1` starts a fresh Apache Kafka for every round. A broker of its own keeps
 //! its log in `/dev/shm` where there is one (`BENCH_KAFKA_DIR` sets the directory). Each run
-//! begins with `BENCH_WARMUP` rounds (default 1) that measure every figure and count none.
+//! begins with `BENCH_WARMUP` rounds (default 1; 0 with `BENCH_FRESH_BROKER`) that measure every
+//! figure and count none.
 //! `BENCH_PUBLISH_ONLY=1` runs the publishing figure alone. `BENCH_TIMINGS=1` prints when our
 //! processors started, handled their first event and handled all of them;
 //! `BENCH_PROFILE_CONSUME=1` publishes, then runs our consumer alone after a 3 s pause (for a
@@ -562,7 +563,8 @@ fn own_broker() -> Result<KafkaServer, BoxError> {
 async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
     let n: usize = support::env_or("BENCH_N", 100_000);
     let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
-    let warmup: usize = support::env_or("BENCH_WARMUP", 1);
+    // A fresh broker each round is cold each round: warming one up first measures nothing.
+    let warmup: usize = support::env_or("BENCH_WARMUP", if fresh { 0 } else { 1 });
     let publish_only = std::env::var("BENCH_PUBLISH_ONLY").is_ok();
     let place = if fresh {
         "a fresh Apache Kafka per round".to_owned()
