@@ -32,8 +32,10 @@ impl KafkaServer {
     /// [`KafkaServer::start`] from a fresh directory under `parent`: a benchmark's broker on a
     /// memory-backed file system (`/dev/shm`) writes no log to disk.
     pub fn start_under(parent: &Path, settings: &[&str]) -> Result<Self, String> {
-        let dir = parent.join(cqrs::conformance::unique("cqrs-kafka"));
-        KafkaServer::start_in(dir, with_settings(Vec::new(), settings))
+        KafkaServer::start_in(
+            fresh_dir(parent, "cqrs-kafka"),
+            with_settings(Vec::new(), settings),
+        )
     }
 
     /// Starts a broker from `dir` (created if missing) with `args` for `scripts/kafka start`.
@@ -91,9 +93,9 @@ fn run_script(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// A fresh directory name under the temporary directory.
-fn fresh_dir(prefix: &str) -> PathBuf {
-    std::env::temp_dir().join(cqrs::conformance::unique(prefix))
+/// A fresh directory name under `parent`.
+fn fresh_dir(parent: &Path, prefix: &str) -> PathBuf {
+    parent.join(cqrs::conformance::unique(prefix))
 }
 
 /// `args` and a `--set key=value` for each of `settings`.
@@ -136,7 +138,7 @@ impl KafkaCluster {
             .iter()
             .enumerate()
             .map(|(i, (port, cport))| {
-                let dir = fresh_dir(&format!("cqrs-kafka-node{}", i + 1));
+                let dir = fresh_dir(&std::env::temp_dir(), &format!("cqrs-kafka-node{}", i + 1));
                 let args: Vec<String> = [
                     "--port",
                     &port.to_string(),
