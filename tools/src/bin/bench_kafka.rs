@@ -142,7 +142,8 @@ fn raw_headers() -> bool {
 struct Bench {
     brokers: String,
     n: usize,
-    /// Sets each group's settings ([`Bench::group_settings`]): one client for every group.
+    /// Sets each group's settings ([`Bench::group_settings`]) and deletes the topics made: one
+    /// client for all of it.
     admin: AdminClient<DefaultClientContext>,
 }
 
@@ -474,6 +475,24 @@ impl Bench {
         }
         Ok(())
     }
+
+    /// Deletes `topics` (those this run made, by name: nothing else on the broker).
+    async fn delete_topics(&self, topics: &[&str]) -> Result<(), BoxError> {
+        use rdkafka::admin::AdminOptions;
+        for result in self
+            .admin
+            .delete_topics(
+                topics,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            )
+            .await?
+        {
+            if let Err((topic, e)) = result {
+                eprintln!("deleting {topic} failed: {e}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Our backend's settings: the benchmark's, and those the environment sets for experiments.
@@ -692,19 +711,14 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
         }
         // ~800 MB a round: kept, a few dozen runs filled the disk of a broker of its own.
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        delete_topics(&brokers, &topics).await?;
+        b.delete_topics(&topics).await?;
         drop((producer, backend, broker));
         if round > 0 {
             println!("round {round}");
-            print_round(n, &names, figures, &mut results);
+            print_round(n, &names, figures, Some(&mut results));
         } else {
             println!("warm-up round (not counted)");
-            print_round(
-                n,
-                &names,
-                figures,
-                &mut vec![Default::default(); names.len()],
-            );
+            print_round(n, &names, figures, None);
         }
     }
     println!("\nmedian of the rounds");
@@ -733,39 +747,21 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
 /// module's docs): heartbeats every 100 ms, not the test broker's 500 ms.
 const GROUP_SETTINGS: &str = "consumer.heartbeat.interval.ms=100";
 
-/// Deletes `topics` (those this run made, by name: nothing else on the broker).
-async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<(), BoxError> {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    for result in admin
-        .delete_topics(
-            topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await?
-    {
-        if let Err((topic, e)) = result {
-            eprintln!("deleting {topic} failed: {e}");
-        }
-    }
-    Ok(())
-}
-
-/// Prints one round's figures (raw, ours, ratio; msg/s) and adds them to `results`.
+/// Prints one round's figures (raw, ours, ratio; msg/s) and adds them to `results` (`None`: a
+/// round not counted).
 fn print_round(
     n: usize,
     names: &[&str],
     figures: Vec<(Duration, Duration)>,
-    results: &mut [(Vec<f64>, Vec<f64>)],
+    mut results: Option<&mut Vec<(Vec<f64>, Vec<f64>)>>,
 ) {
     for (i, (r, o)) in figures.into_iter().enumerate() {
         let (r, o) = (rate(n, r), rate(n, o));
         println!("  {:<34} {r:>10.0} {o:>10.0} {:>6.2}", names[i], o / r);
-        results[i].0.push(r);
-        results[i].1.push(o);
+        if let Some(results) = results.as_mut() {
+            results[i].0.push(r);
+            results[i].1.push(o);
+        }
     }
 }
 
@@ -874,7 +870,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                 "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}",
                 support::cpu_time("self")
             );
-            delete_topics(brokers, &[&topic]).await?;
+            b.delete_topics(&[&topic]).await?;
             c
         }
         other => {
