@@ -696,8 +696,12 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never paused");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Then everything is taken as fast as it comes.
+        // Then everything is taken as fast as it comes. What tells a fetcher woken from one left
+        // to its next second is the longest wait for the next records, not the time taken for
+        // all of them, which grows with the machine's load.
         let started = std::time::Instant::now();
+        let mut last = started;
+        let mut longest = Duration::ZERO;
         let mut seen = std::collections::HashSet::new();
         while seen.len() < n {
             assert!(
@@ -708,18 +712,25 @@ mod tests {
             let got = tokio::time::timeout(Duration::from_millis(100), c.receive(500)).await;
             let Ok(got) = got else { continue };
             let got = got.expect("receiving");
+            if !got.is_empty() {
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
             seen.extend(got.iter().map(|d| d.broker_id().to_owned()));
             Delivery::ack_all(got)
                 .await
                 .map_err(|(e, _)| e)
                 .expect("acking");
         }
-        let took = started.elapsed();
-        // Measured: 86-104 ms with the fetchers woken, 528-537 ms without (the leader's thread
-        // looked again at its next second).
+        // Measured with the kafka integration tests running beside it: 5-32 ms with the
+        // fetchers woken (over 25 runs), 470-494 ms in five runs of six without. With the
+        // partitions woken one after another (two round trips each), 14-148 ms, and 388-741
+        // ms in four runs of eleven on a broker just started: a CI run failed on that.
         assert!(
-            took < Duration::from_millis(300),
-            "the {n} records took {took:?} once the member caught up"
+            longest < Duration::from_millis(150),
+            "the longest wait for the next records was {longest:?} once the member caught up \
+             ({n} records in {:?})",
+            started.elapsed()
         );
         c.close().await.expect("closing");
     }
