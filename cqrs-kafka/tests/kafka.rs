@@ -1387,7 +1387,7 @@ async fn mock_cluster_a_partition_that_comes_back_after_a_refused_commit_resumes
         .unwrap();
     // Another member on another topic: an eager rebalance revokes the partition (its commit is
     // refused) and gives it back to this member.
-    let _other_member = backend
+    let mut other_member = backend
         .subscribe(&Subscription::new(&group, [&other]))
         .await
         .unwrap();
@@ -1406,6 +1406,9 @@ async fn mock_cluster_a_partition_that_comes_back_after_a_refused_commit_resumes
     Delivery::ack_all(next).await.map_err(|(e, _)| e).unwrap();
     member.close().await.unwrap();
     assert_eq!(committed(mock.brokers(), &group, &topic, 1), 11);
+    // Closed before the mock cluster goes: dropped, it closed on its own thread while the
+    // cluster went away under it.
+    other_member.close().await.unwrap();
 }
 
 /// A message waiting for a retry holds its partition's committed offset back: what is handled
