@@ -1488,6 +1488,21 @@ async fn mock_cluster_a_member_whose_commits_are_refused_stops_at_max_unrecorded
         "{}",
         err.report()
     );
+    closed_refused(member).await;
+}
+
+/// Closes a member of a mock cluster that refuses every commit, before the cluster goes: the
+/// commit at close is refused, and said. Dropped instead, a member closes on a thread of its
+/// own, and the cluster went away under it (a CI run aborted in librdkafka's close,
+/// docs/reliability.md).
+async fn closed_refused(mut member: Box<dyn cqrs::backend::Consumer>) {
+    let closed = member.close().await;
+    let err = closed.expect_err("the commit at close is refused");
+    assert!(
+        err.report().contains("committing offsets at close"),
+        "{}",
+        err.report()
+    );
 }
 
 /// While commits are refused, a member stops taking new work once `commit_every` handled
@@ -1518,6 +1533,7 @@ async fn mock_cluster_a_member_whose_commits_fail_stops_at_commit_every() {
         (5..=20).contains(&handed_out),
         "{handed_out} handed out while commits were refused"
     );
+    closed_refused(member).await;
 }
 
 /// A broker that cannot create a topic (librdkafka's mock cluster has no CreateTopics; a real
