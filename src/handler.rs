@@ -2,7 +2,9 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use futures_util::future::BoxFuture;
 
@@ -188,6 +190,158 @@ pub(crate) fn is_permanent(error: &BoxError) -> bool {
 pub trait Handler<T, Args>: Clone + Send + Sync + 'static {
     /// Handles one value.
     fn call(&self, value: T, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>>;
+
+    /// What one of a processor's runners calls the handler through, one value at a time (not
+    /// part of the API: the processor's own). By default each call's future is boxed
+    /// ([`Handler::call`]); the functions and closures this trait is implemented for keep their
+    /// future in one box they reuse (a box allocated and freed a message, avoided).
+    #[doc(hidden)]
+    fn caller(&self) -> Box<dyn Caller<T>>
+    where
+        T: 'static,
+        Args: 'static,
+    {
+        Box::new(Boxing {
+            handler: self.clone(),
+            running: None,
+            _marker: PhantomData::<fn() -> (T, Args)>,
+        })
+    }
+}
+
+/// Calls a handler, one value at a time, for one runner (see [`Handler::caller`]; not part of
+/// the API).
+#[doc(hidden)]
+pub trait Caller<T>: Send {
+    /// Starts the handler on `value`: the future returned runs it.
+    fn start(&mut self, value: T, ctx: Context) -> Running<'_>;
+}
+
+/// A handler's run, started by a [`Caller`] (not part of the API). The handler's future is
+/// dropped when it finishes, or when the run is dropped before (the shutdown deadline passed),
+/// as a boxed future would be.
+#[doc(hidden)]
+pub struct Running<'a> {
+    slot: &'a mut dyn Slot,
+    done: bool,
+}
+
+/// Where a caller keeps the future of the run it started.
+trait Slot: Send {
+    /// Polls the run; drops its future once it finishes.
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>>;
+    /// Drops the run's future.
+    fn clear(&mut self);
+}
+
+/// The run of a caller that boxes each call's future.
+impl Slot for Option<BoxFuture<'static, Result<(), BoxError>>> {
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(run) = self else {
+            return Poll::Ready(Err(NOT_STARTED.into()));
+        };
+        let polled = run.as_mut().poll(cx);
+        if polled.is_ready() {
+            *self = None;
+        }
+        polled
+    }
+
+    fn clear(&mut self) {
+        *self = None;
+    }
+}
+
+/// The run of a caller that reuses its box: the future is dropped in place (`Pin::set` to
+/// `None`), the box kept.
+impl<W> Slot for Option<Pin<Box<Option<W>>>>
+where
+    W: Future<Output = Result<(), BoxError>> + Send,
+{
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(run) = self.as_mut().and_then(|b| b.as_mut().as_pin_mut()) else {
+            return Poll::Ready(Err(NOT_STARTED.into()));
+        };
+        let polled = run.poll(cx);
+        if polled.is_ready() {
+            self.clear();
+        }
+        polled
+    }
+
+    fn clear(&mut self) {
+        if let Some(kept) = self {
+            kept.as_mut().set(None);
+        }
+    }
+}
+
+/// A run polled before it was started or after it finished (a caller does neither).
+const NOT_STARTED: &str = "the handler's run was not started";
+
+impl Future for Running<'_> {
+    type Output = Result<(), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let polled = self.slot.poll_run(cx);
+        if polled.is_ready() {
+            self.done = true;
+        }
+        polled
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.slot.clear();
+        }
+    }
+}
+
+/// A caller that boxes each call's future ([`Handler::call`]).
+struct Boxing<H, M> {
+    handler: H,
+    running: Option<BoxFuture<'static, Result<(), BoxError>>>,
+    _marker: PhantomData<M>,
+}
+
+impl<H, T, Args> Caller<T> for Boxing<H, fn() -> (T, Args)>
+where
+    H: Handler<T, Args>,
+{
+    fn start(&mut self, value: T, ctx: Context) -> Running<'_> {
+        self.running = Some(self.handler.call(value, ctx));
+        Running {
+            slot: &mut self.running,
+            done: false,
+        }
+    }
+}
+
+/// A caller that keeps each call's future in the box of the call before: allocated at the
+/// first call, the future dropped in place when it finishes and the next one written there.
+struct Reusing<C, W> {
+    call: C,
+    slot: Option<Pin<Box<Option<W>>>>,
+}
+
+impl<T, C, W> Caller<T> for Reusing<C, W>
+where
+    C: Fn(T, Context) -> W + Send,
+    W: Future<Output = Result<(), BoxError>> + Send,
+{
+    fn start(&mut self, value: T, ctx: Context) -> Running<'_> {
+        let run = (self.call)(value, ctx);
+        match &mut self.slot {
+            Some(kept) => kept.as_mut().set(Some(run)),
+            None => self.slot = Some(Box::pin(Some(run))),
+        }
+        Running {
+            slot: &mut self.slot,
+            done: false,
+        }
+    }
 }
 
 impl<F, Fut, T, E> Handler<T, (T,)> for F
@@ -199,6 +353,20 @@ where
     fn call(&self, value: T, _ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
         let fut = self(value);
         Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+
+    fn caller(&self) -> Box<dyn Caller<T>>
+    where
+        T: 'static,
+    {
+        let f = self.clone();
+        Box::new(Reusing {
+            call: move |value, _ctx| {
+                let run = f(value);
+                async move { run.await.map_err(Into::into) }
+            },
+            slot: None,
+        })
     }
 }
 
@@ -212,18 +380,30 @@ where
         let fut = self(value, ctx);
         Box::pin(async move { fut.await.map_err(Into::into) })
     }
+
+    fn caller(&self) -> Box<dyn Caller<T>>
+    where
+        T: 'static,
+    {
+        let f = self.clone();
+        Box::new(Reusing {
+            call: move |value, ctx| {
+                let run = f(value, ctx);
+                async move { run.await.map_err(Into::into) }
+            },
+            slot: None,
+        })
+    }
 }
 
 /// A type-erased handler pipeline: decoding, the handler and its middleware.
 pub type BoxHandlerService = tower::util::BoxCloneSyncService<Context, (), BoxError>;
 
-type DirectFn = Arc<dyn Fn(Context) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
-
-/// A handler with its codec, called directly (no middleware: one allocation per message) or
-/// through tower layers.
+/// A handler with its codec, called directly (no middleware: see [`Runner`]) or through tower
+/// layers. What a group's handlers are; each of its runners makes its own [`Runner`] of each.
 #[derive(Clone)]
 pub(crate) enum Pipeline {
-    Direct(DirectFn),
+    Direct(Arc<dyn MakeDirect>),
     Tower(BoxHandlerService),
 }
 
@@ -231,10 +411,42 @@ impl Pipeline {
     /// The pipeline as a tower service, to put layers around.
     pub(crate) fn into_service(self) -> BoxHandlerService {
         match self {
-            Pipeline::Direct(f) => BoxHandlerService::new(tower::service_fn(move |ctx| f(ctx))),
+            Pipeline::Direct(f) => {
+                BoxHandlerService::new(tower::service_fn(move |ctx| f.call_boxed(ctx)))
+            }
             Pipeline::Tower(s) => s,
         }
     }
+
+    /// A runner's own handle on the pipeline.
+    pub(crate) fn runner(&self) -> Runner {
+        match self {
+            Pipeline::Direct(f) => Runner::Direct(f.runner()),
+            Pipeline::Tower(s) => Runner::Tower(s.clone()),
+        }
+    }
+}
+
+/// One runner's handle on a [`Pipeline`]: a handler without middleware is decoded for and called
+/// with no allocation a message (its future kept in a box the runner reuses, see
+/// [`Handler::caller`]); one with middleware through its tower service.
+pub(crate) enum Runner {
+    Direct(Box<dyn DirectRun>),
+    Tower(BoxHandlerService),
+}
+
+/// Makes the runners of a handler without middleware.
+pub(crate) trait MakeDirect: Send + Sync {
+    /// A runner's own caller.
+    fn runner(&self) -> Box<dyn DirectRun>;
+    /// One call, its future boxed (for tower layers).
+    fn call_boxed(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>>;
+}
+
+/// A runner's caller of a handler without middleware.
+pub(crate) trait DirectRun: Send {
+    /// Decodes the message and starts the handler on it (`Err`: the payload could not be read).
+    fn start(&mut self, ctx: Context) -> Result<Running<'_>, BoxError>;
 }
 
 /// A handler with its codec: decodes the payload, then calls the handler.
@@ -254,20 +466,49 @@ where
 {
     /// The handler as a pipeline without middleware.
     pub(crate) fn pipeline(handler: H, codec: Arc<C>, versions: Versions<T>) -> Pipeline {
-        let service = HandlerService {
+        Pipeline::Direct(Arc::new(HandlerService {
             handler,
             codec,
             versions,
             _marker: PhantomData,
-        };
-        Pipeline::Direct(Arc::new(move |ctx| service.call_direct(ctx)))
+        }))
+    }
+}
+
+impl<H, T, Args, C> MakeDirect for HandlerService<H, T, Args, C>
+where
+    H: Handler<T, Args>,
+    T: Send + 'static,
+    Args: 'static,
+    C: Codec<T>,
+{
+    fn runner(&self) -> Box<dyn DirectRun> {
+        Box::new(DirectRunner {
+            caller: self.handler.caller(),
+            codec: self.codec.clone(),
+            versions: self.versions,
+        })
     }
 
-    fn call_direct(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn call_boxed(&self, ctx: Context) -> BoxFuture<'static, Result<(), BoxError>> {
         match read(&*self.codec, &self.versions, &ctx) {
             Ok(value) => self.handler.call(value, ctx),
             Err(error) => Box::pin(async move { Err(Box::new(error) as BoxError) }),
         }
+    }
+}
+
+/// A runner's caller of a handler without middleware: its codec and its [`Caller`].
+struct DirectRunner<T, C> {
+    caller: Box<dyn Caller<T>>,
+    codec: Arc<C>,
+    versions: Versions<T>,
+}
+
+impl<T: Send + 'static, C: Codec<T>> DirectRun for DirectRunner<T, C> {
+    fn start(&mut self, ctx: Context) -> Result<Running<'_>, BoxError> {
+        let value = read(&*self.codec, &self.versions, &ctx)?;
+        Ok(self.caller.start(value, ctx))
     }
 }
 
@@ -521,4 +762,116 @@ where
             outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    /// A handler's future that finishes at its first poll (or never if not `finishes`) and
+    /// holds `held` until it is dropped.
+    struct Holding {
+        #[expect(dead_code, reason = "held to be counted, never read")]
+        held: Arc<()>,
+        finishes: bool,
+    }
+
+    impl Future for Holding {
+        type Output = Result<(), BoxError>;
+        fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+            if self.finishes {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            message: Arc::new(Message::new("n", Vec::new())),
+            topic: Arc::from("t"),
+            group: Arc::from("g"),
+            handler: Arc::from("h"),
+            attempt: 1,
+            broker_id: cqrs_core::backend::EntryId::default(),
+            position: None,
+        }
+    }
+
+    fn poll(run: &mut Running<'_>) -> Poll<Result<(), BoxError>> {
+        Pin::new(run).poll(&mut std::task::Context::from_waker(Waker::noop()))
+    }
+
+    /// What a caller does with the future of a run that finishes and of one dropped before it
+    /// finishes: `caller` calls a handler that returns `Holding(held, finishes)`.
+    /// (The handlers hold `held` too: counts are told from what they hold.)
+    fn drops_each_run_when_done(mut caller: Box<dyn Caller<bool>>, held: &Arc<()>) {
+        let base = Arc::strong_count(held);
+        for _ in 0..3 {
+            let mut run = caller.start(true, ctx());
+            assert_eq!(
+                Arc::strong_count(held),
+                base + 1,
+                "the run holds its future"
+            );
+            assert!(matches!(poll(&mut run), Poll::Ready(Ok(()))));
+            assert_eq!(
+                Arc::strong_count(held),
+                base,
+                "a finished future is dropped at once"
+            );
+            drop(run);
+
+            let mut run = caller.start(false, ctx());
+            assert!(poll(&mut run).is_pending());
+            assert_eq!(Arc::strong_count(held), base + 1);
+            drop(run);
+            assert_eq!(
+                Arc::strong_count(held),
+                base,
+                "a run dropped unfinished drops its future"
+            );
+        }
+    }
+
+    #[test]
+    fn a_closure_s_caller_drops_each_future_when_it_finishes_or_is_dropped() {
+        let held = Arc::new(());
+        let h = held.clone();
+        let handler = move |finishes: bool| Holding {
+            held: h.clone(),
+            finishes,
+        };
+        drops_each_run_when_done(Handler::<bool, (bool,)>::caller(&handler), &held);
+
+        let held = Arc::new(());
+        let h = held.clone();
+        let handler = move |finishes: bool, _: Context| Holding {
+            held: h.clone(),
+            finishes,
+        };
+        drops_each_run_when_done(Handler::<bool, (bool, Context)>::caller(&handler), &held);
+    }
+
+    #[test]
+    fn a_handler_implemented_by_hand_is_called_through_its_boxed_futures() {
+        #[derive(Clone)]
+        struct ByHand(Arc<()>);
+        impl Handler<bool, ()> for ByHand {
+            fn call(&self, finishes: bool, _: Context) -> BoxFuture<'static, Result<(), BoxError>> {
+                Box::pin(Holding {
+                    held: self.0.clone(),
+                    finishes,
+                })
+            }
+        }
+        let held = Arc::new(());
+        let by_hand = ByHand(held.clone());
+        let caller = by_hand.caller();
+        drop(by_hand);
+        drops_each_run_when_done(caller, &held);
+    }
 }

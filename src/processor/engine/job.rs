@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::failure::{after_failure, reject, Failed};
 use super::{GroupSpec, Job, Services, Settle};
-use crate::handler::{is_permanent, Pipeline};
+use crate::handler::{is_permanent, Runner};
 use crate::middleware::{panic_message, HandlerPanicked};
 use crate::processor::options::UnknownEvent;
 use crate::telemetry::{Consuming, DeadReason};
@@ -119,8 +119,8 @@ pub(super) async fn handle_job(
         let kept = delivery.is_none().then(|| Box::new(ctx.clone()));
         let run = async {
             match &mut *pipeline {
-                Pipeline::Direct(call) => call(ctx).await,
-                Pipeline::Tower(service) => {
+                Runner::Direct(run) => run.start(ctx)?.await,
+                Runner::Tower(service) => {
                     service.ready().await?;
                     service.call(ctx).await
                 }

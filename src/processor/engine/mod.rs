@@ -24,7 +24,7 @@ use std::time::Duration;
 use super::health::Health;
 use super::options::HandlerOptions;
 use crate::backend::{Delivery, Publisher, Subscriber, Subscription};
-use crate::handler::{BatchPipeline, Context, Pipeline};
+use crate::handler::{BatchPipeline, Context, Pipeline, Runner};
 use crate::telemetry;
 
 pub(crate) use group::run_group;
@@ -252,7 +252,7 @@ pub(super) enum Settle {
 /// copies shared with the group's other tasks (the topic's, made by the backend's fetch) every
 /// count moved a cache line between cores, which cost more than the rest of making a context.
 pub(super) struct Services {
-    routes: Vec<(String, Arc<str>, Pipeline, telemetry::Last)>,
+    routes: Vec<(String, Arc<str>, Runner, telemetry::Last)>,
     group: Arc<str>,
     no_handler: Arc<str>,
     /// A delivery's topic name and this runner's copy of it.
@@ -271,7 +271,7 @@ impl Services {
                 .map(|(name, r)| {
                     let last = telemetry::Last::default();
                     let handler = Arc::from(&*r.handler);
-                    (name.clone(), handler, r.service.clone(), last)
+                    (name.clone(), handler, r.service.runner(), last)
                 })
                 .collect(),
             group: Arc::from(&*spec.group),
@@ -285,7 +285,7 @@ impl Services {
     pub(super) fn get(
         &mut self,
         event: &str,
-    ) -> Option<(&Arc<str>, &mut Pipeline, &mut telemetry::Last)> {
+    ) -> Option<(&Arc<str>, &mut Runner, &mut telemetry::Last)> {
         self.routes
             .iter_mut()
             .find(|(name, ..)| name == event)
