@@ -200,7 +200,12 @@ mod imp {
             topic: &Arc<str>,
             last: &'l mut Last,
         ) -> &'l Instruments {
-            if last.0.as_ref().is_some_and(|(t, _)| **t != **topic) {
+            // The same name is mostly the same `Arc` (the runner's copy, `Services::context`).
+            if last
+                .0
+                .as_ref()
+                .is_some_and(|(t, _)| !Arc::ptr_eq(t, topic) && **t != **topic)
+            {
                 last.0 = None;
             }
             &last
