@@ -86,12 +86,11 @@ pub(crate) async fn run_group(
             }
             None => break,
         };
-        let Some(jobs) = jobs(&spec, &mut services, deliveries).await else {
+        let Some(mut jobs) = jobs(&spec, &mut services, deliveries).await else {
             continue;
         };
         match &mut lanes {
             Some(lanes) => {
-                let mut jobs = jobs.into_iter();
                 while let Some(job) = jobs.next() {
                     tokio::select! {
                         biased;
@@ -119,6 +118,7 @@ pub(crate) async fn run_group(
             None => {
                 let handled = match &spec.batch {
                     Some(route) => {
+                        let jobs = jobs.collect();
                         handle_batches(&spec, route, &mut batch_services, jobs, &token).await
                     }
                     None => handle_inline(&spec, &mut services, jobs, &token).await,
@@ -224,19 +224,15 @@ async fn fetch_loop(
 
 /// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
 /// the messages stay pending and come back) and keeps their contexts (made on `services`'
-/// names).
-async fn jobs(
-    spec: &GroupSpec,
+/// names). Under at-least-once each job is made as it is taken: a list of them made first moved
+/// every delivery once more.
+async fn jobs<'a>(
+    spec: &'a GroupSpec,
     services: &mut Services,
     deliveries: Vec<Delivery>,
-) -> Option<Vec<Job>> {
+) -> Option<Jobs<'a>> {
     match spec.options.delivery {
-        DeliveryMode::AtLeastOnce => Some(
-            deliveries
-                .into_iter()
-                .map(|d| Job::delivered(d, spec))
-                .collect(),
-        ),
+        DeliveryMode::AtLeastOnce => Some(Jobs::Delivered(deliveries.into_iter(), spec)),
         DeliveryMode::AtMostOnce => {
             let kept: Vec<_> = deliveries
                 .iter()
@@ -251,13 +247,40 @@ async fn jobs(
                 tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
                 return None;
             }
-            Some(
+            Some(Jobs::Acked(
                 kept.into_iter()
                     .map(|(ctx, shard, malformed, outstanding)| {
                         Job::acked(ctx, shard, malformed, outstanding, &spec.group)
                     })
-                    .collect(),
-            )
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ))
         }
     }
 }
+
+/// A fetched batch's jobs, made as they are taken ([`jobs`]).
+enum Jobs<'a> {
+    Delivered(std::vec::IntoIter<Delivery>, &'a GroupSpec),
+    Acked(std::vec::IntoIter<Job>),
+}
+
+impl Iterator for Jobs<'_> {
+    type Item = Job;
+
+    fn next(&mut self) -> Option<Job> {
+        match self {
+            Jobs::Delivered(deliveries, spec) => deliveries.next().map(|d| Job::delivered(d, spec)),
+            Jobs::Acked(jobs) => jobs.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Jobs::Delivered(deliveries, _) => deliveries.size_hint(),
+            Jobs::Acked(jobs) => jobs.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for Jobs<'_> {}

@@ -18,7 +18,7 @@ use crate::{Error, Result};
 pub(super) async fn handle_inline(
     spec: &GroupSpec,
     services: &mut Services,
-    jobs: Vec<Job>,
+    jobs: impl ExactSizeIterator<Item = Job>,
     token: &CancellationToken,
 ) -> Result<()> {
     let mut acks = Vec::with_capacity(jobs.len());
