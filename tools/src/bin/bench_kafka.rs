@@ -19,12 +19,13 @@
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
 //! consumer).
 //!
-//! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|e2e-raw|e2e-ours`
+//! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
 //! --tool=callgrind`, at two sizes so that the set-up cancels out): `publish-*` puts `BENCH_N`
 //! events on `T` (`publish-one-*` one per call from 64 tasks); each `consume-*` reads
 //! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours),
-//! with `BENCH_MEMBERS` members (1 unless set);
+//! with `BENCH_MEMBERS` members (1 unless set; `BENCH_BATCH` sets ours' batch size, 500 unless
+//! set); `consume-backend` is our backend's consumer alone, without the processor (one member);
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
 //! and prints when the publishing ended and the last event was handled.
 //!
@@ -407,7 +408,7 @@ impl Bench {
                 }
                 std::future::ready(Ok::<_, BoxError>(()))
             })?
-            .batch_size(500);
+            .batch_size(support::env_or("BENCH_BATCH", 500));
             let token = token.clone();
             starting.push(tokio::spawn(async move { p.start(token).await }));
         }
@@ -440,6 +441,43 @@ impl Bench {
                 stopping.elapsed()
             );
         }
+        Ok(elapsed)
+    }
+
+    /// Our backend's consumer alone, without the processor: one member of a new group takes
+    /// batches of 500 (`Consumer::receive`), decodes each payload into the event type as the raw
+    /// side does, and acks each batch (`Delivery::ack_all`). Tells the backend's cost from the
+    /// engine's (`BENCH_ONLY=consume-backend`).
+    async fn backend_consume(
+        &self,
+        backend: &KafkaBackend,
+        topic: &str,
+        n: usize,
+    ) -> Result<Duration, BoxError> {
+        use cqrs::backend::Subscriber as _;
+        let subscription = cqrs::Subscription::new(cqrs::conformance::unique("backend"), [topic]);
+        self.group_settings(&subscription.group).await?;
+        let start = Instant::now();
+        let cpu = support::cpu_time("self");
+        let mut consumer = backend.subscribe(&subscription).await?;
+        let (mut got, mut first) = (0, None);
+        while got < n {
+            let batch = consumer.receive(500).await?;
+            for d in &batch {
+                let _: Reading = serde_json::from_slice(&d.message().payload)?;
+            }
+            got += batch.len();
+            first.get_or_insert_with(|| start.elapsed());
+            cqrs::Delivery::ack_all(batch).await.map_err(|(e, _)| e)?;
+        }
+        let elapsed = start.elapsed();
+        if std::env::var("BENCH_TIMINGS").is_ok() {
+            eprintln!(
+                "backend, 1 member(s): first handled after {first:?}, all after {elapsed:?}, CPU {:?}",
+                support::cpu_time("self") - cpu
+            );
+        }
+        consumer.close().await?;
         Ok(elapsed)
     }
 
@@ -852,6 +890,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             b.raw_publish_one_by_one(&b.producer()?, &topic).await?
         }
         "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
+        "consume-backend" => b.backend_consume(&backend, &topic, n).await?,
         "consume-ours" => {
             b.ours_consume_members(&backend, &topic, n, members)
                 .await?
@@ -875,7 +914,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, e2e-raw or e2e-ours"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, consume-backend, e2e-raw or e2e-ours"
             )
             .into())
         }
