@@ -2,7 +2,8 @@
 //!
 //! Run with: `cargo run --release -p cqrs-tools --bin bench_backlog`
 //! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
-//! of its own started by `scripts/kafka`, 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
+//! of its own started by `scripts/kafka`, its log in `/dev/shm` unless `BENCH_KAFKA_DIR` says
+//! where (`support::own_kafka`; before 2026-12-03 on disk), 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
 //! consumer's `fetch.wait.max.ms`, default 100). `BENCH_N` sets the backlog (default
 //! 1,000,000 events of ~200 bytes; on Kafka `BENCH_KAFKA_N`, default 200,000), `BENCH_BACKENDS` picks from `memory,redis,kafka` (default
 //! all three).

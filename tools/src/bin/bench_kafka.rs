@@ -78,7 +78,6 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use cqrs_tools::support;
-use support::KafkaServer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 struct Reading {
@@ -584,7 +583,7 @@ fn main() -> Result<(), BoxError> {
     let own = match std::env::var("KAFKA_BROKERS") {
         Ok(_) => None,
         Err(_) if fresh => None,
-        Err(_) => Some(own_broker()?),
+        Err(_) => Some(support::own_kafka()?),
     };
     let shared = match (&own, std::env::var("KAFKA_BROKERS")) {
         (Some(server), _) => server.brokers().to_owned(),
@@ -601,20 +600,6 @@ fn main() -> Result<(), BoxError> {
     }
     drop(own);
     result
-}
-
-/// An Apache Kafka of the benchmark's own, its log under `BENCH_KAFKA_DIR`, else `/dev/shm`
-/// where there is one, else the temporary directory. In memory, the ~800 MB a round writes is
-/// not written back to disk while the next figure runs: on disk, the kernel wrote back up to
-/// 1.4 GB a second in bursts during a run (`vmstat 1`), beside both sides on the two cores.
-fn own_broker() -> Result<KafkaServer, BoxError> {
-    let shm = std::path::Path::new("/dev/shm");
-    let parent = match std::env::var_os("BENCH_KAFKA_DIR") {
-        Some(dir) => dir.into(),
-        None if shm.is_dir() => shm.to_owned(),
-        None => std::env::temp_dir(),
-    };
-    Ok(KafkaServer::start_under(&parent, &[])?)
 }
 
 async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
@@ -650,7 +635,11 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
     // on a broker just started ran at about half the rate of the next ones on both sides (its
     // JVM compiling as it goes), and put a round of other conditions in the median.
     for round in (1 - warmup as isize)..=rounds as isize {
-        let broker = if fresh { Some(own_broker()?) } else { None };
+        let broker = if fresh {
+            Some(support::own_kafka()?)
+        } else {
+            None
+        };
         let brokers = broker
             .as_ref()
             .map_or(shared.clone(), |t| t.brokers().to_owned());

@@ -5,7 +5,8 @@
 //!
 //! Run with: `cargo run --release -p cqrs-tools --bin bench_latency`
 //! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
-//! of its own started by `scripts/kafka`, 4 partitions). `BENCH_SECS` sets each run's length
+//! of its own started by `scripts/kafka`, its log in `/dev/shm` unless `BENCH_KAFKA_DIR` says
+//! where (`support::own_kafka`; before 2026-12-03 on disk), 4 partitions). `BENCH_SECS` sets each run's length
 //! (default 30), `BENCH_RATES` the rates (default `1000,10000` events/s), `BENCH_BACKENDS` the
 //! backends (default `redis,memory,kafka`), `BENCH_KAFKA_FETCH_WAIT_MS` Kafka's
 //! `fetch.wait.max.ms` for both clients (default 100, ours). Each run first sends one event and waits for it, so

@@ -37,7 +37,8 @@ pub fn cpu_time(pid: &str) -> Duration {
 }
 
 /// Kafka for a benchmark: the cluster at `KAFKA_BROKERS` if set, else an Apache Kafka of its own
-/// (`scripts/kafka`), stopped when the guard drops; topics it creates get `partitions`.
+/// (`scripts/kafka`, [`own_kafka`]), stopped when the guard drops; topics it creates get
+/// `partitions`.
 pub fn bench_kafka(
     partitions: i32,
 ) -> Result<(Option<KafkaServer>, cqrs::kafka::KafkaConfig), BoxError> {
@@ -45,9 +46,24 @@ pub fn bench_kafka(
     if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
         return Ok((None, KafkaConfig::new(brokers).partitions(partitions)));
     }
-    let server = KafkaServer::start(&[])?;
+    let server = own_kafka()?;
     let config = KafkaConfig::new(server.brokers()).partitions(partitions);
     Ok((Some(server), config))
+}
+
+/// An Apache Kafka of a benchmark's own, its log under `BENCH_KAFKA_DIR`, else `/dev/shm` where
+/// there is one, else the temporary directory. In memory, what a benchmark writes (~800 MB a
+/// round of `bench_kafka`) is not written back to disk while the next figure runs: on disk, the
+/// kernel wrote back up to 1.4 GB a second in bursts during a run (`vmstat 1`), beside both sides
+/// on the two cores.
+pub fn own_kafka() -> Result<KafkaServer, BoxError> {
+    let shm = std::path::Path::new("/dev/shm");
+    let parent = match std::env::var_os("BENCH_KAFKA_DIR") {
+        Some(dir) => dir.into(),
+        None if shm.is_dir() => shm.to_owned(),
+        None => std::env::temp_dir(),
+    };
+    Ok(KafkaServer::start_under(&parent, &[])?)
 }
 
 /// Waits, at most `timeout`, until this process has no librdkafka client left: none of its
