@@ -201,10 +201,10 @@ pub trait Handler<T, Args>: Clone + Send + Sync + 'static {
         T: 'static,
         Args: 'static,
     {
-        Box::new(Boxing {
-            handler: self.clone(),
-            running: None,
-            _marker: PhantomData::<fn() -> (T, Args)>,
+        let handler = self.clone();
+        Box::new(Reusing {
+            call: move |value, ctx| handler.call(value, ctx),
+            slot: None,
         })
     }
 }
@@ -234,26 +234,8 @@ trait Slot: Send {
     fn clear(&mut self);
 }
 
-/// The run of a caller that boxes each call's future.
-impl Slot for Option<BoxFuture<'static, Result<(), BoxError>>> {
-    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
-        let Some(run) = self else {
-            return Poll::Ready(Err(NOT_STARTED.into()));
-        };
-        let polled = run.as_mut().poll(cx);
-        if polled.is_ready() {
-            *self = None;
-        }
-        polled
-    }
-
-    fn clear(&mut self) {
-        *self = None;
-    }
-}
-
-/// The run of a caller that reuses its box: the future is dropped in place (`Pin::set` to
-/// `None`), the box kept.
+/// The run of a [`Reusing`] caller: the future is dropped in place (`Pin::set` to `None`), the
+/// box kept.
 impl<W> Slot for Option<Pin<Box<Option<W>>>>
 where
     W: Future<Output = Result<(), BoxError>> + Send,
@@ -299,28 +281,10 @@ impl Drop for Running<'_> {
     }
 }
 
-/// A caller that boxes each call's future ([`Handler::call`]).
-struct Boxing<H, M> {
-    handler: H,
-    running: Option<BoxFuture<'static, Result<(), BoxError>>>,
-    _marker: PhantomData<M>,
-}
-
-impl<H, T, Args> Caller<T> for Boxing<H, fn() -> (T, Args)>
-where
-    H: Handler<T, Args>,
-{
-    fn start(&mut self, value: T, ctx: Context) -> Running<'_> {
-        self.running = Some(self.handler.call(value, ctx));
-        Running {
-            slot: &mut self.running,
-            done: false,
-        }
-    }
-}
-
 /// A caller that keeps each call's future in the box of the call before: allocated at the
 /// first call, the future dropped in place when it finishes and the next one written there.
+/// A handler implemented by hand is called through it too, its futures (boxed by
+/// [`Handler::call`]) kept in that box.
 struct Reusing<C, W> {
     call: C,
     slot: Option<Pin<Box<Option<W>>>>,
