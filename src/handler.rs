@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use futures_util::future::BoxFuture;
+use tower::Service;
 
 use crate::codec::Codec;
 use crate::versions::Versions;
@@ -210,81 +211,26 @@ pub trait Handler<T, Args>: Clone + Send + Sync + 'static {
 }
 
 /// Calls a handler, one value at a time, for one runner (see [`Handler::caller`]; not part of
-/// the API).
+/// the API). A run's future is kept by the caller until it finishes, when it is dropped at once,
+/// or until [`Caller::stop`] drops it unfinished (the shutdown deadline passed), as a boxed
+/// future would be.
 #[doc(hidden)]
 pub trait Caller<T>: Send {
-    /// Starts the handler on `value`: the future returned runs it.
-    fn start(&mut self, value: T, ctx: Context) -> Running<'_>;
-}
-
-/// A handler's run, started by a [`Caller`] (not part of the API). The handler's future is
-/// dropped when it finishes, or when the run is dropped before (the shutdown deadline passed),
-/// as a boxed future would be.
-#[doc(hidden)]
-pub struct Running<'a> {
-    slot: &'a mut dyn Slot,
-    done: bool,
-}
-
-/// Where a caller keeps the future of the run it started.
-trait Slot: Send {
-    /// Polls the run; drops its future once it finishes.
+    /// Starts the handler on `value`: [`Caller::poll_run`] runs it.
+    fn start(&mut self, value: T, ctx: Context);
+    /// Polls the run started last; drops its future once it finishes.
     fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>>;
-    /// Drops the run's future.
-    fn clear(&mut self);
-}
-
-/// The run of a [`Reusing`] caller: the future is dropped in place (`Pin::set` to `None`), the
-/// box kept.
-impl<W> Slot for Option<Pin<Box<Option<W>>>>
-where
-    W: Future<Output = Result<(), BoxError>> + Send,
-{
-    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
-        let Some(run) = self.as_mut().and_then(|b| b.as_mut().as_pin_mut()) else {
-            return Poll::Ready(Err(NOT_STARTED.into()));
-        };
-        let polled = run.poll(cx);
-        if polled.is_ready() {
-            self.clear();
-        }
-        polled
-    }
-
-    fn clear(&mut self) {
-        if let Some(kept) = self {
-            kept.as_mut().set(None);
-        }
-    }
+    /// Drops the run's future, finished or not.
+    fn stop(&mut self);
 }
 
 /// A run polled before it was started or after it finished (a caller does neither).
 const NOT_STARTED: &str = "the handler's run was not started";
 
-impl Future for Running<'_> {
-    type Output = Result<(), BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let polled = self.slot.poll_run(cx);
-        if polled.is_ready() {
-            self.done = true;
-        }
-        polled
-    }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.slot.clear();
-        }
-    }
-}
-
 /// A caller that keeps each call's future in the box of the call before: allocated at the
-/// first call, the future dropped in place when it finishes and the next one written there.
-/// A handler implemented by hand is called through it too, its futures (boxed by
-/// [`Handler::call`]) kept in that box.
+/// first call, the future dropped in place (`Pin::set` to `None`) when it finishes and the next
+/// one written there. A handler implemented by hand is called through it too, its futures
+/// (boxed by [`Handler::call`]) kept in that box.
 struct Reusing<C, W> {
     call: C,
     slot: Option<Pin<Box<Option<W>>>>,
@@ -295,15 +241,28 @@ where
     C: Fn(T, Context) -> W + Send,
     W: Future<Output = Result<(), BoxError>> + Send,
 {
-    fn start(&mut self, value: T, ctx: Context) -> Running<'_> {
+    fn start(&mut self, value: T, ctx: Context) {
         let run = (self.call)(value, ctx);
         match &mut self.slot {
             Some(kept) => kept.as_mut().set(Some(run)),
             None => self.slot = Some(Box::pin(Some(run))),
         }
-        Running {
-            slot: &mut self.slot,
-            done: false,
+    }
+
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(run) = self.slot.as_mut().and_then(|b| b.as_mut().as_pin_mut()) else {
+            return Poll::Ready(Err(NOT_STARTED.into()));
+        };
+        let polled = run.poll(cx);
+        if polled.is_ready() {
+            self.stop();
+        }
+        polled
+    }
+
+    fn stop(&mut self) {
+        if let Some(kept) = &mut self.slot {
+            kept.as_mut().set(None);
         }
     }
 }
@@ -410,7 +369,91 @@ pub(crate) trait MakeDirect: Send + Sync {
 /// A runner's caller of a handler without middleware.
 pub(crate) trait DirectRun: Send {
     /// Decodes the message and starts the handler on it (`Err`: the payload could not be read).
-    fn start(&mut self, ctx: Context) -> Result<Running<'_>, BoxError>;
+    fn start(&mut self, ctx: Context) -> Result<(), BoxError>;
+    /// Polls the run started last ([`Caller::poll_run`]).
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>>;
+    /// Drops the run's future ([`Caller::stop`]).
+    fn stop(&mut self);
+}
+
+/// A call a [`Runner`] started, polled through it ([`Runner::poll_call`]). It is the runner's
+/// state, not a future of its own: the engine keeps it beside the runner it borrows, and
+/// starts the next attempt on that runner after a failure.
+pub(crate) enum Call {
+    /// None running: not started, finished, or stopped.
+    Idle,
+    /// A handler without middleware: its future is in the runner's reused box.
+    Direct,
+    /// Middleware that was not ready: the context waits for it (boxed: rare).
+    Unready(Box<Context>),
+    /// Middleware's future.
+    Tower(BoxFuture<'static, Result<(), BoxError>>),
+    /// Failed before it ran (the payload could not be read, the middleware failed to get
+    /// ready): told at the next poll.
+    Failed(BoxError),
+}
+
+impl Runner {
+    /// Starts a call on `ctx`: decoded and started at once without middleware; with it, called
+    /// once the service is ready (which is polled now).
+    pub(crate) fn start(&mut self, ctx: Context, cx: &mut std::task::Context<'_>) -> Call {
+        match self {
+            Runner::Direct(run) => match run.start(ctx) {
+                Ok(()) => Call::Direct,
+                Err(e) => Call::Failed(e),
+            },
+            Runner::Tower(service) => match service.poll_ready(cx) {
+                Poll::Ready(Ok(())) => Call::Tower(service.call(ctx)),
+                Poll::Ready(Err(e)) => Call::Failed(e),
+                Poll::Pending => Call::Unready(Box::new(ctx)),
+            },
+        }
+    }
+
+    /// Polls `call`, which this runner started; it is [`Call::Idle`] again once it finishes.
+    pub(crate) fn poll_call(
+        &mut self,
+        call: &mut Call,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(), BoxError>> {
+        let polled = match (&mut *self, &mut *call) {
+            (_, Call::Idle) => Poll::Ready(Err(NOT_STARTED.into())),
+            (Runner::Direct(run), Call::Direct) => run.poll_run(cx),
+            (Runner::Tower(service), Call::Unready(_)) => match service.poll_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let Call::Unready(ctx) = std::mem::replace(call, Call::Idle) else {
+                        return Poll::Ready(Err(NOT_STARTED.into()));
+                    };
+                    *call = Call::Tower(service.call(*ctx));
+                    return self.poll_call(call, cx);
+                }
+            },
+            (_, Call::Tower(f)) => f.as_mut().poll(cx),
+            (_, Call::Failed(_)) => match std::mem::replace(call, Call::Idle) {
+                Call::Failed(e) => Poll::Ready(Err(e)),
+                _ => Poll::Ready(Err(NOT_STARTED.into())),
+            },
+            // A call of the other kind: not this runner's.
+            (Runner::Tower(_), Call::Direct) | (Runner::Direct(_), Call::Unready(_)) => {
+                Poll::Ready(Err(NOT_STARTED.into()))
+            }
+        };
+        if polled.is_ready() {
+            *call = Call::Idle;
+        }
+        polled
+    }
+
+    /// Drops `call`'s future, finished or not (its handler's future, in the runner's box
+    /// without middleware).
+    pub(crate) fn stop(&mut self, call: &mut Call) {
+        if let (Runner::Direct(run), Call::Direct) = (&mut *self, &*call) {
+            run.stop();
+        }
+        *call = Call::Idle;
+    }
 }
 
 /// A handler with its codec: decodes the payload, then calls the handler.
@@ -470,9 +513,18 @@ struct DirectRunner<T, C> {
 }
 
 impl<T: Send + 'static, C: Codec<T>> DirectRun for DirectRunner<T, C> {
-    fn start(&mut self, ctx: Context) -> Result<Running<'_>, BoxError> {
+    fn start(&mut self, ctx: Context) -> Result<(), BoxError> {
         let value = read(&*self.codec, &self.versions, &ctx)?;
-        Ok(self.caller.start(value, ctx))
+        self.caller.start(value, ctx);
+        Ok(())
+    }
+
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.caller.poll_run(cx)
+    }
+
+    fn stop(&mut self) {
+        self.caller.stop();
     }
 }
 
@@ -765,38 +817,41 @@ mod tests {
         }
     }
 
-    fn poll(run: &mut Running<'_>) -> Poll<Result<(), BoxError>> {
-        Pin::new(run).poll(&mut std::task::Context::from_waker(Waker::noop()))
+    fn poll(caller: &mut dyn Caller<bool>) -> Poll<Result<(), BoxError>> {
+        caller.poll_run(&mut std::task::Context::from_waker(Waker::noop()))
     }
 
-    /// What a caller does with the future of a run that finishes and of one dropped before it
+    /// What a caller does with the future of a run that finishes and of one stopped before it
     /// finishes: `caller` calls a handler that returns `Holding(held, finishes)`.
     /// (The handlers hold `held` too: counts are told from what they hold.)
     fn drops_each_run_when_done(mut caller: Box<dyn Caller<bool>>, held: &Arc<()>) {
         let base = Arc::strong_count(held);
         for _ in 0..3 {
-            let mut run = caller.start(true, ctx());
+            caller.start(true, ctx());
             assert_eq!(
                 Arc::strong_count(held),
                 base + 1,
-                "the run holds its future"
+                "the caller holds the run's future"
             );
-            assert!(matches!(poll(&mut run), Poll::Ready(Ok(()))));
+            assert!(matches!(poll(&mut *caller), Poll::Ready(Ok(()))));
             assert_eq!(
                 Arc::strong_count(held),
                 base,
                 "a finished future is dropped at once"
             );
-            drop(run);
+            assert!(
+                matches!(poll(&mut *caller), Poll::Ready(Err(_))),
+                "a finished run is not polled again"
+            );
 
-            let mut run = caller.start(false, ctx());
-            assert!(poll(&mut run).is_pending());
+            caller.start(false, ctx());
+            assert!(poll(&mut *caller).is_pending());
             assert_eq!(Arc::strong_count(held), base + 1);
-            drop(run);
+            caller.stop();
             assert_eq!(
                 Arc::strong_count(held),
                 base,
-                "a run dropped unfinished drops its future"
+                "a run stopped unfinished drops its future"
             );
         }
     }

@@ -583,10 +583,20 @@ async fn shutdown_lets_running_handlers_finish_and_acks_them() {
 async fn shutdown_deadline_leaves_unfinished_messages_pending() {
     let broker = MemoryBroker::new();
     let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    // Says when the handler's future is dropped.
+    struct OnDrop(mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel::<()>();
     let mut p = EventProcessor::new(broker.clone(), "svc");
     p.handle("stuck", move |_: Booked| {
         let tx = started_tx.clone();
+        let on_drop = OnDrop(dropped_tx.clone());
         async move {
+            let _on_drop = on_drop;
             tx.send(()).map_err(|e| e.to_string())?;
             std::future::pending::<()>().await;
             Ok::<_, String>(())
@@ -606,6 +616,10 @@ async fn shutdown_deadline_leaves_unfinished_messages_pending() {
         broker.pending("tickets", "svc.stuck").len(),
         1,
         "not lost: still pending"
+    );
+    assert!(
+        dropped.try_recv().is_ok(),
+        "the unfinished handler's future was dropped by the time shutdown returned"
     );
 }
 

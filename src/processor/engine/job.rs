@@ -1,90 +1,219 @@
 //! One message through its handler: stale and malformed deliveries, unknown events, the
 //! handler's span and metrics, a panic caught, and retries after the policy's backoff.
+//!
+//! A message's first attempt is a future written by hand ([`Handling`]), not an `async fn`:
+//! the compiler's future kept room for the job twice, for the context and for the rare paths'
+//! values, ~1 KB moved once a message. The rare paths (a malformed message, an unknown event, a
+//! retry) are `async fn`s, boxed when taken.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::failure::{after_failure, reject, Failed};
 use super::{GroupSpec, Job, Services, Settle};
-use crate::handler::{is_permanent, Runner};
+use crate::backend::Delivery;
+use crate::handler::{is_permanent, Call, Context, Runner};
 use crate::middleware::{panic_message, HandlerPanicked};
+use crate::processor::health;
 use crate::processor::options::UnknownEvent;
-use crate::telemetry::{Consuming, DeadReason};
+use crate::telemetry::{self, Consuming, DeadReason};
 use crate::BoxError;
 
-/// Runs a handler's future, turning a panic into an error (a combinator, not an `async fn`,
-/// which held `run` twice).
-fn caught(
-    run: impl Future<Output = Result<(), BoxError>>,
-) -> impl Future<Output = Result<(), BoxError>> {
-    AssertUnwindSafe(run)
-        .catch_unwind()
-        .map(|caught| match caught {
-            Ok(result) => result,
-            Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as BoxError),
-        })
-}
-
-/// Runs one job; returns how to settle it with the broker (`None`: nothing to settle).
+/// Runs one job; resolves to how to settle it with the broker (`None`: nothing to settle).
 ///
 /// A failure worth retrying is retried here, after the policy's backoff, holding the job's lane:
 /// later messages of its key wait, so order per key survives retries. Cancellation ends the
-/// wait and hands the message back to the broker.
-pub(super) async fn handle_job(
-    spec: &GroupSpec,
-    services: &mut Services,
+/// wait and hands the message back to the broker. Nothing runs until the first poll: a panic
+/// of the engine's is raised inside the future, where its caller catches it.
+pub(super) fn handle_job<'a>(
+    spec: &'a GroupSpec,
+    services: &'a mut Services,
     job: Job,
-    token: &CancellationToken,
-) -> Option<Settle> {
-    if job.is_stale() {
-        // Its partition went to another member in a rebalance: that member handles it.
-        tracing::debug!(group = %spec.group, message_id = %job.message().id, "dropping a delivery whose partition was revoked");
-        return None;
+    token: &'a CancellationToken,
+) -> Handling<'a> {
+    Handling {
+        spec,
+        token,
+        services: Some(services),
+        job: Some(job),
+        run: Run::Start,
     }
-    let (mut ctx, malformed, mut delivery, _outstanding) = job.start(services);
-    // The rare paths' futures are boxed: held inline, they made this function's future (moved
-    // once a message) ~2 KB, most of it never used.
-    if let Some(reason) = malformed {
-        return Box::pin(reject(spec, ctx, delivery, &reason, DeadReason::Malformed)).await;
-    }
-    let Some((handler, pipeline, last)) = services.get(&ctx.message.name) else {
-        if spec.options.on_unknown == UnknownEvent::DeadLetter {
-            let reason = format!(
-                "no handler for event `{}` in group `{}`",
-                ctx.message.name, spec.group
-            );
-            return Box::pin(reject(
-                spec,
-                ctx,
-                delivery,
-                &reason,
-                DeadReason::UnknownEvent,
-            ))
-            .await;
+}
+
+/// The future of [`handle_job`]. It is polled in place: the job (with its delivery) stays in
+/// it until it is settled, and the attempt is made in it.
+pub(super) struct Handling<'a> {
+    spec: &'a GroupSpec,
+    token: &'a CancellationToken,
+    /// Lent to the attempt when it starts.
+    services: Option<&'a mut Services>,
+    /// Taken when it is settled, or when a rare path takes it.
+    job: Option<Job>,
+    run: Run<'a>,
+}
+
+enum Run<'a> {
+    /// Not polled yet.
+    Start,
+    /// The first attempt.
+    Attempt(Attempt<'a>),
+    /// A rare path: a malformed message, an unknown event, retries.
+    Slow(BoxFuture<'a, Option<Settle>>),
+    /// Finished.
+    Done,
+}
+
+/// A message's attempt at its handler: the handler's runner and instruments, the counts of
+/// the message in health and metrics, and the attempt's span, start and call.
+struct Attempt<'a> {
+    handler: &'a Arc<str>,
+    runner: &'a mut Runner,
+    meters: &'a telemetry::Instruments,
+    attempt: u32,
+    span: tracing::Span,
+    started: Instant,
+    call: Call,
+    _in_flight: health::InFlight<'a>,
+    _metered: telemetry::InFlight,
+}
+
+impl Future for Handling<'_> {
+    type Output = Option<Settle>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Settle>> {
+        let this = self.get_mut();
+        if let Run::Start = this.run {
+            if let Some(settled) = this.begin(cx) {
+                return Poll::Ready(settled);
+            }
         }
-        spec.meters.of("", &ctx.topic).consumed(1);
-        tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
-        return delivery.map(Settle::Ack);
-    };
-    ctx.handler = handler.clone();
-    let _in_flight = spec.health.enter();
-    let topic = ctx.topic.clone();
-    let meters = spec.meters.of_cached(handler, &topic, last);
-    meters.consumed(1);
-    let _metered = meters.in_flight(1);
-    loop {
-        // Each message's span is a root: spans of messages handled one after another (or side
-        // by side on one thread) never nest.
+        if let Run::Attempt(attempt) = &mut this.run {
+            let Poll::Ready(result) = attempt.poll_once(this.spec, cx) else {
+                return Poll::Pending;
+            };
+            match result {
+                Ok(()) => {
+                    this.run = Run::Done;
+                    let delivery = this.job.take().and_then(Job::into_delivery);
+                    return Poll::Ready(delivery.map(Settle::Ack));
+                }
+                Err(error) => this.failed(error),
+            }
+        }
+        match &mut this.run {
+            Run::Slow(slow) => {
+                let polled = slow.as_mut().poll(cx);
+                if polled.is_ready() {
+                    this.run = Run::Done;
+                }
+                polled
+            }
+            // Polled after it finished: nothing more to settle.
+            Run::Start | Run::Attempt(_) | Run::Done => Poll::Ready(None),
+        }
+    }
+}
+
+impl<'a> Handling<'a> {
+    /// Everything up to the handler's first poll: the context, the handler's instruments, the
+    /// attempt started. A malformed message or an unknown event takes a boxed slow path.
+    /// `Some`: finished already (a stale delivery).
+    fn begin(&mut self, cx: &mut std::task::Context<'_>) -> Option<Option<Settle>> {
+        let spec = self.spec;
+        let (Some(job), Some(services)) = (&mut self.job, self.services.take()) else {
+            return Some(None);
+        };
+        if job.is_stale() {
+            // Its partition went to another member in a rebalance: that member handles it.
+            tracing::debug!(group = %spec.group, message_id = %job.message().id, "dropping a delivery whose partition was revoked");
+            self.run = Run::Done;
+            return Some(None);
+        }
+        let mut ctx = job.context(services);
+        if let Some(reason) = job.malformed().map(str::to_owned) {
+            let parts = self.job.take().map(Job::into_parts);
+            self.run = Run::Slow(Box::pin(async move {
+                let (delivery, _outstanding) = parts?;
+                reject(spec, ctx, delivery, &reason, DeadReason::Malformed).await
+            }));
+            return None;
+        }
+        let Some((handler, runner, last)) = services.get(&ctx.message.name) else {
+            let parts = self.job.take().map(Job::into_parts);
+            self.run = Run::Slow(Box::pin(async move {
+                let (delivery, _outstanding) = parts?;
+                unknown(spec, ctx, delivery).await
+            }));
+            return None;
+        };
+        ctx.handler = handler.clone();
+        let in_flight = spec.health.enter();
+        let meters = spec.meters.of_cached(handler, &ctx.topic, last);
+        meters.consumed(1);
+        let metered = meters.in_flight(1);
+        self.run = Run::Attempt(Attempt {
+            handler,
+            runner,
+            meters,
+            attempt: ctx.attempt,
+            span: tracing::Span::none(),
+            started: Instant::now(),
+            call: Call::Idle,
+            _in_flight: in_flight,
+            _metered: metered,
+        });
+        if let Run::Attempt(attempt) = &mut self.run {
+            attempt.start(spec, ctx, cx);
+        }
+        None
+    }
+
+    /// The first attempt failed: the rest (a retry, a dead letter) is a boxed slow path, which
+    /// takes the attempt and the job.
+    fn failed(&mut self, error: BoxError) {
+        let (Run::Attempt(attempt), Some(job)) =
+            (std::mem::replace(&mut self.run, Run::Done), self.job.take())
+        else {
+            return;
+        };
+        self.run = Run::Slow(Box::pin(retry(self.spec, self.token, attempt, job, error)));
+    }
+}
+
+/// A message whose event no handler of the group takes: dead-lettered or acked, as the
+/// group's options say.
+async fn unknown(spec: &GroupSpec, ctx: Context, delivery: Option<Delivery>) -> Option<Settle> {
+    if spec.options.on_unknown == UnknownEvent::DeadLetter {
+        let reason = format!(
+            "no handler for event `{}` in group `{}`",
+            ctx.message.name, spec.group
+        );
+        return reject(spec, ctx, delivery, &reason, DeadReason::UnknownEvent).await;
+    }
+    spec.meters.of("", &ctx.topic).consumed(1);
+    tracing::debug!(group = %spec.group, event = %ctx.message.name, "no handler for this event; acked");
+    delivery.map(Settle::Ack)
+}
+
+impl Attempt<'_> {
+    /// Starts an attempt on `ctx`: its span (a root: spans of messages handled one after
+    /// another, or side by side on one thread, never nest), the trace it continues, then the
+    /// handler, inside the span, a panic caught. The handler takes the context, not a clone of
+    /// it (five reference counts up, and down again, a message): a retry or a dead letter
+    /// makes it again from the job.
+    fn start(&mut self, spec: &GroupSpec, ctx: Context, cx: &mut std::task::Context<'_>) {
         let span = tracing::info_span!(
             parent: None,
             "handle",
-            handler = %handler,
+            handler = %self.handler,
             group = %spec.group,
             event = %ctx.message.name,
             message_id = %ctx.message.id,
@@ -112,60 +241,110 @@ pub(super) async fn handle_job(
             &ctx.message.metadata.headers,
             spec.options.trace_as_child,
         );
-        // The handler takes the context, not a clone of it (five reference counts up, and down
-        // again, a message). A retry or a dead letter makes it again from the delivery; only a
-        // message acked before handling (no delivery) keeps a copy.
-        let attempt = ctx.attempt;
-        let kept = delivery.is_none().then(|| Box::new(ctx.clone()));
-        let run = async {
-            match &mut *pipeline {
-                Runner::Direct(run) => run.start(ctx)?.await,
-                Runner::Tower(service) => {
-                    service.ready().await?;
-                    service.call(ctx).await
+        self.attempt = ctx.attempt;
+        self.span = span;
+        // A span that nothing records is not entered.
+        let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
+        self.started = Instant::now();
+        let runner = &mut *self.runner;
+        self.call = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.start(ctx, cx))) {
+            Ok(call) => call,
+            Err(panic) => Call::Failed(panicked(&*panic)),
+        };
+    }
+
+    /// Polls the running attempt inside its span, a panic caught; once it finishes, records
+    /// its time and outcome.
+    fn poll_once(
+        &mut self,
+        spec: &GroupSpec,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(), BoxError>> {
+        let polled = {
+            let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
+            let (runner, call) = (&mut *self.runner, &mut self.call);
+            match std::panic::catch_unwind(AssertUnwindSafe(|| runner.poll_call(call, cx))) {
+                Ok(polled) => polled,
+                Err(panic) => {
+                    self.runner.stop(&mut self.call);
+                    Poll::Ready(Err(panicked(&*panic)))
                 }
             }
         };
-        let started = Instant::now();
-        let result = crate::in_span(span.clone(), caught(run)).await;
+        let Poll::Ready(result) = polled else {
+            return Poll::Pending;
+        };
         let finished = Instant::now();
-        meters.attempt(
-            finished.saturating_duration_since(started).as_secs_f64(),
+        self.meters.attempt(
+            finished
+                .saturating_duration_since(self.started)
+                .as_secs_f64(),
             result.is_ok(),
             matches!(&result, Err(e) if e.is::<HandlerPanicked>()),
         );
-        let Err(error) = result else {
+        if result.is_ok() {
             spec.health.handled(finished);
-            return delivery.map(Settle::Ack);
-        };
-        span.record("error.type", error_type(&error));
-        let remade = kept.map(|kept| *kept).or_else(|| {
-            delivery.as_ref().map(|d| {
-                let topic = d.topic_arc().clone();
-                let mut made = super::context(d, topic, spec.group.clone(), handler.clone());
-                made.attempt = attempt;
-                made
-            })
-        });
-        // One of the two is always there: a delivery, or the copy kept without one.
-        ctx = remade?;
-        let (d, delay) = match Box::pin(
-            after_failure(spec, handler, &ctx, delivery.take(), &error).instrument(span),
-        )
-        .await
-        {
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Attempt<'_> {
+    /// An attempt dropped unfinished (the shutdown deadline passed) drops its handler's future,
+    /// kept in the runner's box.
+    fn drop(&mut self) {
+        self.runner.stop(&mut self.call);
+    }
+}
+
+/// A handler's panic as the attempt's error.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> BoxError {
+    Box::new(HandlerPanicked(panic_message(panic)))
+}
+
+/// After a failed attempt: retried after the policy's backoff or the handler's requested
+/// delay, holding the message's lane; or dead-lettered; or, when cancelled while waiting,
+/// handed back to the broker.
+async fn retry(
+    spec: &GroupSpec,
+    token: &CancellationToken,
+    mut a: Attempt<'_>,
+    job: Job,
+    mut error: BoxError,
+) -> Option<Settle> {
+    let mut ctx = job.context_again(&spec.group, a.handler, a.attempt);
+    let (mut delivery, _outstanding) = job.into_parts();
+    loop {
+        a.span.record("error.type", error_type(&error));
+        let failed = after_failure(spec, a.handler, &ctx, delivery.take(), &error)
+            .instrument(a.span.clone())
+            .await;
+        let (d, delay) = match failed {
             Failed::Retry(d, delay) => (d, delay),
             Failed::Settled(settle) => return settle,
         };
         tokio::select! {
             biased;
             _ = token.cancelled() => return Some(Settle::Nack(d, Duration::ZERO)),
-            _ = Box::pin(tokio::time::sleep(delay)) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
         if d.is_stale() {
             return None;
         }
-        ctx.attempt = attempt + 1;
+        ctx.attempt = a.attempt + 1;
+        let mut next = Some(ctx);
+        let result = std::future::poll_fn(|cx| {
+            if let Some(ctx) = next.take() {
+                a.start(spec, ctx, cx);
+            }
+            a.poll_once(spec, cx)
+        })
+        .await;
+        match result {
+            Ok(()) => return Some(Settle::Ack(d)),
+            Err(e) => error = e,
+        }
+        ctx = super::context_again(&d, &spec.group, a.handler, a.attempt);
         delivery = Some(d);
     }
 }

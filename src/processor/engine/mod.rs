@@ -105,7 +105,8 @@ struct Acked {
     ctx: Context,
     shard: Option<u32>,
     malformed: Option<String>,
-    unhandled: Unhandled,
+    /// Taken (disarmed) when the job starts.
+    unhandled: Option<Unhandled>,
 }
 
 impl Job {
@@ -133,7 +134,7 @@ impl Job {
                 ctx,
                 shard,
                 malformed,
-                unhandled,
+                unhandled: Some(unhandled),
             })),
             outstanding,
         }
@@ -204,9 +205,53 @@ impl Job {
                     unhandled,
                     ..
                 } = *a;
-                unhandled.disarm();
+                if let Some(unhandled) = unhandled {
+                    unhandled.disarm();
+                }
                 (ctx, malformed, None, self.outstanding)
             }
+        }
+    }
+
+    /// Its context, for a handler to take: made on `services`' names for a delivery (which
+    /// stays in the job until it is settled); a copy of the one kept for a message acked
+    /// before handling, which from now on no longer reports its loss: it runs.
+    pub(super) fn context(&mut self, services: &mut Services) -> Context {
+        match &mut self.taken {
+            Taken::Delivered(d) => services.context(d),
+            Taken::Acked(a) => {
+                if let Some(unhandled) = a.unhandled.take() {
+                    unhandled.disarm();
+                }
+                a.ctx.clone()
+            }
+        }
+    }
+
+    /// Its context again after a failed attempt (numbered `attempt`) of `handler`: made from
+    /// its delivery, or a copy of the one kept for a message acked before handling.
+    pub(super) fn context_again(
+        &self,
+        group: &Arc<str>,
+        handler: &Arc<str>,
+        attempt: u32,
+    ) -> Context {
+        match &self.taken {
+            Taken::Delivered(d) => context_again(d, group, handler, attempt),
+            Taken::Acked(a) => {
+                let mut kept = a.ctx.clone();
+                kept.handler = handler.clone();
+                kept
+            }
+        }
+    }
+
+    /// Its delivery (`None`: acked before handling), and its count in the group's health, to
+    /// keep until the message is done with.
+    pub(super) fn into_parts(self) -> (Option<Delivery>, super::health::Outstanding) {
+        match self.taken {
+            Taken::Delivered(d) => (Some(d), self.outstanding),
+            Taken::Acked(_) => (None, self.outstanding),
         }
     }
 }
@@ -313,6 +358,19 @@ impl Services {
         };
         context(d, topic, self.group.clone(), self.no_handler.clone())
     }
+}
+
+/// The context of `handler`'s attempt numbered `attempt` at a delivery, made again after the
+/// one before failed (on the delivery's own copy of its topic's name).
+pub(super) fn context_again(
+    d: &Delivery,
+    group: &Arc<str>,
+    handler: &Arc<str>,
+    attempt: u32,
+) -> Context {
+    let mut made = context(d, d.topic_arc().clone(), group.clone(), handler.clone());
+    made.attempt = attempt;
+    made
 }
 
 /// The context of a delivery on the names given (`topic`, the group's and the handler's).
