@@ -652,6 +652,79 @@ async fn timeout_layer_fails_slow_handlers() {
     running.shutdown().await.unwrap();
 }
 
+/// Middleware that is not ready at the first poll of each call (it wakes its task at once):
+/// the context waits for it, and every message is still handled, in order.
+#[tokio::test]
+async fn middleware_not_ready_at_first_is_waited_for() {
+    #[derive(Clone)]
+    struct NotReadyAtFirst<S> {
+        inner: S,
+        refused: Arc<AtomicUsize>,
+        asked: Arc<std::sync::atomic::AtomicBool>,
+    }
+    impl<S: tower::Service<Context>> tower::Service<Context> for NotReadyAtFirst<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), S::Error>> {
+            if !self.asked.swap(true, Ordering::SeqCst) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.inner.poll_ready(cx)
+        }
+        fn call(&mut self, ctx: Context) -> S::Future {
+            self.asked.store(false, Ordering::SeqCst);
+            self.inner.call(ctx)
+        }
+    }
+    struct NotReadyLayer(Arc<AtomicUsize>);
+    impl<S> tower::Layer<S> for NotReadyLayer {
+        type Service = NotReadyAtFirst<S>;
+        fn layer(&self, inner: S) -> NotReadyAtFirst<S> {
+            NotReadyAtFirst {
+                inner,
+                refused: self.0.clone(),
+                asked: Arc::default(),
+            }
+        }
+    }
+
+    let broker = MemoryBroker::new();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let mut p = EventProcessor::new(broker.clone(), "svc");
+    p.handle("waits", move |b: Booked| {
+        let tx = tx.clone();
+        async move { tx.send(b.id).map_err(|e| e.to_string()) }
+    })
+    .unwrap()
+    .layer(NotReadyLayer(refused.clone()));
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(broker.clone());
+    for id in 1..=3 {
+        bus.publish(&Booked { id }).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(recv(&mut rx).await);
+    }
+    assert_eq!(got, [1, 2, 3], "each handled once, in order");
+    assert!(
+        refused.load(Ordering::SeqCst) >= 3,
+        "the middleware said it was not ready before each call"
+    );
+    eventually("every message acked", || {
+        broker.pending("tickets", "svc.waits").is_empty()
+    })
+    .await;
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn group_names_and_context_are_the_users() {
     let broker = MemoryBroker::new();
