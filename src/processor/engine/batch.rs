@@ -81,7 +81,7 @@ pub(super) async fn handle_batch(
     let mut outstanding = Vec::with_capacity(jobs.len());
     // The batch's messages nearly always share a topic: its instruments are looked up once.
     let mut last = telemetry::Last::default();
-    for job in jobs {
+    for mut job in jobs {
         let ours =
             job.malformed().is_none() && job.message().name == route.event && !job.is_stale();
         if !ours {
@@ -93,7 +93,8 @@ pub(super) async fn handle_batch(
             }
             continue;
         }
-        let (mut ctx, _, delivery, o) = job.start(services);
+        let mut ctx = job.context(services);
+        let (delivery, o) = job.into_parts();
         outstanding.push(o);
         ctx.handler = route.handler.clone();
         spec.meters

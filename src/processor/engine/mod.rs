@@ -181,38 +181,6 @@ impl Job {
         }
     }
 
-    /// What runs it: its context (made on `services`' names for a delivery), why it is
-    /// malformed, its delivery, and its count in the group's health. A message acked before
-    /// handling no longer reports its loss: it runs.
-    pub(super) fn start(
-        self,
-        services: &mut Services,
-    ) -> (
-        Context,
-        Option<String>,
-        Option<Delivery>,
-        super::health::Outstanding,
-    ) {
-        match self.taken {
-            Taken::Delivered(d) => {
-                let malformed = d.malformed().map(str::to_owned);
-                (services.context(&d), malformed, Some(d), self.outstanding)
-            }
-            Taken::Acked(a) => {
-                let Acked {
-                    ctx,
-                    malformed,
-                    unhandled,
-                    ..
-                } = *a;
-                if let Some(unhandled) = unhandled {
-                    unhandled.disarm();
-                }
-                (ctx, malformed, None, self.outstanding)
-            }
-        }
-    }
-
     /// Its context, for a handler to take: made on `services`' names for a delivery (which
     /// stays in the job until it is settled); a copy of the one kept for a message acked
     /// before handling, which from now on no longer reports its loss: it runs.
