@@ -79,7 +79,8 @@ struct Attempt<'a> {
     meters: &'a telemetry::Instruments,
     attempt: u32,
     span: tracing::Span,
-    started: Instant,
+    /// When the running attempt started (`None` before the first).
+    started: Option<Instant>,
     call: Call,
     _in_flight: health::InFlight<'a>,
     _metered: telemetry::InFlight,
@@ -163,9 +164,10 @@ impl<'a> Handling<'a> {
             handler,
             runner,
             meters,
-            attempt: ctx.attempt,
+            // The attempt's number, span and start are set when it starts.
+            attempt: 0,
             span: tracing::Span::none(),
-            started: Instant::now(),
+            started: None,
             call: Call::Idle,
             _in_flight: in_flight,
             _metered: metered,
@@ -245,7 +247,7 @@ impl Attempt<'_> {
         self.span = span;
         // A span that nothing records is not entered.
         let _entered = (!self.span.is_disabled()).then(|| self.span.enter());
-        self.started = Instant::now();
+        self.started = Some(Instant::now());
         let runner = &mut *self.runner;
         self.call = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.start(ctx, cx))) {
             Ok(call) => call,
@@ -275,10 +277,11 @@ impl Attempt<'_> {
             return Poll::Pending;
         };
         let finished = Instant::now();
+        let took = self
+            .started
+            .map_or(Duration::ZERO, |s| finished.saturating_duration_since(s));
         self.meters.attempt(
-            finished
-                .saturating_duration_since(self.started)
-                .as_secs_f64(),
+            took.as_secs_f64(),
             result.is_ok(),
             matches!(&result, Err(e) if e.is::<HandlerPanicked>()),
         );
