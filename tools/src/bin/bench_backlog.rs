@@ -169,6 +169,7 @@ fn measure(
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    cqrs_tools::support::init_logs();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("drain") {
         return drain_role(&args[1..]).await;

@@ -221,6 +221,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    cqrs_tools::support::init_logs();
     let env = cqrs_tools::support::env_or::<usize>;
     let (n, streams, rounds) = (
         env("BENCH_N", 300_000),

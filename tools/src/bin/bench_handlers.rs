@@ -189,6 +189,7 @@ async fn sleep_ceiling(concurrency: usize) -> (f64, Duration) {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    cqrs_tools::support::init_logs();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let n: usize = support::env_or("BENCH_N", 200_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redis,memory".into());

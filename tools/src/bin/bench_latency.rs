@@ -332,6 +332,7 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    cqrs_tools::support::init_logs();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let secs: u64 = cqrs_tools::support::env_or("BENCH_SECS", 30);
     let rates: Vec<u64> = std::env::var("BENCH_RATES")

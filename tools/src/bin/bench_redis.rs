@@ -366,6 +366,7 @@ impl Table {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    cqrs_tools::support::init_logs();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let n: usize = cqrs_tools::support::env_or("BENCH_N", 200_000);
     let rounds: usize = cqrs_tools::support::env_or("BENCH_ROUNDS", 3);
