@@ -160,8 +160,7 @@ impl Bench {
     }
 
     fn producer(&self) -> Result<FutureProducer, BoxError> {
-        Ok(ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        Ok(raw_client(&self.brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", linger_ms())
             .set("message.timeout.ms", "30000")
@@ -297,8 +296,7 @@ impl Bench {
         let cpu = support::cpu_time("self");
         let mut tasks = Vec::new();
         for _ in 0..members {
-            let consumer: StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &self.brokers)
+            let consumer: StreamConsumer = raw_client(&self.brokers)
                 .set("group.id", &group)
                 .set("group.protocol", "consumer")
                 .set("enable.auto.commit", "true")
@@ -530,6 +528,17 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
+/// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
+fn raw_client(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    if let Ok(debug) = std::env::var("BENCH_KAFKA_DEBUG") {
+        c.set("debug", debug);
+    }
+    c
 }
 
 /// Our backend's settings: the benchmark's, and those the environment sets for experiments.
