@@ -249,6 +249,64 @@ async fn consuming_without_read_on_the_group_fails_naming_it() {
     assert!(err.contains(&format!("{service}.audit")), "{err}");
 }
 
+/// A dead-letter topic alice may not make (`ro-*`, missing): the processor does not start, and
+/// says which topic. The group's member, started while the topic was being made, leaves with the
+/// failed start: the group's next member gets every event published before (on each of the
+/// topic's partitions), and nothing was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_cannot_be_made_fails_start_and_leaves_the_group_alone() {
+    support::logs();
+    let broker = SecureKafka::shared();
+    let alice = alice(&broker, "SCRAM-SHA-256").await;
+    let topic = unique("ok-invoices");
+    let dead = unique("ro-invoices-dead");
+    let paid: Vec<Paid> = (0..30).map(|n| Paid { n }).collect();
+    EventBus::new(alice.clone())
+        .topics(support::one_topic(&topic))
+        .publish_all(&paid)
+        .await
+        .unwrap();
+    let service = unique("ok-svc");
+    let mut p = EventProcessor::new(alice.clone(), &service).topics(support::one_topic(&topic));
+    p.handle("bill", |_: Paid| async { Ok::<_, String>(()) })
+        .unwrap()
+        .dead_letter_topic(&dead);
+    let err = match p.start(CancellationToken::new()).await {
+        Ok(_) => panic!("a processor started without its dead-letter topic"),
+        Err(e) => e,
+    };
+    assert!(
+        err.report().contains(&dead) && err.report().contains("not authorized"),
+        "{}",
+        err.report()
+    );
+    assert!(
+        !super_user(&broker)
+            .await
+            .topics_on_broker()
+            .await
+            .unwrap()
+            .contains(&dead),
+        "the dead-letter topic was made"
+    );
+    let mut next = super_user(&broker)
+        .await
+        .subscribe(&Subscription::new(format!("{service}.bill"), [&topic]))
+        .await
+        .unwrap();
+    let got = cqrs::conformance::receive_n(&mut *next, paid.len()).await;
+    assert_eq!(got.len(), paid.len());
+    let partitions: std::collections::BTreeSet<_> = got
+        .iter()
+        .filter_map(|d| Some(d.position()?.partition))
+        .collect();
+    assert!(
+        partitions.len() > 1,
+        "all on {partitions:?}: a test that cannot fail"
+    );
+    assert_eq!(lag(&broker, &topic, &format!("{service}.bill")).await, None);
+}
+
 /// A dead-letter topic alice may not write: the failed message's group stops with that error,
 /// and the message stays unconsumed in the group (nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
