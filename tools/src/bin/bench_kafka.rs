@@ -19,7 +19,7 @@
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
 //! consumer).
 //!
-//! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours`
+//! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
 //! --tool=callgrind`, at two sizes so that the set-up cancels out): `publish-*` puts `BENCH_N`
 //! events on `T` (`publish-one-*` one per call from 64 tasks); each `consume-*` reads
@@ -27,7 +27,8 @@
 //! with `BENCH_MEMBERS` members (1 unless set; `BENCH_BATCH` sets ours' batch size, 500 unless
 //! set); `consume-backend` is our backend's consumer alone, without the processor (one member);
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
-//! and prints when the publishing ended and the last event was handled.
+//! and prints when the publishing ended and the last event was handled (`e2e-raw-ours`: raw
+//! publishing, our consuming; `e2e-ours-raw` the other way round).
 //!
 //! Each round measures every figure in both orders, A, B, B, A (A is raw in odd rounds), and
 //! gives each side the mean of its two runs (`support::both_orders`); a run that publishes does
@@ -895,13 +896,27 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
         // timed to the last event handled.
-        "e2e-raw" | "e2e-ours" => {
+        // `e2e-raw-ours`: raw publishing, our consuming; `e2e-ours-raw`: the other way round
+        // (which side's consumer slows which publisher).
+        "e2e-raw" | "e2e-ours" | "e2e-raw-ours" | "e2e-ours-raw" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
-            let (c, p) = if only == "e2e-raw" {
-                b.raw_end_to_end(&b.producer()?, &topic).await?
-            } else {
-                b.ours_end_to_end(&backend, &topic).await?
+            let (c, p) = match only {
+                "e2e-raw" => b.raw_end_to_end(&b.producer()?, &topic).await?,
+                "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
+                "e2e-raw-ours" => {
+                    let producer = b.producer()?;
+                    let (c, p) = tokio::join!(
+                        b.ours_consume(&backend, &topic, n),
+                        b.raw_publish(&producer, &topic)
+                    );
+                    (c?, p?)
+                }
+                _ => {
+                    let bus = bus_on(&backend, &topic);
+                    let (c, p) = tokio::join!(b.raw_consume(&topic, n), b.ours_publish(&bus));
+                    (c?, p?)
+                }
             };
             eprintln!(
                 "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}",
@@ -912,7 +927,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, consume-backend, e2e-raw or e2e-ours"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, consume-backend, e2e-raw, e2e-ours, e2e-raw-ours or e2e-ours-raw"
             )
             .into())
         }
