@@ -92,8 +92,8 @@ impl Future for Handling<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Settle>> {
         let this = self.get_mut();
         if let Run::Start = this.run {
-            if let Some(settled) = this.begin(cx) {
-                return Poll::Ready(settled);
+            if !this.begin(cx) {
+                return Poll::Ready(None);
             }
         }
         if let Run::Attempt(attempt) = &mut this.run {
@@ -126,17 +126,18 @@ impl Future for Handling<'_> {
 impl<'a> Handling<'a> {
     /// Everything up to the handler's first poll: the context, the handler's instruments, the
     /// attempt started. A malformed message or an unknown event takes a boxed slow path.
-    /// `Some`: finished already (a stale delivery).
-    fn begin(&mut self, cx: &mut std::task::Context<'_>) -> Option<Option<Settle>> {
+    /// Returns whether the message goes on: `false` when it is done already, with nothing to
+    /// settle (a stale delivery).
+    fn begin(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         let spec = self.spec;
         let (Some(job), Some(services)) = (&mut self.job, self.services.take()) else {
-            return Some(None);
+            return false;
         };
         if job.is_stale() {
             // Its partition went to another member in a rebalance: that member handles it.
             tracing::debug!(group = %spec.group, message_id = %job.message().id, "dropping a delivery whose partition was revoked");
             self.run = Run::Done;
-            return Some(None);
+            return false;
         }
         let mut ctx = job.context(services);
         if let Some(reason) = job.malformed().map(str::to_owned) {
@@ -145,7 +146,7 @@ impl<'a> Handling<'a> {
                 let (delivery, _outstanding) = parts?;
                 reject(spec, ctx, delivery, &reason, DeadReason::Malformed).await
             }));
-            return None;
+            return true;
         }
         let Some((handler, runner, last)) = services.get(&ctx.message.name) else {
             let parts = self.job.take().map(Job::into_parts);
@@ -153,7 +154,7 @@ impl<'a> Handling<'a> {
                 let (delivery, _outstanding) = parts?;
                 unknown(spec, ctx, delivery).await
             }));
-            return None;
+            return true;
         };
         ctx.handler = handler.clone();
         let in_flight = spec.health.enter();
@@ -175,7 +176,7 @@ impl<'a> Handling<'a> {
         if let Run::Attempt(attempt) = &mut self.run {
             attempt.start(spec, ctx, cx);
         }
-        None
+        true
     }
 
     /// The first attempt failed: the rest (a retry, a dead letter) is a boxed slow path, which
