@@ -209,6 +209,7 @@ impl Job {
             Taken::Acked(a) => {
                 let mut kept = a.ctx.clone();
                 kept.handler = handler.clone();
+                kept.attempt = attempt;
                 kept
             }
         }
