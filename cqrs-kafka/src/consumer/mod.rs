@@ -69,6 +69,9 @@ pub(crate) struct KafkaConsumer {
     reported_at: Option<Instant>,
     /// The last error polled and not said yet: said once nothing is left to hand out.
     failed: Option<KafkaError>,
+    /// The records of a call to [`KafkaConsumer::take_records`] to be handed out (kept for
+    /// the next).
+    run: Vec<(Record, u64)>,
     /// What the consumer works on, for its errors: the brokers, its group and its topics.
     brokers: String,
     group: String,
@@ -210,6 +213,7 @@ impl KafkaConsumer {
             closed_since: None,
             reported_at: None,
             failed: None,
+            run: Vec::new(),
             brokers: config.brokers().to_owned(),
             group: subscription.group.clone(),
             topics: subscription.topics.clone(),
@@ -241,34 +245,80 @@ impl KafkaConsumer {
         self.acker.epoch.load(Ordering::SeqCst)
     }
 
-    /// The next polled record, taken already or from the poll thread, without waiting: its
-    /// delivery (`None`: stale, see [`KafkaConsumer::delivery`]) or the consumer's error.
-    fn try_next(&mut self) -> cqrs_core::Result<Option<Result<Option<Delivery>, KafkaError>>> {
-        loop {
-            let Some(front) = self.taken.front_mut() else {
-                match self.rx.try_recv() {
-                    Ok(batch) => {
-                        self.take(batch);
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+    /// Hands out up to `max` polled records, taken already or from the poll thread, without
+    /// waiting: the deliveries go to `out`, a consumer error polled among them to `failed`
+    /// (see [`KafkaConsumer::failed`]). False when there was nothing to take.
+    ///
+    /// The records come from one batch, under one lock of the partitions' offsets: a record is
+    /// this member's to hand out only if its partition was assigned before it was polled, and
+    /// still is (the rebalance callback changes the assignment under that lock), and only if
+    /// its offset was not handed out already since (some brokers answer a fetch with records
+    /// before the fetch offset). Records come in runs of one partition: its state is looked up
+    /// once a run, not once a record (the lock and the lookup were ~150 instructions a record,
+    /// docs/benchmarks.md). They are decoded after the lock is let go.
+    fn take_records(&mut self, max: usize, out: &mut Vec<Delivery>) -> cqrs_core::Result<bool> {
+        let front = loop {
+            match self.taken.front_mut() {
+                Some(front) if front.polled.len() > 0 => break front,
+                // Its buffer goes back when the last of its messages is dropped.
+                Some(_) => {
+                    self.taken.pop_front();
+                }
+                None => match self.rx.try_recv() {
+                    Ok(batch) => self.taken.push_back(Taken::of(batch, &self.buffers)),
+                    Err(mpsc::error::TryRecvError::Empty) => return Ok(false),
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         return Err(cqrs_core::Error::Closed)
                     }
+                },
+            }
+        };
+        let run = &mut self.run;
+        {
+            let mut offsets = lock(&self.acker.offsets);
+            // The partition of the record before, with the epoch it was polled in, and its
+            // state if the record is this member's.
+            let mut of: Option<(Arc<str>, i32, u64)> = None;
+            let mut state = None;
+            while run.len() < max {
+                let Some((polled, epoch)) = front.polled.next() else {
+                    break;
+                };
+                let record = match polled {
+                    Ok(record) => record,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "kafka consumer error");
+                        self.failed = Some(e);
+                        continue;
+                    }
+                };
+                let (topic, partition, offset) = (&record.topic, record.partition, record.offset);
+                let same = of.as_ref().is_some_and(|(t, p, e)| {
+                    *p == partition && *e == epoch && (Arc::ptr_eq(t, topic) || **t == **topic)
+                });
+                if !same {
+                    state = offsets
+                        .get_mut(&Partition(topic, partition))
+                        .filter(|s| s.owns(epoch));
+                    of = Some((topic.clone(), partition, epoch));
                 }
-            };
-            match front.polled.next() {
-                Some((Ok(record), epoch)) => {
-                    let d = Self::delivery(&mut self.acker, record, epoch, &front.bytes);
-                    return Ok(Some(Ok(d)));
+                let Some(state) = state.as_deref_mut() else {
+                    tracing::debug!(%topic, partition, offset, "dropping a record of a partition revoked since it was fetched");
+                    continue;
+                };
+                if state.next.is_some_and(|next| offset < next) {
+                    tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
+                    continue;
                 }
-                Some((Err(e), _)) => return Ok(Some(Err(e))),
-                None => {
-                    // Its buffer goes back when the last of its messages is dropped.
-                    self.taken.pop_front();
-                }
+                state.pending.insert(offset);
+                state.next = Some(offset + 1);
+                run.push((record, epoch));
             }
         }
+        for (record, epoch) in run.drain(..) {
+            out.push(Self::delivery(&mut self.acker, record, epoch, &front.bytes));
+        }
+        Ok(true)
     }
 
     /// How many records there are to hand out without waiting, at most: those taken from the
@@ -278,49 +328,20 @@ impl KafkaConsumer {
         taken + self.rx.len() * POLL_BATCH
     }
 
-    /// Takes a batch from the poll thread, after what is left of those before.
-    fn take(&mut self, batch: Batch) {
-        self.taken.push_back(Taken {
-            bytes: Buffers::shared(&self.buffers, batch.bytes),
-            polled: batch.polled.into_iter(),
-        });
-    }
-
-    /// The delivery of a polled record, its message in `bytes`, made with the acker of its epoch
-    /// (see [`KafkaConsumer::acker`]); `None` for a record of a partition revoked since it was
-    /// polled, or an offset this member already handed out since it got the partition (some
-    /// brokers answer a fetch with records before the fetch offset).
+    /// The delivery of a polled record handed out (see [`KafkaConsumer::take_records`]), its
+    /// message in `bytes`, made with the acker of its epoch (see [`KafkaConsumer::acker`]).
     fn delivery(
         acker: &mut Arc<KafkaAcker>,
         record: Record,
         epoch: u64,
         bytes: &Bytes,
-    ) -> Option<Delivery> {
+    ) -> Delivery {
         let Record {
             topic,
             partition,
             offset,
             copied,
         } = record;
-        {
-            // Under the lock the rebalance callback changes the assignment under: the record
-            // is this member's to hand out only if its partition was assigned before it was
-            // polled, and is still.
-            let mut offsets = lock(&acker.offsets);
-            let Some(state) = offsets
-                .get_mut(&Partition(&topic, partition))
-                .filter(|s| s.owns(epoch))
-            else {
-                tracing::debug!(%topic, partition, offset, "dropping a record of a partition revoked since it was fetched");
-                return None;
-            };
-            if state.next.is_some_and(|next| offset < next) {
-                tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
-                return None;
-            }
-            state.pending.insert(offset);
-            state.next = Some(offset + 1);
-        }
         let acker = of_epoch(acker, epoch);
         // Decoded here, on a runtime worker, as its message's `Arc` is made here: an
         // allocation on the poll thread takes glibc's slow path, as the thread frees nothing
@@ -335,10 +356,10 @@ impl KafkaConsumer {
             LogPosition { partition, offset },
             acker,
         );
-        Some(match malformed {
+        match malformed {
             Some(reason) => d.with_malformed(reason),
             None => d,
-        })
+        }
     }
 
     /// Nacked messages whose time has come, as new deliveries.
@@ -367,6 +388,17 @@ impl KafkaConsumer {
 struct Taken {
     bytes: Bytes,
     polled: std::vec::IntoIter<Polled>,
+}
+
+impl Taken {
+    /// A batch taken from the poll thread, its buffer going back to `buffers` when the last of
+    /// its messages is dropped.
+    fn of(batch: Batch, buffers: &Arc<Buffers>) -> Taken {
+        Taken {
+            bytes: Buffers::shared(buffers, batch.bytes),
+            polled: batch.polled.into_iter(),
+        }
+    }
 }
 
 /// The acker of rebalance epoch `epoch`, `acker` made that one first if it is of another.
@@ -423,13 +455,8 @@ impl Consumer for KafkaConsumer {
             while out.len() < max
                 && !gate.closed_with(|| *failing.get_or_insert_with(|| gate.failing()))
             {
-                match self.try_next()? {
-                    Some(Ok(d)) => out.extend(d),
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "kafka consumer error");
-                        self.failed = Some(e);
-                    }
-                    None => break,
+                if !self.take_records(max - out.len(), &mut out)? {
+                    break;
                 }
             }
             if !out.is_empty() {
@@ -493,7 +520,7 @@ impl Consumer for KafkaConsumer {
             }
             tokio::select! {
                 batch = self.rx.recv() => match batch {
-                    Some(batch) => self.take(batch),
+                    Some(batch) => self.taken.push_back(Taken::of(batch, &self.buffers)),
                     None => return Err(cqrs_core::Error::Closed),
                 },
                 _ = tokio::time::sleep_until(wait) => {}
@@ -626,13 +653,18 @@ mod tests {
                     &mut bytes,
                 ),
             };
-            let made = KafkaConsumer::delivery(
-                &mut consumer.acker,
-                record,
-                polled_in,
-                &Bytes::from(std::mem::take(&mut bytes)),
-            );
-            handed_out += u64::from(made.is_some());
+            let batch = Batch {
+                bytes: std::mem::take(&mut bytes),
+                polled: vec![(Ok(record), polled_in)],
+            };
+            consumer
+                .taken
+                .push_back(Taken::of(batch, &consumer.buffers));
+            let mut made = Vec::new();
+            consumer
+                .take_records(1, &mut made)
+                .expect("taking the record");
+            handed_out += made.len() as u64;
         }
         stop.store(true, Ordering::SeqCst);
         let (rebalances, stale) = rebalancer.join().expect("the rebalancing thread");
@@ -647,6 +679,110 @@ mod tests {
             stale.len(),
             &stale[..stale.len().min(5)]
         );
+        consumer.close().await.expect("closing");
+    }
+
+    /// Records are handed out in runs of one partition, its state looked up once a run: a batch
+    /// that moves between partitions, with one not assigned, one polled before the partition was
+    /// assigned again, and an offset polled twice, hands out exactly the records of the current
+    /// assignments, once each, in order, and only those become pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_across_partitions_hands_out_only_what_this_member_holds() {
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
+        let config = KafkaConfig::new(&brokers);
+        let backend = crate::KafkaBackend::connect(config.clone())
+            .await
+            .expect("connecting");
+        let real = format!("runs-{}", cqrs_core::new_message_id());
+        backend.ensure_topics(&[&real]).await.expect("topic");
+        let mut consumer = KafkaConsumer::start(&config, &Subscription::new(&real, [&real]))
+            .await
+            .expect("starting");
+        // Partitions the broker knows nothing of: only this test changes their state.
+        let topic: Arc<str> = Arc::from(format!("{real}-runs").as_str());
+        // The same name in another `Arc`, as a pattern subscription's records may carry it.
+        let same: Arc<str> = Arc::from(&*topic);
+        let (offsets, epoch) = (consumer.acker.offsets.clone(), consumer.acker.epoch.clone());
+        state::assign(
+            &mut lock(&offsets),
+            &epoch,
+            true,
+            [(topic.clone(), 0, Some(0)), (topic.clone(), 2, Some(0))],
+        );
+        let before = epoch.load(Ordering::SeqCst);
+        // Partition 2 is revoked and assigned again: what was polled before is stale.
+        state::revoke(&mut lock(&offsets), &epoch, |_, p| p == 2);
+        state::assign(
+            &mut lock(&offsets),
+            &epoch,
+            true,
+            [(topic.clone(), 2, Some(0))],
+        );
+        let now = epoch.load(Ordering::SeqCst);
+        let mut bytes = Vec::new();
+        let records = [
+            (&topic, 0, 1, now),
+            (&topic, 0, 2, now),
+            (&topic, 1, 7, now),    // not assigned
+            (&same, 0, 3, now),     // the same partition, its name in another `Arc`
+            (&topic, 2, 4, before), // polled before partition 2 came back
+            (&topic, 2, 5, now),
+            (&topic, 0, 3, now), // fetched twice
+            (&topic, 0, 4, now),
+        ];
+        let polled = records
+            .iter()
+            .map(|(t, partition, offset, polled_in)| {
+                let copied = poll::Copied::of(
+                    &rdkafka::message::OwnedMessage::new(
+                        Some(Vec::new()),
+                        None,
+                        "t".to_owned(),
+                        rdkafka::Timestamp::NotAvailable,
+                        *partition,
+                        *offset,
+                        None,
+                    ),
+                    &mut bytes,
+                );
+                let record = Record {
+                    topic: Arc::clone(t),
+                    partition: *partition,
+                    offset: *offset,
+                    copied,
+                };
+                (Ok(record), *polled_in)
+            })
+            .collect();
+        consumer
+            .taken
+            .push_back(Taken::of(Batch { bytes, polled }, &consumer.buffers));
+        let mut made = Vec::new();
+        // Two calls: a run ends where the call's room does.
+        assert!(consumer.take_records(3, &mut made).expect("taking"));
+        assert!(consumer.take_records(10, &mut made).expect("taking"));
+        let handed: Vec<(i32, i64)> = made
+            .iter()
+            .map(|d| {
+                let p = d.position().expect("a position");
+                (p.partition, p.offset)
+            })
+            .collect();
+        assert_eq!(handed, [(0, 1), (0, 2), (0, 3), (2, 5), (0, 4)]);
+        {
+            let offsets = lock(&offsets);
+            let pending = |p: i32| -> Vec<i64> {
+                offsets
+                    .get(&(topic.clone(), p))
+                    .map(|s| s.pending.iter().copied().collect())
+                    .unwrap_or_default()
+            };
+            assert_eq!(pending(0), [1, 2, 3, 4]);
+            assert_eq!(pending(2), [5]);
+            assert!(offsets.get(&(topic.clone(), 1)).is_none());
+        }
+        drop(made);
         consumer.close().await.expect("closing");
     }
 
