@@ -578,17 +578,7 @@ mod tests {
     /// which epoch it was polled in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_polled_before_a_revocation_never_enters_the_next_assignment() {
-        let brokers = std::env::var("KAFKA_BROKERS")
-            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
-        let config = KafkaConfig::new(&brokers);
-        let backend = crate::KafkaBackend::connect(config.clone())
-            .await
-            .expect("connecting");
-        let real = format!("race-{}", cqrs_core::new_message_id());
-        backend.ensure_topics(&[&real]).await.expect("topic");
-        let mut consumer = KafkaConsumer::start(&config, &Subscription::new(&real, [&real]))
-            .await
-            .expect("starting");
+        let (mut consumer, real) = consumer_of_new_topic("race").await;
         // A partition the broker knows nothing of: only this test changes its state.
         let topic: Arc<str> = Arc::from(format!("{real}-raced").as_str());
         const PER_EPOCH: i64 = 1 << 32;
@@ -636,23 +626,7 @@ mod tests {
         let mut bytes = Vec::new();
         for i in 0..50_000i64 {
             let polled_in = consumer.current_epoch();
-            let record = Record {
-                topic: topic.clone(),
-                partition: 0,
-                offset: polled_in as i64 * PER_EPOCH + i,
-                copied: poll::Copied::of(
-                    &rdkafka::message::OwnedMessage::new(
-                        Some(Vec::new()),
-                        None,
-                        "t".to_owned(),
-                        rdkafka::Timestamp::NotAvailable,
-                        0,
-                        0,
-                        None,
-                    ),
-                    &mut bytes,
-                ),
-            };
+            let record = empty_record(&topic, 0, polled_in as i64 * PER_EPOCH + i, &mut bytes);
             let batch = Batch {
                 bytes: std::mem::take(&mut bytes),
                 polled: vec![(Ok(record), polled_in)],
@@ -688,17 +662,7 @@ mod tests {
     /// assignments, once each, in order, and only those become pending.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_across_partitions_hands_out_only_what_this_member_holds() {
-        let brokers = std::env::var("KAFKA_BROKERS")
-            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
-        let config = KafkaConfig::new(&brokers);
-        let backend = crate::KafkaBackend::connect(config.clone())
-            .await
-            .expect("connecting");
-        let real = format!("runs-{}", cqrs_core::new_message_id());
-        backend.ensure_topics(&[&real]).await.expect("topic");
-        let mut consumer = KafkaConsumer::start(&config, &Subscription::new(&real, [&real]))
-            .await
-            .expect("starting");
+        let (mut consumer, real) = consumer_of_new_topic("runs").await;
         // Partitions the broker knows nothing of: only this test changes their state.
         let topic: Arc<str> = Arc::from(format!("{real}-runs").as_str());
         // The same name in another `Arc`, as a pattern subscription's records may carry it.
@@ -734,25 +698,10 @@ mod tests {
         let polled = records
             .iter()
             .map(|(t, partition, offset, polled_in)| {
-                let copied = poll::Copied::of(
-                    &rdkafka::message::OwnedMessage::new(
-                        Some(Vec::new()),
-                        None,
-                        "t".to_owned(),
-                        rdkafka::Timestamp::NotAvailable,
-                        *partition,
-                        *offset,
-                        None,
-                    ),
-                    &mut bytes,
-                );
-                let record = Record {
-                    topic: Arc::clone(t),
-                    partition: *partition,
-                    offset: *offset,
-                    copied,
-                };
-                (Ok(record), *polled_in)
+                (
+                    Ok(empty_record(t, *partition, *offset, &mut bytes)),
+                    *polled_in,
+                )
             })
             .collect();
         consumer
@@ -784,6 +733,43 @@ mod tests {
         }
         drop(made);
         consumer.close().await.expect("closing");
+    }
+
+    /// A consumer of a new topic named from `prefix` on the broker at `KAFKA_BROKERS`, and the
+    /// topic's name.
+    async fn consumer_of_new_topic(prefix: &str) -> (KafkaConsumer, String) {
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS (scripts/test starts Apache Kafka and sets it)");
+        let config = KafkaConfig::new(&brokers);
+        let backend = crate::KafkaBackend::connect(config.clone())
+            .await
+            .expect("connecting");
+        let topic = format!("{prefix}-{}", cqrs_core::new_message_id());
+        backend.ensure_topics(&[&topic]).await.expect("topic");
+        let consumer = KafkaConsumer::start(&config, &Subscription::new(&topic, [&topic]))
+            .await
+            .expect("starting");
+        (consumer, topic)
+    }
+
+    /// A polled record of `topic` at `partition` and `offset` without payload, key or headers,
+    /// copied to the end of `bytes`.
+    fn empty_record(topic: &Arc<str>, partition: i32, offset: i64, bytes: &mut Vec<u8>) -> Record {
+        let message = rdkafka::message::OwnedMessage::new(
+            Some(Vec::new()),
+            None,
+            topic.to_string(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        );
+        Record {
+            topic: topic.clone(),
+            partition,
+            offset,
+            copied: poll::Copied::of(&message, bytes),
+        }
     }
 
     /// The test settings (short fetch waits) on the broker at `KAFKA_BROKERS`, a backend, and a
