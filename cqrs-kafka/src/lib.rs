@@ -287,13 +287,14 @@ impl Subscriber for KafkaBackend {
         // The dead-letter topic too, before this returns: a message out of attempts must have
         // somewhere to go.
         let dead_letter = subscription.dead_letter.as_slice();
-        if !self.inner.config.create_topics {
+        if self.inner.config.create_topics {
+            self.ensure_topics(&subscription.topics).await?;
+        } else {
             // A missing topic fails the start here, before the consumer joins its group.
             let mut topics = subscription.topics.clone();
             topics.extend_from_slice(dead_letter);
             self.ensure_topics(&topics).await?;
         }
-        self.ensure_topics(&subscription.topics).await?;
         // Made while the consumer joins its group, not before: a new group's dead-letter topic
         // (~40 ms to make and see led on one local broker) no longer delays its first message
         // (docs/benchmarks.md). A topic the cluster has already is found, not made.
