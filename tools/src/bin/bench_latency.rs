@@ -339,20 +339,30 @@ async fn raw_kafka(brokers: &str, topic: &str, rate: u64, secs: u64) -> Result<V
 /// ~8-10 ms on a broker that had run before (docs/benchmarks.md).
 async fn warm_kafka(config: &cqrs::kafka::KafkaConfig, rate: u64) -> Result<(), BoxError> {
     let secs: u64 = cqrs_tools::support::env_or("BENCH_WARMUP_SECS", 10);
-    if secs == 0 {
-        return Ok(());
+    if secs > 0 {
+        kafka_runs(config, rate, secs).await?;
     }
+    Ok(())
+}
+
+/// A run of the raw side, then one of ours, each on a new topic of the broker `config` names:
+/// their latencies.
+async fn kafka_runs(
+    config: &cqrs::kafka::KafkaConfig,
+    rate: u64,
+    secs: u64,
+) -> Result<(Vec<u64>, Vec<u64>), BoxError> {
     let (raw_t, ours_t) = (
-        cqrs::conformance::unique("bench-latency-warm-raw"),
-        cqrs::conformance::unique("bench-latency-warm-ours"),
+        cqrs::conformance::unique("bench-latency-raw"),
+        cqrs::conformance::unique("bench-latency-ours"),
     );
     let backend = KafkaBackend::connect(config.clone()).await?;
     backend
         .ensure_topics(&[raw_t.clone(), ours_t.clone()])
         .await?;
-    raw_kafka(config.brokers(), &raw_t, rate, secs).await?;
-    ours(backend, &ours_t, rate, secs).await?;
-    Ok(())
+    let raw = raw_kafka(config.brokers(), &raw_t, rate, secs).await?;
+    let ours = ours(backend, &ours_t, rate, secs).await?;
+    Ok((raw, ours))
 }
 
 #[tokio::main]
@@ -401,10 +411,6 @@ async fn main() -> Result<(), BoxError> {
                     row("in-memory ours", rate, o);
                 }
                 "kafka" => {
-                    let (raw_t, ours_t) = (
-                        cqrs::conformance::unique("bench-latency-raw"),
-                        cqrs::conformance::unique("bench-latency-ours"),
-                    );
                     // One broker for every rate, warmed up first (see `warm_kafka`).
                     if kafka.is_none() {
                         let (server, config) = support::bench_kafka(4)?;
@@ -416,21 +422,9 @@ async fn main() -> Result<(), BoxError> {
                     let Some((_, config)) = &kafka else {
                         return Err("no Kafka broker".into());
                     };
-                    let brokers = config.brokers().to_owned();
-                    let ours_backend = KafkaBackend::connect(config.clone()).await?;
-                    ours_backend
-                        .ensure_topics(&[raw_t.clone(), ours_t.clone()])
-                        .await?;
-                    let r = row(
-                        "kafka raw",
-                        rate,
-                        raw_kafka(&brokers, &raw_t, rate, secs).await?,
-                    );
-                    let o = row(
-                        "kafka ours",
-                        rate,
-                        ours(ours_backend, &ours_t, rate, secs).await?,
-                    );
+                    let (raw, ours) = kafka_runs(config, rate, secs).await?;
+                    let r = row("kafka raw", rate, raw);
+                    let o = row("kafka ours", rate, ours);
                     ratios.push(("Kafka", rate, o[1] as f64 / r[1].max(1) as f64));
                 }
                 other => return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into()),
