@@ -1,14 +1,15 @@
 //! The poll thread: polls all the time (serving rebalances and commit answers), decodes records
 //! and hands them over in batches; pauses fetching when the handlers fall behind.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::wire::{Entry, FieldValue, Layout};
-use cqrs_core::{Bytes, Message, Text};
+use cqrs_core::wire::{Entry, FieldValue, Layout, DEFAULT_CONTENT_TYPE};
+use cqrs_core::{Bytes, Message, Metadata, Text};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -236,19 +237,67 @@ impl Copied {
         partition: i32,
         offset: i64,
     ) -> (Message, Option<String>) {
+        match self.plain(buf) {
+            Some(message) => (message, None),
+            None => self.decode_fields(buf, topic, partition, offset),
+        }
+    }
+
+    /// Its payload's, key's and headers' bytes in `buf`.
+    fn parts<'b>(&self, buf: &'b Bytes) -> (&'b [u8], &'b [u8], &'b [u8]) {
+        let payload_len = self.payload.unwrap_or(0);
+        let len = payload_len + self.key.unwrap_or(0) + self.headers;
+        let bytes = buf.get(self.at..self.at + len).unwrap_or_default();
+        let (payload, rest) = bytes.split_at(payload_len.min(bytes.len()));
+        let (key, headers) = rest.split_at(self.key.unwrap_or(0).min(rest.len()));
+        (payload, key, headers)
+    }
+
+    /// The message of a record with a payload whose only headers are its id and name, both
+    /// text and not empty: what our producer writes for a message with the default metadata.
+    /// Made as [`Copied::decode_fields`] makes it, without reading the headers as fields (that
+    /// was ~500 of the ~1,000 instructions decoding took a record, docs/benchmarks.md). `None`
+    /// for any other record.
+    fn plain(&self, buf: &Bytes) -> Option<Message> {
+        if self.malformed.is_some() || self.payload.is_none() {
+            return None;
+        }
+        let (payload, key, headers) = self.parts(buf);
+        let (id, name) = id_and_name(headers)?;
+        if id.is_empty() || name.is_empty() {
+            return None;
+        }
+        let id = Part { buf, part: id }.into_shared().ok()?;
+        let name = Part { buf, part: name }.into_shared().ok()?;
+        // As `Layout::decode` takes a key: lossy when it is not text, and not reported.
+        let key = self.key.map(|_| {
+            Part { buf, part: key }
+                .into_shared()
+                .unwrap_or_else(|k| String::from_utf8_lossy(k.part).into_owned().into())
+        });
+        let mut metadata = Metadata::default();
+        metadata.created_at = self.time_ms.unwrap_or(0);
+        metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
+        let payload = buf.slice_ref(payload);
+        Some(Message::from_parts(id, name, 1, key, payload, metadata))
+    }
+
+    /// [`Copied::decode`], its headers read as the message's fields.
+    fn decode_fields(
+        self,
+        buf: &Bytes,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> (Message, Option<String>) {
+        let (payload_bytes, key_bytes, mut headers) = self.parts(buf);
         let Copied {
-            at,
             payload,
             key,
-            headers,
             time_ms,
             malformed,
+            ..
         } = self;
-        let payload_len = payload.unwrap_or(0);
-        let len = payload_len + key.unwrap_or(0) + headers;
-        let bytes = buf.get(at..at + len).unwrap_or_default();
-        let (payload_bytes, rest) = bytes.split_at(payload_len.min(bytes.len()));
-        let (key_bytes, mut headers) = rest.split_at(key.unwrap_or(0).min(rest.len()));
         let mut broken = false;
         let fields = std::iter::from_fn(|| {
             if headers.is_empty() {
@@ -303,6 +352,35 @@ impl Copied {
             message.id = format!("{topic}/{partition}/{offset}").into();
         }
         (message, why)
+    }
+}
+
+/// The values of the headers `cqrs-id` and `cqrs-name` as [`Copied::of`] wrote them, when they
+/// are the only two, in either order, each with a value.
+fn id_and_name(mut headers: &[u8]) -> Option<(&[u8], &[u8])> {
+    const ID: &[u8] = b"cqrs-id";
+    const NAME: &[u8] = b"cqrs-name";
+    let mut field = || {
+        let mut take = |n: usize| {
+            let (taken, left) = headers.split_at_checked(n)?;
+            headers = left;
+            Some(taken)
+        };
+        let len = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
+        let name_len = len(take(4)?)?;
+        let name = take(name_len as usize)?;
+        match len(take(4)?)? {
+            NO_VALUE => None,
+            n => Some((name, take(n as usize)?)),
+        }
+    };
+    let (first, second) = (field()?, field()?);
+    if !headers.is_empty() {
+        return None;
+    }
+    match (first, second) {
+        ((ID, id), (NAME, name)) | ((NAME, name), (ID, id)) => Some((id, name)),
+        _ => None,
     }
 }
 
@@ -567,6 +645,96 @@ mod tests {
                 key: "cqrs-name",
                 value: Some(name),
             })
+    }
+
+    /// A record with a payload whose only headers are its id and name (what our producer writes
+    /// for a message with the default metadata) is decoded without reading its headers as
+    /// fields, to the message that reading them gives; every other record is read as before.
+    #[test]
+    fn a_record_with_only_an_id_and_a_name_decodes_as_reading_its_fields_does() {
+        let written = {
+            let m = Message::new("orders.Placed", b"{}".to_vec());
+            let mut headers = OwnedHeaders::new();
+            Layout::KAFKA.write(&m, |k, v| {
+                headers = std::mem::take(&mut headers).insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            });
+            record(Some(b"{}"), None, headers)
+        };
+        let mut buf = Vec::new();
+        let copied = Copied::of(&written, &mut buf);
+        assert!(
+            copied.plain(&Bytes::from(buf)).is_some(),
+            "what our producer writes is plain"
+        );
+        let texts: [Option<&[u8]>; 4] = [Some(b"a.B"), Some(b""), Some(&[0xff, b'a']), None];
+        let keys: [Option<&[u8]>; 4] = [None, Some(b""), Some(b"k-1"), Some(&[0xfe])];
+        let payloads: [Option<&[u8]>; 3] = [None, Some(b""), Some(b"{\"n\":1}")];
+        /// A header's name and value (`None`: a header without one).
+        type Field<'a> = (&'a str, Option<&'a [u8]>);
+        let extras: [&[Field]; 5] = [
+            &[],
+            &[("tenant", Some(b"acme"))],
+            &[("cqrs-id", Some(b"id-2"))],
+            &[("cqrs-name", None)],
+            &[("cqrs-created-at", Some(b"5"))],
+        ];
+        let (mut cases, mut plain) = (0, 0);
+        for id in texts {
+            for name in texts {
+                for key in keys {
+                    for payload in payloads {
+                        for extra in extras {
+                            for name_first in [false, true] {
+                                // An id or a name of `None` is a record without that header.
+                                let mut fields: Vec<Field> = [("cqrs-id", id), ("cqrs-name", name)]
+                                    .into_iter()
+                                    .filter(|(_, v)| v.is_some())
+                                    .collect();
+                                if name_first {
+                                    fields.reverse();
+                                }
+                                fields.extend_from_slice(extra);
+                                let headers =
+                                    fields.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                                        h.insert(Header { key: k, value: *v })
+                                    });
+                                let r = record(payload, key, headers);
+                                // Not at the buffer's start, as a batch's second record is.
+                                let mut buf = b"before".to_vec();
+                                let (fast, general) =
+                                    (Copied::of(&r, &mut buf), Copied::of(&r, &mut buf));
+                                let buf = Bytes::from(buf);
+                                let text = |v: &Option<&[u8]>| {
+                                    v.is_some_and(|v| {
+                                        !v.is_empty() && std::str::from_utf8(v).is_ok()
+                                    })
+                                };
+                                let one = |k: &str| {
+                                    fields.iter().filter(|(n, v)| *n == k && text(v)).count() == 1
+                                };
+                                let expected = fields.len() == 2
+                                    && one("cqrs-id")
+                                    && one("cqrs-name")
+                                    && payload.is_some();
+                                let case = format!("{fields:?}, key {key:?}, payload {payload:?}");
+                                assert_eq!(fast.plain(&buf).is_some(), expected, "{case}");
+                                plain += usize::from(expected);
+                                assert_eq!(
+                                    fast.decode(&buf, "orders", 3, 7),
+                                    general.decode_fields(&buf, "orders", 3, 7),
+                                    "{case}"
+                                );
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!((cases, plain), (1920, 2 * 4 * 2 * 2));
     }
 
     /// Records copied one after another into a batch's buffer each decode to their own message,
