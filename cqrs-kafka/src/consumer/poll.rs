@@ -104,9 +104,15 @@ impl Buffers {
         Bytes::from_owner(Lent(bytes, buffers.clone()))
     }
 
-    /// A buffer for the next batch: one given back, or a new one.
-    fn take(&self) -> Vec<u8> {
-        crate::lock(&self.0).pop().unwrap_or_default()
+    /// A buffer for the next batch, of `at_least` bytes: one given back, or a new one. One
+    /// given back smaller than that is replaced, not grown: growing it (`reserve`) copied all
+    /// its old bytes, unread once it is emptied, ~300 KB a time, while the largest batch's
+    /// size rose through a run (~190 instructions a record consuming 20,000, docs/benchmarks.md).
+    fn take(&self, at_least: usize) -> Vec<u8> {
+        match crate::lock(&self.0).pop() {
+            Some(bytes) if bytes.capacity() >= at_least => bytes,
+            _ => Vec::with_capacity(at_least),
+        }
     }
 
     /// Gives `bytes` back, emptied; one grown past a batch's usual size (by a large record) is
@@ -483,13 +489,9 @@ pub(super) fn poll_loop(
     // list of records was copied eight times, and a new buffer (none given back yet) as often
     // (~60 instructions a record, docs/benchmarks.md): it gets the largest batch's size so far.
     let mut sized = 0;
-    let new_batch = |sized: usize| {
-        let mut bytes = buffers.take();
-        bytes.reserve(sized);
-        Batch {
-            bytes,
-            polled: Vec::with_capacity(POLL_BATCH),
-        }
+    let new_batch = |sized: usize| Batch {
+        bytes: buffers.take(sized),
+        polled: Vec::with_capacity(POLL_BATCH),
     };
     let mut held = new_batch(sized);
     let mut paused = false;
@@ -819,7 +821,7 @@ mod tests {
         drop(messages);
         assert!(crate::lock(&buffers.0).is_empty(), "its id still holds it");
         drop(id);
-        let back = buffers.take();
+        let back = buffers.take(0);
         assert_eq!((back.as_ptr(), back.capacity(), back.len()), (at, 4096, 0));
     }
 
@@ -840,7 +842,7 @@ mod tests {
         assert_ne!(kept.id.as_ptr(), message.id.as_ptr());
         assert_ne!(kept.name.as_ptr(), message.name.as_ptr());
         drop(message);
-        let back = buffers.take();
+        let back = buffers.take(0);
         assert_eq!(
             back.as_ptr(),
             at,
@@ -857,13 +859,17 @@ mod tests {
     fn buffers_given_back_are_kept_emptied_up_to_a_bound_and_never_when_grown_large() {
         let buffers = Buffers::default();
         buffers.give(Vec::with_capacity(4 * BATCH_BYTES));
-        assert_eq!(buffers.take().capacity(), 0, "a grown buffer is not kept");
+        assert_eq!(buffers.take(0).capacity(), 0, "a grown buffer is not kept");
         for _ in 0..Buffers::KEPT + 3 {
             buffers.give(vec![7; 100]);
         }
         assert_eq!(crate::lock(&buffers.0).len(), Buffers::KEPT);
-        let b = buffers.take();
+        let b = buffers.take(100);
         assert!(b.is_empty() && b.capacity() >= 100);
+        // One smaller than asked for is dropped and a new one made, not grown from it.
+        let b = buffers.take(1000);
+        assert!(b.is_empty() && b.capacity() >= 1000);
+        assert_eq!(crate::lock(&buffers.0).len(), Buffers::KEPT - 2);
     }
 
     #[test]
