@@ -213,6 +213,10 @@ impl EntryId {
     }
 }
 
+// Moved several times a message: up to 128 bytes a move is a few moves in line, past it a call
+// to `memcpy` (see `EntryId`).
+const _: () = assert!(std::mem::size_of::<Delivery>() <= 128);
+
 /// A delivery dropped unsettled is handed back to its consumer ([`Acknowledge::release`]), so
 /// it is delivered again rather than held as in flight for ever.
 impl Drop for Delivery {
