@@ -245,7 +245,7 @@ impl Copied {
     ) -> (Message, Option<String>) {
         match self.plain(buf) {
             Some(message) => (message, None),
-            None => self.decode_fields(buf, topic, partition, offset),
+            None => self.decode_fields(buf, || format!("{topic}/{partition}/{offset}")),
         }
     }
 
@@ -288,13 +288,12 @@ impl Copied {
         Some(Message::from_parts(id, name, 1, key, payload, metadata))
     }
 
-    /// [`Copied::decode`], its headers read as the message's fields.
+    /// [`Copied::decode`], its headers read as the message's fields; `position` names a record
+    /// without a message id.
     fn decode_fields(
         self,
         buf: &Bytes,
-        topic: &str,
-        partition: i32,
-        offset: i64,
+        position: impl FnOnce() -> String,
     ) -> (Message, Option<String>) {
         let (payload_bytes, key_bytes, mut headers) = self.parts(buf);
         let Copied {
@@ -355,7 +354,7 @@ impl Copied {
             why = Some("malformed message: its headers could not be read".to_owned());
         }
         if message.id.is_empty() {
-            message.id = format!("{topic}/{partition}/{offset}").into();
+            message.id = position().into();
         }
         (message, why)
     }
@@ -726,7 +725,7 @@ mod tests {
                                 plain += usize::from(expected);
                                 assert_eq!(
                                     fast.decode(&buf, "orders", 3, 7),
-                                    general.decode_fields(&buf, "orders", 3, 7),
+                                    general.decode_fields(&buf, || "orders/3/7".to_owned()),
                                     "{case}"
                                 );
                                 cases += 1;
