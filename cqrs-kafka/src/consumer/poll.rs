@@ -308,22 +308,9 @@ impl Copied {
             if headers.is_empty() {
                 return None;
             }
-            let mut take = |n: usize| -> Option<&[u8]> {
-                let (taken, left) = headers.split_at_checked(n)?;
-                headers = left;
-                Some(taken)
-            };
-            let field = (|| {
-                let len = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
-                let name_len = len(take(4)?)?;
-                let name = take(name_len as usize)?;
-                let value = match len(take(4)?)? {
-                    NO_VALUE => None,
-                    n => Some(take(n as usize)?),
-                };
-                // Taken as bytes: written from text by `of`, it is not checked again.
-                Some((name, value.map(|part| Part { buf, part })))
-            })();
+            // The name taken as bytes: written from text by `of`, it is not checked again.
+            let field = next_header(&mut headers)
+                .map(|(name, value)| (name, value.map(|part| Part { buf, part })));
             if field.is_none() {
                 // Not written by `of`: nothing more is read.
                 broken = true;
@@ -360,31 +347,38 @@ impl Copied {
     }
 }
 
+/// The next header of `headers` as [`Copied::of`] wrote it, taken off the front: its name and
+/// its value (`None`: a header without one); `None` when what is left is not a header.
+fn next_header<'b>(headers: &mut &'b [u8]) -> Option<(&'b [u8], Option<&'b [u8]>)> {
+    let mut take = |n: usize| {
+        let (taken, left) = headers.split_at_checked(n)?;
+        *headers = left;
+        Some(taken)
+    };
+    let len = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
+    let name_len = len(take(4)?)?;
+    let name = take(name_len as usize)?;
+    let value = match len(take(4)?)? {
+        NO_VALUE => None,
+        n => Some(take(n as usize)?),
+    };
+    Some((name, value))
+}
+
 /// The values of the headers `cqrs-id` and `cqrs-name` as [`Copied::of`] wrote them, when they
 /// are the only two, in either order, each with a value.
 fn id_and_name(mut headers: &[u8]) -> Option<(&[u8], &[u8])> {
     const ID: &[u8] = b"cqrs-id";
     const NAME: &[u8] = b"cqrs-name";
-    let mut field = || {
-        let mut take = |n: usize| {
-            let (taken, left) = headers.split_at_checked(n)?;
-            headers = left;
-            Some(taken)
-        };
-        let len = |b: &[u8]| b.try_into().ok().map(u32::from_le_bytes);
-        let name_len = len(take(4)?)?;
-        let name = take(name_len as usize)?;
-        match len(take(4)?)? {
-            NO_VALUE => None,
-            n => Some((name, take(n as usize)?)),
-        }
-    };
-    let (first, second) = (field()?, field()?);
+    let first = next_header(&mut headers)?;
+    let second = next_header(&mut headers)?;
     if !headers.is_empty() {
         return None;
     }
     match (first, second) {
-        ((ID, id), (NAME, name)) | ((NAME, name), (ID, id)) => Some((id, name)),
+        ((ID, Some(id)), (NAME, Some(name))) | ((NAME, Some(name)), (ID, Some(id))) => {
+            Some((id, name))
+        }
         _ => None,
     }
 }
