@@ -389,6 +389,8 @@ impl Bench {
         let cpu = support::cpu_time("self");
         // Started together, as the raw side's members are.
         let mut starting = Vec::new();
+        // The dead-letter topics its processors make (a new one a run, as the group is new).
+        let mut dead_letters = Vec::new();
         for _ in 0..members {
             let t = topic.to_owned();
             let mut p = EventProcessor::new(backend.clone(), &service)
@@ -407,6 +409,14 @@ impl Bench {
                 std::future::ready(Ok::<_, BoxError>(()))
             })?
             .batch_size(support::env_or("BENCH_BATCH", 500));
+            if dead_letters.is_empty() {
+                dead_letters = p
+                    .manifest()
+                    .groups
+                    .into_iter()
+                    .map(|g| g.dead_letter_topic)
+                    .collect();
+            }
             let token = token.clone();
             starting.push(tokio::spawn(async move { p.start(token).await }));
         }
@@ -439,11 +449,10 @@ impl Bench {
                 stopping.elapsed()
             );
         }
-        // The dead-letter topic its processors made (a new one a run, as the group is new): on
-        // a broker kept between runs (`KAFKA_BROKERS`) they piled up, 62 of them (248
+        // On a broker kept between runs (`KAFKA_BROKERS`) they piled up, 62 of them (248
         // partitions) after a day's profiling. Not timed.
-        self.delete_topics(&[&format!("{service}.count.dead-letter")])
-            .await?;
+        let dead_letters: Vec<&str> = dead_letters.iter().map(String::as_str).collect();
+        self.delete_topics(&dead_letters).await?;
         Ok(elapsed)
     }
 
