@@ -86,6 +86,13 @@ pub trait FieldValue: AsRef<[u8]> + Sized {
     fn into_shared(self) -> Result<Text, Self> {
         self.into_text().map(Text::from)
     }
+    /// The value as a message's key: shared text, or lossy text when it is not UTF-8 (a key
+    /// that is not text is kept, and not reported). Checked as text first: the lossy
+    /// conversion walks it byte by byte.
+    fn into_key(self) -> Text {
+        self.into_shared()
+            .unwrap_or_else(|k| String::from_utf8_lossy(k.as_ref()).into_owned().into())
+    }
 }
 
 impl FieldValue for &[u8] {
@@ -328,12 +335,7 @@ impl Layout {
             id: Text::new(),
             name: Text::new(),
             version: 1,
-            // Checked as text first: the lossy conversion walks a key byte by byte. A key that
-            // is not text is kept lossily, and not reported.
-            key: key.map(|k| {
-                k.into_shared()
-                    .unwrap_or_else(|k| String::from_utf8_lossy(k.as_ref()).into_owned().into())
-            }),
+            key: key.map(FieldValue::into_key),
             payload: payload.unwrap_or_default(),
             metadata: Metadata {
                 correlation_id: None,

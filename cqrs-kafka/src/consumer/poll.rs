@@ -275,12 +275,7 @@ impl Copied {
         }
         let id = Part { buf, part: id }.into_shared().ok()?;
         let name = Part { buf, part: name }.into_shared().ok()?;
-        // As `Layout::decode` takes a key: lossy when it is not text, and not reported.
-        let key = self.key.map(|_| {
-            Part { buf, part: key }
-                .into_shared()
-                .unwrap_or_else(|k| String::from_utf8_lossy(k.part).into_owned().into())
-        });
+        let key = self.key.map(|_| Part { buf, part: key }.into_key());
         let mut metadata = Metadata::default();
         metadata.created_at = self.time_ms.unwrap_or(0);
         metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
