@@ -43,7 +43,8 @@ async fn fill(backend: impl Backend, topic: &str, n: u64) -> Result<(), BoxError
 }
 
 /// The draining process: prints `rss <ms> <handled> <kib>` at start and every second, then
-/// `done <ms>` when `n` events are handled.
+/// `done <ms>` when `n` events are handled, and after it stops `dead-letter <topic>` for each
+/// dead-letter topic its processor made (for the run to delete).
 async fn drain(
     backend: impl Backend + Clone,
     topic: &str,
@@ -61,6 +62,12 @@ async fn drain(
         },
     )?
     .concurrency(concurrency);
+    let dead_letters: Vec<String> = p
+        .manifest()
+        .groups
+        .into_iter()
+        .map(|g| g.dead_letter_topic)
+        .collect();
     let start = Instant::now();
     println!("rss 0 0 {}", support::rss_kib());
     let running = p.start(CancellationToken::new()).await?;
@@ -84,6 +91,9 @@ async fn drain(
         }
     }
     running.shutdown().await?;
+    for topic in dead_letters {
+        println!("dead-letter {topic}");
+    }
     Ok(())
 }
 
@@ -110,14 +120,14 @@ async fn drain_role(args: &[String]) -> Result<(), BoxError> {
     }
 }
 
-/// Runs one `drain` process and prints its row.
+/// Runs one `drain` process and prints its row; the dead-letter topics it made.
 fn measure(
     backend: &str,
     url: &str,
     topic: &str,
     n: u64,
     concurrency: usize,
-) -> Result<(), BoxError> {
+) -> Result<Vec<String>, BoxError> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["drain", backend, url, topic])
         .arg(n.to_string())
@@ -125,7 +135,7 @@ fn measure(
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let (mut samples, mut done_ms) = (Vec::new(), None);
+    let (mut samples, mut done_ms, mut dead_letters) = (Vec::new(), None, Vec::new());
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -142,6 +152,7 @@ fn measure(
                 samples.push((ms, handled, kib));
             }
             ["done", ms] => done_ms = Some(ms.parse::<u64>()?),
+            ["dead-letter", topic] => dead_letters.push((*topic).to_owned()),
             _ => eprintln!("{line}"),
         }
     }
@@ -164,7 +175,7 @@ fn measure(
         done_ms as f64 / 1000.0,
         n as f64 * 1000.0 / done_ms.max(1) as f64
     );
-    Ok(())
+    Ok(dead_letters)
 }
 
 #[tokio::main]
@@ -191,14 +202,16 @@ async fn main() -> Result<(), BoxError> {
                     .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
                 let stream = cqrs::conformance::unique("bench-backlog");
                 fill(RedisBackend::connect(&url).await?, &stream, n).await?;
-                let result = [1, 16]
-                    .into_iter()
-                    .try_for_each(|c| measure("redis", &url, &stream, n, c));
+                let mut made = vec![stream.clone()];
+                let result = [1, 16].into_iter().try_for_each(|c| {
+                    made.extend(measure("redis", &url, &stream, n, c)?);
+                    Ok::<_, BoxError>(())
+                });
                 let mut conn = redis::Client::open(url.as_str())?
                     .get_multiplexed_async_connection()
                     .await?;
                 redis::cmd("DEL")
-                    .arg(&stream)
+                    .arg(&made)
                     .query_async::<()>(&mut conn)
                     .await?;
                 result?;
@@ -211,9 +224,16 @@ async fn main() -> Result<(), BoxError> {
                 let backend = KafkaBackend::connect(config).await?;
                 backend.ensure_topics(std::slice::from_ref(&topic)).await?;
                 fill(backend, &topic, n).await?;
-                for c in [1, 16] {
-                    measure("kafka", &brokers, &topic, n, c)?;
-                }
+                // Deleted after, with the dead-letter topics the drains made: a cluster kept
+                // between runs (`KAFKA_BROKERS`) kept them all.
+                let mut made = vec![topic.clone()];
+                let result = [1, 16].into_iter().try_for_each(|c| {
+                    made.extend(measure("kafka", &brokers, &topic, n, c)?);
+                    Ok::<_, BoxError>(())
+                });
+                let made: Vec<&str> = made.iter().map(String::as_str).collect();
+                support::delete_kafka_topics(&support::kafka_admin(&brokers)?, &made).await?;
+                result?;
             }
             other => return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into()),
         }

@@ -528,20 +528,7 @@ impl Bench {
 
     /// Deletes `topics` (those this run made, by name: nothing else on the broker).
     async fn delete_topics(&self, topics: &[&str]) -> Result<(), BoxError> {
-        use rdkafka::admin::AdminOptions;
-        for result in self
-            .admin
-            .delete_topics(
-                topics,
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await?
-        {
-            if let Err((topic, e)) = result {
-                eprintln!("deleting {topic} failed: {e}");
-            }
-        }
-        Ok(())
+        support::delete_kafka_topics(&self.admin, topics).await
     }
 }
 

@@ -124,12 +124,13 @@ async fn wait_for(samples: &Samples, n: u64) {
 }
 
 /// Ours: `EventBus::publish_all` per tick, one `EventProcessor` handler with default options.
+/// Its latencies, and the dead-letter topics its processor made (for the run to delete).
 async fn ours(
     backend: impl Backend + Clone,
     topic: &str,
     rate: u64,
     secs: u64,
-) -> Result<Vec<u64>, BoxError> {
+) -> Result<(Vec<u64>, Vec<String>), BoxError> {
     let samples: Samples = Arc::default();
     let namer = support::one_topic(topic);
     let mut p = EventProcessor::new(backend.clone(), "bench-latency").topics(namer.clone());
@@ -138,6 +139,12 @@ async fn ours(
         record(&s, e.sent_us);
         std::future::ready(Ok::<_, BoxError>(()))
     })?;
+    let dead_letters = p
+        .manifest()
+        .groups
+        .into_iter()
+        .map(|g| g.dead_letter_topic)
+        .collect();
     let running = p.start(CancellationToken::new()).await?;
     let bus = EventBus::new(backend).topics(namer);
     let send = |batch: Vec<Ping>| {
@@ -149,7 +156,7 @@ async fn ours(
     wait_for(&samples, sent).await;
     running.shutdown().await?;
     let out = samples.lock().map_or_else(|_| Vec::new(), |s| s.clone());
-    Ok(out)
+    Ok((out, dead_letters))
 }
 
 /// Raw: XADD pipelined per tick; one consumer looping XREADGROUP COUNT 100 BLOCK 100, decoding
@@ -346,7 +353,8 @@ async fn warm_kafka(config: &cqrs::kafka::KafkaConfig, rate: u64) -> Result<(), 
 }
 
 /// A run of the raw side, then one of ours, each on a new topic of the broker `config` names:
-/// their latencies.
+/// their latencies. The topics the runs made are deleted after (a broker kept between runs,
+/// `KAFKA_BROKERS`, kept them all, the dead-letter topic of each run's new group too).
 async fn kafka_runs(
     config: &cqrs::kafka::KafkaConfig,
     rate: u64,
@@ -361,7 +369,13 @@ async fn kafka_runs(
         .ensure_topics(&[raw_t.clone(), ours_t.clone()])
         .await?;
     let raw = raw_kafka(config.brokers(), &raw_t, rate, secs).await?;
-    let ours = ours(backend, &ours_t, rate, secs).await?;
+    let (ours, dead_letters) = ours(backend, &ours_t, rate, secs).await?;
+    let made: Vec<&str> = [&raw_t, &ours_t]
+        .into_iter()
+        .chain(&dead_letters)
+        .map(String::as_str)
+        .collect();
+    support::delete_kafka_topics(&support::kafka_admin(config.brokers())?, &made).await?;
     Ok((raw, ours))
 }
 
@@ -394,7 +408,7 @@ async fn main() -> Result<(), BoxError> {
                         raw_redis(&url, &stream, rate, secs).await?,
                     );
                     let ours_stream = cqrs::conformance::unique("bench-latency-ours");
-                    let o = ours(ours_backend, &ours_stream, rate, secs).await?;
+                    let (o, dead_letters) = ours(ours_backend, &ours_stream, rate, secs).await?;
                     let o = row("redis ours", rate, o);
                     ratios.push(("Redis", rate, o[1] as f64 / r[1].max(1) as f64));
                     let mut conn = redis::Client::open(url.as_str())?
@@ -403,11 +417,12 @@ async fn main() -> Result<(), BoxError> {
                     redis::cmd("DEL")
                         .arg(&stream)
                         .arg(&ours_stream)
+                        .arg(&dead_letters)
                         .query_async::<()>(&mut conn)
                         .await?;
                 }
                 "memory" => {
-                    let o = ours(MemoryBroker::new(), "bench-latency", rate, secs).await?;
+                    let (o, _) = ours(MemoryBroker::new(), "bench-latency", rate, secs).await?;
                     row("in-memory ours", rate, o);
                 }
                 "kafka" => {

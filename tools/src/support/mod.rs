@@ -83,6 +83,40 @@ pub fn await_kafka_clients_gone(timeout: Duration) {
     }
 }
 
+/// An admin client of the Kafka cluster at `brokers`, for [`delete_kafka_topics`].
+pub fn kafka_admin(
+    brokers: &str,
+) -> Result<
+    cqrs::kafka::rdkafka::admin::AdminClient<cqrs::kafka::rdkafka::client::DefaultClientContext>,
+    BoxError,
+> {
+    Ok(cqrs::kafka::rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?)
+}
+
+/// Deletes `topics`: those a benchmark made, named by it (nothing else on a cluster kept between
+/// runs, `KAFKA_BROKERS`). A topic the cluster does not delete is said on stderr; the figures
+/// stand without it.
+pub async fn delete_kafka_topics(
+    admin: &cqrs::kafka::rdkafka::admin::AdminClient<
+        cqrs::kafka::rdkafka::client::DefaultClientContext,
+    >,
+    topics: &[&str],
+) -> Result<(), BoxError> {
+    use cqrs::kafka::rdkafka::admin::AdminOptions;
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(topics, &options).await? {
+        if let Err((topic, e)) = result {
+            eprintln!("deleting {topic} failed: {e}");
+        }
+    }
+    Ok(())
+}
+
 /// `fetch.wait.max.ms` for the benchmarks' Kafka clients: `BENCH_KAFKA_FETCH_WAIT_MS`, else our
 /// default (100 ms).
 pub fn kafka_fetch_wait_ms() -> u64 {
