@@ -26,9 +26,12 @@
 //! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours),
 //! with `BENCH_MEMBERS` members (1 unless set; `BENCH_BATCH` sets ours' batch size, 500 unless
 //! set); `consume-backend` is our backend's consumer alone, without the processor (one member);
+//! `consume-raw-threaded` is a raw consumer built as ours is (a poll thread handing batches to a
+//! task, `Bench::raw_threaded_consume`), for experiments;
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
 //! and prints when the publishing ended and the last event was handled (`e2e-raw-ours`: raw
-//! publishing, our consuming; `e2e-ours-raw` the other way round).
+//! publishing, our consuming; `e2e-ours-raw` the other way round; `e2e-raw-threaded` raw
+//! publishing, the threaded raw consumer).
 //!
 //! Each round measures every figure in both orders, A, B, B, A (A is raw in odd rounds), and
 //! gives each side the mean of its two runs (`support::both_orders`); a run that publishes does
@@ -279,6 +282,106 @@ impl Bench {
 
     async fn raw_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
         self.raw_consume_members(topic, n, 1).await
+    }
+
+    /// A raw consumer built as ours is, for experiments (`BENCH_ONLY=consume-raw-threaded|
+    /// e2e-raw-threaded`): a thread of its own polls a `BaseConsumer` (settings as
+    /// [`Bench::raw_consume_members`]) and hands the records over in batches of up to 500,
+    /// copied into one buffer a batch (payload and name); a task takes the batches, decodes each
+    /// payload whose name is the event's and stores its offset. No envelope, no engine: what
+    /// the handover between a poll thread and a task costs on its own.
+    async fn raw_threaded_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
+        use rdkafka::consumer::BaseConsumer;
+        use std::sync::atomic::AtomicBool;
+        struct Batch {
+            bytes: Vec<u8>,
+            /// Partition, offset, payload's end, name's end (each after the one before).
+            records: Vec<(i32, i64, usize, usize)>,
+        }
+        let group = cqrs::conformance::unique("raw-threaded");
+        self.group_settings(&group).await?;
+        let consumer: Arc<BaseConsumer> = Arc::new(
+            raw_client(&self.brokers)
+                .set("group.id", &group)
+                .set("group.protocol", "consumer")
+                .set("enable.auto.commit", "true")
+                .set("auto.commit.interval.ms", "100")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "10")
+                .create()?,
+        );
+        consumer.subscribe(&[topic])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
+        let poller = {
+            let (consumer, stop) = (consumer.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let new_batch = || Batch {
+                    bytes: Vec::with_capacity(1 << 20),
+                    records: Vec::with_capacity(500),
+                };
+                let mut batch = new_batch();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut next = consumer.poll(Duration::from_millis(5));
+                    while let Some(Ok(m)) = next {
+                        batch
+                            .bytes
+                            .extend_from_slice(m.payload().unwrap_or_default());
+                        let payload_end = batch.bytes.len();
+                        let name = m.headers().and_then(|h| {
+                            h.iter()
+                                .find(|h| h.key == "cqrs-name")
+                                .and_then(|h| h.value)
+                        });
+                        batch.bytes.extend_from_slice(name.unwrap_or_default());
+                        batch.records.push((
+                            m.partition(),
+                            m.offset(),
+                            payload_end,
+                            batch.bytes.len(),
+                        ));
+                        if batch.records.len() == 500 {
+                            break;
+                        }
+                        next = consumer.poll(Duration::ZERO);
+                    }
+                    if !batch.records.is_empty()
+                        && tx
+                            .blocking_send(std::mem::replace(&mut batch, new_batch()))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let start = Instant::now();
+        let (mut got, mut elapsed) = (0, None);
+        let topic_name = topic.to_owned();
+        while let Some(batch) = rx.recv().await {
+            let mut at = 0;
+            for &(partition, offset, payload_end, name_end) in &batch.records {
+                let (payload, name) = (
+                    &batch.bytes[at..payload_end],
+                    &batch.bytes[payload_end..name_end],
+                );
+                at = name_end;
+                if name == <Reading as Event>::NAME.as_bytes() {
+                    let _: Reading = serde_json::from_slice(payload)?;
+                }
+                consumer.store_offset(&topic_name, partition, offset)?;
+                got += 1;
+            }
+            if got >= n {
+                elapsed = Some(start.elapsed());
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        poller.join().map_err(|_| "the poll thread panicked")?;
+        elapsed.ok_or_else(|| "the poll thread ended before the last record".into())
     }
 
     /// `members` raw consumers of one new group read `n` records between them: our backend's
@@ -890,6 +993,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             b.raw_publish_one_by_one(&b.producer()?, &topic).await?
         }
         "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
+        "consume-raw-threaded" => b.raw_threaded_consume(&topic, n).await?,
         "consume-backend" => b.backend_consume(&backend, &topic, n).await?,
         "consume-ours" => {
             b.ours_consume_members(&backend, &topic, n, members)
@@ -899,12 +1003,20 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         // timed to the last event handled.
         // `e2e-raw-ours`: raw publishing, our consuming; `e2e-ours-raw`: the other way round
         // (which side's consumer slows which publisher).
-        "e2e-raw" | "e2e-ours" | "e2e-raw-ours" | "e2e-ours-raw" => {
+        "e2e-raw" | "e2e-ours" | "e2e-raw-ours" | "e2e-ours-raw" | "e2e-raw-threaded" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             let (c, p) = match only {
                 "e2e-raw" => b.raw_end_to_end(&b.producer()?, &topic).await?,
                 "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
+                "e2e-raw-threaded" => {
+                    let producer = b.producer()?;
+                    let (c, p) = tokio::join!(
+                        b.raw_threaded_consume(&topic, n),
+                        b.raw_publish(&producer, &topic)
+                    );
+                    (c?, p?)
+                }
                 "e2e-raw-ours" => {
                     let producer = b.producer()?;
                     let (c, p) = tokio::join!(
@@ -928,7 +1040,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-ours, consume-backend, e2e-raw, e2e-ours, e2e-raw-ours or e2e-ours-raw"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-raw-threaded, consume-ours, consume-backend, e2e-raw, e2e-ours, e2e-raw-ours, e2e-ours-raw or e2e-raw-threaded"
             )
             .into())
         }
