@@ -284,9 +284,23 @@ impl Bench {
         self.raw_consume_members(topic, n, 1).await
     }
 
+    /// The raw consumers' settings, a member of `group`: our backend's (KIP-848's group
+    /// protocol, offsets stored per handled record and committed every 100 ms).
+    fn raw_consumer(&self, group: &str) -> ClientConfig {
+        let mut c = raw_client(&self.brokers);
+        c.set("group.id", group)
+            .set("group.protocol", "consumer")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "100")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10");
+        c
+    }
+
     /// A raw consumer built as ours is, for experiments (`BENCH_ONLY=consume-raw-threaded|
     /// e2e-raw-threaded`): a thread of its own polls a `BaseConsumer` (settings as
-    /// [`Bench::raw_consume_members`]) and hands the records over in batches of up to 500,
+    /// [`Bench::raw_consumer`]) and hands the records over in batches of up to 500,
     /// copied into one buffer a batch (payload and name); a task takes the batches, decodes each
     /// payload whose name is the event's and stores its offset. No envelope, no engine: what
     /// the handover between a poll thread and a task costs on its own.
@@ -300,17 +314,7 @@ impl Bench {
         }
         let group = cqrs::conformance::unique("raw-threaded");
         self.group_settings(&group).await?;
-        let consumer: Arc<BaseConsumer> = Arc::new(
-            raw_client(&self.brokers)
-                .set("group.id", &group)
-                .set("group.protocol", "consumer")
-                .set("enable.auto.commit", "true")
-                .set("auto.commit.interval.ms", "100")
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", "10")
-                .create()?,
-        );
+        let consumer: Arc<BaseConsumer> = Arc::new(self.raw_consumer(&group).create()?);
         consumer.subscribe(&[topic])?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
@@ -400,15 +404,7 @@ impl Bench {
         let cpu = support::cpu_time("self");
         let mut tasks = Vec::new();
         for _ in 0..members {
-            let consumer: StreamConsumer = raw_client(&self.brokers)
-                .set("group.id", &group)
-                .set("group.protocol", "consumer")
-                .set("enable.auto.commit", "true")
-                .set("auto.commit.interval.ms", "100")
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", "10")
-                .create()?;
+            let consumer: StreamConsumer = self.raw_consumer(&group).create()?;
             consumer.subscribe(&[topic])?;
             let got = got.clone();
             let headers = raw_headers();
