@@ -323,7 +323,9 @@ impl TestKit {
     /// see, such as an outbox whose relay has rows to send (`what` names it in a timeout's
     /// message).
     ///
-    /// ```no_run
+    // The example needs the outbox (feature `postgres`): without it, it is not compiled.
+    #[cfg_attr(feature = "postgres", doc = "```no_run")]
+    #[cfg_attr(not(feature = "postgres"), doc = "```ignore")]
     /// # async fn f(kit: &mut cqrs::testing::TestKit, pool: cqrs::postgres::sqlx::PgPool, store: cqrs::postgres::OutboxStore) {
     /// kit.idle_when("the outbox is sent", move || {
     ///     let (pool, store) = (pool.clone(), store.clone());
