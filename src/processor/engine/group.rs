@@ -13,6 +13,7 @@ use super::lanes::Lanes;
 use super::settle::nack;
 use super::{GroupSpec, Job, Services};
 use crate::backend::{Consumer, Delivery};
+use crate::handler::Context;
 use crate::processor::options::DeliveryMode;
 use crate::Result;
 
@@ -224,8 +225,8 @@ async fn fetch_loop(
 
 /// Turns deliveries into jobs; under at-most-once, acks them all first (`None` if that failed:
 /// the messages stay pending and come back) and keeps their contexts (made on `services`'
-/// names). Under at-least-once each job is made as it is taken: a list of them made first moved
-/// every delivery once more.
+/// names). Each job is made as it is taken: a list of them made first moved every delivery (or
+/// what was kept of it) once more.
 async fn jobs<'a>(
     spec: &'a GroupSpec,
     services: &mut Services,
@@ -247,22 +248,24 @@ async fn jobs<'a>(
                 tracing::warn!(group = %spec.group, error = %e.report(), count = back.len(), "ack before handling failed; the messages stay pending");
                 return None;
             }
-            Some(Jobs::Acked(
-                kept.into_iter()
-                    .map(|(ctx, shard, malformed, outstanding)| {
-                        Job::acked(ctx, shard, malformed, outstanding, &spec.group)
-                    })
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            ))
+            Some(Jobs::Acked(kept.into_iter(), spec))
         }
     }
 }
 
+/// What a job of a message acked before handling is made of ([`Job::acked`]): its context,
+/// shard, malformed reason and health count.
+type Kept = (
+    Context,
+    Option<u32>,
+    Option<String>,
+    crate::processor::health::Outstanding,
+);
+
 /// A fetched batch's jobs, made as they are taken ([`jobs`]).
 enum Jobs<'a> {
     Delivered(std::vec::IntoIter<Delivery>, &'a GroupSpec),
-    Acked(std::vec::IntoIter<Job>),
+    Acked(std::vec::IntoIter<Kept>, &'a GroupSpec),
 }
 
 impl Iterator for Jobs<'_> {
@@ -271,14 +274,16 @@ impl Iterator for Jobs<'_> {
     fn next(&mut self) -> Option<Job> {
         match self {
             Jobs::Delivered(deliveries, spec) => deliveries.next().map(|d| Job::delivered(d, spec)),
-            Jobs::Acked(jobs) => jobs.next(),
+            Jobs::Acked(kept, spec) => kept.next().map(|(ctx, shard, malformed, outstanding)| {
+                Job::acked(ctx, shard, malformed, outstanding, &spec.group)
+            }),
         }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         match self {
             Jobs::Delivered(deliveries, _) => deliveries.size_hint(),
-            Jobs::Acked(jobs) => jobs.size_hint(),
+            Jobs::Acked(kept, _) => kept.size_hint(),
         }
     }
 }
