@@ -62,12 +62,7 @@ async fn drain(
         },
     )?
     .concurrency(concurrency);
-    let dead_letters: Vec<String> = p
-        .manifest()
-        .groups
-        .into_iter()
-        .map(|g| g.dead_letter_topic)
-        .collect();
+    let dead_letters = support::dead_letter_topics(p.manifest());
     let start = Instant::now();
     println!("rss 0 0 {}", support::rss_kib());
     let running = p.start(CancellationToken::new()).await?;

@@ -509,12 +509,7 @@ impl Bench {
             })?
             .batch_size(support::env_or("BENCH_BATCH", 500));
             if dead_letters.is_empty() {
-                dead_letters = p
-                    .manifest()
-                    .groups
-                    .into_iter()
-                    .map(|g| g.dead_letter_topic)
-                    .collect();
+                dead_letters = support::dead_letter_topics(p.manifest());
             }
             let token = token.clone();
             starting.push(tokio::spawn(async move { p.start(token).await }));

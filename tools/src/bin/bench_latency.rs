@@ -139,12 +139,7 @@ async fn ours(
         record(&s, e.sent_us);
         std::future::ready(Ok::<_, BoxError>(()))
     })?;
-    let dead_letters = p
-        .manifest()
-        .groups
-        .into_iter()
-        .map(|g| g.dead_letter_topic)
-        .collect();
+    let dead_letters = support::dead_letter_topics(p.manifest());
     let running = p.start(CancellationToken::new()).await?;
     let bus = EventBus::new(backend).topics(namer);
     let send = |batch: Vec<Ping>| {

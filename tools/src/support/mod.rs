@@ -83,6 +83,16 @@ pub fn await_kafka_clients_gone(timeout: Duration) {
     }
 }
 
+/// The dead-letter topics a processor makes (one a group), from its `manifest()`: for a
+/// benchmark to delete after its run.
+pub fn dead_letter_topics(manifest: cqrs::Manifest) -> Vec<String> {
+    manifest
+        .groups
+        .into_iter()
+        .map(|g| g.dead_letter_topic)
+        .collect()
+}
+
 /// An admin client of the Kafka cluster at `brokers`, for [`delete_kafka_topics`].
 pub fn kafka_admin(
     brokers: &str,
