@@ -31,7 +31,8 @@
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
 //! and prints when the publishing ended and the last event was handled (`e2e-raw-ours`: raw
 //! publishing, our consuming; `e2e-ours-raw` the other way round; `e2e-raw-threaded` raw
-//! publishing, the threaded raw consumer).
+//! publishing, the threaded raw consumer; `e2e-raw-backend` raw publishing, our backend's
+//! consumer alone).
 //!
 //! Each round measures every figure in both orders, A, B, B, A (A is raw in odd rounds), and
 //! gives each side the mean of its two runs (`support::both_orders`); a run that publishes does
@@ -994,12 +995,21 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         // timed to the last event handled.
         // `e2e-raw-ours`: raw publishing, our consuming; `e2e-ours-raw`: the other way round
         // (which side's consumer slows which publisher).
-        "e2e-raw" | "e2e-ours" | "e2e-raw-ours" | "e2e-ours-raw" | "e2e-raw-threaded" => {
+        "e2e-raw" | "e2e-ours" | "e2e-raw-ours" | "e2e-ours-raw" | "e2e-raw-threaded"
+        | "e2e-raw-backend" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             let (c, p) = match only {
                 "e2e-raw" => b.raw_end_to_end(&b.producer()?, &topic).await?,
                 "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
+                "e2e-raw-backend" => {
+                    let producer = b.producer()?;
+                    let (c, p) = tokio::join!(
+                        b.backend_consume(&backend, &topic, n),
+                        b.raw_publish(&producer, &topic)
+                    );
+                    (c?, p?)
+                }
                 "e2e-raw-threaded" => {
                     let producer = b.producer()?;
                     let (c, p) = tokio::join!(
@@ -1031,7 +1041,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         }
         other => {
             return Err(format!(
-                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-raw-threaded, consume-ours, consume-backend, e2e-raw, e2e-ours, e2e-raw-ours, e2e-ours-raw or e2e-raw-threaded"
+                "BENCH_ONLY={other}: publish-raw, publish-ours, publish-one-raw, publish-one-ours, consume-raw, consume-raw-threaded, consume-ours, consume-backend, e2e-raw, e2e-ours, e2e-raw-ours, e2e-ours-raw, e2e-raw-threaded or e2e-raw-backend"
             )
             .into())
         }
