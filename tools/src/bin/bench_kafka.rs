@@ -1002,28 +1002,17 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             let (c, p) = match only {
                 "e2e-raw" => b.raw_end_to_end(&b.producer()?, &topic).await?,
                 "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
-                "e2e-raw-backend" => {
+                // Raw publishing, and one of the other consumers.
+                "e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend" => {
                     let producer = b.producer()?;
-                    let (c, p) = tokio::join!(
-                        b.backend_consume(&backend, &topic, n),
-                        b.raw_publish(&producer, &topic)
-                    );
-                    (c?, p?)
-                }
-                "e2e-raw-threaded" => {
-                    let producer = b.producer()?;
-                    let (c, p) = tokio::join!(
-                        b.raw_threaded_consume(&topic, n),
-                        b.raw_publish(&producer, &topic)
-                    );
-                    (c?, p?)
-                }
-                "e2e-raw-ours" => {
-                    let producer = b.producer()?;
-                    let (c, p) = tokio::join!(
-                        b.ours_consume(&backend, &topic, n),
-                        b.raw_publish(&producer, &topic)
-                    );
+                    let consume = async {
+                        match only {
+                            "e2e-raw-threaded" => b.raw_threaded_consume(&topic, n).await,
+                            "e2e-raw-backend" => b.backend_consume(&backend, &topic, n).await,
+                            _ => b.ours_consume(&backend, &topic, n).await,
+                        }
+                    };
+                    let (c, p) = tokio::join!(consume, b.raw_publish(&producer, &topic));
                     (c?, p?)
                 }
                 _ => {
