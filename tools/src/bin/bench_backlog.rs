@@ -226,7 +226,6 @@ async fn main() -> Result<(), BoxError> {
                     made.extend(measure("kafka", &brokers, &topic, n, c)?);
                     Ok::<_, BoxError>(())
                 });
-                let made: Vec<&str> = made.iter().map(String::as_str).collect();
                 support::delete_kafka_topics(&support::kafka_admin(&brokers)?, &made).await?;
                 result?;
             }

@@ -154,9 +154,7 @@ struct Bench {
 
 impl Bench {
     fn new(brokers: &str, n: usize) -> Result<Self, BoxError> {
-        let admin = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()?;
+        let admin = support::kafka_admin(brokers)?;
         Ok(Bench {
             brokers: brokers.to_owned(),
             n,
@@ -546,7 +544,6 @@ impl Bench {
         }
         // On a broker kept between runs (`KAFKA_BROKERS`) they piled up, 62 of them (248
         // partitions) after a day's profiling. Not timed.
-        let dead_letters: Vec<&str> = dead_letters.iter().map(String::as_str).collect();
         self.delete_topics(&dead_letters).await?;
         Ok(elapsed)
     }
@@ -622,7 +619,7 @@ impl Bench {
     }
 
     /// Deletes `topics` (those this run made, by name: nothing else on the broker).
-    async fn delete_topics(&self, topics: &[&str]) -> Result<(), BoxError> {
+    async fn delete_topics(&self, topics: &[impl AsRef<str>]) -> Result<(), BoxError> {
         support::delete_kafka_topics(&self.admin, topics).await
     }
 }

@@ -365,11 +365,7 @@ async fn kafka_runs(
         .await?;
     let raw = raw_kafka(config.brokers(), &raw_t, rate, secs).await?;
     let (ours, dead_letters) = ours(backend, &ours_t, rate, secs).await?;
-    let made: Vec<&str> = [&raw_t, &ours_t]
-        .into_iter()
-        .chain(&dead_letters)
-        .map(String::as_str)
-        .collect();
+    let made: Vec<&String> = [&raw_t, &ours_t].into_iter().chain(&dead_letters).collect();
     support::delete_kafka_topics(&support::kafka_admin(config.brokers())?, &made).await?;
     Ok((raw, ours))
 }

@@ -112,14 +112,15 @@ pub async fn delete_kafka_topics(
     admin: &cqrs::kafka::rdkafka::admin::AdminClient<
         cqrs::kafka::rdkafka::client::DefaultClientContext,
     >,
-    topics: &[&str],
+    topics: &[impl AsRef<str>],
 ) -> Result<(), BoxError> {
     use cqrs::kafka::rdkafka::admin::AdminOptions;
     if topics.is_empty() {
         return Ok(());
     }
+    let topics: Vec<&str> = topics.iter().map(AsRef::as_ref).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.delete_topics(topics, &options).await? {
+    for result in admin.delete_topics(&topics, &options).await? {
         if let Err((topic, e)) = result {
             eprintln!("deleting {topic} failed: {e}");
         }
