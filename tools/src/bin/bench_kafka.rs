@@ -105,6 +105,10 @@ fn event(i: u64) -> Reading {
 
 const CHUNK: usize = 1000;
 
+/// The most records a consumer here takes at once: ours' batch size (`BENCH_BATCH` sets it for
+/// ours), our backend's alone and the threaded raw consumer's.
+const BATCH: usize = 500;
+
 /// The tasks publishing one event per call (as a web service does, one per request).
 const TASKS: usize = 64;
 
@@ -322,7 +326,7 @@ impl Bench {
             std::thread::spawn(move || {
                 let new_batch = || Batch {
                     bytes: Vec::with_capacity(1 << 20),
-                    records: Vec::with_capacity(500),
+                    records: Vec::with_capacity(BATCH),
                 };
                 let mut batch = new_batch();
                 while !stop.load(Ordering::Relaxed) {
@@ -344,7 +348,7 @@ impl Bench {
                             payload_end,
                             batch.bytes.len(),
                         ));
-                        if batch.records.len() == 500 {
+                        if batch.records.len() == BATCH {
                             break;
                         }
                         next = consumer.poll(Duration::ZERO);
@@ -506,7 +510,7 @@ impl Bench {
                 }
                 std::future::ready(Ok::<_, BoxError>(()))
             })?
-            .batch_size(support::env_or("BENCH_BATCH", 500));
+            .batch_size(support::env_or("BENCH_BATCH", BATCH));
             if dead_letters.is_empty() {
                 dead_letters = support::dead_letter_topics(p.manifest());
             }
@@ -566,7 +570,7 @@ impl Bench {
         let mut consumer = backend.subscribe(&subscription).await?;
         let (mut got, mut first) = (0, None);
         while got < n {
-            let batch = consumer.receive(500).await?;
+            let batch = consumer.receive(BATCH).await?;
             for d in &batch {
                 let _: Reading = serde_json::from_slice(&d.message().payload)?;
             }
