@@ -407,13 +407,26 @@ impl Subscriber for RedisBackend {
         };
         // One server (TCP, a Unix socket, TLS with `tls`): reads on a connection of the
         // consumer's own whose replies are decoded where they lie (`resp`); other commands on
-        // the pool's. Otherwise the consumer's own connection of the client library does it all.
+        // the pool's. A cluster: reads the same way, from the node holding the streams, and
+        // the consumer's own connection of the client library does the rest (reads during a
+        // slot's move too). Otherwise that connection does it all.
         let (own, reader) = match &pool.connector {
             Connector::One(client) if resp::Reader::serves(client.get_connection_info().addr()) => {
                 let reader = resp::Reader::connect(client.get_connection_info(), response_timeout)
                     .await
                     .map_err(failed)?;
                 (pool.conn.clone(), Some(reader))
+            }
+            Connector::Cluster(nodes) if nodes.iter().all(|n| resp::Reader::serves(n.addr())) => {
+                let own = pool
+                    .connector
+                    .connect(response_timeout)
+                    .await
+                    .map_err(failed)?;
+                let reader = resp::Reader::connect_cluster(nodes, response_timeout)
+                    .await
+                    .map_err(failed)?;
+                (own, Some(reader))
             }
             connector => (
                 connector.connect(response_timeout).await.map_err(failed)?,

@@ -9,8 +9,10 @@
 //! copies only the message's id, name, key and payload out of it.
 //!
 //! It speaks RESP2 and nothing but the commands given to it, over TCP, a Unix socket or (feature
-//! `tls`) TLS as a `rediss://` URL sets it; clusters stay with the client library (`conn`), as
-//! do all other commands of the consumer.
+//! `tls`) TLS as a `rediss://` URL sets it. On a cluster it reads from the node that holds the
+//! streams: it follows `MOVED`, and turns to the next node given when its node goes away; a read
+//! answered with `ASK` or `TRYAGAIN` (a slot being moved) is left to the client library. All
+//! other commands of the consumer stay with the client library (`conn`).
 
 use std::io;
 use std::pin::Pin;
@@ -226,11 +228,24 @@ fn server_error(line: &[u8]) -> RedisError {
     }
 }
 
+/// How many `MOVED` a query follows before it returns the last one as its reply.
+const MOST_MOVES: usize = 5;
+
 /// A connection to one server for the replies of one kind of command: see the module's doc.
 pub(crate) struct Reader {
+    /// The node it connects to.
     info: ConnectionInfo,
     response_timeout: Duration,
     wire: Option<Wire>,
+    /// On a cluster: its nodes as given, for when the node read from goes away; `None` on one
+    /// server.
+    seeds: Option<Seeds>,
+}
+
+/// A cluster's nodes as given, and the one to turn to next.
+struct Seeds {
+    nodes: Vec<ConnectionInfo>,
+    next: usize,
 }
 
 struct Wire {
@@ -275,9 +290,69 @@ impl Reader {
             info: info.clone(),
             response_timeout,
             wire: None,
+            seeds: None,
         };
         reader.wire().await?;
         Ok(reader)
+    }
+
+    /// A reader of a cluster whose nodes are `nodes` (each one [`Reader::serves`]), connected
+    /// now to the first that answers, so that a wrong password fails here. Its first read is
+    /// sent there and follows `MOVED` to the node that holds the streams.
+    pub(crate) async fn connect_cluster(
+        nodes: &[ConnectionInfo],
+        response_timeout: Duration,
+    ) -> RedisResult<Self> {
+        let first = nodes
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no cluster node given"))?;
+        let mut reader = Reader {
+            info: first.clone(),
+            response_timeout,
+            wire: None,
+            seeds: Some(Seeds {
+                nodes: nodes.to_vec(),
+                next: 1,
+            }),
+        };
+        let mut failed = None;
+        for _ in nodes {
+            match reader.wire().await {
+                Ok(_) => return Ok(reader),
+                // A wrong password is wrong on every node.
+                Err(e) if !is_gone(&e) => return Err(e),
+                Err(e) => {
+                    failed = Some(e);
+                    reader.turn_to_next_node();
+                }
+            }
+        }
+        Err(failed.unwrap_or_else(|| io::Error::other("no cluster node answered").into()))
+    }
+
+    /// A reader like this one, not connected yet (it connects at its first query).
+    pub(crate) fn another(&self) -> Reader {
+        Reader {
+            info: self.info.clone(),
+            response_timeout: self.response_timeout,
+            wire: None,
+            seeds: self.seeds.as_ref().map(|s| Seeds {
+                nodes: s.nodes.clone(),
+                next: s.next,
+            }),
+        }
+    }
+
+    /// On a cluster, connects next to the node after the last turned to (which follows `MOVED`
+    /// to the streams' node): the node read from went away.
+    fn turn_to_next_node(&mut self) {
+        if let Some(seeds) = &mut self.seeds {
+            if let Some(node) = seeds.nodes.get(seeds.next % seeds.nodes.len().max(1)) {
+                self.info = node.clone();
+                self.wire = None;
+            }
+            seeds.next = seeds.next.wrapping_add(1);
+        }
     }
 
     async fn wire(&mut self) -> RedisResult<&mut Wire> {
@@ -296,8 +371,36 @@ impl Reader {
     }
 
     /// Sends `cmd` and reads its reply. An error of the connection closes it (the next query
-    /// connects again); an error reply of the server leaves it open.
+    /// connects again, on a cluster to the next node given); an error reply of the server leaves
+    /// it open. On a cluster a `MOVED` reply is followed: the query is sent again to the node
+    /// it names, which is read from from then on.
     pub(crate) async fn query(&mut self, cmd: &Cmd) -> RedisResult<Reply<'_>> {
+        let mut moves = 0;
+        loop {
+            if let Err(e) = self.exchange(cmd).await {
+                if is_gone(&e) {
+                    self.turn_to_next_node();
+                }
+                return Err(e);
+            }
+            let moved = match (&self.seeds, &self.wire) {
+                (Some(_), Some(w)) if moves < MOST_MOVES => w.moved_to(self.info.addr()),
+                _ => None,
+            };
+            let Some(addr) = moved else { break };
+            tracing::debug!(to = %addr, "the streams' slot moved; reading from the node holding it");
+            self.info = self.info.clone().set_addr(addr);
+            self.wire = None;
+            moves += 1;
+        }
+        match &self.wire {
+            Some(w) => Ok(w.reply()),
+            None => Err(io::Error::other("no connection").into()),
+        }
+    }
+
+    /// Sends `cmd` and reads its reply into the wire; on an error of the connection, closes it.
+    async fn exchange(&mut self, cmd: &Cmd) -> RedisResult<()> {
         let timeout = self.response_timeout;
         let result = async {
             let wire = self.wire().await?;
@@ -306,18 +409,11 @@ impl Reader {
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no reply in time"))?
         }
         .await;
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                // Its state is unknown: a late reply would answer the next command.
-                self.wire = None;
-                return Err(e);
-            }
+        if result.is_err() {
+            // Its state is unknown: a late reply would answer the next command.
+            self.wire = None;
         }
-        match &self.wire {
-            Some(w) => Ok(w.reply()),
-            None => Err(io::Error::other("no connection").into()),
-        }
+        result
     }
 
     /// Reads what the server still owes (the reply of a read abandoned midway), so that a
@@ -409,6 +505,15 @@ impl Wire {
         Reply::new(&self.buf[..self.taken], &self.tokens)
     }
 
+    /// Where the last reply, a cluster's `MOVED`, says to go: `now` with the host and port it
+    /// names (its host when it names none). `None` for any other reply.
+    fn moved_to(&self, now: &ConnectionAddr) -> Option<ConnectionAddr> {
+        let Some(Token::Error(start, end)) = self.tokens.first() else {
+            return None;
+        };
+        moved_to(self.buf.get(*start..*end)?, now)
+    }
+
     /// Writes `cmd` and reads its reply into `buf[..taken]` and `tokens`.
     async fn exchange(&mut self, cmd: &Cmd) -> RedisResult<()> {
         self.read_owed().await?;
@@ -461,6 +566,49 @@ impl Wire {
     }
 }
 
+/// Where a cluster's `MOVED` error line (`-MOVED slot host:port\r\n`) says to go, as an
+/// address like `now`: the same kind (TLS or not), its host when the line names none.
+fn moved_to(line: &[u8], now: &ConnectionAddr) -> Option<ConnectionAddr> {
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let mut words = line.strip_prefix("-MOVED ")?.split(' ');
+    let (_slot, endpoint) = (words.next()?, words.next()?);
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match now {
+        ConnectionAddr::Tcp(h, _) => {
+            let host = if host.is_empty() || host == "?" {
+                h
+            } else {
+                host
+            };
+            Some(ConnectionAddr::Tcp(host.to_owned(), port))
+        }
+        #[cfg(feature = "tls")]
+        ConnectionAddr::TcpTls {
+            host: h, insecure, ..
+        } => {
+            let host = if host.is_empty() || host == "?" {
+                h
+            } else {
+                host
+            };
+            Some(ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether `e` says the node is gone or unreachable (not that it refused the command).
+fn is_gone(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
 /// [`crate::fuzzing::scan_reply`].
 #[cfg(feature = "fuzzing")]
 pub(crate) fn scan_in_two(bytes: &[u8], cut: usize) -> Option<usize> {
@@ -485,6 +633,35 @@ mod tests {
     fn tokens(bytes: &[u8]) -> io::Result<Option<(usize, Vec<Token>)>> {
         let mut t = Vec::new();
         Ok(tokenize(bytes, &mut t, &mut Scan::default())?.map(|n| (n, t)))
+    }
+
+    #[test]
+    fn a_moved_reply_names_the_node_to_read_from_next() {
+        let now = ConnectionAddr::Tcp("10.0.0.1".into(), 7000);
+        let to = |line: &[u8]| moved_to(line, &now);
+        assert_eq!(
+            to(b"-MOVED 3999 127.0.0.1:6381\r\n"),
+            Some(ConnectionAddr::Tcp("127.0.0.1".into(), 6381))
+        );
+        // A node that does not know its address names none: the same host, another port.
+        assert_eq!(
+            to(b"-MOVED 3999 :6382\r\n"),
+            Some(ConnectionAddr::Tcp("10.0.0.1".into(), 6382))
+        );
+        assert_eq!(
+            to(b"-MOVED 1 [::1]:6383\r\n"),
+            Some(ConnectionAddr::Tcp("::1".into(), 6383))
+        );
+        for other in [
+            &b"-ASK 3999 127.0.0.1:6381\r\n"[..],
+            b"-MOVED 3999\r\n",
+            b"-MOVED 3999 127.0.0.1:port\r\n",
+            b"-ERR unknown command\r\n",
+        ] {
+            assert_eq!(to(other), None, "{}", String::from_utf8_lossy(other));
+        }
+        let unix = ConnectionAddr::Unix("/tmp/redis.sock".into());
+        assert_eq!(moved_to(b"-MOVED 1 127.0.0.1:6381\r\n", &unix), None);
     }
 
     /// An XREADGROUP reply: one stream, two entries (one deleted), then a next reply's start.

@@ -167,7 +167,39 @@ async fn a_stopped_members_entries_are_claimed_on_their_master() {
 /// Moves `key`'s slot (with its keys) from its master to another one, the way `redis-cli
 /// --cluster reshard` does: IMPORTING / MIGRATING, MIGRATE of its keys, then SETSLOT NODE on
 /// every master. Returns the new owner.
+/// Moves the slot of `key` to another master; returns that master.
 async fn move_slot_of(key: &str) -> String {
+    let moving = start_moving_slot_of(key).await;
+    moving.finish().await;
+    moving.to
+}
+
+/// A slot halfway through a move: its keys are on `to`, but `from` still holds the slot and
+/// answers for it with `ASK` (`to` takes them after `ASKING`).
+struct Moving {
+    slot: u16,
+    from: String,
+    to: String,
+    to_id: String,
+}
+
+impl Moving {
+    /// Hands the slot to `to` on every node.
+    async fn finish(&self) {
+        for url in nodes() {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(self.slot)
+                .arg("NODE")
+                .arg(&self.to_id)
+                .query_async::<()>(&mut node(&url).await)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn start_moving_slot_of(key: &str) -> Moving {
     let from = owner(key).await;
     let to = nodes().into_iter().find(|n| *n != from).unwrap();
     let (mut src, mut dst) = (node(&from).await, node(&to).await);
@@ -226,13 +258,12 @@ async fn move_slot_of(key: &str) -> String {
             .await
             .unwrap();
     }
-    for url in nodes() {
-        setslot("NODE", &dst_id)
-            .query_async::<()>(&mut node(&url).await)
-            .await
-            .unwrap();
+    Moving {
+        slot,
+        from,
+        to,
+        to_id: dst_id,
     }
-    to
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
@@ -297,6 +328,50 @@ async fn a_stream_moved_to_another_master_is_followed_by_publishers_and_its_grou
     let stats = backend.stats(&topic).await.unwrap();
     assert_eq!((stats.length, stats.groups[0].pending), (100, 0));
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_group_reads_a_stream_whose_slot_is_halfway_through_a_move() {
+    let backend = cluster().await;
+    let topic = unique("asking");
+    let first: Vec<Message> = (0..3)
+        .map(|i| Message::new("Ping", format!("before {i}").into_bytes()))
+        .collect();
+    backend.publish(&topic, &first).await.unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 3).await;
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+
+    // Three more, not read yet. Then the stream goes to the new master while the old one,
+    // still holding the slot, answers the group's reads with ASK.
+    let next: Vec<Message> = (0..3)
+        .map(|i| Message::new("Ping", format!("during {i}").into_bytes()))
+        .collect();
+    backend.publish(&topic, &next).await.unwrap();
+    let moving = start_moving_slot_of(&topic).await;
+    let answered: redis::RedisResult<redis::Value> = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut node(&moving.from).await)
+        .await;
+    assert_eq!(
+        answered.unwrap_err().kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Ask),
+        "the slot's holder redirects with ASK"
+    );
+    let got = receive_n(&mut *consumer, 3).await;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect();
+    assert_eq!(payloads, ["during 0", "during 1", "during 2"]);
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+
+    moving.finish().await;
+    let stats = backend.stats(&topic).await.unwrap();
+    assert_eq!((stats.length, stats.groups[0].pending), (6, 0));
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use cqrs_core::backend::{Consumer, Delivery, Subscription};
 use cqrs_core::redelivery::Redeliveries;
 use cqrs_core::wire::{Entry, FieldValue, Layout};
 use cqrs_core::StartFrom;
-use redis::Value;
+use redis::{ErrorKind, ServerErrorKind, Value};
 use tokio::time::Instant;
 
 use crate::conn::{by_slot, Conn};
@@ -85,12 +85,13 @@ fn lock(local: &Mutex<Local>) -> MutexGuard<'_, Local> {
 }
 
 pub(crate) struct RedisConsumer {
-    /// Every command but `XREADGROUP` when there is a `reader`; all of them otherwise.
+    /// Every command but `XREADGROUP` when there are `readers`; all of them otherwise.
     conn: Conn,
-    /// `XREADGROUP` on one server (TCP, a Unix socket, TLS with the feature `tls`): the
-    /// consumer's own connection, whose replies are decoded where they lie (`resp`). `None` on
-    /// a cluster, where `conn` is the consumer's own connection and reads too.
-    reader: Option<Reader>,
+    /// `XREADGROUP` over TCP, a Unix socket or TLS with the feature `tls`: the consumer's own
+    /// connections, whose replies are decoded where they lie (`resp`), one a slot of `slots`
+    /// (each reads from the cluster node holding its streams). Empty otherwise: `conn` is the
+    /// consumer's own connection and reads too.
+    readers: Vec<Reader>,
     streams: Vec<Arc<str>>,
     /// The streams by cluster slot (one group on a single server): one `XREADGROUP` reads one
     /// slot's streams.
@@ -139,6 +140,16 @@ impl RedisConsumer {
             .map(|t| Arc::from(t.as_str()))
             .collect();
         let slots = by_slot(&conn, streams.iter().cloned());
+        // One reader a slot: on a cluster, slots on different nodes read by one would move it
+        // from node to node at every read.
+        let readers = match reader {
+            Some(first) => {
+                let mut readers: Vec<Reader> = (1..slots.len()).map(|_| first.another()).collect();
+                readers.insert(0, first);
+                readers
+            }
+            None => Vec::new(),
+        };
         let keeper = subscription.claim_idle.map(|idle| {
             tokio::spawn(keep_fresh(
                 shared.clone(),
@@ -150,7 +161,7 @@ impl RedisConsumer {
         });
         let mut consumer = RedisConsumer {
             conn,
-            reader,
+            readers,
             group: subscription.group.clone(),
             me: subscription.consumer.clone(),
             start: subscription.start,
@@ -301,7 +312,7 @@ impl RedisConsumer {
         for _ in streams {
             cmd.arg(">");
         }
-        if let Some(reader) = &mut self.reader {
+        if let Some(reader) = self.readers.get_mut(slot) {
             self.read_in_flight = true;
             let reply = reader.query(&cmd).await;
             self.read_in_flight = false;
@@ -315,9 +326,23 @@ impl RedisConsumer {
                     out,
                 )
             });
-            return self
-                .unblocked(read.map_err(|e| Error::redis("XREADGROUP", e)))
-                .map(drop);
+            match read {
+                // A cluster's slot being moved: the client library follows `ASK` (and waits
+                // out `TRYAGAIN`), the reader does not.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Server(ServerErrorKind::Ask | ServerErrorKind::TryAgain)
+                    ) =>
+                {
+                    tracing::debug!(group = %self.group, error = %e, "a read during a slot's move; read by the client library");
+                }
+                read => {
+                    return self
+                        .unblocked(read.map_err(|e| Error::redis("XREADGROUP", e)))
+                        .map(drop)
+                }
+            }
         }
         self.read_in_flight = true;
         let reply = self.query(&cmd, "XREADGROUP").await;
@@ -433,7 +458,7 @@ impl Consumer for RedisConsumer {
             // The last receive was dropped mid-read. Its entries are pending for this member;
             // re-read them (on this connection, so after the abandoned read has finished; with
             // a reader of its own, once that has read the abandoned reply).
-            if let Some(reader) = &mut self.reader {
+            for reader in &mut self.readers {
                 reader.settle().await;
             }
             // Cleared after: a receive dropped during the settle settles again.
