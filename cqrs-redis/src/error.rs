@@ -93,7 +93,8 @@ impl Error {
         }
     }
 
-    /// Whether trying again may succeed (a dropped connection, a timeout, a server loading).
+    /// Whether trying again may succeed (a dropped connection, a timeout, a server loading, a
+    /// cluster slot moving).
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Redis { source, .. } => is_transient(source),
@@ -109,7 +110,8 @@ pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
         || e.is_timeout()
         || matches!(
             e.code(),
-            Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN")
+            // A cluster's redirections: its slots moving (a reshard, a failover).
+            Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "MOVED" | "ASK")
         )
 }
 
