@@ -396,6 +396,129 @@ async fn a_group_reads_a_stream_whose_slot_is_halfway_through_a_move() {
 }
 
 #[tokio::test]
+async fn a_group_reads_through_the_seed_nodes_that_answer() {
+    // The first seed given answers nothing (a free port): the group's reader turns to the
+    // next, which sends it to the stream's master.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let seeds = std::iter::once(format!("redis://{dead}")).chain(nodes());
+    let backend = RedisBackend::connect_cluster(seeds).await.unwrap();
+    let topic = unique("seeds");
+    let sent: Vec<Message> = (0..5)
+        .map(|i| Message::new("Ping", format!("{i}").into_bytes()))
+        .collect();
+    backend.publish(&topic, &sent).await.unwrap();
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]))
+        .await
+        .unwrap();
+    let got = receive_n(&mut *consumer, 5).await;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect();
+    assert_eq!(payloads, ["0", "1", "2", "3", "4"]);
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    assert_eq!(backend.stats(&topic).await.unwrap().groups[0].pending, 0);
+}
+
+/// Receives `n` deliveries as a processor does: a receive that fails with a retryable error
+/// (a connection cut) is tried again; at most two such in a row.
+async fn receive_through_cuts(
+    consumer: &mut dyn cqrs::backend::Consumer,
+    n: usize,
+) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    let mut failed_in_row = 0;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while out.len() < n {
+            match consumer.receive(n - out.len()).await {
+                Ok(batch) => {
+                    failed_in_row = 0;
+                    out.extend(batch);
+                }
+                Err(e) => {
+                    assert!(e.is_retryable(), "{e}");
+                    failed_in_row += 1;
+                    assert!(
+                        failed_in_row <= 2,
+                        "{failed_in_row} failed receives in a row: {e}"
+                    );
+                }
+            }
+        }
+    })
+    .await
+    .expect("the deliveries within 10 s");
+    out
+}
+
+#[tokio::test]
+async fn a_group_reads_on_after_its_connections_to_the_streams_master_are_cut() {
+    // A user of this test's own on every node: cutting its connections (`CLIENT KILL USER`)
+    // touches no other test's.
+    let user = unique("cut");
+    for url in nodes() {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("on")
+            .arg(">pw")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .query_async::<()>(&mut node(&url).await)
+            .await
+            .unwrap();
+    }
+    let seeds = nodes()
+        .into_iter()
+        .map(|n| n.replace("redis://", &format!("redis://{user}:pw@")));
+    let backend = RedisBackend::connect_cluster(seeds).await.unwrap();
+    let topic = unique("cut");
+    let mut consumer = backend
+        .subscribe(&Subscription::new(unique("g"), [&topic]))
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        let sent: Vec<Message> = (0..3)
+            .map(|i| Message::new("Ping", format!("{round}.{i}").into_bytes()))
+            .collect();
+        backend.publish(&topic, &sent).await.unwrap();
+        expected.extend((0..3).map(|i| format!("{round}.{i}")));
+        let got = receive_through_cuts(&mut *consumer, 3).await;
+        let payloads: Vec<String> = got
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+            .collect();
+        assert_eq!(payloads, expected[expected.len() - 3..], "round {round}");
+        Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+        // Every connection of the user to the stream's master, the group's reader among them.
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("USER")
+            .arg(&user)
+            .query_async(&mut node(&owner(&topic).await).await)
+            .await
+            .unwrap();
+        assert!(killed > 0, "round {round}: no connection of {user} to cut");
+    }
+    let stats = backend.stats(&topic).await.unwrap();
+    assert_eq!((stats.length, stats.groups[0].pending), (9, 0));
+    for url in nodes() {
+        redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&user)
+            .query_async::<()>(&mut node(&url).await)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_yaml_topology_with_a_cluster_pool_beside_a_single_server() {
     let (local, clustered) = (unique("local"), unique("clustered"));
     let yaml = format!(
