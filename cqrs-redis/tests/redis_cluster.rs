@@ -68,14 +68,27 @@ async fn receive_n(consumer: &mut dyn cqrs::backend::Consumer, n: usize) -> Vec<
     cqrs::conformance::receive_n(consumer, n).await
 }
 
+/// `Ping` messages with these payloads.
+fn pings<T: std::fmt::Display>(payloads: impl IntoIterator<Item = T>) -> Vec<Message> {
+    payloads
+        .into_iter()
+        .map(|p| Message::new("Ping", p.to_string().into_bytes()))
+        .collect()
+}
+
+/// The payloads of `got`, as text.
+fn payloads(got: &[Delivery]) -> Vec<String> {
+    got.iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn streams_spread_over_the_masters_and_one_group_reads_them_all() {
     let backend = cluster().await;
     let streams: Vec<String> = (0..8).map(|i| unique(&format!("spread-{i}"))).collect();
     for (i, s) in streams.iter().enumerate() {
-        let batch: Vec<Message> = (0..3)
-            .map(|j| Message::new("Ping", format!("{i}.{j}").into_bytes()))
-            .collect();
+        let batch = pings((0..3).map(|j| format!("{i}.{j}")));
         backend.publish(s, &batch).await.unwrap();
     }
     let mut by_master: BTreeMap<String, usize> = BTreeMap::new();
@@ -93,11 +106,8 @@ async fn streams_spread_over_the_masters_and_one_group_reads_them_all() {
         .await
         .unwrap();
     let got = receive_n(&mut *consumer, 24).await;
-    let payloads: BTreeSet<String> = got
-        .iter()
-        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
-        .collect();
-    assert_eq!(payloads.len(), 24, "each entry once: {payloads:?}");
+    let distinct: BTreeSet<String> = payloads(&got).into_iter().collect();
+    assert_eq!(distinct.len(), 24, "each entry once: {distinct:?}");
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     cqrs::conformance::receive_none(&mut *consumer).await;
     for s in &streams {
@@ -334,9 +344,7 @@ async fn a_stream_moved_to_another_master_is_followed_by_publishers_and_its_grou
 async fn a_group_reads_a_stream_whose_slot_is_halfway_through_a_move() {
     let backend = cluster().await;
     let topic = unique("asking");
-    let first: Vec<Message> = (0..3)
-        .map(|i| Message::new("Ping", format!("before {i}").into_bytes()))
-        .collect();
+    let first = pings((0..3).map(|i| format!("before {i}")));
     backend.publish(&topic, &first).await.unwrap();
     let mut consumer = backend
         .subscribe(&Subscription::new(unique("g"), [&topic]))
@@ -347,9 +355,7 @@ async fn a_group_reads_a_stream_whose_slot_is_halfway_through_a_move() {
 
     // Three more, not read yet. Then the stream goes to the new master while the old one,
     // still holding the slot, answers the group's reads with ASK.
-    let next: Vec<Message> = (0..3)
-        .map(|i| Message::new("Ping", format!("during {i}").into_bytes()))
-        .collect();
+    let next = pings((0..3).map(|i| format!("during {i}")));
     backend.publish(&topic, &next).await.unwrap();
     let moving = start_moving_slot_of(&topic).await;
     let answered: redis::RedisResult<redis::Value> = redis::cmd("XLEN")
@@ -362,11 +368,7 @@ async fn a_group_reads_a_stream_whose_slot_is_halfway_through_a_move() {
         "the slot's holder redirects with ASK"
     );
     let got = receive_n(&mut *consumer, 3).await;
-    let payloads: Vec<String> = got
-        .iter()
-        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
-        .collect();
-    assert_eq!(payloads, ["during 0", "during 1", "during 2"]);
+    assert_eq!(payloads(&got), ["during 0", "during 1", "during 2"]);
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
 
     // A batch published meanwhile: the client library follows ASK for a pipeline without
@@ -406,20 +408,14 @@ async fn a_group_reads_through_the_seed_nodes_that_answer() {
     let seeds = std::iter::once(format!("redis://{dead}")).chain(nodes());
     let backend = RedisBackend::connect_cluster(seeds).await.unwrap();
     let topic = unique("seeds");
-    let sent: Vec<Message> = (0..5)
-        .map(|i| Message::new("Ping", format!("{i}").into_bytes()))
-        .collect();
+    let sent = pings(0..5);
     backend.publish(&topic, &sent).await.unwrap();
     let mut consumer = backend
         .subscribe(&Subscription::new(unique("g"), [&topic]))
         .await
         .unwrap();
     let got = receive_n(&mut *consumer, 5).await;
-    let payloads: Vec<String> = got
-        .iter()
-        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
-        .collect();
-    assert_eq!(payloads, ["0", "1", "2", "3", "4"]);
+    assert_eq!(payloads(&got), ["0", "1", "2", "3", "4"]);
     Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
     assert_eq!(backend.stats(&topic).await.unwrap().groups[0].pending, 0);
 }
@@ -484,17 +480,15 @@ async fn a_group_reads_on_after_its_connections_to_the_streams_master_are_cut() 
         .unwrap();
     let mut expected = Vec::new();
     for round in 0..3 {
-        let sent: Vec<Message> = (0..3)
-            .map(|i| Message::new("Ping", format!("{round}.{i}").into_bytes()))
-            .collect();
+        let sent = pings((0..3).map(|i| format!("{round}.{i}")));
         backend.publish(&topic, &sent).await.unwrap();
         expected.extend((0..3).map(|i| format!("{round}.{i}")));
         let got = receive_through_cuts(&mut *consumer, 3).await;
-        let payloads: Vec<String> = got
-            .iter()
-            .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
-            .collect();
-        assert_eq!(payloads, expected[expected.len() - 3..], "round {round}");
+        assert_eq!(
+            payloads(&got),
+            expected[expected.len() - 3..],
+            "round {round}"
+        );
         Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
         // Every connection of the user to the stream's master, the group's reader among them.
         let killed: i64 = redis::cmd("CLIENT")
