@@ -575,31 +575,27 @@ fn moved_to(line: &[u8], now: &ConnectionAddr) -> Option<ConnectionAddr> {
     let (host, port) = endpoint.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    match now {
-        ConnectionAddr::Tcp(h, _) => {
-            let host = if host.is_empty() || host == "?" {
-                h
-            } else {
-                host
-            };
-            Some(ConnectionAddr::Tcp(host.to_owned(), port))
+    // A node that does not know its own address names none: the one connected to.
+    let host_or = |now: &str| {
+        if host.is_empty() || host == "?" {
+            now.to_owned()
+        } else {
+            host.to_owned()
         }
+    };
+    match now {
+        ConnectionAddr::Tcp(now, _) => Some(ConnectionAddr::Tcp(host_or(now), port)),
         #[cfg(feature = "tls")]
         ConnectionAddr::TcpTls {
-            host: h, insecure, ..
-        } => {
-            let host = if host.is_empty() || host == "?" {
-                h
-            } else {
-                host
-            };
-            Some(ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: *insecure,
-                tls_params: None,
-            })
-        }
+            host: now,
+            insecure,
+            ..
+        } => Some(ConnectionAddr::TcpTls {
+            host: host_or(now),
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        }),
         _ => None,
     }
 }
