@@ -50,8 +50,16 @@ async fn node(url: &str) -> redis::aio::MultiplexedConnection {
 
 /// The node that holds `key`: the one master that answers for it without `MOVED`.
 async fn owner(key: &str) -> String {
+    let mut owners = holders(nodes(), key).await;
+    assert_eq!(owners.len(), 1, "{key} is held by {owners:?}");
+    owners.remove(0)
+}
+
+/// The nodes among `urls` that answer for `key` without `MOVED` (its master; none while no
+/// master holds it).
+async fn holders(urls: impl IntoIterator<Item = String>, key: &str) -> Vec<String> {
     let mut owners = Vec::new();
-    for url in nodes() {
+    for url in urls {
         let answered: redis::RedisResult<i64> = redis::cmd("EXISTS")
             .arg(key)
             .query_async(&mut node(&url).await)
@@ -60,8 +68,7 @@ async fn owner(key: &str) -> String {
             owners.push(url);
         }
     }
-    assert_eq!(owners.len(), 1, "{key} is held by {owners:?}");
-    owners.remove(0)
+    owners
 }
 
 async fn receive_n(consumer: &mut dyn cqrs::backend::Consumer, n: usize) -> Vec<Delivery> {
@@ -590,13 +597,18 @@ impl OwnCluster {
             .collect()
     }
 
+    /// The URLs of the nodes still running.
+    fn running(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, child)| child.is_some())
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
     /// Waits until every node still running says the cluster is whole (`cluster_state:ok`).
     async fn settled(&self) {
-        for (port, child) in &self.nodes {
-            if child.is_none() {
-                continue;
-            }
-            let url = format!("redis://127.0.0.1:{port}");
+        for url in self.running() {
             eventually("the cluster to be whole", || {
                 let url = url.clone();
                 async move {
@@ -625,20 +637,9 @@ impl OwnCluster {
 
     /// The master that answers for `key` without redirecting, among the nodes running.
     async fn owner(&self, key: &str) -> Option<String> {
-        for (port, child) in &self.nodes {
-            if child.is_none() {
-                continue;
-            }
-            let url = format!("redis://127.0.0.1:{port}");
-            let answered: redis::RedisResult<i64> = redis::cmd("EXISTS")
-                .arg(key)
-                .query_async(&mut node(&url).await)
-                .await;
-            if answered == Ok(1) {
-                return Some(url);
-            }
-        }
-        None
+        let mut owners = holders(self.running(), key).await;
+        assert!(owners.len() <= 1, "{key} is held by {owners:?}");
+        owners.pop()
     }
 }
 
