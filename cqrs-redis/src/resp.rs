@@ -243,6 +243,7 @@ pub(crate) struct Reader {
 }
 
 /// A cluster's nodes as given, and the one to turn to next.
+#[derive(Clone)]
 struct Seeds {
     nodes: Vec<ConnectionInfo>,
     next: usize,
@@ -336,10 +337,7 @@ impl Reader {
             info: self.info.clone(),
             response_timeout: self.response_timeout,
             wire: None,
-            seeds: self.seeds.as_ref().map(|s| Seeds {
-                nodes: s.nodes.clone(),
-                next: s.next,
-            }),
+            seeds: self.seeds.clone(),
         }
     }
 
