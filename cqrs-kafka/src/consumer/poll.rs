@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::wire::{Entry, FieldValue, Layout, DEFAULT_CONTENT_TYPE};
+use cqrs_core::wire::{Entry, FieldValue, Layout, Part, DEFAULT_CONTENT_TYPE};
 use cqrs_core::{Bytes, Message, Metadata, Text};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaResult;
@@ -273,9 +273,9 @@ impl Copied {
         if id.is_empty() || name.is_empty() {
             return None;
         }
-        let id = Part { buf, part: id }.into_shared().ok()?;
-        let name = Part { buf, part: name }.into_shared().ok()?;
-        let key = self.key.map(|_| Part { buf, part: key }.into_key());
+        let id = Part::new(buf, id).into_shared().ok()?;
+        let name = Part::new(buf, name).into_shared().ok()?;
+        let key = self.key.map(|_| Part::new(buf, key).into_key());
         let mut metadata = Metadata::default();
         metadata.created_at = self.time_ms.unwrap_or(0);
         metadata.content_type = Cow::Borrowed(DEFAULT_CONTENT_TYPE);
@@ -305,7 +305,7 @@ impl Copied {
             }
             // The name taken as bytes: written from text by `of`, it is not checked again.
             let field = next_header(&mut headers)
-                .map(|(name, value)| (name, value.map(|part| Part { buf, part })));
+                .map(|(name, value)| (name, value.map(|part| Part::new(buf, part))));
             if field.is_none() {
                 // Not written by `of`: nothing more is read.
                 broken = true;
@@ -323,10 +323,7 @@ impl Copied {
         let (mut message, mut why) = Layout::KAFKA.decode(
             fields,
             entry,
-            key.map(|_| Part {
-                buf,
-                part: key_bytes,
-            }),
+            key.map(|_| Part::new(buf, key_bytes)),
             // A part of the batch's buffer, not a copy (see `Batch`).
             payload.map(|_| buf.slice_ref(payload_bytes)),
         );
@@ -375,32 +372,6 @@ fn id_and_name(mut headers: &[u8]) -> Option<(&[u8], &[u8])> {
             Some((id, name))
         }
         _ => None,
-    }
-}
-
-/// A header value or key of a record, a part of its batch's buffer: a message's id, name and
-/// key are kept as that part, shared (no allocation, no copy), as its payload is.
-#[derive(Clone, Copy)]
-struct Part<'a> {
-    buf: &'a Bytes,
-    part: &'a [u8],
-}
-
-impl AsRef<[u8]> for Part<'_> {
-    fn as_ref(&self) -> &[u8] {
-        self.part
-    }
-}
-
-impl FieldValue for Part<'_> {
-    fn into_text(self) -> Result<String, Self> {
-        self.part.into_text().map_err(|_| self)
-    }
-    fn into_bytes(self) -> Bytes {
-        self.buf.slice_ref(self.part)
-    }
-    fn into_shared(self) -> Result<Text, Self> {
-        Text::try_from(self.into_bytes()).map_err(|_| self)
     }
 }
 
