@@ -4,9 +4,10 @@
 //! some 4,500 of them, each field and value in an allocation of its own, made on the
 //! connection's task and freed on the handler's. That parse was a third of a consumed event's
 //! instructions, and the frees from another thread contended for the allocator's lock (docs/
-//! benchmarks.md). This connection reads a reply into one buffer that lives as long as the
-//! connection, checks its framing once, and hands out its strings where they lie: the decoder
-//! copies only the message's id, name, key and payload out of it.
+//! benchmarks.md). This connection reads replies into one buffer, checks a reply's framing once,
+//! and hands out its strings where they lie. A reply handed out is split off the buffer, shared
+//! ([`Bytes`]): the messages' ids, names, keys and payloads are parts of it, not copies, and it
+//! is freed when the last of them is dropped.
 //!
 //! It speaks RESP2 and nothing but the commands given to it, over TCP, a Unix socket or (feature
 //! `tls`) TLS as a `rediss://` URL sets it. On a cluster it reads from the node that holds the
@@ -18,6 +19,8 @@ use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use cqrs_core::wire::Part;
 use redis::{Cmd, ConnectionAddr, ConnectionInfo, RedisError, RedisResult};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -164,15 +167,15 @@ fn tls_error(e: native_tls::Error) -> RedisError {
     io::Error::new(io::ErrorKind::ConnectionRefused, format!("TLS: {e}")).into()
 }
 
-/// A reply read: its tokens over the connection's buffer, walked in order.
+/// A reply read: its tokens over its bytes, walked in order.
 pub(crate) struct Reply<'a> {
-    buf: &'a [u8],
+    buf: &'a Bytes,
     tokens: &'a [Token],
     at: usize,
 }
 
 impl<'a> Reply<'a> {
-    pub(crate) fn new(buf: &'a [u8], tokens: &'a [Token]) -> Self {
+    pub(crate) fn new(buf: &'a Bytes, tokens: &'a [Token]) -> Self {
         Reply { buf, tokens, at: 0 }
     }
 
@@ -204,6 +207,12 @@ impl<'a> Reply<'a> {
             Token::Error(start, end) => Err(server_error(&self.buf[start..end])),
             _ => Err(malformed("an unexpected item where a string belongs").into()),
         }
+    }
+
+    /// The next item, a string, as a part of the reply (kept without a copy): `None` for nil.
+    pub(crate) fn bulk_part(&mut self) -> RedisResult<Option<Part<'a>>> {
+        let buf = self.buf;
+        Ok(self.bulk()?.map(|part| Part::new(buf, part)))
     }
 
     /// Skips the next item, elements included.
@@ -251,11 +260,12 @@ struct Seeds {
 
 struct Wire {
     io: Pin<Box<dyn Io>>,
-    /// Bytes read and not yet taken by a reply; kept between replies, so a read of the same
-    /// size needs no allocation.
-    buf: Vec<u8>,
-    /// The bytes at the start of `buf` that belong to the last reply handed out.
-    taken: usize,
+    /// Bytes read and not yet taken by a reply. Its allocation is taken up again once the
+    /// replies split off it are dropped, so reads of the same size need no new one.
+    buf: BytesMut,
+    /// The last reply handed out, split off `buf` (empty before the first).
+    reply: Bytes,
+    /// The last reply's items, over `reply`.
     tokens: Vec<Token>,
     /// How far the reply being read was scanned.
     scan: Scan,
@@ -468,8 +478,8 @@ impl Wire {
         };
         let mut wire = Wire {
             io,
-            buf: Vec::new(),
-            taken: 0,
+            buf: BytesMut::new(),
+            reply: Bytes::new(),
             tokens: Vec::new(),
             scan: Scan::default(),
             owed: 0,
@@ -500,7 +510,7 @@ impl Wire {
 
     /// The last reply read.
     fn reply(&self) -> Reply<'_> {
-        Reply::new(&self.buf[..self.taken], &self.tokens)
+        Reply::new(&self.reply, &self.tokens)
     }
 
     /// Where the last reply, a cluster's `MOVED`, says to go: `now` with the host and port it
@@ -509,10 +519,10 @@ impl Wire {
         let Some(Token::Error(start, end)) = self.tokens.first() else {
             return None;
         };
-        moved_to(self.buf.get(*start..*end)?, now)
+        moved_to(self.reply.get(*start..*end)?, now)
     }
 
-    /// Writes `cmd` and reads its reply into `buf[..taken]` and `tokens`.
+    /// Writes `cmd` and reads its reply into `reply` and `tokens`.
     async fn exchange(&mut self, cmd: &Cmd) -> RedisResult<()> {
         self.read_owed().await?;
         self.torn = true;
@@ -530,23 +540,22 @@ impl Wire {
         Ok(())
     }
 
-    /// Reads the next reply: its bytes become `buf[..taken]`, its items `tokens`.
+    /// Reads the next reply: its bytes become `reply`, its items `tokens`.
     async fn read_reply(&mut self) -> RedisResult<()> {
-        // The last reply handed out is done with.
-        if self.taken > 0 {
-            self.buf.drain(..self.taken);
-            self.taken = 0;
+        // The last reply handed out is done with here (its messages may keep parts of it).
+        if !self.reply.is_empty() {
+            self.reply = Bytes::new();
             self.tokens.clear();
             self.scan = Scan::default();
             // A read of large entries grew the buffer: not kept at that size for the next.
             if self.buf.capacity() > KEPT && self.buf.len() < KEPT {
-                self.buf.shrink_to(KEPT);
+                self.buf = BytesMut::from(&self.buf[..]);
                 self.tokens.shrink_to(KEPT / 64);
             }
         }
         loop {
             if let Some(len) = tokenize(&self.buf, &mut self.tokens, &mut self.scan)? {
-                self.taken = len;
+                self.reply = self.buf.split_to(len).freeze();
                 self.owed -= 1;
                 return Ok(());
             }
@@ -614,7 +623,8 @@ pub(crate) fn scan_in_two(bytes: &[u8], cut: usize) -> Option<usize> {
         assert_eq!(tokenize(bytes, &mut parts, &mut scan).ok()?, Some(len));
     }
     assert_eq!(parts, whole);
-    let mut reply = Reply::new(&bytes[..len], &whole);
+    let bytes = Bytes::copy_from_slice(&bytes[..len]);
+    let mut reply = Reply::new(&bytes, &whole);
     reply.skip().ok()?;
     assert!(reply.bulk().is_err(), "items past the reply's end");
     Some(len)
@@ -666,7 +676,8 @@ mod tests {
         let whole = READ.len() - b"+OK\r\n".len();
         let (n, t) = tokens(READ).unwrap().unwrap();
         assert_eq!(n, whole);
-        let mut r = Reply::new(&READ[..n], &t);
+        let read = Bytes::from_static(&READ[..n]);
+        let mut r = Reply::new(&read, &t);
         assert_eq!(r.array().unwrap(), Some(1));
         assert_eq!(r.array().unwrap(), Some(2));
         assert_eq!(r.bulk().unwrap(), Some(&b"s"[..]));
@@ -697,7 +708,8 @@ mod tests {
     #[test]
     fn skip_passes_an_item_and_its_elements() {
         let (n, t) = tokens(READ).unwrap().unwrap();
-        let mut r = Reply::new(&READ[..n], &t);
+        let read = Bytes::from_static(&READ[..n]);
+        let mut r = Reply::new(&read, &t);
         r.skip().unwrap();
         assert!(r.bulk().is_err());
     }
@@ -705,11 +717,13 @@ mod tests {
     #[test]
     fn nil_replies_and_server_errors() {
         let (_, t) = tokens(b"*-1\r\n").unwrap().unwrap();
-        assert_eq!(Reply::new(b"*-1\r\n", &t).array().unwrap(), None);
+        let nil = Bytes::from_static(b"*-1\r\n");
+        assert_eq!(Reply::new(&nil, &t).array().unwrap(), None);
         let line = b"-NOGROUP No such key 's' or consumer group 'g'\r\n";
         let (n, t) = tokens(line).unwrap().unwrap();
         assert_eq!(n, line.len());
-        let e = Reply::new(line, &t).array().unwrap_err();
+        let line = Bytes::from_static(line);
+        let e = Reply::new(&line, &t).array().unwrap_err();
         assert_eq!(e.code(), Some("NOGROUP"), "{e}");
         let (_, t) = tokens(b":12\r\n").unwrap().unwrap();
         assert_eq!(t, [Token::Int(12)]);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::backend::{Consumer, Delivery, Subscription};
 use cqrs_core::redelivery::Redeliveries;
-use cqrs_core::wire::{Entry, FieldValue, Layout};
+use cqrs_core::wire::{Entry, FieldValue, Layout, Part};
 use cqrs_core::StartFrom;
 use redis::{ErrorKind, ServerErrorKind, Value};
 use tokio::time::Instant;
@@ -656,7 +656,8 @@ fn read_reply(
 }
 
 /// An entry's fields in a [`Reply`], `(name, value)`: those whose value is not nil (a name is
-/// not checked as text here: see [`value::fields`]).
+/// not checked as text here: see [`value::fields`]). A value is a part of the reply: the message
+/// keeps it without a copy.
 struct Fields<'r, 'a> {
     reply: &'r mut Reply<'a>,
     /// Items of the field list not read yet.
@@ -665,12 +666,12 @@ struct Fields<'r, 'a> {
 }
 
 impl<'a> Iterator for Fields<'_, 'a> {
-    type Item = (&'a [u8], &'a [u8]);
+    type Item = (&'a [u8], Part<'a>);
 
     fn next(&mut self) -> Option<Self::Item> {
         while self.left >= 2 && self.failed.is_none() {
             self.left -= 2;
-            match (self.reply.bulk(), self.reply.bulk()) {
+            match (self.reply.bulk(), self.reply.bulk_part()) {
                 (Ok(Some(k)), Ok(Some(v))) => return Some((k, v)),
                 (Err(e), _) | (_, Err(e)) => self.failed = Some(e),
                 _ => continue,
