@@ -481,6 +481,26 @@ impl Layout {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_part_of_the_buffer_is_kept_as_that_part_and_any_other_is_copied() {
+        let buf = Bytes::from_static(b"id-1tickets.Booked\xff");
+        let payload = Part::new(&buf, &buf[4..18]).into_bytes();
+        assert_eq!(&payload[..], b"tickets.Booked");
+        assert_eq!(payload.as_ptr(), buf[4..].as_ptr(), "shared, not copied");
+        let id = Part::new(&buf, &buf[..4]).into_shared().expect("UTF-8");
+        assert_eq!(id, "id-1");
+        assert_eq!(id.into_bytes().as_ptr(), buf.as_ptr());
+        // Not text: given back, as a borrowed value's would be.
+        let not_text = Part::new(&buf, &buf[18..]);
+        assert!(not_text.into_shared().is_err() && not_text.into_text().is_err());
+        // A slice of another buffer: copied where it is kept (no panic).
+        let other = b"elsewhere".to_vec();
+        let copied = Part::new(&buf, &other[..]).into_bytes();
+        assert_eq!(&copied[..], b"elsewhere");
+        assert_ne!(copied.as_ptr(), other.as_ptr());
+        assert!(Part::new(&buf, &[]).into_bytes().is_empty());
+    }
+
     fn sample() -> Message {
         let mut m = Message::new("tickets.Booked", b"{\"id\":1}".to_vec())
             .with_version(3)
