@@ -22,6 +22,11 @@
 //!
 //! `soak: backend=redis events=N lost=0 duplicates=D (P%) dead_lettered=X poison_missing=0 ...`
 //!
+//! ending, when events were handled twice, with `handled_again=3-1>0-2:151,...`: the pairs of
+//! consumers (`index-generation`, as their files are named) that handled the same events, the one
+//! that handled them first and the one that handled them again, with how many, the largest first.
+//! A member killed with work handled and not acked shows as one large pair.
+//!
 //! It exits non-zero if anything was lost, a poison event is missing from the dead-letter topic,
 //! or duplicates pass `--max-duplicates-pct`.
 
@@ -349,6 +354,9 @@ struct Report {
     seconds: f64,
     /// Publish to handled, first handling of each event: p50, p99, max (ms).
     delay_ms: [u64; 3],
+    /// The most events handled again by one pair of consumers, `first>again:count`, the
+    /// largest first (at most five pairs).
+    handled_again: Vec<String>,
 }
 
 impl Report {
@@ -360,7 +368,7 @@ impl Report {
         format!(
             "soak: backend={} events={} lost={} duplicates={} ({:.3}%) dead_lettered={} \
              poison_missing={} consumer_kills={} consumer_exits={} connection_kills={} \
-             broker_restarts={} seconds={:.0} delay_ms_p50={} delay_ms_p99={} delay_ms_max={}{}",
+             broker_restarts={} seconds={:.0} delay_ms_p50={} delay_ms_p99={} delay_ms_max={}{}{}",
             plan.backend,
             plan.events,
             self.lost,
@@ -380,6 +388,11 @@ impl Report {
                 format!(" protocol={}", plan.protocol)
             } else {
                 String::new()
+            },
+            if self.handled_again.is_empty() {
+                String::new()
+            } else {
+                format!(" handled_again={}", self.handled_again.join(","))
             }
         )
     }
@@ -737,7 +750,18 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
         let _ = slot.child.kill().await;
     }
 
-    let (handled, delays) = read_handled(&plan.dir)?;
+    let Handled {
+        counts: handled,
+        delays,
+        pairs,
+    } = read_handled(&plan.dir)?;
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    report.handled_again = pairs
+        .into_iter()
+        .take(5)
+        .map(|((first, again), n)| format!("{first}>{again}:{n}"))
+        .collect();
     let at = |q: f64| {
         delays
             .get(((delays.len() as f64 * q) as usize).min(delays.len().saturating_sub(1)))
@@ -769,37 +793,66 @@ fn respawn_exited(plan: &Plan, url: &str, slots: &mut [Slot]) -> Result<u64, Box
     Ok(exits)
 }
 
-/// Counts each sequence number handled, over every consumer's file.
-/// Each line of a handled file: the event's sequence number and how long it took from publish to
-/// the handler's success, in milliseconds. Returns the counts per sequence number and every
-/// first handling's delay, sorted.
-fn read_handled(dir: &Path) -> Result<(HashMap<u64, u32>, Vec<u64>), BoxError> {
-    let mut handled = HashMap::new();
+/// What the consumers' files say: how many times each sequence number was handled, every first
+/// handling's delay (sorted), and the events handled twice or more by which two consumers (see
+/// [`Handled::pairs`]).
+struct Handled {
+    counts: HashMap<u64, u32>,
+    delays: Vec<u64>,
+    /// Events handled again, by the consumer that handled them first and the one that handled
+    /// them again, as `index-generation` (the file's name): a member killed with work handled
+    /// and not acked shows as one pair with its replacement or the member that claimed it.
+    pairs: HashMap<(String, String), u64>,
+}
+
+/// Reads every consumer's file. Each line: the event's sequence number and how long it took
+/// from publish to the handler's success, in milliseconds.
+fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
+    let mut names: Vec<String> = Vec::new();
+    // Per sequence number: how many times, and the file that had it first.
+    let mut seen: HashMap<u64, (u32, usize)> = HashMap::new();
     let mut delays = Vec::new();
+    let mut pairs = HashMap::new();
+    let mut paths: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let is_log = path
+        paths.push(entry?.path());
+    }
+    paths.sort();
+    for path in paths {
+        let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("handled-"));
-        if !is_log {
+            .and_then(|n| n.strip_prefix("handled-"))
+            .and_then(|n| n.strip_suffix(".log"))
+        else {
             continue;
-        }
+        };
+        let file = names.len();
+        names.push(name.to_owned());
         for line in std::fs::read_to_string(&path)?.lines() {
             let mut fields = line.split(' ');
             if let Some(Ok(seq)) = fields.next().map(str::parse::<u64>) {
-                let count = handled.entry(seq).or_insert(0);
+                let (count, first) = seen.entry(seq).or_insert((0, file));
                 *count += 1;
                 if *count == 1 {
                     if let Some(Ok(delay)) = fields.next().map(str::parse::<u64>) {
                         delays.push(delay);
                     }
+                } else {
+                    *pairs
+                        .entry((names[*first].clone(), names[file].clone()))
+                        .or_insert(0) += 1;
                 }
             }
         }
     }
     delays.sort_unstable();
-    Ok((handled, delays))
+    let counts = seen.into_iter().map(|(seq, (n, _))| (seq, n)).collect();
+    Ok(Handled {
+        counts,
+        delays,
+        pairs,
+    })
 }
 
 fn now_millis() -> u64 {
