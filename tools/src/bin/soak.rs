@@ -809,9 +809,9 @@ struct Handled {
 /// from publish to the handler's success, in milliseconds.
 fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
     let mut names: Vec<String> = Vec::new();
-    // Per sequence number: how many times, and the file that had it first.
-    let mut seen: HashMap<u64, (u32, usize)> = HashMap::new();
-    let mut delays = Vec::new();
+    // Per sequence number: how many times, and the earliest handling so far (its file and its
+    // delay: one event's handlings are told apart in time by their delays from its publish).
+    let mut seen: HashMap<u64, (u32, usize, u64)> = HashMap::new();
     let mut pairs = HashMap::new();
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -832,22 +832,35 @@ fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
         for line in std::fs::read_to_string(&path)?.lines() {
             let mut fields = line.split(' ');
             if let Some(Ok(seq)) = fields.next().map(str::parse::<u64>) {
-                let (count, first) = seen.entry(seq).or_insert((0, file));
+                let delay = fields.next().and_then(|d| d.parse::<u64>().ok());
+                let at = delay.unwrap_or(u64::MAX);
+                let (count, first, first_at) = seen.entry(seq).or_insert((0, file, at));
                 *count += 1;
                 if *count == 1 {
-                    if let Some(Ok(delay)) = fields.next().map(str::parse::<u64>) {
-                        delays.push(delay);
-                    }
-                } else {
-                    *pairs
-                        .entry((names[*first].clone(), names[file].clone()))
-                        .or_insert(0) += 1;
+                    continue;
                 }
+                // The earlier of the two handled it first.
+                let (before, after) = if at < *first_at {
+                    let earlier_seen = std::mem::replace(first, file);
+                    *first_at = at;
+                    (file, earlier_seen)
+                } else {
+                    (*first, file)
+                };
+                *pairs
+                    .entry((names[before].clone(), names[after].clone()))
+                    .or_insert(0) += 1;
             }
         }
     }
+    // Each event's first handling (the least delay).
+    let mut delays: Vec<u64> = seen
+        .values()
+        .map(|&(_, _, at)| at)
+        .filter(|&at| at != u64::MAX)
+        .collect();
     delays.sort_unstable();
-    let counts = seen.into_iter().map(|(seq, (n, _))| (seq, n)).collect();
+    let counts = seen.into_iter().map(|(seq, (n, _, _))| (seq, n)).collect();
     Ok(Handled {
         counts,
         delays,
