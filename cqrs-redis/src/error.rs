@@ -103,11 +103,13 @@ impl Error {
     }
 }
 
+/// Whether `e` says the server is gone or unreachable (not that it refused the command).
+pub(crate) fn is_gone(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
 pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
+    is_gone(e)
         || matches!(
             e.code(),
             // A cluster's redirections: its slots moving (a reshard, a failover).

@@ -24,6 +24,8 @@ use cqrs_core::wire::Part;
 use redis::{Cmd, ConnectionAddr, ConnectionInfo, RedisError, RedisResult};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::is_gone;
+
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -605,11 +607,6 @@ fn moved_to(line: &[u8], now: &ConnectionAddr) -> Option<ConnectionAddr> {
         }),
         _ => None,
     }
-}
-
-/// Whether `e` says the node is gone or unreachable (not that it refused the command).
-fn is_gone(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 /// [`crate::fuzzing::scan_reply`].
