@@ -150,9 +150,7 @@ impl FieldValue for Part<'_> {
         self.part.into_text().map_err(|_| self)
     }
     fn into_bytes(self) -> Bytes {
-        if self.part.is_empty() {
-            Bytes::new()
-        } else if self.in_buf() {
+        if self.in_buf() {
             self.buf.slice_ref(self.part)
         } else {
             Bytes::copy_from_slice(self.part)
