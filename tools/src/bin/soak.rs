@@ -812,7 +812,8 @@ fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
     // Per sequence number: how many times, and the earliest handling so far (its file and its
     // delay: one event's handlings are told apart in time by their delays from its publish).
     let mut seen: HashMap<u64, (u32, usize, u64)> = HashMap::new();
-    let mut pairs = HashMap::new();
+    // Per pair of files (by their place in `names`): the events handled in both.
+    let mut by_files: HashMap<(usize, usize), u64> = HashMap::new();
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         paths.push(entry?.path());
@@ -847,9 +848,7 @@ fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
                 } else {
                     (*first, file)
                 };
-                *pairs
-                    .entry((names[before].clone(), names[after].clone()))
-                    .or_insert(0) += 1;
+                *by_files.entry((before, after)).or_insert(0) += 1;
             }
         }
     }
@@ -861,6 +860,10 @@ fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
         .collect();
     delays.sort_unstable();
     let counts = seen.into_iter().map(|(seq, (n, _, _))| (seq, n)).collect();
+    let pairs = by_files
+        .into_iter()
+        .map(|((before, after), n)| ((names[before].clone(), names[after].clone()), n))
+        .collect();
     Ok(Handled {
         counts,
         delays,
