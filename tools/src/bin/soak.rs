@@ -27,6 +27,9 @@
 //! that handled them first and the one that handled them again, with how many, the largest first.
 //! A member killed with work handled and not acked shows as one large pair.
 //!
+//! `acks_given_up=lines:messages` counts the acks the consumers gave up on (their stderr). With
+//! `--keep-files yes` the files stay where the first line says.
+//!
 //! It exits non-zero if anything was lost, a poison event is missing from the dead-letter topic,
 //! or duplicates pass `--max-duplicates-pct`.
 
@@ -277,6 +280,8 @@ struct Plan {
     cluster: usize,
     max_duplicates_pct: f64,
     drain_timeout: Duration,
+    /// Keep the consumers' files and logs after a run that passed (`--keep-files yes`).
+    keep_files: bool,
     dir: PathBuf,
 }
 
@@ -307,6 +312,7 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         cluster: args.get("cluster", 1)?,
         max_duplicates_pct: args.get("max-duplicates-pct", 100.0)?,
         drain_timeout: Duration::from_secs(args.get("drain-timeout", 300)?),
+        keep_files: args.get::<String>("keep-files", "no".to_owned())? == "yes",
         dir,
         backend,
     };
@@ -336,8 +342,10 @@ async fn orchestrate(args: Args) -> Result<(), BoxError> {
         )
         .into());
     }
-    // Keep the files only when something went wrong.
-    let _ = std::fs::remove_dir_all(&plan.dir);
+    // Keep the files only when something went wrong, or when asked to.
+    if !plan.keep_files {
+        let _ = std::fs::remove_dir_all(&plan.dir);
+    }
     Ok(())
 }
 
@@ -357,6 +365,9 @@ struct Report {
     /// The most events handled again by one pair of consumers, `first>again:count`, the
     /// largest first (at most five pairs).
     handled_again: Vec<String>,
+    /// Acks the consumers gave up on (their messages go back and are handled again), from the
+    /// `ack failed; the messages will be redelivered` lines of their stderr: lines, messages.
+    acks_given_up: (u64, u64),
 }
 
 impl Report {
@@ -368,7 +379,7 @@ impl Report {
         format!(
             "soak: backend={} events={} lost={} duplicates={} ({:.3}%) dead_lettered={} \
              poison_missing={} consumer_kills={} consumer_exits={} connection_kills={} \
-             broker_restarts={} seconds={:.0} delay_ms_p50={} delay_ms_p99={} delay_ms_max={}{}{}",
+             broker_restarts={} seconds={:.0} delay_ms_p50={} delay_ms_p99={} delay_ms_max={}{}{}{}",
             plan.backend,
             plan.events,
             self.lost,
@@ -393,6 +404,10 @@ impl Report {
                 String::new()
             } else {
                 format!(" handled_again={}", self.handled_again.join(","))
+            },
+            match self.acks_given_up {
+                (0, _) => String::new(),
+                (lines, messages) => format!(" acks_given_up={lines}:{messages}"),
             }
         )
     }
@@ -769,12 +784,41 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
             .unwrap_or(0)
     };
     report.delay_ms = [at(0.5), at(0.99), delays.last().copied().unwrap_or(0)];
+    report.acks_given_up = acks_given_up(&plan.dir)?;
     let dead = match broker {
         Broker::Redis { .. } => redis_dead_letters(&url).await?,
         Broker::Kafka { .. } => kafka_dead_letters(&url)?,
     };
     tally(plan, &handled, &dead, &mut report);
     Ok(report)
+}
+
+/// The acks the consumers gave up on, from their stderr (`consumer-*.err`): how many times, and
+/// how many messages (the `count` each line gives).
+fn acks_given_up(dir: &Path) -> Result<(u64, u64), BoxError> {
+    let (mut lines, mut messages) = (0, 0);
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_consumer = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("consumer-") && n.ends_with(".err"));
+        if !is_consumer {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            if !line.contains("ack failed; the messages will be redelivered") {
+                continue;
+            }
+            lines += 1;
+            messages += line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("count="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok((lines, messages))
 }
 
 /// Restarts consumers that exited by themselves; returns how many did.
