@@ -1,7 +1,9 @@
 //! Redis Streams backend for [`cqrs`](https://docs.rs/cqrs), with consumer groups.
 //!
 //! - Publishing is `XADD` in the layout of `docs/wire-format.md`; a batch is one pipelined round
-//!   trip, and concurrent publishers share one multiplexed connection per pool.
+//!   trip, and concurrent publishers share one multiplexed connection per pool. A publish the
+//!   connection's loss interrupts sends again only what the server did not take (see
+//!   [`RedisOptions::publish_timeout`]).
 //! - Each consumer reads with `XREADGROUP ... BLOCK` on its own connection, first resuming its own
 //!   pending entries. On one server (over TCP, a Unix socket, or TLS as a `rediss://` URL sets
 //!   it) that connection is the backend's own (RESP2, replies decoded where they lie in one
@@ -28,6 +30,7 @@ mod conn;
 mod consumer;
 mod dead_letters;
 mod error;
+mod publish;
 mod resp;
 mod topology;
 mod value;
@@ -83,6 +86,11 @@ pub struct RedisOptions {
     pub remove_idle_consumers_after: Duration,
     /// Timeout of one command on the shared connection (default 5 s).
     pub response_timeout: Duration,
+    /// How long a publish goes on after the connection went down during it (default 10 s).
+    /// It looks in the stream for the messages the server took before it lost the connection
+    /// and sends only the others, so a connection cut neither loses nor duplicates them. Past
+    /// this time the error is returned, and publishing again may duplicate some.
+    pub publish_timeout: Duration,
 }
 
 impl Default for RedisOptions {
@@ -91,6 +99,7 @@ impl Default for RedisOptions {
             block: Duration::from_secs(1),
             remove_idle_consumers_after: Duration::from_secs(3600),
             response_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -327,19 +336,10 @@ impl Publisher for RedisBackend {
         let pool = self.pool_for(topic)?;
         let max_len = pool.max_len.get(topic).copied();
         let mut conn = pool.conn.clone();
-        let sent = if let [message] = messages {
-            xadd(topic, max_len, message)
-                .query_async::<redis::Value>(&mut conn)
-                .await
-                .map(drop)
-        } else {
-            let mut pipe = redis::pipe();
-            for m in messages {
-                pipe.add_command(xadd(topic, max_len, m)).ignore();
-            }
-            pipe.query_async::<()>(&mut conn).await
-        };
-        sent.map_err(|e| Error::redis(format!("XADD to {topic}"), e).into())
+        let timeout = self.inner.options.publish_timeout;
+        publish::publish(&mut conn, topic, max_len, messages, timeout)
+            .await
+            .map_err(Into::into)
     }
 }
 

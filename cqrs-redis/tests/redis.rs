@@ -1597,3 +1597,83 @@ async fn a_unix_socket_with_a_password_and_a_database() {
     );
     assert!(!refused.is_retryable(), "{}", refused.report());
 }
+
+/// The `id` and `payload` fields of every entry of `stream`, oldest first: what the server holds.
+async fn ids_and_payloads(url: &str, stream: &str) -> Vec<(String, String)> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw(url).await)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let field = |name| e.get::<String>(name).unwrap_or_default();
+            (field("id"), field("payload"))
+        })
+        .collect()
+}
+
+/// The connection is lost while the server's replies to a publish are on their way (a proxy cuts
+/// it): the server took some or all of the `XADD`s and the publisher was not told. The publish
+/// looks for them in the stream and sends only the others: every message is there once, in the
+/// order published, and the publish succeeds. A batch (one pipeline) and a single message.
+#[tokio::test]
+async fn a_publish_whose_replies_are_lost_leaves_each_message_in_the_stream_once_in_order() {
+    let server = RedisServer::start().await;
+    let proxy = support::CuttingProxy::start(server.port).await;
+    let backend = RedisBackend::connect(&format!("redis://127.0.0.1:{}/0", proxy.port))
+        .await
+        .unwrap();
+    let stream = unique("cut");
+    let batch: Vec<Message> = (0..50)
+        .map(|i| Message::new("Ping", i.to_string().into_bytes()))
+        .collect();
+    let one = Message::new("Ping", b"50".to_vec());
+
+    proxy.arm();
+    backend.publish(&stream, &batch).await.unwrap();
+    assert_eq!(proxy.cuts(), 1, "the batch's replies were cut");
+    proxy.arm();
+    backend
+        .publish(&stream, std::slice::from_ref(&one))
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts(), 2, "the single message's reply was cut");
+
+    let expected: Vec<(String, String)> = batch
+        .iter()
+        .chain([&one])
+        .map(|m| {
+            (
+                m.id.to_string(),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ids_and_payloads(&server.url(), &stream).await, expected);
+}
+
+/// A server that stays away: the publish stops trying after `publish_timeout` and returns the
+/// connection's error.
+#[tokio::test]
+async fn a_publish_to_a_server_that_stays_away_fails_after_its_timeout() {
+    let mut server = RedisServer::start().await;
+    let mut options = cqrs_redis::RedisOptions::default();
+    options.publish_timeout = Duration::from_millis(500);
+    let topology = Topology::of_address(&server.url()).unwrap();
+    let backend = RedisBackend::with_options(&topology, options)
+        .await
+        .unwrap();
+    server.stop();
+    let (stream, message) = (unique("away"), [Message::new("Ping", b"1".to_vec())]);
+    let publish = backend.publish(&stream, &message);
+    let err = tokio::time::timeout(Duration::from_secs(30), publish)
+        .await
+        .expect("the publish gave up")
+        .unwrap_err();
+    assert!(err.to_string().contains("XADD"), "{err}");
+}

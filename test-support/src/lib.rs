@@ -819,3 +819,90 @@ pub async fn paged_redrive_and_purge_take_only_what_was_there<S>(
     assert_eq!(left.len(), 1);
     assert_eq!(&left[0].message.payload[..], b"later-0");
 }
+
+/// A TCP proxy on a free loopback port to a server at `127.0.0.1:target`. Once armed, the next
+/// connection to get bytes back from the server is closed at both ends before they are passed
+/// on: the server did what it was asked, and the client never hears of it (a connection lost
+/// while its reply was on the way). Stopped on drop.
+pub struct CuttingProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    pub async fn start(target: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free loopback port");
+        let port = listener.local_addr().expect("a bound listener").port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (a, c) = (armed.clone(), cuts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                tokio::spawn(Self::relay(client, server, a.clone(), c.clone()));
+            }
+        });
+        CuttingProxy {
+            port,
+            armed,
+            cuts,
+            task,
+        }
+    }
+
+    /// Cuts the next connection the server answers on.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections were cut.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn relay(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        cuts: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let up = tokio::io::copy(&mut client_read, &mut server_write);
+        let down = async {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = server_read.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                if armed.swap(false, Ordering::SeqCst) {
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                client_write.write_all(&buf[..n]).await?;
+            }
+        };
+        // Either side done (or the cut): every half is dropped, both connections close.
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
