@@ -41,19 +41,29 @@ pub(crate) async fn publish(
     timeout: Duration,
 ) -> Result<(), Error> {
     let started = Instant::now();
-    let mut result = send(conn, stream, max_len, messages).await;
-    // Made only when a send fails: no allocation on the way that does not. Never empty after.
-    let mut unsent: Vec<&Message> = Vec::new();
+    match send(conn, stream, max_len, messages).await {
+        Ok(()) => Ok(()),
+        Err(e) if !is_transient(&e) => Err(Error::redis(format!("XADD to {stream}"), e)),
+        // Boxed: the publish's own future stays small for the way that does not fail.
+        Err(e) => Box::pin(recover(conn, stream, max_len, messages, started, e, timeout)).await,
+    }
+}
+
+/// After `lost` left it open what the server took of `messages` (sent at `started`): finds
+/// what it took, sends the rest, and again, until all arrived or `timeout` passed.
+async fn recover(
+    conn: &mut Conn,
+    stream: &str,
+    max_len: Option<usize>,
+    messages: &[Message],
+    started: Instant,
+    mut lost: redis::RedisError,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let mut unsent: Vec<&Message> = messages.iter().collect();
     let mut sent_at = started;
     let mut delay = Duration::from_millis(50);
     loop {
-        let lost = match result {
-            Ok(()) => return Ok(()),
-            Err(e) if !is_transient(&e) => {
-                return Err(Error::redis(format!("XADD to {stream}"), e))
-            }
-            Err(e) => e,
-        };
         // What the server took is open: find it before sending anything again.
         loop {
             if started.elapsed() + delay > timeout {
@@ -61,9 +71,6 @@ pub(crate) async fn publish(
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
-            if unsent.is_empty() {
-                unsent = messages.iter().collect();
-            }
             match landed(conn, stream, sent_at.elapsed(), &unsent).await {
                 Ok(Some(found)) => {
                     unsent.retain(|m| !found.contains(m.id.as_str()));
@@ -93,12 +100,19 @@ pub(crate) async fn publish(
             "the connection went down during a publish; sending what the server did not take"
         );
         sent_at = Instant::now();
-        result = if matches!(lost.code(), Some("ASK" | "MOVED")) {
+        let sent = if matches!(lost.code(), Some("ASK" | "MOVED")) {
             // A slot halfway through a move: the client library follows `ASK` for one command,
             // not for a pipeline (its first command is written, the others get `MOVED`).
             send_one_by_one(conn, stream, max_len, &unsent).await
         } else {
             send(conn, stream, max_len, &unsent).await
+        };
+        lost = match sent {
+            Ok(()) => return Ok(()),
+            Err(e) if !is_transient(&e) => {
+                return Err(Error::redis(format!("XADD to {stream}"), e))
+            }
+            Err(e) => e,
         };
     }
 }
