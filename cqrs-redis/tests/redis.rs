@@ -1677,3 +1677,53 @@ async fn a_publish_to_a_server_that_stays_away_fails_after_its_timeout() {
         .unwrap_err();
     assert!(err.to_string().contains("XADD"), "{err}");
 }
+
+/// A publish cut the same way, by a user whose ACL denies `XRANGE` and `TIME`: it cannot look
+/// for what the server took, so it says so and returns the connection's error rather than send
+/// again. The server holds the message once; the password is in no log and no error.
+#[tokio::test]
+async fn a_cut_publish_by_a_user_who_cannot_read_the_stream_fails_and_sends_nothing_again() {
+    let server = RedisServer::start().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("writer")
+        .arg("on")
+        .arg(">Wr1te-only!")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-xrange")
+        .arg("-time")
+        .query_async(&mut raw(&server.url()).await)
+        .await
+        .unwrap();
+    let proxy = support::CuttingProxy::start(server.port).await;
+    let backend = RedisBackend::connect(&format!(
+        "redis://writer:Wr1te-only!@127.0.0.1:{}/0",
+        proxy.port
+    ))
+    .await
+    .unwrap();
+    let stream = unique("cut-acl");
+    let message = Message::new("Ping", b"once".to_vec());
+
+    let (_guard, logs) = support::captured_warnings();
+    proxy.arm();
+    let err = backend
+        .publish(&stream, std::slice::from_ref(&message))
+        .await
+        .unwrap_err();
+    assert_eq!(proxy.cuts(), 1);
+    assert!(err.to_string().contains("XADD"), "{err}");
+    let logged = logs.text();
+    assert!(
+        logged.contains("cannot look for the messages of a publish cut by a lost connection"),
+        "{logged}"
+    );
+    for text in [format!("{err:?}"), logged] {
+        assert!(!text.contains("Wr1te-only!"), "{text}");
+    }
+    assert_eq!(
+        ids_and_payloads(&server.url(), &stream).await,
+        [(message.id.to_string(), "once".to_owned())]
+    );
+}
