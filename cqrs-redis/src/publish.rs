@@ -11,6 +11,11 @@
 //! It goes on until every message is in the stream or
 //! [`RedisOptions::publish_timeout`](crate::RedisOptions) has passed; then the error is returned
 //! and it is open again which messages arrived.
+//!
+//! What it cannot see: commands still unread in the server's socket when the check runs (the
+//! first check waits 50 ms; a server busy longer than that, as a reply that timed out suggests,
+//! may take them after it), and entries trimmed by `MAXLEN` meanwhile. Those are sent again: a
+//! duplicate, as every publish that fails could make before.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
