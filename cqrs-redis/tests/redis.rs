@@ -1727,3 +1727,97 @@ async fn a_cut_publish_by_a_user_who_cannot_read_the_stream_fails_and_sends_noth
         [(message.id.to_string(), "once".to_owned())]
     );
 }
+
+/// The server restarts while a message is being handled, and answers `LOADING` for ~7 s while
+/// it loads its data (300 keys of 2 KiB, 25 ms each); the ack goes out meanwhile: far longer than a few quick retries. The ack
+/// is tried again until the server has loaded, and lands; the message is handled once, not
+/// handed back to its member and handled again.
+#[tokio::test]
+async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_once() {
+    let mut server = RedisServer::start_slow_loading(Duration::from_millis(25)).await;
+    let mut admin = raw(&server.url()).await;
+    let mut fill = redis::pipe();
+    for i in 0..300 {
+        fill.set(format!("fill-{i}"), "x".repeat(2048)).ignore();
+    }
+    fill.query_async::<()>(&mut admin).await.unwrap();
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let topic = unique("ack-loading");
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut p = EventProcessor::new(backend.clone(), "svc").topics(support::one_topic(&topic));
+    let (c, r) = (calls.clone(), release.clone());
+    p.handle("once", move |_: Reading| {
+        let (c, r) = (c.clone(), r.clone());
+        async move {
+            // The first call waits for the test; a second one (a redelivery) would not.
+            if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                r.notified().await;
+            }
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap();
+    let (_guard, logs) = support::captured_warnings();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(backend.clone()).topics(support::one_topic(&topic));
+    bus.publish(&Reading {
+        sensor: "s".into(),
+        n: 1,
+    })
+    .await
+    .unwrap();
+    eventually("the handler called", || {
+        let started = calls.load(std::sync::atomic::Ordering::SeqCst) == 1;
+        async move { started }
+    })
+    .await;
+    // The entry, delivered and not acked, is in what the server loads again.
+    let _: () = redis::cmd("SAVE").query_async(&mut admin).await.unwrap();
+
+    // Started again; once it answers `LOADING`, the handler finishes and its ack goes out.
+    let url = server.url();
+    let loading = async {
+        eventually("the server answering LOADING", || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                let ping: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut conn).await;
+                ping.is_err_and(|e| e.code() == Some("LOADING"))
+            }
+        })
+        .await;
+        release.notify_one();
+    };
+    tokio::join!(server.restart(), loading);
+    let url = server.url();
+    eventually("nothing pending", || {
+        let (url, topic) = (url.clone(), topic.clone());
+        async move {
+            let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+                .arg(&topic)
+                .arg("svc.once")
+                .query_async(&mut raw(&url).await)
+                .await;
+            matches!(pending, Ok(redis::Value::Array(s)) if s.first() == Some(&redis::Value::Int(0)))
+        }
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "handled once"
+    );
+    let logged = logs.text();
+    assert!(
+        !logged.contains("ack failed; the messages will be redelivered"),
+        "{logged}"
+    );
+}

@@ -143,6 +143,9 @@ pub struct RedisServer {
     users: Vec<String>,
     /// A Unix socket beside the port, `redis.sock` in this folder.
     unix: Option<std::path::PathBuf>,
+    /// An RDB file (`dump.rdb`) in this folder, written by `SAVE` and loaded at start this many
+    /// microseconds a key (`key-load-delay`): a server that answers `LOADING` for a while.
+    slow_load: Option<(std::path::PathBuf, u64)>,
 }
 
 #[cfg(feature = "redis")]
@@ -161,6 +164,7 @@ impl RedisServer {
             tls: None,
             users: Vec::new(),
             unix: None,
+            slow_load: None,
         }
     }
 
@@ -230,6 +234,18 @@ impl RedisServer {
 
     /// A server that keeps every write in an append-only file (`appendfsync always`), so that
     /// a restart, even after SIGKILL, loses nothing it acknowledged.
+    /// A server that keeps what `SAVE` writes (an RDB file) and, started again
+    /// ([`RedisServer::restart`]), takes `per_key` to load each key, answering `LOADING`
+    /// meanwhile: fill it with keys of 1 KiB or more (it answers after each KiB loaded) to make
+    /// the loading last.
+    pub async fn start_slow_loading(per_key: Duration) -> Self {
+        let dir = std::env::temp_dir().join(unique("cqrs-redis-rdb"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = Self::plain();
+        server.slow_load = Some((dir, per_key.as_micros() as u64));
+        server.started().await
+    }
+
     pub async fn start_durable() -> Self {
         let dir = std::env::temp_dir().join(unique("cqrs-redis-aof"));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -272,6 +288,16 @@ impl RedisServer {
         }
         if let Some(dir) = &self.unix {
             cmd.arg("--unixsocket").arg(dir.join("redis.sock"));
+        }
+        if let Some((dir, per_key)) = &self.slow_load {
+            cmd.arg("--dir")
+                .arg(dir)
+                .args(["--dbfilename", "dump.rdb"])
+                .args(["--key-load-delay", &per_key.to_string()])
+                // Clients are served (with `LOADING`) after every KiB loaded, not every 2 MiB;
+                // values are stored as they are (compressed, a KiB of one letter is 30 bytes).
+                .args(["--loading-process-events-interval-bytes", "1024"])
+                .args(["--rdbcompression", "no"]);
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -317,6 +343,9 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_dir_all(dir);
         }
         if let Some(dir) = &self.unix {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((dir, _)) = &self.slow_load {
             let _ = std::fs::remove_dir_all(dir);
         }
     }

@@ -13,8 +13,8 @@ pub(super) async fn nack(d: Delivery, delay: Duration) {
     }
 }
 
-/// Acks in batches, nacks one by one; retries a failed ack a few times, then leaves the messages
-/// pending (they are redelivered: at-least-once).
+/// Acks in batches, nacks one by one; retries a failed ack (see [`ack_with_retries`]), then
+/// leaves the messages pending (they are redelivered: at-least-once).
 pub(super) async fn settle_loop(mut rx: mpsc::Receiver<Settle>) {
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -49,13 +49,35 @@ pub(super) async fn stop_on_failure(d: Delivery, acks: Vec<Delivery>, why: &str)
     )
 }
 
+/// How long a failed ack is tried again while its error says that may succeed (the connection
+/// lost, the broker restarting or loading its data, a failover): longer than a broker takes to
+/// come back, as the messages are handled again once it is given up.
+const ACK_RETRY_FOR: Duration = Duration::from_secs(30);
+/// Tries of an ack whose error does not say that trying again may succeed.
+const ACK_TRIES: u32 = 5;
+
+/// Acks `batch`, trying again after a failure: waits 50 ms, doubled up to 1 s. An error that
+/// may pass ([`crate::Error::is_retryable`]) is tried again for up to [`ACK_RETRY_FOR`], another
+/// [`ACK_TRIES`] times in all; then the messages are left to be redelivered.
+///
+/// Before, every error got five tries, 0.75 s of waits: a Redis restarting under load answered
+/// `LOADING` longer than that, and its members handled their own acked-too-late messages again
+/// (the soak's `acks_given_up=`, docs/reliability.md).
 pub(super) async fn ack_with_retries(mut batch: Vec<Delivery>) {
+    let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=5 {
+    let mut tries = 0;
+    loop {
+        tries += 1;
         match Delivery::ack_all(batch).await {
             Ok(()) => return,
             Err((e, back)) => {
-                if attempt == 5 {
+                let give_up = if e.is_retryable() {
+                    started.elapsed() + delay > ACK_RETRY_FOR
+                } else {
+                    tries >= ACK_TRIES
+                };
+                if give_up {
                     // Dropping them hands them back to their consumer, which delivers them
                     // again (at-least-once) instead of holding them as in flight.
                     tracing::error!(error = %e.report(), count = back.len(), "ack failed; the messages will be redelivered");
@@ -64,7 +86,7 @@ pub(super) async fn ack_with_retries(mut batch: Vec<Delivery>) {
                 tracing::warn!(error = %e.report(), "ack failed; retrying");
                 batch = back;
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
     }
