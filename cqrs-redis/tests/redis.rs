@@ -1729,9 +1729,9 @@ async fn a_cut_publish_by_a_user_who_cannot_read_the_stream_fails_and_sends_noth
 }
 
 /// The server restarts while a message is being handled, and answers `LOADING` for ~7 s while
-/// it loads its data (300 keys of 2 KiB, 25 ms each); the ack goes out meanwhile: far longer than a few quick retries. The ack
-/// is tried again until the server has loaded, and lands; the message is handled once, not
-/// handed back to its member and handled again.
+/// it loads its data (300 keys of 2 KiB, 25 ms each): far longer than a few quick retries. The
+/// message's ack goes out meanwhile, is tried again until the server has loaded, and lands; the
+/// message is handled once, not handed back to its member and handled again.
 #[tokio::test]
 async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_once() {
     let mut server = RedisServer::start_slow_loading(Duration::from_millis(25)).await;
