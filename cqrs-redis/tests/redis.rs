@@ -1821,3 +1821,57 @@ async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_on
         "{logged}"
     );
 }
+
+/// A group of concurrency 1 stops while its server is away, with a handled message whose ack
+/// is being retried: the retries get the shutdown deadline (1 s here), not their 30 s. The
+/// message stays pending, for redelivery.
+#[tokio::test]
+async fn a_group_stopping_while_its_server_is_away_stops_at_its_shutdown_deadline() {
+    let mut server = RedisServer::start().await;
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let topic = unique("stop-away");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut p = EventProcessor::new(backend.clone(), "svc").topics(support::one_topic(&topic));
+    let (r, started) = (release.clone(), Arc::new(tokio::sync::Notify::new()));
+    let s = started.clone();
+    p.handle("once", move |_: Reading| {
+        let (r, s) = (r.clone(), s.clone());
+        async move {
+            s.notify_one();
+            r.notified().await;
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .shutdown_timeout(Duration::from_secs(1));
+    let (_guard, logs) = support::captured_warnings();
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    let bus = EventBus::new(backend.clone()).topics(support::one_topic(&topic));
+    bus.publish(&Reading {
+        sensor: "s".into(),
+        n: 1,
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(support::WAIT, started.notified())
+        .await
+        .expect("the handler called");
+
+    server.stop();
+    release.notify_one();
+    eventually("an ack failing", || {
+        let failing = logs.text().contains("ack failed; retrying");
+        async move { failing }
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        .await
+        .expect("stopped within its shutdown deadline, not the ack retries' 30 s")
+        .unwrap();
+    assert!(
+        logs.text()
+            .contains("shutdown deadline passed while acking; the messages will be redelivered"),
+        "{}",
+        logs.text()
+    );
+}

@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::failure::{after_failure, Failed};
 use super::job::handle_job;
-use super::settle::{ack_with_retries, nack, stop_on_failure};
+use super::settle::{ack_until_stopped, nack, stop_on_failure};
 use super::{BatchRoute, GroupSpec, Job, Services, Settle};
 use crate::backend::Delivery;
 use crate::handler::Context;
@@ -178,7 +178,12 @@ pub(super) async fn handle_batch(
         }
         // What succeeded is acked before the retries wait.
         if !acks.is_empty() {
-            ack_with_retries(std::mem::take(&mut acks)).await;
+            ack_until_stopped(
+                std::mem::take(&mut acks),
+                token,
+                spec.options.shutdown_timeout,
+            )
+            .await;
         }
         if !retry.is_empty() {
             tokio::select! {
@@ -191,7 +196,7 @@ pub(super) async fn handle_batch(
         todo = retry;
     }
     if !acks.is_empty() {
-        ack_with_retries(acks).await;
+        ack_until_stopped(acks, token, spec.options.shutdown_timeout).await;
     }
     drop(outstanding);
     Ok(())

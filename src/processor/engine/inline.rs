@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::job::handle_job;
-use super::settle::{ack_with_retries, nack, stop_on_failure};
+use super::settle::{ack_until_stopped, nack, stop_on_failure};
 use super::{GroupSpec, Job, Services, Settle};
 use crate::{Error, Result};
 
@@ -75,7 +75,7 @@ pub(super) async fn handle_inline(
         }
     }
     if !acks.is_empty() {
-        ack_with_retries(acks).await;
+        ack_until_stopped(acks, token, spec.options.shutdown_timeout).await;
     }
     if timed_out {
         tracing::warn!(group = %spec.group, "shutdown deadline passed; the unfinished message stays pending");

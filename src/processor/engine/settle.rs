@@ -49,6 +49,28 @@ pub(super) async fn stop_on_failure(d: Delivery, acks: Vec<Delivery>, why: &str)
     )
 }
 
+/// [`ack_with_retries`] in a group's own task (concurrency 1, batch handlers): once the group is
+/// stopping, its retries get the shutdown deadline and no more, and what is left unacked then is
+/// redelivered. (The workers' settler is bounded by the deadline of [`super::lanes`]' finish.)
+pub(super) async fn ack_until_stopped(
+    batch: Vec<Delivery>,
+    token: &tokio_util::sync::CancellationToken,
+    shutdown_timeout: Duration,
+) {
+    let mut acking = std::pin::pin!(ack_with_retries(batch));
+    tokio::select! {
+        biased;
+        () = &mut acking => return,
+        () = token.cancelled() => {}
+    }
+    if tokio::time::timeout(shutdown_timeout, acking)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown deadline passed while acking; the messages will be redelivered");
+    }
+}
+
 /// How long a failed ack is tried again while its error says that may succeed (the connection
 /// lost, the broker restarting or loading its data, a failover): longer than a broker takes to
 /// come back, as the messages are handled again once it is given up.
