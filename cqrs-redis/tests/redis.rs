@@ -1728,6 +1728,63 @@ async fn a_cut_publish_by_a_user_who_cannot_read_the_stream_fails_and_sends_noth
     );
 }
 
+/// A group's one handler (concurrency 1) on `topic`: its first call waits for `release`, a
+/// second one (a redelivery) does not.
+struct Held {
+    calls: Arc<std::sync::atomic::AtomicU32>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Held {
+    fn calls(&self) -> u32 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Starts a group with a [`Held`] handler, publishes one event and waits until the handler has
+/// it.
+async fn held_on_its_first_message(
+    backend: &RedisBackend,
+    topic: &str,
+    shutdown_timeout: Option<Duration>,
+) -> (cqrs::RunningProcessor, Held) {
+    let held = Held {
+        calls: Arc::default(),
+        release: Arc::default(),
+    };
+    let mut p = EventProcessor::new(backend.clone(), "svc").topics(support::one_topic(topic));
+    let (c, r) = (held.calls.clone(), held.release.clone());
+    let options = p
+        .handle("once", move |_: Reading| {
+            let (c, r) = (c.clone(), r.clone());
+            async move {
+                if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    r.notified().await;
+                }
+                Ok::<_, String>(())
+            }
+        })
+        .unwrap();
+    if let Some(timeout) = shutdown_timeout {
+        options.shutdown_timeout(timeout);
+    }
+    let running = p.start(CancellationToken::new()).await.unwrap();
+    EventBus::new(backend.clone())
+        .topics(support::one_topic(topic))
+        .publish(&Reading {
+            sensor: "s".into(),
+            n: 1,
+        })
+        .await
+        .unwrap();
+    eventually("the handler called", || {
+        let called = held.calls() == 1;
+        async move { called }
+    })
+    .await;
+    (running, held)
+}
+
 /// The server restarts while a message is being handled, and answers `LOADING` for ~7 s while
 /// it loads its data (300 keys of 2 KiB, 25 ms each): far longer than a few quick retries. The
 /// message's ack goes out meanwhile, is tried again until the server has loaded, and lands; the
@@ -1743,35 +1800,8 @@ async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_on
     fill.query_async::<()>(&mut admin).await.unwrap();
     let backend = RedisBackend::connect(&server.url()).await.unwrap();
     let topic = unique("ack-loading");
-    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let mut p = EventProcessor::new(backend.clone(), "svc").topics(support::one_topic(&topic));
-    let (c, r) = (calls.clone(), release.clone());
-    p.handle("once", move |_: Reading| {
-        let (c, r) = (c.clone(), r.clone());
-        async move {
-            // The first call waits for the test; a second one (a redelivery) would not.
-            if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                r.notified().await;
-            }
-            Ok::<_, String>(())
-        }
-    })
-    .unwrap();
     let (_guard, logs) = support::captured_warnings();
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    let bus = EventBus::new(backend.clone()).topics(support::one_topic(&topic));
-    bus.publish(&Reading {
-        sensor: "s".into(),
-        n: 1,
-    })
-    .await
-    .unwrap();
-    eventually("the handler called", || {
-        let started = calls.load(std::sync::atomic::Ordering::SeqCst) == 1;
-        async move { started }
-    })
-    .await;
+    let (running, held) = held_on_its_first_message(&backend, &topic, None).await;
     // The entry, delivered and not acked, is in what the server loads again.
     let _: () = redis::cmd("SAVE").query_async(&mut admin).await.unwrap();
 
@@ -1793,7 +1823,7 @@ async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_on
             }
         })
         .await;
-        release.notify_one();
+        held.release.notify_one();
     };
     tokio::join!(server.restart(), loading);
     let url = server.url();
@@ -1810,11 +1840,7 @@ async fn an_ack_outlasts_a_server_loading_its_data_and_the_message_is_handled_on
     })
     .await;
     running.shutdown().await.unwrap();
-    assert_eq!(
-        calls.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "handled once"
-    );
+    assert_eq!(held.calls(), 1, "handled once");
     let logged = logs.text();
     assert!(
         !logged.contains("ack failed; the messages will be redelivered"),
@@ -1830,35 +1856,12 @@ async fn a_group_stopping_while_its_server_is_away_stops_at_its_shutdown_deadlin
     let mut server = RedisServer::start().await;
     let backend = RedisBackend::connect(&server.url()).await.unwrap();
     let topic = unique("stop-away");
-    let release = Arc::new(tokio::sync::Notify::new());
-    let mut p = EventProcessor::new(backend.clone(), "svc").topics(support::one_topic(&topic));
-    let (r, started) = (release.clone(), Arc::new(tokio::sync::Notify::new()));
-    let s = started.clone();
-    p.handle("once", move |_: Reading| {
-        let (r, s) = (r.clone(), s.clone());
-        async move {
-            s.notify_one();
-            r.notified().await;
-            Ok::<_, String>(())
-        }
-    })
-    .unwrap()
-    .shutdown_timeout(Duration::from_secs(1));
     let (_guard, logs) = support::captured_warnings();
-    let running = p.start(CancellationToken::new()).await.unwrap();
-    let bus = EventBus::new(backend.clone()).topics(support::one_topic(&topic));
-    bus.publish(&Reading {
-        sensor: "s".into(),
-        n: 1,
-    })
-    .await
-    .unwrap();
-    tokio::time::timeout(support::WAIT, started.notified())
-        .await
-        .expect("the handler called");
+    let shutdown = Some(Duration::from_secs(1));
+    let (running, held) = held_on_its_first_message(&backend, &topic, shutdown).await;
 
     server.stop();
-    release.notify_one();
+    held.release.notify_one();
     eventually("an ack failing", || {
         let failing = logs.text().contains("ack failed; retrying");
         async move { failing }
