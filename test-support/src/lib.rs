@@ -232,8 +232,6 @@ impl RedisServer {
         dir.join("ca.pem")
     }
 
-    /// A server that keeps every write in an append-only file (`appendfsync always`), so that
-    /// a restart, even after SIGKILL, loses nothing it acknowledged.
     /// A server that keeps what `SAVE` writes (an RDB file) and, started again
     /// ([`RedisServer::restart`]), takes `per_key` to load each key, answering `LOADING`
     /// meanwhile: fill it with keys of 1 KiB or more (it answers after each KiB loaded) to make
@@ -246,6 +244,8 @@ impl RedisServer {
         server.started().await
     }
 
+    /// A server that keeps every write in an append-only file (`appendfsync always`), so that
+    /// a restart, even after SIGKILL, loses nothing it acknowledged.
     pub async fn start_durable() -> Self {
         let dir = std::env::temp_dir().join(unique("cqrs-redis-aof"));
         std::fs::create_dir_all(&dir).expect("temp dir");
