@@ -793,19 +793,30 @@ async fn soak(plan: &Plan, broker: &mut Broker) -> Result<Report, BoxError> {
     Ok(report)
 }
 
+/// The files of `dir` named `prefix`NAME`suffix`, by name: (NAME, path).
+fn files(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<(String, PathBuf)>, BoxError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(suffix))
+            .map(str::to_owned);
+        if let Some(name) = name {
+            found.push((name, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// The acks the consumers gave up on, from their stderr (`consumer-*.err`): how many times, and
 /// how many messages (the `count` each line gives).
 fn acks_given_up(dir: &Path) -> Result<(u64, u64), BoxError> {
     let (mut lines, mut messages) = (0, 0);
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let is_consumer = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("consumer-") && n.ends_with(".err"));
-        if !is_consumer {
-            continue;
-        }
+    for (_, path) in files(dir, "consumer-", ".err")? {
         for line in std::fs::read_to_string(&path)?.lines() {
             if !line.contains("ack failed; the messages will be redelivered") {
                 continue;
@@ -858,22 +869,9 @@ fn read_handled(dir: &Path) -> Result<Handled, BoxError> {
     let mut seen: HashMap<u64, (u32, usize, u64)> = HashMap::new();
     // Per pair of files (by their place in `names`): the events handled in both.
     let mut by_files: HashMap<(usize, usize), u64> = HashMap::new();
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        paths.push(entry?.path());
-    }
-    paths.sort();
-    for path in paths {
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("handled-"))
-            .and_then(|n| n.strip_suffix(".log"))
-        else {
-            continue;
-        };
+    for (name, path) in files(dir, "handled-", ".log")? {
         let file = names.len();
-        names.push(name.to_owned());
+        names.push(name);
         for line in std::fs::read_to_string(&path)?.lines() {
             let mut fields = line.split(' ');
             if let Some(Ok(seq)) = fields.next().map(str::parse::<u64>) {
