@@ -2,13 +2,14 @@
 //! commits that record it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
 
 use crate::lock;
 
@@ -17,8 +18,10 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// How far a member has run ahead of what its group recorded: messages acked against those
 /// covered by the last successful commit. An ack above an offset still pending on its partition
-/// (a message waiting for a retry) is not covered by any commit until that one is settled: the
-/// committer counts such acks as unrecorded (see [`spawn_committer`]). It asks for a commit every
+/// (a message waiting for a retry) is covered by a commit only through the commit's metadata,
+/// which names it (`consumer::state::Handled`); one the metadata cannot name (more runs than
+/// it holds) is not covered until the pending one is settled: the committer counts such acks
+/// as unrecorded (see [`spawn_committer`]). It asks for a commit every
 /// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
 /// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
 /// of piling up work that its partitions' next owner would do again.
@@ -31,7 +34,7 @@ pub(crate) struct CommitGate {
     acked: AtomicU64,
     recorded: AtomicU64,
     /// Of the acks counted when the last commit was made, those held above an offset still
-    /// pending (not recorded by it).
+    /// pending that its metadata could not name (not recorded by it).
     held: AtomicU64,
     /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
     /// An answer that does not come is given up on after [`ASK_AGAIN_AFTER`].
@@ -249,13 +252,13 @@ impl CommitGate {
     }
 
     /// Why the gate holds when no commit was refused: acks held behind a message still pending
-    /// (one being retried), if the last commit found any.
+    /// (one being retried) that the last commit's metadata could not name, if there were any.
     pub(crate) fn held_behind(&self) -> Option<String> {
         match self.held.load(Ordering::SeqCst) {
             0 => None,
             held => Some(format!(
                 "{held} messages handled after one still pending (being retried) on their \
-                 partition wait for it: a commit cannot record them before it"
+                 partition wait for it: more than a commit's metadata can name"
             )),
         }
     }
@@ -294,27 +297,52 @@ fn should_ask(now: u64, asked_at: u64) -> bool {
 
 /// Starts the thread that makes the commits `gate` asks for, one at a time, each waiting for
 /// its answer (a commit of the offsets stored so far, NoOffset when nothing stored is
-/// uncommitted). Before each, `snapshot` reads the acks counted and how many of them are held
-/// above an offset still pending, in one instant (under the lock the acker stores offsets
-/// with): a held ack is not recorded by the commit, however it is answered. A soak run re-did
-/// 861 messages a member had handled in 220 ms while catching up, its commits "recording"
-/// them while a message at its partition's head waited for a retry and held the stored offset
-/// back, until the broker died. It holds neither the gate nor the consumer: it ends when either
-/// is gone, or when the gate's requests end.
+/// uncommitted). Before each, `snapshot` reads the acks counted, how many of them the commit
+/// will not record, and the offsets to commit when they are not the stored ones, in one
+/// instant (under the lock the acker stores offsets with). An ack held above an offset still
+/// pending is recorded only by the metadata of a commit of given offsets (the stored offset
+/// does not move past the pending one, and librdkafka commits a stored offset only when it
+/// moved); one that metadata cannot name (cut short) is not recorded, however the commit is
+/// answered. A soak run re-did 861 messages a member had handled in 220 ms while catching up,
+/// its commits "recording" them while a message at its partition's head waited for a retry
+/// and held the stored offset back, until the broker died. It holds neither the gate nor the
+/// consumer: it ends when either is gone, or when the gate's requests end.
 pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
     gate: Weak<CommitGate>,
     consumer: Weak<BaseConsumer<C>>,
     requests: Receiver<()>,
-    snapshot: impl Fn(&CommitGate) -> (u64, u64) + Send + 'static,
+    snapshot: impl Fn(&CommitGate) -> (u64, u64, Option<TopicPartitionList>) + Send + 'static,
+    interval: Duration,
     name: String,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(name).spawn(move || {
-        while requests.recv().is_ok() {
+        // The acks counted at the last commit of given offsets.
+        let mut last_given = None;
+        loop {
+            // Asked, or every `interval` for acks held behind a pending message: librdkafka's
+            // own commits, every `interval`, commit the stored offsets only when they moved.
+            let asked = match requests.recv_timeout(interval) {
+                Ok(()) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             let (Some(gate), Some(consumer)) = (gate.upgrade(), consumer.upgrade()) else {
                 return;
             };
-            let (acked, held) = snapshot(&gate);
-            let result = consumer.commit_consumer_state(CommitMode::Sync);
+            let (acked, held, explicit) = snapshot(&gate);
+            // Given (acks held behind a pending message), the offsets are committed as given,
+            // with their metadata.
+            let result = match explicit {
+                Some(offsets) if offsets.count() > 0 => {
+                    if !asked && last_given == Some(acked) {
+                        continue;
+                    }
+                    last_given = Some(acked);
+                    consumer.commit(&offsets, CommitMode::Sync)
+                }
+                _ if asked => consumer.commit_consumer_state(CommitMode::Sync),
+                _ => continue,
+            };
             gate.answer(&result, acked, held);
         }
     })

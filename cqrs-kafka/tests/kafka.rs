@@ -1416,12 +1416,15 @@ async fn mock_cluster_a_partition_that_comes_back_after_a_refused_commit_resumes
 /// against `max_unrecorded` and stops there (before, it went on: a soak run re-did 861 messages
 /// a member had handled behind one such message when the broker died), and takes work again
 /// once the retried message is handled.
+/// Messages handled behind one waiting for a retry do not count against `max_unrecorded`:
+/// the member's commits name them in their metadata, so its next owner would not handle them
+/// again, and the member keeps taking work (here 40 past a limit of 20) until the retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_handled_behind_one_waiting_for_a_retry_count_against_max_unrecorded() {
+async fn messages_handled_behind_one_waiting_for_a_retry_are_recorded_past_max_unrecorded() {
     let backend = KafkaBackend::connect(
         config(&brokers())
             .partitions(1)
-            .commit_interval(Duration::from_secs(600))
+            .commit_interval(Duration::from_millis(200))
             .commit_every(5)
             .max_unrecorded(20),
     )
@@ -1437,23 +1440,147 @@ async fn messages_handled_behind_one_waiting_for_a_retry_count_against_max_unrec
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    // One at a time, each acked: 20 pass, then the gate holds.
-    for _ in 0..20 {
+    // One at a time, each acked: all 40 pass (the gate held at 20 before the metadata).
+    for _ in 0..40 {
         let d = cqrs::conformance::receive_n(&mut *member, 1).await;
         Delivery::ack_all(d).await.map_err(|(e, _)| e).unwrap();
     }
-    cqrs::conformance::receive_none(&mut *member).await;
-    assert_eq!(committed(&brokers(), &group, &topic, 1), 0, "held at 0:0");
-    // The retry comes due (retries pass the gate): once it is handled, everything is recorded
-    // and the other 39 come.
-    let again = cqrs::conformance::receive_n(&mut *member, 1).await;
-    assert_eq!(again[0].broker_id(), "0:0");
-    assert_eq!(again[0].attempt(), 2);
-    Delivery::ack_all(again).await.map_err(|(e, _)| e).unwrap();
-    let rest = cqrs::conformance::receive_n(&mut *member, 39).await;
+    committed_as(&group, &topic, (Some(0), "cqrs-handled:1:0,1,40")).await;
+    // The other 19, and the retry when it comes due: once it is handled, the offset records
+    // everything.
+    let rest = cqrs::conformance::receive_n(&mut *member, 20).await;
+    let retried: Vec<u32> = rest
+        .iter()
+        .filter(|d| d.broker_id() == "0:0")
+        .map(Delivery::attempt)
+        .collect();
+    assert_eq!(retried, [2]);
     Delivery::ack_all(rest).await.map_err(|(e, _)| e).unwrap();
     member.close().await.unwrap();
     assert_eq!(committed(&brokers(), &group, &topic, 1), 60);
+}
+
+/// `group`'s committed offset of partition 0 of `topic`, with its metadata, read from the broker.
+fn committed_with_metadata(brokers: &str, group: &str, topic: &str) -> (Option<i64>, String) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let e = committed.find_partition(topic, 0).unwrap();
+    let offset = match e.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    };
+    (offset, e.metadata().to_owned())
+}
+
+/// A member with the first of 20 messages waiting for a retry (an hour away) and the next 5
+/// acked, once its group has committed offset 0 naming those 5 handled (`commit_every` at most
+/// 5, or a commit interval, must commit); the other 14 delivered, not yet acked.
+async fn held_at_the_first_of_twenty(
+    backend: &KafkaBackend,
+) -> (
+    String,
+    String,
+    Box<dyn cqrs::backend::Consumer>,
+    Vec<Delivery>,
+) {
+    let topic = unique("handled");
+    let (group, mut member) = published_then_joined(backend, &topic, 20).await;
+    let mut got = cqrs::conformance::receive_n(&mut *member, 20).await;
+    let mut rest = got.split_off(1);
+    let later = rest.split_off(5);
+    assert_eq!(got[0].broker_id(), "0:0");
+    got.remove(0)
+        .nack(Duration::from_secs(3600))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    Delivery::ack_all(rest).await.map_err(|(e, _)| e).unwrap();
+    committed_as(&group, &topic, (Some(0), "cqrs-handled:1:0,1,5")).await;
+    (topic, group, member, later)
+}
+
+/// Waits until `group`'s commit on partition 0 of `topic` is `expected` (offset, metadata).
+async fn committed_as(group: &str, topic: &str, expected: (Option<i64>, &str)) {
+    eventually(&format!("committed {expected:?}"), || {
+        let got = committed_with_metadata(&brokers(), group, topic);
+        async move { (got.0, got.1.as_str()) == expected }
+    })
+    .await;
+}
+
+/// The handled messages behind one waiting for a retry are recorded in the commit's metadata,
+/// by the member's own commits (here every 5 acks), while it runs: after the first commit
+/// the offset no longer moves, and librdkafka commits a stored offset only when it moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handled_behind_one_waiting_for_a_retry_are_named_in_the_commit() {
+    let backend = KafkaBackend::connect(
+        config(&brokers())
+            .partitions(1)
+            .commit_interval(Duration::from_secs(600))
+            .commit_every(5),
+    )
+    .await
+    .unwrap();
+    let (topic, group, _member, later) = held_at_the_first_of_twenty(&backend).await;
+    Delivery::ack_all(later).await.map_err(|(e, _)| e).unwrap();
+    committed_as(&group, &topic, (Some(0), "cqrs-handled:1:0,1,19")).await;
+}
+
+/// Between the commits asked for every `commit_every` acks, the member's commits every
+/// `commit_interval` name the acks held behind a pending message too (librdkafka's own
+/// periodic commits send a stored offset only when it moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_acks_are_named_by_the_commits_every_interval() {
+    let backend = KafkaBackend::connect(
+        config(&brokers())
+            .partitions(1)
+            .commit_interval(Duration::from_millis(200))
+            .commit_every(1000),
+    )
+    .await
+    .unwrap();
+    let (topic, group, _member, later) = held_at_the_first_of_twenty(&backend).await;
+    Delivery::ack_all(later).await.map_err(|(e, _)| e).unwrap();
+    committed_as(&group, &topic, (Some(0), "cqrs-handled:1:0,1,19")).await;
+}
+
+/// The next owner of a partition handles only what its last owner had not: the message that
+/// waited for a retry, not the 19 acked after it (the commit could not record them by its
+/// offset; its metadata names them). The last 14 were acked just before the member closed:
+/// its commit at the revocation named them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_owner_handles_only_what_was_not_handled_behind_a_retry() {
+    let backend = KafkaBackend::connect(config(&brokers()).partitions(1))
+        .await
+        .unwrap();
+    let (topic, group, mut member, later) = held_at_the_first_of_twenty(&backend).await;
+    Delivery::ack_all(later).await.map_err(|(e, _)| e).unwrap();
+    // Closed: its partition revoked, committed with what it handled.
+    member.close().await.unwrap();
+    assert_eq!(
+        committed_with_metadata(&brokers(), &group, &topic),
+        (Some(0), "cqrs-handled:1:0,1,19".to_owned())
+    );
+    let mut next = join(&backend, &group, &topic).await;
+    let got = cqrs::conformance::receive_n(&mut *next, 1).await;
+    assert_eq!((got[0].broker_id(), got[0].attempt()), ("0:0", 1));
+    cqrs::conformance::receive_none(&mut *next).await;
+    // Handled: everything is recorded by the offset alone.
+    Delivery::ack_all(got).await.map_err(|(e, _)| e).unwrap();
+    next.close().await.unwrap();
+    assert_eq!(
+        committed_with_metadata(&brokers(), &group, &topic),
+        (Some(20), String::new())
+    );
 }
 
 /// A member whose commits are refused stops handing out work once `max_unrecorded` handled

@@ -11,11 +11,11 @@ use cqrs_core::redelivery::Redeliveries;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use tokio::time::Instant;
 
 use super::rebalance::Ctx;
-use super::state::{lock, Offsets, Partition, PartitionState, Retry};
+use super::state::{add_position, lock, Offsets, Partition, PartitionState, Retry};
 use crate::commit_gate::CommitGate;
 use crate::error::Error;
 
@@ -167,9 +167,9 @@ impl Acknowledge for KafkaAcker {
                 }
             }
             for key in touched {
-                if let Some(position) = offsets.get(&key).and_then(PartitionState::position) {
-                    tpl.add_partition_offset(&key.0, key.1, Offset::Offset(position))
-                        .map_err(|e| Error::kafka("building the offsets to store", e))?;
+                if let Some(state) = offsets.get(&key) {
+                    // With the offsets above it handled already, if any (`Handled`).
+                    add_position(&mut tpl, &key.0, key.1, state);
                 }
             }
             if tpl.count() == 0 {

@@ -148,9 +148,20 @@ impl KafkaConsumer {
                 move |gate: &CommitGate| {
                     // Under the lock acks store offsets with, and count after.
                     let offsets = lock(&offsets);
-                    (gate.acked_count(), state::held(&offsets))
+                    // Acks held behind a pending message: the stored offsets do not move
+                    // past it, and librdkafka commits a stored offset only when it moved, so
+                    // the offsets are committed as this member knows them, with the metadata
+                    // that names those acks; only those it cannot name stay unrecorded.
+                    match state::held(&offsets) {
+                        0 => (gate.acked_count(), 0, None),
+                        _ => {
+                            let (explicit, unnamed) = state::to_commit(&offsets);
+                            (gate.acked_count(), unnamed, Some(explicit))
+                        }
+                    }
                 }
             },
+            config.commit_interval,
             format!("cqrs-kafka-commit-{}", subscription.group),
         )
         .map_err(|e| Error::Io("starting the commit thread", e))?;
@@ -308,6 +319,10 @@ impl KafkaConsumer {
                 };
                 if state.next.is_some_and(|next| offset < next) {
                     tracing::debug!(%topic, partition, offset, "skipping a message fetched twice");
+                    continue;
+                }
+                if state.handled_already(offset) {
+                    tracing::debug!(%topic, partition, offset, "passing over a message the group handled already");
                     continue;
                 }
                 state.pending.insert(offset);
@@ -587,7 +602,7 @@ mod tests {
             &mut lock(&offsets),
             &epoch,
             true,
-            [(topic.clone(), 0, Some(0))],
+            [(topic.clone(), 0, Some(0), None)],
         );
         let stop = Arc::new(AtomicBool::new(false));
         let rebalancer = {
@@ -603,9 +618,9 @@ mod tests {
                             let since = s.since;
                             stale.extend(
                                 s.pending
-                                    .iter()
-                                    .filter(|o| ((**o / PER_EPOCH) as u64) < since)
-                                    .map(|o| (*o / PER_EPOCH, since)),
+                                    .unsettled()
+                                    .filter(|o| ((*o / PER_EPOCH) as u64) < since)
+                                    .map(|o| (o / PER_EPOCH, since)),
                             );
                         }
                         state::revoke(&mut offsets, &epoch, |t, p| *t == *topic && p == 0);
@@ -615,7 +630,7 @@ mod tests {
                         &mut lock(&offsets),
                         &epoch,
                         true,
-                        [(topic.clone(), 0, Some(0))],
+                        [(topic.clone(), 0, Some(0), None)],
                     );
                     rebalances += 1;
                 }
@@ -672,7 +687,10 @@ mod tests {
             &mut lock(&offsets),
             &epoch,
             true,
-            [(topic.clone(), 0, Some(0)), (topic.clone(), 2, Some(0))],
+            [
+                (topic.clone(), 0, Some(0), None),
+                (topic.clone(), 2, Some(0), None),
+            ],
         );
         let before = epoch.load(Ordering::SeqCst);
         // Partition 2 is revoked and assigned again: what was polled before is stale.
@@ -681,7 +699,7 @@ mod tests {
             &mut lock(&offsets),
             &epoch,
             true,
-            [(topic.clone(), 2, Some(0))],
+            [(topic.clone(), 2, Some(0), None)],
         );
         let now = epoch.load(Ordering::SeqCst);
         let mut bytes = Vec::new();
@@ -724,7 +742,7 @@ mod tests {
             let pending = |p: i32| -> Vec<i64> {
                 offsets
                     .get(&(topic.clone(), p))
-                    .map(|s| s.pending.iter().copied().collect())
+                    .map(|s| s.pending.unsettled().collect())
                     .unwrap_or_default()
             };
             assert_eq!(pending(0), [1, 2, 3, 4]);

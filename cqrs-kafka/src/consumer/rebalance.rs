@@ -16,9 +16,16 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::state::{self, lock, Offsets, Retry};
+use super::state::{self, lock, Handled, Offsets, Retry};
 use crate::access::Refusals;
 use crate::commit_gate::CommitGate;
+
+/// Per partition (topic, partition), the offsets above its committed one its commit's metadata
+/// names handled.
+type HandledAbove = Vec<((String, i32), Handled)>;
+
+/// A partition's committed offset, with the offsets above it its metadata names handled.
+type Committed = (String, i32, Offset, Option<Handled>);
 
 /// Commits what was handled before partitions go, starts new partitions where the subscription
 /// says, and reports finished rebalances.
@@ -71,22 +78,29 @@ impl Ctx {
     /// completes, means nothing published after `subscribe` returns is skipped.
     ///
     /// Returns the partitions resumed from a position this member handled beyond the committed
-    /// offset (see `unrecorded`), to be stored once assigned.
+    /// offset (see `unrecorded`), to be stored once assigned, and the offsets above each
+    /// committed offset its metadata names handled ([`Handled`]).
     fn resolve_start(
         &self,
         consumer: &BaseConsumer<Self>,
         tpl: &mut TopicPartitionList,
-    ) -> TopicPartitionList {
+    ) -> (TopicPartitionList, HandledAbove) {
         // Unreadable (the coordinator busy with the rebalance): librdkafka reads them itself
         // (`Offset::Invalid`), but a position this member handled beyond them still counts.
-        let (parts, known): (Vec<(String, i32, Offset)>, bool) = match consumer
+        let (parts, known): (Vec<Committed>, bool) = match consumer
             .committed_offsets(tpl.clone(), self.timeout)
         {
             Ok(committed) => {
                 let parts = committed
                     .elements()
                     .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
+                    .map(|e| {
+                        let handled = match e.offset() {
+                            Offset::Offset(c) => Handled::parse(c, e.metadata()),
+                            _ => None,
+                        };
+                        (e.topic().to_owned(), e.partition(), e.offset(), handled)
+                    })
                     .collect();
                 drop(committed);
                 (parts, true)
@@ -96,7 +110,7 @@ impl Ctx {
                 let parts = tpl
                     .elements()
                     .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition(), Offset::Invalid))
+                    .map(|e| (e.topic().to_owned(), e.partition(), Offset::Invalid, None))
                     .collect();
                 (parts, false)
             }
@@ -104,7 +118,12 @@ impl Ctx {
         // Only the next assignment uses them: kept longer, a position could outlive its topic.
         let mut unrecorded = std::mem::take(&mut *lock(&self.unrecorded));
         let mut to_store = TopicPartitionList::new();
-        for (topic, partition, offset) in parts {
+        let mut handled_above = Vec::new();
+        for (topic, partition, offset, handled) in parts {
+            if let Some(handled) = handled {
+                tracing::debug!(%topic, partition, ?handled, "offsets handled above the committed one");
+                handled_above.push(((topic.clone(), partition), handled));
+            }
             let handled = unrecorded.remove(&(topic.clone(), partition));
             // Handled further than the group recorded: resume there, and record it. Not past
             // the partition's end (a topic deleted and made again starts over).
@@ -141,7 +160,7 @@ impl Ctx {
                 tracing::warn!(error = %e, %topic, partition, "setting the start offset failed");
             }
         }
-        to_store
+        (to_store, handled_above)
     }
 
     /// Stores (for the next commit) the positions `resolve_start` resumed from that the group
@@ -156,15 +175,25 @@ impl Ctx {
     }
 
     /// Takes `tpl` (resolved by `resolve_start`) as this member's: eagerly (the whole
-    /// assignment) or incrementally (added to it), as the group's protocol says.
-    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+    /// assignment) or incrementally (added to it), as the group's protocol says; `handled`
+    /// names offsets of its partitions handled already.
+    fn assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        mut handled: HandledAbove,
+    ) {
         let incremental = incremental(consumer);
         let parts = tpl.elements().into_iter().map(|e| {
             let start = match e.offset() {
                 Offset::Offset(start) => Some(start),
                 _ => None,
             };
-            (Arc::from(e.topic()), e.partition(), start)
+            let of = handled
+                .iter()
+                .position(|((t, p), _)| t == e.topic() && *p == e.partition())
+                .map(|i| handled.swap_remove(i).1);
+            (Arc::from(e.topic()), e.partition(), start, of)
         });
         state::assign(&mut lock(&self.offsets), &self.epoch, incremental, parts);
         let assigned = if incremental {
@@ -204,6 +233,8 @@ impl Ctx {
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
         let is_revoked = |t: &str, p: i32| revoked.iter().any(|(rt, rp)| rt == t && *rp == p);
+        // The offsets stored carry their metadata (`Handled`): librdkafka commits a removed
+        // partition's stored offset as it unassigns it, whether or not it moved.
         let positions = state::revoke(&mut lock(&self.offsets), &self.epoch, is_revoked);
         lock(&self.retries).retain(|r| !is_revoked(&r.topic, r.partition));
         // Lost (this member was out of its group, its coordinator away): a commit would be
@@ -306,8 +337,8 @@ impl ConsumerContext for Ctx {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let resumed = self.resolve_start(consumer, tpl);
-                self.assign(consumer, tpl);
+                let (resumed, handled) = self.resolve_start(consumer, tpl);
+                self.assign(consumer, tpl, handled);
                 self.store_resumed(consumer, &resumed);
                 tracing::debug!(partitions = tpl.count(), "partitions assigned");
                 self.rebalances.send_modify(|n| *n += 1);

@@ -1,6 +1,7 @@
 //! What a member knows of each partition it holds, and the messages waiting for redelivery.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +18,10 @@ pub(super) struct PartitionState {
     pub(super) pending: Pending,
     /// One past the highest offset handed out in this assignment (`None`: none yet).
     pub(super) next: Option<i64>,
+    /// Offsets at or above `next` the group handled already, read from the committed offset's
+    /// metadata when the partition was assigned: their records are passed over, not handed out
+    /// (see [`Handled`]).
+    pub(super) handled: Option<Handled>,
 }
 
 impl PartitionState {
@@ -25,6 +30,75 @@ impl PartitionState {
             since,
             pending: Pending::default(),
             next: None,
+            handled: None,
+        }
+    }
+
+    /// Whether the record at `offset`, about to be handed out, was handled already (see
+    /// [`Handled`]): if so it is passed over, and the partition's position moves past it.
+    pub(super) fn handled_already(&mut self, offset: i64) -> bool {
+        let Some(handled) = self.handled.as_mut() else {
+            return false;
+        };
+        let passed = handled.contains(offset);
+        if handled.is_empty() {
+            self.handled = None;
+        }
+        if passed {
+            self.next = Some(offset + 1);
+        }
+        passed
+    }
+
+    /// The metadata to commit with [`PartitionState::position`]: the offsets above it handled
+    /// already (acked above a message still pending, or known handled from the last owner's
+    /// commit and not read again yet), in [`Handled`]'s form. `None` when there are none: the
+    /// common case, told without looking through the pending offsets.
+    pub(super) fn metadata(&self) -> Option<String> {
+        self.describe().map(|(metadata, _)| metadata)
+    }
+
+    /// [`PartitionState::metadata`], and whether it names every offset handled above the
+    /// position (false: cut short at [`METADATA_MAX`]).
+    fn describe(&self) -> Option<(String, bool)> {
+        let position = self.position()?;
+        let next = self.next.unwrap_or(position);
+        let holes = self
+            .pending
+            .first()
+            .is_some_and(|first| next - first > self.pending.len() as i64);
+        if !holes && self.handled.is_none() {
+            return None;
+        }
+        let mut encoder = Encoder::new(position);
+        // Below `next`: every offset not pending was handled (or holds no record).
+        let mut from = position;
+        for offset in self.pending.unsettled() {
+            if offset > from && !encoder.push(from, offset) {
+                return encoder.finish(false);
+            }
+            from = offset + 1;
+        }
+        if next > from && !encoder.push(from, next) {
+            return encoder.finish(false);
+        }
+        // From `next` on: what the last owner handled, not read again yet.
+        for &(start, end) in self.handled.iter().flat_map(|h| h.0.iter()) {
+            let start = start.max(next);
+            if end > start && !encoder.push(start, end) {
+                return encoder.finish(false);
+            }
+        }
+        encoder.finish(true)
+    }
+
+    /// How many messages were acked above an offset still pending (see [`held`]).
+    fn held(&self) -> u64 {
+        match (self.pending.first(), self.next) {
+            (Some(first), Some(next)) => u64::try_from(next - first)
+                .unwrap_or(0)
+                .saturating_sub(self.pending.len() as u64),
+            _ => 0,
         }
     }
 
@@ -107,12 +181,11 @@ impl Pending {
     }
 
     /// The offsets pending, ascending.
-    #[cfg(test)]
-    pub(super) fn iter(&self) -> impl Iterator<Item = &i64> {
+    pub(super) fn unsettled(&self) -> impl Iterator<Item = i64> + '_ {
         self.offsets
             .iter()
             .filter(|(_, settled)| !settled)
-            .map(|(offset, _)| offset)
+            .map(|(offset, _)| *offset)
     }
 
     fn find(&self, offset: i64) -> Result<usize, usize> {
@@ -156,20 +229,167 @@ impl hashbrown::Equivalent<(Arc<str>, i32)> for Partition<'_> {
     }
 }
 
+/// Offsets of a partition handled above its committed offset, as a commit's metadata carries
+/// them: Kafka records one offset a partition, below which everything is handled, so a message
+/// waiting for a retry holds back the record of everything handled after it on its partition.
+/// Without more, a member that dies (or loses its partitions with the broker) has its
+/// partitions' next owner handle all of that again: in the Kafka soak, hundreds of messages
+/// behind one being retried (docs/reliability.md). The metadata names them, and the next owner
+/// passes them over.
+///
+/// The form: `cqrs-handled:1:` then the committed offset it is relative to, then pairs of run
+/// lengths from there, all in decimal and separated by `,`: so many offsets not handled, then so
+/// many handled, and so on (`cqrs-handled:1:100,1,49,2,300`: 100 is not handled, 101-149 are,
+/// 150-151 are not, 152-451 are; from 452 on nothing is known). Metadata of another form, or
+/// written with another committed offset, says nothing (its offsets are handled again: the
+/// at-least-once of before). A description that would pass [`METADATA_MAX`] bytes ends before
+/// it: the offsets it leaves out are handled again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Handled(VecDeque<(i64, i64)>);
+
+/// What a commit's metadata begins with when it names offsets handled (see [`Handled`]).
+const HANDLED_PREFIX: &str = "cqrs-handled:1:";
+
+/// The longest metadata a commit carries: well under the 4,096 bytes Kafka takes by default
+/// (`offset.metadata.max.bytes`); a few hundred runs.
+pub(crate) const METADATA_MAX: usize = 2048;
+
+impl Handled {
+    /// The offsets `metadata`, committed with offset `committed`, names handled; `None` for
+    /// metadata of another form or another offset, or naming none.
+    pub(crate) fn parse(committed: i64, metadata: &str) -> Option<Handled> {
+        let rest = metadata.strip_prefix(HANDLED_PREFIX)?;
+        let mut numbers = rest.split(',');
+        let base: i64 = numbers.next()?.parse().ok()?;
+        if base != committed {
+            return None;
+        }
+        let mut ranges = VecDeque::new();
+        let mut at = base;
+        while let Some(skip) = numbers.next() {
+            let skip: i64 = skip.parse().ok()?;
+            let run: i64 = numbers.next()?.parse().ok()?;
+            if skip < 0 || run <= 0 {
+                return None;
+            }
+            let start = at.checked_add(skip)?;
+            at = start.checked_add(run)?;
+            ranges.push_back((start, at));
+        }
+        (!ranges.is_empty()).then_some(Handled(ranges))
+    }
+
+    /// Whether `offset` is handled; the runs below it are let go (records come in increasing
+    /// order).
+    fn contains(&mut self, offset: i64) -> bool {
+        while let Some(&(start, end)) = self.0.front() {
+            if offset < start {
+                return false;
+            }
+            if offset < end {
+                return true;
+            }
+            self.0.pop_front();
+        }
+        false
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Writes [`Handled`]'s form, a run at a time, within [`METADATA_MAX`].
+struct Encoder {
+    text: String,
+    /// Where the last run handled ended.
+    at: i64,
+    runs: usize,
+}
+
+impl Encoder {
+    fn new(position: i64) -> Self {
+        let mut text = String::with_capacity(64);
+        text.push_str(HANDLED_PREFIX);
+        let _ = write!(text, "{position}");
+        Encoder {
+            text,
+            at: position,
+            runs: 0,
+        }
+    }
+
+    /// Adds offsets `start..end` as handled (`start` at or after the last run's end); false
+    /// when the metadata is full (this run is left out, and so must every later one be).
+    fn push(&mut self, start: i64, end: i64) -> bool {
+        let len = self.text.len();
+        let _ = write!(self.text, ",{},{}", start - self.at, end - start);
+        if self.text.len() > METADATA_MAX {
+            self.text.truncate(len);
+            return false;
+        }
+        self.at = end;
+        self.runs += 1;
+        true
+    }
+
+    /// The metadata, if it names any run, and whether it names all (`complete`).
+    fn finish(self, complete: bool) -> Option<(String, bool)> {
+        (self.runs > 0).then_some((self.text, complete))
+    }
+}
+
 /// How many messages were acked above an offset still pending on their partition (a message
 /// being handled, or waiting for a retry): their offsets cannot be stored, so no commit records
 /// them yet. Offsets without a record (transaction markers) count as acked: an overcount, on
 /// the safe side.
 pub(super) fn held(offsets: &Offsets) -> u64 {
-    offsets
-        .values()
-        .map(|s| match (s.pending.first(), s.next) {
-            (Some(first), Some(next)) => u64::try_from(next - first)
-                .unwrap_or(0)
-                .saturating_sub(s.pending.len() as u64),
-            _ => 0,
-        })
-        .sum()
+    offsets.values().map(PartitionState::held).sum()
+}
+
+/// Every partition's position with its metadata ([`PartitionState::metadata`]), to commit, and
+/// how many of the acks held above a pending offset ([`held`]) that commit leaves unrecorded:
+/// those of partitions whose metadata was cut short at [`METADATA_MAX`].
+pub(super) fn to_commit(offsets: &Offsets) -> (rdkafka::TopicPartitionList, u64) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut unnamed = 0;
+    for ((topic, partition), state) in offsets {
+        let Some(position) = state.position() else {
+            continue;
+        };
+        let mut e = tpl.add_partition(topic, *partition);
+        // An absolute offset is always one librdkafka takes.
+        let _ = e.set_offset(rdkafka::Offset::Offset(position));
+        match state.describe() {
+            Some((metadata, complete)) => {
+                e.set_metadata(metadata);
+                if !complete {
+                    unnamed += state.held();
+                }
+            }
+            None => unnamed += state.held(),
+        }
+    }
+    (tpl, unnamed)
+}
+
+/// Adds `state`'s position on `partition` of `topic`, with its metadata, to `tpl` (nothing
+/// without a position).
+pub(super) fn add_position(
+    tpl: &mut rdkafka::TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    state: &PartitionState,
+) {
+    let Some(position) = state.position() else {
+        return;
+    };
+    let mut e = tpl.add_partition(topic, partition);
+    // An absolute offset is always one librdkafka takes.
+    let _ = e.set_offset(rdkafka::Offset::Offset(position));
+    if let Some(metadata) = state.metadata() {
+        e.set_metadata(metadata);
+    }
 }
 
 /// Takes `parts` (topic, partition, start if known) as this member's in a new rebalance epoch:
@@ -180,18 +400,19 @@ pub(super) fn assign(
     offsets: &mut Offsets,
     epoch: &AtomicU64,
     incremental: bool,
-    parts: impl IntoIterator<Item = (Arc<str>, i32, Option<i64>)>,
+    parts: impl IntoIterator<Item = (Arc<str>, i32, Option<i64>, Option<Handled>)>,
 ) {
     let epoch = epoch.fetch_add(1, Ordering::SeqCst) + 1;
     if !incremental {
         offsets.clear();
     }
-    for (topic, partition, start) in parts {
+    for (topic, partition, start, handled) in parts {
         let mut state = PartitionState::new(epoch);
         // A known start is the partition's position until a record is handed out: a revocation
         // before then keeps it (a resumed position the group has not recorded must survive a
         // second rebalance whose commit is refused too).
         state.next = start;
+        state.handled = handled;
         offsets.insert((topic, partition), state);
     }
 }
@@ -248,6 +469,132 @@ mod tests {
         assert_eq!(held(&offsets), 3);
     }
 
+    /// 10..20 handed out; 10 waits for a retry, 15 and 16 are being handled, the rest acked.
+    fn held_at_ten() -> PartitionState {
+        let mut s = PartitionState::new(0);
+        s.next = Some(20);
+        s.pending = [10, 15, 16].into();
+        s
+    }
+
+    #[test]
+    fn a_commit_names_what_was_handled_above_its_offset_and_the_next_owner_passes_it_over() {
+        let s = held_at_ten();
+        assert_eq!(s.position(), Some(10));
+        let metadata = s.metadata().unwrap();
+        assert_eq!(metadata, "cqrs-handled:1:10,1,4,2,3", "11-14 and 17-19");
+        // The next owner starts at the committed offset, 10.
+        let mut next = PartitionState::new(1);
+        next.next = Some(10);
+        next.handled = Handled::parse(10, &metadata);
+        let handed: Vec<i64> = (10..25).filter(|o| !next.handled_already(*o)).collect();
+        assert_eq!(handed, [10, 15, 16, 20, 21, 22, 23, 24]);
+        assert!(next.handled.is_none(), "let go once passed");
+    }
+
+    #[test]
+    fn a_new_owner_commits_what_it_was_told_and_has_not_read_again() {
+        let mut s = PartitionState::new(1);
+        s.next = Some(10);
+        s.handled = Handled::parse(10, "cqrs-handled:1:10,1,4,2,3");
+        // It hands out 10 and 15 (passing 11-14 over) and has read no further.
+        for offset in [10, 11, 12, 13, 14, 15] {
+            if !s.handled_already(offset) {
+                s.pending.insert(offset);
+                s.next = Some(offset + 1);
+            }
+        }
+        assert_eq!(s.next, Some(16));
+        // 17-19 it was told of and has not read: still named.
+        assert_eq!(s.metadata().unwrap(), "cqrs-handled:1:10,1,4,2,3");
+        // 10 handled: the position moves to 15, and what is above it is named from there.
+        s.pending.remove(&10);
+        assert_eq!(s.position(), Some(15));
+        assert_eq!(s.metadata().unwrap(), "cqrs-handled:1:15,2,3");
+        // Nothing pending, nothing told left: no metadata.
+        s.pending.remove(&15);
+        assert_eq!(
+            (s.position(), s.metadata()),
+            (Some(16), Some("cqrs-handled:1:16,1,3".to_owned()))
+        );
+        for offset in 16..20 {
+            assert_eq!(s.handled_already(offset), offset >= 17);
+        }
+        assert_eq!((s.position(), s.metadata()), (Some(20), None));
+    }
+
+    #[test]
+    fn acks_in_order_need_no_metadata() {
+        let mut s = PartitionState::new(0);
+        s.next = Some(20);
+        s.pending = [17, 18, 19].into();
+        assert_eq!((s.position(), s.metadata()), (Some(17), None));
+    }
+
+    #[test]
+    fn metadata_of_another_form_or_offset_names_nothing() {
+        let good = "cqrs-handled:1:10,1,4,2,3";
+        assert!(Handled::parse(10, good).is_some());
+        for (committed, bad) in [
+            (11, good),
+            (10, ""),
+            (10, "something else"),
+            (10, "cqrs-handled:2:10,1,4"),
+            (10, "cqrs-handled:1:10"),
+            (10, "cqrs-handled:1:10,1"),
+            (10, "cqrs-handled:1:10,1,0"),
+            (10, "cqrs-handled:1:10,-1,4"),
+            (10, "cqrs-handled:1:10,1,x"),
+            (10, "cqrs-handled:1:10,9223372036854775807,4"),
+        ] {
+            assert_eq!(Handled::parse(committed, bad), None, "{bad} at {committed}");
+        }
+    }
+
+    #[test]
+    fn metadata_stays_within_its_bound_and_what_it_leaves_out_is_handled_again() {
+        // Every other offset of 10,000 pending.
+        let mut s = PartitionState::new(0);
+        for offset in (0..10_000).step_by(2) {
+            s.pending.insert(offset);
+        }
+        s.next = Some(10_000);
+        let metadata = s.metadata().unwrap();
+        assert!(metadata.len() <= METADATA_MAX, "{}", metadata.len());
+        let mut next = PartitionState::new(1);
+        next.handled = Handled::parse(0, &metadata);
+        let passed: Vec<i64> = (0..10_000).filter(|o| next.handled_already(*o)).collect();
+        assert!(passed.len() > 100, "{} passed over", passed.len());
+        // Only odd offsets, and from the start without a gap: none beyond what it named.
+        assert!(passed
+            .iter()
+            .enumerate()
+            .all(|(i, o)| *o == 2 * i as i64 + 1));
+    }
+
+    #[test]
+    fn a_commit_leaves_unrecorded_only_the_held_acks_its_metadata_cannot_name() {
+        let mut offsets = Offsets::default();
+        offsets.insert((Arc::from("t"), 0), held_at_ten());
+        // Every other offset of 10,000 pending: more runs than the metadata holds.
+        let mut many = PartitionState::new(0);
+        for offset in (0..10_000).step_by(2) {
+            many.pending.insert(offset);
+        }
+        many.next = Some(10_000);
+        let many_held = many.held();
+        offsets.insert((Arc::from("t"), 1), many);
+        assert_eq!(held(&offsets), 7 + many_held);
+        let (tpl, unnamed) = to_commit(&offsets);
+        assert_eq!(unnamed, many_held, "partition 0's 7 are named");
+        let e = tpl.find_partition("t", 0).unwrap();
+        assert_eq!(e.offset(), rdkafka::Offset::Offset(10));
+        assert_eq!(e.metadata(), "cqrs-handled:1:10,1,4,2,3");
+        let e = tpl.find_partition("t", 1).unwrap();
+        assert_eq!(e.offset(), rdkafka::Offset::Offset(0));
+        assert!(e.metadata().starts_with("cqrs-handled:1:0,1,1,1,1,"));
+    }
+
     #[test]
     fn pending_offsets_settled_in_any_order_leave_the_lowest_unsettled_first() {
         let mut p = Pending::default();
@@ -267,7 +614,7 @@ mod tests {
         p.insert(6);
         p.insert(8);
         p.insert(5);
-        assert_eq!(p.iter().copied().collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
+        assert_eq!(p.unsettled().collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
         for o in [9, 7, 5, 8, 6] {
             assert!(p.remove(&o));
         }
