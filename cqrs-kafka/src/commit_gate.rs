@@ -18,10 +18,10 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// How far a member has run ahead of what its group recorded: messages acked against those
 /// covered by the last successful commit. An ack above an offset still pending on its partition
-/// (a message waiting for a retry) is covered by a commit only through the commit's metadata,
-/// which names it (`consumer::state::Handled`); one the metadata cannot name (more runs than
-/// it holds) is not covered until the pending one is settled: the committer counts such acks
-/// as unrecorded (see [`spawn_committer`]). It asks for a commit every
+/// (a message waiting for a retry) is not covered by the offset of any commit until that one is
+/// settled: the committer counts such acks as unrecorded (see [`spawn_committer`]), though the
+/// commit's metadata names them (`consumer::state::Handled`) so that the partition's next owner
+/// passes them over. It asks for a commit every
 /// `every` acks, and `receive` hands out nothing new while `limit` acks are unrecorded, so a
 /// member whose commits are refused (its group rebalancing, the coordinator away) stops instead
 /// of piling up work that its partitions' next owner would do again.
@@ -34,7 +34,7 @@ pub(crate) struct CommitGate {
     acked: AtomicU64,
     recorded: AtomicU64,
     /// Of the acks counted when the last commit was made, those held above an offset still
-    /// pending that its metadata could not name (not recorded by it).
+    /// pending (not recorded by its offset).
     held: AtomicU64,
     /// When the last commit it asked for was asked, in milliseconds since `born` (0: answered).
     /// An answer that does not come is given up on after [`ASK_AGAIN_AFTER`].
@@ -252,13 +252,13 @@ impl CommitGate {
     }
 
     /// Why the gate holds when no commit was refused: acks held behind a message still pending
-    /// (one being retried) that the last commit's metadata could not name, if there were any.
+    /// (one being retried), if the last commit found any.
     pub(crate) fn held_behind(&self) -> Option<String> {
         match self.held.load(Ordering::SeqCst) {
             0 => None,
             held => Some(format!(
                 "{held} messages handled after one still pending (being retried) on their \
-                 partition wait for it: more than a commit's metadata can name"
+                 partition wait for it: a commit's offset cannot record them before it"
             )),
         }
     }
@@ -297,16 +297,17 @@ fn should_ask(now: u64, asked_at: u64) -> bool {
 
 /// Starts the thread that makes the commits `gate` asks for, one at a time, each waiting for
 /// its answer (a commit of the offsets stored so far, NoOffset when nothing stored is
-/// uncommitted). Before each, `snapshot` reads the acks counted, how many of them the commit
-/// will not record, and the offsets to commit when they are not the stored ones, in one
-/// instant (under the lock the acker stores offsets with). An ack held above an offset still
-/// pending is recorded only by the metadata of a commit of given offsets (the stored offset
-/// does not move past the pending one, and librdkafka commits a stored offset only when it
-/// moved); one that metadata cannot name (cut short) is not recorded, however the commit is
-/// answered. A soak run re-did 861 messages a member had handled in 220 ms while catching up,
-/// its commits "recording" them while a message at its partition's head waited for a retry
-/// and held the stored offset back, until the broker died. It holds neither the gate nor the
-/// consumer: it ends when either is gone, or when the gate's requests end.
+/// uncommitted). Before each, `snapshot` reads the acks counted, how many of them are held
+/// above an offset still pending, and the offsets to commit when they are not the stored ones,
+/// in one instant (under the lock the acker stores offsets with): a held ack is not recorded by
+/// the commit's offset, however it is answered (its metadata names it, for the partition's next
+/// owner). A soak run re-did 861 messages a member had handled in 220 ms while catching up, its
+/// commits "recording" them while a message at its partition's head waited for a retry and held
+/// the stored offset back, until the broker died. While acks are held it also commits every
+/// `interval` (librdkafka's own periodic commits send a stored offset only when it moved, so
+/// they would not send the metadata); those commits count in the gate as librdkafka's do. It
+/// holds neither the gate nor the consumer: it ends when either is gone, or when the gate's
+/// requests end.
 pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
     gate: Weak<CommitGate>,
     consumer: Weak<BaseConsumer<C>>,
@@ -343,7 +344,13 @@ pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
                 _ if asked => consumer.commit_consumer_state(CommitMode::Sync),
                 _ => continue,
             };
-            gate.answer(&result, acked, held);
+            if asked {
+                gate.answer(&result, acked, held);
+            } else {
+                // As librdkafka's own periodic commits: it says whether commits fail, and the
+                // gate counts as recorded only what the commits it asked for record.
+                gate.periodic_answer(&result);
+            }
         }
     })
 }

@@ -167,7 +167,7 @@ impl Acknowledge for KafkaAcker {
                 }
             }
             for key in touched {
-                if let Some(state) = offsets.get(&key) {
+                if let Some(state) = offsets.get_mut(&key) {
                     // With the offsets above it handled already, if any (`Handled`).
                     add_position(&mut tpl, &key.0, key.1, state);
                 }

@@ -151,13 +151,10 @@ impl KafkaConsumer {
                     // Acks held behind a pending message: the stored offsets do not move
                     // past it, and librdkafka commits a stored offset only when it moved, so
                     // the offsets are committed as this member knows them, with the metadata
-                    // that names those acks; only those it cannot name stay unrecorded.
+                    // that names those acks.
                     match state::held(&offsets) {
                         0 => (gate.acked_count(), 0, None),
-                        _ => {
-                            let (explicit, unnamed) = state::to_commit(&offsets);
-                            (gate.acked_count(), unnamed, Some(explicit))
-                        }
+                        held => (gate.acked_count(), held, Some(state::to_commit(&offsets))),
                     }
                 }
             },

@@ -22,6 +22,8 @@ pub(super) struct PartitionState {
     /// metadata when the partition was assigned: their records are passed over, not handed out
     /// (see [`Handled`]).
     pub(super) handled: Option<Handled>,
+    /// The metadata last made for an ack, and when (see [`METADATA_REFRESH`]).
+    stored: Option<(std::time::Instant, String)>,
 }
 
 impl PartitionState {
@@ -31,6 +33,7 @@ impl PartitionState {
             pending: Pending::default(),
             next: None,
             handled: None,
+            stored: None,
         }
     }
 
@@ -55,19 +58,9 @@ impl PartitionState {
     /// commit and not read again yet), in [`Handled`]'s form. `None` when there are none: the
     /// common case, told without looking through the pending offsets.
     pub(super) fn metadata(&self) -> Option<String> {
-        self.describe().map(|(metadata, _)| metadata)
-    }
-
-    /// [`PartitionState::metadata`], and whether it names every offset handled above the
-    /// position (false: cut short at [`METADATA_MAX`]).
-    fn describe(&self) -> Option<(String, bool)> {
         let position = self.position()?;
         let next = self.next.unwrap_or(position);
-        let holes = self
-            .pending
-            .first()
-            .is_some_and(|first| next - first > self.pending.len() as i64);
-        if !holes && self.handled.is_none() {
+        if self.handled.is_none() && self.held() == 0 {
             return None;
         }
         let mut encoder = Encoder::new(position);
@@ -75,21 +68,39 @@ impl PartitionState {
         let mut from = position;
         for offset in self.pending.unsettled() {
             if offset > from && !encoder.push(from, offset) {
-                return encoder.finish(false);
+                return encoder.finish();
             }
             from = offset + 1;
         }
         if next > from && !encoder.push(from, next) {
-            return encoder.finish(false);
+            return encoder.finish();
         }
         // From `next` on: what the last owner handled, not read again yet.
         for &(start, end) in self.handled.iter().flat_map(|h| h.0.iter()) {
             let start = start.max(next);
             if end > start && !encoder.push(start, end) {
-                return encoder.finish(false);
+                break;
             }
         }
-        encoder.finish(true)
+        encoder.finish()
+    }
+
+    /// [`PartitionState::metadata`] for an ack to store: the one made for an earlier ack if it
+    /// is younger than [`METADATA_REFRESH`] (what it names is still handled).
+    fn metadata_to_store(&mut self) -> Option<String> {
+        if self.handled.is_none() && self.held() == 0 {
+            self.stored = None;
+            return None;
+        }
+        let now = std::time::Instant::now();
+        if let Some((at, metadata)) = &self.stored {
+            if now.duration_since(*at) < METADATA_REFRESH {
+                return Some(metadata.clone());
+            }
+        }
+        let metadata = self.metadata()?;
+        self.stored = Some((now, metadata.clone()));
+        Some(metadata)
     }
 
     /// How many messages were acked above an offset still pending (see [`held`]).
@@ -237,13 +248,17 @@ impl hashbrown::Equivalent<(Arc<str>, i32)> for Partition<'_> {
 /// behind one being retried (docs/reliability.md). The metadata names them, and the next owner
 /// passes them over.
 ///
-/// The form: `cqrs-handled:1:` then the committed offset it is relative to, then pairs of run
-/// lengths from there, all in decimal and separated by `,`: so many offsets not handled, then so
-/// many handled, and so on (`cqrs-handled:1:100,1,49,2,300`: 100 is not handled, 101-149 are,
-/// 150-151 are not, 152-451 are; from 452 on nothing is known). Metadata of another form, or
-/// written with another committed offset, says nothing (its offsets are handled again: the
-/// at-least-once of before). A description that would pass [`METADATA_MAX`] bytes ends before
-/// it: the offsets it leaves out are handled again.
+/// The form: `cqrs-handled:1:` then the offset it starts at (the position it was written for),
+/// then pairs of run lengths from there, all in decimal and separated by `,`: so many offsets
+/// not handled, then so many handled, and so on (`cqrs-handled:1:100,1,49,2,300`: 100 is not
+/// handled, 101-149 are, 150-151 are not, 152-451 are; from 452 on nothing is known). What it
+/// names stays true once written (a handled message stays handled), so metadata written for an
+/// older position may go with a newer one: the runs below the committed offset are let go. That
+/// lets an ack store the metadata made a few milliseconds before ([`METADATA_REFRESH`]) instead of
+/// making it again. Metadata of another form says nothing (its offsets are handled again: the
+/// at-least-once of before); so does a commit without metadata, as any other tool writes (an
+/// offset reset). A description that would pass [`METADATA_MAX`] bytes ends before it: the
+/// offsets it leaves out are handled again.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Handled(VecDeque<(i64, i64)>);
 
@@ -254,14 +269,21 @@ const HANDLED_PREFIX: &str = "cqrs-handled:1:";
 /// (`offset.metadata.max.bytes`); a few hundred runs.
 pub(crate) const METADATA_MAX: usize = 2048;
 
+/// How long an ack may store the metadata made for an earlier one of its partition instead of
+/// making it again: making it reads every offset handed out and not yet passed by the
+/// position (hundreds, with handlers running in parallel), each ack. What an ack stores names
+/// at most this much less than it could (those are handled again if the member dies before
+/// the next); the member's own commits make it afresh.
+const METADATA_REFRESH: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl Handled {
-    /// The offsets `metadata`, committed with offset `committed`, names handled; `None` for
-    /// metadata of another form or another offset, or naming none.
+    /// The offsets at or above `committed` that `metadata`, committed with it, names handled;
+    /// `None` for metadata of another form, or naming none there.
     pub(crate) fn parse(committed: i64, metadata: &str) -> Option<Handled> {
         let rest = metadata.strip_prefix(HANDLED_PREFIX)?;
         let mut numbers = rest.split(',');
         let base: i64 = numbers.next()?.parse().ok()?;
-        if base != committed {
+        if base < 0 {
             return None;
         }
         let mut ranges = VecDeque::new();
@@ -274,7 +296,9 @@ impl Handled {
             }
             let start = at.checked_add(skip)?;
             at = start.checked_add(run)?;
-            ranges.push_back((start, at));
+            if at > committed {
+                ranges.push_back((start.max(committed), at));
+            }
         }
         (!ranges.is_empty()).then_some(Handled(ranges))
     }
@@ -333,9 +357,9 @@ impl Encoder {
         true
     }
 
-    /// The metadata, if it names any run, and whether it names all (`complete`).
-    fn finish(self, complete: bool) -> Option<(String, bool)> {
-        (self.runs > 0).then_some((self.text, complete))
+    /// The metadata, if it names any run.
+    fn finish(self) -> Option<String> {
+        (self.runs > 0).then_some(self.text)
     }
 }
 
@@ -347,12 +371,10 @@ pub(super) fn held(offsets: &Offsets) -> u64 {
     offsets.values().map(PartitionState::held).sum()
 }
 
-/// Every partition's position with its metadata ([`PartitionState::metadata`]), to commit, and
-/// how many of the acks held above a pending offset ([`held`]) that commit leaves unrecorded:
-/// those of partitions whose metadata was cut short at [`METADATA_MAX`].
-pub(super) fn to_commit(offsets: &Offsets) -> (rdkafka::TopicPartitionList, u64) {
+/// Every partition's position with its metadata ([`PartitionState::metadata`], made afresh), to
+/// commit.
+pub(super) fn to_commit(offsets: &Offsets) -> rdkafka::TopicPartitionList {
     let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut unnamed = 0;
     for ((topic, partition), state) in offsets {
         let Some(position) = state.position() else {
             continue;
@@ -360,26 +382,20 @@ pub(super) fn to_commit(offsets: &Offsets) -> (rdkafka::TopicPartitionList, u64)
         let mut e = tpl.add_partition(topic, *partition);
         // An absolute offset is always one librdkafka takes.
         let _ = e.set_offset(rdkafka::Offset::Offset(position));
-        match state.describe() {
-            Some((metadata, complete)) => {
-                e.set_metadata(metadata);
-                if !complete {
-                    unnamed += state.held();
-                }
-            }
-            None => unnamed += state.held(),
+        if let Some(metadata) = state.metadata() {
+            e.set_metadata(metadata);
         }
     }
-    (tpl, unnamed)
+    tpl
 }
 
 /// Adds `state`'s position on `partition` of `topic`, with its metadata, to `tpl` (nothing
-/// without a position).
+/// without a position), for an ack to store (see [`METADATA_REFRESH`]).
 pub(super) fn add_position(
     tpl: &mut rdkafka::TopicPartitionList,
     topic: &str,
     partition: i32,
-    state: &PartitionState,
+    state: &mut PartitionState,
 ) {
     let Some(position) = state.position() else {
         return;
@@ -387,7 +403,7 @@ pub(super) fn add_position(
     let mut e = tpl.add_partition(topic, partition);
     // An absolute offset is always one librdkafka takes.
     let _ = e.set_offset(rdkafka::Offset::Offset(position));
-    if let Some(metadata) = state.metadata() {
+    if let Some(metadata) = state.metadata_to_store() {
         e.set_metadata(metadata);
     }
 }
@@ -532,11 +548,40 @@ mod tests {
     }
 
     #[test]
-    fn metadata_of_another_form_or_offset_names_nothing() {
+    fn metadata_made_for_an_older_position_names_what_is_at_or_above_the_committed_offset() {
+        let good = "cqrs-handled:1:10,1,4,2,3";
+        let ranges = |committed| Handled::parse(committed, good).map(|h| Vec::from(h.0));
+        assert_eq!(ranges(10), Some(vec![(11, 15), (17, 20)]));
+        assert_eq!(ranges(12), Some(vec![(12, 15), (17, 20)]));
+        assert_eq!(ranges(16), Some(vec![(17, 20)]));
+        assert_eq!(ranges(20), None);
+        // Made for a later position than the committed one (a commit that went back): the
+        // same offsets.
+        assert_eq!(ranges(3), Some(vec![(11, 15), (17, 20)]));
+    }
+
+    #[test]
+    fn an_ack_stores_the_metadata_made_moments_before_and_makes_it_again_after() {
+        let mut s = held_at_ten();
+        let first = s.metadata_to_store().unwrap();
+        assert_eq!(first, "cqrs-handled:1:10,1,4,2,3");
+        // 15 handled: within METADATA_REFRESH the metadata made before is stored again (true
+        // still, naming 15 or not).
+        s.pending.remove(&15);
+        assert_eq!(s.metadata_to_store().unwrap(), first);
+        std::thread::sleep(METADATA_REFRESH);
+        assert_eq!(s.metadata_to_store().unwrap(), "cqrs-handled:1:10,1,5,1,3");
+        // Nothing held: none.
+        s.pending.remove(&10);
+        s.pending.remove(&16);
+        assert_eq!(s.metadata_to_store(), None);
+    }
+
+    #[test]
+    fn metadata_of_another_form_names_nothing() {
         let good = "cqrs-handled:1:10,1,4,2,3";
         assert!(Handled::parse(10, good).is_some());
         for (committed, bad) in [
-            (11, good),
             (10, ""),
             (10, "something else"),
             (10, "cqrs-handled:2:10,1,4"),
@@ -546,6 +591,7 @@ mod tests {
             (10, "cqrs-handled:1:10,-1,4"),
             (10, "cqrs-handled:1:10,1,x"),
             (10, "cqrs-handled:1:10,9223372036854775807,4"),
+            (10, "cqrs-handled:1:-1,1,4"),
         ] {
             assert_eq!(Handled::parse(committed, bad), None, "{bad} at {committed}");
         }
@@ -573,26 +619,20 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_leaves_unrecorded_only_the_held_acks_its_metadata_cannot_name() {
+    fn a_commit_of_given_offsets_carries_each_partitions_metadata() {
         let mut offsets = Offsets::default();
         offsets.insert((Arc::from("t"), 0), held_at_ten());
-        // Every other offset of 10,000 pending: more runs than the metadata holds.
-        let mut many = PartitionState::new(0);
-        for offset in (0..10_000).step_by(2) {
-            many.pending.insert(offset);
-        }
-        many.next = Some(10_000);
-        let many_held = many.held();
-        offsets.insert((Arc::from("t"), 1), many);
-        assert_eq!(held(&offsets), 7 + many_held);
-        let (tpl, unnamed) = to_commit(&offsets);
-        assert_eq!(unnamed, many_held, "partition 0's 7 are named");
+        let mut in_order = PartitionState::new(0);
+        in_order.next = Some(7);
+        offsets.insert((Arc::from("t"), 1), in_order);
+        offsets.insert((Arc::from("t"), 2), PartitionState::new(0));
+        let tpl = to_commit(&offsets);
+        assert_eq!(tpl.count(), 2, "partition 2 has no position");
         let e = tpl.find_partition("t", 0).unwrap();
         assert_eq!(e.offset(), rdkafka::Offset::Offset(10));
         assert_eq!(e.metadata(), "cqrs-handled:1:10,1,4,2,3");
         let e = tpl.find_partition("t", 1).unwrap();
-        assert_eq!(e.offset(), rdkafka::Offset::Offset(0));
-        assert!(e.metadata().starts_with("cqrs-handled:1:0,1,1,1,1,"));
+        assert_eq!((e.offset(), e.metadata()), (rdkafka::Offset::Offset(7), ""));
     }
 
     #[test]
