@@ -16,6 +16,10 @@
 //!   passes a message still being handled or waiting for a retry; stored offsets are committed
 //!   every 100 ms ([`KafkaConfig::commit_interval`]), every [`KafkaConfig::commit_every`]
 //!   handled messages, when partitions are revoked in a rebalance and when the consumer closes.
+//!   Each commit's metadata names the messages handled above its offset (acked after one still
+//!   pending), and a member given the partition passes them over instead of handling them
+//!   again (`cqrs-handled:1:...`, at most 2 KiB; Kafka takes 4 KiB by default,
+//!   `offset.metadata.max.bytes`).
 //!   A consumer with [`KafkaConfig::max_unrecorded`] handled messages not yet committed (its
 //!   commits refused) hands out no more until a commit succeeds (30 s at most, saying so every
 //!   3 s), and a partition that comes back to it after a refused commit, or after it was lost,
