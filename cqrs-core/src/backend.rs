@@ -121,6 +121,18 @@ pub trait Acknowledge: Send + Sync + 'static {
         false
     }
 
+    /// Whether the handler of `delivery`, not started yet, should wait: what it does could not
+    /// be recorded now (Kafka: a connection to a broker was lost and no commit has succeeded
+    /// since), and if the member loses its partitions meanwhile their next owner handles the
+    /// message again. Processors ask before a handler starts and, while this holds, ask again
+    /// every few milliseconds, until it does not or the delivery is stale (then it is dropped,
+    /// not run); a group stopping meanwhile hands the delivery back. Asked before every handler
+    /// call: it must be cheap. The default: never.
+    fn must_wait(&self, delivery: &Delivery) -> bool {
+        let _ = delivery;
+        false
+    }
+
     /// Called when `delivery` is dropped without being acked or nacked (an ack that failed for
     /// good, a handler stopped at the shutdown deadline): the backend stops counting it as in
     /// flight and delivers it again, as it would after a nack with no delay. It must not block.
@@ -374,6 +386,12 @@ impl Delivery {
     #[inline]
     pub fn is_stale(&self) -> bool {
         self.acker.is_stale(self)
+    }
+
+    /// Whether its handler should wait before it starts (see [`Acknowledge::must_wait`]).
+    #[inline]
+    pub fn must_wait(&self) -> bool {
+        self.acker.must_wait(self)
     }
 
     /// The backend's id of this entry.

@@ -13,6 +13,10 @@ use rdkafka::TopicPartitionList;
 
 use crate::lock;
 
+/// How long handlers not started wait at most after a broker connection was lost
+/// ([`CommitGate::is_down`]), as the gate holds new work back at most as long.
+pub(crate) const HANDLERS_WAIT_AT_MOST: Duration = Duration::from_secs(30);
+
 /// How long the gate waits for the answer to a commit it asked for before asking again.
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
@@ -49,6 +53,9 @@ pub(crate) struct CommitGate {
     /// The last commit answered was refused: the gate closes at `every` unrecorded acks, not
     /// at `limit`.
     failing: AtomicBool,
+    /// When a broker connection was lost with no commit succeeded since, in milliseconds since
+    /// `born` plus one (0: none): handlers not started wait ([`CommitGate::is_down`]).
+    down_at: AtomicU64,
     /// Wakes the committer thread; one request waits at most. Taken out to end the thread.
     asks: Mutex<Option<SyncSender<()>>>,
 }
@@ -68,6 +75,7 @@ impl CommitGate {
             limit: limit as u64,
             refused: Mutex::new(None),
             failing: AtomicBool::new(false),
+            down_at: AtomicU64::new(0),
             asks: Mutex::new(Some(asks)),
         };
         (gate, requests)
@@ -201,13 +209,44 @@ impl CommitGate {
     /// member far behind holds thousands of records fetched ahead; without this it handled
     /// them all while the broker was away (a soak run: 4,000, the gate's limit, in one member,
     /// all handled again when it died before the broker came back).
+    ///
+    /// Handlers not started wait too, until a commit succeeds ([`CommitGate::is_down`]): work
+    /// already handed out ran on after the broker died (a member's lanes, ~1,300 messages in
+    /// 260 ms in a soak run), none of it could be recorded, and the partitions' next owner
+    /// handled it all again. The committer commits every `commit_interval` meanwhile, so the
+    /// first commit that succeeds ends the wait even when nothing new was acked.
     pub(crate) fn connection_lost(&self) {
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let _ = self
+            .down_at
+            .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
         if !self.failing.swap(true, Ordering::SeqCst) {
             tracing::debug!(
                 unrecorded = self.unrecorded(),
-                "a broker connection failed; new work waits at every commit until one succeeds"
+                "a broker connection failed; new work and handlers not started wait until a commit succeeds"
             );
         }
+    }
+
+    /// Whether a broker connection was lost and no commit has succeeded since: handlers not
+    /// started wait (`Acknowledge::must_wait`), for [`HANDLERS_WAIT_AT_MOST`] at most.
+    pub(crate) fn is_down(&self) -> bool {
+        let since = self.down_at.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        if now.saturating_sub(since) < HANDLERS_WAIT_AT_MOST.as_millis() as u64 {
+            return true;
+        }
+        // The wait limits duplicates; it must not stop a member for good (commits that never
+        // succeed again).
+        if self.down_at.swap(0, Ordering::SeqCst) != 0 {
+            tracing::warn!(
+                "no commit succeeded for {HANDLERS_WAIT_AT_MOST:?} after a broker connection was lost; handlers start again (what they do is handled again if this member dies before a commit succeeds)"
+            );
+        }
+        false
     }
 
     /// Notes whether `result` refused a commit; true if it succeeded. `NoOffset` (nothing new
@@ -217,6 +256,7 @@ impl CommitGate {
             Ok(()) => {
                 *lock(&self.refused) = None;
                 self.failing.store(false, Ordering::SeqCst);
+                self.down_at.store(0, Ordering::SeqCst);
                 true
             }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
@@ -320,8 +360,9 @@ pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
         // The acks counted at the last commit of given offsets.
         let mut last_given = None;
         loop {
-            // Asked, or every `interval` for acks held behind a pending message: librdkafka's
-            // own commits, every `interval`, commit the stored offsets only when they moved.
+            // Asked, or every `interval` for acks held behind a pending message (librdkafka's
+            // own commits, every `interval`, commit the stored offsets only when they moved), or
+            // while a broker connection is lost.
             let asked = match requests.recv_timeout(interval) {
                 Ok(()) => true,
                 Err(RecvTimeoutError::Timeout) => false,
@@ -335,7 +376,9 @@ pub(crate) fn spawn_committer<C: ConsumerContext + 'static>(
             // with their metadata.
             let result = match explicit {
                 Some(offsets) if offsets.count() > 0 => {
-                    if !asked && last_given == Some(acked) {
+                    // Again while a broker connection is lost: the commit that succeeds ends
+                    // the handlers' wait.
+                    if !asked && last_given == Some(acked) && !gate.is_down() {
                         continue;
                     }
                     last_given = Some(acked);
@@ -370,6 +413,29 @@ mod tests {
         );
         // Another thread asked after this one read its clock: wait (no panic).
         assert!(!should_ask(5_000, 5_003));
+    }
+
+    #[test]
+    fn handlers_wait_from_a_lost_connection_until_a_commit_succeeds() {
+        let (gate, _requests) = CommitGate::new(2, 4);
+        let refused = || {
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RebalanceInProgress,
+            ))
+        };
+        gate.periodic_answer(&refused());
+        assert!(
+            !gate.is_down(),
+            "a refused commit alone does not hold the handlers"
+        );
+        gate.connection_lost();
+        assert!(gate.is_down());
+        gate.periodic_answer(&refused());
+        assert!(gate.is_down(), "a refusal does not end the wait");
+        gate.periodic_answer(&Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)));
+        assert!(gate.is_down(), "nothing to commit does not end it");
+        gate.periodic_answer(&Ok(()));
+        assert!(!gate.is_down(), "a commit that succeeded ends it");
     }
 
     #[test]

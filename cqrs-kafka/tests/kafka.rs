@@ -1848,7 +1848,8 @@ async fn a_static_member_that_restarts_gets_its_partitions_back_without_a_rebala
     b.close().await.unwrap();
 }
 
-/// A processor whose broker died while it was busy handles everything soon after the broker's
+/// A processor whose broker died while it was busy starts no handler while the broker is away
+/// (none of that work could be recorded), and handles everything soon after the broker's
 /// return. While the broker was away its queue was full and its partitions paused; they were
 /// lost at the return and assigned to it again, and librdkafka kept them paused: nothing was
 /// fetched again (the outbox soak on Kafka: two partitions unread for over 60 s; here, 120 s).
@@ -1879,8 +1880,20 @@ async fn a_busy_processor_catches_up_soon_after_its_broker_comes_back() {
     wait_for(&seen, 300).await;
 
     server.kill().unwrap();
+    let at_kill = seen.lock().unwrap().len();
     // The outage: the gate closes (commits fail), librdkafka reports each failed reconnect.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Handlers not started wait (`Acknowledge::must_wait`): the one running when the broker
+    // died finishes, and no other starts, though the member holds hundreds fetched ahead.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_a_second = seen.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(19)).await;
+    let at_return = seen.lock().unwrap().len();
+    eprintln!("handled: {at_kill} at the kill, {after_a_second} a second later, {at_return} at the return");
+    assert!(
+        after_a_second <= at_kill + 2 && at_return == after_a_second,
+        "handlers started while the broker was away: {at_kill} handled at the kill, \
+         {after_a_second} a second later, {at_return} at its return"
+    );
     server.restart().unwrap();
     let back = std::time::Instant::now();
     bus.publish_all(&orders(1500..1508)).await.unwrap();
@@ -1901,6 +1914,8 @@ async fn a_busy_processor_catches_up_soon_after_its_broker_comes_back() {
     // Measured: 11.8 s (KIP-848's rejoin, the resumed partitions fetched again).
     assert!(took < Duration::from_secs(25), "took {took:?}");
     running.shutdown().await.unwrap();
+    let handled = seen.lock().unwrap().len();
+    eprintln!("handled {handled} times for 1508 events");
 }
 
 /// Many tasks publishing to a topic none of them has used: the first records of each go while

@@ -216,6 +216,11 @@ impl Acknowledge for KafkaAcker {
         Ok(())
     }
 
+    fn must_wait(&self, _delivery: &Delivery) -> bool {
+        // A broker connection lost, no commit succeeded since (`CommitGate::is_down`).
+        self.gate.is_down()
+    }
+
     fn is_stale(&self, delivery: &Delivery) -> bool {
         // Every assignment and revocation starts an epoch: in the one its delivery was made in,
         // the partition is still this member's (checked when the delivery was made), with no

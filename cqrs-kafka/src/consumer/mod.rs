@@ -152,9 +152,11 @@ impl KafkaConsumer {
                     // past it, and librdkafka commits a stored offset only when it moved, so
                     // the offsets are committed as this member knows them, with the metadata
                     // that names those acks.
-                    match state::held(&offsets) {
-                        0 => (gate.acked_count(), 0, None),
-                        held => (gate.acked_count(), held, Some(state::to_commit(&offsets))),
+                    // So are they while a broker connection is lost, whatever was acked: the
+                    // commit that succeeds ends the handlers' wait (`CommitGate::is_down`).
+                    match (state::held(&offsets), gate.is_down()) {
+                        (0, false) => (gate.acked_count(), 0, None),
+                        (held, _) => (gate.acked_count(), held, Some(state::to_commit(&offsets))),
                     }
                 }
             },

@@ -63,6 +63,9 @@ pub(super) struct Handling<'a> {
 enum Run<'a> {
     /// Not polled yet.
     Start,
+    /// Waiting before it starts, while the backend says to (`Acknowledge::must_wait`), until
+    /// the tick is over and it is asked again.
+    Held(Pin<Box<tokio::time::Sleep>>),
     /// The first attempt.
     Attempt(Attempt<'a>),
     /// A rare path: a malformed message, an unknown event, retries.
@@ -91,7 +94,16 @@ impl Future for Handling<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Settle>> {
         let this = self.get_mut();
+        if let Run::Held(tick) = &mut this.run {
+            if tick.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.run = Run::Start;
+        }
         if let Run::Start = this.run {
+            if this.held(cx) {
+                return Poll::Pending;
+            }
             if !this.begin(cx) {
                 return Poll::Ready(None);
             }
@@ -118,12 +130,39 @@ impl Future for Handling<'_> {
                 polled
             }
             // Polled after it finished: nothing more to settle.
-            Run::Start | Run::Attempt(_) | Run::Done => Poll::Ready(None),
+            Run::Start | Run::Held(_) | Run::Attempt(_) | Run::Done => Poll::Ready(None),
         }
     }
 }
 
+/// How long a job the backend holds ([`Acknowledge::must_wait`](crate::backend::Acknowledge))
+/// waits before it is asked again.
+const HOLD_TICK: Duration = Duration::from_millis(10);
+
 impl<'a> Handling<'a> {
+    /// Whether the job waits before its handler starts, as its backend says (Kafka: a broker
+    /// connection lost, no commit succeeded since). A stale job does not wait (`begin` drops
+    /// it). A group stopping hands a waiting job back to the broker: dropped unsettled, it is
+    /// delivered again (`Acknowledge::release`), and `begin` finds nothing to do.
+    fn held(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(job) = &self.job else {
+            return false;
+        };
+        if !job.must_wait() || job.is_stale() {
+            return false;
+        }
+        if self.token.is_cancelled() {
+            self.job = None;
+            return false;
+        }
+        let mut tick = Box::pin(tokio::time::sleep(HOLD_TICK));
+        if tick.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+        self.run = Run::Held(tick);
+        true
+    }
+
     /// Everything up to the handler's first poll: the context, the handler's instruments, the
     /// attempt started. A malformed message or an unknown event takes a boxed slow path.
     /// Returns whether the message goes on: `false` when it is done already, with nothing to

@@ -168,6 +168,12 @@ impl Job {
         matches!(&self.taken, Taken::Delivered(d) if d.is_stale())
     }
 
+    /// Whether its handler should wait before it starts (`Acknowledge::must_wait`): never
+    /// once it was acked before handling (at-most-once).
+    pub(super) fn must_wait(&self) -> bool {
+        matches!(&self.taken, Taken::Delivered(d) if d.must_wait())
+    }
+
     /// Whether it was acked before handling (at-most-once).
     pub(super) fn is_acked(&self) -> bool {
         matches!(self.taken, Taken::Acked(_))
