@@ -19,7 +19,9 @@
 //!   Each commit's metadata names the messages handled above its offset (acked after one still
 //!   pending), and a member given the partition passes them over instead of handling them
 //!   again (`cqrs-handled:1:...`, at most 2 KiB; Kafka takes 4 KiB by default,
-//!   `offset.metadata.max.bytes`).
+//!   `offset.metadata.max.bytes`). While a broker connection is lost, and until a commit
+//!   succeeds, handlers not started wait (`Acknowledge::must_wait`): what they would do could
+//!   not be recorded, and the partitions' next owner would do it again.
 //!   A consumer with [`KafkaConfig::max_unrecorded`] handled messages not yet committed (its
 //!   commits refused) hands out no more until a commit succeeds (30 s at most, saying so every
 //!   3 s), and a partition that comes back to it after a refused commit, or after it was lost,
