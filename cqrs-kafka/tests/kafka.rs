@@ -1849,8 +1849,8 @@ async fn a_static_member_that_restarts_gets_its_partitions_back_without_a_rebala
 }
 
 /// A processor whose broker died while it was busy starts no handler while the broker is away
-/// (none of that work could be recorded), and handles everything soon after the broker's
-/// return. While the broker was away its queue was full and its partitions paused; they were
+/// (none of that work could be recorded), nor does a batch handler's, and both handle
+/// everything soon after the broker's return. While the broker was away its queue was full and its partitions paused; they were
 /// lost at the return and assigned to it again, and librdkafka kept them paused: nothing was
 /// fetched again (the outbox soak on Kafka: two partitions unread for over 60 s; here, 120 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1875,31 +1875,62 @@ async fn a_busy_processor_catches_up_soon_after_its_broker_comes_back() {
     })
     .unwrap();
     let running = p.start(CancellationToken::new()).await.unwrap();
+    // A batch handler of another group, as slow, in batches of 10.
+    let batched: Seen = Arc::default();
+    let mut b =
+        EventProcessor::new(backend.clone(), unique("svc")).topics(support::one_topic(&topic));
+    let s = batched.clone();
+    b.handle_batch("slow-batches", move |orders: Vec<Order>| {
+        let s = s.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10) * orders.len() as u32).await;
+            s.lock()
+                .unwrap()
+                .extend(orders.iter().map(|o| ("b".to_owned(), o.n)));
+            Ok::<(), cqrs::BatchError>(())
+        }
+    })
+    .unwrap()
+    .batch_size(10);
+    let running_batches = b.start(CancellationToken::new()).await.unwrap();
     let bus = bus(&backend, &topic);
     bus.publish_all(&orders(0..1500)).await.unwrap();
     wait_for(&seen, 300).await;
+    wait_for(&batched, 300).await;
 
     server.kill().unwrap();
     let at_kill = seen.lock().unwrap().len();
+    let batched_at_kill = batched.lock().unwrap().len();
     // The outage: the gate closes (commits fail), librdkafka reports each failed reconnect.
     // Handlers not started wait (`Acknowledge::must_wait`): the one running when the broker
     // died finishes, and no other starts, though the member holds hundreds fetched ahead.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_a_second = seen.lock().unwrap().len();
+    let batched_after_a_second = batched.lock().unwrap().len();
     tokio::time::sleep(Duration::from_secs(19)).await;
     let at_return = seen.lock().unwrap().len();
-    eprintln!("handled: {at_kill} at the kill, {after_a_second} a second later, {at_return} at the return");
+    let batched_at_return = batched.lock().unwrap().len();
+    eprintln!("handled: {at_kill} at the kill, {after_a_second} a second later, {at_return} at the return; in batches {batched_at_kill}, {batched_after_a_second}, {batched_at_return}");
     assert!(
         after_a_second <= at_kill + 2 && at_return == after_a_second,
         "handlers started while the broker was away: {at_kill} handled at the kill, \
          {after_a_second} a second later, {at_return} at its return"
     );
+    // The batch running when the broker died finishes (10 at most); no other starts.
+    assert!(
+        batched_after_a_second <= batched_at_kill + 10
+            && batched_at_return == batched_after_a_second,
+        "batches started while the broker was away: {batched_at_kill} handled at the kill, \
+         {batched_after_a_second} a second later, {batched_at_return} at its return"
+    );
     server.restart().unwrap();
     let back = std::time::Instant::now();
     bus.publish_all(&orders(1500..1508)).await.unwrap();
     let all = || {
-        let distinct: BTreeSet<u32> = seen.lock().unwrap().iter().map(|(_, n)| *n).collect();
-        distinct.len() == 1508
+        [&seen, &batched].iter().all(|seen| {
+            let distinct: BTreeSet<u32> = seen.lock().unwrap().iter().map(|(_, n)| *n).collect();
+            distinct.len() == 1508
+        })
     };
     let deadline = back + Duration::from_secs(120);
     while !all() && std::time::Instant::now() < deadline {
@@ -1914,8 +1945,9 @@ async fn a_busy_processor_catches_up_soon_after_its_broker_comes_back() {
     // Measured: 11.8 s (KIP-848's rejoin, the resumed partitions fetched again).
     assert!(took < Duration::from_secs(25), "took {took:?}");
     running.shutdown().await.unwrap();
-    let handled = seen.lock().unwrap().len();
-    eprintln!("handled {handled} times for 1508 events");
+    running_batches.shutdown().await.unwrap();
+    let (handled, in_batches) = (seen.lock().unwrap().len(), batched.lock().unwrap().len());
+    eprintln!("handled {handled} times for 1508 events, in batches {in_batches}");
 }
 
 /// Many tasks publishing to a topic none of them has used: the first records of each go while

@@ -64,6 +64,29 @@ pub(super) async fn handle_batches(
         .map(|_| ())
 }
 
+/// Before a batch's first call: while its backend says its handlers should wait
+/// (`Acknowledge::must_wait`; Kafka: a broker connection lost, no commit succeeded since), the
+/// batch waits, asking again every [`super::job::HOLD_TICK`], until it does not or the group
+/// stops; then the deliveries gone stale meanwhile (their partitions lost: their next owner
+/// handles them) are dropped, not handled.
+async fn wait_while_held(todo: &mut Vec<(Context, Option<Delivery>)>, token: &CancellationToken) {
+    let held = |todo: &Vec<(Context, Option<Delivery>)>| {
+        todo.iter()
+            .any(|(_, d)| d.as_ref().is_some_and(|d| d.must_wait() && !d.is_stale()))
+    };
+    if !held(todo) {
+        return;
+    }
+    while held(todo) && !token.is_cancelled() {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(super::job::HOLD_TICK) => {}
+        }
+    }
+    todo.retain(|(_, d)| !d.as_ref().is_some_and(Delivery::is_stale));
+}
+
 /// Runs a batch handler on one fetched batch: its events go to the handler in one call; the
 /// failed ones are retried together after the longest of their backoffs (as a smaller batch)
 /// until they succeed or are dead-lettered. Other messages (malformed, other events, stale)
@@ -102,6 +125,7 @@ pub(super) async fn handle_batch(
             .consumed(1);
         todo.push((ctx, delivery));
     }
+    wait_while_held(&mut todo, token).await;
     while !todo.is_empty() {
         if token.is_cancelled() {
             // Not started: back to the broker (at-most-once ones were acked; they are lost,

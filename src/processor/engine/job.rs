@@ -137,7 +137,7 @@ impl Future for Handling<'_> {
 
 /// How long a job the backend holds ([`Acknowledge::must_wait`](crate::backend::Acknowledge))
 /// waits before it is asked again.
-const HOLD_TICK: Duration = Duration::from_millis(10);
+pub(super) const HOLD_TICK: Duration = Duration::from_millis(10);
 
 impl<'a> Handling<'a> {
     /// Whether the job waits before its handler starts, as its backend says (Kafka: a broker
