@@ -13,9 +13,10 @@ use rdkafka::TopicPartitionList;
 
 use crate::lock;
 
-/// How long handlers not started wait at most after a broker connection was lost
-/// ([`CommitGate::is_down`]), as the gate holds new work back at most as long.
-pub(crate) const HANDLERS_WAIT_AT_MOST: Duration = Duration::from_secs(30);
+/// How long the gate holds new work back at most (`KafkaConsumer::receive`), and handlers not
+/// started wait at most after a broker connection was lost ([`CommitGate::is_down`]): they
+/// limit duplicates, and must not stop a member for good.
+pub(crate) const HOLDS_AT_MOST: Duration = Duration::from_secs(30);
 
 /// How long the gate waits for the answer to a commit it asked for before asking again.
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
@@ -96,11 +97,15 @@ impl CommitGate {
         }
     }
 
+    /// Milliseconds since the gate was made, plus one: never 0, which the fields read as "none".
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
     /// Asks the committer thread for a commit, unless one asked for less than
     /// [`ASK_AGAIN_AFTER`] ago has not been answered yet.
     pub(crate) fn ask(&self) {
-        // Never 0: 0 means answered.
-        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms();
         let asked_at = self.asked_at.load(Ordering::SeqCst);
         if !should_ask(now, asked_at)
             || self
@@ -166,7 +171,7 @@ impl CommitGate {
             return true;
         }
         let asked_at = self.asked_at.load(Ordering::SeqCst);
-        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms();
         asked_at != 0 && now.saturating_sub(asked_at) >= ASK_AGAIN_AFTER.as_millis() as u64
     }
 
@@ -216,7 +221,7 @@ impl CommitGate {
     /// handled it all again. The committer commits every `commit_interval` meanwhile, so the
     /// first commit that succeeds ends the wait even when nothing new was acked.
     pub(crate) fn connection_lost(&self) {
-        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms();
         let _ = self
             .down_at
             .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
@@ -229,21 +234,21 @@ impl CommitGate {
     }
 
     /// Whether a broker connection was lost and no commit has succeeded since: handlers not
-    /// started wait (`Acknowledge::must_wait`), for [`HANDLERS_WAIT_AT_MOST`] at most.
+    /// started wait (`Acknowledge::must_wait`), for [`HOLDS_AT_MOST`] at most.
     pub(crate) fn is_down(&self) -> bool {
         let since = self.down_at.load(Ordering::Relaxed);
         if since == 0 {
             return false;
         }
-        let now = self.born.elapsed().as_millis() as u64 + 1;
-        if now.saturating_sub(since) < HANDLERS_WAIT_AT_MOST.as_millis() as u64 {
+        let now = self.now_ms();
+        if now.saturating_sub(since) < HOLDS_AT_MOST.as_millis() as u64 {
             return true;
         }
         // The wait limits duplicates; it must not stop a member for good (commits that never
         // succeed again).
         if self.down_at.swap(0, Ordering::SeqCst) != 0 {
             tracing::warn!(
-                "no commit succeeded for {HANDLERS_WAIT_AT_MOST:?} after a broker connection was lost; handlers start again (what they do is handled again if this member dies before a commit succeeds)"
+                "no commit succeeded for {HOLDS_AT_MOST:?} after a broker connection was lost; handlers start again (what they do is handled again if this member dies before a commit succeeds)"
             );
         }
         false

@@ -29,7 +29,7 @@ pub(crate) use acker::KafkaAcker;
 pub(crate) use poll::{decode, record_time_ms};
 
 use crate::access::{self, Refusals};
-use crate::commit_gate::{spawn_committer, CommitGate};
+use crate::commit_gate::{spawn_committer, CommitGate, HOLDS_AT_MOST};
 use crate::error::Error;
 use crate::KafkaConfig;
 use poll::{poll_loop, Batch, Buffers, Handover, Polled, Record, POLL_BATCH, PREFETCH};
@@ -40,9 +40,6 @@ use state::{lock, Offsets, Partition, Retry};
 /// reports it as an error (the group shows as reconnecting, with the refusal), and how often it
 /// says so again.
 const REPORT_REFUSALS_AFTER: Duration = Duration::from_secs(3);
-
-/// How long the gate holds new work back at most: then it lets a window more through.
-const GATE_HOLDS_AT_MOST: Duration = Duration::from_secs(30);
 
 pub(crate) struct KafkaConsumer {
     rx: mpsc::Receiver<Batch>,
@@ -490,12 +487,12 @@ impl Consumer for KafkaConsumer {
                 // good). Said as an error, so that the group shows it (reconnecting, with the
                 // refusal) while the commits are asked for again.
                 let since = *self.closed_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= GATE_HOLDS_AT_MOST {
+                if since.elapsed() >= HOLDS_AT_MOST {
                     // The gate limits duplicates; it must not stop a member for good (a
                     // coordinator that never answers, a rejoin that does not finish).
                     tracing::warn!(
                         unrecorded = gate.unrecorded(),
-                        "no commit succeeded for {GATE_HOLDS_AT_MOST:?}; taking new work again (what is not recorded is handled again if this member dies)"
+                        "no commit succeeded for {HOLDS_AT_MOST:?}; taking new work again (what is not recorded is handled again if this member dies)"
                     );
                     gate.all_recorded();
                     self.closed_since = None;

@@ -376,14 +376,8 @@ pub(super) fn held(offsets: &Offsets) -> u64 {
 pub(super) fn to_commit(offsets: &Offsets) -> rdkafka::TopicPartitionList {
     let mut tpl = rdkafka::TopicPartitionList::new();
     for ((topic, partition), state) in offsets {
-        let Some(position) = state.position() else {
-            continue;
-        };
-        let mut e = tpl.add_partition(topic, *partition);
-        // An absolute offset is always one librdkafka takes.
-        let _ = e.set_offset(rdkafka::Offset::Offset(position));
-        if let Some(metadata) = state.metadata() {
-            e.set_metadata(metadata);
+        if let Some(position) = state.position() {
+            put(&mut tpl, topic, *partition, position, state.metadata());
         }
     }
     tpl
@@ -397,13 +391,24 @@ pub(super) fn add_position(
     partition: i32,
     state: &mut PartitionState,
 ) {
-    let Some(position) = state.position() else {
-        return;
-    };
+    if let Some(position) = state.position() {
+        let metadata = state.metadata_to_store();
+        put(tpl, topic, partition, position, metadata);
+    }
+}
+
+/// Adds `position` on `partition` of `topic`, with `metadata` if any, to `tpl`.
+fn put(
+    tpl: &mut rdkafka::TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    position: i64,
+    metadata: Option<String>,
+) {
     let mut e = tpl.add_partition(topic, partition);
     // An absolute offset is always one librdkafka takes.
     let _ = e.set_offset(rdkafka::Offset::Offset(position));
-    if let Some(metadata) = state.metadata_to_store() {
+    if let Some(metadata) = metadata {
         e.set_metadata(metadata);
     }
 }

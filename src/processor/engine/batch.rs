@@ -77,11 +77,14 @@ async fn wait_while_held(todo: &mut Vec<(Context, Option<Delivery>)>, token: &Ca
     if !held(todo) {
         return;
     }
-    while held(todo) && !token.is_cancelled() {
+    loop {
         tokio::select! {
             biased;
-            _ = token.cancelled() => {}
+            _ = token.cancelled() => break,
             _ = tokio::time::sleep(super::job::HOLD_TICK) => {}
+        }
+        if !held(todo) {
+            break;
         }
     }
     todo.retain(|(_, d)| !d.as_ref().is_some_and(Delivery::is_stale));
