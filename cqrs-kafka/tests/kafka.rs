@@ -755,6 +755,20 @@ fn partition_offset(d: &Delivery) -> (i32, i64) {
 
 /// The committed offset of each of the topic's partitions (`None`: none).
 fn committed_each(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    committed_with_metadata_each(brokers, group, topic, partitions)
+        .into_iter()
+        .map(|(offset, _)| offset)
+        .collect()
+}
+
+/// The committed offset of each of the topic's partitions (`None`: none), with its metadata,
+/// read from the broker.
+fn committed_with_metadata_each(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(Option<i64>, String)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let client: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -769,12 +783,17 @@ fn committed_each(brokers: &str, group: &str, topic: &str, partitions: i32) -> V
         .committed_offsets(tpl, Duration::from_secs(10))
         .unwrap();
     let out = (0..partitions)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(rdkafka::Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
+        .map(|p| {
+            committed
+                .find_partition(topic, p)
+                .map_or((None, String::new()), |e| {
+                    let offset = match e.offset() {
+                        rdkafka::Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    (offset, e.metadata().to_owned())
+                })
+        })
         .collect();
     drop(committed);
     out
@@ -1458,23 +1477,7 @@ async fn messages_handled_behind_one_waiting_for_a_retry_count_against_max_unrec
 
 /// `group`'s committed offset of partition 0 of `topic`, with its metadata, read from the broker.
 fn committed_with_metadata(brokers: &str, group: &str, topic: &str) -> (Option<i64>, String) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let committed = client
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let e = committed.find_partition(topic, 0).unwrap();
-    let offset = match e.offset() {
-        rdkafka::Offset::Offset(o) => Some(o),
-        _ => None,
-    };
-    (offset, e.metadata().to_owned())
+    committed_with_metadata_each(brokers, group, topic, 1).remove(0)
 }
 
 /// A member with the first of 20 messages waiting for a retry (an hour away) and the next 5

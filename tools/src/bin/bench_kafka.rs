@@ -25,7 +25,8 @@
 //! events on `T` (`publish-one-*` one per call from 64 tasks); each `consume-*` reads
 //! `BENCH_N` of them in a new group (from a topic with exactly that many, published by ours),
 //! with `BENCH_MEMBERS` members (1 unless set; `BENCH_BATCH` sets ours' batch size, 500 unless
-//! set, `BENCH_CONCURRENCY` its handler's concurrency, 1 unless set); `consume-backend` is our backend's consumer alone, without the processor (one member);
+//! set, `BENCH_CONCURRENCY` its handler's concurrency, 1 unless set); `consume-backend` is our
+//! backend's consumer alone, without the processor (one member);
 //! `consume-raw-threaded` is a raw consumer built as ours is (a poll thread handing batches to a
 //! task, `Bench::raw_threaded_consume`), for experiments;
 //! `e2e-*` publishes and consumes `BENCH_N` at once on a new topic named from `T` (deleted after),
