@@ -6,6 +6,7 @@
 //! - [`state`]: what the member knows of each partition it holds.
 
 mod acker;
+mod handled;
 mod poll;
 mod rebalance;
 mod state;

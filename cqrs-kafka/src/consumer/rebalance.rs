@@ -16,7 +16,8 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::state::{self, lock, Handled, Offsets, Retry};
+use super::handled::Handled;
+use super::state::{self, lock, Offsets, Retry};
 use crate::access::Refusals;
 use crate::commit_gate::CommitGate;
 
