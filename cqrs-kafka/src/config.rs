@@ -50,6 +50,10 @@ pub enum GroupProtocol {
     Consumer,
 }
 
+/// The longest librdkafka waits between two attempts to connect to a broker (`reconnect.backoff.max.ms`;
+/// [`KafkaConfig::set`] changes it).
+const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
 /// Settings the backend's guarantees rest on: [`KafkaConfig::set`] may not change them.
 const RESERVED: [&str; 3] = ["group.id", "enable.auto.commit", "enable.auto.offset.store"];
 
@@ -188,6 +192,10 @@ impl KafkaConfig {
     pub(crate) fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        // librdkafka's default is 10 s: after an outage of some seconds, its attempts were
+        // 10 s apart, and a broker back found its clients 10 s later (a member then came back
+        // to a group that had expired it). 1 s, the Java client's default.
+        c.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
         c
     }
 
