@@ -1949,8 +1949,10 @@ async fn a_busy_processor_catches_up_soon_after_its_broker_comes_back() {
     // once they waited (what they had not done then is done after the return), with librdkafka's
     // reconnect backoff of up to 10 s: the member found its broker back up to 10 s late, then
     // rejoined a group that had expired it. With it at 1 s: 14.4, 14.9 and 15.5 s (~1,200
-    // events handled after the return, 10 ms each, one at a time: 12 s of it).
-    assert!(took < Duration::from_secs(25), "took {took:?}");
+    // events handled after the return, 10 ms each, one at a time: 12 s of it); 14.6 and 15.4 s
+    // with debug logs, 15.0 and 15.1 s among the other tests. 20 s: the reconnect backoff of
+    // 10 s does not pass.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
     running.shutdown().await.unwrap();
     running_batches.shutdown().await.unwrap();
     let (handled, in_batches) = (seen.lock().unwrap().len(), batched.lock().unwrap().len());
