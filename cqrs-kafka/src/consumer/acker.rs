@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use tokio::time::Instant;
 
+use super::handled::Handled;
 use super::rebalance::Ctx;
 use super::state::{add_position, lock, Offsets, Partition, PartitionState, Retry};
 use crate::commit_gate::CommitGate;
@@ -70,6 +71,35 @@ impl KafkaAcker {
         offsets
             .get_mut(&Partition(topic, partition))
             .filter(|s| s.owns(self.of_epoch))
+    }
+
+    /// Notes `handled`, acked on `partition` of `topic` after this acker's assignment of it was
+    /// revoked: in its state if this member holds it again (its records not handed out again
+    /// yet are passed over), else with what this member kept of it when its commit could not be
+    /// made (`Ctx::unrecorded`, for the next assignment). A partition revoked with a commit
+    /// keeps nothing: it most likely went to another member.
+    fn handled_after_revocation(
+        &self,
+        offsets: &mut Offsets,
+        consumer: &BaseConsumer<Ctx>,
+        topic: &Arc<str>,
+        partition: i32,
+        handled: &Handled,
+    ) {
+        if handled.is_empty() {
+            return;
+        }
+        if let Some(state) = offsets.get_mut(&Partition(topic, partition)) {
+            state.handled_before(handled);
+            return;
+        }
+        let mut kept = lock(&consumer.context().unrecorded);
+        if let Some(kept) = kept.get_mut(&(topic.to_string(), partition)) {
+            kept.above = Some(match kept.above.take() {
+                Some(above) => above.union(handled),
+                None => handled.clone(),
+            });
+        }
     }
 
     /// Whether `delivery`'s partition still belongs to this acker's assignment and `check`
@@ -153,8 +183,18 @@ impl Acknowledge for KafkaAcker {
                 let (partition, _) = position(&run[0])?;
                 let topic = run[0].topic_arc();
                 // A partition revoked since: its next owner (maybe this member again) reads it
-                // from the committed offset.
+                // from the committed offset. What was handled stays handled, though: this member
+                // passes it over if the partition comes back to it.
                 let Some(state) = self.owned(&mut offsets, topic, partition) else {
+                    let handled =
+                        Handled::of(run.iter().filter_map(|d| d.position()).map(|p| p.offset));
+                    self.handled_after_revocation(
+                        &mut offsets,
+                        &consumer,
+                        topic,
+                        partition,
+                        &handled,
+                    );
                     continue;
                 };
                 for d in run {

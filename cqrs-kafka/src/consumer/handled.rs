@@ -91,6 +91,39 @@ impl Handled {
     pub(crate) fn runs(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
         self.0.iter().copied()
     }
+
+    /// The offsets `offsets` lists (in increasing order), in runs.
+    pub(crate) fn of(offsets: impl IntoIterator<Item = i64>) -> Handled {
+        let mut runs: VecDeque<(i64, i64)> = VecDeque::new();
+        for offset in offsets {
+            match runs.back_mut() {
+                Some(last) if offset == last.1 => last.1 += 1,
+                Some(last) if offset < last.1 => {}
+                _ => runs.push_back((offset, offset.saturating_add(1))),
+            }
+        }
+        Handled(runs)
+    }
+
+    /// The offsets either names: their runs in increasing order, overlapping or touching ones
+    /// joined.
+    pub(crate) fn union(&self, other: &Handled) -> Handled {
+        let mut all: Vec<(i64, i64)> = self.runs().chain(other.runs()).collect();
+        all.sort_unstable();
+        let mut joined: VecDeque<(i64, i64)> = VecDeque::with_capacity(all.len());
+        for (start, end) in all {
+            match joined.back_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => joined.push_back((start, end)),
+            }
+        }
+        Handled(joined)
+    }
+
+    /// Where the last run ends (`None`: no run).
+    pub(crate) fn end(&self) -> Option<i64> {
+        self.0.back().map(|&(_, end)| end)
+    }
 }
 
 /// Writes [`Handled`]'s form, a run at a time, within [`METADATA_MAX`].
@@ -170,6 +203,19 @@ mod tests {
         ] {
             assert_eq!(Handled::parse(committed, bad), None, "{bad} at {committed}");
         }
+    }
+
+    #[test]
+    fn a_union_names_the_offsets_either_names_in_joined_runs() {
+        let a = Handled::parse(0, "cqrs-handled:1:10,1,4,2,3").unwrap(); // 11-14, 17-19
+        let b = Handled::parse(0, "cqrs-handled:1:14,1,2,10,1").unwrap(); // 15-16, 27
+        let u = a.union(&b);
+        assert_eq!(u.runs().collect::<Vec<_>>(), [(11, 20), (27, 28)]);
+        assert_eq!(u.end(), Some(28));
+        assert_eq!(u, b.union(&a));
+        assert_eq!(a.union(&Handled::default()), a);
+        let listed = Handled::of([3, 4, 5, 7, 9, 10]);
+        assert_eq!(listed.runs().collect::<Vec<_>>(), [(3, 6), (7, 8), (9, 11)]);
     }
 
     #[test]

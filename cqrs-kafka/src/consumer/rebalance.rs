@@ -17,7 +17,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::handled::Handled;
-use super::state::{self, lock, Offsets, Retry};
+use super::state::{self, lock, Kept, Offsets, Retry};
 use crate::access::Refusals;
 use crate::commit_gate::CommitGate;
 
@@ -42,11 +42,12 @@ pub(crate) struct Ctx {
     pub(super) rebalances: watch::Sender<u64>,
     pub(super) start: StartFrom,
     pub(super) timeout: Duration,
-    /// Per partition, the position this member had handled everything below when the commit
-    /// at its revocation was refused (a broker may refuse commits while its group rebalances):
-    /// if the next assignment gives the partition back, it resumes there, not from the older
-    /// committed offset.
-    pub(super) unrecorded: Mutex<HashMap<(String, i32), i64>>,
+    /// Per partition, what this member had handled when the commit at its revocation was
+    /// refused (a broker may refuse commits while its group rebalances) or could not be made (the
+    /// partition lost): the position it had handled everything below, and the offsets above it
+    /// handled too. If the next assignment gives the partition back, it resumes at that position,
+    /// not from the older committed offset, and passes the others over.
+    pub(super) unrecorded: Mutex<HashMap<(String, i32), Kept>>,
     pub(super) gate: Arc<CommitGate>,
     /// The brokers refusing this member (credentials, ACLs), for `KafkaConsumer::start`.
     pub(super) refusals: Refusals,
@@ -120,20 +121,31 @@ impl Ctx {
         let mut unrecorded = std::mem::take(&mut *lock(&self.unrecorded));
         let mut to_store = TopicPartitionList::new();
         let mut handled_above = Vec::new();
-        for (topic, partition, offset, handled) in parts {
-            if let Some(handled) = handled {
-                tracing::debug!(%topic, partition, ?handled, "offsets handled above the committed one");
-                handled_above.push(((topic.clone(), partition), handled));
+        for (topic, partition, offset, committed_above) in parts {
+            let kept = unrecorded.remove(&(topic.clone(), partition));
+            // What this member handled is true of the partition only as far as it goes: a topic
+            // deleted and made again (shorter) starts over.
+            let end = || consumer.fetch_watermarks(&topic, partition, self.timeout);
+            let (handled, kept_above) = match kept {
+                Some(Kept { position, above }) => {
+                    let last = above.as_ref().and_then(Handled::end).unwrap_or(position);
+                    match end() {
+                        Ok((_, high)) if last <= high => (Some(position), above),
+                        _ => (None, None),
+                    }
+                }
+                None => (None, None),
+            };
+            let above = match (committed_above, kept_above) {
+                (Some(a), Some(b)) => Some(a.union(&b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(above) = above {
+                tracing::debug!(%topic, partition, ?above, "offsets handled above the committed one");
+                handled_above.push(((topic.clone(), partition), above));
             }
-            let handled = unrecorded.remove(&(topic.clone(), partition));
-            // Handled further than the group recorded: resume there, and record it. Not past
-            // the partition's end (a topic deleted and made again starts over).
-            let resume = handled
-                .filter(|h| !matches!(offset, Offset::Offset(c) if c >= *h))
-                .filter(|h| {
-                    let end = consumer.fetch_watermarks(&topic, partition, self.timeout);
-                    matches!(end, Ok((_, high)) if *h <= high)
-                });
+            // Handled further than the group recorded: resume there, and record it.
+            let resume = handled.filter(|h| !matches!(offset, Offset::Offset(c) if c >= *h));
             let start = match (resume, offset, self.start) {
                 (Some(h), _, _) => {
                     if let Err(e) =
@@ -251,9 +263,20 @@ impl Ctx {
             Err(e) => {
                 tracing::warn!(error = %e, partitions = revoked.len(), "partitions revoked without a commit; their positions are kept in case they come back");
                 let mut unrecorded = lock(&self.unrecorded);
-                for (key, position) in positions {
-                    let kept = unrecorded.entry(key).or_insert(position);
-                    *kept = (*kept).max(position);
+                for (key, kept) in positions {
+                    // Both true (handled stays handled): the further position, and what either
+                    // names above.
+                    let known = match unrecorded.remove(&key) {
+                        Some(before) => Kept {
+                            position: before.position.max(kept.position),
+                            above: match (before.above, kept.above) {
+                                (Some(a), Some(b)) => Some(a.union(&b)),
+                                (a, b) => a.or(b),
+                            },
+                        },
+                        None => kept,
+                    };
+                    unrecorded.insert(key, known);
                 }
             }
         }

@@ -104,6 +104,19 @@ impl PartitionState {
         Some(metadata)
     }
 
+    /// Notes `handled` (acked in an earlier assignment of the partition, after it was revoked):
+    /// those of its records not handed out again yet are passed over.
+    pub(super) fn handled_before(&mut self, handled: &Handled) {
+        if self.next.is_none() {
+            // Its start is librdkafka's to find: which records are still to come is not known.
+            return;
+        }
+        self.handled = Some(match self.handled.take() {
+            Some(known) => known.union(handled),
+            None => handled.clone(),
+        });
+    }
+
     /// How many messages were acked above an offset still pending (see [`held`]).
     fn held(&self) -> u64 {
         match (self.pending.first(), self.next) {
@@ -323,19 +336,35 @@ pub(super) fn assign(
     }
 }
 
+/// What a member knew it had handled on a partition when it gave the partition up: everything
+/// below `position`, and what `above` names (acked above a message still pending, or told by
+/// the last owner and not read again yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Kept {
+    pub(super) position: i64,
+    pub(super) above: Option<Handled>,
+}
+
 /// Drops the states of the partitions `is_revoked` names, in a new rebalance epoch, and returns
-/// their positions (everything below each is settled). Called with `offsets` locked: from then
-/// on an ack stores nothing for them, and their records still queued are stale.
+/// what each had handled ([`Kept`]). Called with `offsets` locked: from then on an ack stores
+/// nothing for them, and their records still queued are stale.
 pub(super) fn revoke(
     offsets: &mut Offsets,
     epoch: &AtomicU64,
     is_revoked: impl Fn(&str, i32) -> bool,
-) -> Vec<((String, i32), i64)> {
+) -> Vec<((String, i32), Kept)> {
     epoch.fetch_add(1, Ordering::SeqCst);
     let positions = offsets
         .iter()
         .filter(|((t, p), _)| is_revoked(t, *p))
-        .filter_map(|((t, p), state)| Some(((t.to_string(), *p), state.position()?)))
+        .filter_map(|((t, p), state)| {
+            let position = state.position()?;
+            // In the form a commit carries it, read back: made once a revocation, not per ack.
+            let above = state
+                .metadata()
+                .and_then(|metadata| Handled::parse(position, &metadata));
+            Some(((t.to_string(), *p), Kept { position, above }))
+        })
         .collect();
     offsets.retain(|(t, p), _| !is_revoked(t, *p));
     positions
@@ -428,6 +457,36 @@ mod tests {
             assert_eq!(s.handled_already(offset), offset >= 17);
         }
         assert_eq!((s.position(), s.metadata()), (Some(20), None));
+    }
+
+    #[test]
+    fn a_revocation_keeps_what_was_handled_above_the_position_and_later_acks_are_noted() {
+        let mut offsets = Offsets::default();
+        offsets.insert((Arc::from("t"), 0), held_at_ten());
+        let epoch = AtomicU64::new(0);
+        let kept = revoke(&mut offsets, &epoch, |_, _| true);
+        let above = Handled::parse(10, "cqrs-handled:1:10,1,4,2,3");
+        assert_eq!(
+            kept,
+            [(
+                ("t".to_owned(), 0),
+                Kept {
+                    position: 10,
+                    above
+                }
+            )]
+        );
+        // Assigned again from 10; 15 and 16, being handled when it was revoked, are acked after.
+        let mut s = PartitionState::new(1);
+        s.next = Some(10);
+        s.handled = Handled::parse(10, "cqrs-handled:1:10,1,4,2,3");
+        s.handled_before(&Handled::of([15, 16]));
+        let handed: Vec<i64> = (10..22).filter(|o| !s.handled_already(*o)).collect();
+        assert_eq!(handed, [10, 20, 21]);
+        // Its start not known yet: nothing noted.
+        let mut unknown = PartitionState::new(1);
+        unknown.handled_before(&Handled::of([15]));
+        assert!(unknown.handled.is_none());
     }
 
     #[test]

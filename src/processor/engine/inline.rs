@@ -44,6 +44,18 @@ pub(super) async fn handle_inline(
             }
             continue;
         }
+        // A job its backend holds (Kafka: a broker connection lost) may wait long: what the
+        // batch handled before it is acked first. Acked only at the batch's end, it was not
+        // counted as handled when the partition was lost meanwhile (the broker away too long),
+        // and the partition's next owner, this member again, handled it a second time.
+        if !acks.is_empty() && job.must_wait() {
+            ack_until_stopped(
+                std::mem::take(&mut acks),
+                token,
+                spec.options.shutdown_timeout,
+            )
+            .await;
+        }
         let mut run = std::pin::pin!(handle_job(spec, services, job, token));
         // Most handlers finish at their first poll: only a pending one waits on the token.
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
