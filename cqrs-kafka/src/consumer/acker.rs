@@ -95,10 +95,7 @@ impl KafkaAcker {
         }
         let mut kept = lock(&consumer.context().unrecorded);
         if let Some(kept) = kept.get_mut(&(topic.to_string(), partition)) {
-            kept.above = Some(match kept.above.take() {
-                Some(above) => above.union(handled),
-                None => handled.clone(),
-            });
+            kept.above = Handled::joined(kept.above.take(), Some(handled.clone()));
         }
     }
 

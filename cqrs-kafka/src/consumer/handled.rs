@@ -120,6 +120,14 @@ impl Handled {
         Handled(joined)
     }
 
+    /// The offsets `a` or `b` names, if either names any.
+    pub(crate) fn joined(a: Option<Handled>, b: Option<Handled>) -> Option<Handled> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.union(&b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Where the last run ends (`None`: no run).
     pub(crate) fn end(&self) -> Option<i64> {
         self.0.back().map(|&(_, end)| end)

@@ -136,10 +136,7 @@ impl Ctx {
                 }
                 None => (None, None),
             };
-            let above = match (committed_above, kept_above) {
-                (Some(a), Some(b)) => Some(a.union(&b)),
-                (a, b) => a.or(b),
-            };
+            let above = Handled::joined(committed_above, kept_above);
             if let Some(above) = above {
                 tracing::debug!(%topic, partition, ?above, "offsets handled above the committed one");
                 handled_above.push(((topic.clone(), partition), above));
@@ -269,10 +266,7 @@ impl Ctx {
                     let known = match unrecorded.remove(&key) {
                         Some(before) => Kept {
                             position: before.position.max(kept.position),
-                            above: match (before.above, kept.above) {
-                                (Some(a), Some(b)) => Some(a.union(&b)),
-                                (a, b) => a.or(b),
-                            },
+                            above: Handled::joined(before.above, kept.above),
                         },
                         None => kept,
                     };

@@ -111,10 +111,7 @@ impl PartitionState {
             // Its start is librdkafka's to find: which records are still to come is not known.
             return;
         }
-        self.handled = Some(match self.handled.take() {
-            Some(known) => known.union(handled),
-            None => handled.clone(),
-        });
+        self.handled = Handled::joined(self.handled.take(), Some(handled.clone()));
     }
 
     /// How many messages were acked above an offset still pending (see [`held`]).
