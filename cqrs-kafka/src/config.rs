@@ -81,7 +81,11 @@ impl KafkaConfig {
     /// `enable.idempotence`, `linger.ms`, ...). Later settings win. `group.id`,
     /// `enable.auto.commit` and `enable.auto.offset.store` are the backend's own (a processor
     /// names its groups, and offsets are stored only for handled messages): `connect` refuses
-    /// them with [`Error::Reserved`].
+    /// them with [`Error::Reserved`]. Some settings the backend chooses where librdkafka's
+    /// defaults do not suit it, and these win over them: `reconnect.backoff.max.ms` is 1,000
+    /// (librdkafka's 10,000 let a member find its restarted broker 10 s late), and consumers get
+    /// `fetch.queue.backoff.ms` 10 (librdkafka: 1,000) and `queued.max.messages.kbytes` 16,384
+    /// (librdkafka: 65,536).
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.insert(key.into(), value.into());
         self
