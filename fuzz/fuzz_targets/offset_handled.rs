@@ -2,8 +2,8 @@
 //! when a processor's member is assigned a partition: the metadata is whatever any member of the
 //! group, or any other client, committed. No panic; runs in increasing order, none empty or
 //! overlapping the next, all at or above the committed offset, no more of them than the
-//! metadata has bytes over 4 (memory bounded by the input); and what the writer writes stays
-//! within its bound and reads back as the runs it took.
+//! metadata has bytes over 4 (memory bounded by the input); what the writer writes stays
+//! within its bound and reads back as the runs it took; and a union keeps every run of both.
 #![no_main]
 
 #[allow(dead_code)]
@@ -72,5 +72,21 @@ fuzz_target!(|input: Input| {
             assert_eq!(read.runs().collect::<Vec<_>>(), taken);
         }
         None => assert!(taken.is_empty()),
+    }
+
+    // What was read joined with offsets listed one by one (acks after a revocation): runs in
+    // order, apart (touching ones joined), each run of either inside one of them.
+    let read = Handled::parse(input.committed, &metadata).unwrap_or_default();
+    let listed = Handled::of(taken.iter().flat_map(|&(start, end)| start..end).take(10_000));
+    let joined: Vec<(i64, i64)> = read.union(&listed).runs().collect();
+    for pair in joined.windows(2) {
+        assert!(pair[0].0 < pair[0].1 && pair[0].1 < pair[1].0, "{joined:?}");
+    }
+    for (start, end) in read.runs().chain(listed.runs()) {
+        let at = joined.partition_point(|&(_, e)| e < end);
+        assert!(
+            joined.get(at).is_some_and(|&(s, e)| s <= start && end <= e),
+            "{start}..{end} not in {joined:?}"
+        );
     }
 });
