@@ -12,7 +12,12 @@ use super::settle::{ack_until_stopped, nack, stop_on_failure};
 use super::{GroupSpec, Job, Services, Settle};
 use crate::{Error, Result};
 
-/// Handles a batch in order in the calling task, then settles it: one ack call for the batch.
+/// How long a batch's slow handlers' acks wait at most before they are made (see
+/// [`handle_inline`]): the Kafka backend's commit interval.
+const ACK_WITHIN: Duration = Duration::from_millis(100);
+
+/// Handles a batch in order in the calling task, then settles it: one ack call for the batch
+/// (and one every [`ACK_WITHIN`] while its handlers are slow).
 /// After cancellation the running handler gets the shutdown deadline, and so do messages acked
 /// before handling (at-most-once); the rest of the batch is handed back.
 pub(super) async fn handle_inline(
@@ -24,6 +29,9 @@ pub(super) async fn handle_inline(
     let mut acks = Vec::with_capacity(jobs.len());
     let mut deadline = None;
     let mut timed_out = false;
+    // Since when the acks collected have waited, counted from the first handler that did not
+    // finish at once (fast handlers read no clock).
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     for job in jobs {
         if token.is_cancelled() || timed_out {
             let deadline = *deadline
@@ -59,6 +67,10 @@ pub(super) async fn handle_inline(
         let mut run = std::pin::pin!(handle_job(spec, services, job, token));
         // Most handlers finish at their first poll: only a pending one waits on the token.
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        let slow = first.is_pending();
+        if slow && waiting_since.is_none() {
+            waiting_since = Some(tokio::time::Instant::now());
+        }
         let outcome = match first {
             Poll::Ready(o) => o,
             Poll::Pending => tokio::select! {
@@ -84,6 +96,21 @@ pub(super) async fn handle_inline(
             // What came before is settled; this one and the rest go back.
             Some(Settle::Fail(d, why)) => return Err(stop_on_failure(d, acks, &why).await),
             None => {}
+        }
+        // Slow handlers: what they handled is acked every `ACK_WITHIN`, not only at the batch's
+        // end, so that a partition revoked meanwhile (a rebalance) is committed with it and its
+        // next owner does not handle it again.
+        if slow
+            && !acks.is_empty()
+            && waiting_since.is_some_and(|since| since.elapsed() >= ACK_WITHIN)
+        {
+            ack_until_stopped(
+                std::mem::take(&mut acks),
+                token,
+                spec.options.shutdown_timeout,
+            )
+            .await;
+            waiting_since = Some(tokio::time::Instant::now());
         }
     }
     if !acks.is_empty() {
