@@ -1051,6 +1051,37 @@ fn mock_kafka_server() {
     support::serve_mock_kafka();
 }
 
+/// A processor of `service` reading `topic` whose handler takes `delay_ms` a message, then notes
+/// `(label, n)` in `handled`; `concurrency` and `batch_size` as given, and a shutdown deadline
+/// of 200 ms.
+#[allow(clippy::too_many_arguments)]
+fn slow_member(
+    backend: &KafkaBackend,
+    service: &str,
+    topic: &str,
+    handled: &Arc<Mutex<Vec<(&'static str, u32)>>>,
+    label: &'static str,
+    delay_ms: u64,
+    concurrency: usize,
+    batch_size: usize,
+) -> EventProcessor {
+    let mut p = EventProcessor::new(backend.clone(), service).topics(support::one_topic(topic));
+    let h = handled.clone();
+    p.handle("record", move |o: Order| {
+        let h = h.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            h.lock().unwrap().push((label, o.n));
+            Ok::<_, String>(())
+        }
+    })
+    .unwrap()
+    .concurrency(concurrency)
+    .batch_size(batch_size)
+    .shutdown_timeout(Duration::from_millis(200));
+    p
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
     let topic = unique("orders");
@@ -1061,22 +1092,7 @@ async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
     // fetch buffer when the second member joins and the partitions are split, and some is
     // queued in its lanes when it stops.
     let member = |label: &'static str, delay: u64| {
-        let mut p =
-            EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
-        let h = handled.clone();
-        p.handle("record", move |o: Order| {
-            let h = h.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                h.lock().unwrap().push((label, o.n));
-                Ok::<_, String>(())
-            }
-        })
-        .unwrap()
-        .concurrency(2)
-        .batch_size(10)
-        .shutdown_timeout(Duration::from_millis(200));
-        p
+        slow_member(&backend, &service, &topic, &handled, label, delay, 2, 10)
     };
     let count = |label: &'static str| {
         let handled = handled.clone();
@@ -1114,19 +1130,23 @@ async fn a_rebalance_while_handlers_are_slow_skips_nothing() {
         .start(CancellationToken::new())
         .await
         .unwrap();
-    eventually("all 400 handled", || {
-        let all = handled
+    each_handled(&handled, 400).await;
+    last.shutdown().await.unwrap();
+}
+
+/// Waits until `handled` names each of `0..n` at least once.
+async fn each_handled(handled: &Mutex<Vec<(&'static str, u32)>>, n: usize) {
+    eventually(&format!("all {n} handled"), || {
+        let distinct = handled
             .lock()
             .unwrap()
             .iter()
-            .map(|(_, n)| n)
+            .map(|(_, n)| *n)
             .collect::<BTreeSet<_>>()
-            .len()
-            == 400;
-        async move { all }
+            .len();
+        async move { distinct == n }
     })
     .await;
-    last.shutdown().await.unwrap();
 }
 
 /// A member with a slow handler (one at a time, 20 ms a message, batches of 100) gives up
@@ -1140,22 +1160,8 @@ async fn a_slow_batch_cut_by_a_rebalance_is_mostly_not_handled_again() {
     let backend = KafkaBackend::connect(group_config()).await.unwrap();
     let service = unique("svc");
     let handled: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
-    let member = |label: &'static str| {
-        let mut p =
-            EventProcessor::new(backend.clone(), &service).topics(support::one_topic(&topic));
-        let h = handled.clone();
-        p.handle("record", move |o: Order| {
-            let h = h.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                h.lock().unwrap().push((label, o.n));
-                Ok::<_, String>(())
-            }
-        })
-        .unwrap()
-        .batch_size(100);
-        p
-    };
+    let member =
+        |label: &'static str| slow_member(&backend, &service, &topic, &handled, label, 20, 1, 100);
     bus(&backend, &topic)
         .publish_all(&orders(0..400))
         .await
@@ -1175,18 +1181,7 @@ async fn a_slow_batch_cut_by_a_rebalance_is_mostly_not_handled_again() {
         .start(CancellationToken::new())
         .await
         .unwrap();
-    eventually("all 400 handled", || {
-        let all = handled
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, n)| *n)
-            .collect::<BTreeSet<_>>()
-            .len()
-            == 400;
-        async move { all }
-    })
-    .await;
+    each_handled(&handled, 400).await;
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
     let handled = handled.lock().unwrap().clone();
