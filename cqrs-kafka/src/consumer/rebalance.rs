@@ -129,8 +129,10 @@ impl Ctx {
             let (handled, kept_above) = match kept {
                 Some(Kept { position, above }) => {
                     let last = above.as_ref().and_then(Handled::end).unwrap_or(position);
-                    match end() {
-                        Ok((_, high)) if last <= high => (Some(position), above),
+                    // Nothing past what the group recorded: nothing to add, and no end asked.
+                    let past_committed = !matches!(offset, Offset::Offset(c) if c >= last);
+                    match past_committed.then(end) {
+                        Some(Ok((_, high))) if last <= high => (Some(position), above),
                         _ => (None, None),
                     }
                 }
