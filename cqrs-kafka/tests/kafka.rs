@@ -79,10 +79,7 @@ async fn recorder(
 
 /// The sum of `group`'s committed offsets over the topic's partitions, read from the broker.
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
-    committed_each(brokers, group, topic, partitions)
-        .into_iter()
-        .map(|o| o.unwrap_or(0))
-        .sum()
+    Committed::reader(brokers, group, topic, partitions).sum()
 }
 
 fn bus(backend: &KafkaBackend, topic: &str) -> EventBus {
@@ -629,8 +626,9 @@ async fn a_batch_handler_gets_many_records_at_once_and_commits_only_what_it_hand
     let (running, calls) =
         support::scenarios::batch_failing_12_once(backend.clone(), namer, &service).await;
     let group = format!("{service}.store");
+    let reader = Committed::reader(&brokers(), &group, &topic, 4);
     eventually("every record committed", || {
-        let committed = committed(&brokers(), &group, &topic, 4);
+        let committed = reader.sum();
         async move { committed == 30 }
     })
     .await;
@@ -769,34 +767,73 @@ fn committed_with_metadata_each(
     topic: &str,
     partitions: i32,
 ) -> Vec<(Option<i64>, String)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
+    Committed::reader(brokers, group, topic, partitions).each()
+}
+
+/// A client that reads `group`'s committed offsets on a topic, asked as often as a test likes:
+/// one client for a whole wait, not one a check. A client with a group id takes ~100 ms to
+/// close, and rust-rdkafka's drop waits for the close with no limit (rust-rdkafka#509: a
+/// consumer made and dropped in quick succession can hang there); dropped on a thread of its
+/// own, such a hang cannot stall a test.
+struct Committed {
+    client: Option<rdkafka::consumer::BaseConsumer>,
+    topic: String,
+    partitions: i32,
+}
+
+impl Committed {
+    fn reader(brokers: &str, group: &str, topic: &str, partitions: i32) -> Committed {
+        let client = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        Committed {
+            client: Some(client),
+            topic: topic.to_owned(),
+            partitions,
+        }
     }
-    let committed = client
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let out = (0..partitions)
-        .map(|p| {
-            committed
-                .find_partition(topic, p)
-                .map_or((None, String::new()), |e| {
-                    let offset = match e.offset() {
-                        rdkafka::Offset::Offset(o) => Some(o),
-                        _ => None,
-                    };
-                    (offset, e.metadata().to_owned())
-                })
-        })
-        .collect();
-    drop(committed);
-    out
+
+    /// Each partition's committed offset (`None`: none) and metadata, asked now.
+    fn each(&self) -> Vec<(Option<i64>, String)> {
+        use rdkafka::consumer::Consumer;
+        let (topic, partitions) = (self.topic.as_str(), self.partitions);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let client = self.client.as_ref().expect("taken only when dropped");
+        let committed = client
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        (0..partitions)
+            .map(|p| {
+                committed
+                    .find_partition(topic, p)
+                    .map_or((None, String::new()), |e| {
+                        let offset = match e.offset() {
+                            rdkafka::Offset::Offset(o) => Some(o),
+                            _ => None,
+                        };
+                        (offset, e.metadata().to_owned())
+                    })
+            })
+            .collect()
+    }
+
+    /// The sum of the committed offsets (`None` counts as 0).
+    fn sum(&self) -> i64 {
+        self.each().into_iter().map(|(o, _)| o.unwrap_or(0)).sum()
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            std::thread::spawn(move || drop(client));
+        }
+    }
 }
 
 /// A member of a fresh group, on `protocol`, holding (unacked) all `n` keyed messages of a fresh
@@ -1446,11 +1483,11 @@ async fn a_member_commits_every_n_handled_messages_between_intervals() {
         .await
         .unwrap();
     wait_for(&seen, 25).await;
+    let reader = Arc::new(Committed::reader(&brokers(), &group, &topic, 1));
     eventually("a commit while the member runs", || {
-        let brokers = brokers();
-        let (group, topic) = (group.clone(), topic.clone());
+        let reader = reader.clone();
         async move {
-            tokio::task::spawn_blocking(move || committed(&brokers, &group, &topic, 1))
+            tokio::task::spawn_blocking(move || reader.sum())
                 .await
                 .unwrap()
                 >= 10
@@ -1587,8 +1624,9 @@ async fn held_at_the_first_of_twenty(
 
 /// Waits until `group`'s commit on partition 0 of `topic` is `expected` (offset, metadata).
 async fn committed_as(group: &str, topic: &str, expected: (Option<i64>, &str)) {
+    let reader = Committed::reader(&brokers(), group, topic, 1);
     eventually(&format!("committed {expected:?}"), || {
-        let got = committed_with_metadata(&brokers(), group, topic);
+        let got = reader.each().remove(0);
         async move { (got.0, got.1.as_str()) == expected }
     })
     .await;
