@@ -17,7 +17,10 @@
 //! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
 //! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`);
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
-//! consumer).
+//! consumer). `BENCH_RATE=R` publishes in batches at R events a second on both sides (publishing
+//! in batches and end to end): what an event costs in CPU (this process's, and the broker's read
+//! from `/proc`) at a rate both keep up with, rather than how fast each goes on two cores it
+//! shares with the broker.
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
@@ -198,7 +201,7 @@ impl Bench {
         let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
         let headers = raw_headers();
         let start = Instant::now();
-        for chunk in events.chunks(CHUNK) {
+        for (i, chunk) in events.chunks(CHUNK).enumerate() {
             let mut pending = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let payload = serde_json::to_vec(e)?;
@@ -219,6 +222,7 @@ impl Bench {
             for d in pending {
                 d.await?.map_err(|(e, _)| e)?;
             }
+            paced(start, i * CHUNK + chunk.len()).await;
         }
         Ok(start.elapsed())
     }
@@ -293,8 +297,9 @@ impl Bench {
     async fn ours_publish(&self, bus: &EventBus) -> Result<Duration, BoxError> {
         let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
         let start = Instant::now();
-        for chunk in events.chunks(CHUNK) {
+        for (i, chunk) in events.chunks(CHUNK).enumerate() {
             bus.publish_all(chunk).await?;
+            paced(start, i * CHUNK + chunk.len()).await;
         }
         Ok(start.elapsed())
     }
@@ -689,6 +694,17 @@ fn config(brokers: &str) -> KafkaConfig {
         _ => {}
     }
     config
+}
+
+/// With `BENCH_RATE` (events a second) set, waits until `done` events are due since `start`:
+/// publishing in batches at a set rate, both sides alike, for the CPU an event costs at that
+/// rate (this process's and the broker's) rather than how fast a side goes on two cores it
+/// shares with the broker.
+async fn paced(start: Instant, done: usize) {
+    if let Some(rate) = support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0) {
+        let due = start + Duration::from_secs_f64(done as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
