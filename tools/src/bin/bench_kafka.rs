@@ -20,7 +20,8 @@
 //! consumer). `BENCH_RATE=R` publishes in batches at R events a second on both sides (publishing
 //! in batches and end to end): what an event costs in CPU (this process's, and the broker's read
 //! from `/proc`) at a rate both keep up with, rather than how fast each goes on two cores it
-//! shares with the broker.
+//! shares with the broker. `BENCH_COMMIT_COST=R` (with `BENCH_BROKER_PID`) measures what R
+//! offset commits a second cost the broker's CPU, against none (`commit_cost`).
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
@@ -756,6 +757,9 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
     if let Some(groups) = support::env::<usize>("BENCH_SAMPLING_GROUPS") {
         return sampling(&shared, groups, rounds).await;
     }
+    if let Some(rate) = support::env::<u32>("BENCH_COMMIT_COST") {
+        return commit_cost(&shared, rate, rounds).await;
+    }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         return one_phase(&shared, n, &only).await;
     }
@@ -973,6 +977,70 @@ async fn sampling(brokers: &str, groups: usize, rounds: usize) -> Result<(), Box
             (support::cpu_time("self") - cpu).as_secs_f64() * 1e3
         );
     }
+    Ok(())
+}
+
+/// What an offset commit costs the broker: one member of a new group (KIP-848's protocol) on a
+/// topic of 4 partitions, polling every millisecond, for 8 s without committing, then for 8 s
+/// committing its 4 partitions' offsets at `rate` a second (each commit waiting for its answer,
+/// as our committer's do), `rounds` times; prints the broker's CPU in each (`/proc`, the pid
+/// from `BENCH_BROKER_PID`) and, per commit, the difference. The member is polled on this
+/// task's thread (it blocks the runtime's worker: nothing else runs meanwhile).
+async fn commit_cost(brokers: &str, rate: u32, rounds: usize) -> Result<(), BoxError> {
+    use cqrs::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use cqrs::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    const SPAN: Duration = Duration::from_secs(8);
+    let pid = std::env::var("BENCH_BROKER_PID")
+        .map_err(|_| "BENCH_COMMIT_COST needs BENCH_BROKER_PID, the broker's process")?;
+    let topic = cqrs::conformance::unique("bench-commits");
+    let backend = KafkaBackend::connect(KafkaConfig::new(brokers).partitions(4)).await?;
+    backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+    let member: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", cqrs::conformance::unique("bench-commits"))
+        .set("group.protocol", "consumer")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    member.subscribe(&[&topic])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while member.assignment()?.count() < 4 {
+        if Instant::now() > deadline {
+            return Err("the member was not given the topic's 4 partitions".into());
+        }
+        member.poll(Duration::from_millis(10));
+    }
+    let mut offset = 0;
+    let mut span = |rate: u32| -> Result<(u32, Duration), BoxError> {
+        let (start, cpu) = (Instant::now(), support::cpu_time(&pid));
+        let mut commits = 0;
+        while start.elapsed() < SPAN {
+            member.poll(Duration::from_millis(1));
+            if f64::from(commits) < start.elapsed().as_secs_f64() * f64::from(rate) {
+                offset += 1;
+                let mut tpl = TopicPartitionList::new();
+                for p in 0..4 {
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(offset))?;
+                }
+                member.commit(&tpl, CommitMode::Sync)?;
+                commits += 1;
+            }
+        }
+        Ok((commits, support::cpu_time(&pid).saturating_sub(cpu)))
+    };
+    println!("offset commits on {topic}: the broker's CPU in {SPAN:?}, without and with commits");
+    for round in 1..=rounds {
+        let (_, idle) = span(0)?;
+        let (commits, busy) = span(rate)?;
+        println!(
+            "round {round}: none {:.0} ms; {commits} commits {:.0} ms; {:.3} ms a commit",
+            idle.as_secs_f64() * 1e3,
+            busy.as_secs_f64() * 1e3,
+            busy.saturating_sub(idle).as_secs_f64() * 1e3 / f64::from(commits.max(1))
+        );
+    }
+    drop(member);
+    support::delete_kafka_topics(&support::kafka_admin(brokers)?, &[topic]).await?;
     Ok(())
 }
 
