@@ -281,3 +281,129 @@ impl Acknowledge for KafkaAcker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use cqrs_core::backend::LogPosition;
+    use cqrs_core::{Message, StartFrom};
+    use rdkafka::ClientConfig;
+
+    use super::super::state::Kept;
+    use super::*;
+    use crate::access::Refusals;
+
+    /// An acker of deliveries made in rebalance epoch 1, the member now in epoch 2 (a
+    /// revocation came between), with a consumer that asks no broker anything here.
+    fn acker_after_a_revocation() -> KafkaAcker {
+        let (gate, _requests) = CommitGate::new(250, 10_000);
+        let gate = Arc::new(gate);
+        let offsets: Arc<Mutex<Offsets>> = Arc::default();
+        let retries: Arc<Mutex<Redeliveries<Retry>>> = Arc::default();
+        let epoch = Arc::new(AtomicU64::new(2));
+        let ctx = Ctx {
+            offsets: offsets.clone(),
+            retries: retries.clone(),
+            epoch: epoch.clone(),
+            paused: Arc::new(AtomicBool::new(false)),
+            rebalances: tokio::sync::watch::channel(0).0,
+            start: StartFrom::Beginning,
+            timeout: Duration::from_secs(1),
+            unrecorded: Mutex::default(),
+            gate: gate.clone(),
+            refusals: Refusals::default(),
+        };
+        let consumer: BaseConsumer<Ctx> = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "g")
+            .create_with_context(ctx)
+            .unwrap();
+        KafkaAcker {
+            consumer: Arc::new(Mutex::new(Some(Arc::new(consumer)))),
+            offsets,
+            retries,
+            epoch,
+            of_epoch: 1,
+            gate,
+        }
+    }
+
+    fn delivery_at(acker: &Arc<KafkaAcker>, topic: &Arc<str>, offset: i64) -> Delivery {
+        let acker: Arc<dyn Acknowledge> = acker.clone();
+        Delivery::at(
+            topic.clone(),
+            Arc::new(Message::new("X", Vec::new())),
+            1,
+            LogPosition {
+                partition: 0,
+                offset,
+            },
+            acker,
+        )
+    }
+
+    fn runs(handled: Option<&Handled>) -> Vec<(i64, i64)> {
+        handled.map(|h| h.runs().collect()).unwrap_or_default()
+    }
+
+    /// Acks landing after their partition was lost (its commit could not be made, so what was
+    /// handled was kept for the next assignment) join what was kept: if the partition comes back,
+    /// they are passed over, not handled again (the broker-return test: 1,509-1,592 handlings of
+    /// 1,508 events before).
+    #[tokio::test]
+    async fn acks_after_a_partition_was_lost_join_what_was_kept_of_it() {
+        let acker = Arc::new(acker_after_a_revocation());
+        let topic: Arc<str> = Arc::from("orders");
+        let consumer = lock(&acker.consumer).clone().unwrap();
+        lock(&consumer.context().unrecorded).insert(
+            ("orders".to_owned(), 0),
+            Kept {
+                position: 10,
+                above: Some(Handled::of([15])),
+            },
+        );
+        let late = vec![
+            delivery_at(&acker, &topic, 10),
+            delivery_at(&acker, &topic, 11),
+            delivery_at(&acker, &topic, 13),
+        ];
+        Delivery::ack_all(late).await.map_err(|(e, _)| e).unwrap();
+        let kept = lock(&consumer.context().unrecorded);
+        let kept = &kept[&("orders".to_owned(), 0)];
+        assert_eq!(kept.position, 10);
+        assert_eq!(
+            runs(kept.above.as_ref()),
+            [(10, 12), (13, 14), (15, 16)],
+            "the late acks joined to what was kept"
+        );
+        assert_eq!(
+            acker.gate.acked_count(),
+            0,
+            "not counted as this member's progress"
+        );
+    }
+
+    /// Acks landing after their partition came back to this member (revoked, then assigned
+    /// again in a later epoch) go into its new state: its records not handed out again yet are
+    /// passed over.
+    #[tokio::test]
+    async fn acks_after_a_partition_came_back_pass_its_records_over() {
+        let acker = Arc::new(acker_after_a_revocation());
+        let topic: Arc<str> = Arc::from("orders");
+        let mut again = PartitionState::new(2);
+        // Handed out again up to 11 in the new assignment.
+        again.next = Some(12);
+        lock(&acker.offsets).insert((topic.clone(), 0), again);
+        let late = vec![
+            delivery_at(&acker, &topic, 12),
+            delivery_at(&acker, &topic, 14),
+        ];
+        Delivery::ack_all(late).await.map_err(|(e, _)| e).unwrap();
+        let mut offsets = lock(&acker.offsets);
+        let state = offsets.get_mut(&Partition("orders", 0)).unwrap();
+        assert!(state.handled_already(12), "12 is passed over");
+        assert!(!state.handled_already(13), "13 was not handled");
+        assert!(state.handled_already(14), "14 is passed over");
+    }
+}
