@@ -160,6 +160,8 @@ struct Bench {
     /// Sets each group's settings ([`Bench::group_settings`]) and deletes the topics made: one
     /// client for all of it.
     admin: AdminClient<DefaultClientContext>,
+    /// `BENCH_RATE`, read once: events a second both sides publish at ([`Bench::paced`]).
+    rate: Option<f64>,
 }
 
 impl Bench {
@@ -169,6 +171,7 @@ impl Bench {
             brokers: brokers.to_owned(),
             n,
             admin,
+            rate: support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0),
         })
     }
 
@@ -192,6 +195,17 @@ impl Bench {
         })
         .await??;
         Ok(producer)
+    }
+
+    /// With `BENCH_RATE` (events a second) set, waits until `done` events are due since
+    /// `start`: publishing in batches at a set rate, both sides alike, for the CPU an event costs
+    /// at that rate (this process's and the broker's) rather than how fast a side goes on two
+    /// cores it shares with the broker.
+    async fn paced(&self, start: Instant, done: usize) {
+        if let Some(rate) = self.rate {
+            let due = start + Duration::from_secs_f64(done as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
     }
 
     async fn raw_publish(
@@ -223,7 +237,7 @@ impl Bench {
             for d in pending {
                 d.await?.map_err(|(e, _)| e)?;
             }
-            paced(start, i * CHUNK + chunk.len()).await;
+            self.paced(start, i * CHUNK + chunk.len()).await;
         }
         Ok(start.elapsed())
     }
@@ -300,7 +314,7 @@ impl Bench {
         let start = Instant::now();
         for (i, chunk) in events.chunks(CHUNK).enumerate() {
             bus.publish_all(chunk).await?;
-            paced(start, i * CHUNK + chunk.len()).await;
+            self.paced(start, i * CHUNK + chunk.len()).await;
         }
         Ok(start.elapsed())
     }
@@ -695,17 +709,6 @@ fn config(brokers: &str) -> KafkaConfig {
         _ => {}
     }
     config
-}
-
-/// With `BENCH_RATE` (events a second) set, waits until `done` events are due since `start`:
-/// publishing in batches at a set rate, both sides alike, for the CPU an event costs at that
-/// rate (this process's and the broker's) rather than how fast a side goes on two cores it
-/// shares with the broker.
-async fn paced(start: Instant, done: usize) {
-    if let Some(rate) = support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0) {
-        let due = start + Duration::from_secs_f64(done as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-    }
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
