@@ -37,7 +37,8 @@
 //! and prints when the publishing ended and the last event was handled (`e2e-raw-ours`: raw
 //! publishing, our consuming; `e2e-ours-raw` the other way round; `e2e-raw-threaded` raw
 //! publishing, the threaded raw consumer; `e2e-raw-backend` raw publishing, our backend's
-//! consumer alone).
+//! consumer alone), with this process's CPU since it started, and with `BENCH_BROKER_PID` (the
+//! broker's process id, on this machine) the CPU the broker spent in the phase.
 //!
 //! Each round measures every figure in both orders, A, B, B, A (A is raw in odd rounds), and
 //! gives each side the mean of its two runs (`support::both_orders`); a run that publishes does
@@ -1104,6 +1105,8 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         | "e2e-raw-backend" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+            let broker_pid = std::env::var("BENCH_BROKER_PID").ok();
+            let broker_cpu = broker_pid.as_deref().map(support::cpu_time);
             let (c, p) = match only {
                 "e2e-raw" => b.raw_end_to_end(&b.producer().await?, &topic).await?,
                 "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
@@ -1126,8 +1129,14 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                     (c?, p?)
                 }
             };
+            let broker = match (broker_pid.as_deref(), broker_cpu) {
+                (Some(pid), Some(before)) => {
+                    format!(", the broker's CPU in it {:?}", support::cpu_time(pid) - before)
+                }
+                _ => String::new(),
+            };
             eprintln!(
-                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}",
+                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}{broker}",
                 support::cpu_time("self")
             );
             b.delete_topics(&[&topic]).await?;
