@@ -17,7 +17,7 @@
 //! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
 //! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`);
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
-//! consumer). `BENCH_RATE=R` publishes in batches at R events a second on both sides (publishing
+//! consumer), `BENCH_RAW_SET` of the raw consumers. `BENCH_RATE=R` publishes in batches at R events a second on both sides (publishing
 //! in batches and end to end): what an event costs in CPU (this process's, and the broker's read
 //! from `/proc`) at a rate both keep up with, rather than how fast each goes on two cores it
 //! shares with the broker. `BENCH_COMMIT_COST=R` (with `BENCH_BROKER_PID`) measures what R
@@ -335,6 +335,14 @@ impl Bench {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10");
+        for kv in std::env::var("BENCH_RAW_SET")
+            .unwrap_or_default()
+            .split(',')
+        {
+            if let Some((k, v)) = kv.split_once('=') {
+                c.set(k.trim(), v.trim());
+            }
+        }
         c
     }
 
