@@ -335,13 +335,8 @@ impl Bench {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10");
-        for kv in std::env::var("BENCH_RAW_SET")
-            .unwrap_or_default()
-            .split(',')
-        {
-            if let Some((k, v)) = kv.split_once('=') {
-                c.set(k.trim(), v.trim());
-            }
+        for (k, v) in env_settings("BENCH_RAW_SET") {
+            c.set(k, v);
         }
         c
     }
@@ -676,6 +671,17 @@ impl Bench {
 
 /// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
 /// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
+/// The librdkafka settings in environment variable `var` (`key=value,key=value`), for
+/// experiments.
+fn env_settings(var: &str) -> Vec<(String, String)> {
+    std::env::var(var)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 fn raw_client(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);
@@ -699,13 +705,8 @@ fn config(brokers: &str) -> KafkaConfig {
     }
     config = config.set("linger.ms", linger_ms());
     // For experiments: librdkafka settings of our producer and consumer, `key=value,key=value`.
-    for kv in std::env::var("BENCH_KAFKA_SET")
-        .unwrap_or_default()
-        .split(',')
-    {
-        if let Some((k, v)) = kv.split_once('=') {
-            config = config.set(k.trim(), v.trim());
-        }
+    for (k, v) in env_settings("BENCH_KAFKA_SET") {
+        config = config.set(k, v);
     }
     if let Ok(debug) = std::env::var("BENCH_KAFKA_DEBUG") {
         config = config.set("debug", debug);
