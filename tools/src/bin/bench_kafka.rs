@@ -17,10 +17,10 @@
 //! (`eager`, `cooperative`) change our backend's settings for experiments; `BENCH_KAFKA_DEBUG`
 //! sets librdkafka's `debug` (its lines show with `RUST_LOG=librdkafka=debug`);
 //! `BENCH_KAFKA_SET=key=value,key=value` sets any librdkafka setting of ours (producer and
-//! consumer), `BENCH_RAW_SET` of the raw consumers. `BENCH_RATE=R` publishes in batches at R events a second on both sides (publishing
-//! in batches and end to end): what an event costs in CPU (this process's, and the broker's read
-//! from `/proc`) at a rate both keep up with, rather than how fast each goes on two cores it
-//! shares with the broker. `BENCH_COMMIT_COST=R` (with `BENCH_BROKER_PID`) measures what R
+//! consumer), `BENCH_RAW_SET` of the raw consumers. `BENCH_RATE=R` publishes in batches at R
+//! events a second on both sides (publishing in batches and end to end): what an event costs in
+//! CPU (this process's, and the broker's read from `/proc`) at a rate both keep up with, rather
+//! than how fast each goes on two cores it shares with the broker. `BENCH_COMMIT_COST=R` (with `BENCH_BROKER_PID`) measures what R
 //! offset commits a second cost the broker's CPU, against none (`commit_cost`).
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
@@ -669,8 +669,6 @@ impl Bench {
     }
 }
 
-/// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
-/// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
 /// The librdkafka settings in environment variable `var` (`key=value,key=value`), for
 /// experiments.
 fn env_settings(var: &str) -> Vec<(String, String)> {
@@ -682,6 +680,8 @@ fn env_settings(var: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
+/// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
 fn raw_client(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);
@@ -1114,8 +1114,10 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         | "e2e-raw-backend" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
-            let broker_pid = std::env::var("BENCH_BROKER_PID").ok();
-            let broker_cpu = broker_pid.as_deref().map(support::cpu_time);
+            // The broker's process and its CPU before the phase.
+            let broker = std::env::var("BENCH_BROKER_PID")
+                .ok()
+                .map(|pid| (support::cpu_time(&pid), pid));
             let (c, p) = match only {
                 "e2e-raw" => b.raw_end_to_end(&b.producer().await?, &topic).await?,
                 "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
@@ -1138,12 +1140,9 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                     (c?, p?)
                 }
             };
-            let broker = match (broker_pid.as_deref(), broker_cpu) {
-                (Some(pid), Some(before)) => {
-                    format!(", the broker's CPU in it {:?}", support::cpu_time(pid) - before)
-                }
-                _ => String::new(),
-            };
+            let broker = broker.map_or_else(String::new, |(before, pid)| {
+                format!(", the broker's CPU in it {:?}", support::cpu_time(&pid) - before)
+            });
             eprintln!(
                 "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}{broker}",
                 support::cpu_time("self")
