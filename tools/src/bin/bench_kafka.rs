@@ -20,8 +20,9 @@
 //! consumer), `BENCH_RAW_SET` of the raw consumers. `BENCH_RATE=R` publishes in batches at R
 //! events a second on both sides (publishing in batches and end to end): what an event costs in
 //! CPU (this process's, and the broker's read from `/proc`) at a rate both keep up with, rather
-//! than how fast each goes on two cores it shares with the broker. `BENCH_COMMIT_COST=R` (with `BENCH_BROKER_PID`) measures what R
-//! offset commits a second cost the broker's CPU, against none (`commit_cost`).
+//! than how fast each goes on two cores it shares with the broker. `BENCH_COMMIT_COST=R` (with
+//! `BENCH_BROKER_PID`) measures what R offset commits a second cost the broker's CPU, against
+//! none (`commit_cost`).
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
