@@ -1,14 +1,17 @@
 //! Benchmark: the handler a user writes first (`async fn(E) -> Result<()>`, default options)
-//! beside the tuned one, on Redis Streams and the in-memory broker.
+//! beside the tuned one, on Redis Streams, Kafka and the in-memory broker.
 //!
 //! Run with: `cargo run --release -p cqrs-tools --bin bench_handlers`
-//! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`). `BENCH_N` sets the events of the runs
-//! without I/O (default 200,000); the runs whose handler awaits 1 ms get fewer events, sized to
-//! take a few seconds. `BENCH_BACKENDS` picks from `redis,memory` (default both).
+//! (needs redis-server on 127.0.0.1:6379, or `REDIS_URL`; Kafka at `KAFKA_BROKERS`, else an
+//! Apache Kafka of its own started by `scripts/kafka` (`support::own_kafka`), topics of 4
+//! partitions). `BENCH_N` sets the events of the runs without I/O (default 200,000); the runs
+//! whose handler awaits 1 ms get fewer events, sized to take a few seconds. `BENCH_BACKENDS`
+//! picks from `redis,memory,kafka` (default `redis,memory`).
 //!
-//! Each run publishes its events first (keyed, 1,000 keys, ~200 bytes of JSON), then starts
-//! `members` processors of one service (one consumer group; each member its own connection) and
-//! times until every event is handled. "1 ms I/O" is a handler that awaits
+//! Each run publishes its events first (keyed, 1,000 keys, ~200 bytes of JSON) to a new stream
+//! or topic, then starts `members` processors of a new service (one consumer group; each member
+//! its own connection) and times until every event is handled. On Kafka the topics and the
+//! dead-letter topics the runs made are deleted after. "1 ms I/O" is a handler that awaits
 //! `tokio::time::sleep(1 ms)`, standing for a database call. Printed: events/s for the run and
 //! per member.
 
@@ -16,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cqrs::kafka::KafkaBackend;
 use cqrs::memory::MemoryBroker;
 use cqrs::redis::{redis, RedisBackend};
 use cqrs::{Backend, BoxError, CancellationToken, EventBus, EventProcessor};
@@ -100,8 +104,13 @@ fn cases(n: usize) -> Vec<Case> {
     ]
 }
 
-/// Publishes the case's events, then times `members` processors draining them.
-async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<f64, BoxError> {
+/// Publishes the case's events, then times `members` processors draining them. Returns the
+/// rate and the dead-letter topics of the processors' groups.
+async fn run(
+    backend: impl Backend + Clone,
+    topic: &str,
+    case: &Case,
+) -> Result<(f64, Vec<String>), BoxError> {
     let total = case.members * case.per_member;
     let namer = support::one_topic(topic);
     let bus = EventBus::new(backend.clone()).topics(namer.clone());
@@ -112,10 +121,12 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
 
     let handled = Arc::new(AtomicUsize::new(0));
     let token = CancellationToken::new();
+    let service = cqrs::conformance::unique("bench-handlers");
+    let mut dead_letters = Vec::new();
     let start = Instant::now();
     let mut running = Vec::new();
     for _ in 0..case.members {
-        let mut p = EventProcessor::new(backend.clone(), "bench-handlers").topics(namer.clone());
+        let mut p = EventProcessor::new(backend.clone(), &service).topics(namer.clone());
         let (h, io) = (handled.clone(), case.io);
         let options = if case.batch {
             p.handle_batch("on-orders", move |samples: Vec<Sample>| {
@@ -147,6 +158,9 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
         if let Some(b) = case.batch_size {
             options.batch_size(b);
         }
+        if dead_letters.is_empty() {
+            dead_letters = support::dead_letter_topics(p.manifest());
+        }
         running.push(p.start(token.clone()).await?);
     }
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -165,7 +179,7 @@ async fn run(backend: impl Backend + Clone, topic: &str, case: &Case) -> Result<
     for r in running {
         r.wait().await?;
     }
-    Ok(total as f64 / elapsed.as_secs_f64())
+    Ok((total as f64 / elapsed.as_secs_f64(), dead_letters))
 }
 
 /// What `concurrency` tasks that do nothing but await `tokio::time::sleep(1 ms)` manage per
@@ -196,9 +210,18 @@ async fn main() -> Result<(), BoxError> {
     println!("| backend | handler | members | events | events/s | per member |");
     println!("|---|---|---:|---:|---:|---:|");
     for name in backends.split(',').map(str::trim) {
+        // One broker for every case (an Apache Kafka of its own unless `KAFKA_BROKERS`).
+        let kafka = match name {
+            "kafka" => {
+                let (server, config) = support::bench_kafka(4)?;
+                let brokers = config.brokers().to_owned();
+                Some((server, KafkaBackend::connect(config).await?, brokers))
+            }
+            _ => None,
+        };
         for case in cases(n) {
-            let rate = match name {
-                "redis" => {
+            let rate = match (name, &kafka) {
+                ("redis", _) => {
                     let stream = cqrs::conformance::unique("bench-handlers");
                     let rate = run(RedisBackend::connect(&url).await?, &stream, &case).await;
                     let mut conn = redis::Client::open(url.as_str())?
@@ -208,10 +231,23 @@ async fn main() -> Result<(), BoxError> {
                         .arg(&stream)
                         .query_async::<()>(&mut conn)
                         .await?;
-                    rate?
+                    rate?.0
                 }
-                "memory" => run(MemoryBroker::new(), "bench-handlers", &case).await?,
-                other => return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into()),
+                ("memory", _) => run(MemoryBroker::new(), "bench-handlers", &case).await?.0,
+                ("kafka", Some((_, backend, brokers))) => {
+                    let topic = cqrs::conformance::unique("bench-handlers");
+                    backend.ensure_topics(std::slice::from_ref(&topic)).await?;
+                    let result = run(backend.clone(), &topic, &case).await;
+                    let mut made = vec![topic];
+                    if let Ok((_, dead_letters)) = &result {
+                        made.extend(dead_letters.iter().cloned());
+                    }
+                    support::delete_kafka_topics(&support::kafka_admin(brokers)?, &made).await?;
+                    result?.0
+                }
+                (other, _) => {
+                    return Err(format!("unknown backend {other:?} in BENCH_BACKENDS").into())
+                }
             };
             println!(
                 "| {name} | {} | {} | {} | {:.0} | {:.0} |",
