@@ -398,8 +398,8 @@ impl HandlerOptions {
     /// the broker for the `cqrs.consumer.lag` and `cqrs.consumer.pending` gauges (default
     /// [`crate::telemetry::SAMPLE_EVERY`], 5 s; `None`: never). Each sample asks the broker
     /// about every topic of the group: on Kafka it lists the groups (ListGroups, metadata and
-    /// watermarks through the backend's producer) and fetches this one's offsets (OffsetFetch,
-    /// through a client per group the backend keeps between samples).
+    /// watermarks, through one client the backend keeps for that) and fetches this one's offsets
+    /// (OffsetFetch, through a client per group the backend keeps between samples).
     pub fn sample_backlog_every(&mut self, every: Option<Duration>) -> &mut Self {
         self.sample_backlog = every;
         self
