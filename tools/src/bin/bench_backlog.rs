@@ -1,12 +1,14 @@
 //! Benchmark: the memory of a processor while it drains a large backlog.
 //!
 //! Run with: `cargo run --release -p cqrs-tools --bin bench_backlog`
-//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache Kafka
-//! of its own started by `scripts/kafka`, its log in `/dev/shm` unless `BENCH_KAFKA_DIR` says
-//! where (`support::own_kafka`; before 2026-12-03 on disk), 16 partitions; `BENCH_KAFKA_FETCH_WAIT_MS` sets the
-//! consumer's `fetch.wait.max.ms`, default 100). `BENCH_N` sets the backlog (default
-//! 1,000,000 events of ~200 bytes; on Kafka `BENCH_KAFKA_N`, default 200,000), `BENCH_BACKENDS` picks from `memory,redis,kafka` (default
-//! all three).
+//! (Redis at `REDIS_URL`, default 127.0.0.1:6379; Kafka at `KAFKA_BROKERS`, else an Apache
+//! Kafka of its own started by `scripts/kafka`, its log in `/dev/shm` unless `BENCH_KAFKA_DIR`
+//! says where (`support::own_kafka`; before 2026-12-03 on disk), 16 partitions;
+//! `BENCH_KAFKA_FETCH_WAIT_MS` sets the consumer's `fetch.wait.max.ms`, default 100;
+//! `BENCH_KAFKA_SET=key=value,...` sets librdkafka settings of the draining consumer, e.g.
+//! `queued.max.messages.kbytes=4096`). `BENCH_N` sets the backlog (default 1,000,000 events of
+//! ~200 bytes; on Kafka `BENCH_KAFKA_N`, default 200,000), `BENCH_BACKENDS` picks from
+//! `memory,redis,kafka` (default all three).
 //!
 //! Per backend the backlog is published first; then a process of its own (this program with
 //! `drain`) starts one processor with one handler and samples its resident set size (RSS) every
@@ -107,8 +109,11 @@ async fn drain_role(args: &[String]) -> Result<(), BoxError> {
         "redis" => drain(RedisBackend::connect(url).await?, topic, n, concurrency).await,
         "kafka" => {
             let wait = Duration::from_millis(support::kafka_fetch_wait_ms());
-            let backend =
-                KafkaBackend::connect(KafkaConfig::new(url.as_str()).fetch_wait(wait)).await?;
+            let mut config = KafkaConfig::new(url.as_str()).fetch_wait(wait);
+            for (k, v) in support::env_settings("BENCH_KAFKA_SET") {
+                config = config.set(k, v);
+            }
+            let backend = KafkaBackend::connect(config).await?;
             drain(backend, topic, n, concurrency).await
         }
         other => Err(format!("unknown backend {other:?}").into()),

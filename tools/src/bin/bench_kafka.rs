@@ -336,7 +336,7 @@ impl Bench {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10");
-        for (k, v) in env_settings("BENCH_RAW_SET") {
+        for (k, v) in support::env_settings("BENCH_RAW_SET") {
             c.set(k, v);
         }
         c
@@ -670,17 +670,6 @@ impl Bench {
     }
 }
 
-/// The librdkafka settings in environment variable `var` (`key=value,key=value`), for
-/// experiments.
-fn env_settings(var: &str) -> Vec<(String, String)> {
-    std::env::var(var)
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
 /// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
 /// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
 fn raw_client(brokers: &str) -> ClientConfig {
@@ -706,7 +695,7 @@ fn config(brokers: &str) -> KafkaConfig {
     }
     config = config.set("linger.ms", linger_ms());
     // For experiments: librdkafka settings of our producer and consumer, `key=value,key=value`.
-    for (k, v) in env_settings("BENCH_KAFKA_SET") {
+    for (k, v) in support::env_settings("BENCH_KAFKA_SET") {
         config = config.set(k, v);
     }
     if let Ok(debug) = std::env::var("BENCH_KAFKA_DEBUG") {

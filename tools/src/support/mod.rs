@@ -273,6 +273,18 @@ pub async fn adding_cpu<T>(
     Ok(t)
 }
 
+/// The librdkafka settings in environment variable `var` (`key=value,key=value`), for
+/// experiments (`bench_kafka`'s `BENCH_KAFKA_SET` and `BENCH_RAW_SET`, `bench_backlog`'s
+/// `BENCH_KAFKA_SET`).
+pub fn env_settings(var: &str) -> Vec<(String, String)> {
+    std::env::var(var)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 /// The environment variable `name` parsed, or `default` when it is unset or does not parse.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     env(name).unwrap_or(default)
