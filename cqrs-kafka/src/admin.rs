@@ -32,6 +32,12 @@ impl KafkaBackend {
         .map_err(|e| Error::kafka("fetching metadata", e))
     }
 
+    /// Whether this backend has made or seen `topic` already ([`KafkaBackend::ensure_topics`]
+    /// has nothing to do for it).
+    pub(crate) fn topic_known(&self, topic: &str) -> bool {
+        lock(&self.inner.known_topics).contains(topic)
+    }
+
     /// Makes sure `topics` exist: creates the missing ones, or fails naming the first missing
     /// one when creation is off.
     pub async fn ensure_topics<T: AsRef<str>>(&self, topics: &[T]) -> Result<()> {

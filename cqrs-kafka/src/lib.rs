@@ -244,7 +244,11 @@ impl KafkaBackend {
         topic: &str,
         messages: impl Iterator<Item = cqrs_core::Result<M>> + Send,
     ) -> cqrs_core::Result<()> {
-        self.ensure_topics(&[topic]).await?;
+        if !self.topic_known(topic) {
+            // The first publish to a topic only. Boxed, so that every publish's future (itself
+            // boxed by `async_trait`) does not carry the admin calls' state.
+            Box::pin(self.ensure_topics(&[topic])).await?;
+        }
         let in_flight = InFlight::new();
         let mut failed = None;
         for m in messages {
