@@ -8,11 +8,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use tokio::sync::Notify;
 
 use crate::access::Watched;
 use crate::lock;
@@ -46,11 +47,15 @@ impl ProducerContext for Producing {
 /// The records one publish call has queued and not yet seen reported, and the first failure
 /// reported. It starts at one, held by the call while it queues ([`InFlight::wait`] gives it
 /// back), so that it cannot reach zero before the last record is queued.
+///
+/// The one waiting call is woken through an [`AtomicWaker`], not a `tokio::sync::Notify`
+/// (whose waiter list is locked to wait and to wake: ~250 instructions a publish of one event,
+/// docs/benchmarks.md).
 #[derive(Debug)]
 pub(crate) struct InFlight {
     left: AtomicUsize,
     failed: Mutex<Option<KafkaError>>,
-    done: Notify,
+    done: AtomicWaker,
 }
 
 impl InFlight {
@@ -58,7 +63,7 @@ impl InFlight {
         Arc::new(InFlight {
             left: AtomicUsize::new(1),
             failed: Mutex::new(None),
-            done: Notify::new(),
+            done: AtomicWaker::new(),
         })
     }
 
@@ -76,7 +81,7 @@ impl InFlight {
     fn settled(&self) {
         // AcqRel: the failure stored before is seen by the waiter that sees zero.
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_one();
+            self.done.wake();
         }
     }
 
@@ -84,13 +89,73 @@ impl InFlight {
     /// first failure reported, if any.
     pub(crate) async fn wait(&self) -> Result<(), KafkaError> {
         if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
-            // `notify_one` keeps a permit when no one waits yet: a report between the count
-            // and this await is not missed.
-            self.done.notified().await;
+            // The count is read again after the waker is registered: a last report between the
+            // count above and the registration (its `wake` finding no waker) is not missed.
+            std::future::poll_fn(|cx| {
+                if self.left.load(Ordering::Acquire) == 0 {
+                    return Poll::Ready(());
+                }
+                self.done.register(cx.waker());
+                if self.left.load(Ordering::Acquire) == 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
         }
         match lock(&self.failed).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_waits_for_every_record_it_queued_and_gets_the_first_failure() {
+        let in_flight = InFlight::new();
+        let records: Vec<_> = (0..3).map(|_| in_flight.queued()).collect();
+        let waiting = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.wait().await }
+        });
+        let first = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        lock(&records[0].failed).get_or_insert_with(|| first.clone());
+        records[0].settled();
+        records[1].settled();
+        // The test's runtime has one thread: the waiting task runs until it waits, here.
+        tokio::task::yield_now().await;
+        // Two of three reported: the call still waits, and only the last report wakes it.
+        assert!(!waiting.is_finished());
+        records[2].settled();
+        let result = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the call is woken by the last report")
+            .expect("the waiting task does not panic");
+        assert_eq!(result.map_err(|e| e.to_string()), Err(first.to_string()));
+    }
+
+    #[tokio::test]
+    async fn reports_that_come_before_the_call_waits_are_not_missed() {
+        let in_flight = InFlight::new();
+        let record = in_flight.queued();
+        record.settled();
+        tokio::time::timeout(Duration::from_secs(5), in_flight.wait())
+            .await
+            .expect("nothing left to wait for")
+            .expect("no failure reported");
+        // A call that queued nothing does not wait either.
+        tokio::time::timeout(Duration::from_secs(5), InFlight::new().wait())
+            .await
+            .expect("nothing queued")
+            .expect("no failure");
     }
 }
