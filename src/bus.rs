@@ -55,8 +55,9 @@ struct Outbox<C> {
     publisher: Arc<dyn Publisher>,
     codec: Arc<C>,
     topics: TopicNamer,
-    /// What the bus was told it publishes, for its manifest.
-    declared: Vec<Descriptor>,
+    /// What the bus was told it publishes, for its manifest. Shared by clones (a bus cloned
+    /// per request, as a web framework's state is, allocated a copy of it each time).
+    declared: Arc<Vec<Descriptor>>,
     /// Per event or command type, where it goes, found at its first publish (the namer, a
     /// user function, was called and its `String` made for every publish). Shared by clones;
     /// a new namer starts a new one.
@@ -250,7 +251,7 @@ macro_rules! bus_plumbing {
                         publisher: Arc::new(publisher),
                         codec: Arc::new(codec),
                         topics: TopicNamer::default(),
-                        declared: Vec::new(),
+                        declared: Arc::default(),
                         routes: Arc::default(),
                     },
                 }
@@ -304,7 +305,7 @@ impl<C> EventBus<C> {
     pub fn declare<E: Event>(mut self) -> Self {
         let d = Descriptor::event::<E>();
         if !self.outbox.declared.contains(&d) {
-            self.outbox.declared.push(d);
+            Arc::make_mut(&mut self.outbox.declared).push(d);
         }
         self
     }
@@ -394,7 +395,7 @@ impl<C> CommandBus<C> {
     pub fn declare<T: Command>(mut self) -> Self {
         let d = Descriptor::command::<T>();
         if !self.outbox.declared.contains(&d) {
-            self.outbox.declared.push(d);
+            Arc::make_mut(&mut self.outbox.declared).push(d);
         }
         self
     }

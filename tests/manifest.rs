@@ -140,3 +140,22 @@ fn a_bus_declares_what_it_publishes_and_merges_with_the_processors() {
          from Keyed\n    dead letters to svc.count.dead-letter\n  publishes Keyed v1 to t.Keyed\n"
     );
 }
+
+#[test]
+fn a_declaration_on_a_clone_of_a_bus_leaves_the_bus_as_it_was() {
+    let bus = EventBus::new(MemoryBroker::new());
+    let declared = bus.clone().declare::<Keyed>();
+    assert!(
+        !bus.manifest().to_string().contains("publishes"),
+        "{}",
+        bus.manifest()
+    );
+    assert!(
+        declared
+            .manifest()
+            .to_string()
+            .contains("publishes Keyed v1 to Keyed"),
+        "{}",
+        declared.manifest()
+    );
+}
