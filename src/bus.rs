@@ -55,8 +55,9 @@ struct Outbox<C> {
     publisher: Arc<dyn Publisher>,
     codec: Arc<C>,
     topics: TopicNamer,
-    /// What the bus was told it publishes, for its manifest. Shared by clones (a bus cloned
-    /// per request, as a web framework's state is, allocated a copy of it each time).
+    /// What the bus was told it publishes, for its manifest. Shared by clones and copied on
+    /// a `declare` only: a bus is cloned per request where a web framework's state holds it,
+    /// and a copy per clone was an allocation per request.
     declared: Arc<Vec<Descriptor>>,
     /// Per event or command type, where it goes, found at its first publish (the namer, a
     /// user function, was called and its `String` made for every publish). Shared by clones;
