@@ -88,6 +88,13 @@ impl<C> Clone for Outbox<C> {
 }
 
 impl<C> Outbox<C> {
+    /// Adds `d` to what the bus declares, once.
+    fn declare(&mut self, d: Descriptor) {
+        if !self.declared.contains(&d) {
+            Arc::make_mut(&mut self.declared).push(d);
+        }
+    }
+
     /// Where messages of `d` go.
     fn route(&self, d: &Descriptor) -> Arc<Route> {
         let key = (d.name, d.topic);
@@ -304,10 +311,7 @@ impl<C> EventBus<C> {
     /// Declares that this bus publishes `E`, for its [`EventBus::manifest`] (publishing does
     /// not need it).
     pub fn declare<E: Event>(mut self) -> Self {
-        let d = Descriptor::event::<E>();
-        if !self.outbox.declared.contains(&d) {
-            Arc::make_mut(&mut self.outbox.declared).push(d);
-        }
+        self.outbox.declare(Descriptor::event::<E>());
         self
     }
 
@@ -394,10 +398,7 @@ bus_plumbing!(CommandBus, "sending");
 impl<C> CommandBus<C> {
     /// Declares that this bus sends `T`, for its [`CommandBus::manifest`].
     pub fn declare<T: Command>(mut self) -> Self {
-        let d = Descriptor::command::<T>();
-        if !self.outbox.declared.contains(&d) {
-            Arc::make_mut(&mut self.outbox.declared).push(d);
-        }
+        self.outbox.declare(Descriptor::command::<T>());
         self
     }
 
