@@ -210,12 +210,13 @@ async fn main() -> Result<(), BoxError> {
     println!("| backend | handler | members | events | events/s | per member |");
     println!("|---|---|---:|---:|---:|---:|");
     for name in backends.split(',').map(str::trim) {
-        // One broker for every case (an Apache Kafka of its own unless `KAFKA_BROKERS`).
+        // One broker and one admin client for every case (an Apache Kafka of its own unless
+        // `KAFKA_BROKERS`). The server last: its clients are dropped before it stops.
         let kafka = match name {
             "kafka" => {
                 let (server, config) = support::bench_kafka(4)?;
-                let brokers = config.brokers().to_owned();
-                Some((server, KafkaBackend::connect(config).await?, brokers))
+                let admin = support::kafka_admin(config.brokers())?;
+                Some((KafkaBackend::connect(config).await?, admin, server))
             }
             _ => None,
         };
@@ -234,7 +235,7 @@ async fn main() -> Result<(), BoxError> {
                     rate?.0
                 }
                 ("memory", _) => run(MemoryBroker::new(), "bench-handlers", &case).await?.0,
-                ("kafka", Some((_, backend, brokers))) => {
+                ("kafka", Some((backend, admin, _))) => {
                     let topic = cqrs::conformance::unique("bench-handlers");
                     backend.ensure_topics(std::slice::from_ref(&topic)).await?;
                     let result = run(backend.clone(), &topic, &case).await;
@@ -242,7 +243,7 @@ async fn main() -> Result<(), BoxError> {
                     if let Ok((_, dead_letters)) = &result {
                         made.extend(dead_letters.iter().cloned());
                     }
-                    support::delete_kafka_topics(&support::kafka_admin(brokers)?, &made).await?;
+                    support::delete_kafka_topics(admin, &made).await?;
                     result?.0
                 }
                 (other, _) => {
