@@ -73,9 +73,17 @@
 //! record and await its delivery (`FutureProducer::send`) before the next; ours, 64 tasks each
 //! call `EventBus::publish` (on fresh topics, after the other figures of the round). Raw consuming is a `StreamConsumer` that decodes
 //! each payload into the event type and stores its offset; ours is an `EventProcessor` handler.
+//!
+//! Ours also commits once 250 are handled since its last commit (`KafkaConfig::commit_every`,
+//! one commit at a time): what bounds the work a member killed at full speed leaves to be done
+//! again. The raw consumers make the same commits, from a thread of their own as ours does
+//! (`Bench::raw_consume_members`): the same acknowledgements, for the same bound.
+//! `BENCH_RAW_COMMIT_EVERY=0` leaves them the 100 ms interval alone (the benchmark before
+//! 2026-12-05's twenty-second session, where end to end read ~0.95 against ~1.00 with them,
+//! docs/benchmarks.md); `BENCH_KAFKA_COMMIT_EVERY` sets the count for both.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,7 +91,7 @@ use cqrs::kafka::{rdkafka, KafkaBackend, KafkaConfig};
 use cqrs::{BoxError, CancellationToken, Event, EventBus, EventProcessor, TopicNamer};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -112,6 +120,13 @@ fn event(i: u64) -> Reading {
 }
 
 const CHUNK: usize = 1000;
+
+/// Our consumer's count-based commits in this benchmark: `BENCH_KAFKA_COMMIT_EVERY`, else
+/// `KafkaConfig::new`'s default (250, `KafkaConfig::commit_every`). The raw consumers make the
+/// same unless `BENCH_RAW_COMMIT_EVERY` says otherwise.
+fn ours_commit_every() -> usize {
+    support::env_or("BENCH_KAFKA_COMMIT_EVERY", 250)
+}
 
 /// The most records a consumer here takes at once: ours' batch size (`BENCH_BATCH` sets it for
 /// ours), our backend's alone and the threaded raw consumer's.
@@ -164,6 +179,10 @@ struct Bench {
     admin: AdminClient<DefaultClientContext>,
     /// `BENCH_RATE`, read once: events a second both sides publish at ([`Bench::paced`]).
     rate: Option<f64>,
+    /// The raw consumers' count-based commits ([`Bench::raw_consume_members`]): ours' by
+    /// default, [`ours_commit_every`]; `BENCH_RAW_COMMIT_EVERY` sets them (0: none, the
+    /// 100 ms interval only).
+    raw_commit_every: usize,
 }
 
 impl Bench {
@@ -174,6 +193,7 @@ impl Bench {
             n,
             admin,
             rate: support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0),
+            raw_commit_every: support::env_or("BENCH_RAW_COMMIT_EVERY", ours_commit_every()),
         })
     }
 
@@ -434,13 +454,16 @@ impl Bench {
 
     /// `members` raw consumers of one new group read `n` records between them: our backend's
     /// consumer settings (KIP-848's group protocol, offsets stored per handled record and
-    /// committed every 100 ms).
+    /// committed every 100 ms), and ours' count-based commits ([`Bench::raw_commit_every`]): a
+    /// thread of each member's own commits its stored offsets once that many records are
+    /// handled since it was last asked, one commit at a time, as our backend's committer does.
     async fn raw_consume_members(
         &self,
         topic: &str,
         n: usize,
         members: usize,
     ) -> Result<Duration, BoxError> {
+        let commit_every = self.raw_commit_every;
         let group = cqrs::conformance::unique("raw");
         self.group_settings(&group).await?;
         let got = Arc::new(AtomicUsize::new(0));
@@ -448,12 +471,15 @@ impl Bench {
         let cpu = support::cpu_time("self");
         let mut tasks = Vec::new();
         for _ in 0..members {
-            let consumer: StreamConsumer = self.raw_consumer(&group).create()?;
+            let consumer: Arc<StreamConsumer> = Arc::new(self.raw_consumer(&group).create()?);
             consumer.subscribe(&[topic])?;
             let got = got.clone();
             let headers = raw_headers();
+            let committer = (commit_every > 0).then(|| raw_committer(consumer.clone()));
             tasks.push(tokio::spawn(async move {
                 let (mut first, mut last) = (None, None);
+                // Handled since a commit was last asked for.
+                let mut since = 0;
                 while got.load(Ordering::Relaxed) < n {
                     let m = match tokio::time::timeout(Duration::from_millis(50), consumer.recv())
                         .await
@@ -472,6 +498,13 @@ impl Bench {
                         let _: Reading = serde_json::from_slice(m.payload().unwrap_or_default())?;
                     }
                     consumer.store_offset_from_message(&m)?;
+                    since += 1;
+                    if let Some((ask, busy)) = &committer {
+                        if since >= commit_every && !busy.swap(true, Ordering::Relaxed) {
+                            since = 0;
+                            ask.send(()).map_err(|_| "the raw committer ended")?;
+                        }
+                    }
                     first.get_or_insert_with(|| start.elapsed());
                     if got.fetch_add(1, Ordering::Relaxed) + 1 == n {
                         last = Some(start.elapsed());
@@ -670,6 +703,24 @@ impl Bench {
     }
 }
 
+/// A thread that commits `consumer`'s stored offsets each time it is asked, synchronously (as
+/// our backend's committer does), and clears the flag once the commit is answered; it ends when
+/// the sender is dropped.
+fn raw_committer(consumer: Arc<StreamConsumer>) -> (std::sync::mpsc::Sender<()>, Arc<AtomicBool>) {
+    let (ask, asked) = std::sync::mpsc::channel::<()>();
+    let busy = Arc::new(AtomicBool::new(false));
+    let answered = busy.clone();
+    std::thread::spawn(move || {
+        while asked.recv().is_ok() {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                eprintln!("raw commit failed: {e}");
+            }
+            answered.store(false, Ordering::Relaxed);
+        }
+    });
+    (ask, busy)
+}
+
 /// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
 /// `BENCH_KAFKA_DEBUG` sets it for ours (its lines are logged at `RUST_LOG=librdkafka=debug`).
 fn raw_client(brokers: &str) -> ClientConfig {
@@ -690,8 +741,8 @@ fn config(brokers: &str) -> KafkaConfig {
     if let Some(n) = support::env::<usize>("BENCH_KAFKA_MAX_UNRECORDED") {
         config = config.max_unrecorded(n);
     }
-    if let Some(n) = support::env::<usize>("BENCH_KAFKA_COMMIT_EVERY") {
-        config = config.commit_every(n);
+    if std::env::var("BENCH_KAFKA_COMMIT_EVERY").is_ok() {
+        config = config.commit_every(ours_commit_every());
     }
     config = config.set("linger.ms", linger_ms());
     // For experiments: librdkafka settings of our producer and consumer, `key=value,key=value`.
@@ -768,6 +819,11 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
     }
     println!(
         "{n} events of ~1 KiB of JSON on 4 partitions, {place}, {warmup} warm-up round(s), {rounds} rounds"
+    );
+    println!(
+        "commits every 100 ms, and once this many are handled since the last (0: none): raw {}, ours {}",
+        support::env_or("BENCH_RAW_COMMIT_EVERY", ours_commit_every()),
+        ours_commit_every()
     );
     let names = [
         "publish, batches of 1000",
@@ -1104,16 +1160,23 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
         | "e2e-raw-backend" => {
             let topic = cqrs::conformance::unique(&topic);
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
-            // The broker's process and its CPU before the phase.
+            // The raw producer, connected before the phase as ours is.
+            let producer = match only {
+                "e2e-raw" | "e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend" => {
+                    Some(b.producer().await?)
+                }
+                _ => None,
+            };
+            // The broker's process and its CPU before the phase, and this process's.
             let broker = std::env::var("BENCH_BROKER_PID")
                 .ok()
                 .map(|pid| (support::cpu_time(&pid), pid));
-            let (c, p) = match only {
-                "e2e-raw" => b.raw_end_to_end(&b.producer().await?, &topic).await?,
-                "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
+            let cpu = support::cpu_time("self");
+            let (c, p) = match (only, &producer) {
+                ("e2e-raw", Some(producer)) => b.raw_end_to_end(producer, &topic).await?,
+                ("e2e-ours", _) => b.ours_end_to_end(&backend, &topic).await?,
                 // Raw publishing, and one of the other consumers.
-                "e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend" => {
-                    let producer = b.producer().await?;
+                ("e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend", Some(producer)) => {
                     let consume = async {
                         match only {
                             "e2e-raw-threaded" => b.raw_threaded_consume(&topic, n).await,
@@ -1121,7 +1184,7 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                             _ => b.ours_consume(&backend, &topic, n).await,
                         }
                     };
-                    let (c, p) = tokio::join!(consume, b.raw_publish(&producer, &topic));
+                    let (c, p) = tokio::join!(consume, b.raw_publish(producer, &topic));
                     (c?, p?)
                 }
                 _ => {
@@ -1134,8 +1197,9 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                 format!(", the broker's CPU in it {:?}", support::cpu_time(&pid) - before)
             });
             eprintln!(
-                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?}{broker}",
-                support::cpu_time("self")
+                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?} (in the phase {:?}){broker}",
+                support::cpu_time("self"),
+                support::cpu_time("self") - cpu
             );
             b.delete_topics(&[&topic]).await?;
             c
