@@ -470,12 +470,19 @@ impl Bench {
         let start = Instant::now();
         let cpu = support::cpu_time("self");
         let mut tasks = Vec::new();
+        // The committers' threads: joined before this returns, so that a consumer whose last
+        // reference one holds is closed here, not during the next figure.
+        let mut committers = Vec::new();
         for _ in 0..members {
             let consumer: Arc<StreamConsumer> = Arc::new(self.raw_consumer(&group).create()?);
             consumer.subscribe(&[topic])?;
             let got = got.clone();
             let headers = raw_headers();
-            let committer = (commit_every > 0).then(|| raw_committer(consumer.clone()));
+            let committer = (commit_every > 0).then(|| {
+                let (ask, busy, thread) = raw_committer(consumer.clone());
+                committers.push(thread);
+                (ask, busy)
+            });
             tasks.push(tokio::spawn(async move {
                 let (mut first, mut last) = (None, None);
                 // Handled since a commit was last asked for.
@@ -523,6 +530,13 @@ impl Bench {
             };
             elapsed = elapsed.or(l);
         }
+        // The tasks are done, so their senders are dropped and the threads end.
+        tokio::task::spawn_blocking(move || {
+            committers
+                .into_iter()
+                .try_for_each(|t| t.join().map_err(|_| "a raw committer panicked"))
+        })
+        .await??;
         // Timed to the last record handled, as ours is: the consumers' close (rdkafka's `Drop`,
         // ~100 ms) is not in the figure, as our processors' stop is not.
         let elapsed = elapsed.ok_or("no member handled the last record")?;
@@ -706,11 +720,17 @@ impl Bench {
 /// A thread that commits `consumer`'s stored offsets each time it is asked, synchronously (as
 /// our backend's committer does), and clears the flag once the commit is answered; it ends when
 /// the sender is dropped.
-fn raw_committer(consumer: Arc<StreamConsumer>) -> (std::sync::mpsc::Sender<()>, Arc<AtomicBool>) {
+fn raw_committer(
+    consumer: Arc<StreamConsumer>,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let (ask, asked) = std::sync::mpsc::channel::<()>();
     let busy = Arc::new(AtomicBool::new(false));
     let answered = busy.clone();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         while asked.recv().is_ok() {
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 eprintln!("raw commit failed: {e}");
@@ -718,7 +738,7 @@ fn raw_committer(consumer: Arc<StreamConsumer>) -> (std::sync::mpsc::Sender<()>,
             answered.store(false, Ordering::Relaxed);
         }
     });
-    (ask, busy)
+    (ask, busy, thread)
 }
 
 /// The raw side's client settings before its own: the brokers, and librdkafka's `debug` when
