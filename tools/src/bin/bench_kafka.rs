@@ -78,8 +78,8 @@
 //! one commit at a time): what bounds the work a member killed at full speed leaves to be done
 //! again. The raw consumers make the same commits, from a thread of their own as ours does
 //! (`Bench::raw_consume_members`): the same acknowledgements, for the same bound.
-//! `BENCH_RAW_COMMIT_EVERY=0` leaves them the 100 ms interval alone (the benchmark before
-//! 2026-12-05's twenty-second session, where end to end read ~0.95 against ~1.00 with them,
+//! `BENCH_RAW_COMMIT_EVERY=0` leaves them the 100 ms interval alone, as before 2026-12-05's
+//! twenty-second session (end to end read ~0.95 of raw either way over 26 runs and 13,
 //! docs/benchmarks.md); `BENCH_KAFKA_COMMIT_EVERY` sets the count for both.
 
 use std::cell::Cell;
