@@ -128,6 +128,12 @@ fn ours_commit_every() -> usize {
     support::env_or("BENCH_KAFKA_COMMIT_EVERY", 250)
 }
 
+/// The raw consumers' count-based commits ([`Bench::raw_consume_members`]):
+/// `BENCH_RAW_COMMIT_EVERY` (0: none, the 100 ms interval only), else ours'.
+fn raw_commit_every() -> usize {
+    support::env_or("BENCH_RAW_COMMIT_EVERY", ours_commit_every())
+}
+
 /// The most records a consumer here takes at once: ours' batch size (`BENCH_BATCH` sets it for
 /// ours), our backend's alone and the threaded raw consumer's.
 const BATCH: usize = 500;
@@ -179,10 +185,6 @@ struct Bench {
     admin: AdminClient<DefaultClientContext>,
     /// `BENCH_RATE`, read once: events a second both sides publish at ([`Bench::paced`]).
     rate: Option<f64>,
-    /// The raw consumers' count-based commits ([`Bench::raw_consume_members`]): ours' by
-    /// default, [`ours_commit_every`]; `BENCH_RAW_COMMIT_EVERY` sets them (0: none, the
-    /// 100 ms interval only).
-    raw_commit_every: usize,
 }
 
 impl Bench {
@@ -193,7 +195,6 @@ impl Bench {
             n,
             admin,
             rate: support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0),
-            raw_commit_every: support::env_or("BENCH_RAW_COMMIT_EVERY", ours_commit_every()),
         })
     }
 
@@ -454,7 +455,7 @@ impl Bench {
 
     /// `members` raw consumers of one new group read `n` records between them: our backend's
     /// consumer settings (KIP-848's group protocol, offsets stored per handled record and
-    /// committed every 100 ms), and ours' count-based commits ([`Bench::raw_commit_every`]): a
+    /// committed every 100 ms), and ours' count-based commits ([`raw_commit_every`]): a
     /// thread of each member's own commits its stored offsets once that many records are
     /// handled since it was last asked, one commit at a time, as our backend's committer does.
     async fn raw_consume_members(
@@ -463,7 +464,7 @@ impl Bench {
         n: usize,
         members: usize,
     ) -> Result<Duration, BoxError> {
-        let commit_every = self.raw_commit_every;
+        let commit_every = raw_commit_every();
         let group = cqrs::conformance::unique("raw");
         self.group_settings(&group).await?;
         let got = Arc::new(AtomicUsize::new(0));
@@ -761,8 +762,8 @@ fn config(brokers: &str) -> KafkaConfig {
     if let Some(n) = support::env::<usize>("BENCH_KAFKA_MAX_UNRECORDED") {
         config = config.max_unrecorded(n);
     }
-    if std::env::var("BENCH_KAFKA_COMMIT_EVERY").is_ok() {
-        config = config.commit_every(ours_commit_every());
+    if let Some(n) = support::env::<usize>("BENCH_KAFKA_COMMIT_EVERY") {
+        config = config.commit_every(n);
     }
     config = config.set("linger.ms", linger_ms());
     // For experiments: librdkafka settings of our producer and consumer, `key=value,key=value`.
@@ -842,7 +843,7 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
     );
     println!(
         "commits every 100 ms, and once this many are handled since the last (0: none): raw {}, ours {}",
-        support::env_or("BENCH_RAW_COMMIT_EVERY", ours_commit_every()),
+        raw_commit_every(),
         ours_commit_every()
     );
     let names = [
@@ -1192,11 +1193,13 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
                 .ok()
                 .map(|pid| (support::cpu_time(&pid), pid));
             let cpu = support::cpu_time("self");
-            let (c, p) = match (only, &producer) {
-                ("e2e-raw", Some(producer)) => b.raw_end_to_end(producer, &topic).await?,
-                ("e2e-ours", _) => b.ours_end_to_end(&backend, &topic).await?,
+            let raw_producer = || producer.as_ref().ok_or("no raw producer for this phase");
+            let (c, p) = match only {
+                "e2e-raw" => b.raw_end_to_end(raw_producer()?, &topic).await?,
+                "e2e-ours" => b.ours_end_to_end(&backend, &topic).await?,
                 // Raw publishing, and one of the other consumers.
-                ("e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend", Some(producer)) => {
+                "e2e-raw-ours" | "e2e-raw-threaded" | "e2e-raw-backend" => {
+                    let producer = raw_producer()?;
                     let consume = async {
                         match only {
                             "e2e-raw-threaded" => b.raw_threaded_consume(&topic, n).await,
@@ -1216,10 +1219,10 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             let broker = broker.map_or_else(String::new, |(before, pid)| {
                 format!(", the broker's CPU in it {:?}", support::cpu_time(&pid) - before)
             });
+            let cpu_now = support::cpu_time("self");
             eprintln!(
-                "{only}: published in {p:?}, last handled after {c:?}, CPU {:?} (in the phase {:?}){broker}",
-                support::cpu_time("self"),
-                support::cpu_time("self") - cpu
+                "{only}: published in {p:?}, last handled after {c:?}, CPU {cpu_now:?} (in the phase {:?}){broker}",
+                cpu_now - cpu
             );
             b.delete_topics(&[&topic]).await?;
             c
