@@ -22,7 +22,13 @@
 //! CPU (this process's, and the broker's read from `/proc`) at a rate both keep up with, rather
 //! than how fast each goes on two cores it shares with the broker. `BENCH_COMMIT_COST=R` (with
 //! `BENCH_BROKER_PID`) measures what R offset commits a second cost the broker's CPU, against
-//! none (`commit_cost`).
+//! none (`commit_cost`). `BENCH_E2E_WARM=W` runs end to end with its consumer running first,
+//! as the OpenMessaging Benchmark does before it measures: W events (numbered after the timed
+//! ones) are published and handled before the clock starts, and the figure is from the timed
+//! publishing's start to the last event handled. The group's join and our dead-letter topic's
+//! creation are then outside it. 0, the default: consumer and publisher start at once, timed
+//! from the consumer's start (end to end's figure in docs/benchmarks.md). It applies to the
+//! full run's end to end and to `BENCH_ONLY=e2e-raw|e2e-ours`, not to the mixed `e2e-*` phases.
 //!
 //! `BENCH_ONLY=publish-raw|publish-ours|publish-one-raw|publish-one-ours|consume-raw|consume-ours|consume-backend|e2e-raw|e2e-ours|e2e-raw-ours|e2e-ours-raw`
 //! with `BENCH_TOPIC=T` runs one phase alone, for an instruction count (`valgrind
@@ -121,6 +127,39 @@ fn event(i: u64) -> Reading {
 
 const CHUNK: usize = 1000;
 
+/// A count of events handled that a consuming run announces: end to end's warm-up.
+#[derive(Clone)]
+struct Mark {
+    at: usize,
+    reached: Arc<tokio::sync::Notify>,
+}
+
+impl Mark {
+    fn new(at: usize) -> Self {
+        Mark {
+            at,
+            reached: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
+/// A consuming run's times: from its start to the last event handled, and that moment.
+struct Consumed {
+    elapsed: Duration,
+    last: Instant,
+}
+
+/// End to end's figure from its consumer's times and its publishing's
+/// ([`Bench::warmed_up`]): from the timed publishing's start to the last event handled, or
+/// without a warm-up the consumer's own time (started with the publishing). With the time the
+/// timed publishing took.
+fn end_to_end(
+    c: Consumed,
+    (start, published): (Option<Instant>, Duration),
+) -> (Duration, Duration) {
+    (start.map_or(c.elapsed, |s| c.last - s), published)
+}
+
 /// Our consumer's count-based commits in this benchmark: `BENCH_KAFKA_COMMIT_EVERY`, else
 /// `KafkaConfig::new`'s default (250, `KafkaConfig::commit_every`). The raw consumers make the
 /// same unless `BENCH_RAW_COMMIT_EVERY` says otherwise.
@@ -185,6 +224,9 @@ struct Bench {
     admin: AdminClient<DefaultClientContext>,
     /// `BENCH_RATE`, read once: events a second both sides publish at ([`Bench::paced`]).
     rate: Option<f64>,
+    /// `BENCH_E2E_WARM`, read once: the events an end-to-end run's consumer handles before its
+    /// clock starts ([`Bench::raw_end_to_end`]; 0: none, consumer and publisher start at once).
+    warm: usize,
 }
 
 impl Bench {
@@ -195,6 +237,7 @@ impl Bench {
             n,
             admin,
             rate: support::env::<f64>("BENCH_RATE").filter(|r| *r > 0.0),
+            warm: support::env_or("BENCH_E2E_WARM", 0),
         })
     }
 
@@ -236,7 +279,18 @@ impl Bench {
         producer: &FutureProducer,
         topic: &str,
     ) -> Result<Duration, BoxError> {
-        let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
+        self.raw_publish_events(producer, topic, 0..self.n as u64)
+            .await
+    }
+
+    /// [`Bench::raw_publish`] of the events numbered `events`.
+    async fn raw_publish_events(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        events: std::ops::Range<u64>,
+    ) -> Result<Duration, BoxError> {
+        let events: Vec<Reading> = events.map(event).collect();
         let headers = raw_headers();
         let start = Instant::now();
         for (i, chunk) in events.chunks(CHUNK).enumerate() {
@@ -298,15 +352,39 @@ impl Bench {
         producer: &FutureProducer,
         topic: &str,
     ) -> Result<(Duration, Duration), BoxError> {
+        let warm = Mark::new(self.warm);
         let (c, p) = tokio::join!(
-            self.raw_consume(topic, self.n),
-            self.raw_publish(producer, topic)
+            self.raw_consume_members(topic, self.warm + self.n, 1, Some(&warm)),
+            self.warmed_up(&warm, |events| self
+                .raw_publish_events(producer, topic, events))
         );
-        let (c, p) = (c?, p?);
+        let (c, p) = end_to_end(c?, p?);
         if std::env::var("BENCH_TIMINGS").is_ok() {
             eprintln!("raw end to end: published in {p:?}, last handled after {c:?}");
         }
         Ok((c, p))
+    }
+
+    /// End to end's publishing: the [`Bench::warm`] events numbered from `n` first, then, once
+    /// the consumer has handled them (`warm`), the `n` timed ones. When the timed publishing
+    /// started (`None` without a warm-up: the figure is then the consumer's own time, started
+    /// with it), and how long it took.
+    async fn warmed_up<F>(
+        &self,
+        warm: &Mark,
+        publish: impl Fn(std::ops::Range<u64>) -> F,
+    ) -> Result<(Option<Instant>, Duration), BoxError>
+    where
+        F: std::future::Future<Output = Result<Duration, BoxError>>,
+    {
+        let n = self.n as u64;
+        if warm.at == 0 {
+            return Ok((None, publish(0..n).await?));
+        }
+        publish(n..n + warm.at as u64).await?;
+        warm.reached.notified().await;
+        let start = Instant::now();
+        Ok((Some(start), publish(0..n).await?))
     }
 
     /// [`Bench::raw_end_to_end`] with our bus and processor.
@@ -316,11 +394,12 @@ impl Bench {
         topic: &str,
     ) -> Result<(Duration, Duration), BoxError> {
         let bus = bus_on(backend, topic);
+        let warm = Mark::new(self.warm);
         let (c, p) = tokio::join!(
-            self.ours_consume(backend, topic, self.n),
-            self.ours_publish(&bus)
+            self.ours_consume_members(backend, topic, self.warm + self.n, 1, Some(&warm)),
+            self.warmed_up(&warm, |events| self.ours_publish_events(&bus, events))
         );
-        let (c, p) = (c?, p?);
+        let (c, p) = end_to_end(c?, p?);
         if std::env::var("BENCH_TIMINGS").is_ok() {
             eprintln!("ours end to end: published in {p:?}, last handled after {c:?}");
         }
@@ -333,7 +412,16 @@ impl Bench {
     }
 
     async fn ours_publish(&self, bus: &EventBus) -> Result<Duration, BoxError> {
-        let events: Vec<Reading> = (0..self.n as u64).map(event).collect();
+        self.ours_publish_events(bus, 0..self.n as u64).await
+    }
+
+    /// [`Bench::ours_publish`] of the events numbered `events`.
+    async fn ours_publish_events(
+        &self,
+        bus: &EventBus,
+        events: std::ops::Range<u64>,
+    ) -> Result<Duration, BoxError> {
+        let events: Vec<Reading> = events.map(event).collect();
         let start = Instant::now();
         for (i, chunk) in events.chunks(CHUNK).enumerate() {
             bus.publish_all(chunk).await?;
@@ -343,7 +431,7 @@ impl Bench {
     }
 
     async fn raw_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
-        self.raw_consume_members(topic, n, 1).await
+        Ok(self.raw_consume_members(topic, n, 1, None).await?.elapsed)
     }
 
     /// The raw consumers' settings, a member of `group`: our backend's (KIP-848's group
@@ -463,7 +551,8 @@ impl Bench {
         topic: &str,
         n: usize,
         members: usize,
-    ) -> Result<Duration, BoxError> {
+        mark: Option<&Mark>,
+    ) -> Result<Consumed, BoxError> {
         let commit_every = raw_commit_every();
         let group = cqrs::conformance::unique("raw");
         self.group_settings(&group).await?;
@@ -478,6 +567,7 @@ impl Bench {
             let consumer: Arc<StreamConsumer> = Arc::new(self.raw_consumer(&group).create()?);
             consumer.subscribe(&[topic])?;
             let got = got.clone();
+            let mark = mark.cloned();
             let headers = raw_headers();
             let committer = (commit_every > 0).then(|| {
                 let (ask, busy, thread) = raw_committer(consumer.clone());
@@ -514,14 +604,18 @@ impl Bench {
                         }
                     }
                     first.get_or_insert_with(|| start.elapsed());
-                    if got.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                        last = Some(start.elapsed());
+                    let handled = got.fetch_add(1, Ordering::Relaxed) + 1;
+                    if handled == n {
+                        last = Some(Instant::now());
+                    }
+                    if let Some(m) = mark.as_ref().filter(|m| handled == m.at) {
+                        m.reached.notify_one();
                     }
                 }
                 Ok::<_, BoxError>((first, last))
             }));
         }
-        let (mut first, mut elapsed) = (None, None);
+        let (mut first, mut last) = (None, None);
         for t in tasks {
             let (f, l) = t.await??;
             // A member that handled nothing (the other drained the topic first) has no first.
@@ -529,7 +623,7 @@ impl Bench {
                 (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
                 (a, b) => a.or(b),
             };
-            elapsed = elapsed.or(l);
+            last = last.or(l);
         }
         // The tasks are done, so their senders are dropped and the threads end.
         tokio::task::spawn_blocking(move || {
@@ -540,7 +634,8 @@ impl Bench {
         .await??;
         // Timed to the last record handled, as ours is: the consumers' close (rdkafka's `Drop`,
         // ~100 ms) is not in the figure, as our processors' stop is not.
-        let elapsed = elapsed.ok_or("no member handled the last record")?;
+        let last: Instant = last.ok_or("no member handled the last record")?;
+        let elapsed = last - start;
         if std::env::var("BENCH_TIMINGS").is_ok() {
             eprintln!(
                 "raw, {members} member(s): first handled after {first:?}, all after {elapsed:?}, closed after {:?}, CPU {:?}",
@@ -548,7 +643,7 @@ impl Bench {
                 support::cpu_time("self") - cpu
             );
         }
-        Ok(elapsed)
+        Ok(Consumed { elapsed, last })
     }
 
     async fn ours_consume(
@@ -557,7 +652,10 @@ impl Bench {
         topic: &str,
         n: usize,
     ) -> Result<Duration, BoxError> {
-        self.ours_consume_members(backend, topic, n, 1).await
+        Ok(self
+            .ours_consume_members(backend, topic, n, 1, None)
+            .await?
+            .elapsed)
     }
 
     /// `members` processors of one service (one group) handle `n` events between them.
@@ -567,7 +665,8 @@ impl Bench {
         topic: &str,
         n: usize,
         members: usize,
-    ) -> Result<Duration, BoxError> {
+        mark: Option<&Mark>,
+    ) -> Result<Consumed, BoxError> {
         let handled = Arc::new(AtomicUsize::new(0));
         let (first, all) = (
             Arc::new(tokio::sync::Notify::new()),
@@ -587,6 +686,7 @@ impl Bench {
             let mut p = EventProcessor::new(backend.clone(), &service)
                 .topics(TopicNamer::new(move |_| t.clone()));
             let (h, first, all) = (handled.clone(), first.clone(), all.clone());
+            let mark = mark.cloned();
             p.handle("count", move |_: Reading| {
                 // The handlers say when the first and the last event are handled: no polling,
                 // which would wake a thread every millisecond.
@@ -596,6 +696,9 @@ impl Bench {
                 }
                 if before + 1 == n {
                     all.notify_one();
+                }
+                if let Some(m) = mark.as_ref().filter(|m| before + 1 == m.at) {
+                    m.reached.notify_one();
                 }
                 std::future::ready(Ok::<_, BoxError>(()))
             })?
@@ -613,7 +716,8 @@ impl Bench {
         first.notified().await;
         let first = start.elapsed();
         all.notified().await;
-        let elapsed = start.elapsed();
+        let last = Instant::now();
+        let elapsed = last - start;
         let mut running = Vec::new();
         for s in starting {
             running.push(s.await??);
@@ -639,7 +743,7 @@ impl Bench {
         // On a broker kept between runs (`KAFKA_BROKERS`) they piled up, 62 of them (248
         // partitions) after a day's profiling. Not timed.
         self.delete_topics(&dead_letters).await?;
-        Ok(elapsed)
+        Ok(Consumed { elapsed, last })
     }
 
     /// Our backend's consumer alone, without the processor: one member of a new group takes
@@ -924,8 +1028,22 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
                 figures.push(
                     support::both_orders(
                         ours_first,
-                        |_| b.raw_consume_members(raw_t, n, members),
-                        |_| b.ours_consume_members(&backend, ours_t, n, members),
+                        |_| {
+                            let b = &b;
+                            async move {
+                                Ok(b.raw_consume_members(raw_t, n, members, None)
+                                    .await?
+                                    .elapsed)
+                            }
+                        },
+                        |_| {
+                            let (b, backend) = (&b, &backend);
+                            async move {
+                                Ok(b.ours_consume_members(backend, ours_t, n, members, None)
+                                    .await?
+                                    .elapsed)
+                            }
+                        },
                     )
                     .await?,
                 );
@@ -1166,12 +1284,17 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             b.raw_publish_one_by_one(&b.producer().await?, &topic).await?
         }
-        "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
+        "consume-raw" => {
+            b.raw_consume_members(&topic, n, members, None)
+                .await?
+                .elapsed
+        }
         "consume-raw-threaded" => b.raw_threaded_consume(&topic, n).await?,
         "consume-backend" => b.backend_consume(&backend, &topic, n).await?,
         "consume-ours" => {
-            b.ours_consume_members(&backend, &topic, n, members)
+            b.ours_consume_members(&backend, &topic, n, members, None)
                 .await?
+                .elapsed
         }
         // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
         // timed to the last event handled.
