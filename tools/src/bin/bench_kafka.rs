@@ -354,7 +354,7 @@ impl Bench {
     ) -> Result<(Duration, Duration), BoxError> {
         let warm = Mark::new(self.warm);
         let (c, p) = tokio::join!(
-            self.raw_consume_members(topic, self.warm + self.n, 1, Some(&warm)),
+            self.raw_consume_marked(topic, self.warm + self.n, 1, Some(&warm)),
             self.warmed_up(&warm, |events| self
                 .raw_publish_events(producer, topic, events))
         );
@@ -396,7 +396,7 @@ impl Bench {
         let bus = bus_on(backend, topic);
         let warm = Mark::new(self.warm);
         let (c, p) = tokio::join!(
-            self.ours_consume_members(backend, topic, self.warm + self.n, 1, Some(&warm)),
+            self.ours_consume_marked(backend, topic, self.warm + self.n, 1, Some(&warm)),
             self.warmed_up(&warm, |events| self.ours_publish_events(&bus, events))
         );
         let (c, p) = end_to_end(c?, p?);
@@ -431,7 +431,7 @@ impl Bench {
     }
 
     async fn raw_consume(&self, topic: &str, n: usize) -> Result<Duration, BoxError> {
-        Ok(self.raw_consume_members(topic, n, 1, None).await?.elapsed)
+        self.raw_consume_members(topic, n, 1).await
     }
 
     /// The raw consumers' settings, a member of `group`: our backend's (KIP-848's group
@@ -551,6 +551,20 @@ impl Bench {
         topic: &str,
         n: usize,
         members: usize,
+    ) -> Result<Duration, BoxError> {
+        Ok(self
+            .raw_consume_marked(topic, n, members, None)
+            .await?
+            .elapsed)
+    }
+
+    /// [`Bench::raw_consume_members`], announcing `mark` when reached, with the moment the last
+    /// record was handled (end to end's).
+    async fn raw_consume_marked(
+        &self,
+        topic: &str,
+        n: usize,
+        members: usize,
         mark: Option<&Mark>,
     ) -> Result<Consumed, BoxError> {
         let commit_every = raw_commit_every();
@@ -652,14 +666,26 @@ impl Bench {
         topic: &str,
         n: usize,
     ) -> Result<Duration, BoxError> {
-        Ok(self
-            .ours_consume_members(backend, topic, n, 1, None)
-            .await?
-            .elapsed)
+        self.ours_consume_members(backend, topic, n, 1).await
     }
 
     /// `members` processors of one service (one group) handle `n` events between them.
     async fn ours_consume_members(
+        &self,
+        backend: &KafkaBackend,
+        topic: &str,
+        n: usize,
+        members: usize,
+    ) -> Result<Duration, BoxError> {
+        Ok(self
+            .ours_consume_marked(backend, topic, n, members, None)
+            .await?
+            .elapsed)
+    }
+
+    /// [`Bench::ours_consume_members`], announcing `mark` when reached, with the moment the
+    /// last event was handled (end to end's).
+    async fn ours_consume_marked(
         &self,
         backend: &KafkaBackend,
         topic: &str,
@@ -1028,22 +1054,8 @@ async fn run(shared: String, fresh: bool) -> Result<(), BoxError> {
                 figures.push(
                     support::both_orders(
                         ours_first,
-                        |_| {
-                            let b = &b;
-                            async move {
-                                Ok(b.raw_consume_members(raw_t, n, members, None)
-                                    .await?
-                                    .elapsed)
-                            }
-                        },
-                        |_| {
-                            let (b, backend) = (&b, &backend);
-                            async move {
-                                Ok(b.ours_consume_members(backend, ours_t, n, members, None)
-                                    .await?
-                                    .elapsed)
-                            }
-                        },
+                        |_| b.raw_consume_members(raw_t, n, members),
+                        |_| b.ours_consume_members(&backend, ours_t, n, members),
                     )
                     .await?,
                 );
@@ -1284,17 +1296,12 @@ async fn one_phase(brokers: &str, n: usize, only: &str) -> Result<(), BoxError> 
             backend.ensure_topics(std::slice::from_ref(&topic)).await?;
             b.raw_publish_one_by_one(&b.producer().await?, &topic).await?
         }
-        "consume-raw" => {
-            b.raw_consume_members(&topic, n, members, None)
-                .await?
-                .elapsed
-        }
+        "consume-raw" => b.raw_consume_members(&topic, n, members).await?,
         "consume-raw-threaded" => b.raw_threaded_consume(&topic, n).await?,
         "consume-backend" => b.backend_consume(&backend, &topic, n).await?,
         "consume-ours" => {
-            b.ours_consume_members(&backend, &topic, n, members, None)
+            b.ours_consume_members(&backend, &topic, n, members)
                 .await?
-                .elapsed
         }
         // End to end on a new topic named from `BENCH_TOPIC`: publishing and consuming at once,
         // timed to the last event handled.
